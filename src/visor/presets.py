@@ -1,0 +1,114 @@
+"""Named LLaVA-OneVision shapes, built from configs alone (no download).
+
+`tiny` is the demo's from-scratch model; `tiny-llama` is the same with a Llama text model; `llava-ov-0.5b` has the
+real LLaVA-OV-0.5B shapes (SigLIP-400M + Qwen2-0.5B) for FLOP counting and benchmarks with random weights.
+"""
+
+from __future__ import annotations
+
+from transformers import LlamaConfig, LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
+
+# Token ids shared by every tiny preset; the in-project tokenizer reserves them (see visor.data).
+TINY_VOCAB_SIZE = 512
+TINY_IMAGE_TOKEN_ID = 3
+TINY_VIDEO_TOKEN_ID = 4
+TINY_PAD_TOKEN_ID = 0
+
+# A crop is 64x64 px in 8x8 patches (64 visual tokens); anyres grids up to 2x2 crops.
+TINY_CROP = 64
+TINY_PATCH = 8
+TINY_GRID_PINPOINTS = [[64, 64], [64, 128], [128, 64], [128, 128]]
+
+
+def _tiny_vision_config() -> SiglipVisionConfig:
+    return SiglipVisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=TINY_CROP,
+        patch_size=TINY_PATCH,
+        vision_use_head=False,
+    )
+
+
+def _tiny_text_kwargs(num_layers: int) -> dict:
+    return dict(
+        vocab_size=TINY_VOCAB_SIZE,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        pad_token_id=TINY_PAD_TOKEN_ID,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+
+
+def _tiny_llava_config(text_config) -> LlavaOnevisionConfig:
+    return LlavaOnevisionConfig(
+        vision_config=_tiny_vision_config(),
+        text_config=text_config,
+        image_token_index=TINY_IMAGE_TOKEN_ID,
+        video_token_index=TINY_VIDEO_TOKEN_ID,
+        image_grid_pinpoints=TINY_GRID_PINPOINTS,
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        tie_word_embeddings=True,
+    )
+
+
+def tiny(num_layers: int = 6) -> LlavaOnevisionConfig:
+    """Tiny LLaVA-OV with a Qwen2 text model (GQA 4 heads / 2 KV heads, d=128)."""
+    return _tiny_llava_config(Qwen2Config(**_tiny_text_kwargs(num_layers)))
+
+
+def tiny_llama(num_layers: int = 6) -> LlavaOnevisionConfig:
+    """Tiny LLaVA-OV with a Llama text model (as SmolLM2 or Llama checkpoints use)."""
+    return _tiny_llava_config(LlamaConfig(**_tiny_text_kwargs(num_layers)))
+
+
+def llava_ov_0_5b() -> LlavaOnevisionConfig:
+    """LLaVA-OneVision-0.5B shapes: SigLIP-400M as LLaVA-OV uses it (26 layers, d=1152, 384 px, patch 14) + Qwen2-0.5B (24 layers)."""
+    vision = SiglipVisionConfig(
+        hidden_size=1152,
+        intermediate_size=4304,
+        num_hidden_layers=26,
+        num_attention_heads=16,
+        image_size=384,
+        patch_size=14,
+        vision_use_head=False,
+    )
+    text = Qwen2Config(
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        tie_word_embeddings=True,
+    )
+    return LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=151646,
+        video_token_index=151647,
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        tie_word_embeddings=True,
+    )
+
+
+PRESETS = {"tiny": tiny, "tiny-llama": tiny_llama, "llava-ov-0.5b": llava_ov_0_5b}
+
+
+def preset_config(name: str) -> LlavaOnevisionConfig:
+    """The LLaVA-OV config of a named preset; a clear error names the ones that exist."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]()
