@@ -1,0 +1,197 @@
+"""`VisorConfig`: a LLaVA-OneVision config plus VISOR's layer schedule (DESIGN.md 2.2-2.6).
+
+The schedule is data, validated once here, so the model never has to guess:
+
+- `cross_attention_layers`: layers that get a new cross-attention (CA) block in front of them;
+- `self_attention_layers`: the ordered list of SA *candidates*, layers that may run over [visual; text];
+- `configurations`: the feasible per-sample choices, each a set of SA candidates (default: nested prefixes
+  of the candidate list, from CA-only to all candidates);
+- `router_layer`: where the policy decides, before the first SA layer that is not in every configuration.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, LlavaOnevisionConfig
+
+
+def evenly_spread(num_layers: int, count: int, offset: int = 0) -> list[int]:
+    """`count` layer indices spread evenly over `num_layers`, each shifted by `offset` inside its stride."""
+    stride = num_layers / count
+    return [int(i * stride) + offset for i in range(count)]
+
+
+def default_schedule(num_layers: int) -> tuple[list[int], list[int]]:
+    """L/3 CA layers at the start of each stride and L/3 SA candidates right after them (disjoint).
+
+    Each SA candidate follows a CA layer, so text has read the image before the router (placed before the
+    first candidate) decides, and every SA layer's refined visual tokens reach the next CA layer.
+    """
+    if num_layers < 2:
+        raise ValueError(f"VISOR needs a text model with at least 2 layers, got {num_layers}")
+    count = max(1, num_layers // 3)
+    cross = evenly_spread(num_layers, count)
+    self_attention = [layer + 1 for layer in cross if layer + 1 < num_layers and layer + 1 not in cross]
+    return cross, self_attention
+
+
+@strict
+class VisorConfig(LlavaOnevisionConfig):
+    """LLaVA-OneVision config extended with VISOR's layer schedule and new-module options.
+
+    Layer kinds for a sample that runs configuration `c` (DESIGN.md 2.2): layer `l` is SA if `l` is in
+    `configurations[c]`; it has a CA block in front if `l` is in `cross_attention_layers`; otherwise it runs
+    on text only. Build one with `VisorConfig.from_llava_config(...)`; `VisorConfig.dense(...)` gives the
+    configuration that equals the stock model.
+    """
+
+    model_type = "visor"
+
+    cross_attention_layers: list[int] | None = None
+    self_attention_layers: list[int] | None = None
+    configurations: list[list[int]] | None = None
+    router_layer: int | None = None
+    allow_cross_and_self_attention: bool = False
+    # Cross-attention block options (DESIGN.md 2.3).
+    cross_attention_init: Literal["zero", "host"] = "zero"
+    cross_attention_gate: bool = True
+    cross_attention_mlp: bool = False
+    cross_attention_rope: bool = True
+    # Conditional position encoding on visual tokens after the projector (DESIGN.md 2.4).
+    position_encoding: bool = True
+    position_encoding_kernel: int = 7
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        num_layers = self.text_config.num_hidden_layers
+        if self.cross_attention_layers is None or self.self_attention_layers is None:
+            default_cross, default_self = default_schedule(num_layers)
+            if self.cross_attention_layers is None:
+                self.cross_attention_layers = default_cross
+            if self.self_attention_layers is None:
+                self.self_attention_layers = [
+                    layer for layer in default_self if layer not in self.cross_attention_layers
+                ]
+        self.cross_attention_layers = sorted(int(layer) for layer in self.cross_attention_layers)
+        self.self_attention_layers = [int(layer) for layer in self.self_attention_layers]
+        if self.configurations is None:
+            candidates = self.self_attention_layers
+            self.configurations = [candidates[:count] for count in range(len(candidates) + 1)]
+        self.configurations = [sorted(int(layer) for layer in config) for config in self.configurations]
+        if self.router_layer is None:
+            self.router_layer = self.first_optional_layer
+        self.validate_schedule()
+
+    # ----------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_llava_config(
+        cls,
+        llava_config: LlavaOnevisionConfig,
+        cross_attention_layers: list[int] | None = None,
+        self_attention_layers: list[int] | None = None,
+        configurations: list[list[int]] | None = None,
+        **options,
+    ) -> "VisorConfig":
+        """Wrap a LLaVA-OV config; unspecified layer lists get the evenly spread L/3 defaults."""
+        base = llava_config.to_dict()
+        for key in ("model_type", "architectures", "transformers_version"):
+            base.pop(key, None)
+        return cls(
+            **base,
+            cross_attention_layers=cross_attention_layers,
+            self_attention_layers=self_attention_layers,
+            configurations=configurations,
+            **options,
+        )
+
+    @classmethod
+    def dense(cls, llava_config: LlavaOnevisionConfig, **options) -> "VisorConfig":
+        """Every layer SA and no CA block: the configuration that must equal the stock model (DESIGN.md 2.5)."""
+        every_layer = list(range(llava_config.text_config.num_hidden_layers))
+        return cls.from_llava_config(
+            llava_config,
+            cross_attention_layers=[],
+            self_attention_layers=every_layer,
+            configurations=[every_layer],
+            **options,
+        )
+
+    # ----------------------------------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return self.text_config.num_hidden_layers
+
+    @property
+    def first_optional_layer(self) -> int | None:
+        """The first SA candidate that some configuration leaves out (None if every configuration is equal)."""
+        always = set.intersection(*(set(config) for config in self.configurations))
+        optional = sorted(set(self.self_attention_layers) - always)
+        return optional[0] if optional else None
+
+    @property
+    def largest_configuration(self) -> int:
+        """Index of the configuration with the most SA layers (the last one on ties): the default to run."""
+        sizes = [len(config) for config in self.configurations]
+        return max(range(len(sizes)), key=lambda index: (sizes[index], index))
+
+    def validate_schedule(self) -> None:
+        """Raise a ValueError naming the first problem in the layer schedule."""
+        num_layers = self.num_layers
+        for name, layers in (("cross_attention_layers", self.cross_attention_layers),
+                             ("self_attention_layers", self.self_attention_layers)):
+            bad = [layer for layer in layers if not 0 <= layer < num_layers]
+            if bad:
+                raise ValueError(f"{name} {bad} out of range: the text model has layers 0..{num_layers - 1}")
+            if len(set(layers)) != len(layers):
+                raise ValueError(f"{name} has duplicates: {layers}")
+        overlap = sorted(set(self.cross_attention_layers) & set(self.self_attention_layers))
+        if overlap and not self.allow_cross_and_self_attention:
+            raise ValueError(
+                f"layers {overlap} are both cross-attention and self-attention candidates; "
+                "set allow_cross_and_self_attention=True if that is intended"
+            )
+        if not self.configurations:
+            raise ValueError("configurations is empty: give at least one set of self-attention layers")
+        candidates = set(self.self_attention_layers)
+        for index, config in enumerate(self.configurations):
+            if len(set(config)) != len(config):
+                raise ValueError(f"configuration {index} has duplicate layers: {config}")
+            outside = sorted(set(config) - candidates)
+            if outside:
+                raise ValueError(
+                    f"configuration {index} uses layers {outside} that are not self_attention_layers "
+                    f"{self.self_attention_layers}"
+                )
+        first_optional = self.first_optional_layer
+        if self.router_layer is not None:
+            if not 0 <= self.router_layer < num_layers:
+                raise ValueError(f"router_layer {self.router_layer} out of range 0..{num_layers - 1}")
+            if first_optional is not None and self.router_layer > first_optional:
+                raise ValueError(
+                    f"router_layer {self.router_layer} comes after the first optional self-attention layer "
+                    f"{first_optional}: the router must decide before any optional layer runs"
+                )
+        if self.position_encoding_kernel < 1 or self.position_encoding_kernel % 2 == 0:
+            raise ValueError(f"position_encoding_kernel must be a positive odd number, got {self.position_encoding_kernel}")
+
+    def resolve_configuration(self, configuration, batch_size: int):
+        """Per-sample configuration indices as a list of ints, from None, an int, or one index per sample."""
+        if configuration is None:
+            indices = [self.largest_configuration] * batch_size
+        elif isinstance(configuration, int):
+            indices = [configuration] * batch_size
+        else:
+            indices = [int(index) for index in configuration]
+            if len(indices) != batch_size:
+                raise ValueError(f"configuration has {len(indices)} entries for a batch of {batch_size}")
+        for index in indices:
+            if not 0 <= index < len(self.configurations):
+                raise ValueError(
+                    f"configuration {index} does not exist: this model has configurations 0..{len(self.configurations) - 1}"
+                )
+        return indices
+
+
+AutoConfig.register("visor", VisorConfig)

@@ -1,0 +1,120 @@
+"""The cross-attention (CA) block: text queries read every visual token; visual tokens are not changed.
+
+One block sits in front of each CA layer (DESIGN.md 2.3). Its projections are shaped like the host layer's
+attention (same heads, GQA groups, biases), so it can start from two places:
+
+- `zero` (default): fresh weights behind a tanh gate initialised at 0, so the converted model starts exactly
+  as the text-only model and learns how much vision to let in (as Llama-3.2-Vision's cross-attention);
+- `host`: copies the host layer's q/k/v/o and input norm, so text queries look at the image the way the
+  original layer did (ShortV's training-free start); pair it with `cross_attention_gate=False`.
+
+A text row that sees no visual token (a prompt with the image after the question) gets exactly zero.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
+
+from visor.modeling.layout import attention_bias
+
+
+class GatedMLP(nn.Module):
+    """A small SwiGLU MLP (optional, after the cross-attention), with its own norm."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, norm: nn.Module):
+        super().__init__()
+        self.norm = norm
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = self.norm(hidden)
+        return self.down_proj(nn.functional.silu(self.gate_proj(hidden)) * self.up_proj(hidden))
+
+
+class CrossAttentionBlock(nn.Module):
+    """T ← T + tanh(g) · CA(norm(T), norm(V)) [+ tanh(g_mlp) · MLP(T)]."""
+
+    is_causal = False  # read by transformers' SDPA wrapper; the mask carries the prompt order
+
+    def __init__(self, host_layer: nn.Module, config, gate: bool = True, mlp: bool = False, rope: bool = True):
+        super().__init__()
+        host = host_layer.self_attn
+        hidden_size = config.hidden_size
+        self.config = config
+        self.layer_idx = host.layer_idx
+        self.head_dim = host.head_dim
+        self.num_heads = host.q_proj.out_features // host.head_dim
+        self.num_key_value_groups = host.num_key_value_groups
+        self.scaling = host.scaling
+        self.use_rope = rope
+
+        norm_class = type(host_layer.input_layernorm)
+        eps = host_layer.input_layernorm.variance_epsilon
+        self.text_norm = norm_class(hidden_size, eps=eps)
+        self.visual_norm = norm_class(hidden_size, eps=eps)
+        self.q_proj = _like(host.q_proj)
+        self.k_proj = _like(host.k_proj)
+        self.v_proj = _like(host.v_proj)
+        self.o_proj = _like(host.o_proj)
+        self.attention_gate = nn.Parameter(torch.zeros(1)) if gate else None
+        self.mlp = None
+        self.mlp_gate = None
+        if mlp:
+            self.mlp = GatedMLP(hidden_size, max(1, config.intermediate_size // 4), norm_class(hidden_size, eps=eps))
+            self.mlp_gate = nn.Parameter(torch.zeros(1)) if gate else None
+
+    @torch.no_grad()
+    def copy_host(self, host_layer: nn.Module) -> None:
+        """Start from the host layer's own attention (the `host` initialisation)."""
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            target, source = getattr(self, name), getattr(host_layer.self_attn, name)
+            target.weight.copy_(source.weight)
+            if target.bias is not None:
+                target.bias.copy_(source.bias)
+        self.text_norm.weight.copy_(host_layer.input_layernorm.weight)
+        self.visual_norm.weight.copy_(host_layer.input_layernorm.weight)
+
+    def forward(
+        self,
+        text: torch.Tensor,
+        visual: torch.Tensor,
+        allowed: torch.Tensor,
+        text_rope: tuple[torch.Tensor, torch.Tensor],
+        visual_rope: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """text (B, Nt, d), visual (B, Nv, d), allowed (B, Nt, Nv) bool; returns the updated text."""
+        batch, text_len, _ = text.shape
+        query = self.q_proj(self.text_norm(text)).view(batch, text_len, -1, self.head_dim).transpose(1, 2)
+        visual_normed = self.visual_norm(visual)
+        key = self.k_proj(visual_normed).view(batch, visual.shape[1], -1, self.head_dim).transpose(1, 2)
+        value = self.v_proj(visual_normed).view(batch, visual.shape[1], -1, self.head_dim).transpose(1, 2)
+        if self.use_rope:
+            query, _ = apply_rotary_pos_emb(query, query, *text_rope)
+            key, _ = apply_rotary_pos_emb(key, key, *visual_rope)
+
+        sees_visual = allowed.any(dim=-1)  # (B, Nt)
+        # Rows with nothing to read attend everywhere (finite softmax) and are zeroed below: never NaN.
+        allowed = allowed | ~sees_visual[..., None]
+        bias = attention_bias(allowed, query.dtype)
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        attended, _ = attend(self, query, key, value, bias, dropout=0.0, scaling=self.scaling)
+        attended = self.o_proj(attended.reshape(batch, text_len, -1))
+        attended = attended * sees_visual[..., None].to(attended.dtype)
+
+        text = text + _gated(attended, self.attention_gate)
+        if self.mlp is not None:
+            text = text + _gated(self.mlp(text), self.mlp_gate)
+        return text
+
+
+def _like(linear: nn.Linear) -> nn.Linear:
+    return nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
+
+
+def _gated(update: torch.Tensor, gate: nn.Parameter | None) -> torch.Tensor:
+    return update if gate is None else torch.tanh(gate).to(update.dtype) * update

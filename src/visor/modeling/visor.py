@@ -1,0 +1,298 @@
+"""`VisorForConditionalGeneration`: LLaVA-OneVision whose language model meets vision only where asked.
+
+The class *is* a `LlavaOnevisionForConditionalGeneration` (same vision tower, projector, decoder layers and
+state-dict names, so a stock checkpoint loads as is) with a few new modules, the CA blocks and the CPE, and
+its own decoder-layer loop. Each layer of the text model runs as one of three kinds (DESIGN.md 2.2):
+
+    SA    the stock layer over [V; T] in the original order, mask and positions   (visual tokens updated)
+    CA    T ← T + CA(T, V), then the stock layer over T only                        (visual tokens unchanged)
+    text  the stock layer over T only                                               (visual tokens unchanged)
+
+Which layers are SA is chosen per sample (`configuration=`); at an SA layer the samples that run it go
+through the full layer together and the rest through the text-only path, then both are scattered back.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+from transformers import LlavaOnevisionForConditionalGeneration
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from visor.config import VisorConfig
+from visor.modeling.cross_attention import CrossAttentionBlock
+from visor.modeling.layout import TokenLayout, attention_bias
+from visor.modeling.position_encoding import ConditionalPositionEncoding
+
+SUPPORTED_ATTENTION = ("eager", "sdpa")
+
+
+class VisorForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
+    config_class = VisorConfig
+    _supports_flash_attn = False  # masks are explicit (B, 1, Q, K) tensors; flash kernels take none
+    _supports_flex_attn = False
+    _can_compile_fullgraph = False
+
+    def __init__(self, config: VisorConfig):
+        super().__init__(config)
+        layers = self.model.language_model.layers
+        text_config = config.text_config
+        self.cross_attention = nn.ModuleDict(
+            {
+                str(layer): CrossAttentionBlock(
+                    layers[layer],
+                    text_config,
+                    gate=config.cross_attention_gate,
+                    mlp=config.cross_attention_mlp,
+                    rope=config.cross_attention_rope,
+                )
+                for layer in config.cross_attention_layers
+            }
+        )
+        self.position_encoding = (
+            ConditionalPositionEncoding(text_config.hidden_size, config.position_encoding_kernel)
+            if config.position_encoding
+            else None
+        )
+        self.post_init()
+
+    # ---- construction --------------------------------------------------------------------------------------
+    @classmethod
+    def from_llava(
+        cls,
+        llava: LlavaOnevisionForConditionalGeneration | str | os.PathLike,
+        visor_config: VisorConfig | None = None,
+        **config_options,
+    ) -> "VisorForConditionalGeneration":
+        """Build VISOR around a stock LLaVA-OV model (or a local checkpoint folder), reusing all its weights.
+
+        The new modules start as described in DESIGN.md 2.3/2.4: gated CA blocks and CPE are no-ops, or the
+        CA blocks copy their host layer's attention when `cross_attention_init="host"`.
+        """
+        if not isinstance(llava, LlavaOnevisionForConditionalGeneration):
+            llava = load_llava(llava)
+        if visor_config is None:
+            visor_config = VisorConfig.from_llava_config(llava.config, **config_options)
+        elif config_options:
+            raise ValueError("pass either visor_config or config options, not both")
+        visor_config._attn_implementation = llava.config.text_config._attn_implementation
+        model = cls(visor_config).to(dtype=llava.dtype, device=llava.device)
+        missing, unexpected = model.load_state_dict(llava.state_dict(), strict=False)
+        new_modules = ("cross_attention.", "position_encoding.")
+        missing = [key for key in missing if not key.startswith(new_modules)]
+        if missing or unexpected:
+            raise ValueError(f"LLaVA-OV weights do not fit this VISOR config: missing {missing}, unexpected {unexpected}")
+        model.initialise_new_modules()
+        return model.train(llava.training)
+
+    @torch.no_grad()
+    def initialise_new_modules(self) -> None:
+        """Put the CA blocks and the CPE in their documented starting state."""
+        layers = self.model.language_model.layers
+        for layer, block in self.cross_attention.items():
+            for gate in (block.attention_gate, block.mlp_gate):
+                if gate is not None:
+                    gate.zero_()
+            if self.config.cross_attention_init == "host":
+                block.copy_host(layers[int(layer)])
+        if self.position_encoding is not None:
+            self.position_encoding.reset_parameters()
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, CrossAttentionBlock):
+            for gate in (module.attention_gate, module.mlp_gate):
+                if gate is not None:
+                    nn.init.zeros_(gate)
+            nn.init.ones_(module.text_norm.weight)
+            nn.init.ones_(module.visual_norm.weight)
+        elif isinstance(module, ConditionalPositionEncoding):
+            module.reset_parameters()
+
+    # ---- inputs -> streams ----------------------------------------------------------------------------------
+    def embed_multimodal(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor | None,
+        image_sizes: torch.Tensor | None,
+        batch_num_images: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token embeddings with image features (after the CPE) in the `<image>` slots, and the image mask."""
+        _check_ids(input_ids, self.config.text_config.vocab_size)
+        visual_mask = input_ids == self.config.image_token_id
+        embeds = self.get_input_embeddings()(input_ids)
+        tokens_per_sample = visual_mask.sum(dim=1)
+        if not visual_mask.any():
+            return embeds, visual_mask
+        if pixel_values is None or image_sizes is None:
+            raise ValueError(
+                f"input_ids contain {int(tokens_per_sample.sum())} image tokens but pixel_values/image_sizes are missing"
+            )
+        if pixel_values.dim() not in (4, 5) or pixel_values.shape[-3] != 3:
+            raise ValueError(
+                f"pixel_values must be (batch, crops, 3, H, W) or (crops, 3, H, W), got {tuple(pixel_values.shape)}"
+            )
+        if image_sizes.dim() != 2 or image_sizes.shape[-1] != 2:
+            raise ValueError(f"image_sizes must be (num_images, 2) as (height, width), got {tuple(image_sizes.shape)}")
+        features = self.model.get_image_features(
+            pixel_values, image_sizes, batch_num_images=batch_num_images, return_dict=True
+        ).pooler_output
+        if self.position_encoding is not None:
+            features = [self.position_encoding(image) for image in features]
+        images_per_sample = (
+            batch_num_images.tolist() if batch_num_images is not None else [1] * len(features)
+        )
+        if len(images_per_sample) != input_ids.shape[0] or sum(images_per_sample) != len(features):
+            raise ValueError(
+                f"{len(features)} images for a batch of {input_ids.shape[0]}: pass batch_num_images when a sample "
+                "holds more or fewer than one image"
+            )
+        lengths = torch.tensor([image.shape[0] for image in features], device=input_ids.device)
+        sample_of_image = torch.repeat_interleave(
+            torch.arange(len(images_per_sample), device=input_ids.device),
+            torch.tensor(images_per_sample, device=input_ids.device),
+        )
+        expected = torch.zeros_like(tokens_per_sample).index_add_(0, sample_of_image, lengths)
+        if not torch.equal(expected, tokens_per_sample):
+            raise ValueError(
+                f"image-token count does not match the images: input_ids hold {tokens_per_sample.tolist()} "
+                f"<image> tokens per sample, the images give {expected.tolist()} features"
+            )
+        features = torch.cat(features).to(embeds.dtype)
+        return embeds.masked_scatter(visual_mask[..., None], features), visual_mask
+
+    # ---- the layer loop -------------------------------------------------------------------------------------
+    def sa_layer_mask(self, configuration, batch_size: int, device) -> torch.Tensor:
+        """(B, L) bool: which layers run as SA for each sample."""
+        indices = self.config.resolve_configuration(configuration, batch_size)
+        table = torch.zeros(len(self.config.configurations), self.config.num_layers, dtype=torch.bool)
+        for index, layers in enumerate(self.config.configurations):
+            table[index, layers] = True
+        return table[indices].to(device)
+
+    def run_layers(
+        self,
+        hidden: torch.Tensor,
+        layout: TokenLayout,
+        position_ids: torch.Tensor,
+        sa_layers: torch.Tensor,
+    ) -> torch.Tensor:
+        """Run the decoder stack with VISOR's layer kinds; returns the final hidden states (B, S, d)."""
+        language_model = self.model.language_model
+        rotary = language_model.rotary_emb
+        visual, text = layout.split(hidden)
+        visual_positions, text_positions = layout.split(position_ids[..., None])
+        full_rope = rotary(hidden, position_ids)
+        text_rope = rotary(text, text_positions[..., 0])
+        visual_rope = rotary(visual, visual_positions[..., 0])
+        dtype = hidden.dtype
+        full_bias = attention_bias(layout.full_mask(), dtype)
+        text_bias = attention_bias(layout.text_mask(), dtype)
+        cross_allowed = layout.cross_mask()
+
+        for index, layer in enumerate(language_model.layers):
+            block = self.cross_attention[str(index)] if str(index) in self.cross_attention else None
+            if block is not None:
+                text = block(text, visual, cross_allowed, text_rope, visual_rope)
+            runs_sa = sa_layers[:, index]
+            if bool(runs_sa.all()):
+                merged = layer(layout.merge(visual, text), attention_mask=full_bias, position_embeddings=full_rope)
+                visual, text = layout.split(merged)
+            elif not bool(runs_sa.any()):
+                text = layer(text, attention_mask=text_bias, position_embeddings=text_rope)
+            else:
+                visual, text = self._run_mixed(
+                    layer, visual, text, runs_sa, layout, full_bias, text_bias, full_rope, text_rope
+                )
+        return layout.merge(visual, text)
+
+    @staticmethod
+    def _run_mixed(layer, visual, text, runs_sa, layout, full_bias, text_bias, full_rope, text_rope):
+        """A layer that some samples run as SA and the rest as text-only: two sub-batches, scattered back."""
+        sa_rows = runs_sa.nonzero().squeeze(1)
+        text_rows = (~runs_sa).nonzero().squeeze(1)
+        sa_layout = layout.select(sa_rows)
+        merged = layer(
+            sa_layout.merge(visual[sa_rows], text[sa_rows]),
+            attention_mask=full_bias[sa_rows],
+            position_embeddings=tuple(part[sa_rows] for part in full_rope),
+        )
+        sa_visual, sa_text = sa_layout.split(merged)
+        text_only = layer(
+            text[text_rows],
+            attention_mask=text_bias[text_rows],
+            position_embeddings=tuple(part[text_rows] for part in text_rope),
+        )
+        visual = visual.index_copy(0, sa_rows, sa_visual)
+        text = text.index_copy(0, sa_rows, sa_text).index_copy(0, text_rows, text_only)
+        return visual, text
+
+    # ---- forward ----------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        configuration: int | list[int] | torch.Tensor | None = None,
+        batch_num_images: torch.Tensor | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Logits (and the loss on `labels`) with each sample's configuration of SA layers.
+
+        `configuration`: an index into `config.configurations` for the whole batch, or one per sample;
+        default the largest. Other arguments are those of `LlavaOnevisionForConditionalGeneration`.
+        """
+        if input_ids is None or inputs_embeds is not None:
+            raise ValueError("VISOR needs input_ids (it finds the visual tokens by the <image> token id)")
+        if use_cache or past_key_values is not None:
+            raise NotImplementedError("generation with a KV cache is not supported yet: pass use_cache=False")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, sequence), got {tuple(input_ids.shape)}")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}"
+            )
+        attention = self.config.text_config._attn_implementation
+        if attention not in SUPPORTED_ATTENTION:
+            raise ValueError(f"VISOR runs with attention {SUPPORTED_ATTENTION}, not {attention!r}")
+        batch, length = input_ids.shape
+        hidden, visual_mask = self.embed_multimodal(input_ids, pixel_values, image_sizes, batch_num_images)
+        if position_ids is None:
+            position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)
+        layout = TokenLayout.build(visual_mask, attention_mask)
+        sa_layers = self.sa_layer_mask(configuration, batch, input_ids.device)
+
+        hidden = self.run_layers(hidden, layout, position_ids, sa_layers)
+        hidden = self.model.language_model.norm(hidden)
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, keep])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+def _check_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
+        raise ValueError(f"input_ids must lie in [0, {vocab_size}), got [{int(input_ids.min())}, {int(input_ids.max())}]")
+
+
+def load_llava(path: str | os.PathLike, **kwargs) -> LlavaOnevisionForConditionalGeneration:
+    """Load a local LLaVA-OV checkpoint (safetensors only; no hub access, no remote code)."""
+    if not os.path.isdir(path):
+        raise ValueError(f"{path} is not a local LLaVA-OneVision checkpoint folder")
+    try:
+        return LlavaOnevisionForConditionalGeneration.from_pretrained(
+            path, use_safetensors=True, local_files_only=True, trust_remote_code=False, **kwargs
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise ValueError(f"cannot load a LLaVA-OneVision checkpoint from {path}: {error}") from error
