@@ -79,37 +79,51 @@ class CrossAttentionBlock(nn.Module):
         self.text_norm.weight.copy_(host_layer.input_layernorm.weight)
         self.visual_norm.weight.copy_(host_layer.input_layernorm.weight)
 
+    def visual_keys_values(
+        self, visual: torch.Tensor, visual_rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values over the visual tokens (B, H_kv, Nv, head_dim): computed once, cached for decoding."""
+        batch, length, _ = visual.shape
+        normed = self.visual_norm(visual)
+        keys = self.k_proj(normed).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        values = self.v_proj(normed).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        if self.use_rope:
+            keys = _rotate(keys, visual_rope)
+        return keys, values
+
     def forward(
         self,
         text: torch.Tensor,
-        visual: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
         allowed: torch.Tensor,
         text_rope: tuple[torch.Tensor, torch.Tensor],
-        visual_rope: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
-        """text (B, Nt, d), visual (B, Nv, d), allowed (B, Nt, Nv) bool; returns the updated text."""
-        batch, text_len, _ = text.shape
-        query = self.q_proj(self.text_norm(text)).view(batch, text_len, -1, self.head_dim).transpose(1, 2)
-        visual_normed = self.visual_norm(visual)
-        key = self.k_proj(visual_normed).view(batch, visual.shape[1], -1, self.head_dim).transpose(1, 2)
-        value = self.v_proj(visual_normed).view(batch, visual.shape[1], -1, self.head_dim).transpose(1, 2)
-        if self.use_rope:
-            query, _ = apply_rotary_pos_emb(query, query, *text_rope)
-            key, _ = apply_rotary_pos_emb(key, key, *visual_rope)
-
-        sees_visual = allowed.any(dim=-1)  # (B, Nt)
-        # Rows with nothing to read attend everywhere (finite softmax) and are zeroed below: never NaN.
-        allowed = allowed | ~sees_visual[..., None]
-        bias = attention_bias(allowed, query.dtype)
-        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
-        attended, _ = attend(self, query, key, value, bias, dropout=0.0, scaling=self.scaling)
-        attended = self.o_proj(attended.reshape(batch, text_len, -1))
-        attended = attended * sees_visual[..., None].to(attended.dtype)
-
-        text = text + _gated(attended, self.attention_gate)
+        """text (B, Nt, d), visual keys/values from `visual_keys_values`, allowed (B, Nt, Nv) bool → new text."""
+        if keys.shape[2] > 0:
+            text = text + _gated(self._attend(text, keys, values, allowed, text_rope), self.attention_gate)
         if self.mlp is not None:
             text = text + _gated(self.mlp(text), self.mlp_gate)
         return text
+
+    def _attend(self, text, keys, values, allowed, text_rope) -> torch.Tensor:
+        batch, text_len, _ = text.shape
+        query = self.q_proj(self.text_norm(text)).view(batch, text_len, -1, self.head_dim).transpose(1, 2)
+        if self.use_rope:
+            query = _rotate(query, text_rope)
+        sees_visual = allowed.any(dim=-1)  # (B, Nt)
+        # Rows with nothing to read attend everywhere (finite softmax) and are zeroed below: never NaN.
+        bias = attention_bias(allowed | ~sees_visual[..., None], query.dtype)
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        attended, _ = attend(self, query, keys, values, bias, dropout=0.0, scaling=self.scaling)
+        attended = self.o_proj(attended.reshape(batch, text_len, -1))
+        return attended * sees_visual[..., None].to(attended.dtype)
+
+
+def _rotate(states: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """RoPE on one tensor (B, H, N, head_dim) with the positions' (cos, sin)."""
+    rotated, _ = apply_rotary_pos_emb(states, states, *rope)
+    return rotated
 
 
 def _like(linear: nn.Linear) -> nn.Linear:

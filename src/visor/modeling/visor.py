@@ -19,9 +19,11 @@ import os
 import torch
 from torch import nn
 from transformers import LlavaOnevisionForConditionalGeneration
+from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from visor.config import VisorConfig
+from visor.modeling.cache import LayerCacheView, VisorCache
 from visor.modeling.cross_attention import CrossAttentionBlock
 from visor.modeling.layout import TokenLayout, attention_bias
 from visor.modeling.position_encoding import ConditionalPositionEncoding
@@ -118,27 +120,24 @@ class VisorForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         pixel_values: torch.Tensor | None,
         image_sizes: torch.Tensor | None,
         batch_num_images: torch.Tensor | None = None,
+        image_features: list[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token embeddings with image features (after the CPE) in the `<image>` slots, and the image mask."""
+        """Token embeddings with image features (after the CPE) in the `<image>` slots, and the image mask.
+
+        `image_features` (one (n_i, d) projected tensor per image) replaces the vision tower, e.g. to reuse
+        features across configurations or to time the language model alone.
+        """
         _check_ids(input_ids, self.config.text_config.vocab_size)
         visual_mask = input_ids == self.config.image_token_id
         embeds = self.get_input_embeddings()(input_ids)
         tokens_per_sample = visual_mask.sum(dim=1)
         if not visual_mask.any():
             return embeds, visual_mask
-        if pixel_values is None or image_sizes is None:
-            raise ValueError(
-                f"input_ids contain {int(tokens_per_sample.sum())} image tokens but pixel_values/image_sizes are missing"
-            )
-        if pixel_values.dim() not in (4, 5) or pixel_values.shape[-3] != 3:
-            raise ValueError(
-                f"pixel_values must be (batch, crops, 3, H, W) or (crops, 3, H, W), got {tuple(pixel_values.shape)}"
-            )
-        if image_sizes.dim() != 2 or image_sizes.shape[-1] != 2:
-            raise ValueError(f"image_sizes must be (num_images, 2) as (height, width), got {tuple(image_sizes.shape)}")
-        features = self.model.get_image_features(
-            pixel_values, image_sizes, batch_num_images=batch_num_images, return_dict=True
-        ).pooler_output
+        features = (
+            list(image_features)
+            if image_features is not None
+            else self.encode_images(pixel_values, image_sizes, batch_num_images, int(tokens_per_sample.sum()))
+        )
         if self.position_encoding is not None:
             features = [self.position_encoding(image) for image in features]
         images_per_sample = (
@@ -163,6 +162,22 @@ class VisorForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         features = torch.cat(features).to(embeds.dtype)
         return embeds.masked_scatter(visual_mask[..., None], features), visual_mask
 
+    def encode_images(self, pixel_values, image_sizes, batch_num_images, num_image_tokens: int) -> list[torch.Tensor]:
+        """The stock vision tower, projector and anyres packing: one (n_i, d) tensor per image."""
+        if pixel_values is None or image_sizes is None:
+            raise ValueError(
+                f"input_ids contain {num_image_tokens} image tokens but pixel_values/image_sizes are missing"
+            )
+        if pixel_values.dim() not in (4, 5) or pixel_values.shape[-3] != 3:
+            raise ValueError(
+                f"pixel_values must be (batch, crops, 3, H, W) or (crops, 3, H, W), got {tuple(pixel_values.shape)}"
+            )
+        if image_sizes.dim() != 2 or image_sizes.shape[-1] != 2:
+            raise ValueError(f"image_sizes must be (num_images, 2) as (height, width), got {tuple(image_sizes.shape)}")
+        return self.model.get_image_features(
+            pixel_values, image_sizes, batch_num_images=batch_num_images, return_dict=True
+        ).pooler_output
+
     # ---- the layer loop -------------------------------------------------------------------------------------
     def sa_layer_mask(self, configuration, batch_size: int, device) -> torch.Tensor:
         """(B, L) bool: which layers run as SA for each sample."""
@@ -172,62 +187,93 @@ class VisorForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
             table[index, layers] = True
         return table[indices].to(device)
 
-    def run_layers(
+    def _cross_block(self, index: int) -> CrossAttentionBlock | None:
+        return self.cross_attention[str(index)] if str(index) in self.cross_attention else None
+
+    def prefill_layers(
         self,
         hidden: torch.Tensor,
         layout: TokenLayout,
         position_ids: torch.Tensor,
         sa_layers: torch.Tensor,
+        cache: VisorCache | None = None,
     ) -> torch.Tensor:
-        """Run the decoder stack with VISOR's layer kinds; returns the final hidden states (B, S, d)."""
-        language_model = self.model.language_model
-        rotary = language_model.rotary_emb
+        """Run the decoder stack over a whole prompt with VISOR's layer kinds; returns (B, S, d)."""
+        rotary = self.model.language_model.rotary_emb
         visual, text = layout.split(hidden)
         visual_positions, text_positions = layout.split(position_ids[..., None])
         full_rope = rotary(hidden, position_ids)
         text_rope = rotary(text, text_positions[..., 0])
         visual_rope = rotary(visual, visual_positions[..., 0])
-        dtype = hidden.dtype
-        full_bias = attention_bias(layout.full_mask(), dtype)
-        text_bias = attention_bias(layout.text_mask(), dtype)
+        full_bias = attention_bias(layout.full_mask(), hidden.dtype)
+        text_bias = attention_bias(layout.text_mask(), hidden.dtype)
         cross_allowed = layout.cross_mask()
+        if cache is not None:
+            cache.start(layout, sa_layers)
 
-        for index, layer in enumerate(language_model.layers):
-            block = self.cross_attention[str(index)] if str(index) in self.cross_attention else None
+        for index, layer in enumerate(self.model.language_model.layers):
+            block = self._cross_block(index)
             if block is not None:
-                text = block(text, visual, cross_allowed, text_rope, visual_rope)
-            runs_sa = sa_layers[:, index]
-            if bool(runs_sa.all()):
-                merged = layer(layout.merge(visual, text), attention_mask=full_bias, position_embeddings=full_rope)
-                visual, text = layout.split(merged)
-            elif not bool(runs_sa.any()):
-                text = layer(text, attention_mask=text_bias, position_embeddings=text_rope)
-            else:
-                visual, text = self._run_mixed(
-                    layer, visual, text, runs_sa, layout, full_bias, text_bias, full_rope, text_rope
+                keys, values = block.visual_keys_values(visual, visual_rope)
+                if cache is not None:
+                    cache.store_cross(index, keys, values)
+                text = block(text, keys, values, cross_allowed, text_rope)
+            sa_rows, text_rows = _split_rows(sa_layers[:, index])
+            new_text = []
+            if len(sa_rows):
+                rows_layout = layout.select(sa_rows) if len(sa_rows) < len(text) else layout
+                merged = _call_layer(
+                    layer, rows_layout.merge(_take(visual, sa_rows), _take(text, sa_rows)),
+                    _take(full_bias, sa_rows), _take(full_rope, sa_rows),
+                    _prefill_view(cache, index, sa_rows, rows_layout),
                 )
+                sa_visual, sa_text = rows_layout.split(merged)
+                visual = _put(visual, sa_rows, sa_visual)
+                new_text.append((sa_rows, sa_text))
+            if len(text_rows):
+                text_only = _call_layer(
+                    layer, _take(text, text_rows), _take(text_bias, text_rows), _take(text_rope, text_rows),
+                    _prefill_view(cache, index, text_rows, None),
+                )
+                new_text.append((text_rows, text_only))
+            for rows, update in new_text:
+                text = _put(text, rows, update)
         return layout.merge(visual, text)
 
-    @staticmethod
-    def _run_mixed(layer, visual, text, runs_sa, layout, full_bias, text_bias, full_rope, text_rope):
-        """A layer that some samples run as SA and the rest as text-only: two sub-batches, scattered back."""
-        sa_rows = runs_sa.nonzero().squeeze(1)
-        text_rows = (~runs_sa).nonzero().squeeze(1)
-        sa_layout = layout.select(sa_rows)
-        merged = layer(
-            sa_layout.merge(visual[sa_rows], text[sa_rows]),
-            attention_mask=full_bias[sa_rows],
-            position_embeddings=tuple(part[sa_rows] for part in full_rope),
+    def decode_layers(
+        self, text: torch.Tensor, position_ids: torch.Tensor, new_valid: torch.Tensor, cache: VisorCache
+    ) -> torch.Tensor:
+        """Run new text tokens (B, n, d) through every layer against the cache (DESIGN.md 2.8)."""
+        cache.extend(new_valid)
+        text_rope = self.model.language_model.rotary_emb(text, position_ids)
+        count = text.shape[1]
+        total = cache.text_valid.shape[1]
+        order = torch.arange(total, device=text.device)
+        query_at = total - count + torch.arange(count, device=text.device)
+        # New tokens see valid earlier text, each other causally, and always themselves.
+        text_allowed = (cache.text_valid[:, None, :] & (order[None, None, :] <= query_at[None, :, None])) | (
+            order[None, None, :] == query_at[None, :, None]
         )
-        sa_visual, sa_text = sa_layout.split(merged)
-        text_only = layer(
-            text[text_rows],
-            attention_mask=text_bias[text_rows],
-            position_embeddings=tuple(part[text_rows] for part in text_rope),
-        )
-        visual = visual.index_copy(0, sa_rows, sa_visual)
-        text = text.index_copy(0, sa_rows, sa_text).index_copy(0, text_rows, text_only)
-        return visual, text
+        visual_allowed = cache.visual_valid[:, None, :].expand(-1, count, -1)
+        text_bias = attention_bias(text_allowed, text.dtype)
+        sa_bias = attention_bias(torch.cat([visual_allowed, text_allowed], dim=-1), text.dtype)
+
+        for index, layer in enumerate(self.model.language_model.layers):
+            block = self._cross_block(index)
+            if block is not None:
+                text = block(text, cache.cross_keys[index], cache.cross_values[index], visual_allowed, text_rope)
+            updates = []
+            for rows, runs_sa in zip(_split_rows(cache.sa_layers[:, index]), (True, False)):
+                if len(rows):
+                    bias = sa_bias if runs_sa else text_bias
+                    output = _call_layer(
+                        layer, _take(text, rows), _take(bias, rows), _take(text_rope, rows),
+                        LayerCacheView(cache, index, rows, prefill=False, runs_sa=runs_sa),
+                    )
+                    updates.append((rows, output))
+            for rows, output in updates:
+                text = _put(text, rows, output)
+        return text
 
     # ---- forward ----------------------------------------------------------------------------------------------
     def forward(
@@ -244,41 +290,103 @@ class VisorForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         logits_to_keep: int | torch.Tensor = 0,
         configuration: int | list[int] | torch.Tensor | None = None,
         batch_num_images: torch.Tensor | None = None,
+        image_features: list[torch.Tensor] | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits (and the loss on `labels`) with each sample's configuration of SA layers.
 
         `configuration`: an index into `config.configurations` for the whole batch, or one per sample;
-        default the largest. Other arguments are those of `LlavaOnevisionForConditionalGeneration`.
+        default the largest. `image_features`: precomputed projected features per image, instead of
+        `pixel_values`. Other arguments are those of `LlavaOnevisionForConditionalGeneration`.
         """
         if input_ids is None or inputs_embeds is not None:
             raise ValueError("VISOR needs input_ids (it finds the visual tokens by the <image> token id)")
-        if use_cache or past_key_values is not None:
-            raise NotImplementedError("generation with a KV cache is not supported yet: pass use_cache=False")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, sequence), got {tuple(input_ids.shape)}")
-        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        if attention_mask is not None and past_key_values is None and attention_mask.shape != input_ids.shape:
             raise ValueError(
                 f"attention_mask {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}"
             )
         attention = self.config.text_config._attn_implementation
         if attention not in SUPPORTED_ATTENTION:
             raise ValueError(f"VISOR runs with attention {SUPPORTED_ATTENTION}, not {attention!r}")
+        cache = _resolve_cache(past_key_values, use_cache)
         batch, length = input_ids.shape
-        hidden, visual_mask = self.embed_multimodal(input_ids, pixel_values, image_sizes, batch_num_images)
+        past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
-            position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)
-        layout = TokenLayout.build(visual_mask, attention_mask)
-        sa_layers = self.sa_layer_mask(configuration, batch, input_ids.device)
-
-        hidden = self.run_layers(hidden, layout, position_ids, sa_layers)
+            position_ids = (torch.arange(length, device=input_ids.device) + past).expand(batch, length)
+        if cache is not None and cache.is_prefilled:
+            hidden = self._decode(input_ids, attention_mask, position_ids, cache)
+        else:
+            hidden, visual_mask = self.embed_multimodal(
+                input_ids, pixel_values, image_sizes, batch_num_images, image_features
+            )
+            layout = TokenLayout.build(visual_mask, attention_mask)
+            sa_layers = self.sa_layer_mask(configuration, batch, input_ids.device)
+            hidden = self.prefill_layers(hidden, layout, position_ids, sa_layers, cache)
         hidden = self.model.language_model.norm(hidden)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep])
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+
+    def _decode(self, input_ids, attention_mask, position_ids, cache: VisorCache) -> torch.Tensor:
+        """Hidden states of new text tokens appended to a prefilled cache."""
+        _check_ids(input_ids, self.config.text_config.vocab_size)
+        if bool((input_ids == self.config.image_token_id).any()):
+            raise ValueError("new tokens after the prompt must be text: images go in the first (prefill) call")
+        if input_ids.shape[0] != cache.sa_layers.shape[0]:
+            raise ValueError(f"batch of {input_ids.shape[0]} does not match the cache's {cache.sa_layers.shape[0]}")
+        count = input_ids.shape[1]
+        new_valid = (
+            attention_mask[:, -count:].bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+        )
+        return self.decode_layers(self.get_input_embeddings()(input_ids), position_ids, new_valid, cache)
+
+
+def _split_rows(runs_sa: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row indices of the samples that run a layer as SA, and of those that run it on text only."""
+    return runs_sa.nonzero().squeeze(1), (~runs_sa).nonzero().squeeze(1)
+
+
+def _take(value, rows: torch.Tensor):
+    """value[rows] for a tensor or a tuple of tensors; the value itself when rows cover the whole batch."""
+    if isinstance(value, tuple):
+        return tuple(_take(part, rows) for part in value)
+    return value if len(rows) == value.shape[0] else value[rows]
+
+
+def _put(value: torch.Tensor, rows: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    return update if len(rows) == value.shape[0] else value.index_copy(0, rows, update.to(value.dtype))
+
+
+def _call_layer(layer, hidden, bias, rope, cache_view):
+    """One stock decoder layer with explicit mask and positions (and, when caching, a cache view)."""
+    return layer(
+        hidden,
+        attention_mask=bias,
+        position_embeddings=rope,
+        past_key_values=cache_view,
+        use_cache=cache_view is not None,
+    )
+
+
+def _prefill_view(cache, layer, rows, sa_layout):
+    """The cache view of a prefill layer call (None when not caching); `sa_layout` only for SA rows."""
+    return None if cache is None else LayerCacheView(cache, layer, rows, prefill=True, sa_layout=sa_layout)
+
+
+def _resolve_cache(past_key_values, use_cache) -> VisorCache | None:
+    """The cache to fill or read. `generate()` hands over an empty stock cache: VISOR swaps in its own."""
+    if isinstance(past_key_values, VisorCache):
+        return past_key_values
+    if past_key_values is not None:
+        if isinstance(past_key_values, Cache) and past_key_values.get_seq_length() == 0:
+            return VisorCache()
+        raise ValueError(f"VISOR needs a VisorCache (or an empty cache), got {type(past_key_values).__name__}")
+    return VisorCache() if use_cache else None
 
 
 def _check_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
