@@ -178,6 +178,8 @@ class VisorConfig(LlavaOnevisionConfig):
 
     def resolve_configuration(self, configuration, batch_size: int):
         """Per-sample configuration indices as a list of ints, from None, an int, or one index per sample."""
+        if hasattr(configuration, "dim") and configuration.dim() == 0:
+            configuration = int(configuration)
         if configuration is None:
             indices = [self.largest_configuration] * batch_size
         elif isinstance(configuration, int):

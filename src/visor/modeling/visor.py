@@ -332,6 +332,13 @@ class VisorForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
 
+    def generate(self, *args, configuration=None, **kwargs):
+        """`GenerationMixin.generate` with `configuration=`; per-sample lists become a tensor so that beam
+        search and `num_return_sequences` expand them with the batch."""
+        if configuration is not None and not isinstance(configuration, int):
+            configuration = torch.as_tensor(configuration)
+        return super().generate(*args, configuration=configuration, **kwargs)
+
     def _decode(self, input_ids, attention_mask, position_ids, cache: VisorCache) -> torch.Tensor:
         """Hidden states of new text tokens appended to a prefilled cache."""
         _check_ids(input_ids, self.config.text_config.vocab_size)
