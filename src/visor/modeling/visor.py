@@ -205,8 +205,10 @@ class VisorForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         full_rope = rotary(hidden, position_ids)
         text_rope = rotary(text, text_positions[..., 0])
         visual_rope = rotary(visual, visual_positions[..., 0])
-        full_bias = attention_bias(layout.full_mask(), hidden.dtype)
-        text_bias = attention_bias(layout.text_mask(), hidden.dtype)
+        # Without padding, SDPA's own causal kernel needs no (S, S) mask: the same fast path the stock model takes.
+        causal_only = self.config.text_config._attn_implementation == "sdpa"
+        full_bias = None if causal_only and bool(layout.token_valid.all()) else attention_bias(layout.full_mask(), hidden.dtype)
+        text_bias = None if causal_only and bool(layout.text_valid.all()) else attention_bias(layout.text_mask(), hidden.dtype)
         cross_allowed = layout.cross_mask()
         if cache is not None:
             cache.start(layout, sa_layers)
@@ -360,6 +362,8 @@ def _split_rows(runs_sa: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _take(value, rows: torch.Tensor):
     """value[rows] for a tensor or a tuple of tensors; the value itself when rows cover the whole batch."""
+    if value is None:
+        return None
     if isinstance(value, tuple):
         return tuple(_take(part, rows) for part in value)
     return value if len(rows) == value.shape[0] else value[rows]
