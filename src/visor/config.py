@@ -80,6 +80,8 @@ class VisorConfig(LlavaOnevisionConfig):
             candidates = self.self_attention_layers
             self.configurations = [candidates[:count] for count in range(len(candidates) + 1)]
         self.configurations = [sorted(int(layer) for layer in config) for config in self.configurations]
+        if not self.configurations:
+            raise ValueError("configurations is empty: give at least one set of self-attention layers")
         if self.router_layer is None:
             self.router_layer = self.first_optional_layer
         self.validate_schedule()

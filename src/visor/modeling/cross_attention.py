@@ -50,6 +50,7 @@ class CrossAttentionBlock(nn.Module):
         self.head_dim = host.head_dim
         self.num_heads = host.q_proj.out_features // host.head_dim
         self.num_key_value_groups = host.num_key_value_groups
+        self.num_key_value_heads = self.num_heads // self.num_key_value_groups
         self.scaling = host.scaling
         self.use_rope = rope
 
@@ -85,8 +86,9 @@ class CrossAttentionBlock(nn.Module):
         """Keys and values over the visual tokens (B, H_kv, Nv, head_dim): computed once, cached for decoding."""
         batch, length, _ = visual.shape
         normed = self.visual_norm(visual)
-        keys = self.k_proj(normed).view(batch, length, -1, self.head_dim).transpose(1, 2)
-        values = self.v_proj(normed).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        shape = (batch, length, self.num_key_value_heads, self.head_dim)  # explicit: length may be 0
+        keys = self.k_proj(normed).view(shape).transpose(1, 2)
+        values = self.v_proj(normed).view(shape).transpose(1, 2)
         if self.use_rope:
             keys = _rotate(keys, visual_rope)
         return keys, values
@@ -108,7 +110,7 @@ class CrossAttentionBlock(nn.Module):
 
     def _attend(self, text, keys, values, allowed, text_rope) -> torch.Tensor:
         batch, text_len, _ = text.shape
-        query = self.q_proj(self.text_norm(text)).view(batch, text_len, -1, self.head_dim).transpose(1, 2)
+        query = self.q_proj(self.text_norm(text)).view(batch, text_len, self.num_heads, self.head_dim).transpose(1, 2)
         if self.use_rope:
             query = _rotate(query, text_rope)
         sees_visual = allowed.any(dim=-1)  # (B, Nt)

@@ -15,9 +15,11 @@ through the full layer together and the rest through the text-only path, then bo
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import torch
 from torch import nn
+from safetensors import SafetensorError
 from transformers import LlavaOnevisionForConditionalGeneration
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -61,6 +63,15 @@ class VisorForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         self.post_init()
 
     # ---- construction --------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """As transformers' `from_pretrained`; a local folder is checked first and broken ones raise ValueError."""
+        if not os.path.isdir(pretrained_model_name_or_path):
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        check_checkpoint_folder(pretrained_model_name_or_path)
+        with clear_load_errors("VISOR", pretrained_model_name_or_path):
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **{**LOCAL_SAFE_LOADING, **kwargs})
+
     @classmethod
     def from_llava(
         cls,
@@ -407,11 +418,26 @@ def _check_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
 
 def load_llava(path: str | os.PathLike, **kwargs) -> LlavaOnevisionForConditionalGeneration:
     """Load a local LLaVA-OV checkpoint (safetensors only; no hub access, no remote code)."""
+    check_checkpoint_folder(path)
+    with clear_load_errors("LLaVA-OneVision", path):
+        return LlavaOnevisionForConditionalGeneration.from_pretrained(path, **LOCAL_SAFE_LOADING, **kwargs)
+
+
+LOCAL_SAFE_LOADING = dict(use_safetensors=True, local_files_only=True, trust_remote_code=False)
+
+
+def check_checkpoint_folder(path: str | os.PathLike) -> None:
+    """Refuse a folder without config.json up front: transformers would fall back to a default 7B-sized config."""
     if not os.path.isdir(path):
-        raise ValueError(f"{path} is not a local LLaVA-OneVision checkpoint folder")
+        raise ValueError(f"{path} is not a local checkpoint folder")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"{path} has no config.json: not a saved checkpoint")
+
+
+@contextmanager
+def clear_load_errors(kind: str, path: str | os.PathLike):
+    """Every way a checkpoint folder can be broken (truncated weights, bad config …) as one ValueError."""
     try:
-        return LlavaOnevisionForConditionalGeneration.from_pretrained(
-            path, use_safetensors=True, local_files_only=True, trust_remote_code=False, **kwargs
-        )
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
-        raise ValueError(f"cannot load a LLaVA-OneVision checkpoint from {path}: {error}") from error
+        yield
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:
+        raise ValueError(f"cannot load a {kind} checkpoint from {path}: {error}") from error

@@ -1,0 +1,105 @@
+"""Shared fixtures: seeded tiny stock LLaVA-OV models and prompt batches whose image-token counts come from the model.
+
+Everything is fp32 and offline. The factories are session-scoped functions so each test module can build the
+models it needs (Qwen2 or Llama text model, eager or SDPA attention) once, in a module-scoped fixture.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+import torch
+from transformers import LlavaOnevisionForConditionalGeneration
+
+from visor import presets
+
+PAD = presets.TINY_PAD_TOKEN_ID
+IMAGE = presets.TINY_IMAGE_TOKEN_ID
+BOS = 1
+# Text ids drawn for prompts stay clear of the special ids (0..4) of the tiny presets.
+FIRST_WORD_ID = 5
+
+# Anyres crops of different aspect ratios (tiny preset pinpoints), plus an odd size that needs unpadding.
+MIXED_IMAGE_SIZES = [(64, 128), (128, 64), (128, 128), (50, 120)]
+
+
+def build_stock(preset: str = "tiny", num_layers: int = 4, attention: str = "eager", seed: int = 0):
+    """A seeded, random-weight stock LLaVA-OV in eval mode, with `attention` in every sub-model."""
+    config = presets.PRESETS[preset](num_layers)
+    config._attn_implementation = attention
+    torch.manual_seed(seed)
+    return LlavaOnevisionForConditionalGeneration(config).eval()
+
+
+def image_token_counts(stock, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> list[int]:
+    """Visual tokens per image as the stock model packs them (anyres grid, unpadding, newlines)."""
+    with torch.no_grad():
+        features = stock.model.get_image_features(pixel_values, image_sizes, return_dict=True).pooler_output
+    return [int(image.shape[0]) for image in features]
+
+
+def build_batch(
+    stock,
+    image_sizes=MIXED_IMAGE_SIZES,
+    text_before: list[int] | int = 3,
+    text_after: list[int] | int | None = None,
+    seed: int = 1,
+) -> dict[str, torch.Tensor]:
+    """Left-padded prompts `[BOS, words…] <image>×n [words…]`, one image per sample.
+
+    `text_before`/`text_after` give the word counts around the image per sample (an int for all samples);
+    by default the text after the image grows with the row so rows have different lengths. The image-token
+    counts are those the stock model's vision path produces for each image size.
+    """
+    batch = len(image_sizes)
+    generator = torch.Generator().manual_seed(seed)
+    sizes = torch.tensor(image_sizes)
+    crops = max(_crops(stock, size) for size in image_sizes)
+    pixel_values = torch.randn(batch, crops, 3, presets.TINY_CROP, presets.TINY_CROP, generator=generator)
+    counts = image_token_counts(stock, pixel_values, sizes)
+    before = [text_before] * batch if isinstance(text_before, int) else list(text_before)
+    after = [4 + 3 * row for row in range(batch)] if text_after is None else (
+        [text_after] * batch if isinstance(text_after, int) else list(text_after)
+    )
+    vocab = stock.config.text_config.vocab_size
+    prompts = []
+    for count, n_before, n_after in zip(counts, before, after):
+        words = torch.randint(FIRST_WORD_ID, vocab, (n_before + n_after,), generator=generator).tolist()
+        prompts.append([BOS] + words[:n_before] + [IMAGE] * count + words[n_before:])
+    return pad_left(prompts) | dict(pixel_values=pixel_values, image_sizes=sizes)
+
+
+def pad_left(prompts: list[list[int]]) -> dict[str, torch.Tensor]:
+    length = max(map(len, prompts))
+    input_ids = torch.full((len(prompts), length), PAD, dtype=torch.long)
+    attention_mask = torch.zeros(len(prompts), length, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, length - len(prompt):] = torch.tensor(prompt)
+        attention_mask[row, length - len(prompt):] = 1
+    return dict(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def _crops(stock, size) -> int:
+    from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+    config = stock.config
+    return image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
+
+
+@pytest.fixture(scope="session")
+def stock_factory():
+    return build_stock
+
+
+@pytest.fixture(scope="session")
+def batch_factory():
+    return build_batch
+
+
+@pytest.fixture(scope="session")
+def left_pad():
+    return pad_left
