@@ -3,4 +3,11 @@
 from visor.modeling.freezing import freeze_base, trainable_parameter_names, trainable_parameters, unfreeze_all
 from visor.modeling.visor import VisorForConditionalGeneration, load_llava
 
-__all__ = ["VisorForConditionalGeneration", "load_llava"]
+__all__ = [
+    "VisorForConditionalGeneration",
+    "freeze_base",
+    "load_llava",
+    "trainable_parameter_names",
+    "trainable_parameters",
+    "unfreeze_all",
+]
