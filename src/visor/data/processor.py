@@ -1,0 +1,187 @@
+"""(image, question[, answer]) -> model inputs for LLaVA-OneVision-style models, configured from the model config.
+
+Pixels come from transformers' `LlavaOnevisionImageProcessorPil` (no torchvision needed). The full
+`LlavaOnevisionProcessor` cannot be built without torchvision, so the `<image>` expansion is done here: the
+prompt is rendered with the tokenizer's chat template around a single `<image>`, which is replaced by as many
+`<image>` ids as `CropLayout.num_image_tokens` says the model will fill for that image size.
+
+Training rows: `labels` are -100 except on the answer tokens and the end-of-sequence token after them. Pass
+per-pixel `class_maps` to also get `patch_targets` (batch, max_crops, patches per crop), aligned with
+`pixel_values`' crops, -100 where there is no target.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from transformers import BatchFeature, LlavaOnevisionConfig, LlavaOnevisionImageProcessorPil, PreTrainedTokenizerBase
+
+from visor.data.crops import CropLayout
+from visor.data.render import IGNORE_INDEX
+
+# SigLIP's normalisation, as LLaVA-OneVision's released preprocessor configs use.
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+IMAGE_TOKEN = "<image>"
+
+ImageLike = Image.Image | str | Path | np.ndarray
+
+
+def load_image(image: ImageLike, min_side: int = 1) -> Image.Image:
+    """An RGB PIL image from a PIL image, a file path or an (H, W[, C]) uint8 array; ValueError on bad input.
+
+    Transparent images are composited on white (not on black, which a plain RGB conversion would give);
+    grayscale, palette and 16-bit images are converted to RGB.
+    """
+    source = "image"
+    if isinstance(image, (str, Path)):
+        source = str(image)
+        if not Path(image).is_file():
+            raise ValueError(f"image file {source} does not exist")
+        try:
+            image = Image.open(image)
+        except UnidentifiedImageError as error:
+            raise ValueError(f"{source} is not an image file Pillow can read") from error
+    elif isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3):
+            raise ValueError(f"image arrays must be (H, W) or (H, W, C) uint8, got {image.dtype} {image.shape}")
+        image = Image.fromarray(image)
+    elif not isinstance(image, Image.Image):
+        raise ValueError(f"expected a PIL image, a path or a uint8 array, got {type(image).__name__}")
+    try:
+        image.load()
+    except (OSError, SyntaxError) as error:
+        raise ValueError(f"{source} is truncated or corrupt: {error}") from error
+    if image.mode in ("I", "I;16", "I;16B", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray((values * (255.0 / max(values.max(), 1.0))).clip(0, 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    image = image.convert("RGB")
+    if min(image.size) < min_side:
+        raise ValueError(
+            f"{source} is {image.width}x{image.height} px, smaller than one {min_side}x{min_side} vision patch"
+        )
+    return image
+
+
+class VisorProcessor:
+    """Turns images and questions (and answers, for training) into LLaVA-OV inputs that agree with `config`."""
+
+    def __init__(self, config: LlavaOnevisionConfig, tokenizer: PreTrainedTokenizerBase,
+                 padding_side: str = "right", image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD):
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' (generation) or 'right' (training), got {padding_side!r}")
+        image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        if image_token_id != config.image_token_id:
+            raise ValueError(
+                f"the tokenizer's {IMAGE_TOKEN} id is {image_token_id} but the model config expects "
+                f"{config.image_token_id}; set config.image_token_id (and resize embeddings) to match"
+            )
+        if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer needs a pad token and an end-of-sequence token")
+        if not tokenizer.chat_template:
+            raise ValueError("the tokenizer has no chat template to render prompts with")
+        self.layout = CropLayout.from_config(config)
+        self.tokenizer = tokenizer
+        self.padding_side = padding_side
+        self.image_token_id = image_token_id
+        crop = {"height": self.layout.crop, "width": self.layout.crop}
+        self.image_processor = LlavaOnevisionImageProcessorPil(
+            size=crop, crop_size=crop, image_grid_pinpoints=[list(p) for p in self.layout.pinpoints],
+            image_mean=list(image_mean), image_std=list(image_std),
+        )
+
+    def prompt_ids(self, question: str) -> list[int]:
+        """Token ids of the chat prompt for one question, with a single `<image>` id (expanded in `__call__`)."""
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError(f"questions must be non-empty text, got {question!r}")
+        if IMAGE_TOKEN in question:
+            raise ValueError(f"questions must not contain {IMAGE_TOKEN}; the processor places the image")
+        messages = [{"role": "user", "content": f"{IMAGE_TOKEN}\n{question.strip()}"}]
+        prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+    def answer_ids(self, answer: str) -> list[int]:
+        """Token ids of an answer followed by end-of-sequence."""
+        if not isinstance(answer, str) or not answer.strip():
+            raise ValueError(f"answers must be non-empty text, got {answer!r}")
+        return self.tokenizer(answer.strip(), add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+
+    def __call__(self, images: ImageLike | Sequence[ImageLike], questions: str | Sequence[str],
+                 answers: str | Sequence[str] | None = None,
+                 class_maps: np.ndarray | Sequence[np.ndarray] | None = None) -> BatchFeature:
+        """A padded batch: input_ids, attention_mask, pixel_values (B, max_crops, 3, crop, crop), image_sizes,
+        plus labels when `answers` are given and patch_targets when `class_maps` are. A single image and
+        question make a batch of one."""
+        images = _as_list(images, (Image.Image, str, Path, np.ndarray))
+        questions = _as_list(questions, str)
+        answers = None if answers is None else _as_list(answers, str)
+        class_maps = None if class_maps is None else _as_list(class_maps, np.ndarray)
+        if not images:
+            raise ValueError("the batch is empty")
+        for name, values in (("questions", questions), ("answers", answers), ("class_maps", class_maps)):
+            if values is not None and len(values) != len(images):
+                raise ValueError(f"got {len(images)} images but {len(values)} {name}")
+        images = [load_image(image, min_side=self.layout.patch) for image in images]
+
+        sequences, label_rows = [], []
+        for row, (image, question) in enumerate(zip(images, questions)):
+            prompt = self.prompt_ids(question)
+            slot = prompt.index(self.image_token_id)
+            count = self.layout.num_image_tokens(image.height, image.width)
+            ids = prompt[:slot] + [self.image_token_id] * count + prompt[slot + 1:]
+            labels = [IGNORE_INDEX] * len(ids)
+            if answers is not None:
+                answer = self.answer_ids(answers[row])
+                ids, labels = ids + answer, labels + answer
+            sequences.append(ids)
+            label_rows.append(labels)
+
+        pixels = self.image_processor(images, return_tensors="pt")
+        batch = {
+            "input_ids": self._pad(sequences, self.tokenizer.pad_token_id),
+            "attention_mask": self._pad([[1] * len(ids) for ids in sequences], 0),
+            "pixel_values": pixels["pixel_values"],
+            "image_sizes": pixels["image_sizes"],
+        }
+        if answers is not None:
+            batch["labels"] = self._pad(label_rows, IGNORE_INDEX)
+        if class_maps is not None:
+            batch["patch_targets"] = self._patch_targets(images, class_maps, batch["pixel_values"].shape[1])
+        return BatchFeature(batch)
+
+    def _pad(self, rows: list[list[int]], value: int) -> torch.Tensor:
+        length = max(map(len, rows))
+        out = torch.full((len(rows), length), value, dtype=torch.long)
+        for i, row in enumerate(rows):
+            if self.padding_side == "right":
+                out[i, : len(row)] = torch.tensor(row)
+            else:
+                out[i, length - len(row):] = torch.tensor(row)
+        return out
+
+    def _patch_targets(self, images: list[Image.Image], class_maps: list[np.ndarray], max_crops: int) -> torch.Tensor:
+        out = torch.full((len(images), max_crops, self.layout.side**2), IGNORE_INDEX, dtype=torch.long)
+        for i, (image, class_map) in enumerate(zip(images, class_maps)):
+            if class_map.shape != (image.height, image.width):
+                raise ValueError(f"class map {i} is {class_map.shape}, its image is {(image.height, image.width)}")
+            targets = self.layout.patch_targets(class_map)
+            out[i, : len(targets)] = torch.from_numpy(targets)
+        return out
+
+    def decode(self, token_ids: Sequence[int] | torch.Tensor) -> str:
+        """Text of generated ids, cut at the first end-of-sequence, special tokens dropped."""
+        ids = token_ids.tolist() if isinstance(token_ids, torch.Tensor) else list(token_ids)
+        if self.tokenizer.eos_token_id in ids:
+            ids = ids[: ids.index(self.tokenizer.eos_token_id)]
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def _as_list(values, single_types) -> list:
+    return [values] if isinstance(values, single_types) else list(values)

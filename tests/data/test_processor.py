@@ -1,0 +1,168 @@
+"""The processor: token counts the stock model accepts, labels, padding, per-patch targets and bad input."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from visor import presets
+from visor.data.crops import CropLayout
+from visor.data.processor import VisorProcessor, load_image
+from visor.data.render import CLASS_ID, IGNORE_INDEX
+from visor.data.tasks import make_sample
+
+ODD_SIZES = [(128, 128), (64, 64), (37, 200), (200, 37), (100, 130), (8, 8), (300, 500), (64, 128), (129, 64)]
+
+
+def _images(sizes, seed=0):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)) for h, w in sizes]
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-llama"])
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_stock_forward_accepts_every_crop_layout_in_a_padded_batch(stock_models, tokenizer, preset, padding_side):
+    model = stock_models[preset]
+    processor = VisorProcessor(model.config, tokenizer, padding_side=padding_side)
+    questions = ["what is it ?", "how many red marks are there ?", "is there a large circle ?"] * 3
+    batch = processor(_images(ODD_SIZES), questions, answers=["red"] * len(ODD_SIZES))
+    counts = (batch["input_ids"] == presets.TINY_IMAGE_TOKEN_ID).sum(1).tolist()
+    assert counts == [processor.layout.num_image_tokens(h, w) for h, w in ODD_SIZES]
+    assert len(set(counts)) > 3  # layouts really differ
+    assert batch["pixel_values"].shape == (9, 5, 3, 64, 64)
+    with torch.no_grad():  # the stock model raises when image tokens and features disagree
+        output = model(**batch)
+    assert torch.isfinite(output.loss)
+
+
+def test_anyres_max_shrink_and_larger_pinpoint_lists_match_the_stock_model(tokenizer):
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    config = presets.tiny(num_layers=1)
+    config.image_grid_pinpoints = [[64 * h, 64 * w] for h in range(1, 4) for w in range(1, 4)]
+    config.vision_aspect_ratio = "anyres_max_1"  # grids above ~1 crop of features get interpolated down
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    processor = VisorProcessor(config, tokenizer)
+    sizes = [(190, 190), (70, 180), (150, 60)]
+    batch = processor(_images(sizes), ["what is it ?"] * 3)
+    plain = presets.tiny_llama(num_layers=1)
+    plain.image_grid_pinpoints = config.image_grid_pinpoints
+    assert processor.layout.num_image_tokens(190, 190) < CropLayout.from_config(plain).num_image_tokens(190, 190)
+    with torch.no_grad():
+        model(**batch)
+
+
+def test_labels_cover_only_the_answer_and_eos_and_padding_sides_differ(tokenizer):
+    config = presets.tiny()
+    sample = make_sample("bar_value", "train", 0)
+    right = VisorProcessor(config, tokenizer, "right")([sample.image] * 2, [sample.question, "what ?"],
+                                                       [sample.answer, "yes"])
+    labels = right["labels"][0]
+    answer_ids = labels[labels != IGNORE_INDEX]
+    assert tokenizer.decode(answer_ids[:-1]) == sample.answer and answer_ids[-1] == tokenizer.eos_token_id
+    assert (right["input_ids"][0][labels != IGNORE_INDEX] == answer_ids).all()
+    assert right["attention_mask"][1, -1] == 0 and right["input_ids"][1, -1] == tokenizer.pad_token_id
+    left = VisorProcessor(config, tokenizer, "left")([sample.image] * 2, [sample.question, "what ?"])
+    assert "labels" not in left
+    assert left["attention_mask"][:, -1].tolist() == [1, 1] and left["attention_mask"][1, 0] == 0
+    prompt = tokenizer.decode(left["input_ids"][0][left["input_ids"][0] != presets.TINY_IMAGE_TOKEN_ID])
+    assert prompt == f"<s> user : {sample.question.replace(' ?', '?')} assistant :"
+
+
+def test_text_is_a_small_fraction_of_the_tokens_at_the_default_resolution(tokenizer):
+    processor = VisorProcessor(presets.tiny(), tokenizer)
+    for task in ("read_cell", "bar_value", "count_marks", "dominant_color", "has_shape"):
+        sample = make_sample(task, "train", 0)
+        ids = processor(sample.image, sample.question)["input_ids"][0]
+        visual = int((ids == presets.TINY_IMAGE_TOKEN_ID).sum())
+        assert visual >= 20 * (len(ids) - visual), task
+
+
+def test_patch_targets_align_with_the_crops_in_pixel_values(tokenizer):
+    """Paint each class a distinct grey level: the most common level in each crop patch must be its target."""
+    processor = VisorProcessor(presets.tiny(), tokenizer)
+    rng = np.random.default_rng(0)
+    for height, width in [(128, 128), (100, 170), (150, 60), (64, 64)]:
+        blocks = rng.integers(1, 20, size=(height // 32 + 1, width // 32 + 1))
+        class_map = np.kron(blocks, np.ones((32, 32), dtype=np.int64))[:height, :width].astype(np.int16)
+        image = Image.fromarray(np.repeat((class_map * 12)[..., None], 3, axis=-1).astype(np.uint8))
+        batch = processor(image, "what ?", class_maps=class_map)
+        targets = batch["patch_targets"][0]  # (crops, 64)
+        pixels = batch["pixel_values"][0, :, 0]  # red channel, normalised to [-1, 1]
+        patches = pixels.reshape(len(pixels), 8, 8, 8, 8).transpose(2, 3).reshape(len(pixels), 64, 64)
+        shown = torch.round((patches + 1) * 127.5 / 12).mode(dim=-1).values
+        known = targets != IGNORE_INDEX
+        assert (shown[known] == targets[known]).float().mean() > 0.9, (height, width)
+        assert (shown[~known] == 0).all()  # ignored patches are mostly zero padding
+        if (height, width) == (128, 128):  # a pinpoint size: crops are exact tiles, no resampling blur
+            assert torch.equal(shown, targets.to(shown.dtype))
+        assert (known.sum() < known.numel()) == (height != width)
+
+
+def test_patch_targets_keep_four_pixel_marks(tokenizer):
+    processor = VisorProcessor(presets.tiny(), tokenizer)
+    for index in range(3):
+        sample = make_sample("count_marks", "train", index)
+        targets = processor(sample.image, sample.question, class_maps=sample.class_map)["patch_targets"][0]
+        colour = CLASS_ID[sample.question.split()[2]]
+        # every counted mark lies in one or a few patches of the 2x2 tiles; the tiles together see each mark
+        assert int((targets[1:] == colour).sum()) >= int(sample.answer)
+        assert ((targets[0] == colour).any()) == (sample.answer != "0")
+
+
+def test_grayscale_rgba_and_palette_images_are_converted(tokenizer):
+    processor = VisorProcessor(presets.tiny(), tokenizer)
+    gray = Image.new("L", (80, 60), 128)
+    rgba = Image.new("RGBA", (80, 60), (255, 0, 0, 0))  # fully transparent red: white after compositing
+    palette = Image.new("RGB", (80, 60), (0, 0, 255)).convert("P")
+    for image in (gray, rgba, palette, np.zeros((60, 80), dtype=np.uint8)):
+        assert load_image(image).mode == "RGB"
+    assert load_image(rgba).getpixel((0, 0)) == (255, 255, 255)
+    batch = processor([gray, rgba, palette], ["what ?"] * 3)
+    assert batch["pixel_values"].shape[:3] == (3, 3, 3)
+
+
+def test_bad_input_gives_clear_errors(tokenizer, tmp_path):
+    processor = VisorProcessor(presets.tiny(), tokenizer)
+    image = Image.new("RGB", (64, 64))
+    with pytest.raises(ValueError, match="smaller than one 8x8 vision patch"):
+        processor(Image.new("RGB", (5, 40)), "what ?")
+    with pytest.raises(ValueError, match="non-empty"):
+        processor(image, "   ")
+    with pytest.raises(ValueError, match="non-empty"):
+        processor(image, "what ?", answers="")
+    text_file = tmp_path / "notes.png"
+    text_file.write_text("not an image")
+    with pytest.raises(ValueError, match="not an image file"):
+        processor(str(text_file), "what ?")
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buffer, "PNG")
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    with pytest.raises(ValueError, match="truncated"):
+        processor(truncated, "what ?")
+    with pytest.raises(ValueError, match="does not exist"):
+        processor(tmp_path / "missing.png", "what ?")
+    with pytest.raises(ValueError, match="2 questions"):
+        processor([image], ["a ?", "b ?"])
+    with pytest.raises(ValueError, match="must not contain <image>"):
+        processor(image, "<image> what ?")
+    with pytest.raises(ValueError, match="padding_side"):
+        VisorProcessor(presets.tiny(), tokenizer, padding_side="middle")
+
+
+def test_tokenizer_and_config_must_agree_on_the_image_token(tokenizer):
+    config = presets.tiny()
+    config.image_token_id = 7
+    with pytest.raises(ValueError, match="image_token_id"):
+        VisorProcessor(config, tokenizer)
+
+
+def test_decode_stops_at_eos(tokenizer):
+    processor = VisorProcessor(presets.tiny(), tokenizer)
+    ids = tokenizer("blue", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id, 9, 9]
+    assert processor.decode(torch.tensor(ids)) == "blue"
