@@ -59,6 +59,10 @@ class VisorConfig(LlavaOnevisionConfig):
     cross_attention_gate: bool = True
     cross_attention_mlp: bool = False
     cross_attention_rope: bool = True
+    # The policy's router (DESIGN.md 3), built when there is more than one configuration.
+    router_hidden_size: int = 256
+    router_mode: Literal["multilabel", "softmax"] = "multilabel"
+    router_threshold: float = 0.5
     # Conditional position encoding on visual tokens after the projector (DESIGN.md 2.4).
     position_encoding: bool = True
     position_encoding_kernel: int = 7
@@ -175,6 +179,10 @@ class VisorConfig(LlavaOnevisionConfig):
                     f"router_layer {self.router_layer} comes after the first optional self-attention layer "
                     f"{first_optional}: the router must decide before any optional layer runs"
                 )
+        if not 0.0 <= self.router_threshold <= 1.0:
+            raise ValueError(f"router_threshold τ must lie in [0, 1], got {self.router_threshold}")
+        if self.router_hidden_size < 1:
+            raise ValueError(f"router_hidden_size must be positive, got {self.router_hidden_size}")
         if self.position_encoding_kernel < 1 or self.position_encoding_kernel % 2 == 0:
             raise ValueError(f"position_encoding_kernel must be a positive odd number, got {self.position_encoding_kernel}")
 

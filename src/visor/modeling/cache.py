@@ -39,6 +39,7 @@ class VisorCache(Cache):
         self.text_valid: torch.Tensor | None = None  # (B, Nt_total)
         self.visual_valid: torch.Tensor | None = None  # (B, Nv)
         self.sa_layers: torch.Tensor | None = None  # (B, L) fixed at prefill
+        self.configuration: torch.Tensor | None = None  # (B,) the configuration each sample runs
         self.seen_tokens = 0
 
     def __repr__(self) -> str:
@@ -105,6 +106,7 @@ class VisorCache(Cache):
         self.text_valid = self.text_valid.index_select(0, beam_idx.to(self.text_valid.device))
         self.visual_valid = self.visual_valid.index_select(0, beam_idx.to(self.visual_valid.device))
         self.sa_layers = self.sa_layers.index_select(0, beam_idx.to(self.sa_layers.device))
+        self.configuration = self.configuration.index_select(0, beam_idx.to(self.configuration.device))
 
 
 class LayerCacheView:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -29,8 +30,16 @@ from visor.modeling.cache import LayerCacheView, VisorCache
 from visor.modeling.cross_attention import CrossAttentionBlock
 from visor.modeling.layout import TokenLayout, attention_bias
 from visor.modeling.position_encoding import ConditionalPositionEncoding
+from visor.modeling.router import ConfigurationRouter
 
 SUPPORTED_ATTENTION = ("eager", "sdpa")
+
+
+@dataclass
+class VisorOutput(CausalLMOutputWithPast):
+    """The stock causal-LM output plus `configuration`: (B,) the configuration each sample ran."""
+
+    configuration: torch.LongTensor | None = None
 
 
 class VisorForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
@@ -58,6 +67,17 @@ class VisorForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         self.position_encoding = (
             ConditionalPositionEncoding(text_config.hidden_size, config.position_encoding_kernel)
             if config.position_encoding
+            else None
+        )
+        self.router = (
+            ConfigurationRouter(
+                text_config.hidden_size,
+                [len(layers) for layers in config.configurations],
+                config.router_hidden_size,
+                config.router_mode,
+                config.router_threshold,
+            )
+            if len(config.configurations) > 1 and config.router_layer is not None
             else None
         )
         self.post_init()
@@ -93,7 +113,7 @@ class VisorForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         visor_config._attn_implementation = llava.config.text_config._attn_implementation
         model = cls(visor_config).to(dtype=llava.dtype, device=llava.device)
         missing, unexpected = model.load_state_dict(llava.state_dict(), strict=False)
-        new_modules = ("cross_attention.", "position_encoding.")
+        new_modules = ("cross_attention.", "position_encoding.", "router.")
         missing = [key for key in missing if not key.startswith(new_modules)]
         if missing or unexpected:
             raise ValueError(f"LLaVA-OV weights do not fit this VISOR config: missing {missing}, unexpected {unexpected}")
@@ -190,13 +210,18 @@ class VisorForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         ).pooler_output
 
     # ---- the layer loop -------------------------------------------------------------------------------------
-    def sa_layer_mask(self, configuration, batch_size: int, device) -> torch.Tensor:
-        """(B, L) bool: which layers run as SA for each sample."""
-        indices = self.config.resolve_configuration(configuration, batch_size)
+    def configuration_table(self, device=None) -> torch.Tensor:
+        """(C, L) bool: which layers each configuration runs as SA."""
         table = torch.zeros(len(self.config.configurations), self.config.num_layers, dtype=torch.bool)
         for index, layers in enumerate(self.config.configurations):
             table[index, layers] = True
-        return table[indices].to(device)
+        return table.to(device)
+
+    def route(self, text: torch.Tensor, visual: torch.Tensor, layout: TokenLayout, threshold: float | None = None):
+        """The router's logits and decision (B,) from the streams as they are at the router layer."""
+        features = self.router.features(text, visual, layout.text_valid, layout.visual_valid)
+        logits = self.router(features)
+        return logits, self.router.decide(logits, threshold)
 
     def _cross_block(self, index: int) -> CrossAttentionBlock | None:
         return self.cross_attention[str(index)] if str(index) in self.cross_attention else None
@@ -206,10 +231,16 @@ class VisorForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         hidden: torch.Tensor,
         layout: TokenLayout,
         position_ids: torch.Tensor,
-        sa_layers: torch.Tensor,
+        configuration: torch.Tensor | None,
         cache: VisorCache | None = None,
-    ) -> torch.Tensor:
-        """Run the decoder stack over a whole prompt with VISOR's layer kinds; returns (B, S, d)."""
+        threshold: float | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the decoder stack over a whole prompt with VISOR's layer kinds.
+
+        `configuration`: (B,) indices, or None to let the router choose when the stack reaches
+        `config.router_layer` (layers before it run the same way in every configuration). Returns the final
+        hidden states (B, S, d) and the configurations that ran.
+        """
         rotary = self.model.language_model.rotary_emb
         visual, text = layout.split(hidden)
         visual_positions, text_positions = layout.split(position_ids[..., None])
@@ -221,10 +252,20 @@ class VisorForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         full_bias = None if causal_only and bool(layout.token_valid.all()) else attention_bias(layout.full_mask(), hidden.dtype)
         text_bias = None if causal_only and bool(layout.text_valid.all()) else attention_bias(layout.text_mask(), hidden.dtype)
         cross_allowed = layout.cross_mask()
+        table = self.configuration_table(hidden.device)
+        routed = configuration is None
+        if routed:
+            configuration = torch.zeros(len(hidden), dtype=torch.long, device=hidden.device)
+        sa_layers = table[configuration]
         if cache is not None:
             cache.start(layout, sa_layers)
 
         for index, layer in enumerate(self.model.language_model.layers):
+            if routed and index == self.config.router_layer:
+                _, configuration = self.route(text, visual, layout, threshold)
+                sa_layers = table[configuration]
+                if cache is not None:
+                    cache.sa_layers = sa_layers
             block = self._cross_block(index)
             if block is not None:
                 keys, values = block.visual_keys_values(visual, visual_rope)
@@ -251,7 +292,7 @@ class VisorForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
                 new_text.append((text_rows, text_only))
             for rows, update in new_text:
                 text = _put(text, rows, update)
-        return layout.merge(visual, text)
+        return layout.merge(visual, text), configuration
 
     def decode_layers(
         self, text: torch.Tensor, position_ids: torch.Tensor, new_valid: torch.Tensor, cache: VisorCache
@@ -301,15 +342,17 @@ class VisorForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        configuration: int | list[int] | torch.Tensor | None = None,
+        configuration: int | list[int] | torch.Tensor | str | None = None,
         batch_num_images: torch.Tensor | None = None,
         image_features: list[torch.Tensor] | None = None,
+        router_threshold: float | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> "VisorOutput":
         """Logits (and the loss on `labels`) with each sample's configuration of SA layers.
 
         `configuration`: an index into `config.configurations` for the whole batch, or one per sample;
-        default the largest. `image_features`: precomputed projected features per image, instead of
+        default the largest; `"auto"` lets the router choose per sample (threshold τ = `router_threshold`, default
+        `config.router_threshold`). The output's `configuration` says which ran. `image_features`: precomputed projected features per image, instead of
         `pixel_values`. Other arguments are those of `LlavaOnevisionForConditionalGeneration`.
         """
         if input_ids is None or inputs_embeds is not None:
@@ -330,25 +373,41 @@ class VisorForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
             position_ids = (torch.arange(length, device=input_ids.device) + past).expand(batch, length)
         if cache is not None and cache.is_prefilled:
             hidden = self._decode(input_ids, attention_mask, position_ids, cache)
+            configuration = cache.configuration
         else:
             hidden, visual_mask = self.embed_multimodal(
                 input_ids, pixel_values, image_sizes, batch_num_images, image_features
             )
             layout = TokenLayout.build(visual_mask, attention_mask)
-            sa_layers = self.sa_layer_mask(configuration, batch, input_ids.device)
-            hidden = self.prefill_layers(hidden, layout, position_ids, sa_layers, cache)
+            hidden, configuration = self.prefill_layers(
+                hidden, layout, position_ids, self._configuration_indices(configuration, batch, input_ids.device),
+                cache, router_threshold,
+            )
+            if cache is not None:
+                cache.configuration = configuration
         hidden = self.model.language_model.norm(hidden)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep])
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+        return VisorOutput(loss=loss, logits=logits, past_key_values=cache, configuration=configuration)
+
+    def _configuration_indices(self, configuration, batch: int, device) -> torch.Tensor | None:
+        """(B,) configuration indices, or None for "auto" (the router decides)."""
+        if isinstance(configuration, str):
+            if configuration != "auto":
+                raise ValueError(f'configuration must be an index, one index per sample, or "auto"; got {configuration!r}')
+            if self.router is None:
+                raise ValueError('configuration="auto" needs a router: this model has a single configuration')
+            return None
+        indices = self.config.resolve_configuration(configuration, batch)
+        return torch.tensor(indices, dtype=torch.long, device=device)
 
     def generate(self, *args, configuration=None, **kwargs):
         """`GenerationMixin.generate` with `configuration=`; per-sample lists become a tensor so that beam
         search and `num_return_sequences` expand them with the batch."""
-        if configuration is not None and not isinstance(configuration, int):
+        if configuration is not None and not isinstance(configuration, (int, str)):
             configuration = torch.as_tensor(configuration)
         return super().generate(*args, configuration=configuration, **kwargs)
 

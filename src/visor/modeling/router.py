@@ -1,0 +1,73 @@
+"""The policy's router: per sample, which configuration (set of SA layers) to run (DESIGN.md 3).
+
+It sits before the first optional SA layer, so deciding costs one small MLP and never re-runs a layer. It
+reads the text stream's last prompt token (which has seen the question and, through the CA layers before it,
+the image) and the mean of the visual tokens, and scores every configuration:
+
+- `multilabel` (default): for each configuration the probability that it answers as well as the largest
+  one; the decision is the cheapest configuration whose probability reaches the threshold τ;
+- `softmax` (the paper's): one distribution over configurations, trained on the cheapest good one; the
+  decision is the cheapest configuration at which the cumulative probability (cheapest first) reaches τ.
+Both let one trained router serve every budget: τ near 0 is cheap, τ near 1 spends.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+ROUTER_MODES = ("multilabel", "softmax")
+
+
+class ConfigurationRouter(nn.Module):
+    def __init__(self, hidden_size: int, configuration_sizes: list[int], router_hidden_size: int = 256,
+                 mode: str = "multilabel", threshold: float = 0.5):
+        super().__init__()
+        if mode not in ROUTER_MODES:
+            raise ValueError(f"router mode must be one of {ROUTER_MODES}, got {mode!r}")
+        check_threshold(threshold)
+        self.mode = mode
+        self.threshold = threshold
+        # Cost order: every SA layer adds the same FLOPs, so the number of SA layers orders configurations.
+        # A plain list, not a buffer: transformers' from_pretrained leaves non-persistent buffers uninitialised.
+        self.cost_order = sorted(range(len(configuration_sizes)), key=lambda index: (configuration_sizes[index], index))
+        self.norm = nn.LayerNorm(2 * hidden_size)
+        self.mlp = nn.Sequential(
+            nn.Linear(2 * hidden_size, router_hidden_size), nn.GELU(),
+            nn.Linear(router_hidden_size, len(configuration_sizes)),
+        )
+
+    @staticmethod
+    def features(text: torch.Tensor, visual: torch.Tensor, text_valid: torch.Tensor,
+                 visual_valid: torch.Tensor) -> torch.Tensor:
+        """(B, 2d): the last valid text token and the mean of the valid visual tokens (zeros if none)."""
+        positions = torch.arange(text.shape[1], device=text.device)
+        last = torch.where(text_valid, positions, -1).max(dim=1).values.clamp(min=0)
+        last_token = text[torch.arange(text.shape[0], device=text.device), last]
+        weights = visual_valid.to(visual.dtype)
+        pooled = (visual * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1)
+        return torch.cat([last_token, pooled], dim=-1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits (B, C) over configurations."""
+        return self.mlp(self.norm(features.to(self.norm.weight.dtype)))
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(logits) if self.mode == "multilabel" else torch.softmax(logits, dim=-1)
+
+    def decide(self, logits: torch.Tensor, threshold: float | None = None) -> torch.Tensor:
+        """(B,) configuration indices: the cheapest that passes τ; the most expensive if none does."""
+        threshold = self.threshold if threshold is None else check_threshold(threshold)
+        cost_order = torch.tensor(self.cost_order, device=logits.device)
+        ordered = self.probabilities(logits.float())[:, cost_order]
+        if self.mode == "softmax":
+            ordered = ordered.cumsum(dim=-1)
+        passes = ordered >= threshold
+        passes[:, -1] = True
+        return cost_order[passes.float().argmax(dim=-1)]
+
+
+def check_threshold(threshold: float) -> float:
+    if not 0.0 <= float(threshold) <= 1.0:
+        raise ValueError(f"the router threshold τ must lie in [0, 1], got {threshold}")
+    return float(threshold)
