@@ -1,0 +1,303 @@
+"""`visor bench`: LLM prefill FLOPs next to measured prefill time, decode time and KV-cache bytes.
+
+For one preset's shapes (random weights, bf16 by default) it runs, at each visual-token count of a sweep with a
+fixed text length, the full stock model, every VISOR configuration and the text-only floor, and writes
+`bench.json` plus two plots: FLOPs against visual tokens, and measured prefill speed-up against FLOPs ratio.
+
+What is measured, and how:
+- The language model only. The vision tower's cost does not depend on the method, so its FLOPs come from
+  `visor.flops` (at the ceil(N_v / tokens per crop) crops that give N_v tokens before anyres packing) and the
+  model gets precomputed (random) image features instead of pixels.
+- Every row runs through `VisorForConditionalGeneration`: the full model is `VisorConfig.dense(...)` (every layer
+  SA, no CA, no CPE), which equals the stock LLaVA-OV model exactly; the text-only floor is that same model on the
+  text tokens alone. The prompt is the image followed by the text.
+- Prefill: the median of `repeats` runs after one warm-up, with the KV cache built (as generation does) and
+  logits on the last position only. Decoding: the median time of `decode_tokens` single-token steps on that
+  cache, after one warm-up step. KV bytes: the cache right after prefill, split into visual and text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from tqdm import tqdm
+
+from visor.config import VisorConfig
+from visor.flops import decode_flops_per_token, llm_prefill_flops, tokens_per_crop, vision_flops
+from visor.modeling import VisorForConditionalGeneration
+from visor.presets import preset_config
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class BenchPlan:
+    """What to measure; validated on creation, before any model is built."""
+
+    preset: str
+    visual_tokens: tuple[int, ...] = (729, 2916, 7290)
+    text_tokens: int = 64
+    repeats: int = 3
+    decode_tokens: int = 8
+    configurations: tuple[int, ...] | None = None  # VISOR configurations to run; None = all
+    device: str = "cpu"
+    dtype: str = "bfloat16"
+
+    def __post_init__(self):
+        config = self.config  # an unknown preset raises here
+        if not self.visual_tokens or any(count <= 0 for count in self.visual_tokens):
+            raise ValueError(f"visual tokens must be positive counts, got {list(self.visual_tokens)}")
+        for name in ("text_tokens", "repeats", "decode_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        available = range(len(config.configurations))
+        missing = [index for index in self.configurations or () if index not in available]
+        if missing:
+            raise ValueError(
+                f"configurations {missing} do not exist: preset {self.preset!r} has configurations "
+                f"0..{len(config.configurations) - 1} ({config.configurations})"
+            )
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        try:
+            torch.device(self.device)
+        except RuntimeError as error:
+            raise ValueError(f"unknown device {self.device!r}: {error}") from error
+
+    @cached_property
+    def config(self) -> VisorConfig:
+        """The preset with VISOR's default schedule (L/3 CA layers, nested SA configurations)."""
+        return VisorConfig.from_llava_config(preset_config(self.preset))
+
+    @cached_property
+    def dense_config(self) -> VisorConfig:
+        """The preset as the stock model: every layer SA, no CA block, no CPE."""
+        return VisorConfig.dense(preset_config(self.preset), position_encoding=False)
+
+    @property
+    def visor_configurations(self) -> tuple[int, ...]:
+        return self.configurations if self.configurations is not None else tuple(range(len(self.config.configurations)))
+
+
+@dataclass
+class BenchRow:
+    method: str  # "full", "visor" or "text-only"
+    configuration: int | None  # VISOR configuration index (None for full and text-only)
+    visual_tokens: int
+    text_tokens: int
+    llm_prefill_flops: int
+    prefill_s: float
+    decode_s_per_token: float
+    kv_bytes_visual: int
+    kv_bytes_text: int
+    self_attention_layers: list[int]  # the layers that run over [visual; text]
+    decode_flops_per_token: int  # analytic, first generated token
+    vision_crops: int  # ceil(visual_tokens / tokens per crop)
+    vision_flops: int  # vision tower + projector over those crops (the same for every method)
+    flops_ratio: float | None = None  # full model's LLM prefill FLOPs / this row's
+    speedup: float | None = None  # full model's measured prefill seconds / this row's
+
+
+def run_bench(plan: BenchPlan) -> list[BenchRow]:
+    """Measure every (method, configuration, visual tokens) row of `plan`; rows sorted by visual tokens."""
+    config = plan.config
+    dense = [("full", None, visual) for visual in plan.visual_tokens]
+    dense += [("text-only", None, visual) for visual in plan.visual_tokens]
+    sparse = [("visor", index, visual) for visual in plan.visual_tokens for index in plan.visor_configurations]
+    rows = []
+    with tqdm(total=len(dense) + len(sparse), desc="visor bench", unit="row") as progress:
+        for model_config, specs in ((plan.dense_config, dense), (config, sparse)):
+            progress.set_postfix_str(f"building {plan.preset} ({'full' if specs is dense else 'VISOR'})")
+            model = _build(model_config, plan)
+            for method, index, visual in specs:
+                progress.set_postfix_str(f"{method} {'' if index is None else index} Nv={visual}")
+                rows.append(_measure(model, plan, method, index, visual))
+                progress.update()
+            del model
+            gc.collect()
+    order = {"full": 0, "visor": 1, "text-only": 2}
+    rows.sort(key=lambda row: (row.visual_tokens, order[row.method], row.configuration or 0))
+    for row in rows:
+        full = next(other for other in rows if other.method == "full" and other.visual_tokens == row.visual_tokens)
+        row.flops_ratio = full.llm_prefill_flops / row.llm_prefill_flops
+        row.speedup = full.prefill_s / row.prefill_s
+    return rows
+
+
+def _build(config: VisorConfig, plan: BenchPlan) -> VisorForConditionalGeneration:
+    torch.manual_seed(0)
+    model = VisorForConditionalGeneration._from_config(config, dtype=DTYPES[plan.dtype])
+    return model.to(plan.device).eval()
+
+
+@torch.inference_mode()
+def _measure(model, plan: BenchPlan, method: str, configuration: int | None, visual: int) -> BenchRow:
+    config, text = plan.config, plan.text_tokens
+    device = torch.device(plan.device)
+    flops_configuration = configuration if method == "visor" else method
+    in_llm = 0 if method == "text-only" else visual
+    generator = torch.Generator().manual_seed(visual)
+    text_ids = torch.randint(0, config.text_config.vocab_size, (text,), generator=generator)
+    text_ids[text_ids == config.image_token_id] = 0
+    input_ids = torch.cat([torch.full((in_llm,), config.image_token_id), text_ids])[None].to(device)
+    features = torch.randn(in_llm, config.text_config.hidden_size, generator=generator).to(device, model.dtype)
+    inputs = dict(input_ids=input_ids, image_features=[features] if in_llm else None,
+                  configuration=configuration, use_cache=True, logits_to_keep=1)
+
+    prefill_times = []
+    for _ in range(plan.repeats + 1):  # the first run is the warm-up
+        output = None  # free the previous run's cache first
+        seconds, output = _timed(device, lambda: model(**inputs))
+        prefill_times.append(seconds)
+    cache = output.past_key_values
+    kv_bytes = cache.nbytes()
+
+    step = dict(input_ids=text_ids[:1][None].to(device), past_key_values=cache, use_cache=True)
+    decode_times = [_timed(device, lambda: model(**step))[0] for _ in range(plan.decode_tokens + 1)]
+    del cache, output
+    gc.collect()
+
+    crops = math.ceil(visual / tokens_per_crop(config))
+    if method == "visor":
+        self_attention = config.configurations[configuration]
+    else:
+        self_attention = list(range(config.num_layers)) if method == "full" else []
+    return BenchRow(
+        method=method,
+        configuration=configuration,
+        visual_tokens=visual,
+        text_tokens=text,
+        llm_prefill_flops=llm_prefill_flops(config, visual, text, flops_configuration, logits_tokens=1).total,
+        prefill_s=statistics.median(prefill_times[1:]),
+        decode_s_per_token=statistics.median(decode_times[1:]),
+        kv_bytes_visual=kv_bytes["visual"],
+        kv_bytes_text=kv_bytes["text"],
+        self_attention_layers=self_attention,
+        decode_flops_per_token=decode_flops_per_token(config, visual, text, flops_configuration).total,
+        vision_crops=crops,
+        vision_flops=vision_flops(config, crops).total,
+    )
+
+
+def _timed(device: torch.device, run):
+    """(seconds, result) of `run()`, waiting for an accelerator to finish its queued work."""
+    if device.type != "cpu":
+        torch.accelerator.synchronize(device)
+    start = time.perf_counter()
+    result = run()
+    if device.type != "cpu":
+        torch.accelerator.synchronize(device)
+    return time.perf_counter() - start, result
+
+
+# ---- outputs -----------------------------------------------------------------------------------------------------
+def _label(row: BenchRow) -> str:
+    if row.method == "visor":
+        return f"VISOR {row.configuration} ({len(row.self_attention_layers)} SA)"
+    return row.method
+
+
+def write_outputs(rows: list[BenchRow], output: str | Path) -> list[Path]:
+    """`bench.json`, `flops.png` and `speedup.png` in `output`; returns their paths."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    paths = [output / "bench.json", output / "flops.png", output / "speedup.png"]
+    paths[0].write_text(json.dumps([asdict(row) for row in rows], indent=2) + "\n")
+
+    lines: dict[str, list[BenchRow]] = {}
+    for row in rows:
+        lines.setdefault(_label(row), []).append(row)
+    visor_labels = [label for label in lines if label.startswith("VISOR")]
+    palette = colormaps["viridis"].resampled(max(1, len(visor_labels)))
+    colors = {"full": "black", "text-only": "grey", **{label: palette(i) for i, label in enumerate(visor_labels)}}
+
+    figure = Figure(figsize=(7, 5), layout="constrained")
+    axes = figure.subplots()
+    for label, series in lines.items():
+        axes.plot([row.visual_tokens for row in series], [row.llm_prefill_flops for row in series],
+                  marker="o", label=label, color=colors[label])
+    axes.set(xlabel="visual tokens", ylabel="LLM prefill FLOPs", yscale="log",
+             title=f"LLM prefill FLOPs ({rows[0].text_tokens} text tokens)")
+    axes.legend(fontsize="small")
+    figure.savefig(paths[1], dpi=120)
+
+    figure = Figure(figsize=(6, 6), layout="constrained")
+    axes = figure.subplots()
+    for label, series in lines.items():
+        axes.scatter([row.flops_ratio for row in series], [row.speedup for row in series], label=label,
+                     color=colors[label])
+    values = [value for row in rows for value in (row.flops_ratio, row.speedup)]
+    limits = [min(values) / 1.2, max(values) * 1.2]
+    axes.plot(limits, limits, color="grey", linestyle="--", label="y = x")
+    axes.set(xscale="log", yscale="log", xlim=limits, ylim=limits, xlabel="FLOPs ratio (full / method)",
+             ylabel="measured prefill speed-up (full / method)", title="Measured speed-up vs FLOPs ratio")
+    axes.legend(fontsize="small")
+    figure.savefig(paths[2], dpi=120)
+    return paths
+
+
+# ---- command line ---------------------------------------------------------------------------------------------------
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="FLOPs, prefill/decode time and KV bytes: full model vs VISOR configurations vs text-only",
+        description=__doc__.split("\n\n")[0],
+    )
+    parser.add_argument("--preset", required=True, help="model shapes, e.g. tiny or llava-ov-0.5b")
+    parser.add_argument("--visual-tokens", type=_int_list, default=BenchPlan.visual_tokens,
+                        help="comma-separated visual-token counts (default 729,2916,7290)")
+    parser.add_argument("--text-tokens", type=int, default=BenchPlan.text_tokens)
+    parser.add_argument("--output", required=True, type=Path, help="folder for bench.json and the plots")
+    parser.add_argument("--repeats", type=int, default=BenchPlan.repeats, help="timed prefill runs per row")
+    parser.add_argument("--decode-tokens", type=int, default=BenchPlan.decode_tokens, help="timed decode steps")
+    parser.add_argument("--configurations", type=_int_list, default=None,
+                        help="VISOR configuration indices to run (default all)")
+    parser.add_argument("--device", default=BenchPlan.device)
+    parser.add_argument("--dtype", default=BenchPlan.dtype, choices=sorted(DTYPES))
+    parser.set_defaults(func=_command)
+
+
+def _command(args: argparse.Namespace) -> int:
+    try:
+        plan = BenchPlan(
+            preset=args.preset, visual_tokens=args.visual_tokens, text_tokens=args.text_tokens,
+            repeats=args.repeats, decode_tokens=args.decode_tokens, configurations=args.configurations,
+            device=args.device, dtype=args.dtype,
+        )
+    except ValueError as error:
+        raise SystemExit(f"visor bench: error: {error}") from None
+    rows = run_bench(plan)
+    paths = write_outputs(rows, args.output)
+    print(_table(rows))
+    print("wrote " + ", ".join(str(path) for path in paths))
+    return 0
+
+
+def _table(rows: list[BenchRow]) -> str:
+    lines = [f"{'method':<18}{'Nv':>6}{'GFLOPs':>10}{'ratio':>7}{'prefill s':>11}{'speed-up':>10}"
+             f"{'decode ms':>11}{'KV vis MB':>11}{'KV text MB':>12}"]
+    for row in rows:
+        lines.append(
+            f"{_label(row):<18}{row.visual_tokens:>6}{row.llm_prefill_flops / 1e9:>10.4g}{row.flops_ratio:>7.2f}"
+            f"{row.prefill_s:>11.3g}{row.speedup:>10.2f}{row.decode_s_per_token * 1e3:>11.3g}"
+            f"{row.kv_bytes_visual / 2**20:>11.3g}{row.kv_bytes_text / 2**20:>12.3g}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,113 @@
+"""`visor bench` end to end on the tiny preset: rows, FLOPs from the counter, the KV-cache split, plots, bad input."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+from PIL import Image
+
+from visor import bench
+from visor.flops import llm_prefill_flops
+
+REQUIRED_KEYS = {
+    "method", "configuration", "visual_tokens", "text_tokens", "llm_prefill_flops",
+    "prefill_s", "decode_s_per_token", "kv_bytes_visual", "kv_bytes_text",
+}
+VISUAL_TOKENS = (8, 24)
+TEXT_TOKENS = 5
+
+
+def run_cli(*argv: str):
+    parser = argparse.ArgumentParser()
+    bench.register(parser.add_subparsers())
+    args = parser.parse_args(["bench", *argv])
+    return args.func(args)
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    output = tmp_path_factory.mktemp("bench")
+    tokens = ",".join(map(str, VISUAL_TOKENS))
+    assert run_cli("--preset", "tiny", "--visual-tokens", tokens, "--text-tokens", str(TEXT_TOKENS),
+                   "--repeats", "1", "--decode-tokens", "1", "--output", str(output)) == 0
+    return output, json.loads((output / "bench.json").read_text())
+
+
+def test_one_row_per_method_configuration_and_visual_tokens(result):
+    _, rows = result
+    config = bench.BenchPlan("tiny").config
+    configurations = range(len(config.configurations))
+    expected = {("full", None), ("text-only", None)} | {("visor", index) for index in configurations}
+    for visual in VISUAL_TOKENS:
+        sweep = [row for row in rows if row["visual_tokens"] == visual]
+        assert {(row["method"], row["configuration"]) for row in sweep} == expected
+        assert len(sweep) == len(expected)
+    for row in rows:
+        assert REQUIRED_KEYS <= set(row)
+        assert row["text_tokens"] == TEXT_TOKENS
+        assert row["prefill_s"] > 0 and row["decode_s_per_token"] > 0
+        configuration = row["configuration"] if row["method"] == "visor" else row["method"]
+        counted = llm_prefill_flops(config, row["visual_tokens"], TEXT_TOKENS, configuration, logits_tokens=1)
+        assert row["llm_prefill_flops"] == counted.total
+
+
+def test_kv_bytes_hold_vision_only_where_it_is_read(result):
+    """bf16 keys and values: visual ones in every layer (full), in CA + used SA layers (VISOR), nowhere (text-only)."""
+    _, rows = result
+    config = bench.BenchPlan("tiny").config
+    text_config = config.text_config
+    per_token_layer = 2 * text_config.num_key_value_heads * (text_config.hidden_size // text_config.num_attention_heads) * 2
+    for row in rows:
+        assert row["kv_bytes_text"] == config.num_layers * TEXT_TOKENS * per_token_layer
+        if row["method"] == "full":
+            layers = config.num_layers
+        elif row["method"] == "visor":
+            layers = len(config.cross_attention_layers) + len(config.configurations[row["configuration"]])
+        else:
+            layers = 0
+        assert row["kv_bytes_visual"] == layers * row["visual_tokens"] * per_token_layer
+
+
+def test_ratios_are_relative_to_the_full_model(result):
+    _, rows = result
+    for row in rows:
+        full = next(other for other in rows if other["method"] == "full" and other["visual_tokens"] == row["visual_tokens"])
+        assert row["flops_ratio"] == pytest.approx(full["llm_prefill_flops"] / row["llm_prefill_flops"])
+        assert row["speedup"] == pytest.approx(full["prefill_s"] / row["prefill_s"])
+        if row["method"] != "full":
+            assert row["flops_ratio"] > 1
+
+
+def test_plots_are_valid_images(result):
+    output, _ = result
+    for name in ("flops.png", "speedup.png"):
+        with Image.open(output / name) as image:
+            image.verify()
+            assert image.format == "PNG" and image.size[0] > 100
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(preset="llava-ov-7b"), "unknown preset 'llava-ov-7b'; choose one of .*tiny"),
+        (dict(visual_tokens=(729, 0)), "visual tokens must be positive"),
+        (dict(visual_tokens=()), "visual tokens must be positive"),
+        (dict(configurations=(0, 9)), r"configurations \[9\] do not exist"),
+        (dict(text_tokens=0), "text_tokens must be at least 1"),
+        (dict(dtype="int8"), "unknown dtype"),
+    ],
+)
+def test_bad_input_is_refused_before_any_model_is_built(options, message):
+    with pytest.raises(ValueError, match=message):
+        bench.BenchPlan(**{"preset": "tiny", **options})
+
+
+def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="visor bench: error: visual tokens must be positive"):
+        run_cli("--preset", "tiny", "--visual-tokens", "-5", "--output", str(tmp_path))
+    with pytest.raises(SystemExit):
+        run_cli("--preset", "tiny", "--visual-tokens", "a,b", "--output", str(tmp_path))
+    assert "expected comma-separated integers" in capsys.readouterr().err
+    assert not (tmp_path / "bench.json").exists()

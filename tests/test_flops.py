@@ -1,0 +1,230 @@
+"""The analytic FLOP counter equals `FlopCounterMode` on real forwards, and its algebra is what DESIGN.md 5 says."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import LlavaOnevisionForConditionalGeneration
+
+from visor import VisorConfig, VisorForConditionalGeneration, presets
+from visor.flops import (
+    decode_flops_per_token,
+    image_tokens,
+    llm_prefill_flops,
+    savings,
+    vision_flops,
+)
+
+NEXT_TOKEN = 7  # any text id of the tiny vocabulary
+
+
+# ---- random tiny models ---------------------------------------------------------------------------------------------
+def random_llava_config(rng: random.Random):
+    """A tiny LLaVA-OV config with a random Qwen2 or Llama text model (layers, width, heads, GQA ratio, head_dim)."""
+    family = rng.choice([presets.tiny, presets.tiny_llama])
+    config = family(rng.randint(2, 5))
+    kv_heads = rng.choice([1, 2, 4])
+    heads = kv_heads * rng.choice([1, 2, 3])
+    head_dim = rng.choice([8, 16, 24])
+    overrides = dict(
+        hidden_size=heads * head_dim,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=rng.choice([64, 100, 256]),
+    )
+    if family is presets.tiny_llama and rng.random() < 0.5:
+        overrides["hidden_size"] = rng.choice([48, 96])  # Llama allows head_dim × heads != hidden_size
+        overrides["head_dim"] = head_dim
+    elif family is presets.tiny_llama:
+        overrides["head_dim"] = None
+    text = config.text_config
+    config.text_config = type(text)(**{**text.to_dict(), **overrides})
+    config.vision_config.num_hidden_layers = rng.randint(1, 2)
+    return config
+
+
+def random_visor_options(rng: random.Random, num_layers: int) -> dict:
+    """A random layer schedule (possibly no CA layer) and random CA-MLP / CPE options."""
+    layers = list(range(num_layers))
+    cross = sorted(rng.sample(layers, rng.randint(0, max(1, num_layers // 2))))
+    free = [layer for layer in layers if layer not in cross]
+    return dict(
+        cross_attention_layers=cross,
+        self_attention_layers=rng.sample(free, rng.randint(1, len(free))),
+        cross_attention_mlp=rng.random() < 0.5,
+        position_encoding=rng.random() < 0.5,
+        position_encoding_kernel=rng.choice([3, 5, 7]),
+    )
+
+
+def build(seed: int):
+    """Stock model (eager attention, so the counter sees the attention matmuls), its VISOR twin, and a prompt."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    config = random_llava_config(rng)
+    stock = LlavaOnevisionForConditionalGeneration(config).eval()
+    stock.set_attn_implementation("eager")
+    visor = VisorForConditionalGeneration.from_llava(stock, **random_visor_options(rng, config.text_config.num_hidden_layers)).eval()
+    height, width = rng.randint(24, 128), rng.randint(24, 128)
+    crops, visual = image_tokens(config, (height, width))
+    before, after = rng.randint(0, 6), rng.randint(1, 12)
+    ids = [rng.randrange(5, 500) for _ in range(before)] + [presets.TINY_IMAGE_TOKEN_ID] * visual
+    ids += [rng.randrange(5, 500) for _ in range(after)]
+    prompt = dict(
+        input_ids=torch.tensor([ids]),
+        pixel_values=torch.randn(1, crops, 3, 64, 64),
+        image_sizes=torch.tensor([[height, width]]),
+    )
+    return stock, visor, prompt, crops, visual, before + after
+
+
+def counted(run) -> int:
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        run()
+    return counter.get_total_flops()
+
+
+def assert_exact(measured: int, analytic: int) -> None:
+    assert abs(measured - analytic) <= 0.01 * measured  # DESIGN.md 5's tolerance …
+    assert measured == analytic  # … and in fact exact
+
+
+# ---- prefill against FlopCounterMode ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", range(20))
+def test_prefill_matches_flop_counter(seed):
+    stock, visor, prompt, crops, visual, text = build(seed)
+    length = visual + text
+    vision = vision_flops(stock.config, crops).total
+    assert_exact(counted(lambda: stock(**prompt)), vision + llm_prefill_flops(stock.config, visual, text, "full", length).total)
+    for index in range(len(visor.config.configurations)):
+        keep = index % 2  # alternate a training-style forward (logits everywhere) and a generation prefill (1)
+        measured = counted(lambda: visor(**prompt, configuration=index, logits_to_keep=keep))
+        analytic = llm_prefill_flops(visor.config, visual, text, index, logits_tokens=keep or length)
+        assert_exact(measured, vision + analytic.total)
+
+
+def test_dense_visor_counts_as_the_stock_model_plus_its_position_encoding():
+    stock, _, prompt, crops, visual, text = build(100)
+    dense = VisorForConditionalGeneration.from_llava(stock, VisorConfig.dense(stock.config)).eval()
+    vision = vision_flops(stock.config, crops).total
+    analytic = llm_prefill_flops(dense.config, visual, text, 0, logits_tokens=1)
+    assert_exact(counted(lambda: dense(**prompt, logits_to_keep=1)), vision + analytic.total)
+    stock_count = llm_prefill_flops(stock.config, visual, text, "full", logits_tokens=1)
+    assert analytic.total == stock_count.total + analytic.parts["position_encoding"]
+    assert analytic.parts["position_encoding"] == 2 * visual * stock.config.text_config.hidden_size * 7
+
+
+def test_image_tokens_match_the_vision_path():
+    stock = LlavaOnevisionForConditionalGeneration(presets.tiny(2)).eval()
+    for height, width in [(64, 64), (64, 128), (128, 64), (300, 90), (33, 150), (128, 128)]:
+        crops, visual = image_tokens(stock.config, (height, width))
+        with torch.no_grad():
+            features = stock.model.get_image_features(
+                torch.randn(1, crops, 3, 64, 64), torch.tensor([[height, width]]), return_dict=True
+            ).pooler_output
+        assert visual == features[0].shape[0]
+    with pytest.raises(ValueError, match="positive"):
+        image_tokens(stock.config, (0, 64))
+
+
+# ---- decoding against FlopCounterMode ---------------------------------------------------------------------------------
+def counted_decode_steps(model, prompt, steps: int = 2, **options) -> list[int]:
+    """FLOPs of each of `steps` single-token decoding steps after a cached prefill."""
+    with torch.no_grad():
+        cache = model(**prompt, use_cache=True, logits_to_keep=1, **options).past_key_values
+    counts = []
+    for _ in range(steps):
+        step = dict(input_ids=torch.tensor([[NEXT_TOKEN]]), past_key_values=cache, use_cache=True)
+        counts.append(counted(lambda: model(**step)))
+    return counts
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_decode_step_matches_flop_counter(seed):
+    stock, visor, prompt, _, visual, text = build(seed)
+    for step, measured in enumerate(counted_decode_steps(stock, prompt)):
+        assert_exact(measured, decode_flops_per_token(stock.config, visual, text, "full", step).total)
+    for index in range(len(visor.config.configurations)):
+        for step, measured in enumerate(counted_decode_steps(visor, prompt, configuration=index)):
+            assert_exact(measured, decode_flops_per_token(visor.config, visual, text, index, step).total)
+
+
+# ---- algebra at real shapes (nothing is built) --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def real():
+    return VisorConfig.from_llava_config(presets.llava_ov_0_5b())
+
+
+def test_text_only_below_every_configuration_below_full(real):
+    visual, text = 7290, 64
+    costs = [llm_prefill_flops(real, visual, text, index).total for index in range(len(real.configurations))]
+    floor = llm_prefill_flops(real, visual, text, "text-only").total
+    full = llm_prefill_flops(real, visual, text, "full").total
+    assert floor < costs[0] and costs[-1] < full
+    assert costs == sorted(costs) and len(set(costs)) == len(costs)  # nested configurations: each SA layer costs
+    assert llm_prefill_flops(real, 0, text, "full").total == floor
+
+
+def test_ca_only_is_linear_and_full_is_quadratic_in_visual_tokens(real):
+    def cost(configuration, visual):
+        return llm_prefill_flops(real, visual, 64, configuration).total
+
+    for visual in (729, 2916):
+        assert cost(0, 3 * visual) - cost(0, 2 * visual) == cost(0, 2 * visual) - cost(0, visual)  # affine
+        assert cost("full", 3 * visual) - cost("full", 2 * visual) > cost("full", 2 * visual) - cost("full", visual)
+    # CA-only: every visual token costs the CPE, k/v in each CA layer, and its share of the text's CA attention.
+    layers, width = len(real.cross_attention_layers), real.text_config.hidden_size
+    kv_width = real.text_config.num_key_value_heads * width // real.text_config.num_attention_heads
+    per_visual = 2 * width * 7 + layers * (2 * 2 * width * kv_width + 4 * 64 * width)
+    assert cost(0, 1001) - cost(0, 1000) == per_visual
+
+
+def test_visual_decode_cost_shrinks_by_the_interaction_layers(real):
+    """Each cached visual token costs attention in L layers for the full model, |CA| + |SA used| for VISOR."""
+    def slope(configuration):
+        return (decode_flops_per_token(real, 2000, 64, configuration).total
+                - decode_flops_per_token(real, 1000, 64, configuration).total)
+
+    per_layer = slope("full") // real.num_layers
+    assert slope("full") == real.num_layers * per_layer == 4 * real.text_config.hidden_size * 1000 * real.num_layers
+    for index, layers in enumerate(real.configurations):
+        assert slope(index) == (len(real.cross_attention_layers) + len(layers)) * per_layer
+    assert slope("text-only") == 0
+
+
+def test_decode_step_adds_one_text_key_everywhere(real):
+    step0 = decode_flops_per_token(real, 729, 64, 3, step=0).total
+    step5 = decode_flops_per_token(real, 729, 64, 3, step=5).total
+    assert step5 - step0 == 5 * real.num_layers * 4 * real.text_config.hidden_size
+
+
+def test_vision_flops_scale_with_crops(real):
+    one = vision_flops(real, 1)
+    assert vision_flops(real, 10).total == 10 * one.total
+    assert set(one.parts) == {"vision_tower", "projector"} and one.parts["vision_tower"] > one.parts["projector"] > 0
+
+
+def test_savings_is_a_ratio_of_sums():
+    assert savings([10, 30], [5, 5]) == 4.0
+    with pytest.raises(ValueError, match="one full and one method"):
+        savings([1, 2], [1])
+    with pytest.raises(ValueError, match="zero"):
+        savings([1], [0])
+
+
+def test_bad_arguments_raise_clear_errors(real):
+    stock_config = presets.tiny(2)
+    with pytest.raises(ValueError, match="needs a VisorConfig"):
+        llm_prefill_flops(stock_config, 10, 10, 0)
+    with pytest.raises(ValueError, match="does not exist"):
+        llm_prefill_flops(real, 10, 10, len(real.configurations))
+    with pytest.raises(ValueError, match="'full' or 'text-only'"):
+        llm_prefill_flops(real, 10, 10, "dense")
+    with pytest.raises(ValueError, match="visual_tokens must be a non-negative"):
+        llm_prefill_flops(real, -1, 10)
+    assert llm_prefill_flops(stock_config, 10, 10).total == llm_prefill_flops(stock_config, 10, 10, "full").total
+    assert llm_prefill_flops(real, 10, 10).total == llm_prefill_flops(real, 10, 10, real.largest_configuration).total
