@@ -10,6 +10,7 @@ _SUBCOMMAND_MODULES = (
     "visor.demo",
     "visor.bench",
     "visor.data.cli",
+    "visor.policy.cli",
 )
 
 

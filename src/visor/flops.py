@@ -107,6 +107,17 @@ def decode_flops_per_token(
     return FlopCount({"layers": layers, "cross_attention": cross, "lm_head": _lm_head_flops(text_config, 1)})
 
 
+def router_flops(config: VisorConfig) -> int:
+    """The policy's router (DESIGN.md 3): its 2-layer MLP on one (2·d) feature vector per sample.
+
+    Counted in every total of a routed run ("auto"); the mean pooling and LayerNorm are element-wise (ignored).
+    """
+    hidden = config.text_config.hidden_size
+    return _linear(1, 2 * hidden, config.router_hidden_size) + _linear(
+        1, config.router_hidden_size, len(config.configurations)
+    )
+
+
 def savings(full_flops: Iterable[int], method_flops: Iterable[int]) -> float:
     """Savings of a method on a dataset: sum of full-model FLOPs / sum of method FLOPs (DESIGN.md 5)."""
     full, method = list(full_flops), list(method_flops)

@@ -1,0 +1,55 @@
+"""Glue the CLI and the demo share: loading a model for the policy, labelling the synthetic suite, checks."""
+
+from __future__ import annotations
+
+import torch
+
+from visor.flops import llm_prefill_flops
+from visor.modeling import VisorForConditionalGeneration
+from visor.policy.labels import LabelTable, label_configurations, model_fingerprint
+
+
+def load_model(path) -> VisorForConditionalGeneration:
+    model = VisorForConditionalGeneration.from_pretrained(path).eval()
+    if model.router is None:
+        raise ValueError(f"{path} has a single configuration: there is nothing for a policy to choose")
+    return model
+
+
+def load_labels_for(model, path) -> LabelTable:
+    """A label table, refused if another model (other configurations, width or router layer) produced it."""
+    table = LabelTable.load(path)
+    expected = model_fingerprint(model.config)
+    if table.fingerprint != expected:
+        raise ValueError(f"label table {path} was made for a different model: {table.fingerprint} != {expected}")
+    return table
+
+
+def synthetic_label_batches(model_config, split: str, per_task: int, seed: int = 0, tasks=None, batch_size: int = 32):
+    """(tasks, groups, inputs with labels) batches of the synthetic suite's `split`, right-padded."""
+    from visor.data import TASKS, VisorProcessor, build_tokenizer, make_sample
+
+    names = list(tasks or TASKS)
+    unknown = [name for name in names if name not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown tasks {unknown}; the suite has {', '.join(TASKS)}")
+    if per_task < 1:
+        raise ValueError(f"per_task must be positive, got {per_task}")
+    processor = VisorProcessor(model_config, build_tokenizer(), padding_side="right")
+    samples = [make_sample(name, split, index, seed) for name in names for index in range(per_task)]
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        inputs = dict(processor([s.image for s in chunk], [s.question for s in chunk], [s.answer for s in chunk]))
+        yield [s.task for s in chunk], [s.group for s in chunk], inputs
+
+
+def label_synthetic(model, split: str, per_task: int, seed: int = 0, tasks=None, batch_size: int = 32,
+                    show_progress: bool = True) -> LabelTable:
+    batches = list(synthetic_label_batches(model.config, split, per_task, seed, tasks, batch_size))
+    return label_configurations(model, batches, show_progress=show_progress)
+
+
+def full_model_flops(model, table: LabelTable) -> torch.Tensor:
+    """(N,) the stock model's LLM prefill FLOPs for each sample: savings are measured against it."""
+    return torch.tensor([llm_prefill_flops(model.config, visual, text, "full").total
+                         for visual, text in table.tokens.tolist()], dtype=torch.int64)

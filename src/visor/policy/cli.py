@@ -1,0 +1,131 @@
+"""`visor policy label | train | calibrate | report`: the policy pipeline, a few lines each over `visor.policy`.
+
+    visor policy label     --model runs/universal/model --split train --per-task 200 --output labels-train.safetensors
+    visor policy label     --model runs/universal/model --split validation --per-task 100 --output labels-val.safetensors
+    visor policy train     --model runs/universal/model --labels labels-train.safetensors --output runs/policy
+    visor policy calibrate --model runs/policy --labels labels-val.safetensors --target-flops 2e8
+    visor policy report    --model runs/policy --labels labels-test.safetensors --output runs/policy/report
+
+Labels come from the built-in synthetic suite's splits (seeds are disjoint by split, see `visor.data`).
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def register(subparsers) -> None:
+    policy = subparsers.add_parser("policy", help="label configurations, train and calibrate the router, report")
+    actions = policy.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    label = actions.add_parser("label", help="run every configuration on a split and score it")
+    label.add_argument("--model", required=True, metavar="DIR", help="a universal VISOR checkpoint")
+    label.add_argument("--split", default="train", choices=("train", "validation", "test"))
+    label.add_argument("--per-task", type=int, default=100, help="samples per task (default 100)")
+    label.add_argument("--tasks", default=None, help="comma-separated task names (default: every task)")
+    label.add_argument("--seed", type=int, default=0, help="data seed (default 0)")
+    label.add_argument("--batch-size", type=int, default=32)
+    label.add_argument("--output", required=True, metavar="FILE.safetensors")
+    label.set_defaults(func=run_label)
+
+    train = actions.add_parser("train", help="fit the router on a label table and save the model with it")
+    train.add_argument("--model", required=True, metavar="DIR")
+    train.add_argument("--labels", required=True, metavar="FILE")
+    train.add_argument("--mode", choices=("multilabel", "softmax"), default=None,
+                       help="multilabel: P(good) per configuration (default); softmax: the paper's cheapest-good CE")
+    train.add_argument("--rule", choices=("probability", "correct"), default="probability",
+                       help="score the 99%% rule is applied to: answer probability (default) or correctness")
+    train.add_argument("--steps", type=int, default=500)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--output", required=True, metavar="DIR")
+    train.set_defaults(func=run_train)
+
+    calibrate = actions.add_parser("calibrate", help="pick τ on held-out labels for a FLOPs or accuracy target")
+    calibrate.add_argument("--model", required=True, metavar="DIR", help="model with a trained router (updated in place)")
+    calibrate.add_argument("--labels", required=True, metavar="FILE", help="held-out label table")
+    target = calibrate.add_mutually_exclusive_group(required=True)
+    target.add_argument("--target-flops", type=float, help="mean LLM prefill FLOPs per sample to stay within")
+    target.add_argument("--target-accuracy", type=float, help="accuracy (%%) to reach at the least FLOPs")
+    calibrate.set_defaults(func=run_calibrate)
+
+    report = actions.add_parser("report", help="accuracy, FLOPs, savings and histograms: router, fixed, oracle")
+    report.add_argument("--model", required=True, metavar="DIR")
+    report.add_argument("--labels", required=True, metavar="FILE", help="test label table")
+    report.add_argument("--tau", type=float, default=None, help="threshold (default: the model's calibrated τ)")
+    report.add_argument("--output", required=True, metavar="DIR")
+    report.set_defaults(func=run_report)
+
+
+def _fail(action: str, error: Exception) -> int:
+    print(f"visor policy {action}: error: {error}", file=sys.stderr)
+    return 2
+
+
+def run_label(args) -> int:
+    from visor.policy.api import label_synthetic, load_model
+
+    try:
+        model = load_model(args.model)
+        tasks = args.tasks.split(",") if args.tasks else None
+        table = label_synthetic(model, args.split, args.per_task, seed=args.seed, tasks=tasks,
+                                batch_size=args.batch_size)
+    except ValueError as error:
+        return _fail("label", error)
+    table.save(args.output)
+    print(f"labelled {len(table)} samples x {table.num_configurations} configurations -> {args.output}")
+    return 0
+
+
+def run_train(args) -> int:
+    from visor.policy.api import load_labels_for, load_model
+    from visor.policy.training import train_router
+
+    try:
+        model = load_model(args.model)
+        table = load_labels_for(model, args.labels)
+        if args.mode:
+            model.config.router_mode = model.router.mode = args.mode
+        losses = train_router(model.router, table, rule=args.rule, steps=args.steps, seed=args.seed)
+    except ValueError as error:
+        return _fail("train", error)
+    model.save_pretrained(args.output)
+    print(f"router ({model.router.mode}, rule {args.rule}) loss {losses[0]:.4f} -> {losses[-1]:.4f}; saved {args.output}")
+    return 0
+
+
+def run_calibrate(args) -> int:
+    from visor.flops import router_flops
+    from visor.policy.api import load_labels_for, load_model
+    from visor.policy.calibration import calibrate
+
+    try:
+        model = load_model(args.model)
+        table = load_labels_for(model, args.labels)
+        threshold, outcome = calibrate(model.router, table, router_flops(model.config),
+                                       target_flops=args.target_flops, target_accuracy=args.target_accuracy)
+    except ValueError as error:
+        return _fail("calibrate", error)
+    model.config.router_threshold = model.router.threshold = threshold
+    model.save_pretrained(args.model)
+    print(f"τ = {threshold:.2f}: held-out accuracy {outcome.accuracy:.1f}%, "
+          f"mean LLM prefill {outcome.mean_flops / 1e9:.4f} GFLOPs; saved in {args.model}")
+    return 0
+
+
+def run_report(args) -> int:
+    from visor.flops import router_flops
+    from visor.modeling.router import check_threshold
+    from visor.policy.api import full_model_flops, load_labels_for, load_model
+    from visor.policy.report import markdown_table, policy_report, write_report
+
+    try:
+        model = load_model(args.model)
+        table = load_labels_for(model, args.labels)
+        threshold = check_threshold(args.tau) if args.tau is not None else model.router.threshold
+    except ValueError as error:
+        return _fail("report", error)
+    report = policy_report(model.router, table, threshold, router_flops(model.config), full_model_flops(model, table))
+    paths = write_report(report, args.output)
+    print(markdown_table(report))
+    print("wrote " + ", ".join(paths))
+    return 0

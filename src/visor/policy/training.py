@@ -1,0 +1,52 @@
+"""Training the router on a label table (DESIGN.md 3).
+
+`multilabel`: binary cross-entropy on "configuration c is good for this sample" for every c.
+`softmax` (the paper's): cross-entropy on the cheapest good configuration.
+The router is tiny and its inputs are precomputed, so this is full-batch AdamW on features: seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from visor.modeling.router import ConfigurationRouter
+from visor.policy.labels import LabelTable
+
+
+def cheapest_good(good: torch.Tensor, cost_order: list[int]) -> torch.Tensor:
+    """(N,) the cheapest good configuration of each sample (the most expensive when none is good)."""
+    ordered = good[:, cost_order].clone()
+    ordered[:, -1] = True
+    return torch.tensor(cost_order)[ordered.float().argmax(dim=1)]
+
+
+def train_router(router: ConfigurationRouter, table: LabelTable, rule: str = "probability", ratio: float = 0.99,
+                 steps: int = 500, lr: float = 3e-3, weight_decay: float = 1e-2, seed: int = 0) -> list[float]:
+    """Fit the router in place on `table`; returns the loss curve (one value per step)."""
+    if len(table) == 0:
+        raise ValueError("the label table is empty")
+    if table.num_configurations != len(router.cost_order):
+        raise ValueError(
+            f"the label table has {table.num_configurations} configurations, the router {len(router.cost_order)}"
+        )
+    good = table.good(rule, ratio)
+    torch.manual_seed(seed)
+    features = table.features.to(router.norm.weight.device, router.norm.weight.dtype)
+    if router.mode == "multilabel":
+        target = good.float().to(features.device)
+        loss_function = nn.BCEWithLogitsLoss()
+    else:
+        target = cheapest_good(good, router.cost_order).to(features.device)
+        loss_function = nn.CrossEntropyLoss()
+    optimizer = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=weight_decay)
+    router.train()
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = loss_function(router(features), target)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    router.eval()
+    return losses

@@ -1,0 +1,251 @@
+"""The policy: routing inside the model, offline labels, router training, calibration, report and CLI."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlavaOnevisionForConditionalGeneration
+
+from visor import VisorForConditionalGeneration, cli, presets
+from visor.flops import llm_prefill_flops, router_flops
+from visor.modeling.router import ConfigurationRouter
+from visor.policy import (
+    LabelTable, calibrate, cheapest_good, fixed_outcome, oracle_outcome, policy_report, router_outcome, sweep,
+    train_router,
+)
+from visor.policy.api import full_model_flops, label_synthetic, load_labels_for
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A tiny sparse VISOR (configurations [], [1], [1, 4]) with open gates, so the image matters."""
+    torch.manual_seed(0)
+    stock = LlavaOnevisionForConditionalGeneration(presets.tiny(6)).eval()
+    visor = VisorForConditionalGeneration.from_llava(stock).eval()
+    with torch.no_grad():
+        for block in visor.cross_attention.values():
+            block.attention_gate.fill_(0.8)
+        for parameter in visor.router.parameters():
+            parameter.normal_(0, 0.5)
+    return visor
+
+
+@pytest.fixture(scope="module")
+def table(model):
+    return label_synthetic(model, "train", per_task=3, batch_size=8, show_progress=False)
+
+
+def _prompts(model, per_task=2):
+    from visor.data import TASKS, VisorProcessor, build_tokenizer, make_sample
+
+    samples = [make_sample(task, "validation", index) for task in TASKS for index in range(per_task)]
+    processor = VisorProcessor(model.config, build_tokenizer(), padding_side="left")
+    inputs = dict(processor([s.image for s in samples], [s.question for s in samples]))
+    inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    return inputs
+
+
+def _splitting_tau(model, inputs) -> float:
+    """A τ at which the (random) router sends some samples to configuration 0 and others elsewhere."""
+    from visor.policy.labels import router_features
+
+    with torch.no_grad():
+        probability = model.router.probabilities(model.router(router_features(model, inputs)))[:, 0]
+    return float(probability.median())
+
+
+# ---- the decision rule ------------------------------------------------------------------------------------------
+def test_decision_is_the_cheapest_configuration_passing_tau():
+    router = ConfigurationRouter(8, configuration_sizes=[2, 0, 1], mode="multilabel")
+    logits = torch.logit(torch.tensor([[0.9, 0.2, 0.6], [0.1, 0.1, 0.1]]))
+    # Cost order is 1 (0 SA) < 2 (1 SA) < 0 (2 SA).
+    assert router.decide(logits, 0.5).tolist() == [2, 0]  # row 2: nothing passes -> the most expensive
+    assert router.decide(logits, 0.15).tolist() == [1, 0]
+    assert router.decide(logits, 0.0).tolist() == [1, 1]
+
+
+def test_softmax_mode_uses_cumulative_probability_cheapest_first():
+    router = ConfigurationRouter(8, configuration_sizes=[0, 1, 2], mode="softmax")
+    logits = torch.log(torch.tensor([[0.2, 0.5, 0.3]]))
+    assert router.decide(logits, 0.15).tolist() == [0]
+    assert router.decide(logits, 0.6).tolist() == [1]
+    assert router.decide(logits, 0.95).tolist() == [2]
+
+
+@pytest.mark.parametrize("tau", [-0.1, 1.5])
+def test_tau_outside_unit_interval_is_refused(model, tau):
+    with pytest.raises(ValueError, match="τ must lie in"):
+        model.router.decide(torch.zeros(1, 3), tau)
+    with pytest.raises(ValueError, match="τ must lie in"):
+        model(**_prompts(model, 1), configuration="auto", router_threshold=tau)
+
+
+def test_unknown_configuration_string_is_refused(model):
+    with pytest.raises(ValueError, match='"auto"'):
+        model(**_prompts(model, 1), configuration="fastest")
+
+
+# ---- routing inside the model -------------------------------------------------------------------------------------
+def test_routing_is_deterministic_and_batch_independent(model):
+    inputs = _prompts(model)
+    tau = _splitting_tau(model, inputs)
+    with torch.no_grad():
+        first = model(**inputs, configuration="auto", router_threshold=tau).configuration
+        second = model(**inputs, configuration="auto", router_threshold=tau).configuration
+        alone = [model(**{k: v[i:i + 1] for k, v in inputs.items()}, configuration="auto",
+                       router_threshold=tau).configuration.item() for i in range(len(first))]
+    assert torch.equal(first, second)
+    assert first.tolist() == alone
+    assert len(set(first.tolist())) > 1, "the test needs a router that chooses differently per sample"
+
+
+def test_auto_equals_running_the_chosen_configurations(model):
+    inputs = _prompts(model)
+    with torch.no_grad():
+        routed = model(**inputs, configuration="auto", router_threshold=_splitting_tau(model, inputs))
+        assert len(set(routed.configuration.tolist())) > 1
+        fixed = model(**inputs, configuration=routed.configuration.tolist())
+    torch.testing.assert_close(routed.logits, fixed.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_deciding_never_runs_a_layer_twice_for_a_sample(model):
+    """Each decoder layer sees every sample exactly once (SA rows + text rows), router or not."""
+    inputs = _prompts(model)
+    tau = _splitting_tau(model, inputs)
+    rows_seen = {index: 0 for index in range(model.config.num_layers)}
+    hooks = [
+        layer.register_forward_pre_hook(lambda module, args, index=index: rows_seen.__setitem__(
+            index, rows_seen[index] + args[0].shape[0]))
+        for index, layer in enumerate(model.model.language_model.layers)
+    ]
+    try:
+        with torch.no_grad():
+            model(**inputs, configuration="auto", router_threshold=tau)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    batch = inputs["input_ids"].shape[0]
+    assert rows_seen == {index: batch for index in rows_seen}
+
+
+def test_generate_with_auto_reports_the_configuration(model):
+    inputs = _prompts(model, 1)
+    inputs.pop("position_ids")
+    output = model.generate(**inputs, configuration="auto", max_new_tokens=3, do_sample=False, pad_token_id=0,
+                            return_dict_in_generate=True)
+    with torch.no_grad():
+        chosen = model(**inputs, configuration="auto").configuration
+    assert torch.equal(output.past_key_values.configuration, chosen)
+
+
+# ---- labels ------------------------------------------------------------------------------------------------------
+def test_offline_decisions_match_the_model(model, table):
+    """Decisions from the table's stored features equal what the model decides at the router layer."""
+    from visor.policy.api import synthetic_label_batches
+    from visor.policy.labels import prompt_only
+
+    decisions = []
+    for _, _, inputs in synthetic_label_batches(model.config, "train", 3, batch_size=8):
+        with torch.no_grad():
+            decisions += model(**prompt_only(inputs), configuration="auto").configuration.tolist()
+    assert router_outcome(model.router, table, 0.5, 0).choice.tolist() == decisions
+
+
+def test_label_table_contents(model, table):
+    assert len(table) == 15 and table.num_configurations == 3
+    assert table.features.shape == (15, 2 * model.config.text_config.hidden_size)
+    assert ((table.probability > 0) & (table.probability <= 1)).all()
+    visual, text = table.tokens[0].tolist()
+    assert visual > 20 * text > 0
+    assert table.flops[0].tolist() == [llm_prefill_flops(model.config, visual, text, c).total for c in range(3)]
+    assert sorted(set(table.groups)) == ["easy", "hard"]
+
+
+def test_label_table_round_trip_and_fingerprint(model, table, tmp_path):
+    path = tmp_path / "labels.safetensors"
+    table.save(path)
+    loaded = load_labels_for(model, path)
+    assert torch.equal(loaded.flops, table.flops) and loaded.tasks == table.tasks
+    other = LabelTable.load(path)
+    other.fingerprint["configurations"] = [[], [1]]
+    other.save(tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="different model"):
+        load_labels_for(model, tmp_path / "other.safetensors")
+
+
+def test_good_labels_follow_the_99_percent_rule():
+    probability = torch.tensor([[0.50, 0.80, 0.80], [0.90, 0.10, 0.905]])
+    table = LabelTable(torch.zeros(2, 4), probability, torch.tensor([[0, 1, 1], [1, 0, 1]]).bool(),
+                       torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 2, dtype=torch.long), ["a", "b"], ["h", "e"])
+    assert table.good("probability").tolist() == [[False, True, True], [True, False, True]]
+    assert table.good("correct").tolist() == [[False, True, True], [True, False, True]]
+    assert cheapest_good(table.good(), [0, 1, 2]).tolist() == [1, 0]
+
+
+# ---- training, calibration, report -------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["multilabel", "softmax"])
+def test_router_training_fits_separable_labels(mode):
+    """Features that reveal the answer: the router must learn to route easy rows cheap and hard rows dear."""
+    torch.manual_seed(0)
+    hard = torch.rand(64) > 0.5
+    features = torch.randn(64, 8) + 3 * hard[:, None].float()
+    probability = torch.stack([torch.where(hard, 0.1, 0.9), torch.full((64,), 0.9), torch.full((64,), 0.9)], dim=1)
+    table = LabelTable(features, probability, probability > 0.5, torch.tensor([[1, 2, 3]]).repeat(64, 1),
+                       torch.zeros(64, 2, dtype=torch.long), ["t"] * 64, ["g"] * 64)
+    router = ConfigurationRouter(4, [0, 1, 2], router_hidden_size=16, mode=mode)
+    losses = train_router(router, table, steps=200, lr=1e-2)
+    assert losses[-1] < 0.5 * losses[0]
+    choice = router_outcome(router, table, 0.5, 0).choice
+    assert (choice[~hard] == 0).float().mean() > 0.9 and (choice[hard] == 1).float().mean() > 0.9
+
+
+def test_calibration_hits_targets_and_refuses_unreachable_ones(model, table):
+    cost = router_flops(model.config)
+    cheapest = float(table.flops[:, 0].double().mean()) + cost
+    dearest = float(table.flops[:, 2].double().mean()) + cost
+    threshold, outcome = calibrate(model.router, table, cost, target_flops=(cheapest + dearest) / 2)
+    assert 0 <= threshold <= 1 and outcome.mean_flops <= (cheapest + dearest) / 2
+    with pytest.raises(ValueError, match="below what the router can reach"):
+        calibrate(model.router, table, cost, target_flops=cheapest / 2)
+    best = max(outcome.accuracy for _, outcome in sweep(model.router, table, cost))
+    assert best < 100, "the random model cannot be perfect"
+    with pytest.raises(ValueError, match="above what the router reaches"):
+        calibrate(model.router, table, cost, target_accuracy=best + 0.5)
+    with pytest.raises(ValueError, match="percentage"):
+        calibrate(model.router, table, cost, target_accuracy=101.0)
+    with pytest.raises(ValueError, match="exactly one"):
+        calibrate(model.router, table, cost)
+
+
+def test_report_rows_and_oracle(model, table, tmp_path):
+    full = full_model_flops(model, table)
+    report = policy_report(model.router, table, 0.5, router_flops(model.config), full)
+    methods = {row["method"] for row in report["rows"]}
+    assert methods == {"fixed-0", "fixed-1", "fixed-2", "router", "oracle"}
+    overall = {row["method"]: row for row in report["rows"] if row["subset"] == "all"}
+    assert overall["oracle"]["accuracy"] >= max(overall[f"fixed-{c}"]["accuracy"] for c in range(3))
+    assert overall["fixed-0"]["savings"] > overall["fixed-2"]["savings"] > 1
+    assert sum(overall["router"]["histogram"].values()) == len(table)
+    oracle = oracle_outcome(table, model.router.cost_order)
+    assert torch.equal(oracle.correct, table.correct.any(dim=1))
+    assert torch.equal(fixed_outcome(table, 1).flops, table.flops[:, 1])
+
+
+def test_policy_cli_end_to_end(model, tmp_path, capsys):
+    model_dir, trained = tmp_path / "model", tmp_path / "policy"
+    model.save_pretrained(model_dir)
+    labels = [tmp_path / f"{split}.safetensors" for split in ("train", "validation", "test")]
+    for split, path in zip(("train", "validation", "test"), labels):
+        assert cli.main(["policy", "label", "--model", str(model_dir), "--split", split, "--per-task", "2",
+                         "--output", str(path)]) == 0
+    assert cli.main(["policy", "train", "--model", str(model_dir), "--labels", str(labels[0]), "--steps", "20",
+                     "--output", str(trained)]) == 0
+    dearest = float(LabelTable.load(labels[1]).flops[:, 2].double().mean()) * 2
+    assert cli.main(["policy", "calibrate", "--model", str(trained), "--labels", str(labels[1]),
+                     "--target-flops", str(dearest)]) == 0
+    assert cli.main(["policy", "report", "--model", str(trained), "--labels", str(labels[2]),
+                     "--output", str(tmp_path / "report")]) == 0
+    assert (tmp_path / "report" / "policy.png").stat().st_size > 1000
+    assert "| router | all |" in capsys.readouterr().out
+    assert cli.main(["policy", "calibrate", "--model", str(trained), "--labels", str(labels[1]),
+                     "--target-flops", "1"]) == 2
