@@ -1,0 +1,211 @@
+"""The three recipes: which model trains, which of its parameters, and in which configuration.
+
+| recipe            | model                                               | trainable                  | configuration / step |
+|-------------------|-----------------------------------------------------|----------------------------|----------------------|
+| `full`            | stock `LlavaOnevisionForConditionalGeneration`       | everything (+ aux head)    | —                    |
+| `visor-stage1`    | `VisorForConditionalGeneration.from_llava(--init)`   | CA blocks, gates, CPE      | the largest          |
+| `visor-universal` | a VISOR checkpoint (stage 1) or a converted LLaVA-OV | everything                 | one sampled per step |
+
+`full` from scratch (`--model PRESET`) adds the auxiliary per-patch loss when the data has per-patch targets: a
+linear head on the vision tower's selected features predicts each patch's content class, the training-only
+stand-in for a pretrained vision encoder that makes the fine-grained tasks learnable on a CPU budget
+(notes/prototype.md, "Breaking the plateau"). The head is saved with the training state, never with the model.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import LlavaOnevisionForConditionalGeneration
+from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+from visor import presets
+from visor.modeling import VisorForConditionalGeneration, load_llava
+from visor.modeling.freezing import freeze_base, unfreeze_all
+
+RECIPES = ("full", "visor-stage1", "visor-universal")
+MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_sizes", "labels", "batch_num_images")
+
+
+def check_recipe(recipe: str) -> None:
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+
+
+def is_visor(model) -> bool:
+    return isinstance(model, VisorForConditionalGeneration)
+
+
+# ---- loading -------------------------------------------------------------------------------------------------
+def checkpoint_kind(path: str | os.PathLike) -> str:
+    """'visor' or 'llava_onevision' for a local checkpoint folder; a ValueError saying what is wrong otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"checkpoint {path} does not exist")
+    if not path.is_dir():
+        raise ValueError(f"checkpoint {path} is not a folder (expected save_pretrained output)")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"checkpoint {path} has no config.json")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"checkpoint {path} has a corrupt config.json: {error}") from error
+    if model_type not in ("visor", "llava_onevision"):
+        raise ValueError(f"checkpoint {path} holds a {model_type!r} model, not LLaVA-OneVision or VISOR")
+    if not any(path.glob("*.safetensors")):
+        raise ValueError(f"checkpoint {path} has no safetensors weights")
+    return model_type
+
+
+def load_checkpoint(path: str | os.PathLike, attn_implementation: str = "sdpa"):
+    """A stock LLaVA-OV or VISOR model from a local folder, in fp32, with clear errors for bad checkpoints."""
+    options = dict(attn_implementation=attn_implementation, dtype=torch.float32)
+    if checkpoint_kind(path) == "llava_onevision":
+        return load_llava(path, **options)
+    return VisorForConditionalGeneration.from_pretrained(path, **options)  # local folders: ValueError when broken
+
+
+def build_model(recipe: str, init: str | os.PathLike | None, preset: str | None, settings):
+    """The model a recipe starts from, with the right parameters trainable."""
+    check_recipe(recipe)
+    if (init is None) == (preset is None):
+        raise ValueError("give exactly one of --init PATH (a checkpoint) or --model PRESET (from scratch)")
+    if recipe == "full":
+        if init is not None:
+            model = load_checkpoint(init, settings.attn_implementation)
+            if is_visor(model):
+                raise ValueError(f"--init {init} is a VISOR checkpoint; recipe 'full' trains the stock model")
+        else:
+            if preset not in presets.PRESETS:
+                raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(presets.PRESETS))}")
+            builder = presets.PRESETS[preset]
+            if settings.model_layers is None:
+                config = builder()
+            elif "num_layers" in inspect.signature(builder).parameters:
+                config = builder(num_layers=settings.model_layers)
+            else:
+                raise ValueError(f"preset {preset!r} has a fixed depth: model_layers cannot be set")
+            config._attn_implementation = settings.attn_implementation
+            torch.manual_seed(settings.seed)
+            model = LlavaOnevisionForConditionalGeneration(config)
+        return unfreeze_all(model.train())
+    if init is None:
+        raise ValueError(f"recipe {recipe!r} starts from a checkpoint: pass --init PATH (a full model or a VISOR model)")
+    model = load_checkpoint(init, settings.attn_implementation)
+    if not is_visor(model):
+        torch.manual_seed(settings.seed)
+        model = VisorForConditionalGeneration.from_llava(
+            model, cross_attention_init=settings.cross_attention_init, cross_attention_gate=settings.cross_attention_gate
+        )
+    model.train()
+    return freeze_base(model) if recipe == "visor-stage1" else unfreeze_all(model)
+
+
+def check_configurations(model, recipe: str, settings) -> None:
+    """Settings that refer to configurations must fit the model's config (before any training starts)."""
+    if not is_visor(model):
+        if settings.configuration_weights is not None and recipe != "full":
+            raise ValueError("configuration_weights needs a VISOR model")
+        return
+    count = len(model.config.configurations)
+    weights = settings.configuration_weights
+    if weights is not None and len(weights) != count:
+        raise ValueError(
+            f"configuration_weights has {len(weights)} entries but the model has {count} configurations "
+            f"{model.config.configurations}"
+        )
+    if settings.stage1_configuration is not None and not 0 <= settings.stage1_configuration < count:
+        raise ValueError(f"stage1_configuration {settings.stage1_configuration} out of range 0..{count - 1}")
+
+
+def configuration_for_step(recipe: str, model, settings, step: int) -> int | None:
+    """The configuration a step trains: None for the stock model, fixed for stage 1, sampled for universal.
+
+    The universal sample is a pure function of (seed, step), identical on every process, so resumed and
+    multi-process runs draw the same sequence without any sampler state.
+    """
+    if not is_visor(model):
+        return None
+    if recipe == "visor-stage1":
+        chosen = settings.stage1_configuration
+        return model.config.largest_configuration if chosen is None else chosen
+    count = len(model.config.configurations)
+    weights = torch.tensor(settings.configuration_weights or [1.0] * count, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
+    return int(torch.multinomial(weights, 1, generator=generator))
+
+
+# ---- the module that trains ------------------------------------------------------------------------------------
+class PatchAuxiliaryHead(nn.Module):
+    """Linear per-patch classifier on the vision tower's selected features (training only)."""
+
+    def __init__(self, hidden_size: int, num_classes: int):
+        super().__init__()
+        self.classifier = nn.Linear(hidden_size, num_classes)
+
+    def forward(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """features (crops, patches, d), targets (crops, patches) with -100 = no target → mean cross-entropy."""
+        logits = self.classifier(features).float()
+        if not bool((targets != -100).any()):
+            return logits.sum() * 0.0  # keeps the graph (and DDP's reducer) identical across batches
+        return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+
+class TrainingModule(nn.Module):
+    """The model plus what only training needs (the aux head), behind one forward that returns the losses.
+
+    One module so that accelerate wraps (DDP/FSDP) both together and the aux head's gradients are reduced too.
+    """
+
+    def __init__(self, model, aux_head: PatchAuxiliaryHead | None = None, aux_weight: float = 1.0):
+        super().__init__()
+        self.model = model
+        self.aux_head = aux_head
+        self.aux_weight = aux_weight
+        self._features = None
+        if aux_head is not None:
+            model.model.vision_tower.register_forward_hook(self._keep_features)
+
+    def _keep_features(self, module, args, output) -> None:
+        hidden_states = getattr(output, "hidden_states", None)
+        layer = self.model.config.vision_feature_layer
+        self._features = hidden_states[layer] if hidden_states is not None and isinstance(layer, int) \
+            else output.last_hidden_state
+
+    def forward(self, batch: dict[str, torch.Tensor], configuration: int | None = None):
+        inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
+        if configuration is not None:
+            inputs["configuration"] = configuration
+        self._features = None
+        output = self.model(**inputs, use_cache=False)
+        answer_loss = output.loss
+        loss = answer_loss
+        aux_loss = torch.zeros((), device=answer_loss.device)
+        if self.aux_head is not None and "patch_targets" in batch:
+            if self._features is None:
+                raise RuntimeError("the vision tower did not run: no features for the auxiliary loss")
+            targets = flatten_patch_targets(batch["patch_targets"], batch["image_sizes"], self.model.config)
+            features = self._features
+            if features.shape[1] != targets.shape[1]:  # e.g. a CLS token dropped by "default" selection
+                features = features[:, -targets.shape[1]:]
+            aux_loss = self.aux_head(features, targets.to(features.device))
+            loss = loss + self.aux_weight * aux_loss
+        self._features = None
+        return loss, answer_loss.detach(), aux_loss.detach()
+
+
+def flatten_patch_targets(targets: torch.Tensor, image_sizes: torch.Tensor, config) -> torch.Tensor:
+    """(B, crops, P) targets → (crops actually encoded, P), in the order the vision tower sees the crops."""
+    if targets.dim() == 2:  # already one row per encoded crop
+        return targets
+    counts = [
+        image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
+        for size in image_sizes.tolist()
+    ]
+    return torch.cat([sample[:count] for sample, count in zip(targets, counts)])

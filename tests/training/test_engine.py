@@ -1,0 +1,115 @@
+"""The run, engineered: hard kills and resume, checkpoints killed mid-write, DDP, logs — through the CLI."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from visor.training import checkpoint as ckpt
+
+from conftest import TOY, model_weights, run, set_flags, subprocess_env, train_command
+
+STEPS, SAVE_EVERY = 8, 3
+
+
+def _command(output: Path, *extra: str) -> list[str]:
+    return train_command("--recipe", "full", "--data", TOY, "--model", "tiny", "--output", str(output),
+                         "--max-steps", str(STEPS), "--save-every", str(SAVE_EVERY), "--seed", "7",
+                         *set_flags(), *extra)
+
+
+def _losses(output: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    return {record["step"]: record["loss"] for record in records if "loss" in record}
+
+
+def _kill_when(process: subprocess.Popen, ready, timeout: float = 90) -> None:
+    deadline = time.time() + timeout
+    while not ready():
+        assert process.poll() is None, f"run ended before it could be killed:\n{process.stderr.read()[-2000:]}"
+        assert time.time() < deadline, "timed out waiting for the moment to kill"
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def _assert_same_weights(run_dir: Path, reference_dir: Path) -> None:
+    reference, weights = model_weights(reference_dir), model_weights(run_dir)
+    assert weights.keys() == reference.keys()
+    worst = max((weights[name] - reference[name]).abs().max().item() for name in reference)
+    assert worst <= 1e-6, f"resumed run differs from the uninterrupted one by {worst}"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """An uninterrupted run: the trajectory every interrupted run must reproduce."""
+    output = tmp_path_factory.mktemp("reference")
+    run(_command(output))
+    return output
+
+
+def test_uninterrupted_run_writes_its_outputs(reference):
+    assert sorted(_losses(reference)) == list(range(1, STEPS + 1))
+    assert [step for step, _ in ckpt.complete_checkpoints(reference)] == [STEPS]  # keep_checkpoints=1
+    summary = json.loads((reference / "training_summary.json").read_text())
+    assert summary["steps"] == STEPS and set(summary["validation"]["accuracy"]["full"]) == {"colour", "where", "mean"}
+    assert json.loads((reference / "validation.json").read_text())[-1]["final"] is True
+    state = ckpt.load_training_state(ckpt.latest_checkpoint(reference))
+    assert state["step"] == STEPS and state["aux_head"]  # from scratch + per-patch targets: the aux head trains
+
+
+def test_sigkill_mid_training_then_resume_reproduces_the_run(tmp_path, reference):
+    output = tmp_path / "run"
+    process = subprocess.Popen(_command(output), env=subprocess_env(VISOR_FAULT_INJECTION="step:0.4"),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # Kill after the step-3 checkpoint, while step 5 or later is training.
+    _kill_when(process, lambda: ckpt.latest_checkpoint(output) is not None and max(_losses(output), default=0) >= 4)
+    assert ckpt.latest_checkpoint(output).name == "step-000003"
+    assert not (output / "model").exists()
+    run(_command(output, "--resume"))
+    _assert_same_weights(output, reference)
+    resumed, expected = _losses(output), _losses(reference)
+    lines = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss" in r] == list(range(1, STEPS + 1))  # no duplicates from the killed run
+    assert sorted(resumed) == sorted(expected)
+    assert all(abs(resumed[step] - expected[step]) <= 1e-6 for step in expected)
+
+
+def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, reference):
+    output = tmp_path / "run"
+    process = subprocess.Popen(_command(output), env=subprocess_env(VISOR_FAULT_INJECTION="checkpoint:6:120"),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    root = ckpt.checkpoint_root(output)
+    _kill_when(process, lambda: any((path / ckpt.STATE_FILE).exists() for path in root.glob(".tmp-step-000006-*")))
+    assert ckpt.latest_checkpoint(output).name == "step-000003"  # step 6 was never completed
+    assert list(root.glob(".tmp-step-000006-*"))
+    run(_command(output, "--resume"))
+    assert not list(root.glob(".tmp-*"))
+    _assert_same_weights(output, reference)
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, reference):
+    """accelerate launch, 2 CPU processes (gloo): micro-batch 2 per process, global batch 4, as the reference.
+
+    accelerate 1.15's `--cpu` launcher runs one process unless mpirun is set up, so this uses the torch.distributed
+    launcher (`--multi_gpu`); without a GPU the trainer asks accelerate for the CPU, which makes it MULTI_CPU.
+    """
+    output = tmp_path / "ddp"
+    launch = [str(Path(train_command()[0]).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", "29517", "-m"]
+    command = _command(output)
+    run(launch + command[2:], timeout=180)  # drop "python -m"
+    summary = json.loads((output / "training_summary.json").read_text())
+    assert summary["num_processes"] == 2
+    distributed, single = _losses(output), _losses(reference)
+    assert sorted(distributed) == sorted(single)
+    for step in single:
+        assert abs(distributed[step] - single[step]) <= 1e-4 * max(1.0, abs(single[step])), (step, distributed, single)
+    reference_weights, weights = model_weights(reference), model_weights(output)
+    assert max((weights[k] - reference_weights[k]).abs().max().item() for k in weights) < 1e-3

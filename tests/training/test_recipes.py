@@ -1,0 +1,124 @@
+"""The recipes in-process: what trains, which configurations are visited, and bad input stopped up front."""
+
+import json
+
+import pytest
+import torch
+
+from visor.modeling import VisorForConditionalGeneration
+from visor.training import train
+from visor.modeling.freezing import trainable_parameter_names
+from visor.training.recipes import build_model, configuration_for_step, load_checkpoint
+from visor.training.settings import TrainingSettings
+
+from conftest import fast_settings, model_weights
+
+
+def test_stage1_changes_only_the_new_parameters(tmp_path, tiny_full_checkpoint, toy_path):
+    summary = train("visor-stage1", toy_path, tmp_path, fast_settings("visor-stage1", max_steps=3, learning_rate=1e-2),
+                    init=tiny_full_checkpoint, progress=False)
+    assert summary["visits"] == {"2": 3}  # the largest configuration ([1, 4]) every step
+    stock = load_checkpoint(tiny_full_checkpoint).state_dict()
+    trained = load_checkpoint(tmp_path / "model").state_dict()
+    new = [name for name in trained if name.startswith(("cross_attention.", "position_encoding."))]
+    assert new and set(new) <= set(trained) - set(stock)
+    for name, value in stock.items():
+        assert torch.equal(trained[name], value), f"base weight {name} changed in stage 1"
+    converted = VisorForConditionalGeneration.from_llava(
+        load_checkpoint(tiny_full_checkpoint), cross_attention_init="host", cross_attention_gate=False
+    ).state_dict()  # the stage-1 recipe's default start
+    assert set(converted) == set(trained)
+    changed = [name for name in new if not torch.equal(trained[name], converted[name])]
+    assert any(name.startswith("cross_attention.") for name in changed)
+    assert any(name.startswith("position_encoding.") for name in changed)
+
+
+def test_stage1_trains_only_ca_blocks_and_cpe(tiny_full_checkpoint):
+    model = build_model("visor-stage1", tiny_full_checkpoint, None, fast_settings("visor-stage1"))
+    names = trainable_parameter_names(model)
+    assert names and all(name.startswith(("cross_attention.", "position_encoding.")) for name in names)
+    assert any(name.startswith("position_encoding.") for name in names)
+
+
+def test_stage1_with_closed_gates_trains_the_gates(tmp_path, tiny_full_checkpoint, toy_path):
+    settings = fast_settings("visor-stage1", max_steps=2, learning_rate=1e-2, cross_attention_init="zero",
+                             cross_attention_gate=True)
+    train("visor-stage1", toy_path, tmp_path, settings, init=tiny_full_checkpoint, progress=False)
+    gates = {name: value for name, value in load_checkpoint(tmp_path / "model").state_dict().items()
+             if name.endswith("attention_gate")}
+    assert gates and all(value.abs().sum() > 0 for value in gates.values())
+
+
+def test_universal_visits_every_configuration(tmp_path, tiny_full_checkpoint, toy_path):
+    summary = train("visor-universal", toy_path, tmp_path, fast_settings("visor-universal", max_steps=12),
+                    init=tiny_full_checkpoint,
+                    progress=False)
+    visits = summary["visits"]
+    assert set(visits) == {"0", "1", "2"} and sum(visits.values()) == 12
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [record for record in logged if "configuration" in record]
+    assert {record["configuration"] for record in steps} == {0, 1, 2}
+    assert steps[-1]["visits"] == visits
+    validation = json.loads((tmp_path / "validation.json").read_text())[-1]
+    assert set(validation["accuracy"]) == {"0", "1", "2"}  # accuracy per task at every configuration
+    assert set(validation["accuracy"]["0"]) == {"colour", "where", "mean"}
+
+
+def test_configuration_sampling_is_pure_and_weighted(tiny_full_checkpoint):
+    model = VisorForConditionalGeneration.from_llava(load_checkpoint(tiny_full_checkpoint))
+    settings = TrainingSettings(configuration_weights=[0, 1, 3])
+    draws = [configuration_for_step("visor-universal", model, settings, step) for step in range(400)]
+    assert draws == [configuration_for_step("visor-universal", model, settings, step) for step in range(400)]
+    assert 0 not in draws and 250 < draws.count(2) < 350
+
+
+@pytest.mark.parametrize(
+    "recipe, source, overrides, message",
+    [
+        ("fine-tune", "preset", {}, "unknown recipe"),
+        ("full", "missing", {}, "does not exist"),
+        ("full", "corrupt-config", {}, "corrupt config.json"),
+        ("full", "corrupt-weights", {}, "cannot load"),
+        ("full", "empty-folder", {}, "no config.json"),
+        ("full", "unknown-preset", {}, "unknown preset"),
+        ("visor-stage1", "preset", {}, "starts from a checkpoint"),
+        ("visor-universal", "checkpoint", {"configuration_weights": [1.0, 1.0]}, "3 configurations"),
+        ("visor-stage1", "checkpoint", {"stage1_configuration": 7}, "out of range"),
+        ("visor-universal", "bad-visor-config", {}, "cannot load a VISOR checkpoint"),
+    ],
+)
+def test_bad_input_fails_before_training(tmp_path, tiny_full_checkpoint, toy_path, recipe, source, overrides, message):
+    init, preset = None, None
+    if source == "preset":
+        preset = "tiny"
+    elif source == "unknown-preset":
+        preset = "huge"
+    elif source == "checkpoint":
+        init = tiny_full_checkpoint
+    elif source == "missing":
+        init = tmp_path / "nowhere"
+    else:
+        init = tmp_path / source
+        init.mkdir()
+        if source == "corrupt-config":
+            (init / "config.json").write_text("{not json")
+        elif source == "corrupt-weights":
+            (init / "config.json").write_text((tiny_full_checkpoint / "config.json").read_text())
+            (init / "model.safetensors").write_bytes(b"\x00" * 100)
+        elif source == "bad-visor-config":
+            visor = VisorForConditionalGeneration.from_llava(load_checkpoint(tiny_full_checkpoint))
+            visor.save_pretrained(init)
+            config = json.loads((init / "config.json").read_text())
+            config["configurations"] = [[1], [1, 5]]  # layer 5 is not an SA candidate
+            (init / "config.json").write_text(json.dumps(config))
+    output = tmp_path / "run"
+    with pytest.raises(ValueError, match=message):
+        train(recipe, toy_path, output, fast_settings(max_steps=2, **overrides), init=init, model_preset=preset,
+              progress=False)
+    assert not (output / "checkpoints").exists() and not (output / "metrics.jsonl").exists()
+
+
+def test_data_spec_that_matches_nothing_fails_before_training(tmp_path):
+    with pytest.raises(ValueError, match="matches nothing"):
+        train("full", "imagenet", tmp_path / "run", fast_settings(max_steps=2), model_preset="tiny", progress=False)
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,55 @@
+import pytest
+
+from visor.training.settings import RECIPE_DEFAULTS, TrainingSettings, load_settings
+
+
+def test_defaults_are_the_documented_ones():
+    settings = TrainingSettings()
+    assert settings.learning_rate == 1e-3 and settings.aux_weight == 1.0 and settings.mixed_precision == "bf16"
+    assert settings.configuration_weights is None
+
+
+def test_precedence_recipe_yaml_flags_explicit(tmp_path):
+    config = tmp_path / "train.yaml"
+    config.write_text("learning_rate: 5.0e-4\nbatch_size: 8\nconfiguration_weights: [1, 2, 1]\nmixed_precision: 'no'\n")
+    settings = load_settings("visor-universal", config, ["batch_size=16", "aux-weight=0.5", "mixed_precision=no"],
+                             max_steps=7)
+    assert settings.learning_rate == 5e-4  # YAML over the recipe default
+    assert settings.batch_size == 16  # flag over YAML
+    assert settings.aux_weight == 0.5 and settings.max_steps == 7
+    assert settings.configuration_weights == [1.0, 2.0, 1.0]
+    assert settings.mixed_precision == "no"  # a string, not YAML's boolean
+    assert load_settings("visor-universal").learning_rate == RECIPE_DEFAULTS["visor-universal"]["learning_rate"]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["learnig_rate=1"], "unknown training settings"),
+        (["batch_size=two"], "batch_size"),
+        (["batch_size=2.5"], "batch_size"),
+        (["mixed_precision=fp8"], "mixed_precision"),
+        (["learning_rate=-1"], "learning_rate"),
+        (["configuration_weights=[0, 0]"], "configuration_weights"),
+        (["no_equals_sign"], "key=value"),
+    ],
+)
+def test_bad_settings_are_clear_errors(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_settings("full", None, overrides)
+
+
+def test_bad_yaml_file(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_settings("full", tmp_path / "missing.yaml")
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match="mapping"):
+        load_settings("full", listing)
+
+
+def test_micro_batch_must_split_evenly():
+    settings = TrainingSettings(batch_size=12, gradient_accumulation_steps=2)
+    assert settings.micro_batch_size(2) == 3
+    with pytest.raises(ValueError, match="does not split"):
+        settings.micro_batch_size(5)

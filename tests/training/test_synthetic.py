@@ -1,0 +1,57 @@
+"""`--data synthetic`: the built-in suite as a DataSource, and one short run on it (aux loss on real targets)."""
+
+import json
+
+import pytest
+import torch
+
+from visor import presets
+from visor.training import train
+from visor.training.data import resolve_data
+from visor.training.recipes import flatten_patch_targets
+
+from conftest import fast_settings
+
+pytest.importorskip("visor.data.processor")
+
+
+@pytest.fixture(scope="module")
+def source():
+    return resolve_data("synthetic:read_cell,has_shape", presets.tiny(2), seed=0)
+
+
+def test_batches_are_deterministic_and_aligned(source, stock_factory):
+    batch, again = source.train_batch([3, 4]), source.train_batch([3, 4])
+    assert all(torch.equal(batch[key], again[key]) for key in batch)
+    assert source.tasks == ("read_cell", "has_shape") and source.num_patch_classes > 1
+    # Per-patch targets line up with the crops the vision tower encodes, one row of 64 patches per crop.
+    stock = stock_factory(num_layers=2)
+    targets = flatten_patch_targets(batch["patch_targets"], batch["image_sizes"], stock.config)
+    with torch.no_grad():
+        hidden = stock.model.vision_tower(batch["pixel_values"].flatten(0, 1)).last_hidden_state
+    assert targets.shape[0] <= hidden.shape[0] and targets.shape[1] == hidden.shape[1]
+    # Labels cover only the answer and the end of sequence.
+    answer = batch["labels"][0][batch["labels"][0] != -100]
+    assert answer[-1].item() == source.tokenizer.eos_token_id
+
+
+def test_eval_prompts_and_majority_baseline(source):
+    batches = list(source.eval_batches("validation", 3, 4))
+    assert sum(len(b.answers) for b in batches) == 6
+    assert all(b.inputs["attention_mask"][:, -1].all() for b in batches)  # left padding for generation
+    baseline = source.majority_baseline("validation", 20)
+    assert set(baseline) == {"read_cell", "has_shape"} and all(0 < v <= 100 for v in baseline.values())
+
+
+def test_unknown_task_is_an_error():
+    with pytest.raises(ValueError, match="unknown synthetic tasks"):
+        resolve_data("synthetic:read_sell", presets.tiny(2), seed=0)
+
+
+def test_full_recipe_runs_on_the_suite_with_the_aux_loss(tmp_path):
+    summary = train("full", "synthetic:read_cell,has_shape", tmp_path, fast_settings(max_steps=2, batch_size=2),
+                    model_preset="tiny", progress=False)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["aux_loss"] > 0
+    assert set(summary["validation"]["accuracy"]["full"]) == {"read_cell", "has_shape", "mean"}
+    assert set(summary["validation"]["majority"]) == {"read_cell", "has_shape"}
