@@ -40,6 +40,9 @@ class CrossAttentionBlock(nn.Module):
     """T ← T + tanh(g) · CA(norm(T), norm(V)) [+ tanh(g_mlp) · MLP(T)]."""
 
     is_causal = False  # read by transformers' SDPA wrapper; the mask carries the prompt order
+    # The attention kernels see one query "head" per key/value head: queries of a GQA group are folded into the
+    # query length (CA has no causal structure among queries), so the visual keys are never repeated per head.
+    num_key_value_groups = 1
 
     def __init__(self, host_layer: nn.Module, config, gate: bool = True, mlp: bool = False, rope: bool = True):
         super().__init__()
@@ -49,8 +52,8 @@ class CrossAttentionBlock(nn.Module):
         self.layer_idx = host.layer_idx
         self.head_dim = host.head_dim
         self.num_heads = host.q_proj.out_features // host.head_dim
-        self.num_key_value_groups = host.num_key_value_groups
-        self.num_key_value_heads = self.num_heads // self.num_key_value_groups
+        self.query_groups = host.num_key_value_groups
+        self.num_key_value_heads = self.num_heads // self.query_groups
         self.scaling = host.scaling
         self.use_rope = rope
 
@@ -81,14 +84,25 @@ class CrossAttentionBlock(nn.Module):
         self.visual_norm.weight.copy_(host_layer.input_layernorm.weight)
 
     def visual_keys_values(
-        self, visual: torch.Tensor, visual_rope: tuple[torch.Tensor, torch.Tensor]
+        self,
+        visual: torch.Tensor,
+        visual_rope: tuple[torch.Tensor, torch.Tensor],
+        visual_unit: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values over the visual tokens (B, H_kv, Nv, head_dim): computed once, cached for decoding."""
+        """Keys and values over the visual tokens (B, H_kv, Nv, head_dim): computed once, cached for decoding.
+
+        `visual_unit` = `rms_unit(visual)` may be passed in: it is the same for every CA block until an SA
+        layer changes the visual tokens, and the norm's weight folds into the projections, so the thousands of
+        visual tokens are normalised once rather than once per block.
+        """
         batch, length, _ = visual.shape
-        normed = self.visual_norm(visual)
+        if visual_unit is None:
+            visual_unit = rms_unit(visual, self.visual_norm.variance_epsilon)
+        scale = self.visual_norm.weight.to(visual_unit.dtype)[None, :]
         shape = (batch, length, self.num_key_value_heads, self.head_dim)  # explicit: length may be 0
-        keys = self.k_proj(normed).view(shape).transpose(1, 2)
-        values = self.v_proj(normed).view(shape).transpose(1, 2)
+        keys = nn.functional.linear(visual_unit, self.k_proj.weight * scale, self.k_proj.bias).view(shape)
+        values = nn.functional.linear(visual_unit, self.v_proj.weight * scale, self.v_proj.bias).view(shape)
+        keys, values = keys.transpose(1, 2), values.transpose(1, 2)
         if self.use_rope:
             keys = _rotate(keys, visual_rope)
         return keys, values
@@ -116,10 +130,22 @@ class CrossAttentionBlock(nn.Module):
         sees_visual = allowed.any(dim=-1)  # (B, Nt)
         # Rows with nothing to read attend everywhere (finite softmax) and are zeroed below: never NaN.
         bias = attention_bias(allowed | ~sees_visual[..., None], query.dtype)
+        # Fold each GQA group's queries into the query length: (B, H, Nt, D) -> (B, H_kv, groups * Nt, D).
+        groups, kv_heads = self.query_groups, self.num_key_value_heads
+        query = query.reshape(batch, kv_heads, groups * text_len, self.head_dim)
+        bias = bias[:, :, None].expand(-1, -1, groups, -1, -1).reshape(batch, 1, groups * text_len, -1)
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         attended, _ = attend(self, query, keys, values, bias, dropout=0.0, scaling=self.scaling)
+        # (B, groups * Nt, H_kv, D) -> (B, Nt, H_kv * groups * D), heads in the stock order (kv head, group).
+        attended = attended.reshape(batch, groups, text_len, kv_heads, self.head_dim).permute(0, 2, 3, 1, 4)
         attended = self.o_proj(attended.reshape(batch, text_len, -1))
         return attended * sees_visual[..., None].to(attended.dtype)
+
+
+def rms_unit(hidden: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMS normalisation without the weight, computed in fp32 as the stock RMSNorm does."""
+    as_float = hidden.float()
+    return (as_float * torch.rsqrt(as_float.pow(2).mean(-1, keepdim=True) + eps)).to(hidden.dtype)
 
 
 def _rotate(states: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

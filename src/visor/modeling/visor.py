@@ -27,7 +27,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from visor.config import VisorConfig
 from visor.modeling.cache import LayerCacheView, VisorCache
-from visor.modeling.cross_attention import CrossAttentionBlock
+from visor.modeling.cross_attention import CrossAttentionBlock, rms_unit
 from visor.modeling.layout import TokenLayout, attention_bias
 from visor.modeling.position_encoding import ConditionalPositionEncoding
 from visor.modeling.router import ConfigurationRouter
@@ -260,6 +260,7 @@ class VisorForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         if cache is not None:
             cache.start(layout, sa_layers)
 
+        visual_unit = None  # the RMS-normalised visual tokens every CA block reads, until an SA layer changes them
         for index, layer in enumerate(self.model.language_model.layers):
             if routed and index == self.config.router_layer:
                 _, configuration = self.route(text, visual, layout, threshold)
@@ -268,7 +269,9 @@ class VisorForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
                     cache.sa_layers = sa_layers
             block = self._cross_block(index)
             if block is not None:
-                keys, values = block.visual_keys_values(visual, visual_rope)
+                if visual_unit is None:
+                    visual_unit = rms_unit(visual, block.visual_norm.variance_epsilon)
+                keys, values = block.visual_keys_values(visual, visual_rope, visual_unit)
                 if cache is not None:
                     cache.store_cross(index, keys, values)
                 text = block(text, keys, values, cross_allowed, text_rope)
@@ -283,6 +286,7 @@ class VisorForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
                 )
                 sa_visual, sa_text = rows_layout.split(merged)
                 visual = _put(visual, sa_rows, sa_visual)
+                visual_unit = None
                 new_text.append((sa_rows, sa_text))
             if len(text_rows):
                 text_only = _call_layer(
