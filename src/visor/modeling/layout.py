@@ -81,10 +81,10 @@ class TokenLayout:
     @staticmethod
     def _gather(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """values (B, S, ...) gathered at index (B, N) with index S meaning a zero dummy slot."""
-        pad = [0, 0] * (values.dim() - 2) + [0, 1]
-        padded = torch.nn.functional.pad(values, pad)
+        if index.numel() and int(index.max()) >= values.shape[1]:  # only then is the zero slot needed
+            values = torch.nn.functional.pad(values, [0, 0] * (values.dim() - 2) + [0, 1])
         expanded = index.view(*index.shape, *([1] * (values.dim() - 2))).expand(*index.shape, *values.shape[2:])
-        return padded.gather(1, expanded)
+        return values.gather(1, expanded)
 
     def split(self, sequence: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, S, ...) → visual (B, Nv, ...), text (B, Nt, ...)."""
@@ -96,7 +96,9 @@ class TokenLayout:
     def merge(self, visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """Inverse of `split`: put both streams back in the original token order."""
         batch, _, *rest = text.shape
-        merged = text.new_zeros(batch, self.length + 1, *rest)
+        # Every position is written once unless some slot is empty (index S, a dummy column dropped below).
+        complete = self.visual_index.numel() + self.text_index.numel() == batch * self.length
+        merged = text.new_empty(batch, self.length + 1, *rest) if complete else text.new_zeros(batch, self.length + 1, *rest)
         for stream, index in ((visual, self.visual_index), (text, self.text_index)):
             expanded = index.view(*index.shape, *([1] * len(rest))).expand(*index.shape, *rest)
             merged.scatter_(1, expanded, stream)
