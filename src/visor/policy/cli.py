@@ -61,6 +61,13 @@ def _fail(action: str, error: Exception) -> int:
     return 2
 
 
+def _model_and_labels(args):
+    from visor.policy.api import load_labels_for, load_model
+
+    model = load_model(args.model)
+    return model, load_labels_for(model, args.labels)
+
+
 def run_label(args) -> int:
     from visor.policy.api import label_synthetic, load_model
 
@@ -77,12 +84,10 @@ def run_label(args) -> int:
 
 
 def run_train(args) -> int:
-    from visor.policy.api import load_labels_for, load_model
     from visor.policy.training import train_router
 
     try:
-        model = load_model(args.model)
-        table = load_labels_for(model, args.labels)
+        model, table = _model_and_labels(args)
         if args.mode:
             model.config.router_mode = model.router.mode = args.mode
         losses = train_router(model.router, table, rule=args.rule, steps=args.steps, seed=args.seed)
@@ -95,12 +100,10 @@ def run_train(args) -> int:
 
 def run_calibrate(args) -> int:
     from visor.flops import router_flops
-    from visor.policy.api import load_labels_for, load_model
     from visor.policy.calibration import calibrate
 
     try:
-        model = load_model(args.model)
-        table = load_labels_for(model, args.labels)
+        model, table = _model_and_labels(args)
         threshold, outcome = calibrate(model.router, table, router_flops(model.config),
                                        target_flops=args.target_flops, target_accuracy=args.target_accuracy)
     except ValueError as error:
@@ -115,12 +118,11 @@ def run_calibrate(args) -> int:
 def run_report(args) -> int:
     from visor.flops import router_flops
     from visor.modeling.router import check_threshold
-    from visor.policy.api import full_model_flops, load_labels_for, load_model
+    from visor.policy.api import full_model_flops
     from visor.policy.report import markdown_table, policy_report, write_report
 
     try:
-        model = load_model(args.model)
-        table = load_labels_for(model, args.labels)
+        model, table = _model_and_labels(args)
         threshold = check_threshold(args.tau) if args.tau is not None else model.router.threshold
     except ValueError as error:
         return _fail("report", error)
