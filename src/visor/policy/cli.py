@@ -61,18 +61,27 @@ def _fail(action: str, error: Exception) -> int:
     return 2
 
 
-def _model_and_labels(args):
-    from visor.policy.api import load_labels_for, load_model
+def _load_model(path):
+    from transformers.utils import logging as hf_logging
 
-    model = load_model(args.model)
+    from visor.policy.api import load_model
+
+    hf_logging.disable_progress_bar()  # per-file loading bars would bury the command's own output
+    return load_model(path)
+
+
+def _model_and_labels(args):
+    from visor.policy.api import load_labels_for
+
+    model = _load_model(args.model)
     return model, load_labels_for(model, args.labels)
 
 
 def run_label(args) -> int:
-    from visor.policy.api import label_synthetic, load_model
+    from visor.policy.api import label_synthetic
 
     try:
-        model = load_model(args.model)
+        model = _load_model(args.model)
         tasks = args.tasks.split(",") if args.tasks else None
         table = label_synthetic(model, args.split, args.per_task, seed=args.seed, tasks=tasks,
                                 batch_size=args.batch_size)
