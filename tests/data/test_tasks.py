@@ -191,3 +191,24 @@ def test_class_maps_label_what_the_question_is_about():
     marks = make_sample("count_marks", "train", 0)
     target = marks.question.split()[2]
     assert (marks.class_map == CLASS_ID[target]).any() == (marks.answer != "0")
+
+
+def test_read_cell_ink_pointer_colours_only_the_target_digit():
+    from visor.data.render import PALETTE
+
+    task = get_task("read_cell", rows=3, cols=3, pointer="ink")
+    sample = make_sample(task, "train", 0, size=(64, 64))
+    colour = sample.question.split()[3]
+    pixels = set(map(tuple, np.asarray(sample.image).reshape(-1, 3).tolist()))
+    assert PALETTE[colour] in pixels, "the named ink is drawn"
+    default = make_sample(get_task("read_cell", rows=3, cols=3), "train", 0, size=(64, 64))
+    assert "row" in default.question, "the default pointer names the position"
+    with pytest.raises(ValueError, match="pointer"):
+        get_task("read_cell", pointer="arrow")
+
+
+def test_count_marks_max_count_knob():
+    task = get_task("count_marks", num_colors=1, max_count=2)
+    assert all(int(make_sample(task, "train", i, size=(64, 64)).answer) <= 2 for i in range(30))
+    with pytest.raises(ValueError, match="max_count"):
+        get_task("count_marks", max_count=10)

@@ -122,3 +122,21 @@ def test_data_spec_that_matches_nothing_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match="matches nothing"):
         train("full", "imagenet", tmp_path / "run", fast_settings(max_steps=2), model_preset="tiny", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_from_scratch_full_model_starts_with_2d_positions_and_scaled_embeddings():
+    from visor.training.recipes import sincos_2d
+
+    model = build_model("full", None, "tiny", TrainingSettings(model_layers=2, embedding_std=0.3))
+    positions = model.model.vision_tower.embeddings.position_embedding.weight
+    side = int(positions.shape[0] ** 0.5)
+    assert torch.equal(positions, sincos_2d(side, positions.shape[1]))
+    assert model.get_input_embeddings().weight.std().item() == pytest.approx(0.3, rel=0.05)
+    default = build_model("full", None, "tiny", TrainingSettings(model_layers=2, embedding_std=None))
+    assert default.get_input_embeddings().weight.std().item() < 0.05
+    codes = sincos_2d(8, 64)
+    gram = codes @ codes.T
+    off_diagonal = gram - torch.diag(torch.diag(gram))
+    assert off_diagonal.max() < 0.7 * gram.diag().min(), "distinct patches get clearly distinct codes"
+    with pytest.raises(ValueError, match="embedding_std"):
+        TrainingSettings(embedding_std=0.0)

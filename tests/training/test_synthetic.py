@@ -44,7 +44,7 @@ def test_eval_prompts_and_majority_baseline(source):
 
 
 def test_unknown_task_is_an_error():
-    with pytest.raises(ValueError, match="unknown synthetic tasks"):
+    with pytest.raises(ValueError, match="has no tasks"):
         resolve_data("synthetic:read_sell", presets.tiny(2), seed=0)
 
 
@@ -55,3 +55,32 @@ def test_full_recipe_runs_on_the_suite_with_the_aux_loss(tmp_path):
     assert records[0]["aux_loss"] > 0
     assert set(summary["validation"]["accuracy"]["full"]) == {"read_cell", "has_shape", "mean"}
     assert set(summary["validation"]["majority"]) == {"read_cell", "has_shape"}
+
+
+def test_a_named_suite_sets_image_size_and_knobs():
+    source = resolve_data("synthetic@demo:read_cell,count_marks", presets.tiny(2), seed=0)
+    assert source.tasks == ("read_cell", "count_marks") and source.size == (64, 64)
+    batch = source.train_batch([0, 1])
+    assert batch["image_sizes"].tolist() == [[64, 64], [64, 64]]
+    with pytest.raises(ValueError, match="unknown suite"):
+        resolve_data("synthetic@nope", presets.tiny(2), seed=0)
+
+
+def test_easy_vqa_rows_train_without_patch_targets():
+    source = resolve_data("synthetic@demo:read_cell,easy_vqa", presets.tiny(2), seed=0)
+    batch = source.train_batch([0, 1, 2, 3])  # tasks alternate: read_cell, easy_vqa, ...
+    targets = batch["patch_targets"]
+    assert (targets[1] == -100).all() and (targets[3] == -100).all()
+    assert (targets[0] != -100).any() and (targets[2] != -100).any()
+
+
+def test_task_weights_set_the_mix_without_repeating_samples():
+    source = resolve_data("synthetic@demo:read_cell*3,dominant_color", presets.tiny(2), seed=0)
+    assert source.tasks == ("read_cell", "dominant_color")
+    samples = [source.schedule[i % len(source.schedule)] for i in range(8)]
+    assert [name for name, _, _ in samples].count("read_cell") == 6
+    drawn = [(name, (i // 4) * weight + k) for i, (name, k, weight) in enumerate(samples)]
+    assert len(set(drawn)) == len(drawn), "no sample is drawn twice"
+    for bad in ("synthetic@demo:read_cell*0", "synthetic@demo:read_cell*x", "synthetic@demo:read_cell,read_cell"):
+        with pytest.raises(ValueError):
+            resolve_data(bad, presets.tiny(2), seed=0)

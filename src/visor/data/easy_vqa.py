@@ -6,19 +6,25 @@ tenth training image (with all its questions), so no image is shared between spl
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import ClassVar
 
 import easy_vqa
+import numpy as np
 
 from visor.data.processor import load_image
-from visor.data.tasks import SPLITS, Sample
+from visor.data.render import COLORS
+from visor.data.tasks import SPLITS, Sample, Task
 
 TASK = "easy_vqa"
 VALIDATION_EVERY = 10  # training image ids divisible by this form the validation split
 
 
-def easy_vqa_samples(split: str = "train", limit: int | None = None) -> Iterator[Sample]:
-    """easy-VQA's samples of `split`, in the package's order (first `limit` only, when given)."""
+@functools.lru_cache(maxsize=None)
+def _records(split: str) -> tuple[tuple[str, str, str], ...]:
+    """(question, answer, image path) of `split`, in the package's order."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
     if split == "test":
@@ -27,10 +33,37 @@ def easy_vqa_samples(split: str = "train", limit: int | None = None) -> Iterator
         (questions, answers, image_ids), paths = easy_vqa.get_train_questions(), easy_vqa.get_train_image_paths()
     wanted = {"train": lambda i: i % VALIDATION_EVERY != 0, "validation": lambda i: i % VALIDATION_EVERY == 0,
               "test": lambda i: True}[split]
-    emitted = 0
-    for question, answer, image_id in zip(questions, answers, image_ids):
-        if limit is not None and emitted >= limit:
-            return
-        if wanted(image_id):
-            yield Sample(load_image(paths[image_id]), question, answer, TASK, "easy")
-            emitted += 1
+    return tuple((q, a, paths[i]) for q, a, i in zip(questions, answers, image_ids) if wanted(i))
+
+
+def easy_vqa_samples(split: str = "train", limit: int | None = None) -> Iterator[Sample]:
+    """easy-VQA's samples of `split`, in the package's order (first `limit` only, when given)."""
+    records = _records(split)
+    for question, answer, path in records[:limit]:
+        yield Sample(load_image(path), question, answer, TASK, "easy")
+
+
+@dataclass(frozen=True)
+class EasyVQA(Task):
+    """easy-VQA as a suite task: sample `index` of a split is the item at a seeded permutation of the split.
+
+    The images are the package's own (64x64 px, whatever size the suite asks for) and have no class maps, so
+    they add no per-patch targets to training."""
+
+    name: ClassVar[str] = TASK
+    group: ClassVar[str] = "easy"
+    answers: ClassVar[tuple[str, ...]] = ("yes", "no", "circle", "rectangle", "triangle", *COLORS, "gray", "black")
+    description: ClassVar[str] = "easy-VQA: real images of one shape; its colour, kind or presence"
+
+    def make(self, split: str, index: int, seed: int, size: tuple[int, int]) -> Sample:
+        if index < 0:
+            raise ValueError(f"index must be non-negative, got {index}")
+        records = _records(split)
+        order = _permutation(split, seed, len(records))
+        question, answer, path = records[int(order[index % len(records)])]
+        return Sample(load_image(path), question, answer, TASK, self.group)
+
+
+@functools.lru_cache(maxsize=8)
+def _permutation(split: str, seed: int, size: int) -> np.ndarray:
+    return np.random.default_rng(np.random.SeedSequence((seed, SPLITS.index(split), 7))).permutation(size)

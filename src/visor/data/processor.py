@@ -122,7 +122,7 @@ class VisorProcessor:
         images = _as_list(images, (Image.Image, str, Path, np.ndarray))
         questions = _as_list(questions, str)
         answers = None if answers is None else _as_list(answers, str)
-        class_maps = None if class_maps is None else _as_list(class_maps, np.ndarray)
+        class_maps = None if class_maps is None else _as_list(class_maps, np.ndarray)  # entries may be None
         if not images:
             raise ValueError("the batch is empty")
         for name, values in (("questions", questions), ("answers", answers), ("class_maps", class_maps)):
@@ -169,6 +169,8 @@ class VisorProcessor:
     def _patch_targets(self, images: list[Image.Image], class_maps: list[np.ndarray], max_crops: int) -> torch.Tensor:
         out = torch.full((len(images), max_crops, self.layout.side**2), IGNORE_INDEX, dtype=torch.long)
         for i, (image, class_map) in enumerate(zip(images, class_maps)):
+            if class_map is None:  # an image without targets (e.g. a real photo in a mixed batch)
+                continue
             if class_map.shape != (image.height, image.width):
                 raise ValueError(f"class map {i} is {class_map.shape}, its image is {(image.height, image.width)}")
             targets = self.layout.patch_targets(class_map)

@@ -59,6 +59,14 @@ class Task:
         canvas = scene.render()
         return Sample(canvas.image, scene.question, scene.answer, self.name, self.group, canvas.class_map())
 
+    def make(self, split: str, index: int, seed: int, size: tuple[int, int]) -> Sample:
+        """Sample `index` of `split`, drawn from its own seed stream (see `sample_seed`)."""
+        height, width = size
+        if min(height, width) < 32:
+            raise ValueError(f"synthetic images must be at least 32x32 px to stay legible, got {height}x{width}")
+        rng = np.random.default_rng(np.random.SeedSequence(sample_seed(seed, split, self.name, index)))
+        return self.sample(rng, height, width)
+
 
 # --------------------------------------------------------------------------------------------------- hard tasks
 
@@ -72,6 +80,7 @@ class GridScene:
     jitter: tuple[tuple[tuple[float, float], ...], ...]  # per-cell glyph offset, in cell fractions
     glyph_scale: float
     specks: tuple[tuple[float, float], ...]  # clutter dots, in image fractions
+    ink: str | None = None  # pointer "ink": the target digit is drawn in this colour, the others in black
 
     def cell_box(self, row: int, col: int) -> tuple[float, float, float, float]:
         rows, cols = len(self.digits), len(self.digits[0])
@@ -96,11 +105,14 @@ class GridScene:
                 dx, dy = self.jitter[row][col]
                 size = round(self.glyph_scale * min(x1 - x0, y1 - y0))
                 center = ((x0 + x1) / 2 + dx * (x1 - x0), (y0 + y1) / 2 + dy * (y1 - y0))
-                canvas.text(center, str(self.digits[row][col]), size)
+                ink = PALETTE[self.ink] if self.ink and (row, col) == self.target else INK
+                canvas.text(center, str(self.digits[row][col]), size, fill=ink)
         return canvas
 
     @property
     def question(self) -> str:
+        if self.ink:
+            return f"what is the {self.ink} digit ?"
         return f"what digit is in row {self.target[0] + 1} column {self.target[1] + 1} ?"
 
     @property
@@ -121,10 +133,13 @@ class ReadCell(Task):
     cols: int = 6
     glyph_scale: float = 0.6  # glyph height / cell side
     clutter: float = 0.5  # grey specks per cell
+    pointer: str = "position"  # how the question names the cell: "position" (row R column C) or "ink" (its colour)
 
     def __post_init__(self):
         if not (1 <= self.rows <= 9 and 1 <= self.cols <= 9):
             raise ValueError(f"read_cell: rows and cols must be in 1..9, got {self.rows}x{self.cols}")
+        if self.pointer not in ("position", "ink"):
+            raise ValueError(f"read_cell: pointer must be 'position' or 'ink', got {self.pointer!r}")
 
     def make_scene(self, rng, height, width) -> GridScene:
         digits = rng.integers(0, 10, size=(self.rows, self.cols))
@@ -137,6 +152,7 @@ class ReadCell(Task):
             jitter=tuple(tuple((float(x), float(y)) for x, y in row) for row in jitter),
             glyph_scale=self.glyph_scale,
             specks=tuple((float(x), float(y)) for x, y in specks),
+            ink=COLORS[int(rng.integers(len(COLORS)))] if self.pointer == "ink" else None,
         )
 
 
@@ -253,14 +269,17 @@ class CountMarks(Task):
     num_colors: int = 3  # colours present (the asked one included)
     mark_size: float = 0.03  # side / short image side (4 px at 128 px)
     clutter: int = 8  # grey marks
+    max_count: int = 9  # marks of each colour: 0..max_count
 
     def __post_init__(self):
         if not 1 <= self.num_colors <= len(COLORS):
             raise ValueError(f"count_marks: num_colors must be in 1..{len(COLORS)}, got {self.num_colors}")
+        if not 1 <= self.max_count <= 9:
+            raise ValueError(f"count_marks: max_count must be in 1..9 (one-digit answers), got {self.max_count}")
 
     def make_scene(self, rng, height, width) -> MarksScene:
         colors = [COLORS[i] for i in rng.permutation(len(COLORS))[: self.num_colors]]
-        counts = rng.integers(0, 10, size=self.num_colors)
+        counts = rng.integers(0, self.max_count + 1, size=self.num_colors)
         labels = [c for c, n in zip(colors, counts) for _ in range(n)] + ["gray"] * self.clutter
         # Marks sit on distinct cells of a lattice three marks wide, so they never touch.
         spacing = 3 * self.mark_size * min(height, width)
@@ -396,11 +415,7 @@ def make_sample(task: str | Task, split: str, index: int, seed: int = 0,
                 size: tuple[int, int] = DEFAULT_SIZE) -> Sample:
     """Sample `index` of `split` for one task: a pure function of its arguments."""
     task = get_task(task) if isinstance(task, str) else task
-    height, width = size
-    if min(height, width) < 32:
-        raise ValueError(f"synthetic images must be at least 32x32 px to stay legible, got {height}x{width}")
-    rng = np.random.default_rng(np.random.SeedSequence(sample_seed(seed, split, task.name, index)))
-    return task.sample(rng, height, width)
+    return task.make(split, index, seed, size)
 
 
 def generate_split(split: str, count: int, seed: int = 0, tasks: list[str | Task] | None = None,

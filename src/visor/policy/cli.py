@@ -23,6 +23,7 @@ def register(subparsers) -> None:
     label.add_argument("--split", default="train", choices=("train", "validation", "test"))
     label.add_argument("--per-task", type=int, default=100, help="samples per task (default 100)")
     label.add_argument("--tasks", default=None, help="comma-separated task names (default: every task)")
+    label.add_argument("--suite", default="standard", help="synthetic suite: standard (default) or demo")
     label.add_argument("--seed", type=int, default=0, help="data seed (default 0)")
     label.add_argument("--batch-size", type=int, default=32)
     label.add_argument("--output", required=True, metavar="FILE.safetensors")
@@ -84,7 +85,7 @@ def run_label(args) -> int:
         model = _load_model(args.model)
         tasks = args.tasks.split(",") if args.tasks else None
         table = label_synthetic(model, args.split, args.per_task, seed=args.seed, tasks=tasks,
-                                batch_size=args.batch_size)
+                                batch_size=args.batch_size, suite=args.suite)
     except ValueError as error:
         return _fail("label", error)
     table.save(args.output)

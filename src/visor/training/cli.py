@@ -31,7 +31,8 @@ def register(subparsers) -> None:
         description="Train with one of the recipes full, visor-stage1, visor-universal (see visor.training).",
     )
     train.add_argument("--recipe", required=True, help="full | visor-stage1 | visor-universal")
-    train.add_argument("--data", required=True, help="'synthetic', 'synthetic:TASK,...' or 'module.path:factory'")
+    train.add_argument("--data", required=True, help="'synthetic' (full difficulty), 'synthetic@demo' (the demo's suite), "
+                       "'synthetic:TASK,...' (some tasks) or 'module.path:factory'")
     source = train.add_mutually_exclusive_group(required=True)
     source.add_argument("--init", metavar="PATH", help="start from this checkpoint folder (save_pretrained output)")
     source.add_argument("--model", metavar="PRESET", help="start from scratch with a preset (e.g. tiny)")

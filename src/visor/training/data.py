@@ -8,7 +8,8 @@ of B/N see together exactly the samples one process sees with a batch of B.
 
 Data specs (`--data`):
 
-- `synthetic` — the built-in suite (`visor.data`) at the demo's scale; `synthetic:TASK,TASK` keeps some tasks;
+- `synthetic` — the built-in task suite (`visor.data`) at full difficulty; `synthetic@SUITE` a named suite
+  (`visor.data.suites`, e.g. `synthetic@demo`); `synthetic:TASK,TASK` or `synthetic@SUITE:TASK,...` keeps some tasks;
 - `module.path:factory` — any importable callable `factory(model_config, seed) -> DataSource`, for user data.
 """
 
@@ -66,11 +67,12 @@ def step_indices(step: int, micro_step: int, process_index: int, num_processes: 
 def resolve_data(spec: str, model_config, seed: int) -> DataSource:
     """The `DataSource` a `--data` spec names; a ValueError when it names nothing usable."""
     if not spec or not isinstance(spec, str):
-        raise ValueError("--data is empty: use 'synthetic', 'synthetic:TASK,...' or 'module.path:factory'")
+        raise ValueError("--data is empty: use 'synthetic', 'synthetic@SUITE', 'synthetic:TASK,...' or 'module.path:factory'")
     name, _, argument = spec.partition(":")
-    if name == "synthetic":
+    source, _, suite = name.partition("@")
+    if source == "synthetic":
         tasks = [task for task in argument.split(",") if task] if argument else None
-        return _synthetic(model_config, seed, tasks)
+        return _synthetic(model_config, seed, tasks, suite or "standard")
     if name and argument:
         try:
             module = importlib.import_module(name)
@@ -88,11 +90,11 @@ def resolve_data(spec: str, model_config, seed: int) -> DataSource:
             raise ValueError(f"data spec {spec!r} gives no tasks")
         return source
     raise ValueError(
-        f"data spec {spec!r} matches nothing: use 'synthetic', 'synthetic:TASK,...' or 'module.path:factory'"
+        f"data spec {spec!r} matches nothing: use 'synthetic', 'synthetic@SUITE', 'synthetic:TASK,...' or 'module.path:factory'"
     )
 
 
-def _synthetic(model_config, seed: int, tasks: list[str] | None) -> DataSource:
+def _synthetic(model_config, seed: int, tasks: list[str] | None, suite: str) -> DataSource:
     from visor.training.synthetic import SyntheticSource
 
-    return SyntheticSource(model_config, seed, tasks)
+    return SyntheticSource(model_config, seed, tasks, suite)

@@ -171,8 +171,8 @@ class Trainer:
         check_configurations(model, recipe, settings)
         self.data = data if not isinstance(data, str) else resolve_data(data, model.config, settings.seed)
 
-        # The aux head belongs to from-scratch `full` runs (and to their resumption).
-        wants_aux = bool(state["aux_head"]) if state is not None else (recipe == "full" and model_preset is not None)
+        # The aux head belongs to `full` runs (from scratch or continued from a checkpoint, with a fresh head).
+        wants_aux = bool(state["aux_head"]) if state is not None else recipe == "full"
         aux_head = None
         if wants_aux and settings.aux_weight > 0 and self.data.num_patch_classes:
             torch.manual_seed(settings.seed + 1)

@@ -6,7 +6,8 @@
 | `visor-stage1`    | `VisorForConditionalGeneration.from_llava(--init)`   | CA blocks, gates, CPE      | the largest          |
 | `visor-universal` | a VISOR checkpoint (stage 1) or a converted LLaVA-OV | everything                 | one sampled per step |
 
-`full` from scratch (`--model PRESET`) adds the auxiliary per-patch loss when the data has per-patch targets: a
+`full` (from scratch with `--model PRESET`, or continued with `--init`) adds the auxiliary per-patch loss when the
+data has per-patch targets (a fresh head when continuing): a
 linear head on the vision tower's selected features predicts each patch's content class, the training-only
 stand-in for a pretrained vision encoder that makes the fine-grained tasks learnable on a CPU budget
 (notes/prototype.md, "Breaking the plateau"). The head is saved with the training state, never with the model.
@@ -94,6 +95,10 @@ def build_model(recipe: str, init: str | os.PathLike | None, preset: str | None,
             config._attn_implementation = settings.attn_implementation
             torch.manual_seed(settings.seed)
             model = LlavaOnevisionForConditionalGeneration(config)
+            init_patch_positions_2d(model.model.vision_tower)
+            if settings.embedding_std is not None:
+                with torch.no_grad():
+                    model.get_input_embeddings().weight.normal_(0.0, settings.embedding_std)
         return unfreeze_all(model.train())
     if init is None:
         raise ValueError(f"recipe {recipe!r} starts from a checkpoint: pass --init PATH (a full model or a VISOR model)")
@@ -139,6 +144,40 @@ def configuration_for_step(recipe: str, model, settings, step: int) -> int | Non
     weights = torch.tensor(settings.configuration_weights or [1.0] * count, dtype=torch.float64)
     generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
     return int(torch.multinomial(weights, 1, generator=generator))
+
+
+def sincos_2d(side: int, dim: int) -> torch.Tensor:
+    """(side*side, dim) 2-D sine-cosine codes of a side x side patch grid, row-major (as in MAE / ViT).
+
+    Half the channels code the row and half the column, each with dim/4 frequencies (sin and cos), spread
+    geometrically from half a period over the grid to one period per two patches, so that neighbouring patches
+    get clearly different codes (the usual 1/10000^k spacing wastes most channels on near-constant ones)."""
+    if dim % 4:
+        raise ValueError(f"2-D sine-cosine codes need a width divisible by 4, got {dim}")
+    count = dim // 4
+    exponents = torch.arange(count, dtype=torch.float64) / max(count - 1, 1)
+    frequencies = torch.pi / side * float(side) ** exponents
+    grid = torch.arange(side, dtype=torch.float64)
+    rows, cols = torch.meshgrid(grid, grid, indexing="ij")
+    parts = []
+    for axis in (rows, cols):
+        angles = axis.reshape(-1, 1) * frequencies
+        parts += [angles.sin(), angles.cos()]
+    return torch.cat(parts, dim=1).float()
+
+
+@torch.no_grad()
+def init_patch_positions_2d(vision_tower) -> None:
+    """Start a from-scratch SigLIP tower's learned patch positions at 2-D sine-cosine codes.
+
+    A pretrained encoder hands the LLM patches that know where they are; random positions make every
+    question about *where* (which cell, which bar) wait for the positions to be learned first. The codes stay
+    trainable."""
+    embedding = vision_tower.embeddings.position_embedding
+    side = int(round(embedding.num_embeddings ** 0.5))
+    if side * side != embedding.num_embeddings:
+        raise ValueError(f"patch positions do not form a square grid ({embedding.num_embeddings})")
+    embedding.weight.copy_(sincos_2d(side, embedding.embedding_dim))
 
 
 # ---- the module that trains ------------------------------------------------------------------------------------

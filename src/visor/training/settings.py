@@ -75,6 +75,10 @@ class TrainingSettings:
     """torch threads per process (0: leave torch's default)."""
     attn_implementation: str = "sdpa"
     """Attention kernel for training and evaluation (`sdpa` or `eager`)."""
+    embedding_std: float | None = 0.3
+    """From-scratch `full` runs: std of the token embeddings' initialisation (None: transformers' default,
+    0.02). At 0.02 a question word's embedding is a small part of its residual stream next to what attention
+    mixes in, and the tiny model answered from the image alone, ignoring the question (notes in TRAINING.md)."""
     model_layers: int | None = None
     """Text-model depth for `--model` presets that take one (None: the preset's default)."""
 
@@ -93,6 +97,8 @@ class TrainingSettings:
                      "num_threads", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.embedding_std is not None and self.embedding_std <= 0:
+            raise ValueError(f"embedding_std must be positive (or null for the default), got {self.embedding_std}")
         if self.keep_checkpoints < 1:
             raise ValueError("keep_checkpoints must be at least 1")
         if self.mixed_precision not in MIXED_PRECISION:

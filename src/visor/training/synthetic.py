@@ -1,7 +1,9 @@
 """`--data synthetic`: the built-in task suite (`visor.data`) as a training `DataSource`.
 
-Training sample i is task `tasks[i % T]`'s sample `i // T` of the train split (a pure function of seed and i), so
-every batch mixes the tasks evenly. Prompts go through the suite's offline tokenizer and `VisorProcessor`
+Training sample i comes from slot `i % S` of a schedule that lists each task as many times as its weight
+(`read_cell*3` in a data spec: three times as many read_cell samples), and is a pure function of seed and i; a
+task's slots walk through its samples 0, 1, 2, ... without repeats, and every batch mixes the tasks in those
+proportions. Prompts go through the suite's offline tokenizer and `VisorProcessor`
 (right-padded with labels and per-patch targets for training; left-padded prompts for generation).
 """
 
@@ -16,19 +18,21 @@ from visor.training.data import EvalBatch
 
 
 class SyntheticSource:
-    def __init__(self, model_config, seed: int = 0, tasks: Sequence[str] | None = None, size=None):
+    def __init__(self, model_config, seed: int = 0, tasks: Sequence[str] | None = None, suite: str = "standard"):
         from visor.data.processor import VisorProcessor
         from visor.data.render import PATCH_CLASSES
-        from visor.data.tasks import DEFAULT_SIZE, TASKS, make_sample
+        from visor.data.suites import get_suite
+        from visor.data.tasks import make_sample
         from visor.data.tokenizer import build_tokenizer
 
-        names = list(tasks) if tasks else list(TASKS)
-        unknown = [name for name in names if name not in TASKS]
-        if unknown:
-            raise ValueError(f"data spec names unknown synthetic tasks {unknown}; the suite has {', '.join(TASKS)}")
-        self.tasks = tuple(names)
+        self.suite = get_suite(suite)
+        names, weights = _weighted(tasks) if tasks else (list(self.suite.task_names), [1] * len(self.suite.tasks))
+        self._task_objects = {task.name: task for task in self.suite.select(names)}
+        self.tasks = tuple(self._task_objects)
+        # (task, k, weight) slots: the k-th of a task's `weight` slots per cycle takes its samples k, k+weight, ...
+        self.schedule = tuple((name, k, weight) for name, weight in zip(names, weights) for k in range(weight))
         self.seed = seed
-        self.size = tuple(size or DEFAULT_SIZE)
+        self.size = self.suite.size
         self._make_sample = make_sample
         self.tokenizer = build_tokenizer()
         vocab = model_config.text_config.vocab_size
@@ -39,11 +43,13 @@ class SyntheticSource:
         self.num_patch_classes = len(PATCH_CLASSES)
 
     def _sample(self, split: str, task: str, index: int):
-        return self._make_sample(task, split, index, self.seed, self.size)
+        return self._make_sample(self._task_objects[task], split, index, self.seed, self.size)
 
     def train_batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        count = len(self.tasks)
-        samples = [self._sample("train", self.tasks[i % count], i // count) for i in indices]
+        samples = []
+        for i in indices:
+            name, k, weight = self.schedule[i % len(self.schedule)]
+            samples.append(self._sample("train", name, (i // len(self.schedule)) * weight + k))
         batch = self._train(
             [s.image for s in samples], [s.question for s in samples], [s.answer for s in samples],
             class_maps=[s.class_map for s in samples],
@@ -69,3 +75,19 @@ class SyntheticSource:
         for sample in self._eval_samples(split, per_task):
             by_task[sample.task][sample.answer] += 1
         return {task: 100.0 * counts.most_common(1)[0][1] / sum(counts.values()) for task, counts in by_task.items()}
+
+
+def _weighted(specs: Sequence[str]) -> tuple[list[str], list[int]]:
+    """Task names and integer weights from `NAME` or `NAME*WEIGHT` items; a ValueError for bad weights."""
+    names, weights = [], []
+    for spec in specs:
+        name, _, weight = spec.partition("*")
+        if not weight:
+            weight = "1"
+        if not weight.isdigit() or int(weight) < 1:
+            raise ValueError(f"task weight in {spec!r} must be a positive integer")
+        if name in names:
+            raise ValueError(f"task {name!r} is listed twice")
+        names.append(name)
+        weights.append(int(weight))
+    return names, weights

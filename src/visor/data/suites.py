@@ -1,0 +1,63 @@
+"""Named task suites: which tasks, with which difficulty knobs, at which image size.
+
+A suite is what a data spec, a label table and the demo agree on, so a model trained on one is evaluated on the
+same distribution everywhere. Two are built in:
+
+- `standard`: every registered task at its default knobs, 128x128 px images (five 64-px crop views, 336
+  visual tokens on the tiny preset): the suite's full difficulty.
+- `demo`: the same five tasks made small enough for a from-scratch tiny model to learn on a 2-core CPU in
+  about half an hour: 64x64 px images (two 64-px views, 136 visual tokens), a 3x3 digit grid, 4 bars, marks of
+  two colours counted to 5. The hard tasks still hinge on one cell, one bar or a few 4-px marks (a few percent
+  of the image), so pruning or pooling visual tokens can still lose them. easy-VQA (real 64x64 images and
+  questions, coarse) joins them as a sixth, easy task.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from visor.data.easy_vqa import EasyVQA
+from visor.data.tasks import DEFAULT_SIZE, TASKS, Task, get_task
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    size: tuple[int, int]  # (height, width) of every image
+    tasks: tuple[Task, ...]
+    description: str
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return tuple(task.name for task in self.tasks)
+
+    def select(self, names) -> tuple[Task, ...]:
+        """The suite's tasks named in `names` (in the given order); a ValueError for names it lacks."""
+        by_name = {task.name: task for task in self.tasks}
+        unknown = [name for name in names if name not in by_name]
+        if unknown:
+            raise ValueError(f"suite {self.name!r} has no tasks {unknown}; it has {', '.join(by_name)}")
+        return tuple(by_name[name] for name in names)
+
+
+SUITES: dict[str, Suite] = {
+    "standard": Suite("standard", DEFAULT_SIZE, tuple(TASKS.values()),
+                      "every task at its default knobs, 128x128 px"),
+    "demo": Suite(
+        "demo", (64, 64),
+        (
+            get_task("read_cell", rows=3, cols=3, glyph_scale=0.7, pointer="ink"),
+            get_task("bar_value", num_bars=1),
+            get_task("count_marks", num_colors=1, mark_size=0.06, clutter=4, max_count=6),
+            get_task("dominant_color"),
+            EasyVQA(),
+        ),
+        "the five tasks at 64x64 px, small enough for the CPU demo (3x3 grid, 4 bars, counts 0-5), plus easy-VQA",
+    ),
+}
+
+
+def get_suite(name: str) -> Suite:
+    if name not in SUITES:
+        raise ValueError(f"unknown suite {name!r}; choose one of {', '.join(SUITES)}")
+    return SUITES[name]

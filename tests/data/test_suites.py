@@ -1,0 +1,34 @@
+"""Named suites: the demo suite really changes the knobs and size, and asks only what its tasks can answer."""
+
+import pytest
+
+from visor.data.suites import SUITES, get_suite
+from visor.data.tasks import TASKS, make_sample
+
+
+def test_standard_suite_is_the_registry_at_default_size():
+    standard = get_suite("standard")
+    assert standard.task_names == tuple(TASKS) and standard.size == (128, 128)
+
+
+def test_demo_suite_samples_fit_their_knobs():
+    demo = get_suite("demo")
+    assert set(demo.task_names) == set(TASKS) - {"has_shape"} | {"easy_vqa"} and demo.size == (64, 64)
+    for task in demo.tasks:
+        for index in range(20):
+            sample = make_sample(task, "train", index, size=demo.size)
+            assert sample.image.size == (64, 64)
+            assert sample.answer in task.answers
+            if task.name == "count_marks":
+                assert int(sample.answer) <= 6
+            if task.name == "read_cell":
+                assert sample.question.startswith("what is the ") and sample.question.endswith(" digit ?")
+
+
+def test_select_and_unknown_names():
+    demo = SUITES["demo"]
+    assert [task.name for task in demo.select(["easy_vqa", "read_cell"])] == ["easy_vqa", "read_cell"]
+    with pytest.raises(ValueError, match="has no tasks"):
+        demo.select(["read_sell"])
+    with pytest.raises(ValueError, match="unknown suite"):
+        get_suite("huge")
