@@ -111,3 +111,36 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
         run_cli("--preset", "tiny", "--visual-tokens", "a,b", "--output", str(tmp_path))
     assert "expected comma-separated integers" in capsys.readouterr().err
     assert not (tmp_path / "bench.json").exists()
+
+
+@pytest.fixture(scope="module")
+def baselines(tmp_path_factory):
+    output = tmp_path_factory.mktemp("bench-baselines")
+    assert run_cli("--preset", "tiny", "--visual-tokens", "96", "--text-tokens", str(TEXT_TOKENS), "--repeats", "1",
+                   "--decode-tokens", "1", "--configurations", "0", "--baselines", "2", "--output", str(output)) == 0
+    return json.loads((output / "bench.json").read_text())
+
+
+def test_baseline_rows_at_the_requested_ratio(baselines):
+    from visor import reduction
+
+    rows = {row["method"]: row for row in baselines}
+    assert set(reduction.METHODS) <= set(rows) and {"full", "text-only", "visor"} <= set(rows)
+    for method in reduction.METHODS:
+        row = rows[method]
+        assert row["setting"] == "2x" and row["prefill_s"] > 0 and row["decode_s_per_token"] > 0
+        assert row["flops_ratio"] >= 2
+        if method not in bench.IN_LLM:  # the language model on fewer tokens (VISOR alone may already save 2x)
+            on_visor = method.startswith("visor+")
+            config = bench.BenchPlan("tiny").config
+            counted = llm_prefill_flops(config, row["llm_visual_tokens"], TEXT_TOKENS,
+                                        config.largest_configuration if on_visor else "full", logits_tokens=1)
+            assert row["llm_prefill_flops"] == counted.total
+            assert row["llm_visual_tokens"] <= 96 if on_visor else row["llm_visual_tokens"] < 96
+    assert rows["fastv"]["kv_bytes_visual"] < rows["full"]["kv_bytes_visual"]
+    assert rows["shortv"]["kv_bytes_visual"] == rows["full"]["kv_bytes_visual"]  # frozen, not dropped
+
+
+def test_bad_baseline_ratio_is_refused():
+    with pytest.raises(ValueError, match="baseline FLOPs ratios must be >= 1"):
+        bench.BenchPlan("tiny", baselines=(0.5,))

@@ -14,6 +14,12 @@ What is measured, and how:
 - Prefill: the median of `repeats` runs after one warm-up, with the KV cache built (as generation does) and
   logits on the last position only. Decoding: the median time of `decode_tokens` single-token steps on that
   cache, after one warm-up step. KV bytes: the cache right after prefill, split into visual and text.
+- Token-reduction baselines (`--baselines 2,4,8`, `visor.reduction`): one row per method and target FLOPs
+  ratio, its strength matched on this very prompt. In-LLM methods (FastV, PyramidDrop, SparseVLM, ShortV) run
+  their own layer loop on the full model's weights. Pre-LLM methods (pooling, VisionZip, HiRED) hand the language
+  model fewer tokens and nothing else, so their LLM rows are the full model (VISOR's largest configuration for
+  `visor+…`) on the largest visual-token count k that reaches the ratio (`llm_visual_tokens`); which k tokens
+  they keep changes accuracy, not LLM cost. Their vision-side scoring (VisionZip, HiRED) is not in `vision_flops`.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import json
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -33,12 +39,22 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
+from visor import reduction
 from visor.config import VisorConfig
-from visor.flops import decode_flops_per_token, llm_prefill_flops, tokens_per_crop, vision_flops
+from visor.flops import (
+    decode_flops_per_token,
+    layerwise_decode_flops_per_token,
+    llm_prefill_flops,
+    tokens_per_crop,
+    vision_flops,
+)
 from visor.modeling import VisorForConditionalGeneration
 from visor.presets import preset_config
+from visor.reduction.budget import solve_strength
+from visor.reduction.pruned import PrunedLlava, kept_count
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+IN_LLM = ("fastv", "pyramiddrop", "sparsevlm", "shortv")  # the other baselines reduce tokens before the LLM
 
 
 @dataclass(frozen=True)
@@ -53,6 +69,7 @@ class BenchPlan:
     configurations: tuple[int, ...] | None = None  # VISOR configurations to run; None = all
     device: str = "cpu"
     dtype: str = "bfloat16"
+    baselines: tuple[float, ...] = ()  # target FLOPs ratios of the token-reduction baselines; () = none
 
     def __post_init__(self):
         config = self.config  # an unknown preset raises here
@@ -68,6 +85,8 @@ class BenchPlan:
                 f"configurations {missing} do not exist: preset {self.preset!r} has configurations "
                 f"0..{len(config.configurations) - 1} ({config.configurations})"
             )
+        if any(not ratio >= 1 for ratio in self.baselines):
+            raise ValueError(f"baseline FLOPs ratios must be >= 1, got {list(self.baselines)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         try:
@@ -92,7 +111,7 @@ class BenchPlan:
 
 @dataclass
 class BenchRow:
-    method: str  # "full", "visor" or "text-only"
+    method: str  # "full", "visor", "text-only" or a `visor.reduction` method
     configuration: int | None  # VISOR configuration index (None for full and text-only)
     visual_tokens: int
     text_tokens: int
@@ -107,6 +126,8 @@ class BenchRow:
     vision_flops: int  # vision tower + projector over those crops (the same for every method)
     flops_ratio: float | None = None  # full model's LLM prefill FLOPs / this row's
     speedup: float | None = None  # full model's measured prefill seconds / this row's
+    setting: str | None = None  # a baseline's target FLOPs ratio, e.g. "4x"
+    llm_visual_tokens: int | None = None  # visual tokens a pre-LLM baseline hands the language model
 
 
 def run_bench(plan: BenchPlan) -> list[BenchRow]:
@@ -115,19 +136,28 @@ def run_bench(plan: BenchPlan) -> list[BenchRow]:
     dense = [("full", None, visual) for visual in plan.visual_tokens]
     dense += [("text-only", None, visual) for visual in plan.visual_tokens]
     sparse = [("visor", index, visual) for visual in plan.visual_tokens for index in plan.visor_configurations]
+    baselines = [(method, ratio, visual) for visual in plan.visual_tokens for ratio in plan.baselines
+                 for method in reduction.METHODS]
+    on_visor = [spec for spec in baselines if spec[0].startswith("visor+")]
+    on_full = [spec for spec in baselines if not spec[0].startswith("visor+")]
     rows = []
-    with tqdm(total=len(dense) + len(sparse), desc="visor bench", unit="row") as progress:
-        for model_config, specs in ((plan.dense_config, dense), (config, sparse)):
+    with tqdm(total=len(dense) + len(sparse) + len(baselines), desc="visor bench", unit="row") as progress:
+        for model_config, specs, reduced in ((plan.dense_config, dense, on_full), (config, sparse, on_visor)):
             progress.set_postfix_str(f"building {plan.preset} ({'full' if specs is dense else 'VISOR'})")
             model = _build(model_config, plan)
             for method, index, visual in specs:
                 progress.set_postfix_str(f"{method} {'' if index is None else index} Nv={visual}")
                 rows.append(_measure(model, plan, method, index, visual))
                 progress.update()
+            for method, ratio, visual in reduced:
+                progress.set_postfix_str(f"{method} {ratio:g}x Nv={visual}")
+                rows.append(_measure_baseline(model, plan, method, ratio, visual))
+                progress.update()
             del model
             gc.collect()
-    order = {"full": 0, "visor": 1, "text-only": 2}
-    rows.sort(key=lambda row: (row.visual_tokens, order[row.method], row.configuration or 0))
+    order = {"full": 0, "visor": 1, **{method: 2 + i for i, method in enumerate(reduction.METHODS)}, "text-only": 99}
+    rows.sort(key=lambda row: (row.visual_tokens, order[row.method], row.configuration or 0,
+                               float((row.setting or "0x")[:-1])))
     for row in rows:
         full = next(other for other in rows if other.method == "full" and other.visual_tokens == row.visual_tokens)
         row.flops_ratio = full.llm_prefill_flops / row.llm_prefill_flops
@@ -144,17 +174,85 @@ def _build(config: VisorConfig, plan: BenchPlan) -> VisorForConditionalGeneratio
 @torch.inference_mode()
 def _measure(model, plan: BenchPlan, method: str, configuration: int | None, visual: int) -> BenchRow:
     config, text = plan.config, plan.text_tokens
-    device = torch.device(plan.device)
     flops_configuration = configuration if method == "visor" else method
     in_llm = 0 if method == "text-only" else visual
-    generator = torch.Generator().manual_seed(visual)
-    text_ids = torch.randint(0, config.text_config.vocab_size, (text,), generator=generator)
-    text_ids[text_ids == config.image_token_id] = 0
-    input_ids = torch.cat([torch.full((in_llm,), config.image_token_id), text_ids])[None].to(device)
-    features = torch.randn(in_llm, config.text_config.hidden_size, generator=generator).to(device, model.dtype)
+    input_ids, text_ids, features = _prompt(model, plan, in_llm, seed=visual)
     inputs = dict(input_ids=input_ids, image_features=[features] if in_llm else None,
                   configuration=configuration, use_cache=True, logits_to_keep=1)
+    prefill_s, decode_s, kv_bytes = _timings(model, plan, inputs, text_ids)
+    crops = math.ceil(visual / tokens_per_crop(config))
+    if method == "visor":
+        self_attention = config.configurations[configuration]
+    else:
+        self_attention = list(range(config.num_layers)) if method == "full" else []
+    return BenchRow(
+        method=method,
+        configuration=configuration,
+        visual_tokens=visual,
+        text_tokens=text,
+        llm_prefill_flops=llm_prefill_flops(config, visual, text, flops_configuration, logits_tokens=1).total,
+        prefill_s=prefill_s,
+        decode_s_per_token=decode_s,
+        kv_bytes_visual=kv_bytes["visual"],
+        kv_bytes_text=kv_bytes["text"],
+        self_attention_layers=self_attention,
+        decode_flops_per_token=decode_flops_per_token(config, visual, text, flops_configuration).total,
+        vision_crops=crops,
+        vision_flops=vision_flops(config, crops).total,
+    )
 
+
+@torch.inference_mode()
+def _measure_baseline(model, plan: BenchPlan, method: str, ratio: float, visual: int) -> BenchRow:
+    """A token-reduction baseline at `ratio` on the prompt with `visual` visual tokens (see the module notes)."""
+    config, text = plan.config, plan.text_tokens
+    input_ids, text_ids, features = _prompt(model, plan, visual, seed=visual)
+    counted = dict(input_ids=input_ids.cpu())
+    setting = f"{ratio:g}x"
+    if method in IN_LLM:
+        pruning = reduction.reduction_for(config, method, ratio, inputs=counted)
+        pruned = PrunedLlava.sharing(model, pruning)
+        inputs = dict(input_ids=input_ids, image_features=[features], use_cache=True, logits_to_keep=1)
+        prefill_s, decode_s, kv_bytes = _timings(pruned, plan, inputs, text_ids)
+        per_layer = pruning.visual_per_layer(config, counted)[0].tolist()
+        crops = math.ceil(visual / tokens_per_crop(config))
+        return BenchRow(
+            method=method, configuration=None, visual_tokens=visual, text_tokens=text,
+            llm_prefill_flops=int(pruning.prefill_flops(config, counted)[0]),
+            prefill_s=prefill_s, decode_s_per_token=decode_s,
+            kv_bytes_visual=kv_bytes["visual"], kv_bytes_text=kv_bytes["text"],
+            self_attention_layers=[layer for layer in range(config.num_layers) if layer not in pruning.frozen],
+            decode_flops_per_token=layerwise_decode_flops_per_token(config, [text + v + 1 for v in per_layer]).total,
+            vision_crops=crops, vision_flops=vision_flops(config, crops).total, setting=setting,
+        )
+    on_visor = method.startswith("visor+")
+    base, configuration = ("visor", config.largest_configuration) if on_visor else ("full", None)
+
+    def cost(kept: float, inputs: dict) -> torch.Tensor:
+        count = kept_count(visual, kept)
+        return torch.tensor([llm_prefill_flops(config, count, text, configuration if on_visor else "full").total])
+
+    kept = kept_count(visual, solve_strength(config, cost, ratio, inputs=counted))
+    row = _measure(model, plan, base, configuration, kept)
+    crops = math.ceil(visual / tokens_per_crop(config))
+    return replace(row, method=method, visual_tokens=visual, vision_crops=crops,
+                   vision_flops=vision_flops(config, crops).total, setting=setting, llm_visual_tokens=kept)
+
+
+def _prompt(model, plan: BenchPlan, visual: int, seed: int):
+    """(input_ids (1, N_v + N_t), text ids, random image features (N_v, d)): the image, then the text."""
+    config, device = plan.config, torch.device(plan.device)
+    generator = torch.Generator().manual_seed(seed)
+    text_ids = torch.randint(0, config.text_config.vocab_size, (plan.text_tokens,), generator=generator)
+    text_ids[text_ids == config.image_token_id] = 0
+    input_ids = torch.cat([torch.full((visual,), config.image_token_id), text_ids])[None].to(device)
+    features = torch.randn(visual, config.text_config.hidden_size, generator=generator).to(device, model.dtype)
+    return input_ids, text_ids, features
+
+
+def _timings(model, plan: BenchPlan, inputs: dict, text_ids: torch.Tensor):
+    """(median prefill seconds, median decode seconds per token, KV bytes after prefill) of one prompt."""
+    device = torch.device(plan.device)
     prefill_times = []
     for _ in range(plan.repeats + 1):  # the first run is the warm-up
         output = None  # free the previous run's cache first
@@ -167,27 +265,7 @@ def _measure(model, plan: BenchPlan, method: str, configuration: int | None, vis
     decode_times = [_timed(device, lambda: model(**step))[0] for _ in range(plan.decode_tokens + 1)]
     del cache, output
     gc.collect()
-
-    crops = math.ceil(visual / tokens_per_crop(config))
-    if method == "visor":
-        self_attention = config.configurations[configuration]
-    else:
-        self_attention = list(range(config.num_layers)) if method == "full" else []
-    return BenchRow(
-        method=method,
-        configuration=configuration,
-        visual_tokens=visual,
-        text_tokens=text,
-        llm_prefill_flops=llm_prefill_flops(config, visual, text, flops_configuration, logits_tokens=1).total,
-        prefill_s=statistics.median(prefill_times[1:]),
-        decode_s_per_token=statistics.median(decode_times[1:]),
-        kv_bytes_visual=kv_bytes["visual"],
-        kv_bytes_text=kv_bytes["text"],
-        self_attention_layers=self_attention,
-        decode_flops_per_token=decode_flops_per_token(config, visual, text, flops_configuration).total,
-        vision_crops=crops,
-        vision_flops=vision_flops(config, crops).total,
-    )
+    return statistics.median(prefill_times[1:]), statistics.median(decode_times[1:]), kv_bytes
 
 
 def _timed(device: torch.device, run):
@@ -205,6 +283,8 @@ def _timed(device: torch.device, run):
 def _label(row: BenchRow) -> str:
     if row.method == "visor":
         return f"VISOR {row.configuration} ({len(row.self_attention_layers)} SA)"
+    if row.setting is not None:
+        return f"{row.method} {row.setting}"
     return row.method
 
 
@@ -221,6 +301,9 @@ def write_outputs(rows: list[BenchRow], output: str | Path) -> list[Path]:
     visor_labels = [label for label in lines if label.startswith("VISOR")]
     palette = colormaps["viridis"].resampled(max(1, len(visor_labels)))
     colors = {"full": "black", "text-only": "grey", **{label: palette(i) for i, label in enumerate(visor_labels)}}
+    baseline_labels = [label for label in lines if label not in colors]
+    others = colormaps["tab20"].resampled(max(1, len(baseline_labels)))
+    colors |= {label: others(i) for i, label in enumerate(baseline_labels)}
 
     figure = Figure(figsize=(7, 5), layout="constrained")
     axes = figure.subplots()
@@ -255,10 +338,18 @@ def _int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "bench",
-        help="FLOPs, prefill/decode time and KV bytes: full model vs VISOR configurations vs text-only",
+        help="FLOPs, prefill/decode time and KV bytes: full model vs VISOR configurations vs text-only "
+             "(and token-reduction baselines)",
         description=__doc__.split("\n\n")[0],
     )
     parser.add_argument("--preset", required=True, help="model shapes, e.g. tiny or llava-ov-0.5b")
@@ -272,6 +363,8 @@ def register(subparsers) -> None:
                         help="VISOR configuration indices to run (default all)")
     parser.add_argument("--device", default=BenchPlan.device)
     parser.add_argument("--dtype", default=BenchPlan.dtype, choices=sorted(DTYPES))
+    parser.add_argument("--baselines", type=_float_list, default=BenchPlan.baselines,
+                        help="token-reduction baselines at these FLOPs ratios, e.g. 2,4,8 (default none)")
     parser.set_defaults(func=_command)
 
 
@@ -280,7 +373,7 @@ def _command(args: argparse.Namespace) -> int:
         plan = BenchPlan(
             preset=args.preset, visual_tokens=args.visual_tokens, text_tokens=args.text_tokens,
             repeats=args.repeats, decode_tokens=args.decode_tokens, configurations=args.configurations,
-            device=args.device, dtype=args.dtype,
+            device=args.device, dtype=args.dtype, baselines=args.baselines,
         )
     except ValueError as error:
         raise SystemExit(f"visor bench: error: {error}") from None
@@ -292,11 +385,11 @@ def _command(args: argparse.Namespace) -> int:
 
 
 def _table(rows: list[BenchRow]) -> str:
-    lines = [f"{'method':<18}{'Nv':>6}{'GFLOPs':>10}{'ratio':>7}{'prefill s':>11}{'speed-up':>10}"
+    lines = [f"{'method':<22}{'Nv':>6}{'GFLOPs':>10}{'ratio':>7}{'prefill s':>11}{'speed-up':>10}"
              f"{'decode ms':>11}{'KV vis MB':>11}{'KV text MB':>12}"]
     for row in rows:
         lines.append(
-            f"{_label(row):<18}{row.visual_tokens:>6}{row.llm_prefill_flops / 1e9:>10.4g}{row.flops_ratio:>7.2f}"
+            f"{_label(row):<22}{row.visual_tokens:>6}{row.llm_prefill_flops / 1e9:>10.4g}{row.flops_ratio:>7.2f}"
             f"{row.prefill_s:>11.3g}{row.speedup:>10.2f}{row.decode_s_per_token * 1e3:>11.3g}"
             f"{row.kv_bytes_visual / 2**20:>11.3g}{row.kv_bytes_text / 2**20:>12.3g}"
         )

@@ -80,6 +80,42 @@ def llm_prefill_flops(
     )
 
 
+def layerwise_prefill_flops(
+    config: LlavaOnevisionConfig,
+    layer_tokens: Iterable[tuple[int, int]],
+    scoring: Iterable[tuple[int, int]] = (),
+    logits_tokens: int = 1,
+) -> FlopCount:
+    """LLM prefill FLOPs of the stock layers with a token count of their own each (token-reduction baselines).
+
+    `layer_tokens[l] = (queries, keys)`: layer l runs q/o and the MLP on `queries` tokens, computes k/v for all
+    `keys` tokens (a superset: e.g. frozen visual tokens that only serve as keys) and attention queries × keys.
+    `scoring`: extra attention-score rows a method computes to rank tokens, as (queries, keys): the q
+    projection of `queries` tokens and their scores against `keys` cached keys, in every head. With every layer
+    at (S, S) and no scoring this is `llm_prefill_flops(config, …, "full")`.
+    """
+    text_config = config.text_config
+    width = text_config.hidden_size
+    heads, kv_heads, head_dim = _attention_shape(text_config)
+    layers = 0
+    for queries, keys in layer_tokens:
+        _check_counts(queries=queries, extra_keys=keys - queries)
+        layers += _decoder_layer_flops(text_config, queries, keys) + 2 * _linear(keys - queries, width, kv_heads * head_dim)
+    score = sum(_linear(queries, width, heads * head_dim) + 2 * heads * queries * keys * head_dim for queries, keys in scoring)
+    return FlopCount({"layers": layers, "scoring": score, "lm_head": _lm_head_flops(text_config, logits_tokens)})
+
+
+def layerwise_decode_flops_per_token(config: LlavaOnevisionConfig, layer_keys: Iterable[int]) -> FlopCount:
+    """LLM FLOPs of decoding one token when layer l's cache holds `layer_keys[l]` keys (the new one included),
+    e.g. after in-LLM token pruning; linears run on the new token only."""
+    text_config = config.text_config
+    layers = 0
+    for keys in layer_keys:
+        _check_counts(keys=keys)
+        layers += _decoder_layer_flops(text_config, 1, keys)
+    return FlopCount({"layers": layers, "lm_head": _lm_head_flops(text_config, 1)})
+
+
 def decode_flops_per_token(
     config: LlavaOnevisionConfig,
     visual_tokens: int,

@@ -1,0 +1,73 @@
+"""Training-free token-reduction baselines on the same LLaVA-OV model, and VISOR combined with token reduction.
+
+One module per method, each with an entry point taking the method's own strength (e.g. `fastv(model, layer=2,
+keep=0.5)`) and returning a model-like object with `.config`, a forward call and `.generate(...)`.
+`apply_reduction(model, method, ratio)` picks that strength for a target LLM-prefill FLOPs ratio (see `budget`),
+and `prefill_flops(model, inputs)` counts, with `visor.flops`, what each sample of a batch cost for the tokens
+it kept in each layer. Every method with nothing reduced (keep 1, stride 1) is the model it wraps, exactly.
+"""
+
+from __future__ import annotations
+
+from visor.modeling import VisorForConditionalGeneration
+from visor.reduction.budget import prefill_flops, solve_strength
+from visor.reduction.fastv import fastv, fastv_plan
+from visor.reduction.hired import HiRED, hired
+from visor.reduction.pool import Pooling, pool
+from visor.reduction.prellm import PreLLMReduced, reduced_prefill_flops
+from visor.reduction.pruned import PrunedLlava, PruningPlan
+from visor.reduction.pyramiddrop import pyramiddrop, pyramiddrop_plan
+from visor.reduction.shortv import shortv, shortv_plan
+from visor.reduction.sparsevlm import sparsevlm, sparsevlm_plan
+from visor.reduction.visionzip import VisionZip, visionzip
+
+# method → (needs a VISOR model, its reduction at a strength in (0, 1]: the fraction of tokens kept; 1 / stride²
+# for pooling; for ShortV the fraction of layers where visual tokens are *not* frozen). A reduction is data: a
+# `PruningPlan` (in-LLM) or a visual reducer (pre-LLM), so its cost is known before any model is built.
+_METHODS = {
+    "fastv": (False, lambda config, kept: fastv_plan(config, keep=kept)),
+    "pyramiddrop": (False, lambda config, kept: pyramiddrop_plan(config, ratio=kept)),
+    "sparsevlm": (False, lambda config, kept: sparsevlm_plan(config, keep=kept)),
+    "shortv": (False, lambda config, kept: shortv_plan(config, fraction=1 - kept)),
+    "visionzip": (False, lambda config, kept: VisionZip(kept)),
+    "hired": (False, lambda config, kept: HiRED(kept)),
+    "pool": (False, lambda config, kept: Pooling(kept ** -0.5)),
+    "visor+pool": (True, lambda config, kept: Pooling(kept ** -0.5)),
+    "visor+visionzip": (True, lambda config, kept: VisionZip(kept)),
+}
+METHODS = tuple(_METHODS)
+
+
+def apply_reduction(model, method: str, ratio: float):
+    """`model` reduced by `method` at the strength whose LLM prefill FLOPs are about full / `ratio` (see `budget`).
+
+    `visor+…` methods take a `VisorForConditionalGeneration` (run at its largest configuration); the others a
+    stock `LlavaOnevisionForConditionalGeneration`.
+    """
+    if method in _METHODS and _METHODS[method][0] != isinstance(model, VisorForConditionalGeneration):
+        kind = "a VISOR model" if _METHODS[method][0] else "a stock LLaVA-OV model (not VISOR)"
+        raise ValueError(f"{method} needs {kind}, got {type(model).__name__}")
+    reduction = reduction_for(model.config, method, ratio)
+    if isinstance(reduction, PruningPlan):
+        return PrunedLlava.sharing(model, reduction)
+    return PreLLMReduced(model, reduction)
+
+
+def reduction_for(config, method: str, ratio: float, inputs: dict | None = None):
+    """What `method` does at `ratio` (a `PruningPlan` or a visual reducer), matched on `inputs` (a prompt batch;
+    default `budget.reference_inputs`)."""
+    if method not in _METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    _, reduction_at = _METHODS[method]
+
+    def cost(kept: float, inputs: dict):
+        reduction = reduction_at(config, kept)
+        if isinstance(reduction, PruningPlan):
+            return reduction.prefill_flops(config, inputs)
+        return reduced_prefill_flops(config, reduction, inputs)
+
+    return reduction_at(config, solve_strength(config, cost, ratio, inputs))
+
+
+__all__ = ["METHODS", "apply_reduction", "fastv", "hired", "pool", "prefill_flops", "pyramiddrop", "shortv",
+           "reduction_for", "sparsevlm", "visionzip"]

@@ -1,0 +1,62 @@
+"""2-D average pooling of the visual tokens before the LLM ("token pooling"; VISOR-TR when under VISOR).
+
+Each image's base-view grid and stitched hi-res grid (see `anyres`) are average-pooled down to
+ceil(side / `stride`) cells per side (adaptive pooling: windows of about `stride` × `stride` tokens spread evenly
+over the grid, so any real stride ≥ 1 works); the hi-res rows get their `image_newline` again. Stride 2 keeps
+about a quarter of the tokens, as LLaVA-OV's own 2×2 video pooling; stride 1 is the identity.
+
+Reference vs paper: the VISOR paper reports "2x / 4x token pooling" on LLaVA-OV without code. We pool on the
+packed (unpadded, stitched) grids, so a window may straddle two crops; pooling each 27×27 crop before
+packing would differ only at crop borders and at unpadded edges.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional
+
+from visor.reduction.anyres import PackedGrid, packed_grid
+from visor.reduction.prellm import PreLLMReduced
+
+
+@dataclass(frozen=True)
+class Pooling:
+    stride: float
+
+    def __post_init__(self):
+        if not self.stride >= 1:
+            raise ValueError(f"pooling stride must be >= 1 (1 = no pooling), got {self.stride}")
+
+    def pooled(self, side: int) -> int:
+        return math.ceil(round(side / self.stride, 9))
+
+    def kept_tokens(self, config, image_size) -> int:
+        grid = packed_grid(config, image_size)
+        (h, w), (rows, cols) = grid.base, grid.hires
+        return self.pooled(h) * self.pooled(w) + self.pooled(rows) * (self.pooled(cols) + 1)
+
+    def vision_overhead_flops(self, config, image_size) -> int:
+        return 0  # averaging is element-wise, ignored like norms (DESIGN.md 5)
+
+    def features(self, model, pixel_values, image_sizes) -> list[torch.Tensor]:
+        packed = model.model.get_image_features(pixel_values, image_sizes, return_dict=True).pooler_output
+        newline = model.model.image_newline
+        return [self.pool_image(image, packed_grid(model.config, size), newline)
+                for image, size in zip(packed, image_sizes.tolist())]
+
+    def pool_image(self, features: torch.Tensor, grid: PackedGrid, newline: torch.Tensor) -> torch.Tensor:
+        base, hires = grid.split(features)
+        return PackedGrid.assemble(self._pool_grid(base), self._pool_grid(hires), newline)
+
+    def _pool_grid(self, grid: torch.Tensor) -> torch.Tensor:
+        """(h, w, d) → (ceil(h / stride), ceil(w / stride), d) by average pooling."""
+        size = (self.pooled(grid.shape[0]), self.pooled(grid.shape[1]))
+        return functional.adaptive_avg_pool2d(grid.permute(2, 0, 1), size).permute(1, 2, 0)
+
+
+def pool(model, stride: float = 2.0, configuration: int | None = None) -> PreLLMReduced:
+    """`model` (stock LLaVA-OV or VISOR at `configuration`, default its largest) reading pooled visual tokens."""
+    return PreLLMReduced(model, Pooling(stride), configuration)

@@ -1,0 +1,118 @@
+"""VisionZip (Yang et al., CVPR 2025): before the LLM, keep "dominant" tokens and merge the rest into "contextual" ones.
+
+Dominant tokens are those that receive the most attention in the vision encoder's feature layer; SigLIP has no
+[CLS], so a token's score is the attention it receives averaged over heads and queries of its crop (DESIGN.md
+6). The rest are merged into a few contextual tokens: evenly spaced targets among them, every other token
+joins its most similar target (cosine of the layer's keys, averaged over heads), and a contextual token is the
+target plus the mean of its members, as in the reference. Of a budget of k tokens, 10/64 are contextual (the
+reference's 54 + 10 setting). Scores come from that one layer's q/k projections (`vision_attention`), so the
+tower keeps its fast attention; `vision_overhead_flops` counts the extra score and similarity matmuls (vision
+side, not LLM prefill).
+
+Here the budget is a fraction `keep` of each image's grid tokens, chosen over the whole packed image (base
+view and hi-res rows together, newline tokens dropped), and merging happens on the projected tokens.
+
+Reference vs paper (dvlab-research/VisionZip): the paper selects by [CLS] attention and merges by key
+similarity; the reference does exactly that at CLIP layer -2 (attentions[-2], the LLaVA feature layer), sums
+the [CLS] row over heads, keeps [CLS] among the dominant tokens (`dominant - 1` patches), merges in the vision
+encoder's hidden space before the projector, and, for LLaVA-NeXT, applies the same fixed counts to every
+anyres crop independently. It monkey-patches CLIP's attention globally to obtain weights. We use the feature
+layer of LLaVA-OV (SigLIP, no [CLS]), one budget per image across its crops, and merge after the projector
+(LLaVA-OV's unpadding and newlines are defined on projected tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional
+from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+from visor.reduction.anyres import pack_like, packed_grid
+from visor.reduction.prellm import PreLLMReduced
+from visor.reduction.pruned import check_keep, kept_count
+from visor.reduction.vision_attention import (
+    captured_queries_keys,
+    feature_layer_index,
+    received_attention,
+    received_attention_flops,
+)
+
+CONTEXTUAL_SHARE = 10 / 64
+
+
+@dataclass(frozen=True)
+class VisionZip:
+    keep: float  # fraction of each image's grid tokens sent to the LLM (dominant + contextual)
+
+    def __post_init__(self):
+        check_keep(self.keep)
+
+    def budget(self, grid_tokens: int) -> tuple[int, int]:
+        """(dominant, contextual) tokens for an image with `grid_tokens` tokens."""
+        kept = kept_count(grid_tokens, self.keep)
+        contextual = int(kept * CONTEXTUAL_SHARE + 0.5)
+        return kept - contextual, contextual
+
+    def kept_tokens(self, config, image_size) -> int:
+        grid = packed_grid(config, image_size)
+        if self.keep == 1:
+            return grid.num_tokens
+        return sum(self.budget(grid.num_tokens - grid.hires[0]))
+
+    def vision_overhead_flops(self, config, image_size) -> int:
+        """The score rows of the feature layer in every crop, and the merge similarities."""
+        if self.keep == 1:
+            return 0
+        vision = config.vision_config
+        head_dim = vision.hidden_size // vision.num_attention_heads
+        crops = image_size_to_num_patches(list(image_size), config.image_grid_pinpoints, vision.image_size)
+        grid = packed_grid(config, image_size)
+        dominant, contextual = self.budget(grid.num_tokens - grid.hires[0])
+        rest = grid.num_tokens - grid.hires[0] - dominant
+        return received_attention_flops(config, crops) + 2 * (rest - contextual) * contextual * head_dim
+
+    def features(self, model, pixel_values, image_sizes) -> list[torch.Tensor]:
+        config = model.config
+        if self.keep == 1:
+            return list(model.model.get_image_features(pixel_values, image_sizes, return_dict=True).pooler_output)
+        layer = feature_layer_index(model)
+        with captured_queries_keys(model, [layer]) as captured:
+            packed = model.model.get_image_features(pixel_values, image_sizes, return_dict=True).pooler_output
+        queries, keys = captured[layer]
+        received, keys = received_attention(model, layer, queries, keys), keys.mean(dim=1)
+        crops = [image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
+                 for size in image_sizes.tolist()]
+        reduced = []
+        for image, size, image_received, image_keys in zip(packed, image_sizes.tolist(), received.split(crops),
+                                                           keys.split(crops)):
+            grid = ~packed_grid(config, size).newlines()
+            scores = pack_like(config, image_received[..., None], size)[:, 0]
+            reduced.append(self.zip_image(image, scores, pack_like(config, image_keys, size), grid))
+        return reduced
+
+    def zip_image(self, features, scores, keys, grid) -> torch.Tensor:
+        """(n, d) packed tokens → dominant tokens (in order) followed by contextual tokens."""
+        dominant, contextual = self.budget(int(grid.sum()))
+        top = scores.masked_fill(~grid, float("-inf")).topk(dominant).indices.sort().values
+        rest = grid.clone()
+        rest[top] = False
+        rest = rest.nonzero().squeeze(1)
+        if contextual == 0:
+            return features[top]
+        step = max(1, len(rest) // contextual)
+        is_target = torch.zeros(len(rest), dtype=torch.bool)
+        is_target[torch.arange(0, len(rest), step)[:contextual]] = True
+        metric = functional.normalize(keys[rest], dim=-1)
+        similarity = metric[~is_target] @ metric[is_target].T
+        assigned = similarity.argmax(dim=1)
+        members = features[rest][~is_target]
+        sums = features.new_zeros(contextual, features.shape[-1]).index_add_(0, assigned, members)
+        counts = torch.bincount(assigned, minlength=contextual).clamp(min=1)[:, None]
+        return torch.cat([features[top], features[rest][is_target] + sums / counts])
+
+
+def visionzip(model, keep: float = 0.1, configuration: int | None = None) -> PreLLMReduced:
+    """`model` (stock LLaVA-OV, or VISOR at `configuration`) reading `keep` of each image's tokens via VisionZip."""
+    return PreLLMReduced(model, VisionZip(keep), configuration)

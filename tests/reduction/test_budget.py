@@ -1,0 +1,82 @@
+"""`apply_reduction` and `prefill_flops`: the requested ratio is met on the reference prompt, errors are clear."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from visor import VisorForConditionalGeneration, reduction
+from visor.reduction.budget import full_prefill_flops, reference_inputs
+
+
+@pytest.fixture(scope="module")
+def visor(stock):
+    return VisorForConditionalGeneration.from_llava(stock).eval()
+
+
+def model_for(method, stock, visor):
+    return visor if method.startswith("visor+") else stock
+
+
+def test_methods_are_the_issue_names():
+    known = {"fastv", "pyramiddrop", "visionzip", "hired", "sparsevlm", "shortv", "pool", "visor+pool", "visor+visionzip"}
+    assert set(reduction.METHODS) <= known and {"pool", "visor+pool", "fastv", "pyramiddrop"} <= set(reduction.METHODS)
+
+
+@pytest.mark.parametrize("method", reduction.METHODS)
+def test_ratio_is_reached_on_the_reference_prompt(stock, visor, method):
+    base = model_for(method, stock, visor)
+    inputs = reference_inputs(stock.config)
+    full = int(full_prefill_flops(stock.config, inputs)[0])
+    for ratio in (1.0, 2.0):
+        reached = full / int(reduction.prefill_flops(reduction.apply_reduction(base, method, ratio), inputs)[0])
+        if method.startswith("visor+"):
+            assert reached >= ratio  # VISOR alone may already save more
+        else:
+            assert ratio <= reached < 1.25 * ratio
+
+
+def test_ratio_one_is_the_unreduced_model(stock, batch):
+    with torch.no_grad():
+        for method in ("pool", "fastv", "pyramiddrop"):
+            model = reduction.apply_reduction(stock, method, 1.0)
+            assert torch.equal(reduction.prefill_flops(model, batch), full_prefill_flops(stock.config, batch))
+
+
+def test_out_of_reach_warns_and_takes_the_strongest(stock):
+    with pytest.warns(UserWarning, match="out of reach"):
+        model = reduction.apply_reduction(stock, "fastv", 50.0)
+    assert model.plan.details["keep"] < 0.01
+
+
+def test_plain_models_count_as_themselves(stock, visor, batch):
+    assert torch.equal(reduction.prefill_flops(stock, batch), full_prefill_flops(stock.config, batch))
+    assert torch.equal(reduction.prefill_flops(visor, batch), full_prefill_flops(visor.config, batch, None))
+
+
+def test_bad_input(stock, visor):
+    with pytest.raises(ValueError, match="unknown method"):
+        reduction.apply_reduction(stock, "tome", 2.0)
+    with pytest.raises(ValueError, match="needs a VISOR model"):
+        reduction.apply_reduction(stock, "visor+pool", 2.0)
+    with pytest.raises(ValueError, match="needs a stock LLaVA-OV model"):
+        reduction.apply_reduction(visor, "fastv", 2.0)
+    with warnings.catch_warnings(), pytest.raises(ValueError, match="ratio must be >= 1"):
+        reduction.apply_reduction(stock, "pool", 0.5)
+
+
+@pytest.mark.parametrize("method", reduction.METHODS)
+def test_every_method_runs_as_the_demo_calls_it(stock, visor, batch, method):
+    """apply_reduction → generate (greedy, pad/eos from the config) → prefill_flops per sample, at 4x."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a 6-layer model cannot give every method 4x
+        model = reduction.apply_reduction(model_for(method, stock, visor), method, 4.0)
+    text_config = model.config.text_config
+    output = model.generate(**batch, max_new_tokens=2, do_sample=False, pad_token_id=text_config.pad_token_id,
+                            eos_token_id=text_config.eos_token_id, return_dict_in_generate=True)
+    assert output.sequences.shape == (len(batch["input_ids"]), batch["input_ids"].shape[1] + 2)
+    flops = reduction.prefill_flops(model, batch)
+    assert flops.dtype == torch.long and flops.shape == (len(batch["input_ids"]),)
+    assert (flops < full_prefill_flops(stock.config, batch)).all()
