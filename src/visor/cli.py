@@ -8,6 +8,7 @@ import importlib
 # Modules that contribute a subcommand through `register(subparsers)`.
 _SUBCOMMAND_MODULES = (
     "visor.demo",
+    "visor.generate",
     "visor.bench",
     "visor.training.cli",
     "visor.data.cli",

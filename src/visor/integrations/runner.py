@@ -1,0 +1,150 @@
+"""A saved checkpoint answering batches of (image, question) requests: greedy answers and answer log-likelihoods.
+
+This is what an evaluation harness needs from a model, without the harness: `visor.integrations.lmms_eval` only
+translates lmms-eval's requests into these calls, so everything here is tested without lmms-eval installed.
+
+The checkpoint is a VISOR one (a fixed configuration, or the policy with threshold τ) or a stock LLaVA-OV one
+(the full model, the row every VISOR number is compared with). Prompts go through `VisorProcessor` with the
+tokenizer saved next to the weights, exactly as `visor generate` answers one question; each answer records the
+configuration that ran and its LLM prefill FLOPs by the one counter (`visor.flops`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from visor.data.processor import VisorProcessor
+from visor.flops import llm_prefill_flops, router_flops
+from visor.generate import configuration_index
+from visor.modeling.router import check_threshold
+from visor.policy.labels import prompt_tokens
+from visor.training.recipes import is_visor, load_checkpoint
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One generated answer: its text, the configuration that ran ("full" for a stock model) and what it cost."""
+
+    text: str
+    configuration: int | str
+    llm_prefill_flops: int
+    full_flops: int
+
+
+@dataclass(frozen=True)
+class Score:
+    """A continuation scored under teacher forcing: its summed log-probability, its length in tokens, and
+    whether greedy decoding produces exactly it."""
+
+    log_probability: float
+    tokens: int
+    greedy: bool
+
+
+class CheckpointRunner:
+    """Loads a checkpoint folder once and answers batches with it.
+
+    `configuration`: "auto" (the policy; the largest configuration when the model has no router) or an index
+    into `config.configurations`; a stock model takes only "auto" (or "full"). `tau`: the policy's threshold
+    (default: the one saved with the model).
+    """
+
+    def __init__(self, pretrained: str | Path, configuration: str | int = "auto", tau: float | None = None,
+                 device: str | torch.device = "cpu"):
+        folder = Path(pretrained)
+        self.device = torch.device(device)
+        self.model = load_checkpoint(folder).eval().to(self.device)
+        if not (folder / "tokenizer_config.json").is_file():
+            raise ValueError(f"{folder} has no tokenizer (tokenizer_config.json); save one next to the weights")
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        config = self.model.config
+        self.is_visor = is_visor(self.model)
+        if self.is_visor:
+            if configuration == "auto" and self.model.router is None:
+                configuration = config.largest_configuration
+            if configuration != "auto":
+                configuration = configuration_index(configuration, len(config.configurations))
+        elif configuration not in ("auto", "full") or tau is not None:
+            raise ValueError("a stock LLaVA-OV model has one configuration: drop `configuration` and `tau`")
+        self.configuration = configuration if self.is_visor else "full"
+        self.tau = None if tau is None else check_threshold(tau)
+        # Left padding for both: generation needs it, and it puts every continuation at the end of its row.
+        self.processor = VisorProcessor(config, tokenizer, padding_side="left")
+
+    @property
+    def routed(self) -> bool:
+        return self.configuration == "auto"
+
+    def _options(self, configuration) -> dict:
+        """Keyword arguments that select the configuration (none for a stock model)."""
+        if not self.is_visor:
+            return {}
+        return dict(configuration=configuration, router_threshold=self.tau)
+
+    def _inputs(self, images, questions, answers=None) -> dict:
+        return {key: value.to(self.device) for key, value in self.processor(images, questions, answers).items()}
+
+    @torch.no_grad()
+    def generate(self, images: Sequence, questions: Sequence[str], max_new_tokens: int = 16,
+                 until: Sequence[str] = ()) -> list[Answer]:
+        """Greedy answers, cut at the end-of-sequence token and before the first of the `until` strings."""
+        inputs = self._inputs(images, questions)
+        text_config = self.model.config.text_config
+        output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                     return_dict_in_generate=True, pad_token_id=text_config.pad_token_id,
+                                     eos_token_id=text_config.eos_token_id, **self._options(self.configuration))
+        new_tokens = output.sequences[:, inputs["input_ids"].shape[1]:]
+        ran = output.past_key_values.configuration.tolist() if self.is_visor else ["full"] * len(new_tokens)
+        extra = router_flops(self.model.config) if self.routed else 0
+        answers = []
+        for row, (visual, text) in enumerate(prompt_tokens(self.model.config, inputs).tolist()):
+            answers.append(Answer(
+                text=_cut(self.processor.decode(new_tokens[row]), until),
+                configuration=ran[row],
+                llm_prefill_flops=llm_prefill_flops(self.model.config, visual, text, ran[row]).total + extra,
+                full_flops=llm_prefill_flops(self.model.config, visual, text, "full").total,
+            ))
+        return answers
+
+    @torch.no_grad()
+    def loglikelihood(self, images: Sequence, questions: Sequence[str],
+                      continuations: Sequence[str]) -> list[Score]:
+        """log P(continuation | image, question) per request, with its token count and greedy check.
+
+        The continuation is scored as the start of the assistant's turn (surrounding whitespace dropped, no
+        end-of-sequence token). Under the policy the router decides from the prompt alone, as in generation,
+        and the continuation is then scored with the configuration it chose.
+        """
+        configuration = self.configuration
+        if self.routed:
+            prompts = self._inputs(images, questions)
+            configuration = self.model(**prompts, **self._options("auto"), logits_to_keep=1).configuration
+        inputs = self._inputs(images, questions, continuations)
+        # The processor ends every answer with end-of-sequence; with left padding that is the last column.
+        labels = inputs.pop("labels")[:, :-1]
+        inputs["input_ids"], inputs["attention_mask"] = inputs["input_ids"][:, :-1], inputs["attention_mask"][:, :-1]
+        scored_length = int((labels != -100).sum(dim=1).max())
+        # Logits only where they predict a continuation token (the last prompt token onwards): memory stays
+        # (batch, answer length, vocabulary) however long the visual prompt is.
+        logits = self.model(**inputs, **self._options(configuration), logits_to_keep=scored_length + 1).logits
+        predicted = logits[:, :-1].float()
+        targets = labels[:, -scored_length:]
+        scored = targets != -100
+        log_probs = torch.log_softmax(predicted, dim=-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+        totals = (log_probs * scored).sum(dim=1)
+        greedy = ((predicted.argmax(dim=-1) == targets) | ~scored).all(dim=1)
+        return [Score(float(total), int(tokens), bool(exact))
+                for total, tokens, exact in zip(totals, scored.sum(dim=1), greedy)]
+
+
+def _cut(text: str, until: Sequence[str]) -> str:
+    """`text` up to the first occurrence of any stop string."""
+    for stop in until:
+        if stop:
+            text = text.split(stop, 1)[0]
+    return text.strip()

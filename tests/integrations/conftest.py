@@ -1,0 +1,57 @@
+"""Fixtures for the integration tests: tiny checkpoints saved with their tokenizer, and the synthetic lmms-eval tasks.
+
+Everything is fp32, offline and random-weight: the tests check plumbing and numbers against direct model calls,
+not accuracy.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest
+import torch
+from transformers import LlavaOnevisionForConditionalGeneration
+
+from visor import VisorForConditionalGeneration, presets
+from visor.data import build_tokenizer
+from visor.integrations.lmms_tasks import write_task
+
+FIRST_WORD_ID = 5  # ids below are the tiny tokenizer's special tokens
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """{"stock": folder, "visor": folder}: a tiny stock model and its VISOR conversion (open gates, random
+    router, so configurations really differ), each saved with the suite's tokenizer.
+
+    The output head is untied and scores only the tokenizer's words (other ids get logit 0, below the best
+    word's), so greedy answers are words rather than special or unused ids.
+    """
+    tokenizer = build_tokenizer()
+    config = presets.tiny(6)
+    config.tie_word_embeddings = config.text_config.tie_word_embeddings = False
+    torch.manual_seed(0)
+    stock = LlavaOnevisionForConditionalGeneration(config).eval()
+    visor = VisorForConditionalGeneration.from_llava(stock).eval()
+    with torch.no_grad():
+        for model in (stock, visor):
+            model.lm_head.weight[:FIRST_WORD_ID].zero_()
+            model.lm_head.weight[len(tokenizer):].zero_()
+        for block in visor.cross_attention.values():
+            block.attention_gate.fill_(0.8)
+    folders = {}
+    for name, model in (("stock", stock), ("visor", visor)):
+        folder = tmp_path_factory.mktemp(name)
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        folders[name] = folder
+    return folders
+
+
+@pytest.fixture(scope="session")
+def task_folder(tmp_path_factory):
+    """The demo suite's synthetic lmms-eval tasks, two test samples per task."""
+    return write_task(tmp_path_factory.mktemp("lmms_tasks"), suite="demo", per_task=2)

@@ -1,0 +1,140 @@
+"""The lmms-eval plugin, run as lmms-eval runs it: found through the `lmms_eval.models` entry point and driven by
+lmms-eval's own `simple_evaluate` and CLI on the local synthetic tasks. Skipped where lmms-eval is not installed
+(`pip install -e ".[lmms]"`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import datasets
+import pytest
+
+pytest.importorskip("lmms_eval")
+
+from lmms_eval.api.instance import Instance  # noqa: E402
+
+from visor.integrations.lmms_eval import VisorLmms  # noqa: E402
+from visor.integrations.lmms_tasks import DATA_FILE, utils  # noqa: E402
+from visor.integrations.runner import CheckpointRunner  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def docs(task_folder):
+    return datasets.load_dataset("parquet", data_files=str(task_folder / DATA_FILE), split="train")
+
+
+def test_entry_point_registers_the_model():
+    from lmms_eval.models import get_model
+
+    assert get_model("visor") is VisorLmms
+
+
+def test_simple_evaluate_scores_what_the_runner_answers(checkpoints, task_folder, docs):
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(task_folder), include_defaults=False)
+    output = simple_evaluate(model="visor", model_args=f"pretrained={checkpoints['visor']},configuration=auto,tau=0.5",
+                             tasks=["visor_synthetic"], batch_size=3, device="cpu", task_manager=manager)
+    assert output["n-samples"]["visor_synthetic"]["effective"] == len(docs)
+    # lmms-eval logs and scores exactly the runner's greedy answers.
+    runner = CheckpointRunner(checkpoints["visor"], "auto", 0.5)
+    expected = runner.generate([doc["image"] for doc in docs], [doc["question"] for doc in docs], max_new_tokens=8,
+                               until=["\n"])
+    logged = {sample["doc_id"]: sample for sample in output["samples"]["visor_synthetic"]}
+    assert [logged[index]["filtered_resps"][0] for index in range(len(docs))] == [got.text for got in expected]
+    assert output["results"]["visor_synthetic"]["exact_match,none"] == pytest.approx(
+        sum(utils.process_results(doc, [got.text])["exact_match"] for doc, got in zip(docs, expected)) / len(docs))
+
+
+def test_multiple_choice_requests_built_by_lmms_eval_score_by_likelihood(checkpoints, task_folder, docs):
+    """The choice task's requests, built and scored by lmms-eval's own task code around our `loglikelihood`.
+
+    (Not through `simple_evaluate`: lmms-eval 0.7.3's evaluator turns every response into a string,
+    `unwrap_generation_output`, so loglikelihood and multiple-choice tasks fail there for every model.)
+    """
+    from lmms_eval.tasks import TaskManager, get_task_dict
+
+    manager = TaskManager(include_path=str(task_folder), include_defaults=False)
+    task = get_task_dict(["visor_synthetic_choice"], manager)["visor_synthetic_choice"]
+    task.build_all_requests(limit=None, rank=0, world_size=1)
+    lm = VisorLmms(pretrained=str(checkpoints["visor"]), configuration=0, batch_size=4)
+    lm.task_dict = {"visor_synthetic_choice": task.dataset}
+    responses = lm.loglikelihood(task.instances)
+    by_doc = {}
+    for instance, response in zip(task.instances, responses):
+        by_doc.setdefault(instance.doc_id, []).append((instance.idx, response))
+    runner = CheckpointRunner(checkpoints["visor"], 0)
+    for doc_id, doc in enumerate(docs):
+        choices = doc["choices"]
+        scores = runner.loglikelihood([doc["image"]] * len(choices), [doc["question"]] * len(choices), choices)
+        best = max(range(len(choices)), key=lambda index: scores[index].log_probability / scores[index].tokens)
+        ordered = [response for _, response in sorted(by_doc[doc_id])]
+        assert task.process_results(doc, ordered)["acc"] == float(choices[best] == doc["answer"])
+
+
+def test_cli_writes_results(checkpoints, task_folder, tmp_path):
+    """`lmms-eval --model visor ...` as a user types it, in a fresh process (entry point, argument parsing)."""
+    command = [sys.executable, "-m", "lmms_eval", "--model", "visor", "--model_args",
+               f"pretrained={checkpoints['stock']}", "--tasks", "visor_synthetic", "--include_path", str(task_folder),
+               "--batch_size", "4", "--device", "cpu", "--output_path", str(tmp_path)]
+    environment = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
+    subprocess.run(command, check=True, env=environment, capture_output=True, timeout=300)
+    written = [json.loads(path.read_text()) for path in tmp_path.rglob("*_results.json")]
+    assert len(written) == 1 and "exact_match,none" in written[0]["results"]["visor_synthetic"]
+
+
+# ---- the model API directly: batching, request order, errors --------------------------------------------------
+def _requests(docs, kind: str, arguments) -> list[Instance]:
+    return [Instance(request_type=kind, arguments=args, idx=0,
+                     metadata={"task": args[4], "doc_id": args[3], "repeats": 1}) for args in arguments]
+
+
+@pytest.fixture(scope="module")
+def lm(checkpoints, docs):
+    model = VisorLmms(pretrained=str(checkpoints["visor"]), configuration=1, batch_size=2)
+    model.task_dict = {"synthetic": {"test": docs}}
+    return model
+
+
+def test_answers_come_back_in_request_order_across_batches_and_generation_settings(lm, docs):
+    short, longer = {"max_new_tokens": 1, "until": ["\n"]}, {"max_new_tokens": 3}
+    order = [4, 0, 7, 2, 9]
+    requests = _requests(docs, "generate_until", [
+        (docs[index]["question"], short if position % 2 else longer, utils.doc_to_visual, index, "synthetic", "test")
+        for position, index in enumerate(order)])
+    got = lm.generate_until(requests)
+    for position, index in enumerate(order):
+        length = 1 if position % 2 else 3
+        expected = lm.runner.generate([docs[index]["image"]], [docs[index]["question"]], max_new_tokens=length)
+        assert got[position] == expected[0].text
+    assert len(lm.answers) >= len(order)
+
+
+def test_loglikelihood_is_the_mean_token_loss(lm, docs):
+    continuations = ["red", "red blue", "3"]
+    requests = _requests(docs, "loglikelihood", [
+        (docs[index]["question"], continuation, utils.doc_to_visual, index, "synthetic", "test")
+        for index, continuation in zip((1, 5, 8), continuations)])
+    got = lm.loglikelihood(requests)
+    for (loss, greedy), index, continuation in zip(got, (1, 5, 8), continuations):
+        [score] = lm.runner.loglikelihood([docs[index]["image"]], [docs[index]["question"]], [continuation])
+        assert loss == pytest.approx(-score.log_probability / score.tokens, abs=1e-5) and greedy == score.greedy
+
+
+@pytest.mark.parametrize("options, message", [({"do_sample": True}, "greedily"), ({"num_beams": 3}, "greedily")])
+def test_sampling_requests_are_refused(lm, docs, options, message):
+    requests = _requests(docs, "generate_until", [(docs[0]["question"], options, utils.doc_to_visual, 0,
+                                                   "synthetic", "test")])
+    with pytest.raises(ValueError, match=message):
+        lm.generate_until(requests)
+
+
+def test_documents_without_exactly_one_image_are_refused(lm, docs):
+    two_images = lambda doc: utils.doc_to_visual(doc) * 2  # noqa: E731
+    requests = _requests(docs, "generate_until", [(docs[0]["question"], {}, two_images, 0, "synthetic", "test")])
+    with pytest.raises(NotImplementedError, match="exactly one image"):
+        lm.generate_until(requests)

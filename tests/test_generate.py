@@ -1,0 +1,94 @@
+"""`visor generate`: one question answered by a saved model, with the configuration that ran and its FLOPs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+from transformers import LlavaOnevisionForConditionalGeneration
+
+from visor import VisorForConditionalGeneration, cli, presets
+from visor.data import build_tokenizer
+from visor.flops import llm_prefill_flops, router_flops
+from visor.generate import answer
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny stock model and its VISOR conversion (open gates, random router), each saved with a tokenizer."""
+    torch.manual_seed(0)
+    stock = LlavaOnevisionForConditionalGeneration(presets.tiny(6)).eval()
+    visor = VisorForConditionalGeneration.from_llava(stock).eval()
+    with torch.no_grad():
+        for block in visor.cross_attention.values():
+            block.attention_gate.fill_(0.8)
+    folders = {}
+    for name, model in (("stock", stock), ("visor", visor)):
+        folder = tmp_path_factory.mktemp(name)
+        model.save_pretrained(folder)
+        build_tokenizer().save_pretrained(folder)
+        folders[name] = folder
+    image = Image.new("RGB", (64, 64), (200, 30, 30))
+    return folders, visor.config, image
+
+
+def test_fixed_configuration_reports_its_layers_and_flops(saved):
+    folders, config, image = saved
+    for index, layers in enumerate(config.configurations):
+        result = answer(folders["visor"], image, "what color dominates the image ?", configuration=index,
+                        max_new_tokens=2)
+        assert result["configuration"] == index and list(result["self_attention_layers"]) == list(layers)
+        expected = llm_prefill_flops(config, result["visual_tokens"], result["text_tokens"], index).total
+        assert result["llm_prefill_flops"] == expected < result["full_flops"]
+
+
+def test_auto_counts_the_router_and_picks_a_valid_configuration(saved):
+    folders, config, image = saved
+    for tau in (0.0, 1.0):
+        result = answer(folders["visor"], image, "what color dominates the image ?", tau=tau, max_new_tokens=2)
+        ran = result["configuration"]
+        assert 0 <= ran < len(config.configurations)
+        expected = llm_prefill_flops(config, result["visual_tokens"], result["text_tokens"], ran).total
+        assert result["llm_prefill_flops"] == expected + router_flops(config)
+    # τ = 1 demands certainty no router gives: the largest configuration runs.
+    assert result["configuration"] == config.largest_configuration
+
+
+def test_stock_model_answers_at_full_cost(saved):
+    folders, _, image = saved
+    result = answer(folders["stock"], image, "what color dominates the image ?", max_new_tokens=2)
+    assert result["configuration"] == "full" and result["llm_prefill_flops"] == result["full_flops"]
+
+
+def test_cli_prints_answer_configuration_and_flops(saved, tmp_path, capsys):
+    folders, _, image = saved
+    path = tmp_path / "image.png"
+    image.save(path)
+    assert cli.main(["generate", "--model", str(folders["visor"]), "--image", str(path), "--question",
+                     "what color dominates the image ?", "--configuration", "0", "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "answer:" in out and "configuration: 0" in out and "GFLOPs" in out
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(configuration="7"), "out of range"),
+    (dict(configuration="big"), "'auto' or an index"),
+    (dict(tau=1.5), "must lie in [0, 1]"),
+])
+def test_bad_options_are_clear_errors(saved, tmp_path, capsys, options, message):
+    folders, _, image = saved
+    path = tmp_path / "image.png"
+    image.save(path)
+    argv = ["generate", "--model", str(folders["visor"]), "--image", str(path), "--question", "what ?"]
+    for key, value in options.items():
+        argv += [f"--{key}", str(value)]
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_model_folder_without_tokenizer_is_a_clear_error(saved, tmp_path):
+    folders, _, image = saved
+    bare = tmp_path / "bare"
+    LlavaOnevisionForConditionalGeneration(presets.tiny(2)).save_pretrained(bare)
+    with pytest.raises(ValueError, match="no tokenizer"):
+        answer(bare, image, "what ?")
