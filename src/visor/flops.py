@@ -116,6 +116,23 @@ def layerwise_decode_flops_per_token(config: LlavaOnevisionConfig, layer_keys: I
     return FlopCount({"layers": layers, "lm_head": _lm_head_flops(text_config, 1)})
 
 
+def prompt_token_counts(config: LlavaOnevisionConfig, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(visual, text) token counts per sample of a prompt batch (`input_ids`, optional `attention_mask`),
+    padding excluded: what every per-sample FLOPs figure of a batch is computed from."""
+    ids = inputs["input_ids"]
+    mask = inputs.get("attention_mask")
+    valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+    visual = ((ids == config.image_token_id) & valid).sum(dim=1)
+    return visual, valid.sum(dim=1) - visual
+
+
+def prompt_prefill_flops(config: LlavaOnevisionConfig, inputs: dict, configuration: Configuration = "full") -> torch.Tensor:
+    """(B,) `llm_prefill_flops` of each prompt of a batch at one configuration (default: the stock model)."""
+    visual, text = prompt_token_counts(config, inputs)
+    return torch.tensor([llm_prefill_flops(config, v, t, configuration).total
+                         for v, t in zip(visual.tolist(), text.tolist())])
+
+
 def decode_flops_per_token(
     config: LlavaOnevisionConfig,
     visual_tokens: int,

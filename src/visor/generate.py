@@ -35,8 +35,7 @@ def answer(model_dir: str | Path, image, question: str, configuration: str | int
     from transformers.utils import logging as hf_logging
 
     from visor.data.processor import VisorProcessor
-    from visor.demo.systems import token_counts
-    from visor.flops import llm_prefill_flops, router_flops
+    from visor.flops import llm_prefill_flops, prompt_token_counts, router_flops
     from visor.training.recipes import is_visor, load_checkpoint
 
     hf_logging.disable_progress_bar()
@@ -64,7 +63,7 @@ def answer(model_dir: str | Path, image, question: str, configuration: str | int
                                 **options)
     new_tokens = output.sequences[0, inputs["input_ids"].shape[1]:]
     ran = int(output.past_key_values.configuration[0]) if is_visor(model) else "full"
-    visual, text = (int(count[0]) for count in token_counts(model.config, inputs))
+    visual, text = (int(count[0]) for count in prompt_token_counts(model.config, inputs))
     flops = llm_prefill_flops(model.config, visual, text, ran).total + extra
     full = llm_prefill_flops(model.config, visual, text, "full").total
     layers = model.config.configurations[ran] if is_visor(model) else "all"

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from visor import VisorForConditionalGeneration, reduction
-from visor.reduction.budget import full_prefill_flops, reference_inputs
+from visor.flops import prompt_prefill_flops
+from visor.reduction.budget import reference_inputs
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def test_methods_are_the_issue_names():
 def test_ratio_is_reached_on_the_reference_prompt(stock, visor, method):
     base = model_for(method, stock, visor)
     inputs = reference_inputs(stock.config)
-    full = int(full_prefill_flops(stock.config, inputs)[0])
+    full = int(prompt_prefill_flops(stock.config, inputs)[0])
     for ratio in (1.0, 2.0):
         reached = full / int(reduction.prefill_flops(reduction.apply_reduction(base, method, ratio), inputs)[0])
         if method.startswith("visor+"):
@@ -42,7 +43,7 @@ def test_ratio_one_is_the_unreduced_model(stock, batch):
     with torch.no_grad():
         for method in ("pool", "fastv", "pyramiddrop"):
             model = reduction.apply_reduction(stock, method, 1.0)
-            assert torch.equal(reduction.prefill_flops(model, batch), full_prefill_flops(stock.config, batch))
+            assert torch.equal(reduction.prefill_flops(model, batch), prompt_prefill_flops(stock.config, batch))
 
 
 def test_out_of_reach_warns_and_takes_the_strongest(stock):
@@ -52,8 +53,8 @@ def test_out_of_reach_warns_and_takes_the_strongest(stock):
 
 
 def test_plain_models_count_as_themselves(stock, visor, batch):
-    assert torch.equal(reduction.prefill_flops(stock, batch), full_prefill_flops(stock.config, batch))
-    assert torch.equal(reduction.prefill_flops(visor, batch), full_prefill_flops(visor.config, batch, None))
+    assert torch.equal(reduction.prefill_flops(stock, batch), prompt_prefill_flops(stock.config, batch))
+    assert torch.equal(reduction.prefill_flops(visor, batch), prompt_prefill_flops(visor.config, batch, None))
 
 
 def test_bad_input(stock, visor):
@@ -79,4 +80,4 @@ def test_every_method_runs_as_the_demo_calls_it(stock, visor, batch, method):
     assert output.sequences.shape == (len(batch["input_ids"]), batch["input_ids"].shape[1] + 2)
     flops = reduction.prefill_flops(model, batch)
     assert flops.dtype == torch.long and flops.shape == (len(batch["input_ids"]),)
-    assert (flops < full_prefill_flops(stock.config, batch)).all()
+    assert (flops < prompt_prefill_flops(stock.config, batch)).all()

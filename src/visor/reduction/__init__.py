@@ -38,8 +38,9 @@ _METHODS = {
 METHODS = tuple(_METHODS)
 
 
-def apply_reduction(model, method: str, ratio: float):
-    """`model` reduced by `method` at the strength whose LLM prefill FLOPs are about full / `ratio` (see `budget`).
+def apply_reduction(model, method: str, ratio: float, inputs: dict | None = None):
+    """`model` reduced by `method` at the strength whose LLM prefill FLOPs are about full / `ratio` on `inputs`
+    (a prompt batch like the ones it will see; default `budget.reference_inputs`).
 
     `visor+…` methods take a `VisorForConditionalGeneration` (run at its largest configuration); the others a
     stock `LlavaOnevisionForConditionalGeneration`.
@@ -47,7 +48,7 @@ def apply_reduction(model, method: str, ratio: float):
     if method in _METHODS and _METHODS[method][0] != isinstance(model, VisorForConditionalGeneration):
         kind = "a VISOR model" if _METHODS[method][0] else "a stock LLaVA-OV model (not VISOR)"
         raise ValueError(f"{method} needs {kind}, got {type(model).__name__}")
-    reduction = reduction_for(model.config, method, ratio)
+    reduction = reduction_for(model.config, method, ratio, inputs)
     if isinstance(reduction, PruningPlan):
         return PrunedLlava.sharing(model, reduction)
     return PreLLMReduced(model, reduction)

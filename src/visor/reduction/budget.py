@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from visor.flops import image_tokens, llm_prefill_flops
+from visor.flops import image_tokens, prompt_prefill_flops
 
 REFERENCE_TEXT = 32
 BISECTION_STEPS = 40
@@ -36,7 +36,7 @@ def solve_strength(config, cost: Cost, ratio: float, inputs: dict | None = None)
     if not ratio >= 1:
         raise ValueError(f"the FLOPs ratio must be >= 1 (1 = the full model), got {ratio}")
     inputs = reference_inputs(config) if inputs is None else inputs
-    full = int(full_prefill_flops(config, inputs).sum())
+    full = int(prompt_prefill_flops(config, inputs).sum())
 
     def reaches(strength: float) -> bool:
         return full >= ratio * int(cost(strength, inputs).sum())
@@ -61,23 +61,7 @@ def prefill_flops(model, inputs: dict) -> torch.LongTensor:
     """
     if hasattr(model, "prefill_flops"):
         return model.prefill_flops(inputs)
-    return full_prefill_flops(model.config, inputs, configuration=None)
-
-
-def full_prefill_flops(config, inputs: dict, configuration="full") -> torch.LongTensor:
-    """(B,) prefill FLOPs with every visual token in the prompt (`configuration` as in `llm_prefill_flops`)."""
-    visual, text = token_counts(config, inputs)
-    return torch.tensor([llm_prefill_flops(config, v, t, configuration).total
-                         for v, t in zip(visual.tolist(), text.tolist())])
-
-
-def token_counts(config, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(visual, text) tokens per sample of a prompt batch, padding excluded."""
-    ids = inputs["input_ids"]
-    mask = inputs.get("attention_mask")
-    valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-    visual = ((ids == config.image_token_id) & valid).sum(dim=1)
-    return visual, valid.sum(dim=1) - visual
+    return prompt_prefill_flops(model.config, inputs, configuration=None)
 
 
 def reference_inputs(config) -> dict:

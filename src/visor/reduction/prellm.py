@@ -15,9 +15,8 @@ from typing import Protocol
 import torch
 from transformers import LlavaOnevisionForConditionalGeneration
 
-from visor.flops import image_tokens, llm_prefill_flops
+from visor.flops import image_tokens, llm_prefill_flops, prompt_token_counts
 from visor.modeling import VisorForConditionalGeneration
-from visor.reduction.budget import token_counts
 
 
 class VisualReducer(Protocol):
@@ -109,7 +108,7 @@ class PreLLMReduced:
 def reduced_prefill_flops(config, reducer: VisualReducer, inputs: dict,
                           configuration: int | None = None) -> torch.Tensor:
     """(B,) LLM prefill FLOPs of a prompt batch whose images go through `reducer` (VISOR: at `configuration`)."""
-    _, text = token_counts(config, inputs)
+    _, text = prompt_token_counts(config, inputs)
     visual = _per_sample(inputs["image_sizes"], config, reducer.kept_tokens)
     return torch.tensor([llm_prefill_flops(config, count, text_tokens, configuration).total
                          for count, text_tokens in zip(visual, text.tolist())])

@@ -26,9 +26,8 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from visor.flops import layerwise_prefill_flops
+from visor.flops import layerwise_prefill_flops, prompt_token_counts
 from visor.modeling.layout import TokenLayout, attention_bias
-from visor.reduction.budget import token_counts
 
 
 def kept_count(count, keep: float):
@@ -152,7 +151,7 @@ class PruningPlan:
 
     def visual_per_layer(self, config, inputs: dict) -> torch.Tensor:
         """(B, L) visual tokens each sample of a prompt batch runs through each layer."""
-        visual, _ = token_counts(config, inputs)
+        visual, _ = prompt_token_counts(config, inputs)
         rows = []
         for count in visual.tolist():
             row = []
@@ -166,7 +165,7 @@ class PruningPlan:
 
     def prefill_flops(self, config, inputs: dict) -> torch.Tensor:
         """(B,) LLM prefill FLOPs: each layer at its own token count, plus the scoring row before each drop."""
-        _, text = token_counts(config, inputs)
+        _, text = prompt_token_counts(config, inputs)
         rows = torch.ones_like(text) if self.scoring_rows is None else self.scoring_rows(config, inputs)
         flops = []
         for text_tokens, visual, score_rows in zip(text.tolist(), self.visual_per_layer(config, inputs).tolist(),
