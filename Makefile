@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test lmms demo-checkpoint clean
 
 setup: $(STAMP)
 
@@ -21,10 +21,19 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/visor demo
+	$(BIN)/visor demo --output runs/demo
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# Optional: lmms-eval with the `visor` model plugin (see pyproject.toml's `lmms` extra for why torchvision goes).
+lmms: setup
+	$(BIN)/pip install --quiet -e ".[lmms]"
+	$(BIN)/pip uninstall --quiet -y torchvision
+
+# Retrain the tiny full model the demo ships (about 75 min on 2 cores; see src/visor/demo/checkpoint/TRAINING.md).
+demo-checkpoint: setup
+	PATH=$(abspath $(BIN)):$$PATH scripts/train_demo_checkpoint.sh runs/demo-checkpoint
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

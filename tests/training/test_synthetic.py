@@ -4,8 +4,10 @@ import json
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from visor import presets
+from visor.data import build_tokenizer
 from visor.training import train
 from visor.training.data import resolve_data
 from visor.training.recipes import flatten_patch_targets
@@ -55,6 +57,8 @@ def test_full_recipe_runs_on_the_suite_with_the_aux_loss(tmp_path):
     assert records[0]["aux_loss"] > 0
     assert set(summary["validation"]["accuracy"]["full"]) == {"read_cell", "has_shape", "mean"}
     assert set(summary["validation"]["majority"]) == {"read_cell", "has_shape"}
+    # The model folder carries the suite's tokenizer, so `visor generate --model` needs nothing else.
+    assert AutoTokenizer.from_pretrained(tmp_path / "model").get_vocab() == build_tokenizer().get_vocab()
 
 
 def test_a_named_suite_sets_image_size_and_knobs():

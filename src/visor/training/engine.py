@@ -361,6 +361,9 @@ class Trainer:
         weights = self._model_state_dict()
         if main:
             self.model.save_pretrained(self.output_dir / FINAL_MODEL_DIR, state_dict=weights, safe_serialization=True)
+            tokenizer = getattr(self.data, "tokenizer", None)
+            if tokenizer is not None:  # so the folder answers questions on its own (`visor generate --model`)
+                tokenizer.save_pretrained(self.output_dir / FINAL_MODEL_DIR)
             _write_json(self.output_dir / SUMMARY_FILE, summary)
         accelerator.wait_for_everyone()
         return summary

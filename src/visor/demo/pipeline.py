@@ -1,0 +1,326 @@
+"""The demo's stages, each resumable: a stage counts as finished only when its `DONE.json` exists.
+
+    full       the shipped tiny full LVLM (`visor/demo/checkpoint`, trained by the command in its TRAINING.md)
+    stage1     VISOR stage 1: CA blocks trained on the frozen full model, largest configuration
+    universal  VISOR universal training: every parameter, one configuration sampled per step
+    policy     label every configuration on train/validation/test, train the router, calibrate τ on validation
+    evaluate   every system on the test split: full, each fixed configuration, the policy, text-only, baselines
+    report     results.json, report.md, pareto.png and the printed summary
+
+`DONE.json` is written atomically after everything else a stage writes, so a run killed at any point (Ctrl-C
+or SIGKILL) never shows a stage as finished that did not finish; running again reuses finished stages,
+resumes training stages from their last complete checkpoint and scored systems from their saved scores.
+`--fresh` deletes the output folder first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from visor.demo import report
+from visor.demo.systems import Scores, greedy, score_system
+from visor.flops import llm_prefill_flops, prompt_prefill_flops, prompt_token_counts, router_flops
+
+CHECKPOINT = Path(__file__).parent / "checkpoint"
+SUITE = "demo"
+STAGES = ("full", "stage1", "universal", "policy", "evaluate", "report")
+DONE = "DONE.json"
+MARKER = ".visor-demo"  # identifies a folder `--fresh` may delete
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """Every size the demo uses; `quick()` is the smoke-test scale run by the test suite."""
+
+    stage1_steps: int = 300
+    universal_steps: int = 600
+    batch_size: int = 32
+    train_labels_per_task: int = 200
+    validation_labels_per_task: int = 100
+    test_per_task: int = 200
+    router_steps: int = 500
+    ratios: tuple[float, ...] = (2.0, 4.0, 8.0)
+    max_new_tokens: int = 3
+    num_threads: int = 2
+    seed: int = 0
+    checkpoint: str = str(CHECKPOINT)
+
+    @classmethod
+    def quick(cls, **changes) -> DemoPlan:
+        values = dict(stage1_steps=6, universal_steps=8, batch_size=8, train_labels_per_task=12,
+                      validation_labels_per_task=8, test_per_task=8, router_steps=50, ratios=(4.0,))
+        values.update(changes)
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Demo:
+    output: Path
+    plan: DemoPlan = field(default_factory=DemoPlan)
+    progress: bool = True
+    log: callable = print
+    _models: dict = field(default_factory=dict, repr=False)
+
+    # ---- bookkeeping ------------------------------------------------------------------------------------
+    def stage_dir(self, stage: str) -> Path:
+        return self.output / stage
+
+    def finished(self, stage: str) -> bool:
+        return (self.stage_dir(stage) / DONE).is_file()
+
+    def _finish(self, stage: str, info: dict) -> None:
+        _write_json(self.stage_dir(stage) / DONE, info)
+
+    def prepare(self, fresh: bool) -> None:
+        """Create the output folder; `fresh` empties it first (only if it is a demo folder or empty)."""
+        if fresh and self.output.exists():
+            if not (self.output / MARKER).exists() and any(self.output.iterdir()):
+                raise ValueError(f"{self.output} is not a visor demo folder; refusing to delete it with --fresh")
+            shutil.rmtree(self.output)
+        self.output.mkdir(parents=True, exist_ok=True)
+        (self.output / MARKER).touch()
+        plan_file = self.output / "plan.json"
+        if plan_file.exists() and json.loads(plan_file.read_text()) != json.loads(json.dumps(self.plan.to_dict())):
+            raise ValueError(f"{self.output} holds a demo run with other settings; use --fresh or another --output")
+        _write_json(plan_file, self.plan.to_dict())
+
+    def run(self, fresh: bool = False) -> dict:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # per-file loading/saving bars would bury the demo's own progress
+        self.prepare(fresh)
+        if self.plan.num_threads:
+            torch.set_num_threads(self.plan.num_threads)
+        for stage in STAGES:
+            if self.finished(stage):
+                self.log(f"[{stage}] finished earlier, reused ({self.stage_dir(stage)})")
+                continue
+            self.log(f"[{stage}] running")
+            start = time.perf_counter()
+            self.stage_dir(stage).mkdir(parents=True, exist_ok=True)
+            info = getattr(self, f"stage_{stage}")() or {}
+            info["seconds"] = round(time.perf_counter() - start, 1)
+            self._finish(stage, info)
+            self.log(f"[{stage}] done in {info['seconds']:.0f} s")
+        results = json.loads((self.stage_dir("report") / "results.json").read_text())
+        self.log(report.summary_text(results))
+        return results
+
+    # ---- shared pieces ----------------------------------------------------------------------------------
+    def data(self):
+        from visor.training.synthetic import SyntheticSource
+
+        return SyntheticSource(self.full_model().config, self.plan.seed, suite=SUITE)
+
+    def reference_prompts(self) -> dict:
+        """One validation batch with every task: the prompts baselines match their FLOPs ratio on."""
+        return next(iter(self.data().eval_batches("validation", 8, 64))).inputs
+
+    def full_model(self):
+        """The shipped stock LLaVA-OV model (loaded once)."""
+        if "full" not in self._models:
+            from visor.training.recipes import load_checkpoint
+
+            self._models["full"] = load_checkpoint(self.plan.checkpoint, attn_implementation="eager").eval()
+        return self._models["full"]
+
+    def visor_model(self, stage: str):
+        """The VISOR model a stage saved (loaded once)."""
+        if stage not in self._models:
+            from visor.modeling import VisorForConditionalGeneration
+
+            path = self.stage_dir(stage) / "model"
+            self._models[stage] = VisorForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
+        return self._models[stage]
+
+    def _train(self, recipe: str, stage: str, init: str | Path, steps: int) -> dict:
+        from visor.training.engine import train
+        from visor.training.settings import load_settings
+
+        settings = load_settings(recipe, overrides=dict(
+            max_steps=steps, batch_size=self.plan.batch_size, seed=self.plan.seed, eval_every=0,
+            save_every=max(steps // 4, 1), samples_per_task=min(self.plan.test_per_task, 50),
+            num_threads=self.plan.num_threads, attn_implementation="eager",
+        ))
+        summary = train(recipe, self.data(), self.stage_dir(stage), settings, init=str(init), resume=True,
+                        progress=self.progress)
+        return dict(recipe=recipe, steps=steps, validation=summary.get("validation"))
+
+    # ---- stages -----------------------------------------------------------------------------------------
+    def stage_full(self) -> dict:
+        training = Path(self.plan.checkpoint) / "TRAINING.md"
+        return dict(checkpoint=self.plan.checkpoint,
+                    training=training.read_text() if training.exists() else "no TRAINING.md next to the checkpoint")
+
+    def stage_stage1(self) -> dict:
+        return self._train("visor-stage1", "stage1", self.plan.checkpoint, self.plan.stage1_steps)
+
+    def stage_universal(self) -> dict:
+        return self._train("visor-universal", "universal", self.stage_dir("stage1") / "model",
+                           self.plan.universal_steps)
+
+    def stage_policy(self) -> dict:
+        from visor.policy.api import full_model_flops, label_synthetic
+        from visor.policy.calibration import calibrate, fixed_outcome
+        from visor.policy.report import policy_report, write_report
+        from visor.policy.training import train_router
+
+        model = self.visor_model("universal")
+        folder = self.stage_dir("policy")
+        tables = {}
+        sizes = dict(train=self.plan.train_labels_per_task, validation=self.plan.validation_labels_per_task,
+                     test=self.plan.test_per_task)
+        for split, per_task in sizes.items():
+            tables[split] = label_synthetic(model, split, per_task, seed=self.plan.seed, suite=SUITE,
+                                            show_progress=self.progress)
+            tables[split].save(folder / f"labels-{split}.safetensors")
+        losses = train_router(model.router, tables["train"], steps=self.plan.router_steps, seed=self.plan.seed)
+        # τ: the cheapest threshold whose validation accuracy is within half a point of the largest configuration's.
+        largest = fixed_outcome(tables["validation"], model.config.largest_configuration).accuracy
+        cost = router_flops(model.config)
+        threshold, outcome = calibrate(model.router, tables["validation"], cost, target_accuracy=max(largest - 0.5, 0))
+        model.config.router_threshold = model.router.threshold = threshold
+        model.save_pretrained(folder / "model")
+        self.data().tokenizer.save_pretrained(folder / "model")  # so `visor generate --model DIR` needs nothing else
+        test_report = policy_report(model.router, tables["test"], threshold, cost,
+                                    full_model_flops(model, tables["test"]))
+        write_report(test_report, folder / "report")
+        return dict(threshold=threshold, router_loss=[losses[0], losses[-1]], validation_largest_accuracy=largest,
+                    validation_policy_accuracy=outcome.accuracy, validation_policy_flops=outcome.mean_flops)
+
+    def stage_evaluate(self) -> dict:
+        folder = self.stage_dir("evaluate")
+        data = self.data()
+        for name, setting, build in self.systems():
+            path = folder / f"{name}@{setting}.json"
+            if path.exists():
+                continue
+            scores = score_system(build(), data, "test", self.plan.test_per_task, description=f"{name} {setting}",
+                                  progress=self.progress)
+            _write_json(path, dict(method=name, setting=setting, scores=scores.to_dict()))
+        return dict(systems=len(list(folder.glob("*.json"))))
+
+    def stage_report(self) -> dict:
+        data = self.data()
+        scored = [json.loads(path.read_text()) for path in sorted(self.stage_dir("evaluate").glob("*@*.json"))]
+        systems = [(item["method"], item["setting"], Scores.from_dict(item["scores"])) for item in scored]
+        groups = {task.name: task.group for task in data.suite.tasks}
+        majority = data.majority_baseline("test", self.plan.test_per_task)
+        stages = {stage: json.loads((self.stage_dir(stage) / DONE).read_text())
+                  for stage in STAGES[:-1] if self.finished(stage)}
+        results = report.build_results(systems, groups, majority, self.plan.to_dict(), stages)
+        report.write_outputs(results, self.stage_dir("report"))
+        return dict(rows=len(results["rows"]))
+
+    # ---- the systems compared -------------------------------------------------------------------------
+    def systems(self):
+        """(method, setting, builder of a `Generate`) for every row of the comparison."""
+        tokens = self.plan.max_new_tokens
+        yield "full", "all tokens", lambda: _stock_system(self.full_model(), tokens)
+        yield "text-only", "no image", lambda: _text_only(self.full_model(), tokens)
+        configurations = self.visor_model("universal").config.configurations
+        for index, layers in enumerate(configurations):
+            yield "visor", f"SA {list(layers)}", (lambda i=index: _visor_fixed(self.visor_model("universal"), tokens, i))
+        yield "visor-policy", "auto", lambda: _visor_auto(self.visor_model("policy"), tokens)
+        yield from self._baselines()
+
+    def _baselines(self):
+        try:
+            from visor import reduction
+        except ImportError:  # the baselines are not in this build
+            return
+        for method in reduction.METHODS:
+            for ratio in self.plan.ratios:
+                yield method, f"{ratio:g}x", (lambda m=method, r=ratio: _reduced_system(self, m, r))
+
+
+# ---- systems ----------------------------------------------------------------------------------------------
+def _stock_system(model, max_new_tokens: int):
+    run = greedy(model, max_new_tokens)
+
+    def generate(inputs):
+        new_tokens, _ = run(inputs)
+        return new_tokens, prompt_prefill_flops(model.config, inputs, "full"), None
+
+    return generate
+
+
+def _visor_fixed(model, max_new_tokens: int, configuration: int):
+    run = greedy(model, max_new_tokens, configuration=configuration)
+
+    def generate(inputs):
+        new_tokens, _ = run(inputs)
+        flops = prompt_prefill_flops(model.config, inputs, configuration)
+        return new_tokens, flops, torch.full((len(flops),), configuration)
+
+    return generate
+
+
+def _text_only(model, max_new_tokens: int):
+    """The floor: the full model asked the question without its image (what any method costs at least)."""
+    run = greedy(model, max_new_tokens)
+    image_token = model.config.image_token_id
+
+    def generate(inputs):
+        keep = inputs["input_ids"] != image_token
+        rows = [inputs["input_ids"][i][keep[i]] for i in range(len(keep))]
+        masks = [inputs["attention_mask"][i][keep[i]] for i in range(len(keep))]
+        length = max(len(row) for row in rows)
+        pad = model.config.text_config.pad_token_id
+        input_ids = torch.stack([torch.cat([row.new_full((length - len(row),), pad), row]) for row in rows])
+        attention_mask = torch.stack([torch.cat([m.new_zeros(length - len(m)), m]) for m in masks])
+        new_tokens, _ = run(dict(input_ids=input_ids, attention_mask=attention_mask))
+        return new_tokens, prompt_prefill_flops(model.config, inputs, "text-only"), None
+
+    return generate
+
+
+def _visor_auto(model, max_new_tokens: int):
+    run = greedy(model, max_new_tokens, configuration="auto")
+    cost = router_flops(model.config)
+
+    def generate(inputs):
+        new_tokens, output = run(inputs)
+        chosen = output.past_key_values.configuration
+        visual, text = prompt_token_counts(model.config, inputs)
+        flops = torch.tensor([llm_prefill_flops(model.config, v, t, int(c)).total + cost
+                              for v, t, c in zip(visual.tolist(), text.tolist(), chosen.tolist())])
+        return new_tokens, flops, chosen
+
+    return generate
+
+
+def _reduced_system(demo: Demo, method: str, ratio: float):
+    from visor import reduction
+
+    base = demo.visor_model("universal") if method.startswith("visor+") else demo.full_model()
+    # The strength is matched on validation prompts of the demo's own size, not on a generic reference prompt.
+    model = reduction.apply_reduction(base, method, ratio, inputs=demo.reference_prompts())
+    run = greedy(model, demo.plan.max_new_tokens)
+
+    def generate(inputs):
+        new_tokens, output = run(inputs)
+        return new_tokens, reduction.prefill_flops(model, inputs), None
+
+    return generate
+
+
+# ---- files ------------------------------------------------------------------------------------------------
+def _write_json(path: Path, value) -> None:
+    """Write JSON atomically: a reader sees the old file or the whole new one, never half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2))
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,187 @@
+"""The demo's outputs: results.json (one row per method x setting x task), report.md, pareto.png, a summary.
+
+Every number comes from the per-sample scores the evaluate stage saved; nothing is typed in. Savings are
+always the full model's mean LLM-prefill FLOPs on the same samples divided by the method's. The verdicts in
+report.md are computed from the rows, so they say "not met" as readily as "met".
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from visor.demo.systems import Scores
+
+FULL = ("full", "all tokens")
+POLICY = ("visor-policy", "auto")
+TARGETS = {"accuracy_gap": 1.0, "hard_savings": 3.0, "easy_savings": 10.0}  # issue 9's targets
+
+
+def _aggregate(method: str, setting: str, scores: Scores, indices: list[int], full: Scores, task: str,
+               group: str, majority: float | None) -> dict:
+    flops = sum(scores.flops[i] for i in indices)
+    full_flops = sum(full.flops[i] for i in indices)
+    row = dict(method=method, setting=setting, task=task, group=group, samples=len(indices),
+               accuracy=100.0 * sum(scores.correct[i] for i in indices) / len(indices),
+               majority=majority, llm_prefill_flops=flops / len(indices), savings=full_flops / flops)
+    chosen = [scores.configurations[i] for i in indices if scores.configurations[i] is not None]
+    if chosen:
+        row["histogram"] = {str(k): v for k, v in sorted(Counter(chosen).items())}
+    return row
+
+
+def build_results(systems: list[tuple[str, str, Scores]], groups: dict[str, str], majority: dict[str, float],
+                  plan: dict, stages: dict) -> dict:
+    """Rows per task and per group for every system, plus what produced them."""
+    by_key = {(method, setting): scores for method, setting, scores in systems}
+    full = by_key[FULL]
+    for method, setting, scores in systems:
+        if scores.tasks != full.tasks:
+            raise ValueError(f"{method} {setting} was scored on other samples than the full model")
+    rows, group_rows = [], []
+    tasks = list(dict.fromkeys(full.tasks))
+    for method, setting, scores in systems:
+        for task in tasks:
+            indices = [i for i, t in enumerate(scores.tasks) if t == task]
+            rows.append(_aggregate(method, setting, scores, indices, full, task, groups[task], majority.get(task)))
+        for group in sorted(set(groups[t] for t in tasks)):
+            indices = [i for i, t in enumerate(scores.tasks) if groups[t] == group]
+            group_rows.append(_aggregate(method, setting, scores, indices, full, f"all {group}", group, None))
+    return dict(rows=rows, groups=group_rows, plan=plan, stages=stages)
+
+
+def write_outputs(results: dict, folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / "results.json", folder / "report.md", folder / "pareto.png"]
+    paths[0].write_text(json.dumps(results, indent=2))
+    paths[1].write_text(markdown(results))
+    plot_pareto(results, paths[2])
+    return paths
+
+
+# ---- verdicts -----------------------------------------------------------------------------------------------
+def _group(results: dict, key: tuple[str, str], group: str) -> dict | None:
+    return next((r for r in results["groups"] if (r["method"], r["setting"]) == key and r["group"] == group), None)
+
+
+def verdicts(results: dict) -> list[str]:
+    """Plain sentences on issue 9's targets, computed from the rows."""
+    lines = []
+    for group in ("hard", "easy"):
+        full, policy = _group(results, FULL, group), _group(results, POLICY, group)
+        if full is None or policy is None:
+            continue
+        gap = full["accuracy"] - policy["accuracy"]
+        target = TARGETS[f"{group}_savings"]
+        lines.append(
+            f"{group} tasks: VISOR policy {policy['accuracy']:.1f}% vs full {full['accuracy']:.1f}% "
+            f"({'within' if gap <= TARGETS['accuracy_gap'] else 'NOT within'} {TARGETS['accuracy_gap']:g} point), "
+            f"{policy['savings']:.2f}x LLM-prefill savings (target {target:g}x: {'met' if policy['savings'] >= target else 'not met'})."
+        )
+    hard_policy = _group(results, POLICY, "hard")
+    if hard_policy is not None:
+        for method in sorted({r["method"] for r in results["groups"]} - {"full", "text-only", "visor", "visor-policy"}):
+            candidates = [r for r in results["groups"] if r["method"] == method and r["group"] == "hard"]
+            nearest = min(candidates, key=lambda r: abs(r["savings"] - hard_policy["savings"]))
+            better = hard_policy["accuracy"] > nearest["accuracy"]
+            lines.append(
+                f"{method} at {nearest['setting']} ({nearest['savings']:.2f}x, nearest to the policy's "
+                f"{hard_policy['savings']:.2f}x on hard tasks): {nearest['accuracy']:.1f}% on hard tasks — "
+                f"VISOR policy {'beats it' if better else 'does NOT beat it'} ({hard_policy['accuracy']:.1f}%)."
+            )
+    return lines
+
+
+# ---- Markdown ------------------------------------------------------------------------------------------------
+def _gflops(value: float) -> str:
+    return f"{value / 1e9:.4f}"
+
+
+def markdown(results: dict) -> str:
+    plan, stages = results["plan"], results["stages"]
+    keys = list(dict.fromkeys((r["method"], r["setting"]) for r in results["groups"]))
+    groups = sorted({r["group"] for r in results["groups"]})
+    lines = ["# VISOR demo report", "",
+             "Produced by `visor demo` (the command `make demo` runs); every number below is measured in that run.",
+             "", "## Verdicts", ""]
+    lines += [f"- {line}" for line in verdicts(results)]
+    lines += ["", "## Table 1: accuracy and LLM-prefill FLOPs per task group (test split)", "",
+              "| method | setting | " + " | ".join(f"{g} acc % | {g} GFLOPs | {g} savings" for g in groups) + " |",
+              "|---|---|" + "---|---|---|" * len(groups)]
+    for key in keys:
+        cells = []
+        for group in groups:
+            row = _group(results, key, group)
+            cells += [f"{row['accuracy']:.1f}", _gflops(row["llm_prefill_flops"]), f"{row['savings']:.2f}x"]
+        lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
+    tasks = list(dict.fromkeys(r["task"] for r in results["rows"]))
+    lines += ["", "## Table 2: accuracy per task (%), majority-class baseline in the first row", "",
+              "| method | setting | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
+    majority = {r["task"]: r["majority"] for r in results["rows"]}
+    lines.append("| majority class | — | " + " | ".join(f"{majority[t]:.1f}" for t in tasks) + " |")
+    for key in keys:
+        accuracy = {r["task"]: r["accuracy"] for r in results["rows"] if (r["method"], r["setting"]) == key}
+        lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(f"{accuracy[t]:.1f}" for t in tasks) + " |")
+    lines += ["", "## Table 3: configurations the policy chose (test split)", "",
+              "| task | " + " | ".join(["configuration: samples"]) + " |", "|---|---|"]
+    for row in results["rows"] + results["groups"]:
+        if (row["method"], row["setting"]) == POLICY:
+            histogram = ", ".join(f"{k}: {v}" for k, v in row.get("histogram", {}).items())
+            lines.append(f"| {row['task']} | {histogram} |")
+    easy_vqa = [r for r in results["rows"] if r["task"] == "easy_vqa" and (r["method"], r["setting"]) in (FULL, POLICY)]
+    if easy_vqa:
+        lines += ["", "## easy-VQA (real images and questions)", "", "| method | accuracy % | savings |", "|---|---|---|"]
+        lines += [f"| {r['method']} | {r['accuracy']:.1f} | {r['savings']:.2f}x |" for r in easy_vqa]
+    policy = stages.get("policy", {})
+    lines += ["", "## How this was produced", "",
+              f"- Plan: `{json.dumps(plan)}`.",
+              f"- Policy: τ = {policy.get('threshold', float('nan')):.2f}, calibrated on the validation split as the "
+              "cheapest threshold within half a point of the largest configuration's validation accuracy.",
+              "- Test data: the `demo` suite's test split, seed "
+              f"{plan['seed']}: sample i of task T is drawn from SeedSequence((seed, 2, crc32(T), i)); training uses "
+              "split id 0 and validation split id 1, so the streams are disjoint. easy-VQA uses the package's own "
+              "test images (training and validation come from its training images).",
+              "- Stage times (s): " + ", ".join(f"{k} {v.get('seconds', '?')}" for k, v in stages.items()) + ".",
+              "- FLOPs: `visor.flops` (exact against torch's FlopCounterMode with eager attention); LLM prefill only.",
+              "", "Commands: `make demo` (= `visor demo --output runs/demo`), `visor demo --quick` for a smoke run,"
+              " `visor demo --fresh` to recompute every stage.", ""]
+    return "\n".join(lines)
+
+
+def summary_text(results: dict) -> str:
+    keys = list(dict.fromkeys((r["method"], r["setting"]) for r in results["groups"]))
+    lines = ["", "method            setting          hard acc  hard savings  easy acc  easy savings"]
+    for key in keys:
+        hard, easy = _group(results, key, "hard"), _group(results, key, "easy")
+        lines.append(f"{key[0]:<17} {key[1]:<16} {hard['accuracy']:7.1f}%  {hard['savings']:11.2f}x "
+                     f"{easy['accuracy']:8.1f}%  {easy['savings']:11.2f}x")
+    return "\n".join(lines + [""] + verdicts(results))
+
+
+# ---- plot ------------------------------------------------------------------------------------------------------
+def plot_pareto(results: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({r["group"] for r in results["groups"]})
+    figure, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.5), squeeze=False)
+    methods = list(dict.fromkeys(r["method"] for r in results["groups"]))
+    for axis, group in zip(axes[0], groups):
+        for method in methods:
+            points = sorted((r["llm_prefill_flops"] / 1e9, r["accuracy"]) for r in results["groups"]
+                            if r["method"] == method and r["group"] == group)
+            style = dict(marker="*", markersize=14) if method == "visor-policy" else dict(marker="o")
+            axis.plot(*zip(*points), label=method, **style)
+        axis.set_xscale("log")
+        axis.set_xlabel("mean LLM prefill GFLOPs per sample (log)")
+        axis.set_ylabel("accuracy (%)")
+        axis.set_title(f"{group} tasks")
+        axis.grid(True, alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

@@ -1,0 +1,92 @@
+"""`visor demo --quick` end to end: output structure, interruption (SIGKILL) and resumption, reuse and `--fresh`.
+
+One killed run plus one complete quick run (a few minutes on 2 cores); the numbers are meaningless at this scale
+and are not checked, only that every promised piece is there and consistent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from visor import cli
+from visor.data.suites import get_suite
+from visor.demo.pipeline import DONE, STAGES
+
+REQUIRED = {"method", "setting", "task", "group", "accuracy", "llm_prefill_flops", "savings"}
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """A quick demo killed with SIGKILL during stage 1, then run again to the end."""
+    output = tmp_path_factory.mktemp("demo")
+    env = dict(os.environ, VISOR_FAULT_INJECTION="checkpoint:2:30")  # stall inside stage 1's 2nd checkpoint
+    process = subprocess.Popen([sys.executable, "-m", "visor.cli", "demo", "--quick", "--output", str(output),
+                                "--no-progress"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = output / "stage1" / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline and not any(checkpoints.glob(".tmp-step-000002-*")):
+        time.sleep(0.5)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed = {stage: (output / stage / DONE).exists() for stage in STAGES}
+    lines = []
+    assert cli.main(["demo", "--quick", "--output", str(output), "--no-progress"]) == 0
+    return output, killed, lines
+
+
+def test_a_killed_run_shows_no_unfinished_stage(demo_run):
+    output, killed, _ = demo_run
+    assert killed["full"] and not any(killed[stage] for stage in STAGES[1:]), killed
+
+
+def test_outputs_have_every_row_and_file(demo_run):
+    output, _, _ = demo_run
+    assert all((output / stage / DONE).exists() for stage in STAGES)
+    report = output / "report"
+    results = json.loads((report / "results.json").read_text())
+    rows = results["rows"]
+    assert rows and all(REQUIRED <= set(row) for row in rows)
+    tasks = {row["task"] for row in rows}
+    assert tasks == set(get_suite("demo").task_names)
+    methods = {(row["method"], row["setting"]) for row in rows}
+    assert {("full", "all tokens"), ("text-only", "no image"), ("visor-policy", "auto")} <= methods
+    assert {m for m, _ in methods} >= {"visor"}
+    for key in methods:  # one row per method x setting x task
+        assert sorted(row["task"] for row in rows if (row["method"], row["setting"]) == key) == sorted(tasks)
+    full = [row for row in rows if row["method"] == "full"]
+    assert all(row["savings"] == pytest.approx(1.0) for row in full)
+    assert all(row["group"] in ("hard", "easy") for row in rows)
+    assert all(0 <= row["accuracy"] <= 100 and row["llm_prefill_flops"] > 0 for row in rows)
+    policy = [row for row in rows if row["method"] == "visor-policy"]
+    assert all(sum(row["histogram"].values()) == row["samples"] for row in policy)
+    markdown = (report / "report.md").read_text()
+    for heading in ("## Verdicts", "## Table 1", "## Table 2", "## Table 3", "## easy-VQA", "seed"):
+        assert heading in markdown
+    assert (report / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (output / "policy" / "model" / "tokenizer_config.json").exists()
+
+
+def test_running_again_reuses_every_stage_with_the_same_numbers(demo_run, capsys):
+    output, _, _ = demo_run
+    before = json.loads((output / "report" / "results.json").read_text())["rows"]
+    (output / "report" / DONE).unlink()  # the report is recomputed from the saved scores
+    assert cli.main(["demo", "--quick", "--output", str(output), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert all(f"[{stage}] finished earlier, reused" in printed for stage in STAGES[:-1])
+    assert json.loads((output / "report" / "results.json").read_text())["rows"] == before
+
+
+def test_other_settings_or_foreign_folders_are_refused(demo_run, tmp_path, capsys):
+    output, _, _ = demo_run
+    assert cli.main(["demo", "--output", str(output), "--no-progress"]) == 2  # full plan on a quick folder
+    assert "other settings" in capsys.readouterr().err
+    (tmp_path / "precious.txt").write_text("keep me")
+    assert cli.main(["demo", "--quick", "--fresh", "--output", str(tmp_path), "--no-progress"]) == 2
+    assert (tmp_path / "precious.txt").exists()
