@@ -9,6 +9,7 @@ import importlib
 _SUBCOMMAND_MODULES = (
     "visor.demo",
     "visor.generate",
+    "visor.analysis.cli",
     "visor.bench",
     "visor.training.cli",
     "visor.data.cli",
