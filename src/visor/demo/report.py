@@ -169,12 +169,15 @@ def plot_pareto(results: dict, path: Path) -> Path:
     groups = sorted({r["group"] for r in results["groups"]})
     figure, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.5), squeeze=False)
     methods = list(dict.fromkeys(r["method"] for r in results["groups"]))
+    colours = plt.get_cmap("tab20")  # 20 distinct colours: every method gets its own
     for axis, group in zip(axes[0], groups):
-        for method in methods:
+        for index, method in enumerate(methods):
             points = sorted((r["llm_prefill_flops"] / 1e9, r["accuracy"]) for r in results["groups"]
                             if r["method"] == method and r["group"] == group)
-            style = dict(marker="*", markersize=14) if method == "visor-policy" else dict(marker="o")
-            axis.plot(*zip(*points), label=method, **style)
+            visor = method.startswith("visor")
+            style = dict(marker="*", markersize=16, zorder=5) if method == "visor-policy" else dict(marker="o")
+            axis.plot(*zip(*points), label=method, color=colours(index % 20), linewidth=2.5 if visor else 1.2,
+                      linestyle="-" if visor or method == "full" else "--", **style)
         axis.set_xscale("log")
         axis.set_xlabel("mean LLM prefill GFLOPs per sample (log)")
         axis.set_ylabel("accuracy (%)")
