@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -305,7 +306,11 @@ def _reduced_system(demo: Demo, method: str, ratio: float):
 
     base = demo.visor_model("universal") if method.startswith("visor+") else demo.full_model()
     # The strength is matched on validation prompts of the demo's own size, not on a generic reference prompt.
-    model = reduction.apply_reduction(base, method, ratio, inputs=demo.reference_prompts())
+    with warnings.catch_warnings(record=True) as caught:  # "out of reach": one line here, real ratio in the report
+        warnings.simplefilter("always")
+        model = reduction.apply_reduction(base, method, ratio, inputs=demo.reference_prompts())
+    for warning in caught:
+        demo.log(f"  {method} {ratio:g}x: {warning.message}")
     run = greedy(model, demo.plan.max_new_tokens)
 
     def generate(inputs):
