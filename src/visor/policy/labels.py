@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from visor.flops import llm_prefill_flops
+from visor.flops import llm_prefill_flops, prompt_token_counts
 
 LABEL_RULES = ("probability", "correct")
 
@@ -158,7 +158,4 @@ def prompt_only(inputs: dict) -> dict:
 
 def prompt_tokens(config, inputs: dict) -> torch.Tensor:
     """(B, 2) visual and text tokens of each prompt (the answer is not part of what the policy pays for)."""
-    inputs = prompt_only(inputs)
-    valid = inputs["attention_mask"].bool()
-    visual = ((inputs["input_ids"] == config.image_token_id) & valid).sum(dim=1)
-    return torch.stack([visual, valid.sum(dim=1) - visual], dim=1).to(torch.int64)
+    return torch.stack(prompt_token_counts(config, prompt_only(inputs)), dim=1).to(torch.int64)
