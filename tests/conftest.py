@@ -35,6 +35,28 @@ def build_stock(preset: str = "tiny", num_layers: int = 4, attention: str = "eag
     return LlavaOnevisionForConditionalGeneration(config).eval()
 
 
+def open_visor(stock, gate: float = 0.8):
+    """`stock` converted to VISOR with its CA gates open (fresh gates start closed), so the image reaches the text."""
+    from visor import VisorForConditionalGeneration
+
+    visor = VisorForConditionalGeneration.from_llava(stock).eval()
+    with torch.no_grad():
+        for block in visor.cross_attention.values():
+            block.attention_gate.fill_(gate)
+    return visor
+
+
+def save_with_tokenizer(models: dict, tokenizer, make_folder) -> dict:
+    """{name: folder} with each model saved next to `tokenizer` (what `visor generate --model` reads)."""
+    folders = {}
+    for name, model in models.items():
+        folder = make_folder(name)
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        folders[name] = folder
+    return folders
+
+
 def image_token_counts(stock, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> list[int]:
     """Visual tokens per image as the stock model packs them (anyres grid, unpadding, newlines)."""
     with torch.no_grad():
@@ -98,6 +120,17 @@ def stock_factory():
 @pytest.fixture(scope="session")
 def batch_factory():
     return build_batch
+
+
+@pytest.fixture(scope="session")
+def open_visor_factory():
+    return open_visor
+
+
+@pytest.fixture(scope="session")
+def saver(tmp_path_factory):
+    """save(models, tokenizer) -> {name: folder}: see `save_with_tokenizer`."""
+    return lambda models, tokenizer: save_with_tokenizer(models, tokenizer, tmp_path_factory.mktemp)
 
 
 @pytest.fixture(scope="session")

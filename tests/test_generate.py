@@ -7,27 +7,19 @@ import torch
 from PIL import Image
 from transformers import LlavaOnevisionForConditionalGeneration
 
-from visor import VisorForConditionalGeneration, cli, presets
+from visor import cli, presets
 from visor.data import build_tokenizer
 from visor.flops import llm_prefill_flops, router_flops
 from visor.generate import answer
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
+def saved(open_visor_factory, saver):
     """A tiny stock model and its VISOR conversion (open gates, random router), each saved with a tokenizer."""
     torch.manual_seed(0)
     stock = LlavaOnevisionForConditionalGeneration(presets.tiny(6)).eval()
-    visor = VisorForConditionalGeneration.from_llava(stock).eval()
-    with torch.no_grad():
-        for block in visor.cross_attention.values():
-            block.attention_gate.fill_(0.8)
-    folders = {}
-    for name, model in (("stock", stock), ("visor", visor)):
-        folder = tmp_path_factory.mktemp(name)
-        model.save_pretrained(folder)
-        build_tokenizer().save_pretrained(folder)
-        folders[name] = folder
+    visor = open_visor_factory(stock)
+    folders = saver(dict(stock=stock, visor=visor), build_tokenizer())
     image = Image.new("RGB", (64, 64), (200, 30, 30))
     return folders, visor.config, image
 

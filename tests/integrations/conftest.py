@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import LlavaOnevisionForConditionalGeneration
 
-from visor import VisorForConditionalGeneration, presets
+from visor import presets
 from visor.data import build_tokenizer
 from visor.integrations.lmms_tasks import write_task
 
@@ -23,7 +23,7 @@ FIRST_WORD_ID = 5  # ids below are the tiny tokenizer's special tokens
 
 
 @pytest.fixture(scope="session")
-def checkpoints(tmp_path_factory):
+def checkpoints(open_visor_factory, saver):
     """{"stock": folder, "visor": folder}: a tiny stock model and its VISOR conversion (open gates, random
     router, so configurations really differ), each saved with the suite's tokenizer.
 
@@ -35,20 +35,12 @@ def checkpoints(tmp_path_factory):
     config.tie_word_embeddings = config.text_config.tie_word_embeddings = False
     torch.manual_seed(0)
     stock = LlavaOnevisionForConditionalGeneration(config).eval()
-    visor = VisorForConditionalGeneration.from_llava(stock).eval()
+    visor = open_visor_factory(stock)
     with torch.no_grad():
         for model in (stock, visor):
             model.lm_head.weight[:FIRST_WORD_ID].zero_()
             model.lm_head.weight[len(tokenizer):].zero_()
-        for block in visor.cross_attention.values():
-            block.attention_gate.fill_(0.8)
-    folders = {}
-    for name, model in (("stock", stock), ("visor", visor)):
-        folder = tmp_path_factory.mktemp(name)
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        folders[name] = folder
-    return folders
+    return saver(dict(stock=stock, visor=visor), tokenizer)
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlavaOnevisionForConditionalGeneration
 
-from visor import VisorForConditionalGeneration, cli, presets
+from visor import cli, presets
 from visor.flops import llm_prefill_flops, router_flops
 from visor.modeling.router import ConfigurationRouter
 from visor.policy import (
@@ -17,14 +17,12 @@ from visor.policy.api import full_model_flops, label_synthetic, load_labels_for
 
 
 @pytest.fixture(scope="module")
-def model():
+def model(open_visor_factory):
     """A tiny sparse VISOR (configurations [], [1], [1, 4]) with open gates, so the image matters."""
     torch.manual_seed(0)
     stock = LlavaOnevisionForConditionalGeneration(presets.tiny(6)).eval()
-    visor = VisorForConditionalGeneration.from_llava(stock).eval()
+    visor = open_visor_factory(stock)
     with torch.no_grad():
-        for block in visor.cross_attention.values():
-            block.attention_gate.fill_(0.8)
         for parameter in visor.router.parameters():
             parameter.normal_(0, 0.5)
     return visor
