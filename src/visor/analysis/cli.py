@@ -37,6 +37,9 @@ def register(subparsers) -> None:
 
 
 def _command(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-file loading bars would bury the sweeps' own progress
     try:
         plan = AnalysisPlan(per_task=args.per_task, seed=args.seed, batch_size=args.batch_size,
                             max_new_tokens=args.max_new_tokens, span_lengths=args.span_lengths,
