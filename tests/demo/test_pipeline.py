@@ -90,3 +90,22 @@ def test_other_settings_or_foreign_folders_are_refused(demo_run, tmp_path, capsy
     (tmp_path / "precious.txt").write_text("keep me")
     assert cli.main(["demo", "--quick", "--fresh", "--output", str(tmp_path), "--no-progress"]) == 2
     assert (tmp_path / "precious.txt").exists()
+
+
+def test_the_visor_schedule_can_be_chosen(tmp_path):
+    """`--cross-attention-layers/--self-attention-layers` convert with that schedule (quick plan, own folder)."""
+    output = tmp_path / "demo"
+    assert cli.main(["demo", "--quick", "--output", str(output), "--no-progress",
+                     "--cross-attention-layers", "0", "--self-attention-layers", "1,3"]) == 0
+    config = json.loads((output / "universal" / "model" / "config.json").read_text())
+    assert config["cross_attention_layers"] == [0] and config["configurations"] == [[], [1], [1, 3]]
+    settings = {row["setting"] for row in json.loads((output / "report" / "results.json").read_text())["rows"]
+                if row["method"] == "visor"}
+    assert settings == {"SA []", "SA [1]", "SA [1, 3]"}
+    assert json.loads((output / "plan.json").read_text())["cross_attention_layers"] == [0]
+
+
+def test_a_bad_schedule_is_refused(tmp_path, capsys):
+    assert cli.main(["demo", "--quick", "--output", str(tmp_path / "bad"), "--no-progress",
+                     "--cross-attention-layers", "9"]) == 2
+    assert "9" in capsys.readouterr().err

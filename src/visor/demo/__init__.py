@@ -29,14 +29,27 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of training, data and policy (default 0)")
     parser.add_argument("--checkpoint", default=str(CHECKPOINT), metavar="DIR",
                         help="the full LLaVA-OV model to start from (default: the shipped tiny model)")
+    parser.add_argument("--cross-attention-layers", type=_layers, default=None, metavar="I,J",
+                        help="VISOR's CA layers (default: evenly spread, [0, 3] on the shipped 6-layer model)")
+    parser.add_argument("--self-attention-layers", type=_layers, default=None, metavar="I,J",
+                        help="VISOR's ordered SA candidates (default: evenly spread, [1, 4] on the shipped model)")
     parser.add_argument("--threads", type=int, default=DemoPlan.num_threads,
                         help=f"CPU threads (default {DemoPlan.num_threads}; use 1 when other jobs share the cores)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=_main)
 
 
+def _layers(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from None
+
+
 def _main(args) -> int:
-    plan = (DemoPlan.quick if args.quick else DemoPlan)(seed=args.seed, checkpoint=args.checkpoint, num_threads=args.threads)
+    plan = (DemoPlan.quick if args.quick else DemoPlan)(
+        seed=args.seed, checkpoint=args.checkpoint, num_threads=args.threads,
+        cross_attention_layers=args.cross_attention_layers, self_attention_layers=args.self_attention_layers)
     try:
         Demo(Path(args.output), plan, progress=not args.no_progress).run(fresh=args.fresh)
     except ValueError as error:

@@ -51,6 +51,9 @@ class DemoPlan:
     max_new_tokens: int = 3
     num_threads: int = 2
     seed: int = 0
+    # VISOR's layer schedule (None: `VisorConfig`'s evenly spread default, CA [0, 3] and SA [1, 4] on 6 layers)
+    cross_attention_layers: tuple[int, ...] | None = None
+    self_attention_layers: tuple[int, ...] | None = None
     checkpoint: str = str(CHECKPOINT)
 
     @classmethod
@@ -164,7 +167,18 @@ class Demo:
                     training=training.read_text() if training.exists() else "no TRAINING.md next to the checkpoint")
 
     def stage_stage1(self) -> dict:
-        return self._train("visor-stage1", "stage1", self.plan.checkpoint, self.plan.stage1_steps)
+        init = self.plan.checkpoint
+        if self.plan.cross_attention_layers is not None or self.plan.self_attention_layers is not None:
+            from visor.modeling import VisorForConditionalGeneration
+
+            schedule = dict(cross_attention_layers=self.plan.cross_attention_layers,
+                            self_attention_layers=self.plan.self_attention_layers)
+            init = self.stage_dir("stage1") / "converted"  # stage 1 starts from this conversion
+            torch.manual_seed(self.plan.seed)
+            VisorForConditionalGeneration.from_llava(
+                self.full_model(), **{k: list(v) for k, v in schedule.items() if v is not None}
+            ).save_pretrained(init)
+        return self._train("visor-stage1", "stage1", init, self.plan.stage1_steps)
 
     def stage_universal(self) -> dict:
         return self._train("visor-universal", "universal", self.stage_dir("stage1") / "model",
