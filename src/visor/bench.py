@@ -48,6 +48,7 @@ from visor.flops import (
     tokens_per_crop,
     vision_flops,
 )
+from visor.cli import comma_separated
 from visor.modeling import VisorForConditionalGeneration
 from visor.presets import preset_config
 from visor.reduction.budget import solve_strength
@@ -331,20 +332,6 @@ def write_outputs(rows: list[BenchRow], output: str | Path) -> list[Path]:
 
 
 # ---- command line ---------------------------------------------------------------------------------------------------
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _float_list(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "bench",
@@ -353,17 +340,17 @@ def register(subparsers) -> None:
         description=__doc__.split("\n\n")[0],
     )
     parser.add_argument("--preset", required=True, help="model shapes, e.g. tiny or llava-ov-0.5b")
-    parser.add_argument("--visual-tokens", type=_int_list, default=BenchPlan.visual_tokens,
+    parser.add_argument("--visual-tokens", type=comma_separated(), default=BenchPlan.visual_tokens,
                         help="comma-separated visual-token counts (default 729,2916,7290)")
     parser.add_argument("--text-tokens", type=int, default=BenchPlan.text_tokens)
     parser.add_argument("--output", required=True, type=Path, help="folder for bench.json and the plots")
     parser.add_argument("--repeats", type=int, default=BenchPlan.repeats, help="timed prefill runs per row")
     parser.add_argument("--decode-tokens", type=int, default=BenchPlan.decode_tokens, help="timed decode steps")
-    parser.add_argument("--configurations", type=_int_list, default=None,
+    parser.add_argument("--configurations", type=comma_separated(), default=None,
                         help="VISOR configuration indices to run (default all)")
     parser.add_argument("--device", default=BenchPlan.device)
     parser.add_argument("--dtype", default=BenchPlan.dtype, choices=sorted(DTYPES))
-    parser.add_argument("--baselines", type=_float_list, default=BenchPlan.baselines,
+    parser.add_argument("--baselines", type=comma_separated(float, "numbers"), default=BenchPlan.baselines,
                         help="token-reduction baselines at these FLOPs ratios, e.g. 2,4,8 (default none)")
     parser.set_defaults(func=_command)
 

@@ -17,6 +17,18 @@ _SUBCOMMAND_MODULES = (
 )
 
 
+def comma_separated(convert=int, what: str = "integers"):
+    """An argparse `type` for lists like "1,2,3" → (1, 2, 3), with an error that quotes the bad text."""
+
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(convert(part) for part in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="visor",

@@ -6,13 +6,7 @@ import argparse
 from pathlib import Path
 
 from visor.analysis.run import AnalysisPlan, analyze
-
-
-def _integers(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+from visor.cli import comma_separated
 
 
 def register(subparsers) -> None:
@@ -27,9 +21,9 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=AnalysisPlan.seed)
     parser.add_argument("--batch-size", type=int, default=AnalysisPlan.batch_size)
     parser.add_argument("--max-new-tokens", type=int, default=AnalysisPlan.max_new_tokens)
-    parser.add_argument("--span-lengths", type=_integers, default=None,
+    parser.add_argument("--span-lengths", type=comma_separated(), default=None,
                         help="comma-separated blind-span lengths for the sensitivity sweep (default all)")
-    parser.add_argument("--train-steps", type=_integers, default=None, metavar="STAGE1,UNIVERSAL",
+    parser.add_argument("--train-steps", type=comma_separated(), default=None, metavar="STAGE1,UNIVERSAL",
                         help="also train the proposed and the default schedule alike (visor-stage1 then "
                              "visor-universal steps) and compare them at equal FLOPs")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

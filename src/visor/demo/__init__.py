@@ -14,6 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from visor.cli import comma_separated
 from visor.demo.pipeline import CHECKPOINT, STAGES, Demo, DemoPlan
 
 
@@ -29,21 +30,14 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of training, data and policy (default 0)")
     parser.add_argument("--checkpoint", default=str(CHECKPOINT), metavar="DIR",
                         help="the full LLaVA-OV model to start from (default: the shipped tiny model)")
-    parser.add_argument("--cross-attention-layers", type=_layers, default=None, metavar="I,J",
+    parser.add_argument("--cross-attention-layers", type=comma_separated(int, "layer indices"), default=None, metavar="I,J",
                         help="VISOR's CA layers (default: evenly spread, [0, 3] on the shipped 6-layer model)")
-    parser.add_argument("--self-attention-layers", type=_layers, default=None, metavar="I,J",
+    parser.add_argument("--self-attention-layers", type=comma_separated(int, "layer indices"), default=None, metavar="I,J",
                         help="VISOR's ordered SA candidates (default: evenly spread, [1, 4] on the shipped model)")
     parser.add_argument("--threads", type=int, default=DemoPlan.num_threads,
                         help=f"CPU threads (default {DemoPlan.num_threads}; use 1 when other jobs share the cores)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=_main)
-
-
-def _layers(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from None
 
 
 def _main(args) -> int:

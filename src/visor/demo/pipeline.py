@@ -21,6 +21,7 @@ import shutil
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -121,14 +122,16 @@ class Demo:
         return results
 
     # ---- shared pieces ----------------------------------------------------------------------------------
+    @cached_property
     def data(self):
         from visor.training.synthetic import SyntheticSource
 
         return SyntheticSource(self.full_model().config, self.plan.seed, suite=SUITE)
 
+    @cached_property
     def reference_prompts(self) -> dict:
         """One validation batch with every task: the prompts baselines match their FLOPs ratio on."""
-        return next(iter(self.data().eval_batches("validation", 8, 64))).inputs
+        return next(iter(self.data.eval_batches("validation", 8, 64))).inputs
 
     def full_model(self):
         """The shipped stock LLaVA-OV model (loaded once)."""
@@ -156,7 +159,7 @@ class Demo:
             save_every=max(steps // 4, 1), samples_per_task=min(self.plan.test_per_task, 50),
             num_threads=self.plan.num_threads, attn_implementation="eager",
         ))
-        summary = train(recipe, self.data(), self.stage_dir(stage), settings, init=str(init), resume=True,
+        summary = train(recipe, self.data, self.stage_dir(stage), settings, init=str(init), resume=True,
                         progress=self.progress)
         return dict(recipe=recipe, steps=steps, validation=summary.get("validation"))
 
@@ -168,16 +171,15 @@ class Demo:
 
     def stage_stage1(self) -> dict:
         init = self.plan.checkpoint
-        if self.plan.cross_attention_layers is not None or self.plan.self_attention_layers is not None:
+        schedule = {name: list(layers) for name, layers in (("cross_attention_layers", self.plan.cross_attention_layers),
+                                                            ("self_attention_layers", self.plan.self_attention_layers))
+                    if layers is not None}
+        if schedule:  # stage 1 starts from this conversion instead of the recipe's default one
             from visor.modeling import VisorForConditionalGeneration
 
-            schedule = dict(cross_attention_layers=self.plan.cross_attention_layers,
-                            self_attention_layers=self.plan.self_attention_layers)
-            init = self.stage_dir("stage1") / "converted"  # stage 1 starts from this conversion
+            init = self.stage_dir("stage1") / "converted"
             torch.manual_seed(self.plan.seed)
-            VisorForConditionalGeneration.from_llava(
-                self.full_model(), **{k: list(v) for k, v in schedule.items() if v is not None}
-            ).save_pretrained(init)
+            VisorForConditionalGeneration.from_llava(self.full_model(), **schedule).save_pretrained(init)
         return self._train("visor-stage1", "stage1", init, self.plan.stage1_steps)
 
     def stage_universal(self) -> dict:
@@ -206,7 +208,7 @@ class Demo:
         threshold, outcome = calibrate(model.router, tables["validation"], cost, target_accuracy=max(largest - 0.5, 0))
         model.config.router_threshold = model.router.threshold = threshold
         model.save_pretrained(folder / "model")
-        self.data().tokenizer.save_pretrained(folder / "model")  # so `visor generate --model DIR` needs nothing else
+        self.data.tokenizer.save_pretrained(folder / "model")  # so `visor generate --model DIR` needs nothing else
         test_report = policy_report(model.router, tables["test"], threshold, cost,
                                     full_model_flops(model, tables["test"]))
         write_report(test_report, folder / "report")
@@ -215,7 +217,7 @@ class Demo:
 
     def stage_evaluate(self) -> dict:
         folder = self.stage_dir("evaluate")
-        data = self.data()
+        data = self.data
         for name, setting, build in self.systems():
             path = folder / f"{name}@{setting}.json"
             if path.exists():
@@ -226,7 +228,7 @@ class Demo:
         return dict(systems=len(list(folder.glob("*.json"))))
 
     def stage_report(self) -> dict:
-        data = self.data()
+        data = self.data
         scored = [json.loads(path.read_text()) for path in sorted(self.stage_dir("evaluate").glob("*@*.json"))]
         systems = [(item["method"], item["setting"], Scores.from_dict(item["scores"])) for item in scored]
         groups = {task.name: task.group for task in data.suite.tasks}
@@ -322,7 +324,7 @@ def _reduced_system(demo: Demo, method: str, ratio: float):
     # The strength is matched on validation prompts of the demo's own size, not on a generic reference prompt.
     with warnings.catch_warnings(record=True) as caught:  # "out of reach": one line here, real ratio in the report
         warnings.simplefilter("always")
-        model = reduction.apply_reduction(base, method, ratio, inputs=demo.reference_prompts())
+        model = reduction.apply_reduction(base, method, ratio, inputs=demo.reference_prompts)
     for warning in caught:
         demo.log(f"  {method} {ratio:g}x: {warning.message}")
     run = greedy(model, demo.plan.max_new_tokens)
