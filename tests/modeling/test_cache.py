@@ -195,3 +195,18 @@ def test_decoding_rejects_image_tokens_and_foreign_caches(visor, batch):
             visor(input_ids=torch.ones(1, 1, dtype=torch.long), past_key_values=cache, use_cache=True)
     with pytest.raises(ValueError, match="VisorCache"):
         visor(**batch, past_key_values=object(), use_cache=True)
+
+
+def test_resolve_cache_swaps_only_an_empty_stock_cache():
+    from transformers import DynamicCache
+
+    from visor.modeling.cache import resolve_cache
+
+    own = VisorCache()
+    assert resolve_cache(own, True, VisorCache, "VISOR") is own
+    assert isinstance(resolve_cache(DynamicCache(), True, VisorCache, "VISOR"), VisorCache)
+    assert resolve_cache(None, False, VisorCache, "VISOR") is None
+    filled = DynamicCache()
+    filled.update(torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 2, 4), 0)
+    with pytest.raises(ValueError, match="VISOR needs a VisorCache"):
+        resolve_cache(filled, True, VisorCache, "VISOR")

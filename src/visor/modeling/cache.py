@@ -155,3 +155,16 @@ class LayerCacheView:
         end = start + keys.shape[2]
         cache.text_keys[layer][self.rows, :, start:end] = keys
         cache.text_values[layer][self.rows, :, start:end] = values
+
+
+def resolve_cache(past_key_values, use_cache: bool, cache_class: type[Cache], user: str) -> Cache | None:
+    """The cache a custom layer loop fills or reads. `generate()` hands over an empty stock cache, which is
+    swapped for a `cache_class`; any other cache cannot hold what the loop stores (`user` names the loop)."""
+    if isinstance(past_key_values, cache_class):
+        return past_key_values
+    if past_key_values is not None:
+        if isinstance(past_key_values, Cache) and past_key_values.get_seq_length() == 0:
+            return cache_class()
+        raise ValueError(f"{user} needs a {cache_class.__name__} (or an empty cache), "
+                         f"got {type(past_key_values).__name__}")
+    return cache_class() if use_cache else None

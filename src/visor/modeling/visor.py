@@ -22,11 +22,10 @@ import torch
 from torch import nn
 from safetensors import SafetensorError
 from transformers import LlavaOnevisionForConditionalGeneration
-from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from visor.config import VisorConfig
-from visor.modeling.cache import LayerCacheView, VisorCache
+from visor.modeling.cache import LayerCacheView, VisorCache, resolve_cache
 from visor.modeling.cross_attention import CrossAttentionBlock, rms_unit
 from visor.modeling.layout import TokenLayout, attention_bias
 from visor.modeling.position_encoding import ConditionalPositionEncoding
@@ -370,7 +369,7 @@ class VisorForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         attention = self.config.text_config._attn_implementation
         if attention not in SUPPORTED_ATTENTION:
             raise ValueError(f"VISOR runs with attention {SUPPORTED_ATTENTION}, not {attention!r}")
-        cache = _resolve_cache(past_key_values, use_cache)
+        cache = resolve_cache(past_key_values, use_cache, VisorCache, "VISOR")
         batch, length = input_ids.shape
         past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
@@ -461,17 +460,6 @@ def _call_layer(layer, hidden, bias, rope, cache_view):
 def _prefill_view(cache, layer, rows, sa_layout):
     """The cache view of a prefill layer call (None when not caching); `sa_layout` only for SA rows."""
     return None if cache is None else LayerCacheView(cache, layer, rows, prefill=True, sa_layout=sa_layout)
-
-
-def _resolve_cache(past_key_values, use_cache) -> VisorCache | None:
-    """The cache to fill or read. `generate()` hands over an empty stock cache: VISOR swaps in its own."""
-    if isinstance(past_key_values, VisorCache):
-        return past_key_values
-    if past_key_values is not None:
-        if isinstance(past_key_values, Cache) and past_key_values.get_seq_length() == 0:
-            return VisorCache()
-        raise ValueError(f"VISOR needs a VisorCache (or an empty cache), got {type(past_key_values).__name__}")
-    return VisorCache() if use_cache else None
 
 
 def _check_ids(input_ids: torch.Tensor, vocab_size: int) -> None:

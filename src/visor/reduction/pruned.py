@@ -27,6 +27,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from visor.flops import layerwise_prefill_flops, prompt_token_counts
+from visor.modeling.cache import resolve_cache
 from visor.modeling.layout import TokenLayout, attention_bias
 
 
@@ -223,7 +224,7 @@ class PrunedLlava(LlavaOnevisionForConditionalGeneration):
         """
         if input_ids is None or inputs_embeds is not None:
             raise ValueError("in-LLM pruning needs input_ids (it finds the visual tokens by the <image> token id)")
-        cache = _resolve_cache(past_key_values, use_cache)
+        cache = resolve_cache(past_key_values, use_cache, PrunedCache, "in-LLM pruning")
         batch, length = input_ids.shape
         past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
@@ -382,16 +383,3 @@ class PrunedCache(Cache):
         for store in (self.keys, self.values, self.valid, self.visual):
             for layer in store:
                 store[layer] = store[layer].index_select(0, beam_idx.to(store[layer].device))
-
-
-def _resolve_cache(past_key_values, use_cache) -> PrunedCache | None:
-    """`generate()` hands over an empty stock cache: swap in a `PrunedCache`."""
-    if isinstance(past_key_values, PrunedCache):
-        return past_key_values
-    if past_key_values is not None:
-        if isinstance(past_key_values, Cache) and past_key_values.get_seq_length() == 0:
-            return PrunedCache()
-        raise ValueError(
-            f"in-LLM pruning needs a PrunedCache (or an empty cache), got {type(past_key_values).__name__}"
-        )
-    return PrunedCache() if use_cache else None
