@@ -69,6 +69,8 @@ INVALID = {
                             "router_layer 30 out of range"),
     "empty-configurations": (dict(configurations=[]), "configurations is empty"),
     "even-cpe-kernel": (dict(position_encoding_kernel=6), "position_encoding_kernel must be a positive odd number"),
+    "ca-kv-heads": (dict(cross_attention_key_value_heads=3), "cross_attention_key_value_heads must be a positive divisor"),
+    "ca-kv-heads-zero": (dict(cross_attention_key_value_heads=0), "cross_attention_key_value_heads must be a positive divisor"),
 }
 
 

@@ -46,8 +46,9 @@ def random_llava_config(rng: random.Random):
     return config
 
 
-def random_visor_options(rng: random.Random, num_layers: int) -> dict:
-    """A random layer schedule (possibly no CA layer) and random CA-MLP / CPE options."""
+def random_visor_options(rng: random.Random, text_config) -> dict:
+    """A random layer schedule (possibly no CA layer), CA key/value heads and random CA-MLP / CPE options."""
+    num_layers, kv_heads = text_config.num_hidden_layers, text_config.num_key_value_heads
     layers = list(range(num_layers))
     cross = sorted(rng.sample(layers, rng.randint(0, max(1, num_layers // 2))))
     free = [layer for layer in layers if layer not in cross]
@@ -57,6 +58,7 @@ def random_visor_options(rng: random.Random, num_layers: int) -> dict:
         cross_attention_mlp=rng.random() < 0.5,
         position_encoding=rng.random() < 0.5,
         position_encoding_kernel=rng.choice([3, 5, 7]),
+        cross_attention_key_value_heads=rng.choice([None] + [h for h in range(1, kv_heads + 1) if kv_heads % h == 0]),
     )
 
 
@@ -67,7 +69,7 @@ def build(seed: int):
     config = random_llava_config(rng)
     stock = LlavaOnevisionForConditionalGeneration(config).eval()
     stock.set_attn_implementation("eager")
-    visor = VisorForConditionalGeneration.from_llava(stock, **random_visor_options(rng, config.text_config.num_hidden_layers)).eval()
+    visor = VisorForConditionalGeneration.from_llava(stock, **random_visor_options(rng, config.text_config)).eval()
     height, width = rng.randint(24, 128), rng.randint(24, 128)
     crops, visual = image_tokens(config, (height, width))
     before, after = rng.randint(0, 6), rng.randint(1, 12)

@@ -59,6 +59,7 @@ class VisorConfig(LlavaOnevisionConfig):
     cross_attention_gate: bool = True
     cross_attention_mlp: bool = False
     cross_attention_rope: bool = True
+    cross_attention_key_value_heads: int | None = None  # None: the host layer's; fewer make CA cheaper
     # The policy's router (DESIGN.md 3), built when there is more than one configuration.
     router_hidden_size: int = 256
     router_mode: Literal["multilabel", "softmax"] = "multilabel"
@@ -183,6 +184,11 @@ class VisorConfig(LlavaOnevisionConfig):
             raise ValueError(f"router_threshold τ must lie in [0, 1], got {self.router_threshold}")
         if self.router_hidden_size < 1:
             raise ValueError(f"router_hidden_size must be positive, got {self.router_hidden_size}")
+        host_heads = self.text_config.num_key_value_heads or self.text_config.num_attention_heads
+        heads = self.cross_attention_key_value_heads
+        if heads is not None and (heads < 1 or host_heads % heads):
+            raise ValueError(f"cross_attention_key_value_heads must be a positive divisor of the text model's "
+                             f"{host_heads} key/value heads, got {heads}")
         if self.position_encoding_kernel < 1 or self.position_encoding_kernel % 2 == 0:
             raise ValueError(f"position_encoding_kernel must be a positive odd number, got {self.position_encoding_kernel}")
 

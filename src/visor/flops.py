@@ -295,6 +295,7 @@ def _cross_attention_flops(config: VisorConfig, text: int, visual: int, project_
     text_config = config.text_config
     width = text_config.hidden_size
     heads, kv_heads, head_dim = _attention_shape(text_config)
+    kv_heads = config.cross_attention_key_value_heads or kv_heads
     flops = 0
     if visual > 0:
         flops += 2 * _linear(text, width, heads * head_dim)

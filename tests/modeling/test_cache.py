@@ -78,6 +78,15 @@ def test_cached_greedy_equals_recomputation(visor, batch, configuration):
     assert torch.equal(cached, recompute_greedy(visor, batch, configuration))
 
 
+def test_cached_greedy_with_fewer_cross_attention_heads_equals_recomputation(stock, batch):
+    torch.manual_seed(3)
+    model = VisorForConditionalGeneration.from_llava(stock, cross_attention_key_value_heads=1,
+                                                     cross_attention_init="host", cross_attention_gate=False).eval()
+    assert all(block.k_proj.out_features == block.head_dim for block in model.cross_attention.values())
+    configuration = [0, 2, 1]
+    assert torch.equal(greedy(model, batch, configuration=configuration), recompute_greedy(model, batch, configuration))
+
+
 def test_cached_logits_match_recomputed_logits(visor, batch):
     """Stronger than token equality: the decode-step logits equal the full recomputation's last logits."""
     configuration = [1, 2, 0]

@@ -28,13 +28,19 @@ def make_block(stock, gate=True, mlp=False, attention="eager", seed=0) -> CrossA
     return block.eval()
 
 
-def inputs(stock, block, allowed=None, seed=1):
+def streams(stock, seed=1):
+    """Random text and visual streams (2 samples) with their rotary (cos, sin), visual tokens first."""
     generator = torch.Generator().manual_seed(seed)
     text = torch.randn(2, TEXT, 128, generator=generator)
     visual = torch.randn(2, VISUAL, 128, generator=generator)
     rotary = stock.model.language_model.rotary_emb
     text_rope = rotary(text, torch.arange(VISUAL, VISUAL + TEXT).expand(2, -1))
     visual_rope = rotary(visual, torch.arange(VISUAL).expand(2, -1))
+    return text, visual, text_rope, visual_rope
+
+
+def inputs(stock, block, allowed=None, seed=1):
+    text, visual, text_rope, visual_rope = streams(stock, seed)
     if allowed is None:
         allowed = torch.ones(2, TEXT, VISUAL, dtype=torch.bool)
     keys, values = block.visual_keys_values(visual, visual_rope)
@@ -170,3 +176,26 @@ def test_zero_initialisation_closes_every_gate(stock):
     assert len(model.cross_attention) > 0
     for block in model.cross_attention.values():
         assert block.attention_gate.item() == 0.0 and block.mlp_gate.item() == 0.0
+
+
+def test_fewer_key_value_heads_pool_the_host_heads(stock):
+    """With identical host key/value heads, mean pooling loses nothing: the 1-head block equals the 2-head one."""
+    host = stock.model.language_model.layers[0]
+    with torch.no_grad():
+        for name in ("k_proj", "v_proj"):
+            weight = getattr(host.self_attn, name).weight
+            weight[weight.shape[0] // 2:] = weight[: weight.shape[0] // 2]
+    config = stock.config.text_config
+    blocks = []
+    for heads in (None, 1):
+        block = CrossAttentionBlock(host, config, gate=False, key_value_heads=heads)
+        block.copy_host(host)
+        blocks.append(block.eval())
+    assert blocks[1].k_proj.out_features == blocks[0].k_proj.out_features // 2
+    outputs = [run(block, *inputs(stock, block)) for block in blocks]
+    torch.testing.assert_close(outputs[1], outputs[0])
+
+
+def test_key_value_heads_must_divide_the_hosts(stock):
+    with pytest.raises(ValueError, match="must divide"):
+        CrossAttentionBlock(stock.model.language_model.layers[0], stock.config.text_config, key_value_heads=3)

@@ -40,6 +40,13 @@ def test_stage1_trains_only_ca_blocks_and_cpe(tiny_full_checkpoint):
     assert any(name.startswith("position_encoding.") for name in names)
 
 
+def test_stage1_converts_with_fewer_cross_attention_heads_when_asked(tiny_full_checkpoint):
+    settings = fast_settings("visor-stage1", cross_attention_key_value_heads=1)
+    model = build_model("visor-stage1", tiny_full_checkpoint, None, settings)
+    assert model.config.cross_attention_key_value_heads == 1
+    assert all(block.num_key_value_heads == 1 for block in model.cross_attention.values())
+
+
 def test_stage1_with_closed_gates_trains_the_gates(tmp_path, tiny_full_checkpoint, toy_path):
     settings = fast_settings("visor-stage1", max_steps=2, learning_rate=1e-2, cross_attention_init="zero",
                              cross_attention_gate=True)

@@ -8,6 +8,10 @@ attention (same heads, GQA groups, biases), so it can start from two places:
 - `host`: copies the host layer's q/k/v/o and input norm, so text queries look at the image the way the
   original layer did (ShortV's training-free start); pair it with `cross_attention_gate=False`.
 
+`key_value_heads` may give the block fewer key/value heads than its host (GQA uptraining's mean-pooled
+heads, Ainslie et al. 2023, when starting from the host): projecting every visual token to keys and values is
+most of a CA block's cost when the model's own GQA ratio is small.
+
 A text row that sees no visual token (a prompt with the image after the question) gets exactly zero.
 """
 
@@ -44,7 +48,8 @@ class CrossAttentionBlock(nn.Module):
     # query length (CA has no causal structure among queries), so the visual keys are never repeated per head.
     num_key_value_groups = 1
 
-    def __init__(self, host_layer: nn.Module, config, gate: bool = True, mlp: bool = False, rope: bool = True):
+    def __init__(self, host_layer: nn.Module, config, gate: bool = True, mlp: bool = False, rope: bool = True,
+                 key_value_heads: int | None = None):
         super().__init__()
         host = host_layer.self_attn
         hidden_size = config.hidden_size
@@ -52,8 +57,12 @@ class CrossAttentionBlock(nn.Module):
         self.layer_idx = host.layer_idx
         self.head_dim = host.head_dim
         self.num_heads = host.q_proj.out_features // host.head_dim
-        self.query_groups = host.num_key_value_groups
-        self.num_key_value_heads = self.num_heads // self.query_groups
+        host_key_value_heads = self.num_heads // host.num_key_value_groups
+        self.num_key_value_heads = key_value_heads or host_key_value_heads
+        if host_key_value_heads % self.num_key_value_heads:
+            raise ValueError(f"cross-attention key/value heads ({self.num_key_value_heads}) must divide the host "
+                             f"layer's {host_key_value_heads}, so each pools a whole group of them")
+        self.query_groups = self.num_heads // self.num_key_value_heads
         self.scaling = host.scaling
         self.use_rope = rope
 
@@ -62,8 +71,8 @@ class CrossAttentionBlock(nn.Module):
         self.text_norm = norm_class(hidden_size, eps=eps)
         self.visual_norm = norm_class(hidden_size, eps=eps)
         self.q_proj = _like(host.q_proj)
-        self.k_proj = _like(host.k_proj)
-        self.v_proj = _like(host.v_proj)
+        self.k_proj = _like(host.k_proj, self.num_key_value_heads * self.head_dim)
+        self.v_proj = _like(host.v_proj, self.num_key_value_heads * self.head_dim)
         self.o_proj = _like(host.o_proj)
         self.attention_gate = nn.Parameter(torch.zeros(1)) if gate else None
         self.mlp = None
@@ -74,12 +83,20 @@ class CrossAttentionBlock(nn.Module):
 
     @torch.no_grad()
     def copy_host(self, host_layer: nn.Module) -> None:
-        """Start from the host layer's own attention (the `host` initialisation)."""
+        """Start from the host layer's own attention (the `host` initialisation); with fewer key/value heads
+        than the host, each starts as the mean of the host heads it replaces."""
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             target, source = getattr(self, name), getattr(host_layer.self_attn, name)
-            target.weight.copy_(source.weight)
+            target.weight.copy_(self._pool_heads(source.weight, target.out_features))
             if target.bias is not None:
-                target.bias.copy_(source.bias)
+                target.bias.copy_(self._pool_heads(source.bias, target.out_features))
+
+    def _pool_heads(self, weight: torch.Tensor, out_features: int) -> torch.Tensor:
+        """Mean over each group of consecutive host heads along the output dimension (identity if sizes match)."""
+        if weight.shape[0] == out_features:
+            return weight
+        pooled = weight.reshape(out_features // self.head_dim, -1, self.head_dim, *weight.shape[1:])
+        return pooled.mean(dim=1).reshape(out_features, *weight.shape[1:])
         self.text_norm.weight.copy_(host_layer.input_layernorm.weight)
         self.visual_norm.weight.copy_(host_layer.input_layernorm.weight)
 
@@ -154,8 +171,8 @@ def _rotate(states: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> to
     return rotated
 
 
-def _like(linear: nn.Linear) -> nn.Linear:
-    return nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
+def _like(linear: nn.Linear, out_features: int | None = None) -> nn.Linear:
+    return nn.Linear(linear.in_features, out_features or linear.out_features, bias=linear.bias is not None)
 
 
 def _gated(update: torch.Tensor, gate: nn.Parameter | None) -> torch.Tensor:

@@ -59,6 +59,7 @@ class VisorForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
                     gate=config.cross_attention_gate,
                     mlp=config.cross_attention_mlp,
                     rope=config.cross_attention_rope,
+                    key_value_heads=config.cross_attention_key_value_heads,
                 )
                 for layer in config.cross_attention_layers
             }

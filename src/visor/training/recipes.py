@@ -106,7 +106,8 @@ def build_model(recipe: str, init: str | os.PathLike | None, preset: str | None,
     if not is_visor(model):
         torch.manual_seed(settings.seed)
         model = VisorForConditionalGeneration.from_llava(
-            model, cross_attention_init=settings.cross_attention_init, cross_attention_gate=settings.cross_attention_gate
+            model, cross_attention_init=settings.cross_attention_init, cross_attention_gate=settings.cross_attention_gate,
+            cross_attention_key_value_heads=settings.cross_attention_key_value_heads,
         )
     model.train()
     return freeze_base(model) if recipe == "visor-stage1" else unfreeze_all(model)

@@ -53,6 +53,9 @@ class TrainingSettings:
     (copies of the host layer's attention). `visor-stage1` defaults to `host` (see `RECIPE_DEFAULTS`)."""
     cross_attention_gate: bool = True
     """Tanh gates (initialised closed) on the CA blocks of a converted model."""
+    cross_attention_key_value_heads: int | None = None
+    """Key/value heads of each CA block of a converted model (None: the host layer's; fewer start from the mean of
+    the host heads and make projecting the visual tokens cheaper)."""
     # ---- data ---------------------------------------------------------------------------------------------
     samples_per_task: int = 100
     """Validation samples per task at each evaluation (and for `configurations search`)."""
