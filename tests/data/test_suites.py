@@ -32,3 +32,15 @@ def test_select_and_unknown_names():
         demo.select(["read_sell"])
     with pytest.raises(ValueError, match="unknown suite"):
         get_suite("huge")
+
+
+def test_demo_variants_are_the_demo_tasks_at_other_knobs():
+    demo, variants = get_suite("demo"), get_suite("demo-variants")
+    assert variants.size == demo.size
+    assert set(variants.task_names) == set(demo.task_names) - {"easy_vqa"}
+    for task in variants.tasks:
+        trained = demo.select([task.name])[0]
+        assert task != trained, f"{task.name} is not a variant: its knobs equal the demo's"
+        for index in range(10):
+            sample = make_sample(task, "test", index, size=variants.size)
+            assert sample.image.size == (64, 64) and sample.answer in task.answers

@@ -10,6 +10,9 @@ same distribution everywhere. Two are built in:
   black digits, the value of one bar, a count of 0-6 small marks among clutter, the dominant colour, and
   easy-VQA (real 64x64 images and questions, coarse). The hard tasks still hinge on one cell, one bar top or a
   few 4-px marks (a few percent of the image), so pruning or pooling visual tokens can still lose them.
+- `demo-variants`: the demo's four synthetic tasks with knobs set where no training stage ever puts them
+  (more specks around the digits, a thinner bar, twice the clutter among the marks, more distractor shapes),
+  at the demo's size: held-out task variants for checking that the policy generalises beyond what it saw.
 - `curriculum`: the step between learning the demo's coarse tasks and its 3x3 `read_cell`: the coloured digit
   among four, and one large shape per image (with per-patch shape targets, which easy-VQA lacks). Without it
   `read_cell` stays at chance (see the demo checkpoint's TRAINING.md).
@@ -56,6 +59,16 @@ SUITES: dict[str, Suite] = {
             EasyVQA(),
         ),
         "four synthetic tasks at 64x64 px, small enough for the CPU demo, plus easy-VQA",
+    ),
+    "demo-variants": Suite(
+        "demo-variants", (64, 64),
+        (
+            get_task("read_cell", rows=3, cols=3, glyph_scale=0.7, pointer="ink", clutter=1.0),
+            get_task("bar_value", num_bars=1, bar_width=0.25),
+            get_task("count_marks", num_colors=1, mark_size=0.06, clutter=8, max_count=6),
+            get_task("dominant_color", distractors=5),
+        ),
+        "the demo's synthetic tasks at knobs no training stage uses: held-out variants for the policy",
     ),
     "curriculum": Suite(
         "curriculum", (64, 64),
