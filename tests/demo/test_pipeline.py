@@ -67,10 +67,16 @@ def test_outputs_have_every_row_and_file(demo_run):
     policy = [row for row in rows if row["method"] == "visor-policy"]
     assert all(sum(row["histogram"].values()) == row["samples"] for row in policy)
     markdown = (report / "report.md").read_text()
-    for heading in ("## Verdicts", "## Table 1", "## Table 2", "## Table 3", "## easy-VQA", "seed"):
+    for heading in ("## Verdicts", "## Table 1", "## Table 2", "## Table 3", "## Table 4a", "## Table 4b",
+                    "## easy-VQA", "seed"):
         assert heading in markdown
     assert (report / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (output / "policy" / "model" / "tokenizer_config.json").exists()
+    variants = results["stages"]["policy"]["variants"]  # the policy on task knobs it never saw
+    assert (output / "policy" / "report-variants" / "policy_report.json").exists()
+    assert {row["subset"] for row in variants} == {"all", "group:hard", "group:easy"}
+    assert {"router", "oracle", "fixed-0"} <= {row["method"] for row in variants}
+    assert "held-out task variants" in markdown
 
 
 def test_running_again_reuses_every_stage_with_the_same_numbers(demo_run, capsys):
@@ -93,12 +99,15 @@ def test_other_settings_or_foreign_folders_are_refused(demo_run, tmp_path, capsy
 
 
 def test_the_visor_schedule_can_be_chosen(tmp_path):
-    """`--cross-attention-layers/--self-attention-layers` convert with that schedule (quick plan, own folder)."""
+    """`--cross-attention-layers/--self-attention-layers/--cross-attention-heads` convert with that schedule and
+    the stage-1 recipe's CA initialisation (quick plan, own folder)."""
     output = tmp_path / "demo"
-    assert cli.main(["demo", "--quick", "--output", str(output), "--no-progress",
+    assert cli.main(["demo", "--quick", "--output", str(output), "--no-progress", "--cross-attention-heads", "1",
                      "--cross-attention-layers", "0", "--self-attention-layers", "1,3"]) == 0
     config = json.loads((output / "universal" / "model" / "config.json").read_text())
     assert config["cross_attention_layers"] == [0] and config["configurations"] == [[], [1], [1, 3]]
+    assert config["cross_attention_key_value_heads"] == 1
+    assert config["cross_attention_init"] == "host" and config["cross_attention_gate"] is False
     settings = {row["setting"] for row in json.loads((output / "report" / "results.json").read_text())["rows"]
                 if row["method"] == "visor"}
     assert settings == {"SA []", "SA [1]", "SA [1, 3]"}

@@ -34,6 +34,9 @@ def register(subparsers) -> None:
                         help="VISOR's CA layers (default: evenly spread, [0, 3] on the shipped 6-layer model)")
     parser.add_argument("--self-attention-layers", type=comma_separated(int, "layer indices"), default=None, metavar="I,J",
                         help="VISOR's ordered SA candidates (default: evenly spread, [1, 4] on the shipped model)")
+    parser.add_argument("--cross-attention-heads", type=int, default=None, metavar="N",
+                        help="key/value heads of each CA block (default: the host layer's, 2 on the shipped model; "
+                             "1 halves the cost of projecting the visual tokens)")
     parser.add_argument("--threads", type=int, default=DemoPlan.num_threads,
                         help=f"CPU threads (default {DemoPlan.num_threads}; use 1 when other jobs share the cores)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -43,7 +46,8 @@ def register(subparsers) -> None:
 def _main(args) -> int:
     plan = (DemoPlan.quick if args.quick else DemoPlan)(
         seed=args.seed, checkpoint=args.checkpoint, num_threads=args.threads,
-        cross_attention_layers=args.cross_attention_layers, self_attention_layers=args.self_attention_layers)
+        cross_attention_layers=args.cross_attention_layers, self_attention_layers=args.self_attention_layers,
+        cross_attention_key_value_heads=args.cross_attention_heads)
     try:
         Demo(Path(args.output), plan, progress=not args.no_progress).run(fresh=args.fresh)
     except ValueError as error:

@@ -3,7 +3,8 @@
     full       the shipped tiny full LVLM (`visor/demo/checkpoint`, trained by the command in its TRAINING.md)
     stage1     VISOR stage 1: CA blocks trained on the frozen full model, largest configuration
     universal  VISOR universal training: every parameter, one configuration sampled per step
-    policy     label every configuration on train/validation/test, train the router, calibrate τ on validation
+    policy     label every configuration on train/validation/test, train the router, calibrate τ on validation;
+               the policy report on the test split and on held-out task variants (`demo-variants`)
     evaluate   every system on the test split: full, each fixed configuration, the policy, text-only, baselines
     report     results.json, report.md, pareto.png and the printed summary
 
@@ -32,6 +33,7 @@ from visor.flops import llm_prefill_flops, prompt_prefill_flops, prompt_token_co
 
 CHECKPOINT = Path(__file__).parent / "checkpoint"
 SUITE = "demo"
+VARIANTS = "demo-variants"  # the demo's tasks at unseen knobs, for the policy's held-out evaluation
 STAGES = ("full", "stage1", "universal", "policy", "evaluate", "report")
 DONE = "DONE.json"
 MARKER = ".visor-demo"  # identifies a folder `--fresh` may delete
@@ -55,6 +57,7 @@ class DemoPlan:
     # VISOR's layer schedule (None: `VisorConfig`'s evenly spread default, CA [0, 3] and SA [1, 4] on 6 layers)
     cross_attention_layers: tuple[int, ...] | None = None
     self_attention_layers: tuple[int, ...] | None = None
+    cross_attention_key_value_heads: int | None = None  # None: the host layer's
     checkpoint: str = str(CHECKPOINT)
 
     @classmethod
@@ -171,15 +174,23 @@ class Demo:
 
     def stage_stage1(self) -> dict:
         init = self.plan.checkpoint
-        schedule = {name: list(layers) for name, layers in (("cross_attention_layers", self.plan.cross_attention_layers),
-                                                            ("self_attention_layers", self.plan.self_attention_layers))
-                    if layers is not None}
-        if schedule:  # stage 1 starts from this conversion instead of the recipe's default one
+        options = {name: value for name, value in (
+            ("cross_attention_layers", self.plan.cross_attention_layers),
+            ("self_attention_layers", self.plan.self_attention_layers),
+            ("cross_attention_key_value_heads", self.plan.cross_attention_key_value_heads),
+        ) if value is not None}
+        options = {name: list(value) if isinstance(value, tuple) else value for name, value in options.items()}
+        if options:  # stage 1 starts from this conversion instead of the recipe's own (same CA initialisation)
             from visor.modeling import VisorForConditionalGeneration
+            from visor.training.settings import load_settings
 
+            recipe = load_settings("visor-stage1")
             init = self.stage_dir("stage1") / "converted"
             torch.manual_seed(self.plan.seed)
-            VisorForConditionalGeneration.from_llava(self.full_model(), **schedule).save_pretrained(init)
+            VisorForConditionalGeneration.from_llava(
+                self.full_model(), cross_attention_init=recipe.cross_attention_init,
+                cross_attention_gate=recipe.cross_attention_gate, **options,
+            ).save_pretrained(init)
         return self._train("visor-stage1", "stage1", init, self.plan.stage1_steps)
 
     def stage_universal(self) -> dict:
@@ -212,8 +223,14 @@ class Demo:
         test_report = policy_report(model.router, tables["test"], threshold, cost,
                                     full_model_flops(model, tables["test"]))
         write_report(test_report, folder / "report")
+        # Held-out task variants: neither the model nor the router ever saw these knobs.
+        variants = label_synthetic(model, "test", self.plan.test_per_task, seed=self.plan.seed, suite=VARIANTS,
+                                   show_progress=self.progress)
+        variants_report = policy_report(model.router, variants, threshold, cost, full_model_flops(model, variants))
+        write_report(variants_report, folder / "report-variants")
         return dict(threshold=threshold, router_loss=[losses[0], losses[-1]], validation_largest_accuracy=largest,
-                    validation_policy_accuracy=outcome.accuracy, validation_policy_flops=outcome.mean_flops)
+                    validation_policy_accuracy=outcome.accuracy, validation_policy_flops=outcome.mean_flops,
+                    test=_policy_summary(test_report), variants=_policy_summary(variants_report))
 
     def stage_evaluate(self) -> dict:
         folder = self.stage_dir("evaluate")
@@ -334,6 +351,11 @@ def _reduced_system(demo: Demo, method: str, ratio: float):
         return new_tokens, reduction.prefill_flops(model, inputs), None
 
     return generate
+
+
+def _policy_summary(policy_report: dict) -> list[dict]:
+    """The policy report's per-group and overall rows (fixed configurations, router, oracle), for DONE.json."""
+    return [row for row in policy_report["rows"] if not row["subset"].startswith("task:")]
 
 
 # ---- files ------------------------------------------------------------------------------------------------

@@ -79,6 +79,10 @@ def verdicts(results: dict) -> list[str]:
             f"({'within' if gap <= TARGETS['accuracy_gap'] else 'NOT within'} {TARGETS['accuracy_gap']:g} point), "
             f"{policy['savings']:.2f}x LLM-prefill savings (target {target:g}x: {'met' if policy['savings'] >= target else 'not met'})."
         )
+    policy = results["stages"].get("policy", {})
+    for split, title in (("test", "test split"), ("variants", "held-out task variants")):
+        if policy.get(split):
+            lines += policy_curve_verdicts(policy[split], title)
     hard_policy = _group(results, POLICY, "hard")
     if hard_policy is not None:
         for method in sorted({r["method"] for r in results["groups"]} - {"full", "text-only", "visor", "visor-policy"}):
@@ -91,6 +95,48 @@ def verdicts(results: dict) -> list[str]:
                 f"VISOR policy {'beats it' if better else 'does NOT beat it'} ({hard_policy['accuracy']:.1f}%)."
             )
     return lines
+
+
+def fixed_curve_accuracy(fixed: list[tuple[float, float]], flops: float) -> float:
+    """Accuracy of the fixed-configuration curve at `flops`: the best fixed accuracy reachable at each cost,
+    linearly interpolated between configurations (mixing two configurations per sample reaches any point between
+    them), held flat beyond the cheapest and the dearest."""
+    points, best = [], float("-inf")
+    for cost, accuracy in sorted(fixed):
+        best = max(best, accuracy)
+        points.append((cost, best))
+    if flops <= points[0][0]:
+        return points[0][1]
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if flops <= x1:
+            return y0 + (y1 - y0) * (flops - x0) / (x1 - x0) if x1 > x0 else y1
+    return points[-1][1]
+
+
+def policy_curve_verdicts(rows: list[dict], title: str) -> list[str]:
+    """Issue 6's checks on one policy report: router on or above the fixed curve; fewer FLOPs on easy tasks."""
+    lines, router_flops = [], {}
+    for subset in sorted({row["subset"] for row in rows if row["subset"].startswith("group:")}):
+        group = [row for row in rows if row["subset"] == subset]
+        router = next(row for row in group if row["method"] == "router")
+        fixed = [(row["mean_llm_prefill_flops"], row["accuracy"]) for row in group if row["method"].startswith("fixed-")]
+        curve = fixed_curve_accuracy(fixed, router["mean_llm_prefill_flops"])
+        router_flops[subset.removeprefix("group:")] = router["mean_llm_prefill_flops"]
+        lines.append(
+            f"Policy on the {title}, {subset.removeprefix('group:')} tasks: router {router['accuracy']:.1f}% at "
+            f"{router['savings']:.2f}x vs {curve:.1f}% for fixed configurations at the same FLOPs — "
+            f"{'on or above' if router['accuracy'] >= curve - 1e-9 else 'BELOW'} the fixed curve "
+            f"(configurations chosen: {_histogram(router['histogram'])})."
+        )
+    if {"hard", "easy"} <= router_flops.keys():
+        fewer = router_flops["easy"] < router_flops["hard"]
+        lines.append(f"Policy on the {title}: {'fewer' if fewer else 'NOT fewer'} mean LLM-prefill FLOPs on easy tasks "
+                     f"({_gflops(router_flops['easy'])} GFLOPs) than on hard ones ({_gflops(router_flops['hard'])}).")
+    return lines
+
+
+def _histogram(histogram: dict) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in histogram.items())
 
 
 # ---- Markdown ------------------------------------------------------------------------------------------------
@@ -127,8 +173,16 @@ def markdown(results: dict) -> str:
               "| task | " + " | ".join(["configuration: samples"]) + " |", "|---|---|"]
     for row in results["rows"] + results["groups"]:
         if (row["method"], row["setting"]) == POLICY:
-            histogram = ", ".join(f"{k}: {v}" for k, v in row.get("histogram", {}).items())
-            lines.append(f"| {row['task']} | {histogram} |")
+            lines.append(f"| {row['task']} | {_histogram(row.get('histogram', {}))} |")
+    for split, title in (("test", "test split"), ("variants", "held-out task variants (`demo-variants`, unseen knobs)")):
+        rows = stages.get("policy", {}).get(split)
+        if rows:
+            lines += ["", f"## Table 4{'a' if split == 'test' else 'b'}: the policy against every fixed configuration, {title}", "",
+                      "| subset | method | n | accuracy % | GFLOPs | savings | configurations chosen |",
+                      "|---|---|---|---|---|---|---|"]
+            lines += [f"| {r['subset']} | {r['method']} | {r['samples']} | {r['accuracy']:.1f} | "
+                      f"{_gflops(r['mean_llm_prefill_flops'])} | {r['savings']:.2f}x | {_histogram(r['histogram'])} |"
+                      for r in rows]
     easy_vqa = [r for r in results["rows"] if r["task"] == "easy_vqa" and (r["method"], r["setting"]) in (FULL, POLICY)]
     if easy_vqa:
         lines += ["", "## easy-VQA (real images and questions)", "", "| method | accuracy % | savings |", "|---|---|---|"]

@@ -1,0 +1,42 @@
+"""The report's policy checks: the fixed-configuration curve and the verdicts computed from it."""
+
+import pytest
+
+from visor.demo.report import fixed_curve_accuracy, policy_curve_verdicts
+
+FIXED = [(10.0, 80.0), (20.0, 90.0), (40.0, 95.0)]
+
+
+def test_fixed_curve_interpolates_between_configurations_and_is_flat_outside():
+    assert fixed_curve_accuracy(FIXED, 15.0) == pytest.approx(85.0)
+    assert fixed_curve_accuracy(FIXED, 30.0) == pytest.approx(92.5)
+    assert fixed_curve_accuracy(FIXED, 5.0) == 80.0 and fixed_curve_accuracy(FIXED, 50.0) == 95.0
+
+
+def test_a_dearer_but_worse_configuration_does_not_lower_the_curve():
+    dominated = [(10.0, 80.0), (20.0, 90.0), (40.0, 85.0)]
+    assert fixed_curve_accuracy(dominated, 30.0) == pytest.approx(90.0)
+
+
+def _rows(group: str, router: tuple[float, float], savings: float = 2.0) -> list[dict]:
+    def row(method, flops, accuracy, histogram):
+        return dict(subset=f"group:{group}", method=method, mean_llm_prefill_flops=flops, accuracy=accuracy,
+                    savings=savings, histogram=histogram, samples=10)
+
+    return [row(f"fixed-{i}", f, a, {str(i): 10}) for i, (f, a) in enumerate(FIXED)] + [
+        row("router", *router, {"0": 5, "1": 5}), row("oracle", 15.0, 96.0, {"0": 10})]
+
+
+def test_verdicts_say_below_and_not_fewer_when_so():
+    rows = _rows("hard", (15.0, 84.0)) + _rows("easy", (30.0, 99.0))
+    lines = policy_curve_verdicts(rows, "test split")
+    hard = next(line for line in lines if "hard tasks:" in line)
+    easy = next(line for line in lines if "easy tasks:" in line)
+    assert "BELOW" in hard and "85.0%" in hard
+    assert "on or above" in easy
+    assert "NOT fewer" in lines[-1]
+
+
+def test_verdicts_say_fewer_flops_on_easy_when_so():
+    lines = policy_curve_verdicts(_rows("hard", (30.0, 93.0)) + _rows("easy", (12.0, 90.0)), "variants")
+    assert "on or above" in lines[0] and lines[-1].startswith("Policy on the variants: fewer")
