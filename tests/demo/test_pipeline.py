@@ -72,6 +72,8 @@ def test_outputs_have_every_row_and_file(demo_run):
         assert heading in markdown
     assert (report / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (output / "policy" / "model" / "tokenizer_config.json").exists()
+    config = json.loads((output / "universal" / "model" / "config.json").read_text())
+    assert config["cross_attention_key_value_heads"] == 1  # the demo's default
     variants = results["stages"]["policy"]["variants"]  # the policy on task knobs it never saw
     assert (output / "policy" / "report-variants" / "policy_report.json").exists()
     assert {row["subset"] for row in variants} == {"all", "group:hard", "group:easy"}
@@ -102,11 +104,11 @@ def test_the_visor_schedule_can_be_chosen(tmp_path):
     """`--cross-attention-layers/--self-attention-layers/--cross-attention-heads` convert with that schedule and
     the stage-1 recipe's CA initialisation (quick plan, own folder)."""
     output = tmp_path / "demo"
-    assert cli.main(["demo", "--quick", "--output", str(output), "--no-progress", "--cross-attention-heads", "1",
+    assert cli.main(["demo", "--quick", "--output", str(output), "--no-progress", "--cross-attention-heads", "host",
                      "--cross-attention-layers", "0", "--self-attention-layers", "1,3"]) == 0
     config = json.loads((output / "universal" / "model" / "config.json").read_text())
     assert config["cross_attention_layers"] == [0] and config["configurations"] == [[], [1], [1, 3]]
-    assert config["cross_attention_key_value_heads"] == 1
+    assert config["cross_attention_key_value_heads"] is None
     assert config["cross_attention_init"] == "host" and config["cross_attention_gate"] is False
     settings = {row["setting"] for row in json.loads((output / "report" / "results.json").read_text())["rows"]
                 if row["method"] == "visor"}

@@ -113,25 +113,32 @@ def fixed_curve_accuracy(fixed: list[tuple[float, float]], flops: float) -> floa
     return points[-1][1]
 
 
-def policy_curve_verdicts(rows: list[dict], title: str) -> list[str]:
-    """Issue 6's checks on one policy report: router on or above the fixed curve; fewer FLOPs on easy tasks."""
-    lines, router_flops = [], {}
+def router_against_fixed_curve(rows: list[dict]) -> dict[str, tuple[dict, float]]:
+    """Per task group of a policy report: the router's row and the fixed curve's accuracy at the router's FLOPs."""
+    compared = {}
     for subset in sorted({row["subset"] for row in rows if row["subset"].startswith("group:")}):
         group = [row for row in rows if row["subset"] == subset]
         router = next(row for row in group if row["method"] == "router")
         fixed = [(row["mean_llm_prefill_flops"], row["accuracy"]) for row in group if row["method"].startswith("fixed-")]
-        curve = fixed_curve_accuracy(fixed, router["mean_llm_prefill_flops"])
-        router_flops[subset.removeprefix("group:")] = router["mean_llm_prefill_flops"]
+        compared[subset.removeprefix("group:")] = router, fixed_curve_accuracy(fixed, router["mean_llm_prefill_flops"])
+    return compared
+
+
+def policy_curve_verdicts(rows: list[dict], title: str) -> list[str]:
+    """Issue 6's checks on one policy report: router on or above the fixed curve; fewer FLOPs on easy tasks."""
+    lines = []
+    compared = router_against_fixed_curve(rows)
+    for group, (router, curve) in compared.items():
         lines.append(
-            f"Policy on the {title}, {subset.removeprefix('group:')} tasks: router {router['accuracy']:.1f}% at "
-            f"{router['savings']:.2f}x vs {curve:.1f}% for fixed configurations at the same FLOPs — "
+            f"Policy on the {title}, {group} tasks: router {router['accuracy']:.2f}% at "
+            f"{router['savings']:.2f}x vs {curve:.2f}% for fixed configurations at the same FLOPs — "
             f"{'on or above' if router['accuracy'] >= curve - 1e-9 else 'BELOW'} the fixed curve "
             f"(configurations chosen: {_histogram(router['histogram'])})."
         )
-    if {"hard", "easy"} <= router_flops.keys():
-        fewer = router_flops["easy"] < router_flops["hard"]
-        lines.append(f"Policy on the {title}: {'fewer' if fewer else 'NOT fewer'} mean LLM-prefill FLOPs on easy tasks "
-                     f"({_gflops(router_flops['easy'])} GFLOPs) than on hard ones ({_gflops(router_flops['hard'])}).")
+    if {"hard", "easy"} <= compared.keys():
+        easy, hard = (compared[group][0]["mean_llm_prefill_flops"] for group in ("easy", "hard"))
+        lines.append(f"Policy on the {title}: {'fewer' if easy < hard else 'NOT fewer'} mean LLM-prefill FLOPs on easy "
+                     f"tasks ({_gflops(easy)} GFLOPs) than on hard ones ({_gflops(hard)}).")
     return lines
 
 
