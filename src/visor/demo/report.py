@@ -202,7 +202,8 @@ def markdown(results: dict) -> str:
               "- Test data: the `demo` suite's test split, seed "
               f"{plan['seed']}: sample i of task T is drawn from SeedSequence((seed, 2, crc32(T), i)); training uses "
               "split id 0 and validation split id 1, so the streams are disjoint. easy-VQA uses the package's own "
-              "test images (training and validation come from its training images).",
+              "test images (training and validation come from its training images). The held-out task variants "
+              "(`demo-variants`) draw the test split's seeds with knobs no training stage uses.",
               "- Stage times (s): " + ", ".join(f"{k} {v.get('seconds', '?')}" for k, v in stages.items()) + ".",
               "- FLOPs: `visor.flops` (exact against torch's FlopCounterMode with eager attention); LLM prefill only.",
               "", "Commands: `make demo` (= `visor demo --output runs/demo`), `visor demo --quick` for a smoke run,"
