@@ -32,7 +32,7 @@ def test_verdicts_say_below_and_not_fewer_when_so():
     lines = policy_curve_verdicts(rows, "test split")
     hard = next(line for line in lines if "hard tasks:" in line)
     easy = next(line for line in lines if "easy tasks:" in line)
-    assert "BELOW" in hard and "85.00%" in hard
+    assert "BELOW" in hard and "85.00%" in hard and "by 0.1 of 10 answers" in hard
     assert "on or above" in easy
     assert "NOT fewer" in lines[-1]
 

@@ -129,10 +129,12 @@ def policy_curve_verdicts(rows: list[dict], title: str) -> list[str]:
     lines = []
     compared = router_against_fixed_curve(rows)
     for group, (router, curve) in compared.items():
+        samples = (router["accuracy"] - curve) * router["samples"] / 100  # the gap in answers, to judge noise
         lines.append(
             f"Policy on the {title}, {group} tasks: router {router['accuracy']:.2f}% at "
             f"{router['savings']:.2f}x vs {curve:.2f}% for fixed configurations at the same FLOPs — "
-            f"{'on or above' if router['accuracy'] >= curve - 1e-9 else 'BELOW'} the fixed curve "
+            f"{'on or above' if router['accuracy'] >= curve - 1e-9 else 'BELOW'} the fixed curve by "
+            f"{abs(samples):.1f} of {router['samples']} answers "
             f"(configurations chosen: {_histogram(router['histogram'])})."
         )
     if {"hard", "easy"} <= compared.keys():
