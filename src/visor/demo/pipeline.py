@@ -24,12 +24,16 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from visor.demo import report
 from visor.demo.systems import Scores, greedy, score_system
 from visor.flops import llm_prefill_flops, prompt_prefill_flops, prompt_token_counts, router_flops
+
+if TYPE_CHECKING:
+    from visor.policy.calibration import Outcome
 
 CHECKPOINT = Path(__file__).parent / "checkpoint"
 SUITE = "demo"
@@ -57,8 +61,8 @@ class DemoPlan:
     # VISOR's layer schedule (None: `VisorConfig`'s evenly spread default, CA [0, 3] and SA [1, 4] on 6 layers)
     cross_attention_layers: tuple[int, ...] | None = None
     self_attention_layers: tuple[int, ...] | None = None
-    # Key/value heads of each CA block (None: the host layer's). One instead of the shipped model's two costs no
-    # measurable accuracy here and cuts VISOR's prefill FLOPs by about 13% (README, "What `make demo` shows").
+    # Key/value heads of each CA block (None: the host layer's). One instead of the shipped model's two cuts VISOR's
+    # prefill FLOPs by 13% and moves accuracy less than run-to-run noise (README, "What `make demo` shows").
     cross_attention_key_value_heads: int | None = 1
     checkpoint: str = str(CHECKPOINT)
 
@@ -176,12 +180,11 @@ class Demo:
 
     def stage_stage1(self) -> dict:
         init = self.plan.checkpoint
-        options = {name: value for name, value in (
+        options = {name: list(value) if isinstance(value, tuple) else value for name, value in (
             ("cross_attention_layers", self.plan.cross_attention_layers),
             ("self_attention_layers", self.plan.self_attention_layers),
             ("cross_attention_key_value_heads", self.plan.cross_attention_key_value_heads),
         ) if value is not None}
-        options = {name: list(value) if isinstance(value, tuple) else value for name, value in options.items()}
         if options:  # stage 1 starts from this conversion instead of the recipe's own (same CA initialisation)
             from visor.modeling import VisorForConditionalGeneration
             from visor.training.settings import load_settings
@@ -352,7 +355,7 @@ def _reduced_system(demo: Demo, method: str, ratio: float):
     return generate
 
 
-def demo_threshold(model, router, validation) -> tuple[float, object, float]:
+def demo_threshold(model, router, validation) -> tuple[float, "Outcome", float]:
     """The demo's τ: the cheapest threshold whose validation accuracy is within half a point of the largest
     configuration's. Returns τ, the router's validation outcome there, and the largest configuration's accuracy."""
     from visor.policy.calibration import calibrate, fixed_outcome
