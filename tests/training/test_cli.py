@@ -6,7 +6,7 @@ import pytest
 
 from visor.training import cli
 
-from conftest import set_flags
+from training_helpers import set_flags
 
 
 def _main(argv):

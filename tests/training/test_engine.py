@@ -11,7 +11,7 @@ import pytest
 
 from visor.training import checkpoint as ckpt
 
-from conftest import TOY, model_weights, run, set_flags, subprocess_env, train_command
+from training_helpers import TOY, model_weights, run, set_flags, subprocess_env, train_command
 
 STEPS, SAVE_EVERY = 8, 3
 

@@ -11,7 +11,7 @@ from visor.modeling.freezing import trainable_parameter_names
 from visor.training.recipes import build_model, configuration_for_step, load_checkpoint
 from visor.training.settings import TrainingSettings
 
-from conftest import fast_settings
+from training_helpers import fast_settings
 
 
 def test_stage1_changes_only_the_new_parameters(tmp_path, tiny_full_checkpoint, toy_path):

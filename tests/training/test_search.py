@@ -6,7 +6,7 @@ from visor.modeling import VisorForConditionalGeneration
 from visor.training.recipes import load_checkpoint
 from visor.training.search import pareto_front, search_configurations
 
-from conftest import fast_settings
+from training_helpers import fast_settings
 
 
 def _entry(layers, cost, mean):

@@ -12,7 +12,7 @@ from visor.training import train
 from visor.training.data import resolve_data
 from visor.training.recipes import flatten_patch_targets
 
-from conftest import fast_settings
+from training_helpers import fast_settings
 
 pytest.importorskip("visor.data.processor")
 
