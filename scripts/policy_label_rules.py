@@ -47,9 +47,7 @@ def main() -> None:
     for rule in LABEL_RULES:
         for mode in MODES:
             torch.manual_seed(plan["seed"])
-            router = ConfigurationRouter(model.config.text_config.hidden_size,
-                                         [len(layers) for layers in model.config.configurations],
-                                         model.config.router_hidden_size, mode, model.config.router_threshold)
+            router = ConfigurationRouter.for_config(model.config, mode)
             train_router(router, tables["train"], rule=rule, steps=plan["router_steps"], seed=plan["seed"])
             threshold, _, _ = demo_threshold(model, router, tables["validation"])
             cells = []

@@ -247,3 +247,13 @@ def test_policy_cli_end_to_end(model, tmp_path, capsys):
     assert "| router | all |" in capsys.readouterr().out
     assert cli.main(["policy", "calibrate", "--model", str(trained), "--labels", str(labels[1]),
                      "--target-flops", "1"]) == 2
+
+
+def test_router_for_a_config_follows_its_configurations_and_mode():
+    from visor import VisorConfig
+
+    config = VisorConfig.from_llava_config(presets.tiny(6), router_mode="softmax", router_hidden_size=16)
+    router = ConfigurationRouter.for_config(config)
+    assert router.mode == "softmax" and router.cost_order == [0, 1, 2]
+    assert router.mlp[-1].out_features == len(config.configurations) and router.mlp[0].out_features == 16
+    assert ConfigurationRouter.for_config(config, "multilabel").mode == "multilabel"

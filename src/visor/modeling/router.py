@@ -37,6 +37,12 @@ class ConfigurationRouter(nn.Module):
             nn.Linear(router_hidden_size, len(configuration_sizes)),
         )
 
+    @classmethod
+    def for_config(cls, config, mode: str | None = None) -> "ConfigurationRouter":
+        """A fresh router for a `VisorConfig`'s configurations (its `router_mode` unless `mode` is given)."""
+        return cls(config.text_config.hidden_size, [len(layers) for layers in config.configurations],
+                   config.router_hidden_size, mode or config.router_mode, config.router_threshold)
+
     @staticmethod
     def features(text: torch.Tensor, visual: torch.Tensor, text_valid: torch.Tensor,
                  visual_valid: torch.Tensor) -> torch.Tensor:

@@ -70,13 +70,7 @@ class VisorForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
             else None
         )
         self.router = (
-            ConfigurationRouter(
-                text_config.hidden_size,
-                [len(layers) for layers in config.configurations],
-                config.router_hidden_size,
-                config.router_mode,
-                config.router_threshold,
-            )
+            ConfigurationRouter.for_config(config)
             if len(config.configurations) > 1 and config.router_layer is not None
             else None
         )
