@@ -97,6 +97,7 @@ def test_plots_are_valid_images(result):
         (dict(configurations=(0, 9)), r"configurations \[9\] do not exist"),
         (dict(text_tokens=0), "text_tokens must be at least 1"),
         (dict(dtype="int8"), "unknown dtype"),
+        (dict(cross_attention_key_value_heads=3), "cross_attention_key_value_heads must be a positive divisor"),
     ],
 )
 def test_bad_input_is_refused_before_any_model_is_built(options, message):
@@ -111,6 +112,20 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
         run_cli("--preset", "tiny", "--visual-tokens", "a,b", "--output", str(tmp_path))
     assert "expected comma-separated integers" in capsys.readouterr().err
     assert not (tmp_path / "bench.json").exists()
+
+
+def test_fewer_cross_attention_heads_cut_flops_and_the_visual_cache(result, tmp_path):
+    """One K/V head per CA block (the tiny preset's host layers have two): same rows, cheaper CA-only."""
+    assert run_cli("--preset", "tiny", "--visual-tokens", str(VISUAL_TOKENS[-1]), "--text-tokens", str(TEXT_TOKENS),
+                   "--repeats", "1", "--decode-tokens", "1", "--configurations", "0", "--cross-attention-heads", "1",
+                   "--output", str(tmp_path)) == 0
+    one_head = {row["method"]: row for row in json.loads((tmp_path / "bench.json").read_text())}
+    host = {row["method"]: row for row in result[1]
+            if row["visual_tokens"] == VISUAL_TOKENS[-1] and row["configuration"] in (None, 0)}
+    assert one_head["full"]["llm_prefill_flops"] == host["full"]["llm_prefill_flops"]
+    assert one_head["visor"]["llm_prefill_flops"] < host["visor"]["llm_prefill_flops"]
+    assert one_head["visor"]["kv_bytes_visual"] == host["visor"]["kv_bytes_visual"] // 2
+    assert one_head["visor"]["kv_bytes_text"] == host["visor"]["kv_bytes_text"]
 
 
 @pytest.fixture(scope="module")

@@ -71,9 +71,10 @@ class BenchPlan:
     device: str = "cpu"
     dtype: str = "bfloat16"
     baselines: tuple[float, ...] = ()  # target FLOPs ratios of the token-reduction baselines; () = none
+    cross_attention_key_value_heads: int | None = None  # CA blocks' K/V heads; None = the host layer's
 
     def __post_init__(self):
-        config = self.config  # an unknown preset raises here
+        config = self.config  # an unknown preset or a bad head count raises here
         if not self.visual_tokens or any(count <= 0 for count in self.visual_tokens):
             raise ValueError(f"visual tokens must be positive counts, got {list(self.visual_tokens)}")
         for name in ("text_tokens", "repeats", "decode_tokens"):
@@ -98,7 +99,8 @@ class BenchPlan:
     @cached_property
     def config(self) -> VisorConfig:
         """The preset with VISOR's default schedule (L/3 CA layers, nested SA configurations)."""
-        return VisorConfig.from_llava_config(preset_config(self.preset))
+        return VisorConfig.from_llava_config(
+            preset_config(self.preset), cross_attention_key_value_heads=self.cross_attention_key_value_heads)
 
     @cached_property
     def dense_config(self) -> VisorConfig:
@@ -352,6 +354,9 @@ def register(subparsers) -> None:
     parser.add_argument("--dtype", default=BenchPlan.dtype, choices=sorted(DTYPES))
     parser.add_argument("--baselines", type=comma_separated(float, "numbers"), default=BenchPlan.baselines,
                         help="token-reduction baselines at these FLOPs ratios, e.g. 2,4,8 (default none)")
+    parser.add_argument("--cross-attention-heads", type=int, default=None, metavar="N",
+                        help="key/value heads of VISOR's CA blocks (default: the host layer's; fewer project the "
+                             "visual tokens more cheaply)")
     parser.set_defaults(func=_command)
 
 
@@ -361,6 +366,7 @@ def _command(args: argparse.Namespace) -> int:
             preset=args.preset, visual_tokens=args.visual_tokens, text_tokens=args.text_tokens,
             repeats=args.repeats, decode_tokens=args.decode_tokens, configurations=args.configurations,
             device=args.device, dtype=args.dtype, baselines=args.baselines,
+            cross_attention_key_value_heads=args.cross_attention_heads,
         )
     except ValueError as error:
         raise SystemExit(f"visor bench: error: {error}") from None

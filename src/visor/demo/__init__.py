@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from visor.cli import comma_separated
-from visor.demo.pipeline import CHECKPOINT, STAGES, Demo, DemoPlan
+from visor.demo.pipeline import STAGES, Demo, DemoPlan
 
 
 def register(subparsers) -> None:
@@ -28,7 +28,7 @@ def register(subparsers) -> None:
                         help="smoke-test scale: a few training steps and samples (about 3 min; numbers meaningless)")
     parser.add_argument("--fresh", action="store_true", help="delete the output folder and redo every stage")
     parser.add_argument("--seed", type=int, default=0, help="seed of training, data and policy (default 0)")
-    parser.add_argument("--checkpoint", default=str(CHECKPOINT), metavar="DIR",
+    parser.add_argument("--checkpoint", default=None, metavar="DIR",
                         help="the full LLaVA-OV model to start from (default: the shipped tiny model)")
     parser.add_argument("--cross-attention-layers", type=comma_separated(int, "layer indices"), default=None, metavar="I,J",
                         help="VISOR's CA layers (default: evenly spread, [0, 3] on the shipped 6-layer model)")

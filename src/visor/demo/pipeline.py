@@ -64,7 +64,11 @@ class DemoPlan:
     # Key/value heads of each CA block (None: the host layer's). One instead of the shipped model's two cuts VISOR's
     # prefill FLOPs by 13% and moves accuracy less than run-to-run noise (README, "What `make demo` shows").
     cross_attention_key_value_heads: int | None = 1
-    checkpoint: str = str(CHECKPOINT)
+    checkpoint: str | None = None  # the full LLaVA-OV model to start from; None: the shipped one (portable plan.json)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return CHECKPOINT if self.checkpoint is None else Path(self.checkpoint)
 
     @classmethod
     def quick(cls, **changes) -> DemoPlan:
@@ -147,7 +151,7 @@ class Demo:
         if "full" not in self._models:
             from visor.training.recipes import load_checkpoint
 
-            self._models["full"] = load_checkpoint(self.plan.checkpoint, attn_implementation="eager").eval()
+            self._models["full"] = load_checkpoint(self.plan.checkpoint_path, attn_implementation="eager").eval()
         return self._models["full"]
 
     def visor_model(self, stage: str):
@@ -174,12 +178,12 @@ class Demo:
 
     # ---- stages -----------------------------------------------------------------------------------------
     def stage_full(self) -> dict:
-        training = Path(self.plan.checkpoint) / "TRAINING.md"
-        return dict(checkpoint=self.plan.checkpoint,
+        training = self.plan.checkpoint_path / "TRAINING.md"
+        return dict(checkpoint=self.plan.checkpoint or "the shipped visor/demo/checkpoint",
                     training=training.read_text() if training.exists() else "no TRAINING.md next to the checkpoint")
 
     def stage_stage1(self) -> dict:
-        init = self.plan.checkpoint
+        init = self.plan.checkpoint_path
         options = {name: list(value) if isinstance(value, tuple) else value for name, value in (
             ("cross_attention_layers", self.plan.cross_attention_layers),
             ("self_attention_layers", self.plan.self_attention_layers),
