@@ -8,7 +8,8 @@ import pytest
 pytest.importorskip("easy_vqa")
 
 from visor.data.easy_vqa import (  # noqa: E402
-    SHAPE_COLORS, SHAPES, EasyVQABalanced, _records, balanced_question, image_attributes, question_kind,
+    SHAPE_COLORS, SHAPES, EasyVQAAttributes, EasyVQABalanced, _records, balanced_question, image_attributes,
+    question_kind,
 )
 from visor.data.tasks import make_sample  # noqa: E402
 
@@ -62,12 +63,11 @@ def test_balanced_task_is_deterministic_and_draws_from_its_split():
     assert not validation_images & train_images
 
 
-def test_without_negations_no_negated_form_is_drawn():
-    rng = np.random.default_rng(1)
-    questions = [balanced_question(rng, "circle", "red", negations=False)[0] for _ in range(500)]
-    assert not any("not" in q.split() or "no" in q.split() for q in questions)
-    assert {question_kind(q, "yes").split(",")[1].strip() for q in questions if q.startswith(("is", "does"))} == {
-        "positive"}
+def test_attribute_questions_ask_only_for_colour_or_shape():
+    task = EasyVQAAttributes()
+    samples = [make_sample(task, "train", i, size=(64, 64)) for i in range(60)]
+    assert {question_kind(s.question, s.answer) for s in samples} == {"color", "shape"}
+    assert all(s.task == "easy_vqa_attributes" for s in samples)
 
 
 @pytest.mark.parametrize(("question", "answer", "kind"), [

@@ -123,11 +123,11 @@ def image_attributes(split: str) -> tuple[tuple[str, str, str], ...]:
     return tuple((path, shape_of[path], color_of[path]) for path in paths if path in shape_of and path in color_of)
 
 
-def balanced_question(rng: np.random.Generator, shape: str, color: str, negations: bool = True) -> tuple[str, str]:
+def balanced_question(rng: np.random.Generator, shape: str, color: str, yes_no: bool = True) -> tuple[str, str]:
     """One of easy-VQA's question forms about an image of a `color` `shape`; yes and no equally likely.
-    `negations=False` leaves out the negated yes/no forms ("is there not a ...")."""
-    yes_no = len(_PRESENT) + (len(_ABSENT) if negations else 0)
-    form = int(rng.integers(yes_no + len(_ASK_COLOR) + len(_ASK_SHAPE)))
+    `yes_no=False` draws only the forms that ask for the colour or the shape."""
+    yes_no_forms = len(_PRESENT) + len(_ABSENT) if yes_no else 0
+    form = int(rng.integers(len(_ASK_COLOR) + len(_ASK_SHAPE) + yes_no_forms))
     if form < len(_ASK_COLOR):
         return _ASK_COLOR[form].format(shape=shape), color
     form -= len(_ASK_COLOR)
@@ -155,11 +155,21 @@ class EasyVQABalanced(Task):
     group: ClassVar[str] = "easy"
     answers: ClassVar[tuple[str, ...]] = EasyVQA.answers
     description: ClassVar[str] = "easy-VQA images, its question forms with balanced yes/no answers (training)"
-    negations: bool = True  # False: no negated yes/no forms (a curriculum step)
+    yes_no: ClassVar[bool] = True
 
     def make(self, split: str, index: int, seed: int, size: tuple[int, int]) -> Sample:
         images = image_attributes(split)
         rng = np.random.default_rng(np.random.SeedSequence(sample_seed(seed, split, self.name, index)))
         path, shape, color = images[int(rng.integers(len(images)))]
-        question, answer = balanced_question(rng, shape, color, self.negations)
+        question, answer = balanced_question(rng, shape, color, self.yes_no)
         return Sample(load_image(path), question, answer, self.name, self.group)
+
+
+@dataclass(frozen=True)
+class EasyVQAAttributes(EasyVQABalanced):
+    """Only the forms that ask for the colour or the shape (no yes/no): teaches reading the shape without
+    moving the yes/no answers, which a short training run on balanced yes/no questions leaves at chance."""
+
+    name: ClassVar[str] = "easy_vqa_attributes"
+    description: ClassVar[str] = "easy-VQA images, its colour and shape questions (training)"
+    yes_no: ClassVar[bool] = False
