@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from visor.data import VisorProcessor, build_tokenizer
-from visor.data.easy_vqa import _records, question_kind
+from visor.data.easy_vqa import question_kind, question_records
 from visor.data.processor import load_image
 from visor.training.recipes import load_checkpoint
 
@@ -35,7 +35,7 @@ def main() -> None:
     model = load_checkpoint(args.model, attn_implementation="eager").eval()
     tokenizer = build_tokenizer()
     processor = VisorProcessor(model.config, tokenizer, padding_side="left")
-    records = _records(args.split)
+    records = question_records(args.split)
     records = random.Random(0).sample(records, min(args.questions, len(records)))
     options = {} if args.configuration is None else {"configuration": args.configuration}
     correct, total = Counter(), Counter()

@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
-# Trains the tiny full LLaVA-OV model shipped in src/visor/demo/checkpoint, from scratch, in four stages.
+# Trains the tiny full LLaVA-OV model shipped in src/visor/demo/checkpoint, from scratch, in three stages.
 # Usage: scripts/train_demo_checkpoint.sh OUTPUT_DIR [THREADS]     (see src/visor/demo/checkpoint/TRAINING.md)
 # Stage 1 learns the coarse tasks and counting; stage 2 is a curriculum on 2x2 grids, where digit reading gets
-# off the loss plateau it sits on at 3x3; stage 3 returns to the full demo mix, weighted towards the weak tasks;
-# stage 4 adds easy-VQA's images with freshly drawn, balanced questions (many more shape questions).
+# off the loss plateau it sits on at 3x3; stage 3 returns to the full demo mix, weighted towards the weak tasks.
 set -euo pipefail
 OUT=${1:?usage: $0 OUTPUT_DIR [THREADS]}
 THREADS=${2:-1}
@@ -19,7 +18,4 @@ COMMON=(--recipe full --set batch_size=64 --set num_threads="$THREADS" --set att
 "$VISOR" train "${COMMON[@]}" --init "$OUT/2-curriculum/model" --output "$OUT/3-demo-mix" --max-steps 1000 \
   --data 'synthetic@demo:read_cell*3,bar_value,count_marks,dominant_color,easy_vqa*3' \
   --set eval_every=200 --set samples_per_task=100 --set save_every=200
-"$VISOR" train "${COMMON[@]}" --init "$OUT/3-demo-mix/model" --output "$OUT/4-balanced-easy-vqa" --max-steps 2000 \
-  --data 'synthetic@demo-train:read_cell*2,bar_value,count_marks,dominant_color,easy_vqa,easy_vqa_balanced*8' \
-  --set eval_every=250 --set samples_per_task=100 --set save_every=500
-echo "trained model: $OUT/4-balanced-easy-vqa/model"
+echo "trained model: $OUT/3-demo-mix/model"

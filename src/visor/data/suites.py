@@ -13,9 +13,6 @@ same distribution everywhere. Two are built in:
 - `demo-variants`: the demo's four synthetic tasks with knobs set where no training stage ever puts them
   (more specks around the digits, a thinner bar, twice the clutter among the marks, more distractor shapes),
   at the demo's size: held-out task variants for checking that the policy generalises beyond what it saw.
-- `demo-train`: the demo's tasks plus `easy_vqa_balanced` (easy-VQA's training images and question forms with
-  yes and no equally likely), which the demo checkpoint's last training stage uses, and `easy_vqa_attributes`
-  (only its colour and shape questions), which the demo's VISOR training uses; evaluation stays on `demo`.
 - `curriculum`: the step between learning the demo's coarse tasks and its 3x3 `read_cell`: the coloured digit
   among four, and one large shape per image (with per-patch shape targets, which easy-VQA lacks). Without it
   `read_cell` stays at chance (see the demo checkpoint's TRAINING.md).
@@ -25,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from visor.data.easy_vqa import EasyVQA, EasyVQAAttributes, EasyVQABalanced
+from visor.data.easy_vqa import EasyVQA
 from visor.data.tasks import DEFAULT_SIZE, TASKS, Task, get_task
 
 
@@ -49,21 +46,20 @@ class Suite:
         return tuple(by_name[name] for name in names)
 
 
-DEMO_TASKS = (
-    get_task("read_cell", rows=3, cols=3, glyph_scale=0.7, pointer="ink"),
-    get_task("bar_value", num_bars=1),
-    get_task("count_marks", num_colors=1, mark_size=0.06, clutter=4, max_count=6),
-    get_task("dominant_color"),
-    EasyVQA(),
-)
-
 SUITES: dict[str, Suite] = {
     "standard": Suite("standard", DEFAULT_SIZE, tuple(TASKS.values()),
                       "every task at its default knobs, 128x128 px"),
-    "demo": Suite("demo", (64, 64), DEMO_TASKS,
-                  "four synthetic tasks at 64x64 px, small enough for the CPU demo, plus easy-VQA"),
-    "demo-train": Suite("demo-train", (64, 64), (*DEMO_TASKS, EasyVQABalanced(), EasyVQAAttributes()),
-                        "the demo suite plus easy-VQA with balanced yes/no answers, for training"),
+    "demo": Suite(
+        "demo", (64, 64),
+        (
+            get_task("read_cell", rows=3, cols=3, glyph_scale=0.7, pointer="ink"),
+            get_task("bar_value", num_bars=1),
+            get_task("count_marks", num_colors=1, mark_size=0.06, clutter=4, max_count=6),
+            get_task("dominant_color"),
+            EasyVQA(),
+        ),
+        "four synthetic tasks at 64x64 px, small enough for the CPU demo, plus easy-VQA",
+    ),
     "demo-variants": Suite(
         "demo-variants", (64, 64),
         (

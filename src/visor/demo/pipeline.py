@@ -1,8 +1,7 @@
 """The demo's stages, each resumable: a stage counts as finished only when its `DONE.json` exists.
 
     full       the shipped tiny full LVLM (`visor/demo/checkpoint`, trained by the command in its TRAINING.md)
-    stage1     VISOR stage 1: CA blocks trained on the frozen full model, largest configuration (training data:
-               `DemoPlan.training_mix` of the `demo-train` suite; evaluation is on the `demo` suite)
+    stage1     VISOR stage 1: CA blocks trained on the frozen full model, largest configuration
     universal  VISOR universal training: every parameter, one configuration sampled per step
     policy     label every configuration on train/validation/test, train the router, calibrate τ on validation;
                the policy report on the test split and on held-out task variants (`demo-variants`)
@@ -38,7 +37,6 @@ if TYPE_CHECKING:
 
 CHECKPOINT = Path(__file__).parent / "checkpoint"
 SUITE = "demo"
-TRAINING_SUITE = "demo-train"  # the demo's tasks plus easy_vqa_balanced, which the shipped model was trained on
 VARIANTS = "demo-variants"  # the demo's tasks at unseen knobs, for the policy's held-out evaluation
 STAGES = ("full", "stage1", "universal", "policy", "evaluate", "report")
 DONE = "DONE.json"
@@ -67,10 +65,6 @@ class DemoPlan:
     # prefill FLOPs by 13% and moves accuracy less than run-to-run noise (README, "What `make demo` shows").
     cross_attention_key_value_heads: int | None = 1
     checkpoint: str | None = None  # the full LLaVA-OV model to start from; None: the shipped one (portable plan.json)
-    # What VISOR's training stages see: the demo's tasks plus easy-VQA's colour and shape questions, so the CA
-    # blocks learn to read the shapes the full model learned in its last stage. (That stage's own mix, with
-    # balanced yes/no questions, leaves VISOR's yes/no answers at chance after 900 steps: measured, README.)
-    training_mix: str = "read_cell,bar_value,count_marks,dominant_color,easy_vqa,easy_vqa_attributes"
 
     @property
     def checkpoint_path(self) -> Path:
@@ -148,13 +142,6 @@ class Demo:
         return SyntheticSource(self.full_model().config, self.plan.seed, suite=SUITE)
 
     @cached_property
-    def training_data(self):
-        from visor.training.synthetic import SyntheticSource
-
-        return SyntheticSource(self.full_model().config, self.plan.seed, tasks=self.plan.training_mix.split(","),
-                               suite=TRAINING_SUITE)
-
-    @cached_property
     def reference_prompts(self) -> dict:
         """One validation batch with every task: the prompts baselines match their FLOPs ratio on."""
         return next(iter(self.data.eval_batches("validation", 8, 64))).inputs
@@ -185,7 +172,7 @@ class Demo:
             save_every=max(steps // 4, 1), samples_per_task=min(self.plan.test_per_task, 50),
             num_threads=self.plan.num_threads, attn_implementation="eager",
         ))
-        summary = train(recipe, self.training_data, self.stage_dir(stage), settings, init=str(init), resume=True,
+        summary = train(recipe, self.data, self.stage_dir(stage), settings, init=str(init), resume=True,
                         progress=self.progress)
         return dict(recipe=recipe, steps=steps, validation=summary.get("validation"))
 
