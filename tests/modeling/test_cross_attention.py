@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -161,6 +163,10 @@ def test_eager_and_sdpa_agree(stock):
 
 
 def test_host_initialisation_copies_the_host_attention(stock):
+    stock = copy.deepcopy(stock)
+    with torch.no_grad():  # trained norms are not all ones, so a norm left at its default would show
+        for layer in stock.model.language_model.layers:
+            layer.input_layernorm.weight.uniform_(0.5, 1.5)
     model = VisorForConditionalGeneration.from_llava(stock, cross_attention_init="host", cross_attention_gate=False)
     layers = model.model.language_model.layers
     for index, block in model.cross_attention.items():
@@ -168,6 +174,7 @@ def test_host_initialisation_copies_the_host_attention(stock):
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             assert torch.equal(getattr(block, name).weight, getattr(host.self_attn, name).weight)
         assert torch.equal(block.text_norm.weight, host.input_layernorm.weight)
+        assert torch.equal(block.visual_norm.weight, host.input_layernorm.weight)
         assert block.attention_gate is None
 
 

@@ -90,6 +90,8 @@ class CrossAttentionBlock(nn.Module):
             target.weight.copy_(self._pool_heads(source.weight, target.out_features))
             if target.bias is not None:
                 target.bias.copy_(self._pool_heads(source.bias, target.out_features))
+        self.text_norm.weight.copy_(host_layer.input_layernorm.weight)
+        self.visual_norm.weight.copy_(host_layer.input_layernorm.weight)
 
     def _pool_heads(self, weight: torch.Tensor, out_features: int) -> torch.Tensor:
         """Mean over each group of consecutive host heads along the output dimension (identity if sizes match)."""
@@ -97,8 +99,6 @@ class CrossAttentionBlock(nn.Module):
             return weight
         pooled = weight.reshape(out_features // self.head_dim, -1, self.head_dim, *weight.shape[1:])
         return pooled.mean(dim=1).reshape(out_features, *weight.shape[1:])
-        self.text_norm.weight.copy_(host_layer.input_layernorm.weight)
-        self.visual_norm.weight.copy_(host_layer.input_layernorm.weight)
 
     def visual_keys_values(
         self,
