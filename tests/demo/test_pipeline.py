@@ -120,3 +120,27 @@ def test_a_bad_schedule_is_refused(tmp_path, capsys):
     assert cli.main(["demo", "--quick", "--output", str(tmp_path / "bad"), "--no-progress",
                      "--cross-attention-layers", "9"]) == 2
     assert "cross_attention_layers [9] out of range" in capsys.readouterr().err
+
+
+def test_the_demo_threshold_falls_back_when_no_tau_gets_close(stock_factory, open_visor_factory):
+    """A router sure (probability exactly 1.0) that the cheapest configuration will do, which is wrong on every
+    sample: no τ reaches the largest configuration's accuracy, so τ is the most accurate one, not a crash."""
+    import torch
+
+    from visor.demo.pipeline import demo_threshold
+    from visor.policy import LabelTable
+
+    model = open_visor_factory(stock_factory("tiny", 6))
+    count = len(model.config.configurations)
+    correct = torch.zeros(8, count, dtype=torch.bool)
+    correct[:, model.config.largest_configuration] = True
+    table = LabelTable(torch.zeros(8, 2 * model.config.text_config.hidden_size), correct.float(), correct,
+                       torch.arange(1, count + 1).repeat(8, 1), torch.zeros(8, 2, dtype=torch.long),
+                       ["t"] * 8, ["hard"] * 8)
+    router = model.router
+    with torch.no_grad():
+        for parameter in router.parameters():
+            parameter.zero_()
+        router.mlp[-1].bias[router.cost_order[0]] = 100.0
+    threshold, outcome, largest = demo_threshold(model, router, table)
+    assert largest == 100.0 and outcome.accuracy == 0.0 and threshold == 0.0

@@ -361,11 +361,14 @@ def _reduced_system(demo: Demo, method: str, ratio: float):
 
 def demo_threshold(model, router, validation) -> tuple[float, "Outcome", float]:
     """The demo's τ: the cheapest threshold whose validation accuracy is within half a point of the largest
-    configuration's. Returns τ, the router's validation outcome there, and the largest configuration's accuracy."""
-    from visor.policy.calibration import calibrate, fixed_outcome
+    configuration's, or, when no threshold gets that close, the most accurate one (the cheapest of those).
+    Returns τ, the router's validation outcome there, and the largest configuration's accuracy."""
+    from visor.policy.calibration import calibrate, fixed_outcome, sweep
 
+    cost = router_flops(model.config)
     largest = fixed_outcome(validation, model.config.largest_configuration).accuracy
-    threshold, outcome = calibrate(router, validation, router_flops(model.config), target_accuracy=max(largest - 0.5, 0))
+    best = max(outcome.accuracy for _, outcome in sweep(router, validation, cost))
+    threshold, outcome = calibrate(router, validation, cost, target_accuracy=max(min(largest - 0.5, best), 0))
     return threshold, outcome, largest
 
 

@@ -199,8 +199,9 @@ def markdown(results: dict) -> str:
     policy = stages.get("policy", {})
     lines += ["", "## How this was produced", "",
               f"- Plan: `{json.dumps(plan)}`.",
-              f"- Policy: τ = {policy.get('threshold', float('nan')):.2f}, calibrated on the validation split as the "
-              "cheapest threshold within half a point of the largest configuration's validation accuracy.",
+              f"- Policy: τ = {policy.get('threshold', float('nan')):.8g}, calibrated on the validation split as the "
+              "cheapest threshold within half a point of the largest configuration's validation accuracy (or, if none "
+              "gets that close, the most accurate one).",
               "- Test data: the `demo` suite's test split, seed "
               f"{plan['seed']}: sample i of task T is drawn from SeedSequence((seed, 2, crc32(T), i)); training uses "
               "split id 0 and validation split id 1, so the streams are disjoint. easy-VQA uses the package's own "
