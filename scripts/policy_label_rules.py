@@ -55,7 +55,7 @@ def main() -> None:
                 report = policy_report(router, tables[split], threshold, cost, full_model_flops(model, tables[split]))
                 for group, (row, curve) in router_against_fixed_curve(report["rows"]).items():
                     cells.append(f"{split} {group} {row['accuracy']:.2f} vs {curve:.2f} at {row['savings']:.2f}x")
-            print(f"{rule:<11} {mode:<10} τ={threshold:.2f} | " + " | ".join(cells), flush=True)
+            print(f"{rule:<11} {mode:<10} τ={threshold:.8g} | " + " | ".join(cells), flush=True)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from visor.policy import (
     train_router,
 )
 from visor.policy.api import full_model_flops, label_synthetic, load_labels_for
+from visor.policy.calibration import THRESHOLDS
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +69,34 @@ def test_softmax_mode_uses_cumulative_probability_cheapest_first():
     assert router.decide(logits, 0.15).tolist() == [0]
     assert router.decide(logits, 0.6).tolist() == [1]
     assert router.decide(logits, 0.95).tolist() == [2]
+
+
+def test_a_sure_router_can_still_be_thresholded():
+    """Logits of 18 and 25 are both exactly 1.0 as float32 probabilities; the decision must still tell them apart."""
+    router = ConfigurationRouter(8, configuration_sizes=[0, 1], mode="multilabel")
+    logits = torch.tensor([[18.0, 30.0], [25.0, 30.0]])
+    assert torch.sigmoid(logits[:, 0]).tolist() == [1.0, 1.0]
+    tau = float(torch.sigmoid(torch.tensor(25.0, dtype=torch.float64)))
+    assert router.decide(logits, tau).tolist() == [1, 0]
+
+
+def test_sweep_tries_every_score_where_a_decision_changes():
+    """A router sure of the cheap configuration (scores above 0.999): the 0.01 grid sees one decision, the sweep
+    also tries the table's own scores and so finds every mix of configurations."""
+    torch.manual_seed(0)
+    router = ConfigurationRouter(4, [0, 1], router_hidden_size=8)
+    with torch.no_grad():
+        router.mlp[-1].bias.fill_(9.0)
+    features = torch.randn(16, 8)
+    table = LabelTable(features, torch.ones(16, 2), torch.ones(16, 2, dtype=torch.bool),
+                       torch.tensor([[1, 2]]).repeat(16, 1), torch.zeros(16, 2, dtype=torch.long), ["t"] * 16,
+                       ["g"] * 16)
+    grid = {float(outcome.choice.float().mean()) for _, outcome in sweep(router, table, 0, thresholds=THRESHOLDS)}
+    assert grid == {0.0, 1.0}  # all cheap up to 0.99, all dear at 1.0
+    points = sweep(router, table, 0)
+    scores = router.decision_scores(router(features)).flatten().tolist()
+    assert set(scores) <= {threshold for threshold, _ in points}
+    assert {int(outcome.choice.sum()) for _, outcome in points} == set(range(17))  # 0, 1, ..., 16 samples dear
 
 
 @pytest.mark.parametrize("tau", [-0.1, 1.5])

@@ -64,13 +64,16 @@ class ConfigurationRouter(nn.Module):
     def decide(self, logits: torch.Tensor, threshold: float | None = None) -> torch.Tensor:
         """(B,) configuration indices: the cheapest that passes τ; the most expensive if none does."""
         threshold = self.threshold if threshold is None else check_threshold(threshold)
-        cost_order = torch.tensor(self.cost_order, device=logits.device)
-        ordered = self.probabilities(logits.float())[:, cost_order]
-        if self.mode == "softmax":
-            ordered = ordered.cumsum(dim=-1)
-        passes = ordered >= threshold
+        passes = self.decision_scores(logits) >= threshold
         passes[:, -1] = True
-        return cost_order[passes.float().argmax(dim=-1)]
+        return torch.tensor(self.cost_order)[passes.float().argmax(dim=-1)].to(logits.device)
+
+    def decision_scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, C), configurations cheapest first: the scores `decide` compares with τ (its probabilities, or
+        in softmax mode their running sum). In float64 (on the CPU, as not every accelerator has it): a float32
+        sigmoid is exactly 1.0 beyond a logit of 17, which would make a sure router's decisions unreachable by τ."""
+        ordered = self.probabilities(logits.detach().to("cpu", torch.float64))[:, self.cost_order]
+        return ordered.cumsum(dim=-1) if self.mode == "softmax" else ordered
 
 
 def check_threshold(threshold: float) -> float:

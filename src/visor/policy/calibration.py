@@ -42,11 +42,17 @@ def fixed_outcome(table: LabelTable, configuration: int) -> Outcome:
 
 
 @torch.no_grad()
-def router_outcome(router: ConfigurationRouter, table: LabelTable, threshold: float, router_flops: int) -> Outcome:
-    logits = router(table.features.to(router.norm.weight.device, router.norm.weight.dtype)).cpu()
-    choice = router.decide(logits, threshold)
+def _router_logits(router: ConfigurationRouter, table: LabelTable) -> torch.Tensor:
+    return router(table.features.to(router.norm.weight.device, router.norm.weight.dtype)).cpu()
+
+
+def _chosen(table: LabelTable, choice: torch.Tensor, router_flops: int) -> Outcome:
     rows = torch.arange(len(table))
     return Outcome(choice, table.correct[rows, choice], table.flops[rows, choice] + router_flops)
+
+
+def router_outcome(router: ConfigurationRouter, table: LabelTable, threshold: float, router_flops: int) -> Outcome:
+    return _chosen(table, router.decide(_router_logits(router, table), threshold), router_flops)
 
 
 def oracle_outcome(table: LabelTable, cost_order: list[int]) -> Outcome:
@@ -60,8 +66,15 @@ def oracle_outcome(table: LabelTable, cost_order: list[int]) -> Outcome:
 
 
 def sweep(router: ConfigurationRouter, table: LabelTable, router_flops: int,
-          thresholds=THRESHOLDS) -> list[tuple[float, Outcome]]:
-    return [(threshold, router_outcome(router, table, threshold, router_flops)) for threshold in thresholds]
+          thresholds=None) -> list[tuple[float, Outcome]]:
+    """The router's outcome at each τ: by default the 0.01 grid plus every score of the table itself, since a
+    decision changes only where τ crosses one. A grid alone cannot tell apart routers that are sure (scores of
+    0.999 and more), which the cheap configuration's frequent "good" labels produce."""
+    logits = _router_logits(router, table)
+    if thresholds is None:
+        scores = router.decision_scores(logits).clamp(0, 1).flatten().tolist()
+        thresholds = sorted(set(THRESHOLDS) | set(scores))
+    return [(threshold, _chosen(table, router.decide(logits, threshold), router_flops)) for threshold in thresholds]
 
 
 def calibrate(router: ConfigurationRouter, table: LabelTable, router_flops: int,

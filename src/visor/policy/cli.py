@@ -120,7 +120,7 @@ def run_calibrate(args) -> int:
         return _fail("calibrate", error)
     model.config.router_threshold = model.router.threshold = threshold
     model.save_pretrained(args.model)
-    print(f"τ = {threshold:.2f}: held-out accuracy {outcome.accuracy:.1f}%, "
+    print(f"τ = {threshold:.8g}: held-out accuracy {outcome.accuracy:.1f}%, "
           f"mean LLM prefill {outcome.mean_flops / 1e9:.4f} GFLOPs; saved in {args.model}")
     return 0
 

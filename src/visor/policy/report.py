@@ -62,7 +62,7 @@ def write_report(report: dict, output_dir: str | os.PathLike) -> list[str]:
 
 
 def markdown_table(report: dict) -> str:
-    lines = [f"Router threshold τ = {report['threshold']:.2f}", "",
+    lines = [f"Router threshold τ = {report['threshold']:.8g}", "",
              "| method | subset | n | accuracy % | mean LLM prefill GFLOPs | savings | configurations chosen |",
              "|---|---|---|---|---|---|---|"]
     for row in report["rows"]:
