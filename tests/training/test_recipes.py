@@ -47,6 +47,16 @@ def test_stage1_converts_with_fewer_cross_attention_heads_when_asked(tiny_full_c
     assert all(block.num_key_value_heads == 1 for block in model.cross_attention.values())
 
 
+def test_stage1_converts_with_the_schedule_asked_for(tmp_path, tiny_full_checkpoint):
+    settings = fast_settings("visor-stage1", cross_attention_layers=[3, 0], self_attention_layers=[2])
+    model = build_model("visor-stage1", tiny_full_checkpoint, None, settings)
+    assert model.config.cross_attention_layers == [0, 3] and model.config.configurations == [[], [2]]
+    model.save_pretrained(tmp_path)
+    assert build_model("visor-stage1", tmp_path, None, settings).config.configurations == [[], [2]]  # resuming
+    with pytest.raises(ValueError, match="shape differs from the settings.*self_attention_layers"):
+        build_model("visor-stage1", tmp_path, None, fast_settings("visor-stage1", self_attention_layers=[1]))
+
+
 def test_stage1_with_closed_gates_trains_the_gates(tmp_path, tiny_full_checkpoint, toy_path):
     settings = fast_settings("visor-stage1", max_steps=2, learning_rate=1e-2, cross_attention_init="zero",
                              cross_attention_gate=True)

@@ -19,6 +19,7 @@ def test_precedence_recipe_yaml_flags_explicit(tmp_path):
     assert settings.aux_weight == 0.5 and settings.max_steps == 7
     assert settings.configuration_weights == [1.0, 2.0, 1.0]
     assert settings.mixed_precision == "no"  # a string, not YAML's boolean
+    assert load_settings("visor-stage1", None, ["self_attention_layers=[4, 1]"]).self_attention_layers == [4, 1]
     assert load_settings("visor-universal").learning_rate == RECIPE_DEFAULTS["visor-universal"]["learning_rate"]
 
 
@@ -31,6 +32,8 @@ def test_precedence_recipe_yaml_flags_explicit(tmp_path):
         (["mixed_precision=fp8"], "mixed_precision"),
         (["learning_rate=-1"], "learning_rate"),
         (["configuration_weights=[0, 0]"], "configuration_weights"),
+        (["self_attention_layers=[1.5]"], "self_attention_layers"),
+        (["cross_attention_layers=3"], "cross_attention_layers"),
         (["no_equals_sign"], "key=value"),
     ],
 )

@@ -163,14 +163,14 @@ class Demo:
             self._models[stage] = VisorForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
         return self._models[stage]
 
-    def _train(self, recipe: str, stage: str, init: str | Path, steps: int) -> dict:
+    def _train(self, recipe: str, stage: str, init: str | Path, steps: int, **settings) -> dict:
         from visor.training.engine import train
         from visor.training.settings import load_settings
 
         settings = load_settings(recipe, overrides=dict(
             max_steps=steps, batch_size=self.plan.batch_size, seed=self.plan.seed, eval_every=0,
             save_every=max(steps // 4, 1), samples_per_task=min(self.plan.test_per_task, 50),
-            num_threads=self.plan.num_threads, attn_implementation="eager",
+            num_threads=self.plan.num_threads, attn_implementation="eager", **settings,
         ))
         summary = train(recipe, self.data, self.stage_dir(stage), settings, init=str(init), resume=True,
                         progress=self.progress)
@@ -183,24 +183,13 @@ class Demo:
                     training=training.read_text() if training.exists() else "no TRAINING.md next to the checkpoint")
 
     def stage_stage1(self) -> dict:
-        init = self.plan.checkpoint_path
-        options = {name: list(value) if isinstance(value, tuple) else value for name, value in (
+        """Convert the full model (with the plan's schedule, if it names one) and train the CA blocks."""
+        shape = {name: list(value) if isinstance(value, tuple) else value for name, value in (
             ("cross_attention_layers", self.plan.cross_attention_layers),
             ("self_attention_layers", self.plan.self_attention_layers),
             ("cross_attention_key_value_heads", self.plan.cross_attention_key_value_heads),
         ) if value is not None}
-        if options:  # stage 1 starts from this conversion instead of the recipe's own (same CA initialisation)
-            from visor.modeling import VisorForConditionalGeneration
-            from visor.training.settings import load_settings
-
-            recipe = load_settings("visor-stage1")
-            init = self.stage_dir("stage1") / "converted"
-            torch.manual_seed(self.plan.seed)
-            VisorForConditionalGeneration.from_llava(
-                self.full_model(), cross_attention_init=recipe.cross_attention_init,
-                cross_attention_gate=recipe.cross_attention_gate, **options,
-            ).save_pretrained(init)
-        return self._train("visor-stage1", "stage1", init, self.plan.stage1_steps)
+        return self._train("visor-stage1", "stage1", self.plan.checkpoint_path, self.plan.stage1_steps, **shape)
 
     def stage_universal(self) -> dict:
         return self._train("visor-universal", "universal", self.stage_dir("stage1") / "model",

@@ -103,12 +103,27 @@ def build_model(recipe: str, init: str | os.PathLike | None, preset: str | None,
     if init is None:
         raise ValueError(f"recipe {recipe!r} starts from a checkpoint: pass --init PATH (a full model or a VISOR model)")
     model = load_checkpoint(init, settings.attn_implementation)
+    shape = {name: getattr(settings, name) for name in (
+        "cross_attention_layers", "self_attention_layers", "cross_attention_key_value_heads",
+    ) if getattr(settings, name) is not None}
     if not is_visor(model):
         torch.manual_seed(settings.seed)
         model = VisorForConditionalGeneration.from_llava(
             model, cross_attention_init=settings.cross_attention_init, cross_attention_gate=settings.cross_attention_gate,
-            cross_attention_key_value_heads=settings.cross_attention_key_value_heads,
+            **shape,
         )
+    else:  # already converted (or resuming): the settings may only restate its shape
+        built = dict(cross_attention_layers=model.config.cross_attention_layers,
+                     self_attention_layers=model.config.self_attention_layers,
+                     cross_attention_key_value_heads=model.config.cross_attention_key_value_heads
+                     or model.config.text_config.num_key_value_heads)
+        wanted = dict(shape)
+        if "cross_attention_layers" in wanted:
+            wanted["cross_attention_layers"] = sorted(wanted["cross_attention_layers"])  # as VisorConfig keeps them
+        differing = {name: (value, built[name]) for name, value in wanted.items() if value != built[name]}
+        if differing:
+            raise ValueError(f"--init {init} is a VISOR model whose shape differs from the settings "
+                             f"(setting, model): {differing}; those settings apply when converting a full model")
     model.train()
     return freeze_base(model) if recipe == "visor-stage1" else unfreeze_all(model)
 

@@ -56,6 +56,10 @@ class TrainingSettings:
     cross_attention_key_value_heads: int | None = None
     """Key/value heads of each CA block of a converted model (None: the host layer's; fewer start from the mean of
     the host heads and make projecting the visual tokens cheaper)."""
+    cross_attention_layers: list[int] | None = None
+    """Layers that host a CA block in a converted model (None: `VisorConfig`'s default schedule)."""
+    self_attention_layers: list[int] | None = None
+    """Optional SA layers of a converted model, nested configurations (None: `VisorConfig`'s default)."""
     # ---- data ---------------------------------------------------------------------------------------------
     samples_per_task: int = 100
     """Validation samples per task at each evaluation (and for `configurations search`)."""
@@ -156,6 +160,10 @@ def _coerce(name: str, value: Any) -> Any:
             if not isinstance(value, (list, tuple)):
                 raise TypeError
             return [float(v) for v in value]
+        if annotation.startswith("list[int]"):
+            if not isinstance(value, (list, tuple)) or any(isinstance(v, bool) or int(v) != v for v in value):
+                raise TypeError
+            return [int(v) for v in value]
         if annotation.startswith("float"):
             if isinstance(value, bool):
                 raise TypeError
