@@ -15,6 +15,7 @@ from visor.policy import (
 )
 from visor.policy.api import full_model_flops, label_synthetic, load_labels_for
 from visor.policy.calibration import THRESHOLDS
+from visor.policy.report import CURVE_POINTS
 
 
 @pytest.fixture(scope="module")
@@ -256,6 +257,12 @@ def test_report_rows_and_oracle(model, table, tmp_path):
     oracle = oracle_outcome(table, model.router.cost_order)
     assert torch.equal(oracle.correct, table.correct.any(dim=1))
     assert torch.equal(fixed_outcome(table, 1).flops, table.flops[:, 1])
+    curves = report["router_curves"]
+    assert set(curves) == {"all"} | {f"group:{group}" for group in table.groups}
+    at_zero = curves["all"][0]  # τ = 0: every sample to the cheapest configuration
+    cheapest = next(row for row in report["rows"] if row["method"] == "fixed-0" and row["subset"] == "all")
+    assert at_zero["threshold"] == 0 and at_zero["accuracy"] == pytest.approx(cheapest["accuracy"])
+    assert len(curves["all"]) <= 2 * CURVE_POINTS
 
 
 def test_policy_cli_end_to_end(model, tmp_path, capsys):

@@ -2,7 +2,8 @@
 
 Rows for every fixed configuration, for the router at its calibrated τ, and for the oracle (the best
 per-sample choice in hindsight), so a reader sees at once whether the dynamic policy lies on or above the
-curve of fixed configurations; one accuracy-vs-FLOPs plot with a panel per group.
+curve of fixed configurations; the router's accuracy and FLOPs at every τ (overall and per group); one
+accuracy-vs-FLOPs plot with a panel per group.
 """
 
 from __future__ import annotations
@@ -17,14 +18,22 @@ from visor.policy.calibration import Outcome, fixed_outcome, oracle_outcome, rou
 from visor.policy.labels import LabelTable
 
 
-def summarise(name: str, outcome: Outcome, table: LabelTable, full_flops: torch.Tensor) -> list[dict]:
-    """One row per task, per group and overall: accuracy, mean FLOPs, savings vs the full model, histogram."""
+CURVE_POINTS = 200  # thresholds kept per router curve in the report (the sweep may try thousands)
+
+
+def _subsets(table: LabelTable) -> dict[str, list[int]]:
+    """Row indices of the whole table, of each task group and of each task."""
     subsets = {"all": list(range(len(table)))}
     for key, values in (("group", table.groups), ("task", table.tasks)):
         for value in sorted(set(values)):
             subsets[f"{key}:{value}"] = [i for i, v in enumerate(values) if v == value]
+    return subsets
+
+
+def summarise(name: str, outcome: Outcome, table: LabelTable, full_flops: torch.Tensor) -> list[dict]:
+    """One row per task, per group and overall: accuracy, mean FLOPs, savings vs the full model, histogram."""
     rows = []
-    for subset, indices in subsets.items():
+    for subset, indices in _subsets(table).items():
         index = torch.tensor(indices, dtype=torch.long)
         chosen = outcome.flops[index].double().sum()
         rows.append(dict(
@@ -44,9 +53,16 @@ def policy_report(router, table: LabelTable, threshold: float, router_flops: int
         rows += summarise(f"fixed-{configuration}", fixed_outcome(table, configuration), table, full_flops)
     rows += summarise("router", router_outcome(router, table, threshold, router_flops), table, full_flops)
     rows += summarise("oracle", oracle_outcome(table, router.cost_order), table, full_flops)
-    curve = [dict(threshold=t, accuracy=o.accuracy, mean_llm_prefill_flops=o.mean_flops)
-             for t, o in sweep(router, table, router_flops)]
-    return dict(threshold=threshold, rows=rows, router_curve=curve)
+    points = sweep(router, table, router_flops)
+    points = points[:: max(len(points) // CURVE_POINTS, 1)] + points[-1:]
+    curves = {}
+    for subset, indices in _subsets(table).items():
+        if subset.startswith("task:"):
+            continue
+        index = torch.tensor(indices, dtype=torch.long)
+        curves[subset] = [dict(threshold=t, accuracy=100.0 * float(o.correct[index].float().mean()),
+                               mean_llm_prefill_flops=float(o.flops[index].double().mean())) for t, o in points]
+    return dict(threshold=threshold, rows=rows, router_curves=curves)
 
 
 def write_report(report: dict, output_dir: str | os.PathLike) -> list[str]:
@@ -90,6 +106,9 @@ def plot_report(report: dict, path: str) -> str:
         for row in fixed:
             axis.annotate(row["method"].split("-")[1], (row["mean_llm_prefill_flops"] / 1e9, row["accuracy"]),
                           textcoords="offset points", xytext=(4, -10), fontsize=8)
+        curve = report.get("router_curves", {}).get(subset, [])
+        axis.plot([point["mean_llm_prefill_flops"] / 1e9 for point in curve], [point["accuracy"] for point in curve],
+                  "-", color="tab:blue", alpha=0.4, linewidth=1, label="router, every τ")
         for method, style in (("router", "*"), ("oracle", "D")):
             row = next(r for r in rows if r["method"] == method)
             axis.plot(row["mean_llm_prefill_flops"] / 1e9, row["accuracy"], style, markersize=11, label=method)
