@@ -2,7 +2,7 @@
 
 import pytest
 
-from visor.demo.report import fixed_curve_accuracy, policy_curve_verdicts
+from visor.demo.report import fixed_curve_accuracy, policy_curve_verdicts, router_curve_verdicts
 
 FIXED = [(10.0, 80.0), (20.0, 90.0), (40.0, 95.0)]
 
@@ -19,8 +19,8 @@ def test_a_dearer_but_worse_configuration_does_not_lower_the_curve():
 
 
 def _rows(group: str, router: tuple[float, float], savings: float = 2.0) -> list[dict]:
-    def row(method, flops, accuracy, histogram):
-        return dict(subset=f"group:{group}", method=method, mean_llm_prefill_flops=flops, accuracy=accuracy,
+    def row(method, gflops, accuracy, histogram):
+        return dict(subset=f"group:{group}", method=method, mean_llm_prefill_flops=gflops * 1e9, accuracy=accuracy,
                     savings=savings, histogram=histogram, samples=10)
 
     return [row(f"fixed-{i}", f, a, {str(i): 10}) for i, (f, a) in enumerate(FIXED)] + [
@@ -35,8 +35,18 @@ def test_verdicts_say_below_and_not_fewer_when_so():
     assert "BELOW" in hard and "85.00%" in hard and "by 0.1 of 10 answers" in hard
     assert "on or above" in easy
     assert "NOT fewer" in lines[-1]
+    assert "beyond the cheapest configuration (router included): easy 20.0000, hard 5.0000" in lines[-1]
 
 
 def test_verdicts_say_fewer_flops_on_easy_when_so():
     lines = policy_curve_verdicts(_rows("hard", (30.0, 93.0)) + _rows("easy", (12.0, 90.0)), "variants")
     assert "on or above" in lines[0] and lines[-1].startswith("Policy on the variants: fewer")
+
+
+def test_curve_verdicts_count_thresholds_on_or_above_and_the_extremes():
+    curves = {"group:hard": [dict(threshold=t, accuracy=a, mean_llm_prefill_flops=f * 1e9)
+                             for t, (f, a) in enumerate([(10.0, 80.0), (15.0, 90.0), (30.0, 90.5), (40.0, 95.0)])]}
+    line, = router_curve_verdicts(_rows("hard", (15.0, 90.0)), curves, "test split")
+    # The fixed curve is 80 / 85 / 92.5 / 95 at those FLOPs: gaps 0, +0.5, -0.2, 0 answers of 10.
+    assert "on or above the fixed curve at 3 of 4 thresholds" in line
+    assert "largest gain 0.5 of 10 answers (at 15.0000 GFLOPs), largest shortfall 0.2 (at 30.0000)" in line

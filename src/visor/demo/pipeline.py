@@ -51,7 +51,7 @@ class DemoPlan:
     universal_steps: int = 600
     batch_size: int = 32
     train_labels_per_task: int = 200
-    validation_labels_per_task: int = 100
+    validation_labels_per_task: int = 400
     test_per_task: int = 200
     router_steps: int = 500
     ratios: tuple[float, ...] = (2.0, 4.0, 8.0)
@@ -197,6 +197,7 @@ class Demo:
 
     def stage_policy(self) -> dict:
         from visor.policy.api import full_model_flops, label_synthetic
+        from visor.policy.calibration import calibrate, fixed_outcome
         from visor.policy.report import policy_report, write_report
         from visor.policy.training import train_router
 
@@ -223,9 +224,20 @@ class Demo:
                                    show_progress=self.progress)
         variants_report = policy_report(model.router, variants, threshold, cost, full_model_flops(model, variants))
         write_report(variants_report, folder / "report-variants")
-        return dict(threshold=threshold, router_loss=[losses[0], losses[-1]], validation_largest_accuracy=largest,
+        # The same router asked to spend: τ for a budget halfway between the two cheapest configurations.
+        cheapest, next_cheapest = (fixed_outcome(tables["validation"], index).mean_flops
+                                   for index in model.router.cost_order[:2])
+        budget_threshold, _ = calibrate(model.router, tables["validation"], cost,
+                                        target_flops=(cheapest + next_cheapest) / 2)
+        budget = {name: _policy_summary(policy_report(model.router, table, budget_threshold, cost,
+                                                      full_model_flops(model, table)))
+                  for name, table in (("budget_test", tables["test"]), ("budget_variants", variants))}
+        return dict(threshold=threshold, router_loss=[losses[0], losses[-1]], validation_samples=len(tables["validation"]),
+                    validation_largest_accuracy=largest,
                     validation_policy_accuracy=outcome.accuracy, validation_policy_flops=outcome.mean_flops,
-                    test=_policy_summary(test_report), variants=_policy_summary(variants_report))
+                    test=_policy_summary(test_report), variants=_policy_summary(variants_report),
+                    test_curves=test_report["router_curves"], variants_curves=variants_report["router_curves"],
+                    budget_threshold=budget_threshold, **budget)
 
     def stage_evaluate(self) -> dict:
         folder = self.stage_dir("evaluate")

@@ -80,9 +80,14 @@ def verdicts(results: dict) -> list[str]:
             f"{policy['savings']:.2f}x LLM-prefill savings (target {target:g}x: {'met' if policy['savings'] >= target else 'not met'})."
         )
     policy = results["stages"].get("policy", {})
-    for split, title in (("test", "test split"), ("variants", "held-out task variants")):
+    budget = f"at τ = {policy.get('budget_threshold', float('nan')):.8g}, a budget halfway between the two cheapest configurations"
+    for split, title in (("test", "test split"), ("variants", "held-out task variants"),
+                         ("budget_test", f"test split {budget}"), ("budget_variants", f"held-out task variants {budget}")):
         if policy.get(split):
             lines += policy_curve_verdicts(policy[split], title)
+    for split, title in (("test", "test split"), ("variants", "held-out task variants")):
+        if policy.get(split) and policy.get(f"{split}_curves"):
+            lines += router_curve_verdicts(policy[split], policy[f"{split}_curves"], title)
     hard_policy = _group(results, POLICY, "hard")
     if hard_policy is not None:
         for method in sorted({r["method"] for r in results["groups"]} - {"full", "text-only", "visor", "visor-policy"}):
@@ -134,14 +139,45 @@ def policy_curve_verdicts(rows: list[dict], title: str) -> list[str]:
             f"Policy on the {title}, {group} tasks: router {router['accuracy']:.2f}% at "
             f"{router['savings']:.2f}x vs {curve:.2f}% for fixed configurations at the same FLOPs — "
             f"{'on or above' if router['accuracy'] >= curve - 1e-9 else 'BELOW'} the fixed curve by "
-            f"{abs(samples):.1f} of {router['samples']} answers "
+            f"{_answers(abs(samples))} of {router['samples']} answers "
             f"(configurations chosen: {_histogram(router['histogram'])})."
         )
     if {"hard", "easy"} <= compared.keys():
         easy, hard = (compared[group][0]["mean_llm_prefill_flops"] for group in ("easy", "hard"))
+        # Prompt lengths differ between groups, so say how much of each is the router's own spending.
+        extra = {group: compared[group][0]["mean_llm_prefill_flops"] - min(
+            row["mean_llm_prefill_flops"] for row in rows
+            if row["subset"] == f"group:{group}" and row["method"].startswith("fixed-")) for group in ("easy", "hard")}
         lines.append(f"Policy on the {title}: {'fewer' if easy < hard else 'NOT fewer'} mean LLM-prefill FLOPs on easy "
-                     f"tasks ({_gflops(easy)} GFLOPs) than on hard ones ({_gflops(hard)}).")
+                     f"tasks ({_gflops(easy)} GFLOPs) than on hard ones ({_gflops(hard)}); spent beyond the cheapest "
+                     f"configuration (router included): easy {_gflops(extra['easy'])}, hard {_gflops(extra['hard'])}.")
     return lines
+
+
+def router_curve_verdicts(rows: list[dict], curves: dict[str, list[dict]], title: str) -> list[str]:
+    """The router at every τ of its sweep against the fixed curve, per task group: one calibrated τ is one
+    point, the whole curve says whether per-sample choice pays at any budget."""
+    lines = []
+    for subset in sorted(name for name in curves if name.startswith("group:")):
+        group = [row for row in rows if row["subset"] == subset]
+        fixed = [(row["mean_llm_prefill_flops"], row["accuracy"]) for row in group if row["method"].startswith("fixed-")]
+        samples = next(row["samples"] for row in group if row["method"] == "router")
+        gaps = [((point["accuracy"] - fixed_curve_accuracy(fixed, point["mean_llm_prefill_flops"])) * samples / 100,
+                 point["mean_llm_prefill_flops"]) for point in curves[subset]]
+        (best, best_at), (worst, worst_at) = max(gaps), min(gaps)
+        lines.append(
+            f"Router at every τ on the {title}, {subset.removeprefix('group:')} tasks: on or above the fixed curve "
+            f"at {sum(gap >= -1e-9 for gap, _ in gaps)} of {len(gaps)} thresholds; largest gain {_answers(max(0.0, best))} "
+            f"of {samples} answers (at {_gflops(best_at)} GFLOPs), largest shortfall {_answers(max(0.0, -worst))} "
+            f"(at {_gflops(worst_at)})."
+        )
+    return lines
+
+
+def _answers(count: float) -> str:
+    """A gap in answers: one decimal, or two significant digits when smaller (the router's own FLOPs alone put it
+    a hair beside the curve)."""
+    return f"{count:.1f}" if count >= 0.05 or count == 0 else f"{count:.2g}"
 
 
 def _histogram(histogram: dict) -> str:
@@ -199,7 +235,8 @@ def markdown(results: dict) -> str:
     policy = stages.get("policy", {})
     lines += ["", "## How this was produced", "",
               f"- Plan: `{json.dumps(plan)}`.",
-              f"- Policy: τ = {policy.get('threshold', float('nan')):.8g}, calibrated on the validation split as the "
+              f"- Policy: τ = {policy.get('threshold', float('nan')):.8g}, calibrated on the validation split "
+              f"({policy.get('validation_samples', '?')} samples) as the "
               "cheapest threshold within half a point of the largest configuration's validation accuracy (or, if none "
               "gets that close, the most accurate one).",
               "- Test data: the `demo` suite's test split, seed "
