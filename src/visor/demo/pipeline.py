@@ -163,14 +163,14 @@ class Demo:
             self._models[stage] = VisorForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
         return self._models[stage]
 
-    def _train(self, recipe: str, stage: str, init: str | Path, steps: int, **settings) -> dict:
+    def _train(self, recipe: str, stage: str, init: str | Path, steps: int, **overrides) -> dict:
         from visor.training.engine import train
         from visor.training.settings import load_settings
 
         settings = load_settings(recipe, overrides=dict(
             max_steps=steps, batch_size=self.plan.batch_size, seed=self.plan.seed, eval_every=0,
             save_every=max(steps // 4, 1), samples_per_task=min(self.plan.test_per_task, 50),
-            num_threads=self.plan.num_threads, attn_implementation="eager", **settings,
+            num_threads=self.plan.num_threads, attn_implementation="eager", **overrides,
         ))
         summary = train(recipe, self.data, self.stage_dir(stage), settings, init=str(init), resume=True,
                         progress=self.progress)
