@@ -79,6 +79,13 @@ def test_outputs_have_every_row_and_file(demo_run):
     assert {row["subset"] for row in variants} == {"all", "group:hard", "group:easy"}
     assert {"router", "oracle", "fixed-0"} <= {row["method"] for row in variants}
     assert "held-out task variants" in markdown
+    assert "Router at every τ on the test split, hard tasks" in markdown
+    matched = round(results["stages"]["policy"]["validation_policy_savings"], 1)  # baselines at VISOR's FLOPs too
+    expected = {f"{ratio:g}x" for ratio in results["plan"]["ratios"]}
+    if min(abs(matched - ratio) for ratio in results["plan"]["ratios"]) >= 0.1:
+        expected.add(f"{matched:g}x")
+    for method in ("pool", "fastv", "visor+pool"):
+        assert {setting for name, setting in methods if name == method} == expected
 
 
 def test_running_again_reuses_every_stage_with_the_same_numbers(demo_run, capsys):

@@ -232,9 +232,11 @@ class Demo:
         budget = {name: _policy_summary(policy_report(model.router, table, budget_threshold, cost,
                                                       full_model_flops(model, table)))
                   for name, table in (("budget_test", tables["test"]), ("budget_variants", variants))}
+        full_flops = full_model_flops(model, tables["validation"]).double().sum()
         return dict(threshold=threshold, router_loss=[losses[0], losses[-1]], validation_samples=len(tables["validation"]),
-                    validation_largest_accuracy=largest,
-                    validation_policy_accuracy=outcome.accuracy, validation_policy_flops=outcome.mean_flops,
+                    validation_largest_accuracy=largest, validation_policy_accuracy=outcome.accuracy,
+                    validation_policy_flops=outcome.mean_flops,
+                    validation_policy_savings=float(full_flops / outcome.flops.double().sum()),
                     test=_policy_summary(test_report), variants=_policy_summary(variants_report),
                     test_curves=test_report["router_curves"], variants_curves=variants_report["router_curves"],
                     budget_threshold=budget_threshold, **budget)
@@ -281,8 +283,19 @@ class Demo:
         except ImportError:  # the baselines are not in this build
             return
         for method in reduction.METHODS:
-            for ratio in self.plan.ratios:
+            for ratio in self.baseline_ratios():
                 yield method, f"{ratio:g}x", (lambda m=method, r=ratio: _reduced_system(self, m, r))
+
+    def baseline_ratios(self) -> list[float]:
+        """The plan's FLOPs ratios, plus the policy's own savings on validation (one decimal) once the policy
+        stage has run, so that every baseline is also measured at VISOR's FLOPs."""
+        ratios = list(self.plan.ratios)
+        if self.finished("policy"):
+            policy = json.loads((self.stage_dir("policy") / DONE).read_text())
+            matched = round(policy.get("validation_policy_savings", 0.0), 1)
+            if matched > 1 and all(abs(matched - ratio) >= 0.1 for ratio in ratios):
+                ratios.append(matched)
+        return ratios
 
 
 # ---- systems ----------------------------------------------------------------------------------------------

@@ -239,6 +239,10 @@ def markdown(results: dict) -> str:
               f"({policy.get('validation_samples', '?')} samples) as the "
               "cheapest threshold within half a point of the largest configuration's validation accuracy (or, if none "
               "gets that close, the most accurate one).",
+              f"- Baselines: at the plan's FLOPs ratios {list(plan['ratios'])} and at the policy's own savings on "
+              f"validation ({policy.get('validation_policy_savings', float('nan')):.1f}x), each strength matched on one "
+              "validation batch; in-LLM methods cannot go below their full first layers, so their rows say what they "
+              "reached.",
               "- Test data: the `demo` suite's test split, seed "
               f"{plan['seed']}: sample i of task T is drawn from SeedSequence((seed, 2, crc32(T), i)); training uses "
               "split id 0 and validation split id 1, so the streams are disjoint. easy-VQA uses the package's own "
