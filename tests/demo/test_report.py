@@ -2,7 +2,7 @@
 
 import pytest
 
-from visor.demo.report import fixed_curve_accuracy, policy_curve_verdicts, router_curve_verdicts
+from visor.demo.report import fixed_curve_accuracy, policy_curve_verdicts, router_curve_verdicts, verdicts
 
 FIXED = [(10.0, 80.0), (20.0, 90.0), (40.0, 95.0)]
 
@@ -50,3 +50,15 @@ def test_curve_verdicts_count_thresholds_on_or_above_and_the_extremes():
     # The fixed curve is 80 / 85 / 92.5 / 95 at those FLOPs: gaps 0, +0.5, -0.2, 0 answers of 10.
     assert "on or above the fixed curve at 3 of 4 thresholds" in line
     assert "largest gain 0.5 of 10 answers (at 15.0000 GFLOPs), largest shortfall 0.2 (at 30.0000)" in line
+
+
+def test_a_baseline_stuck_at_its_strongest_reduction_is_named_by_its_weakest_setting():
+    def row(method, setting, accuracy, savings):
+        return dict(method=method, setting=setting, group="hard", accuracy=accuracy, savings=savings)
+
+    groups = [row("full", "all tokens", 95.0, 1.0), row("visor-policy", "auto", 94.0, 10.8),
+              row("fastv", "11x", 86.0, 2.61), row("fastv", "2x", 82.0, 2.0), row("fastv", "4x", 86.0, 2.61),
+              row("pool", "11x", 12.0, 11.8), row("pool", "8x", 13.0, 8.02)]
+    lines = verdicts(dict(groups=groups, stages={}))
+    assert any(line.startswith("fastv at 4x (2.61x, nearest") for line in lines)
+    assert any(line.startswith("pool at 11x (11.80x, nearest") for line in lines)

@@ -92,7 +92,9 @@ def verdicts(results: dict) -> list[str]:
     if hard_policy is not None:
         for method in sorted({r["method"] for r in results["groups"]} - {"full", "text-only", "visor", "visor-policy"}):
             candidates = [r for r in results["groups"] if r["method"] == method and r["group"] == "hard"]
-            nearest = min(candidates, key=lambda r: abs(r["savings"] - hard_policy["savings"]))
+            # Ties (an in-LLM method stuck at its strongest reduction) go to the weakest setting asked for.
+            nearest = min(candidates, key=lambda r: (abs(r["savings"] - hard_policy["savings"]),
+                                                     float(r["setting"].removesuffix("x"))))
             better = hard_policy["accuracy"] > nearest["accuracy"]
             lines.append(
                 f"{method} at {nearest['setting']} ({nearest['savings']:.2f}x, nearest to the policy's "
