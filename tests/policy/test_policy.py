@@ -274,6 +274,8 @@ def test_policy_cli_end_to_end(model, tmp_path, capsys):
                          "--output", str(path)]) == 0
     assert cli.main(["policy", "train", "--model", str(model_dir), "--labels", str(labels[0]), "--steps", "20",
                      "--output", str(trained)]) == 0
+    share = float((~LabelTable.load(labels[0]).good()[:, 0]).float().mean())
+    assert f"is not good for {100 * share:.1f}% of the" in capsys.readouterr().out
     dearest = float(LabelTable.load(labels[1]).flops[:, 2].double().mean()) * 2
     assert cli.main(["policy", "calibrate", "--model", str(trained), "--labels", str(labels[1]),
                      "--target-flops", str(dearest)]) == 0

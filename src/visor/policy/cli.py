@@ -105,6 +105,10 @@ def run_train(args) -> int:
         return _fail("train", error)
     model.save_pretrained(args.output)
     print(f"router ({model.router.mode}, rule {args.rule}) loss {losses[0]:.4f} -> {losses[-1]:.4f}; saved {args.output}")
+    cheapest = model.router.cost_order[0]
+    needs_more = float((~table.good(args.rule)[:, cheapest]).float().mean())
+    print(f"the cheapest configuration ({cheapest}) is not good for {100 * needs_more:.1f}% of the {len(table)} "
+          "labelled samples: the only ones the router can learn to spend on")
     return 0
 
 
