@@ -295,3 +295,18 @@ def test_router_for_a_config_follows_its_configurations_and_mode():
     assert router.mode == "softmax" and router.cost_order == [0, 1, 2]
     assert router.mlp[-1].out_features == len(config.configurations) and router.mlp[0].out_features == 16
     assert ConfigurationRouter.for_config(config, "multilabel").mode == "multilabel"
+
+
+def test_sweep_of_a_large_table_tries_a_bounded_number_of_thresholds():
+    from visor.policy.calibration import MAX_SCORE_THRESHOLDS
+
+    torch.manual_seed(0)
+    router = ConfigurationRouter(4, [0, 1, 2], router_hidden_size=8)
+    rows = MAX_SCORE_THRESHOLDS  # three configurations: 3x more distinct scores than the cap
+    table = LabelTable(torch.randn(rows, 8), torch.ones(rows, 3), torch.ones(rows, 3, dtype=torch.bool),
+                       torch.tensor([[1, 2, 3]]).repeat(rows, 1), torch.zeros(rows, 2, dtype=torch.long),
+                       ["t"] * rows, ["g"] * rows)
+    points = sweep(router, table, 0)
+    assert len(points) <= MAX_SCORE_THRESHOLDS + len(THRESHOLDS)
+    scores = router.decision_scores(router(table.features)).flatten()
+    assert min(threshold for threshold, _ in points) == 0 and float(scores.max()) in {t for t, _ in points}

@@ -16,6 +16,7 @@ from visor.modeling.router import ConfigurationRouter
 from visor.policy.labels import LabelTable
 
 THRESHOLDS = tuple(i / 100 for i in range(101))
+MAX_SCORE_THRESHOLDS = 2000  # beyond this many distinct scores, the sweep tries evenly spaced ones among them
 
 
 @dataclass
@@ -67,13 +68,17 @@ def oracle_outcome(table: LabelTable, cost_order: list[int]) -> Outcome:
 
 def sweep(router: ConfigurationRouter, table: LabelTable, router_flops: int,
           thresholds=None) -> list[tuple[float, Outcome]]:
-    """The router's outcome at each τ: by default the 0.01 grid plus every score of the table itself, since a
-    decision changes only where τ crosses one. A grid alone cannot tell apart routers that are sure (scores of
-    0.999 and more), which the cheap configuration's frequent "good" labels produce."""
+    """The router's outcome at each τ: by default the 0.01 grid plus the table's own scores, since a decision
+    changes only where τ crosses one (every score for tables with up to `MAX_SCORE_THRESHOLDS` of them, evenly
+    spaced ones among them beyond, so the cost stays linear in the table). A grid alone cannot tell apart
+    routers that are sure (scores of 0.999 and more), which the cheap configuration's frequent "good" labels
+    produce."""
     logits = _router_logits(router, table)
     if thresholds is None:
-        scores = router.decision_scores(logits).clamp(0, 1).flatten().tolist()
-        thresholds = sorted(set(THRESHOLDS) | set(scores))
+        scores = router.decision_scores(logits).clamp(0, 1).flatten().unique()  # sorted
+        if len(scores) > MAX_SCORE_THRESHOLDS:
+            scores = scores[torch.linspace(0, len(scores) - 1, MAX_SCORE_THRESHOLDS).round().long()]
+        thresholds = sorted(set(THRESHOLDS) | set(scores.tolist()))
     return [(threshold, _chosen(table, router.decide(logits, threshold), router_flops)) for threshold in thresholds]
 
 
