@@ -239,6 +239,8 @@ def test_calibration_hits_targets_and_refuses_unreachable_ones(model, table):
     assert best < 100, "the random model cannot be perfect"
     with pytest.raises(ValueError, match="above what the router reaches"):
         calibrate(model.router, table, cost, target_accuracy=best + 0.5)
+    _, fallback = calibrate(model.router, table, cost, target_accuracy=best + 0.5, best_if_unreachable=True)
+    assert fallback.accuracy == best
     with pytest.raises(ValueError, match="percentage"):
         calibrate(model.router, table, cost, target_accuracy=101.0)
     with pytest.raises(ValueError, match="exactly one"):

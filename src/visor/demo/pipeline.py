@@ -216,29 +216,28 @@ class Demo:
         model.config.router_threshold = model.router.threshold = threshold
         model.save_pretrained(folder / "model")
         self.data.tokenizer.save_pretrained(folder / "model")  # so `visor generate --model DIR` needs nothing else
-        test_report = policy_report(model.router, tables["test"], threshold, cost,
-                                    full_model_flops(model, tables["test"]))
-        write_report(test_report, folder / "report")
         # Held-out task variants: neither the model nor the router ever saw these knobs.
-        variants = label_synthetic(model, "test", self.plan.test_per_task, seed=self.plan.seed, suite=VARIANTS,
-                                   show_progress=self.progress)
-        variants_report = policy_report(model.router, variants, threshold, cost, full_model_flops(model, variants))
-        write_report(variants_report, folder / "report-variants")
+        tables["variants"] = label_synthetic(model, "test", self.plan.test_per_task, seed=self.plan.seed,
+                                             suite=VARIANTS, show_progress=self.progress)
+        full = {split: full_model_flops(model, table) for split, table in tables.items() if split != "train"}
+        reports = {split: policy_report(model.router, tables[split], threshold, cost, full[split])
+                   for split in ("test", "variants")}
+        write_report(reports["test"], folder / "report")
+        write_report(reports["variants"], folder / "report-variants")
         # The same router asked to spend: τ for a budget halfway between the two cheapest configurations.
         cheapest, next_cheapest = (fixed_outcome(tables["validation"], index).mean_flops
                                    for index in model.router.cost_order[:2])
         budget_threshold, _ = calibrate(model.router, tables["validation"], cost,
                                         target_flops=(cheapest + next_cheapest) / 2)
-        budget = {name: _policy_summary(policy_report(model.router, table, budget_threshold, cost,
-                                                      full_model_flops(model, table)))
-                  for name, table in (("budget_test", tables["test"]), ("budget_variants", variants))}
-        full_flops = full_model_flops(model, tables["validation"]).double().sum()
+        budget = {f"budget_{split}": _policy_summary(policy_report(model.router, tables[split], budget_threshold,
+                                                                   cost, full[split]))
+                  for split in ("test", "variants")}
         return dict(threshold=threshold, router_loss=[losses[0], losses[-1]], validation_samples=len(tables["validation"]),
                     validation_largest_accuracy=largest, validation_policy_accuracy=outcome.accuracy,
                     validation_policy_flops=outcome.mean_flops,
-                    validation_policy_savings=float(full_flops / outcome.flops.double().sum()),
-                    test=_policy_summary(test_report), variants=_policy_summary(variants_report),
-                    test_curves=test_report["router_curves"], variants_curves=variants_report["router_curves"],
+                    validation_policy_savings=float(full["validation"].double().sum() / outcome.flops.double().sum()),
+                    test=_policy_summary(reports["test"]), variants=_policy_summary(reports["variants"]),
+                    test_curves=reports["test"]["router_curves"], variants_curves=reports["variants"]["router_curves"],
                     budget_threshold=budget_threshold, **budget)
 
     def stage_evaluate(self) -> dict:
@@ -283,8 +282,9 @@ class Demo:
             from visor import reduction
         except ImportError:  # the baselines are not in this build
             return
+        ratios = self.baseline_ratios()
         for method in reduction.METHODS:
-            for ratio in self.baseline_ratios():
+            for ratio in ratios:
                 yield method, f"{ratio:g}x", (lambda m=method, r=ratio: _reduced_system(self, m, r))
 
     def baseline_ratios(self) -> list[float]:
@@ -378,12 +378,11 @@ def demo_threshold(model, router, validation) -> tuple[float, "Outcome", float]:
     """The demo's τ: the cheapest threshold whose validation accuracy is within half a point of the largest
     configuration's, or, when no threshold gets that close, the most accurate one (the cheapest of those).
     Returns τ, the router's validation outcome there, and the largest configuration's accuracy."""
-    from visor.policy.calibration import calibrate, fixed_outcome, sweep
+    from visor.policy.calibration import calibrate, fixed_outcome
 
-    cost = router_flops(model.config)
     largest = fixed_outcome(validation, model.config.largest_configuration).accuracy
-    best = max(outcome.accuracy for _, outcome in sweep(router, validation, cost))
-    threshold, outcome = calibrate(router, validation, cost, target_accuracy=max(min(largest - 0.5, best), 0))
+    threshold, outcome = calibrate(router, validation, router_flops(model.config),
+                                   target_accuracy=max(largest - 0.5, 0), best_if_unreachable=True)
     return threshold, outcome, largest
 
 

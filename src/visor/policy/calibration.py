@@ -83,8 +83,10 @@ def sweep(router: ConfigurationRouter, table: LabelTable, router_flops: int,
 
 
 def calibrate(router: ConfigurationRouter, table: LabelTable, router_flops: int,
-              target_flops: float | None = None, target_accuracy: float | None = None) -> tuple[float, Outcome]:
-    """τ for a budget: the most accurate τ within `target_flops` (mean), or the cheapest reaching `target_accuracy`."""
+              target_flops: float | None = None, target_accuracy: float | None = None,
+              best_if_unreachable: bool = False) -> tuple[float, Outcome]:
+    """τ for a budget: the most accurate τ within `target_flops` (mean), or the cheapest reaching `target_accuracy`
+    (an unreachable accuracy is an error, or with `best_if_unreachable` means the router's best accuracy)."""
     if (target_flops is None) == (target_accuracy is None):
         raise ValueError("give exactly one of target_flops and target_accuracy")
     points = sweep(router, table, router_flops)
@@ -97,9 +99,11 @@ def calibrate(router: ConfigurationRouter, table: LabelTable, router_flops: int,
         return max(feasible, key=lambda point: (point[1].accuracy, -point[1].mean_flops))
     if not 0.0 <= target_accuracy <= 100.0:
         raise ValueError(f"target accuracy is a percentage in [0, 100], got {target_accuracy}")
+    best = max(o.accuracy for _, o in points)
+    if best_if_unreachable:
+        target_accuracy = min(target_accuracy, best)
     feasible = [(t, o) for t, o in points if o.accuracy >= target_accuracy]
     if not feasible:
-        best = max(o.accuracy for _, o in points)
         raise ValueError(f"target accuracy {target_accuracy:.1f}% is above what the router reaches (best {best:.1f}%)")
     return min(feasible, key=lambda point: (point[1].mean_flops, -point[1].accuracy))
 
