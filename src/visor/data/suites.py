@@ -1,7 +1,7 @@
 """Named task suites: which tasks, with which difficulty knobs, at which image size.
 
 A suite is what a data spec, a label table and the demo agree on, so a model trained on one is evaluated on the
-same distribution everywhere. Two are built in:
+same distribution everywhere. These are built in:
 
 - `standard`: every registered task at its default knobs, 128x128 px images (five 64-px crop views, 336
   visual tokens on the tiny preset): the suite's full difficulty.
@@ -13,16 +13,21 @@ same distribution everywhere. Two are built in:
 - `demo-variants`: the demo's four synthetic tasks with knobs set where no training stage ever puts them
   (more specks around the digits, a thinner bar, twice the clutter among the marks, more distractor shapes),
   at the demo's size: held-out task variants for checking that the policy generalises beyond what it saw.
+- `demo-train`: the demo's tasks plus `easy_vqa_balanced` (easy-VQA's training images and question forms with
+  yes and no equally likely), for training the demo checkpoint; evaluation stays on `demo`.
 - `curriculum`: the step between learning the demo's coarse tasks and its 3x3 `read_cell`: the coloured digit
-  among four, and one large shape per image (with per-patch shape targets, which easy-VQA lacks). Without it
-  `read_cell` stays at chance (see the demo checkpoint's TRAINING.md).
+  among four, one large shape per image (with per-patch shape targets, which easy-VQA lacks), and easy-VQA's
+  balanced questions without the negated forms. Without it `read_cell` stays at chance (see the demo
+  checkpoint's TRAINING.md, which also says what the easy-VQA step does and does not teach).
+- `yes-no`, `yes-no-negated`: only easy-VQA's balanced yes/no questions, first without and then with the negated
+  forms. The comparison they ask for ("is there a red shape?") is learned only when it is most of a batch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from visor.data.easy_vqa import EasyVQA
+from visor.data.easy_vqa import EasyVQA, EasyVQABalanced
 from visor.data.tasks import DEFAULT_SIZE, TASKS, Task, get_task
 
 
@@ -46,20 +51,21 @@ class Suite:
         return tuple(by_name[name] for name in names)
 
 
+DEMO_TASKS = (
+    get_task("read_cell", rows=3, cols=3, glyph_scale=0.7, pointer="ink"),
+    get_task("bar_value", num_bars=1),
+    get_task("count_marks", num_colors=1, mark_size=0.06, clutter=4, max_count=6),
+    get_task("dominant_color"),
+    EasyVQA(),
+)
+
 SUITES: dict[str, Suite] = {
     "standard": Suite("standard", DEFAULT_SIZE, tuple(TASKS.values()),
                       "every task at its default knobs, 128x128 px"),
-    "demo": Suite(
-        "demo", (64, 64),
-        (
-            get_task("read_cell", rows=3, cols=3, glyph_scale=0.7, pointer="ink"),
-            get_task("bar_value", num_bars=1),
-            get_task("count_marks", num_colors=1, mark_size=0.06, clutter=4, max_count=6),
-            get_task("dominant_color"),
-            EasyVQA(),
-        ),
-        "four synthetic tasks at 64x64 px, small enough for the CPU demo, plus easy-VQA",
-    ),
+    "demo": Suite("demo", (64, 64), DEMO_TASKS,
+                  "four synthetic tasks at 64x64 px, small enough for the CPU demo, plus easy-VQA"),
+    "demo-train": Suite("demo-train", (64, 64), (*DEMO_TASKS, EasyVQABalanced()),
+                        "the demo suite plus easy-VQA with balanced yes/no answers, for training"),
     "demo-variants": Suite(
         "demo-variants", (64, 64),
         (
@@ -72,9 +78,14 @@ SUITES: dict[str, Suite] = {
     ),
     "curriculum": Suite(
         "curriculum", (64, 64),
-        (get_task("read_cell", rows=2, cols=2, glyph_scale=0.7, pointer="ink"), get_task("has_shape", distractors=0)),
+        (get_task("read_cell", rows=2, cols=2, glyph_scale=0.7, pointer="ink"), get_task("has_shape", distractors=0),
+         EasyVQABalanced(negations=False)),
         "the coloured digit among four and one large shape, at 64x64 px: the step before the demo suite",
     ),
+    "yes-no": Suite("yes-no", (64, 64), (EasyVQABalanced(negations=False, yes_no_only=True),),
+                    "easy-VQA's positive yes/no forms only, balanced: where the comparison is learned"),
+    "yes-no-negated": Suite("yes-no-negated", (64, 64), (EasyVQABalanced(yes_no_only=True),),
+                            "easy-VQA's yes/no forms, positive and negated, balanced"),
 }
 
 
