@@ -20,7 +20,7 @@ from visor.demo.pipeline import STAGES, Demo, DemoPlan
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "demo", help="reproduce VISOR's central claim on the built-in tiny model (about 20 min on 2 cores)",
+        "demo", help="reproduce VISOR's central claim on the built-in tiny model (about 7 min on 2 cores)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--output", default="runs/demo", metavar="DIR", help="output folder (default runs/demo)")
