@@ -105,3 +105,14 @@ def test_yes_no_suites_ask_only_balanced_yes_no_questions(suite, negated):
     answers = Counter(s.answer for s in samples)
     assert set(answers) == {"yes", "no"} and abs(answers["yes"] - answers["no"]) < 40
     assert any("negated" in question_kind(s.question, s.answer) for s in samples) == negated
+
+
+def test_demo_train_weights_yes_no_questions_apart():
+    from visor.data.suites import get_suite
+
+    tasks = {task.name: task for task in get_suite("demo-train").tasks}
+    yes_no = [make_sample(tasks["easy_vqa_yes_no"], "train", i, size=(64, 64)) for i in range(100)]
+    assert {s.answer for s in yes_no} == {"yes", "no"}
+    assert any("negated" in question_kind(s.question, s.answer) for s in yes_no)
+    mixed = {make_sample(tasks["easy_vqa_balanced"], "train", i, size=(64, 64)).answer for i in range(100)}
+    assert mixed - {"yes", "no"}  # the balanced task keeps its colour and shape questions

@@ -166,3 +166,13 @@ class EasyVQABalanced(Task):
             question, answer = balanced_question(rng, shape, color, self.negations)
             if not self.yes_no_only or answer in ("yes", "no"):
                 return Sample(load_image(path), question, answer, self.name, self.group)
+
+
+@dataclass(frozen=True)
+class EasyVQAYesNo(EasyVQABalanced):
+    """Only the balanced yes/no questions, under a name of their own, so that a training mix can weight them apart
+    from the colour and shape questions (the comparison they ask for is learned only when it is much of a batch)."""
+
+    name: ClassVar[str] = "easy_vqa_yes_no"
+    description: ClassVar[str] = "easy-VQA images, its yes/no question forms with balanced answers (training)"
+    yes_no_only: bool = True
