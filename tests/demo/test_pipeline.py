@@ -151,10 +151,3 @@ def test_the_demo_threshold_falls_back_when_no_tau_gets_close(stock_factory, ope
         router.mlp[-1].bias[router.cost_order[0]] = 100.0
     threshold, outcome, largest = demo_threshold(model, router, table)
     assert largest == 100.0 and outcome.accuracy == 0.0 and threshold == 0.0
-
-
-def test_ratio_settings_sort_by_number_before_other_settings():
-    from visor.demo.pipeline import _setting_order
-
-    settings = ["SA [1]", "11x", "2x", "auto", "12.6x", "4x"]
-    assert sorted(settings, key=_setting_order) == ["2x", "4x", "11x", "12.6x", "SA [1]", "auto"]

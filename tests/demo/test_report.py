@@ -2,7 +2,9 @@
 
 import pytest
 
-from visor.demo.report import fixed_curve_accuracy, policy_curve_verdicts, router_curve_verdicts, verdicts
+from visor.demo.report import (
+    fixed_curve_accuracy, policy_curve_verdicts, router_curve_verdicts, setting_order, verdicts,
+)
 
 FIXED = [(10.0, 80.0), (20.0, 90.0), (40.0, 95.0)]
 
@@ -62,3 +64,8 @@ def test_a_baseline_stuck_at_its_strongest_reduction_is_named_by_its_weakest_set
     lines = verdicts(dict(groups=groups, stages={}))
     assert any(line.startswith("fastv at 4x (2.61x, nearest") for line in lines)
     assert any(line.startswith("pool at 11x (11.80x, nearest") for line in lines)
+
+
+def test_ratio_settings_sort_by_number_before_other_settings():
+    settings = ["SA [1]", "11x", "2x", "auto", "12.6x", "4x"]
+    assert sorted(settings, key=setting_order) == ["2x", "4x", "11x", "12.6x", "SA [1]", "auto"]

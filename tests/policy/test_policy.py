@@ -265,6 +265,8 @@ def test_report_rows_and_oracle(model, table, tmp_path):
     cheapest = next(row for row in report["rows"] if row["method"] == "fixed-0" and row["subset"] == "all")
     assert at_zero["threshold"] == 0 and at_zero["accuracy"] == pytest.approx(cheapest["accuracy"])
     assert len(curves["all"]) <= 2 * CURVE_POINTS
+    thresholds = [point["threshold"] for point in curves["all"]]
+    assert thresholds == sorted(set(thresholds)) and thresholds[-1] == 1.0  # thinned, ends at τ = 1, no repeats
 
 
 def test_policy_cli_end_to_end(model, tmp_path, capsys):

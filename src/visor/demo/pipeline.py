@@ -256,7 +256,7 @@ class Demo:
         data = self.data
         scored = [json.loads(path.read_text()) for path in sorted(self.stage_dir("evaluate").glob("*@*.json"))]
         systems = sorted(((item["method"], item["setting"], Scores.from_dict(item["scores"])) for item in scored),
-                         key=lambda system: (system[0], _setting_order(system[1])))
+                         key=lambda system: (system[0], report.setting_order(system[1])))
         groups = {task.name: task.group for task in data.suite.tasks}
         majority = data.majority_baseline("test", self.plan.test_per_task)
         stages = {stage: json.loads((self.stage_dir(stage) / DONE).read_text())
@@ -384,12 +384,6 @@ def demo_threshold(model, router, validation) -> tuple[float, "Outcome", float]:
     threshold, outcome = calibrate(router, validation, router_flops(model.config),
                                    target_accuracy=max(largest - 0.5, 0), best_if_unreachable=True)
     return threshold, outcome, largest
-
-
-def _setting_order(setting: str) -> tuple:
-    """FLOPs ratios ("2x", "11x") in numeric order, before any other setting (kept in text order)."""
-    number = setting.removesuffix("x")
-    return (0, float(number), "") if number.replace(".", "", 1).isdigit() else (1, 0.0, setting)
 
 
 def _policy_summary(policy_report: dict) -> list[dict]:

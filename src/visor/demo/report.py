@@ -61,6 +61,12 @@ def write_outputs(results: dict, folder: Path) -> list[Path]:
 
 
 # ---- verdicts -----------------------------------------------------------------------------------------------
+def setting_order(setting: str) -> tuple:
+    """FLOPs ratios ("2x", "11x") in numeric order, before any other setting (kept in text order)."""
+    number = setting.removesuffix("x")
+    return (0, float(number), "") if number.replace(".", "", 1).isdigit() else (1, 0.0, setting)
+
+
 def _group(results: dict, key: tuple[str, str], group: str) -> dict | None:
     return next((r for r in results["groups"] if (r["method"], r["setting"]) == key and r["group"] == group), None)
 
@@ -94,7 +100,7 @@ def verdicts(results: dict) -> list[str]:
             candidates = [r for r in results["groups"] if r["method"] == method and r["group"] == "hard"]
             # Ties (an in-LLM method stuck at its strongest reduction) go to the weakest setting asked for.
             nearest = min(candidates, key=lambda r: (abs(r["savings"] - hard_policy["savings"]),
-                                                     float(r["setting"].removesuffix("x"))))
+                                                     setting_order(r["setting"])))
             better = hard_policy["accuracy"] > nearest["accuracy"]
             lines.append(
                 f"{method} at {nearest['setting']} ({nearest['savings']:.2f}x, nearest to the policy's "

@@ -54,7 +54,8 @@ def policy_report(router, table: LabelTable, threshold: float, router_flops: int
     rows += summarise("router", router_outcome(router, table, threshold, router_flops), table, full_flops)
     rows += summarise("oracle", oracle_outcome(table, router.cost_order), table, full_flops)
     points = sweep(router, table, router_flops)
-    points = points[:: max(len(points) // CURVE_POINTS, 1)] + points[-1:]
+    kept = points[:: max(len(points) // CURVE_POINTS, 1)]
+    points = kept if kept[-1] is points[-1] else kept + points[-1:]
     curves = {}
     for subset, indices in _subsets(table).items():
         if subset.startswith("task:"):
