@@ -116,3 +116,15 @@ def test_demo_train_weights_yes_no_questions_apart():
     assert any("negated" in question_kind(s.question, s.answer) for s in yes_no)
     mixed = {make_sample(tasks["easy_vqa_balanced"], "train", i, size=(64, 64)).answer for i in range(100)}
     assert mixed - {"yes", "no"}  # the balanced task keeps its colour and shape questions
+
+
+def test_color_yes_no_task_asks_only_about_colours_with_balanced_answers():
+    from visor.data.suites import get_suite
+
+    task = next(task for task in get_suite("demo-train").tasks if task.name == "easy_vqa_color_yes_no")
+    samples = [make_sample(task, "train", i, size=(64, 64)) for i in range(200)]
+    kinds = Counter(question_kind(s.question, s.answer) for s in samples)
+    assert all(kind.startswith("yes/no color") for kind in kinds)
+    assert {"positive", "negated"} <= {kind.split(", ")[1] for kind in kinds}
+    answers = Counter(s.answer for s in samples)
+    assert abs(answers["yes"] - answers["no"]) < 40

@@ -14,8 +14,9 @@ same distribution everywhere. These are built in:
   (more specks around the digits, a thinner bar, twice the clutter among the marks, more distractor shapes),
   at the demo's size: held-out task variants for checking that the policy generalises beyond what it saw.
 - `demo-train`: the demo's tasks plus `easy_vqa_balanced` (easy-VQA's training images and question forms with
-  yes and no equally likely) and `easy_vqa_yes_no` (only its yes/no questions, to weight them apart), for
-  training the demo checkpoint; evaluation stays on `demo`.
+  yes and no equally likely), `easy_vqa_yes_no` (only its yes/no questions, to weight them apart) and
+  `easy_vqa_color_yes_no` (only those naming a colour), for training the demo checkpoint; evaluation stays on
+  `demo`.
 - `curriculum`: the step between learning the demo's coarse tasks and its 3x3 `read_cell`: the coloured digit
   among four, one large shape per image (with per-patch shape targets, which easy-VQA lacks), and easy-VQA's
   balanced questions without the negated forms. Without it `read_cell` stays at chance (see the demo
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from visor.data.easy_vqa import EasyVQA, EasyVQABalanced, EasyVQAYesNo
+from visor.data.easy_vqa import EasyVQA, EasyVQABalanced, EasyVQAColorYesNo, EasyVQAYesNo
 from visor.data.tasks import DEFAULT_SIZE, TASKS, Task, get_task
 
 
@@ -65,7 +66,8 @@ SUITES: dict[str, Suite] = {
                       "every task at its default knobs, 128x128 px"),
     "demo": Suite("demo", (64, 64), DEMO_TASKS,
                   "four synthetic tasks at 64x64 px, small enough for the CPU demo, plus easy-VQA"),
-    "demo-train": Suite("demo-train", (64, 64), (*DEMO_TASKS, EasyVQABalanced(), EasyVQAYesNo()),
+    "demo-train": Suite("demo-train", (64, 64),
+                        (*DEMO_TASKS, EasyVQABalanced(), EasyVQAYesNo(), EasyVQAColorYesNo()),
                         "the demo suite plus easy-VQA with balanced yes/no answers, for training"),
     "demo-variants": Suite(
         "demo-variants", (64, 64),
