@@ -66,6 +66,16 @@ def test_a_baseline_stuck_at_its_strongest_reduction_is_named_by_its_weakest_set
     assert any(line.startswith("pool at 11x (11.80x, nearest") for line in lines)
 
 
+def test_the_full_model_target_counts_every_task_of_the_group():
+    def row(task, group, accuracy):
+        return dict(method="full", setting="all tokens", task=task, group=group, accuracy=accuracy)
+
+    rows = [row("read_cell", "hard", 96.5), row("count_marks", "hard", 79.5), row("easy_vqa", "easy", 97.0)]
+    hard, easy = verdicts(dict(rows=rows, groups=[], stages={}))
+    assert hard == "full model on every hard task >= 80% (read_cell 96.5%, count_marks 79.5%): NOT met."
+    assert easy == "full model on every easy task >= 95% (easy_vqa 97.0%): met."
+
+
 def test_ratio_settings_sort_by_number_before_other_settings():
     settings = ["SA [1]", "11x", "2x", "auto", "12.6x", "4x"]
     assert sorted(settings, key=setting_order) == ["2x", "4x", "11x", "12.6x", "SA [1]", "auto"]

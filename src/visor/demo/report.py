@@ -15,7 +15,8 @@ from visor.demo.systems import Scores
 
 FULL = ("full", "all tokens")
 POLICY = ("visor-policy", "auto")
-TARGETS = {"accuracy_gap": 1.0, "hard_savings": 3.0, "easy_savings": 10.0}  # issue 9's targets
+TARGETS = {"accuracy_gap": 1.0, "hard_savings": 3.0, "easy_savings": 10.0,  # issue 9's targets
+           "full_hard_task": 80.0, "full_easy_task": 95.0}  # the full model's, every task of the group
 
 
 def _aggregate(method: str, setting: str, scores: Scores, indices: list[int], full: Scores, task: str,
@@ -74,6 +75,14 @@ def _group(results: dict, key: tuple[str, str], group: str) -> dict | None:
 def verdicts(results: dict) -> list[str]:
     """Plain sentences on issue 9's targets, computed from the rows."""
     lines = []
+    for group in ("hard", "easy"):
+        tasks = [r for r in results.get("rows", []) if (r["method"], r["setting"]) == FULL and r["group"] == group]
+        if tasks:
+            target = TARGETS[f"full_{group}_task"]
+            met = all(r["accuracy"] >= target for r in tasks)
+            accuracies = ", ".join(f"{r['task']} {r['accuracy']:.1f}%" for r in tasks)
+            verdict = "met" if met else "NOT met"
+            lines.append(f"full model on every {group} task >= {target:g}% ({accuracies}): {verdict}.")
     for group in ("hard", "easy"):
         full, policy = _group(results, FULL, group), _group(results, POLICY, group)
         if full is None or policy is None:
