@@ -31,7 +31,8 @@ lmms: setup
 	$(BIN)/pip install --quiet -e ".[lmms]"
 	$(BIN)/pip uninstall --quiet -y torchvision
 
-# Retrain the tiny full model the demo ships (about 70 min on this 2-core CPU; see src/visor/demo/checkpoint/TRAINING.md).
+# Retrain the tiny full model the demo ships (about 2 h 20 min on this 2-core CPU;
+# see src/visor/demo/checkpoint/TRAINING.md).
 demo-checkpoint: setup
 	PATH=$(abspath $(BIN)):$$PATH scripts/train_demo_checkpoint.sh runs/demo-checkpoint
 
