@@ -129,6 +129,14 @@ def test_a_bad_schedule_is_refused(tmp_path, capsys):
     assert "cross_attention_layers [9] out of range" in capsys.readouterr().err
 
 
+def test_a_bad_training_data_spec_is_refused_before_anything_is_written(tmp_path, capsys):
+    output = tmp_path / "bad"
+    assert cli.main(["demo", "--quick", "--output", str(output), "--no-progress",
+                     "--training-data", "synthetic@demo-train:read_cell,no_such_task"]) == 2
+    assert "no_such_task" in capsys.readouterr().err
+    assert not output.exists()
+
+
 def test_the_demo_threshold_falls_back_when_no_tau_gets_close(stock_factory, open_visor_factory):
     """A router sure (probability exactly 1.0) that the cheapest configuration will do, which is wrong on every
     sample: no τ reaches the largest configuration's accuracy, so τ is the most accurate one, not a crash."""

@@ -20,7 +20,7 @@ from visor.demo.pipeline import STAGES, Demo, DemoPlan
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "demo", help="reproduce VISOR's central claim on the built-in tiny model (about 7 min on 2 cores)",
+        "demo", help="reproduce VISOR's central claim on the built-in tiny model (about 10 min on 2 cores)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--output", default="runs/demo", metavar="DIR", help="output folder (default runs/demo)")
@@ -30,6 +30,9 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of training, data and policy (default 0)")
     parser.add_argument("--checkpoint", default=None, metavar="DIR",
                         help="the full LLaVA-OV model to start from (default: the shipped tiny model)")
+    parser.add_argument("--training-data", default=DemoPlan.training_data, metavar="SPEC",
+                        help="what the conversion trains on, a `visor train --data` spec (default: the shipped "
+                             "model's training tasks, %(default)s); evaluation is always on the demo suite")
     parser.add_argument("--cross-attention-layers", type=comma_separated(int, "layer indices"), default=None, metavar="I,J",
                         help="VISOR's CA layers (default: evenly spread, [0, 3] on the shipped 6-layer model)")
     parser.add_argument("--self-attention-layers", type=comma_separated(int, "layer indices"), default=None, metavar="I,J",
@@ -58,7 +61,7 @@ def _heads(value: str) -> int | None:
 
 def _main(args) -> int:
     plan = (DemoPlan.quick if args.quick else DemoPlan)(
-        seed=args.seed, checkpoint=args.checkpoint, num_threads=args.threads,
+        seed=args.seed, checkpoint=args.checkpoint, training_data=args.training_data, num_threads=args.threads,
         cross_attention_layers=args.cross_attention_layers, self_attention_layers=args.self_attention_layers,
         cross_attention_key_value_heads=args.cross_attention_heads)
     try:

@@ -3,6 +3,8 @@
     full       the shipped tiny full LVLM (`visor/demo/checkpoint`, trained by the command in its TRAINING.md)
     stage1     VISOR stage 1: CA blocks trained on the frozen full model, largest configuration
     universal  VISOR universal training: every parameter, one configuration sampled per step
+               (both on `DemoPlan.training_data`, the mix the shipped model was trained on last; the rest of the
+               demo scores the `demo` suite, whose easy-VQA questions are the package's own)
     policy     label every configuration on train/validation/test, train the router, calibrate τ on validation;
                the policy report on the test split and on held-out task variants (`demo-variants`)
     evaluate   every system on the test split: full, each fixed configuration, the policy, text-only, baselines
@@ -48,7 +50,7 @@ class DemoPlan:
     """Every size the demo uses; `quick()` is the smoke-test scale run by the test suite."""
 
     stage1_steps: int = 300
-    universal_steps: int = 600
+    universal_steps: int = 1800
     batch_size: int = 32
     train_labels_per_task: int = 200
     validation_labels_per_task: int = 400
@@ -65,6 +67,12 @@ class DemoPlan:
     # prefill FLOPs by 13% and moves accuracy less than run-to-run noise (README, "What `make demo` shows").
     cross_attention_key_value_heads: int | None = 1
     checkpoint: str | None = None  # the full LLaVA-OV model to start from; None: the shipped one (portable plan.json)
+    # What the conversion trains on (a `visor train --data` spec): the mix the shipped model was trained on last,
+    # easy-VQA with balanced questions and its yes/no questions weighted apart. The package's questions (what `demo`
+    # evaluates) are lopsided, and converting on them teaches VISOR to answer yes/no from the words again; without
+    # the yes/no weight VISOR loses the colour comparison (README, "What `make demo` shows").
+    training_data: str = ("synthetic@demo-train:read_cell*3,bar_value,count_marks*2,dominant_color,"
+                          "easy_vqa_balanced*4,easy_vqa_yes_no*2,easy_vqa_color_yes_no*2")
 
     @property
     def checkpoint_path(self) -> Path:
@@ -116,6 +124,7 @@ class Demo:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # per-file loading/saving bars would bury the demo's own progress
+        self.training_data  # a bad data spec fails here, before the output folder is touched
         self.prepare(fresh)
         if self.plan.num_threads:
             torch.set_num_threads(self.plan.num_threads)
@@ -140,6 +149,12 @@ class Demo:
         from visor.training.synthetic import SyntheticSource
 
         return SyntheticSource(self.full_model().config, self.plan.seed, suite=SUITE)
+
+    @cached_property
+    def training_data(self):
+        from visor.training.data import resolve_data
+
+        return resolve_data(self.plan.training_data, self.full_model().config, self.plan.seed)
 
     @cached_property
     def reference_prompts(self) -> dict:
@@ -172,7 +187,7 @@ class Demo:
             save_every=max(steps // 4, 1), samples_per_task=min(self.plan.test_per_task, 50),
             num_threads=self.plan.num_threads, attn_implementation="eager", **overrides,
         ))
-        summary = train(recipe, self.data, self.stage_dir(stage), settings, init=str(init), resume=True,
+        summary = train(recipe, self.training_data, self.stage_dir(stage), settings, init=str(init), resume=True,
                         progress=self.progress)
         return dict(recipe=recipe, steps=steps, validation=summary.get("validation"))
 
