@@ -31,8 +31,8 @@ def register(subparsers) -> None:
     parser.add_argument("--checkpoint", default=None, metavar="DIR",
                         help="the full LLaVA-OV model to start from (default: the shipped tiny model)")
     parser.add_argument("--training-data", default=DemoPlan.training_data, metavar="SPEC",
-                        help="what the conversion trains on, a `visor train --data` spec (default: the shipped "
-                             "model's training tasks, %(default)s); evaluation is always on the demo suite")
+                        help="what the conversion trains on, a `visor train --data` spec (default: the mix the "
+                             "shipped model was trained on last, %(default)s); evaluation is always on the demo suite")
     parser.add_argument("--cross-attention-layers", type=comma_separated(int, "layer indices"), default=None, metavar="I,J",
                         help="VISOR's CA layers (default: evenly spread, [0, 3] on the shipped 6-layer model)")
     parser.add_argument("--self-attention-layers", type=comma_separated(int, "layer indices"), default=None, metavar="I,J",
