@@ -159,3 +159,15 @@ def test_the_demo_threshold_falls_back_when_no_tau_gets_close(stock_factory, ope
         router.mlp[-1].bias[router.cost_order[0]] = 100.0
     threshold, outcome, largest = demo_threshold(model, router, table)
     assert largest == 100.0 and outcome.accuracy == 0.0 and threshold == 0.0
+
+
+def test_the_conversion_trains_on_the_mix_the_shipped_model_was_trained_on_last():
+    """`DemoPlan.training_data` says it is the last stage's mix of scripts/train_demo_checkpoint.sh; keep them equal."""
+    import re
+    from pathlib import Path
+
+    from visor.demo.pipeline import DemoPlan
+
+    script = (Path(__file__).resolve().parents[2] / "scripts" / "train_demo_checkpoint.sh").read_text()
+    last_stage_data = re.findall(r"'(synthetic@[^']+)'", script)[-1]
+    assert DemoPlan().training_data == last_stage_data
