@@ -13,7 +13,7 @@ def test_standard_suite_is_the_registry_at_default_size():
 
 def test_demo_suite_samples_fit_their_knobs():
     demo = get_suite("demo")
-    assert set(demo.task_names) == set(TASKS) - {"has_shape"} | {"easy_vqa"} and demo.size == (64, 64)
+    assert set(demo.task_names) == set(TASKS) - {"has_shape", "key_digit"} | {"easy_vqa"} and demo.size == (64, 64)
     for task in demo.tasks:
         for index in range(20):
             sample = make_sample(task, "train", index, size=demo.size)
@@ -44,3 +44,12 @@ def test_demo_variants_are_the_demo_tasks_at_other_knobs():
         for index in range(10):
             sample = make_sample(task, "test", index, size=variants.size)
             assert sample.image.size == (64, 64) and sample.answer in task.answers
+
+
+def test_two_hop_suites_are_the_demo_suites_plus_key_digit():
+    for name, base in (("two-hop", "demo"), ("two-hop-train", "demo-train"), ("two-hop-variants", "demo-variants")):
+        suite, demo = get_suite(name), get_suite(base)
+        assert suite.task_names == (*demo.task_names, "key_digit") and suite.size == demo.size
+        assert suite.tasks[:-1] == demo.tasks
+    trained, held_out = (get_suite(name).select(["key_digit"])[0] for name in ("two-hop-train", "two-hop-variants"))
+    assert trained == get_suite("two-hop").select(["key_digit"])[0] and held_out != trained

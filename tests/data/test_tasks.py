@@ -42,10 +42,10 @@ def test_split_seed_streams_are_disjoint_and_samples_never_overlap():
 
 def test_generate_split_cycles_tasks_and_windows_agree():
     whole = generate_split("validation", 12, seed=1)
-    assert [s.task for s in whole[:5]] == list(TASKS)
+    assert [s.task for s in whole[:len(TASKS)]] == list(TASKS)
     assert [_key(s) for s in generate_split("validation", 5, seed=1, start=7)] == [_key(s) for s in whole[7:]]
     assert {s.group for s in whole} == {"hard", "easy"}
-    assert task_names("hard") == ["read_cell", "bar_value", "count_marks"]
+    assert task_names("hard") == ["read_cell", "key_digit", "bar_value", "count_marks"]
     assert task_names("easy") == ["dominant_color", "has_shape"]
 
 
@@ -212,3 +212,34 @@ def test_count_marks_max_count_knob():
     assert all(int(make_sample(task, "train", i, size=(64, 64)).answer) <= 2 for i in range(30))
     with pytest.raises(ValueError, match="max_count"):
         get_task("count_marks", max_count=10)
+
+
+@pytest.mark.parametrize("index", range(6))
+def test_key_digit_needs_both_the_key_and_the_digit(index):
+    scene = _scene("key_digit", index)
+    row, col, key_color = scene.key
+    assert scene.answer == str(scene.digits[scene.target[0]][scene.target[1]])
+    assert len({color for _, _, color in scene.inks}) == len(scene.inks) == 3  # distinct colours, one is the key's
+    # Hop one: recolour the key to another ink's colour; only the key cell changes, and the answer moves to that digit.
+    other_row, other_col, other_color = next(ink for ink in scene.inks if ink[2] != key_color)
+    recoloured = dataclasses.replace(scene, key=(row, col, other_color))
+    assert recoloured.answer == str(scene.digits[other_row][other_col])
+    assert _inside(_changed_box(scene.render().image, recoloured.render().image), scene.cell_box(row, col))
+    # Hop two: change the target digit; only its cell changes, and so does the answer.
+    digits = [list(r) for r in scene.digits]
+    digits[scene.target[0]][scene.target[1]] = (digits[scene.target[0]][scene.target[1]] + 1 + index) % 10
+    redrawn = dataclasses.replace(scene, digits=tuple(map(tuple, digits)))
+    assert redrawn.answer != scene.answer and redrawn.question == scene.question
+    assert _inside(_changed_box(scene.render().image, redrawn.render().image), scene.cell_box(*scene.target))
+
+
+def test_key_digit_draws_the_key_as_a_circle_and_checks_its_knobs():
+    sample = make_sample(get_task("key_digit", inks=4), "train", 0, size=(128, 128))  # at 64 px glyphs blend
+    pixels = set(map(tuple, np.asarray(sample.image).reshape(-1, 3).tolist()))
+    assert sum(PALETTE[color] in pixels for color in COLORS) == 4
+    assert sample.question == "what digit is the color of the circle ?"
+    assert any(CLASS_ID[color] in sample.class_map for color in COLORS), "the key is labelled with its colour"
+    with pytest.raises(ValueError, match="inks"):
+        get_task("key_digit", inks=len(COLORS) + 1)
+    with pytest.raises(ValueError, match="must hold"):
+        get_task("key_digit", rows=1, cols=2, inks=2)

@@ -17,6 +17,11 @@ same distribution everywhere. These are built in:
   yes and no equally likely), `easy_vqa_yes_no` (only its yes/no questions, to weight them apart) and
   `easy_vqa_color_yes_no` (only those naming a colour), for training the demo checkpoint; evaluation stays on
   `demo`.
+- `two-hop`, `two-hop-train`, `two-hop-variants`: the demo's three suites plus `key_digit` (the digit drawn in the
+  colour of a circle, among three coloured digits; four and more specks in the variants). Every demo task is
+  answered by one read of the image; this one needs two (the key's colour, then the digit in that colour), so a
+  VISOR configuration with fewer layers that read the image can fail on it where a larger one does not: the
+  suite where a per-sample policy has something to choose (issue 6).
 - `curriculum`: the step between learning the demo's coarse tasks and its 3x3 `read_cell`: the coloured digit
   among four, one large shape per image (with per-patch shape targets, which easy-VQA lacks), and easy-VQA's
   balanced questions without the negated forms. Without it `read_cell` stays at chance (see the demo
@@ -61,24 +66,32 @@ DEMO_TASKS = (
     EasyVQA(),
 )
 
+DEMO_TRAIN_TASKS = (*DEMO_TASKS, EasyVQABalanced(), EasyVQAYesNo(), EasyVQAColorYesNo())
+DEMO_VARIANT_TASKS = (
+    get_task("read_cell", rows=3, cols=3, glyph_scale=0.7, pointer="ink", clutter=1.0),
+    get_task("bar_value", num_bars=1, bar_width=0.25),
+    get_task("count_marks", num_colors=1, mark_size=0.06, clutter=8, max_count=6),
+    get_task("dominant_color", distractors=5),
+)
+KEY_DIGIT = get_task("key_digit", rows=3, cols=3, glyph_scale=0.7, inks=3)
+
 SUITES: dict[str, Suite] = {
     "standard": Suite("standard", DEFAULT_SIZE, tuple(TASKS.values()),
                       "every task at its default knobs, 128x128 px"),
     "demo": Suite("demo", (64, 64), DEMO_TASKS,
                   "four synthetic tasks at 64x64 px, small enough for the CPU demo, plus easy-VQA"),
-    "demo-train": Suite("demo-train", (64, 64),
-                        (*DEMO_TASKS, EasyVQABalanced(), EasyVQAYesNo(), EasyVQAColorYesNo()),
+    "demo-train": Suite("demo-train", (64, 64), DEMO_TRAIN_TASKS,
                         "the demo suite plus easy-VQA with balanced yes/no answers, for training"),
-    "demo-variants": Suite(
-        "demo-variants", (64, 64),
-        (
-            get_task("read_cell", rows=3, cols=3, glyph_scale=0.7, pointer="ink", clutter=1.0),
-            get_task("bar_value", num_bars=1, bar_width=0.25),
-            get_task("count_marks", num_colors=1, mark_size=0.06, clutter=8, max_count=6),
-            get_task("dominant_color", distractors=5),
-        ),
-        "the demo's synthetic tasks at knobs no training stage uses: held-out variants for the policy",
-    ),
+    "demo-variants": Suite("demo-variants", (64, 64), DEMO_VARIANT_TASKS,
+                           "the demo's synthetic tasks at knobs no training stage uses: held-out variants for the policy"),
+    "two-hop": Suite("two-hop", (64, 64), (*DEMO_TASKS, KEY_DIGIT),
+                     "the demo suite plus key_digit, a question that needs two reads of the image"),
+    "two-hop-train": Suite("two-hop-train", (64, 64), (*DEMO_TRAIN_TASKS, KEY_DIGIT),
+                           "demo-train plus key_digit, for training"),
+    "two-hop-variants": Suite(
+        "two-hop-variants", (64, 64),
+        (*DEMO_VARIANT_TASKS, get_task("key_digit", rows=3, cols=3, glyph_scale=0.7, inks=4, clutter=1.0)),
+        "demo-variants plus key_digit with four coloured digits and more specks: held-out variants"),
     "curriculum": Suite(
         "curriculum", (64, 64),
         (get_task("read_cell", rows=2, cols=2, glyph_scale=0.7, pointer="ink"), get_task("has_shape", distractors=0),

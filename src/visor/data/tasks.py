@@ -105,9 +105,13 @@ class GridScene:
                 dx, dy = self.jitter[row][col]
                 size = round(self.glyph_scale * min(x1 - x0, y1 - y0))
                 center = ((x0 + x1) / 2 + dx * (x1 - x0), (y0 + y1) / 2 + dy * (y1 - y0))
-                ink = PALETTE[self.ink] if self.ink and (row, col) == self.target else INK
-                canvas.text(center, str(self.digits[row][col]), size, fill=ink)
+                self.draw_cell(canvas, row, col, center, size)
         return canvas
+
+    def draw_cell(self, canvas: Canvas, row: int, col: int, center: tuple[float, float], size: int) -> None:
+        """The cell's glyph: its digit, in the pointer colour if it is the target, else in black."""
+        ink = PALETTE[self.ink] if self.ink and (row, col) == self.target else INK
+        canvas.text(center, str(self.digits[row][col]), size, fill=ink)
 
     @property
     def question(self) -> str:
@@ -153,6 +157,80 @@ class ReadCell(Task):
             glyph_scale=self.glyph_scale,
             specks=tuple((float(x), float(y)) for x, y in specks),
             ink=COLORS[int(rng.integers(len(COLORS)))] if self.pointer == "ink" else None,
+        )
+
+
+@dataclass(frozen=True)
+class KeyGridScene(GridScene):
+    """A grid where a few digits are drawn in distinct colours and one cell holds a coloured circle, the key:
+    the question asks for the digit drawn in the key's colour."""
+
+    inks: tuple[tuple[int, int, str], ...] = ()  # (row, col, colour) of each coloured digit, the target's included
+    key: tuple[int, int, str] = (0, 0, "red")  # (row, col, colour) of the circle
+
+    def draw_cell(self, canvas, row, col, center, size) -> None:
+        key_row, key_col, key_color = self.key
+        if (row, col) == (key_row, key_col):
+            half = size / 2
+            box = (center[0] - half, center[1] - half, center[0] + half, center[1] + half)
+            draw_shape(canvas, "circle", box, key_color, key_color)
+            return
+        ink = next((PALETTE[color] for r, c, color in self.inks if (r, c) == (row, col)), INK)
+        canvas.text(center, str(self.digits[row][col]), size, fill=ink)
+
+    @property
+    def question(self) -> str:
+        return "what digit is the color of the circle ?"
+
+    @property
+    def answer(self) -> str:
+        """The digit inked in the key's colour (the colours are distinct, so there is one)."""
+        row, col = next((r, c) for r, c, color in self.inks if color == self.key[2])
+        return str(self.digits[row][col])
+
+
+@dataclass(frozen=True)
+class KeyDigit(Task):
+    """Two hops: read the circle's colour, then the digit drawn in that colour among digits in other colours.
+
+    `read_cell` with `pointer="ink"` is the one-hop version (the colour is in the question). A model that reads
+    the image once per layer that attends to it needs two such reads, or a bound colour-and-digit code, here;
+    the VISOR policy should learn to spend self-attention layers on these questions and not on one-hop ones."""
+
+    name: ClassVar[str] = "key_digit"
+    group: ClassVar[str] = "hard"
+    answers: ClassVar[tuple[str, ...]] = DIGITS
+    description: ClassVar[str] = "the digit drawn in the colour of a circle, among digits in other colours"
+
+    rows: int = 3
+    cols: int = 3
+    glyph_scale: float = 0.7
+    clutter: float = 0.5
+    inks: int = 3  # coloured digits, in distinct colours; one has the key's colour
+
+    def __post_init__(self):
+        if not (1 <= self.rows <= 9 and 1 <= self.cols <= 9) or self.rows * self.cols < self.inks + 1:
+            raise ValueError(f"key_digit: a {self.rows}x{self.cols} grid (1..9 each) must hold {self.inks} coloured "
+                             "digits and the key")
+        if not 1 <= self.inks <= len(COLORS):
+            raise ValueError(f"key_digit: inks must be in 1..{len(COLORS)} (distinct colours), got {self.inks}")
+
+    def make_scene(self, rng, height, width) -> KeyGridScene:
+        digits = rng.integers(0, 10, size=(self.rows, self.cols))
+        jitter = rng.uniform(-0.12, 0.12, size=(self.rows, self.cols, 2))
+        specks = rng.uniform(0, 1, size=(int(self.clutter * self.rows * self.cols), 2))
+        cells = [divmod(int(i), self.cols) for i in rng.permutation(self.rows * self.cols)[: self.inks + 1]]
+        colors = [COLORS[int(i)] for i in rng.permutation(len(COLORS))[: self.inks]]
+        (key_row, key_col), targets = cells[0], cells[1:]
+        return KeyGridScene(
+            height, width,
+            digits=tuple(tuple(int(d) for d in row) for row in digits),
+            target=targets[0],
+            jitter=tuple(tuple((float(x), float(y)) for x, y in row) for row in jitter),
+            glyph_scale=self.glyph_scale,
+            specks=tuple((float(x), float(y)) for x, y in specks),
+            inks=tuple((r, c, color) for (r, c), color in zip(targets, colors)),
+            key=(key_row, key_col, colors[0]),
         )
 
 
@@ -381,7 +459,8 @@ class HasShape(Task):
 
 # ------------------------------------------------------------------------------------------------- registry
 
-TASKS: dict[str, Task] = {task.name: task for task in (ReadCell(), BarValue(), CountMarks(), DominantColor(), HasShape())}
+TASKS: dict[str, Task] = {task.name: task for task in (ReadCell(), KeyDigit(), BarValue(), CountMarks(),
+                                                        DominantColor(), HasShape())}
 
 
 def get_task(name: str, **knobs) -> Task:
@@ -430,6 +509,6 @@ def generate_split(split: str, count: int, seed: int = 0, tasks: list[str | Task
 
 
 __all__ = [
-    "DEFAULT_SIZE", "GROUPS", "SPLITS", "TASKS", "Sample", "Task", "ReadCell", "BarValue", "CountMarks",
+    "DEFAULT_SIZE", "GROUPS", "SPLITS", "TASKS", "Sample", "Task", "ReadCell", "KeyDigit", "BarValue", "CountMarks",
     "DominantColor", "HasShape", "get_task", "task_names", "sample_seed", "make_sample", "generate_split",
 ]
