@@ -129,11 +129,12 @@ def test_a_bad_schedule_is_refused(tmp_path, capsys):
     assert "cross_attention_layers [9] out of range" in capsys.readouterr().err
 
 
-def test_a_bad_training_data_spec_is_refused_before_anything_is_written(tmp_path, capsys):
+@pytest.mark.parametrize("option, value", [("--training-data", "synthetic@demo-train:read_cell,no_such_task"),
+                                           ("--suite", "no_such_suite"), ("--variants", "no_such_suite")])
+def test_bad_data_or_suites_are_refused_before_anything_is_written(tmp_path, capsys, option, value):
     output = tmp_path / "bad"
-    assert cli.main(["demo", "--quick", "--output", str(output), "--no-progress",
-                     "--training-data", "synthetic@demo-train:read_cell,no_such_task"]) == 2
-    assert "no_such_task" in capsys.readouterr().err
+    assert cli.main(["demo", "--quick", "--output", str(output), "--no-progress", option, value]) == 2
+    assert value.split(",")[-1] in capsys.readouterr().err
     assert not output.exists()
 
 

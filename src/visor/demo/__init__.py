@@ -3,9 +3,9 @@
 Starting from a small pretrained full LVLM (`checkpoint/`, trained from scratch by the command in its
 TRAINING.md), the demo converts it to VISOR (stage 1, then universal training), labels every configuration and
 trains and calibrates the policy, applies every token-reduction baseline to the full model, and evaluates all
-of them on held-out test data of every task of the `demo` suite (`visor.data.suites`). Outputs, in
-`--output` (default `runs/demo`): `report/results.json`, `report/report.md`, `report/pareto.png`, and a
-printed summary; see `visor.demo.pipeline` for the stages and how they resume.
+of them on held-out test data of every task of the `demo` suite (`visor.data.suites`; `--suite` picks
+another). Outputs, in `--output` (default `runs/demo`): `report/results.json`, `report/report.md`,
+`report/pareto.png`, and a printed summary; see `visor.demo.pipeline` for the stages and how they resume.
 """
 
 from __future__ import annotations
@@ -32,7 +32,12 @@ def register(subparsers) -> None:
                         help="the full LLaVA-OV model to start from (default: the shipped tiny model)")
     parser.add_argument("--training-data", default=DemoPlan.training_data, metavar="SPEC",
                         help="what the conversion trains on, a `visor train --data` spec (default: the mix the "
-                             "shipped model was trained on last, %(default)s); evaluation is always on the demo suite")
+                             "shipped model was trained on last, %(default)s)")
+    parser.add_argument("--suite", default=DemoPlan.suite, metavar="NAME",
+                        help="the suite every system is scored on (default %(default)s; two-hop adds key_digit, a "
+                             "question one read of the image cannot answer: train the full model on it first)")
+    parser.add_argument("--variants", default=DemoPlan.variants, metavar="NAME",
+                        help="held-out task variants the policy is also reported on (default %(default)s)")
     parser.add_argument("--cross-attention-layers", type=comma_separated(int, "layer indices"), default=None, metavar="I,J",
                         help="VISOR's CA layers (default: evenly spread, [0, 3] on the shipped 6-layer model)")
     parser.add_argument("--self-attention-layers", type=comma_separated(int, "layer indices"), default=None, metavar="I,J",
@@ -62,6 +67,7 @@ def _heads(value: str) -> int | None:
 def _main(args) -> int:
     plan = (DemoPlan.quick if args.quick else DemoPlan)(
         seed=args.seed, checkpoint=args.checkpoint, training_data=args.training_data, num_threads=args.threads,
+        suite=args.suite, variants=args.variants,
         cross_attention_layers=args.cross_attention_layers, self_attention_layers=args.self_attention_layers,
         cross_attention_key_value_heads=args.cross_attention_heads)
     try:

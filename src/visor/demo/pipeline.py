@@ -4,9 +4,9 @@
     stage1     VISOR stage 1: CA blocks trained on the frozen full model, largest configuration
     universal  VISOR universal training: every parameter, one configuration sampled per step
                (both on `DemoPlan.training_data`, the mix the shipped model was trained on last; the rest of the
-               demo scores the `demo` suite, whose easy-VQA questions are the package's own)
+               demo scores `DemoPlan.suite`, by default `demo`, whose easy-VQA questions are the package's own)
     policy     label every configuration on train/validation/test, train the router, calibrate τ on validation;
-               the policy report on the test split and on held-out task variants (`demo-variants`)
+               the policy report on the test split and on held-out task variants (`DemoPlan.variants`)
     evaluate   every system on the test split: full, each fixed configuration, the policy, text-only, baselines
     report     results.json, report.md, pareto.png and the printed summary
 
@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from visor.data.suites import get_suite
 from visor.demo import report
 from visor.demo.systems import Scores, greedy, score_system
 from visor.flops import llm_prefill_flops, prompt_prefill_flops, prompt_token_counts, router_flops
@@ -38,8 +39,6 @@ if TYPE_CHECKING:
     from visor.policy.calibration import Outcome
 
 CHECKPOINT = Path(__file__).parent / "checkpoint"
-SUITE = "demo"
-VARIANTS = "demo-variants"  # the demo's tasks at unseen knobs, for the policy's held-out evaluation
 STAGES = ("full", "stage1", "universal", "policy", "evaluate", "report")
 DONE = "DONE.json"
 MARKER = ".visor-demo"  # identifies a folder `--fresh` may delete
@@ -73,6 +72,10 @@ class DemoPlan:
     # the yes/no weight VISOR loses the colour comparison (README, "What `make demo` shows").
     training_data: str = ("synthetic@demo-train:read_cell*3,bar_value,count_marks*2,dominant_color,"
                           "easy_vqa_balanced*4,easy_vqa_yes_no*2,easy_vqa_color_yes_no*2")
+    # What every system is scored on (test split), and the held-out task variants the policy is also reported on
+    # (`visor.data.suites`). `two-hop` adds a question one read of the image cannot answer (issue 6).
+    suite: str = "demo"
+    variants: str = "demo-variants"
 
     @property
     def checkpoint_path(self) -> Path:
@@ -124,7 +127,8 @@ class Demo:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # per-file loading/saving bars would bury the demo's own progress
-        self.training_data  # a bad data spec fails here, before the output folder is touched
+        self.training_data  # a bad data spec or suite fails here, before the output folder is touched
+        get_suite(self.plan.suite), get_suite(self.plan.variants)
         self.prepare(fresh)
         if self.plan.num_threads:
             torch.set_num_threads(self.plan.num_threads)
@@ -148,7 +152,7 @@ class Demo:
     def data(self):
         from visor.training.synthetic import SyntheticSource
 
-        return SyntheticSource(self.full_model().config, self.plan.seed, suite=SUITE)
+        return SyntheticSource(self.full_model().config, self.plan.seed, suite=self.plan.suite)
 
     @cached_property
     def training_data(self):
@@ -222,7 +226,7 @@ class Demo:
         sizes = dict(train=self.plan.train_labels_per_task, validation=self.plan.validation_labels_per_task,
                      test=self.plan.test_per_task)
         for split, per_task in sizes.items():
-            tables[split] = label_synthetic(model, split, per_task, seed=self.plan.seed, suite=SUITE,
+            tables[split] = label_synthetic(model, split, per_task, seed=self.plan.seed, suite=self.plan.suite,
                                             show_progress=self.progress)
             tables[split].save(folder / f"labels-{split}.safetensors")
         losses = train_router(model.router, tables["train"], steps=self.plan.router_steps, seed=self.plan.seed)
@@ -233,7 +237,7 @@ class Demo:
         self.data.tokenizer.save_pretrained(folder / "model")  # so `visor generate --model DIR` needs nothing else
         # Held-out task variants: neither the model nor the router ever saw these knobs.
         tables["variants"] = label_synthetic(model, "test", self.plan.test_per_task, seed=self.plan.seed,
-                                             suite=VARIANTS, show_progress=self.progress)
+                                             suite=self.plan.variants, show_progress=self.progress)
         full = {split: full_model_flops(model, table) for split, table in tables.items() if split != "train"}
         reports = {split: policy_report(model.router, tables[split], threshold, cost, full[split])
                    for split in ("test", "variants")}

@@ -236,7 +236,8 @@ def markdown(results: dict) -> str:
     for row in results["rows"] + results["groups"]:
         if (row["method"], row["setting"]) == POLICY:
             lines.append(f"| {row['task']} | {_histogram(row.get('histogram', {}))} |")
-    for split, title in (("test", "test split"), ("variants", "held-out task variants (`demo-variants`, unseen knobs)")):
+    variants = plan.get("variants", "demo-variants")
+    for split, title in (("test", "test split"), ("variants", f"held-out task variants (`{variants}`, unseen knobs)")):
         rows = stages.get("policy", {}).get(split)
         if rows:
             lines += ["", f"## Table 4{'a' if split == 'test' else 'b'}: the policy against every fixed configuration, {title}", "",
@@ -260,11 +261,11 @@ def markdown(results: dict) -> str:
               f"validation ({policy.get('validation_policy_savings', float('nan')):.1f}x), each strength matched on one "
               "validation batch; in-LLM methods cannot go below their full first layers, so their rows say what they "
               "reached.",
-              "- Test data: the `demo` suite's test split, seed "
+              f"- Test data: the `{plan.get('suite', 'demo')}` suite's test split, seed "
               f"{plan['seed']}: sample i of task T is drawn from SeedSequence((seed, 2, crc32(T), i)); training uses "
               "split id 0 and validation split id 1, so the streams are disjoint. easy-VQA uses the package's own "
               "test images (training and validation come from its training images). The held-out task variants "
-              "(`demo-variants`) draw the test split's seeds with knobs no training stage uses.",
+              f"(`{plan.get('variants', 'demo-variants')}`) draw the test split's seeds with knobs no training stage uses.",
               "- Stage times (s): " + ", ".join(f"{k} {v.get('seconds', '?')}" for k, v in stages.items()) + ".",
               "- FLOPs: `visor.flops` (exact against torch's FlopCounterMode with eager attention); LLM prefill only.",
               "", "Commands: `make demo` (= `visor demo --output runs/demo`), `visor demo --quick` for a smoke run,"
