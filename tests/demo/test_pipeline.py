@@ -107,12 +107,19 @@ def test_other_settings_or_foreign_folders_are_refused(demo_run, tmp_path, capsy
     assert (tmp_path / "precious.txt").exists()
 
 
-def test_the_visor_schedule_can_be_chosen(tmp_path):
+def test_the_visor_schedule_suites_and_a_fixed_tower_can_be_chosen(tmp_path):
     """`--cross-attention-layers/--self-attention-layers/--cross-attention-heads` convert with that schedule and
-    the stage-1 recipe's CA initialisation (quick plan, own folder)."""
+    the stage-1 recipe's CA initialisation; `--suite/--variants` pick what is scored; `--freeze-vision-tower`
+    reaches universal training (quick plan, own folder)."""
     output = tmp_path / "demo"
     assert cli.main(["demo", "--quick", "--output", str(output), "--no-progress", "--cross-attention-heads", "host",
-                     "--cross-attention-layers", "0", "--self-attention-layers", "1,3"]) == 0
+                     "--cross-attention-layers", "0", "--self-attention-layers", "1,3", "--suite", "two-hop",
+                     "--variants", "two-hop-variants", "--freeze-vision-tower"]) == 0
+    results = json.loads((output / "report" / "results.json").read_text())
+    assert {row["task"] for row in results["rows"]} == set(get_suite("two-hop").task_names)
+    assert "key_digit" in (output / "report" / "report.md").read_text()
+    assert "`two-hop-variants`" in (output / "report" / "report.md").read_text()
+    assert json.loads((output / "universal" / "settings.json").read_text())["freeze_vision_tower"] is True
     config = json.loads((output / "universal" / "model" / "config.json").read_text())
     assert config["cross_attention_layers"] == [0] and config["configurations"] == [[], [1], [1, 3]]
     assert config["cross_attention_key_value_heads"] is None

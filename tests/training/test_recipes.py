@@ -157,3 +157,13 @@ def test_from_scratch_full_model_starts_with_2d_positions_and_scaled_embeddings(
     assert off_diagonal.max() < 0.7 * gram.diag().min(), "distinct patches get clearly distinct codes"
     with pytest.raises(ValueError, match="embedding_std"):
         TrainingSettings(embedding_std=0.0)
+
+
+@pytest.mark.parametrize("recipe", ["full", "visor-universal"])
+def test_a_fixed_vision_tower_gets_no_gradient_and_everything_else_trains(tiny_full_checkpoint, recipe):
+    model = build_model(recipe, tiny_full_checkpoint, None, fast_settings(recipe, freeze_vision_tower=True))
+    frozen = [name for name, parameter in model.named_parameters() if not parameter.requires_grad]
+    assert frozen and all(".vision_tower." in f".{name}" for name in frozen)
+    assert len(frozen) == sum(1 for name, _ in model.named_parameters() if ".vision_tower." in f".{name}")
+    default = build_model(recipe, tiny_full_checkpoint, None, fast_settings(recipe))
+    assert all(parameter.requires_grad for parameter in default.parameters())

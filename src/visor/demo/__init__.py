@@ -38,6 +38,9 @@ def register(subparsers) -> None:
                              "question one read of the image cannot answer: train the full model on it first)")
     parser.add_argument("--variants", default=DemoPlan.variants, metavar="NAME",
                         help="held-out task variants the policy is also reported on (default %(default)s)")
+    parser.add_argument("--freeze-vision-tower", action="store_true",
+                        help="keep the vision tower fixed in universal training, so that what a task needs beyond its "
+                             "features is computed where VISOR's configurations differ")
     parser.add_argument("--cross-attention-layers", type=comma_separated(int, "layer indices"), default=None, metavar="I,J",
                         help="VISOR's CA layers (default: evenly spread, [0, 3] on the shipped 6-layer model)")
     parser.add_argument("--self-attention-layers", type=comma_separated(int, "layer indices"), default=None, metavar="I,J",
@@ -67,7 +70,7 @@ def _heads(value: str) -> int | None:
 def _main(args) -> int:
     plan = (DemoPlan.quick if args.quick else DemoPlan)(
         seed=args.seed, checkpoint=args.checkpoint, training_data=args.training_data, num_threads=args.threads,
-        suite=args.suite, variants=args.variants,
+        suite=args.suite, variants=args.variants, freeze_vision_tower=args.freeze_vision_tower,
         cross_attention_layers=args.cross_attention_layers, self_attention_layers=args.self_attention_layers,
         cross_attention_key_value_heads=args.cross_attention_heads)
     try:

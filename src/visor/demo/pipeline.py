@@ -76,6 +76,8 @@ class DemoPlan:
     # (`visor.data.suites`). `two-hop` adds a question one read of the image cannot answer (issue 6).
     suite: str = "demo"
     variants: str = "demo-variants"
+    # Universal training keeps the vision tower fixed (stage 1 trains only what VISOR adds, whatever this says).
+    freeze_vision_tower: bool = False
 
     @property
     def checkpoint_path(self) -> Path:
@@ -212,7 +214,7 @@ class Demo:
 
     def stage_universal(self) -> dict:
         return self._train("visor-universal", "universal", self.stage_dir("stage1") / "model",
-                           self.plan.universal_steps)
+                           self.plan.universal_steps, freeze_vision_tower=self.plan.freeze_vision_tower)
 
     def stage_policy(self) -> dict:
         from visor.policy.api import full_model_flops, label_synthetic

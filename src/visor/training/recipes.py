@@ -27,7 +27,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import image_s
 
 from visor import presets
 from visor.modeling import VisorForConditionalGeneration, load_llava
-from visor.modeling.freezing import freeze_base, unfreeze_all
+from visor.modeling.freezing import freeze_base, freeze_vision_tower, unfreeze_all
 
 RECIPES = ("full", "visor-stage1", "visor-universal")
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_sizes", "labels", "batch_num_images")
@@ -99,7 +99,7 @@ def build_model(recipe: str, init: str | os.PathLike | None, preset: str | None,
             if settings.embedding_std is not None:
                 with torch.no_grad():
                     model.get_input_embeddings().weight.normal_(0.0, settings.embedding_std)
-        return unfreeze_all(model.train())
+        return _trainable(unfreeze_all(model.train()), settings)
     if init is None:
         raise ValueError(f"recipe {recipe!r} starts from a checkpoint: pass --init PATH (a full model or a VISOR model)")
     model = load_checkpoint(init, settings.attn_implementation)
@@ -125,7 +125,12 @@ def build_model(recipe: str, init: str | os.PathLike | None, preset: str | None,
             raise ValueError(f"--init {init} is a VISOR model whose shape differs from the settings "
                              f"(setting, model): {differing}; those settings apply when converting a full model")
     model.train()
-    return freeze_base(model) if recipe == "visor-stage1" else unfreeze_all(model)
+    return freeze_base(model) if recipe == "visor-stage1" else _trainable(unfreeze_all(model), settings)
+
+
+def _trainable(model, settings):
+    """Every parameter trainable, but for the vision tower when the settings keep it fixed."""
+    return freeze_vision_tower(model) if settings.freeze_vision_tower else model
 
 
 def check_configurations(model, recipe: str, settings) -> None:

@@ -43,6 +43,10 @@ class TrainingSettings:
     aux_weight: float = 1.0
     """Weight of the per-patch cross-entropy on the vision tower's output (training-only linear head); 0
     disables it. Used only by `full` when the data provides per-patch targets."""
+    freeze_vision_tower: bool = False
+    """Keep the vision tower's weights fixed (`full` and `visor-universal`; stage 1 freezes every base weight
+    anyway), as LLaVA recipes keep a pretrained encoder: what a task needs beyond the tower's features is then
+    computed in the language model, where VISOR's configurations differ."""
     # ---- VISOR --------------------------------------------------------------------------------------------
     configuration_weights: list[float] | None = None
     """Sampling weights over `config.configurations` for `visor-universal` (None: uniform)."""
