@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo test lmms demo-checkpoint clean
+.PHONY: setup demo demo-two-hop test lmms demo-checkpoint clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,10 @@ $(STAMP): pyproject.toml Makefile
 
 demo: setup
 	$(BIN)/visor demo --output runs/demo
+
+# The policy where it has something to choose: the suite with key_digit (about 11 min; docs/two-hop).
+demo-two-hop: setup
+	$(BIN)/visor demo --suite two-hop --output runs/demo-two-hop
 
 test: setup
 	$(BIN)/python -m pytest -q

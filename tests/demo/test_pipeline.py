@@ -169,13 +169,24 @@ def test_the_demo_threshold_falls_back_when_no_tau_gets_close(stock_factory, ope
     assert largest == 100.0 and outcome.accuracy == 0.0 and threshold == 0.0
 
 
-def test_the_conversion_trains_on_the_mix_the_shipped_model_was_trained_on_last():
-    """`DemoPlan.training_data` says it is the last stage's mix of scripts/train_demo_checkpoint.sh; keep them equal."""
+@pytest.mark.parametrize("suite, script", [("demo", "train_demo_checkpoint.sh"),
+                                           ("two-hop", "train_two_hop_checkpoint.sh")])
+def test_the_conversion_trains_on_the_mix_the_shipped_model_was_trained_on_last(suite, script):
+    """Each suite's default conversion data is said to be the last stage's mix of the script that trained its
+    shipped full model; keep them equal."""
     import re
     from pathlib import Path
 
-    from visor.demo.pipeline import DemoPlan
+    from visor.demo.pipeline import SUITE_DEFAULTS, DemoPlan
 
-    script = (Path(__file__).resolve().parents[2] / "scripts" / "train_demo_checkpoint.sh").read_text()
-    last_stage_data = re.findall(r"'(synthetic@[^']+)'", script)[-1]
-    assert DemoPlan().training_data == last_stage_data
+    text = (Path(__file__).resolve().parents[2] / "scripts" / script).read_text()
+    last_stage_data = re.findall(r"'(synthetic@[^']+)'", text)[-1]
+    assert SUITE_DEFAULTS[suite]["training_data"] == last_stage_data
+    assert DemoPlan().training_data == SUITE_DEFAULTS["demo"]["training_data"]
+
+
+def test_a_suite_without_a_shipped_model_needs_a_checkpoint(tmp_path, capsys):
+    output = tmp_path / "standard"
+    assert cli.main(["demo", "--quick", "--output", str(output), "--no-progress", "--suite", "standard"]) == 2
+    assert "no full model is shipped for suite 'standard'" in capsys.readouterr().err
+    assert not output.exists()

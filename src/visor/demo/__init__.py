@@ -1,7 +1,7 @@
 """`visor demo`: the paper's central claim, reproduced end to end on this CPU from a shipped tiny model.
 
 Starting from a small pretrained full LVLM (`checkpoint/`, trained from scratch by the command in its
-TRAINING.md), the demo converts it to VISOR (stage 1, then universal training), labels every configuration and
+TRAINING.md; `checkpoint-two-hop/` for `--suite two-hop`), the demo converts it to VISOR (stage 1, then universal training), labels every configuration and
 trains and calibrates the policy, applies every token-reduction baseline to the full model, and evaluates all
 of them on held-out test data of every task of the `demo` suite (`visor.data.suites`; `--suite` picks
 another). Outputs, in `--output` (default `runs/demo`): `report/results.json`, `report/report.md`,
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from visor.cli import comma_separated
-from visor.demo.pipeline import STAGES, Demo, DemoPlan
+from visor.demo.pipeline import STAGES, SUITE_DEFAULTS, Demo, DemoPlan
 
 
 def register(subparsers) -> None:
@@ -29,18 +29,21 @@ def register(subparsers) -> None:
     parser.add_argument("--fresh", action="store_true", help="delete the output folder and redo every stage")
     parser.add_argument("--seed", type=int, default=0, help="seed of training, data and policy (default 0)")
     parser.add_argument("--checkpoint", default=None, metavar="DIR",
-                        help="the full LLaVA-OV model to start from (default: the shipped tiny model)")
-    parser.add_argument("--training-data", default=DemoPlan.training_data, metavar="SPEC",
-                        help="what the conversion trains on, a `visor train --data` spec (default: the mix the "
-                             "shipped model was trained on last, %(default)s)")
+                        help="the full LLaVA-OV model to start from (default: the tiny model shipped for the suite)")
     parser.add_argument("--suite", default=DemoPlan.suite, metavar="NAME",
-                        help="the suite every system is scored on (default %(default)s; two-hop adds key_digit, a "
-                             "question one read of the image cannot answer: train the full model on it first)")
-    parser.add_argument("--variants", default=DemoPlan.variants, metavar="NAME",
-                        help="held-out task variants the policy is also reported on (default %(default)s)")
-    parser.add_argument("--freeze-vision-tower", action="store_true",
+                        help="what every system is scored on (default %(default)s); two-hop adds key_digit, the digit "
+                             "in a key circle's colour, and brings its own shipped full model and the defaults below "
+                             "(other suites of `visor.data.suites` need --checkpoint)")
+    parser.add_argument("--training-data", default=None, metavar="SPEC",
+                        help="what the conversion trains on, a `visor train --data` spec (default: the mix the "
+                             f"suite's shipped model was trained on last; for demo: {DemoPlan.training_data})")
+    parser.add_argument("--variants", default=None, metavar="NAME",
+                        help="held-out task variants the policy is also reported on (default: the suite's, "
+                             "demo-variants or two-hop-variants)")
+    parser.add_argument("--freeze-vision-tower", default=None, action=argparse.BooleanOptionalAction,
                         help="keep the vision tower fixed in universal training, so that what a task needs beyond its "
-                             "features is computed where VISOR's configurations differ")
+                             "features is computed where VISOR's configurations differ (default: only for two-hop, "
+                             "whose full model learned key_digit that way)")
     parser.add_argument("--cross-attention-layers", type=comma_separated(int, "layer indices"), default=None, metavar="I,J",
                         help="VISOR's CA layers (default: evenly spread, [0, 3] on the shipped 6-layer model)")
     parser.add_argument("--self-attention-layers", type=comma_separated(int, "layer indices"), default=None, metavar="I,J",
@@ -68,11 +71,12 @@ def _heads(value: str) -> int | None:
 
 
 def _main(args) -> int:
+    given = dict(training_data=args.training_data, variants=args.variants, freeze_vision_tower=args.freeze_vision_tower)
     plan = (DemoPlan.quick if args.quick else DemoPlan)(
-        seed=args.seed, checkpoint=args.checkpoint, training_data=args.training_data, num_threads=args.threads,
-        suite=args.suite, variants=args.variants, freeze_vision_tower=args.freeze_vision_tower,
+        seed=args.seed, checkpoint=args.checkpoint, num_threads=args.threads, suite=args.suite,
         cross_attention_layers=args.cross_attention_layers, self_attention_layers=args.self_attention_layers,
-        cross_attention_key_value_heads=args.cross_attention_heads)
+        cross_attention_key_value_heads=args.cross_attention_heads,
+        **(SUITE_DEFAULTS.get(args.suite, {}) | {name: value for name, value in given.items() if value is not None}))
     try:
         Demo(Path(args.output), plan, progress=not args.no_progress).run(fresh=args.fresh)
     except ValueError as error:

@@ -39,6 +39,19 @@ if TYPE_CHECKING:
     from visor.policy.calibration import Outcome
 
 CHECKPOINT = Path(__file__).parent / "checkpoint"
+# The conversion's default data: the mix each shipped full model was trained on last (its script's last stage).
+DEMO_MIX = ("synthetic@demo-train:read_cell*3,bar_value,count_marks*2,dominant_color,"
+            "easy_vqa_balanced*4,easy_vqa_yes_no*2,easy_vqa_color_yes_no*2")
+TWO_HOP_MIX = ("synthetic@two-hop-train:read_cell*3,bar_value,count_marks*2,dominant_color,"
+               "easy_vqa_balanced*4,easy_vqa_yes_no*2,easy_vqa_color_yes_no*2,key_digit*3")
+# What `--suite NAME` brings along unless told otherwise: the shipped full model trained for that suite (by the
+# script named in its TRAINING.md), the conversion's data, the held-out variants, and whether universal training
+# keeps the vision tower fixed (the two-hop model was taught key_digit with it fixed; see docs/two-hop).
+SUITE_DEFAULTS = {
+    "demo": dict(training_data=DEMO_MIX, variants="demo-variants", freeze_vision_tower=False),
+    "two-hop": dict(training_data=TWO_HOP_MIX, variants="two-hop-variants", freeze_vision_tower=True),
+}
+SHIPPED_CHECKPOINTS = {"demo": CHECKPOINT, "two-hop": Path(__file__).parent / "checkpoint-two-hop"}
 STAGES = ("full", "stage1", "universal", "policy", "evaluate", "report")
 DONE = "DONE.json"
 MARKER = ".visor-demo"  # identifies a folder `--fresh` may delete
@@ -65,13 +78,13 @@ class DemoPlan:
     # Key/value heads of each CA block (None: the host layer's). One instead of the shipped model's two cuts VISOR's
     # prefill FLOPs by 13% and moves accuracy less than run-to-run noise (README, "What `make demo` shows").
     cross_attention_key_value_heads: int | None = 1
-    checkpoint: str | None = None  # the full LLaVA-OV model to start from; None: the shipped one (portable plan.json)
+    # The full LLaVA-OV model to start from; None: the one shipped for the suite (keeps plan.json portable).
+    checkpoint: str | None = None
     # What the conversion trains on (a `visor train --data` spec): the mix the shipped model was trained on last,
     # easy-VQA with balanced questions and its yes/no questions weighted apart. The package's questions (what `demo`
     # evaluates) are lopsided, and converting on them teaches VISOR to answer yes/no from the words again; without
     # the yes/no weight VISOR loses the colour comparison (README, "What `make demo` shows").
-    training_data: str = ("synthetic@demo-train:read_cell*3,bar_value,count_marks*2,dominant_color,"
-                          "easy_vqa_balanced*4,easy_vqa_yes_no*2,easy_vqa_color_yes_no*2")
+    training_data: str = DEMO_MIX
     # What every system is scored on (test split), and the held-out task variants the policy is also reported on
     # (`visor.data.suites`). `two-hop` adds a question one read of the image cannot answer (issue 6).
     suite: str = "demo"
@@ -81,7 +94,12 @@ class DemoPlan:
 
     @property
     def checkpoint_path(self) -> Path:
-        return CHECKPOINT if self.checkpoint is None else Path(self.checkpoint)
+        if self.checkpoint is not None:
+            return Path(self.checkpoint)
+        if self.suite not in SHIPPED_CHECKPOINTS:
+            raise ValueError(f"no full model is shipped for suite {self.suite!r}; pass --checkpoint DIR "
+                             f"(shipped: {', '.join(SHIPPED_CHECKPOINTS)})")
+        return SHIPPED_CHECKPOINTS[self.suite]
 
     @classmethod
     def quick(cls, **changes) -> DemoPlan:
@@ -129,8 +147,8 @@ class Demo:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # per-file loading/saving bars would bury the demo's own progress
-        self.training_data  # a bad data spec or suite fails here, before the output folder is touched
-        get_suite(self.plan.suite), get_suite(self.plan.variants)
+        get_suite(self.plan.suite), get_suite(self.plan.variants)  # bad suites, checkpoints and data specs fail
+        self.training_data  # here, before the output folder is touched
         self.prepare(fresh)
         if self.plan.num_threads:
             torch.set_num_threads(self.plan.num_threads)
@@ -200,7 +218,8 @@ class Demo:
     # ---- stages -----------------------------------------------------------------------------------------
     def stage_full(self) -> dict:
         training = self.plan.checkpoint_path / "TRAINING.md"
-        return dict(checkpoint=self.plan.checkpoint or "the shipped visor/demo/checkpoint",
+        return dict(checkpoint=self.plan.checkpoint or f"the one shipped for suite {self.plan.suite} "
+                                                        f"(visor/demo/{self.plan.checkpoint_path.name})",
                     training=training.read_text() if training.exists() else "no TRAINING.md next to the checkpoint")
 
     def stage_stage1(self) -> dict:

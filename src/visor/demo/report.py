@@ -210,9 +210,11 @@ def markdown(results: dict) -> str:
     plan, stages = results["plan"], results["stages"]
     keys = list(dict.fromkeys((r["method"], r["setting"]) for r in results["groups"]))
     groups = sorted({r["group"] for r in results["groups"]})
+    suite = plan.get("suite", "demo")
+    command = "`make demo`" if suite == "demo" else f"`visor demo --suite {suite}`"
     lines = ["# VISOR demo report", "",
-             "Produced by `visor demo` (the command `make demo` runs); every number below is measured in that run.",
-             "", "## Verdicts", ""]
+             f"Produced by `visor demo` (suite `{suite}`, as {command} runs it); every number below is measured in "
+             "that run.", "", "## Verdicts", ""]
     lines += [f"- {line}" for line in verdicts(results)]
     lines += ["", "## Table 1: accuracy and LLM-prefill FLOPs per task group (test split)", "",
               "| method | setting | " + " | ".join(f"{g} acc % | {g} GFLOPs | {g} savings" for g in groups) + " |",
@@ -268,8 +270,9 @@ def markdown(results: dict) -> str:
               f"(`{plan.get('variants', 'demo-variants')}`) draw the test split's seeds with knobs no training stage uses.",
               "- Stage times (s): " + ", ".join(f"{k} {v.get('seconds', '?')}" for k, v in stages.items()) + ".",
               "- FLOPs: `visor.flops` (exact against torch's FlopCounterMode with eager attention); LLM prefill only.",
-              "", "Commands: `make demo` (= `visor demo --output runs/demo`), `visor demo --quick` for a smoke run,"
-              " `visor demo --fresh` to recompute every stage.", ""]
+              "", "Commands: `make demo` (= `visor demo --output runs/demo`), `make demo-two-hop` (= `visor demo "
+              "--suite two-hop --output runs/demo-two-hop`), `visor demo --quick` for a smoke run, `visor demo --fresh` "
+              "to recompute every stage.", ""]
     return "\n".join(lines)
 
 
