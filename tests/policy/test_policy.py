@@ -180,8 +180,11 @@ def test_offline_decisions_match_the_model(model, table):
 
 
 def test_label_table_contents(model, table):
-    assert len(table) == 15 and table.num_configurations == 3
-    assert table.features.shape == (15, 2 * model.config.text_config.hidden_size)
+    from visor.data import TASKS
+
+    samples = 3 * len(TASKS)  # per_task=3 on the standard suite: every registered task
+    assert len(table) == samples and table.num_configurations == 3
+    assert table.features.shape == (samples, 2 * model.config.text_config.hidden_size)
     assert ((table.probability > 0) & (table.probability <= 1)).all()
     visual, text = table.tokens[0].tolist()
     assert visual > 20 * text > 0
