@@ -194,8 +194,9 @@ class KeyDigit(Task):
     """Two hops: read the circle's colour, then the digit drawn in that colour among digits in other colours.
 
     `read_cell` with `pointer="ink"` is the one-hop version (the colour is in the question). A model that reads
-    the image once per layer that attends to it needs two such reads, or a bound colour-and-digit code, here;
-    the VISOR policy should learn to spend self-attention layers on these questions and not on one-hop ones."""
+    the image once per layer that attends to it needs two such reads, or a bound colour-and-digit code, here:
+    with the vision tower fixed, VISOR's CA-only configuration cannot answer it and the policy spends
+    self-attention layers on it (docs/two-hop)."""
 
     name: ClassVar[str] = "key_digit"
     group: ClassVar[str] = "hard"

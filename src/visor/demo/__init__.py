@@ -1,10 +1,10 @@
 """`visor demo`: the paper's central claim, reproduced end to end on this CPU from a shipped tiny model.
 
 Starting from a small pretrained full LVLM (`checkpoint/`, trained from scratch by the command in its
-TRAINING.md; `checkpoint-two-hop/` for `--suite two-hop`), the demo converts it to VISOR (stage 1, then universal training), labels every configuration and
-trains and calibrates the policy, applies every token-reduction baseline to the full model, and evaluates all
-of them on held-out test data of every task of the `demo` suite (`visor.data.suites`; `--suite` picks
-another). Outputs, in `--output` (default `runs/demo`): `report/results.json`, `report/report.md`,
+TRAINING.md; `checkpoint-two-hop/` for `--suite two-hop`), the demo converts it to VISOR (stage 1, then
+universal training), labels every configuration and trains and calibrates the policy, applies every
+token-reduction baseline to the full model, and evaluates all of them on held-out test data of every task of
+the `demo` suite (`visor.data.suites`; `--suite` picks another). Outputs, in `--output` (default `runs/demo`): `report/results.json`, `report/report.md`,
 `report/pareto.png`, and a printed summary; see `visor.demo.pipeline` for the stages and how they resume.
 """
 

@@ -147,8 +147,9 @@ class Demo:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # per-file loading/saving bars would bury the demo's own progress
-        get_suite(self.plan.suite), get_suite(self.plan.variants)  # bad suites, checkpoints and data specs fail
-        self.training_data  # here, before the output folder is touched
+        # Bad suites, a suite without a shipped model and bad data specs fail here, before the folder is touched.
+        get_suite(self.plan.suite), get_suite(self.plan.variants)
+        self.training_data
         self.prepare(fresh)
         if self.plan.num_threads:
             torch.set_num_threads(self.plan.num_threads)
