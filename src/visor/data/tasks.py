@@ -163,7 +163,9 @@ class ReadCell(Task):
 @dataclass(frozen=True)
 class KeyGridScene(GridScene):
     """A grid where a few digits are drawn in distinct colours and one cell holds a coloured circle, the key:
-    the question asks for the digit drawn in the key's colour."""
+    the question asks for the digit drawn in the key's colour. The answer is read from `key` and `inks`, not
+    from the inherited `target` (which `KeyDigit` sets to that cell, and which a scene edited by hand may leave
+    behind)."""
 
     inks: tuple[tuple[int, int, str], ...] = ()  # (row, col, colour) of each coloured digit, the target's included
     key: tuple[int, int, str] = (0, 0, "red")  # (row, col, colour) of the circle
