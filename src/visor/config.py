@@ -64,6 +64,11 @@ class VisorConfig(LlavaOnevisionConfig):
     router_hidden_size: int = 256
     router_mode: Literal["multilabel", "softmax"] = "multilabel"
     router_threshold: float = 0.5
+    # Its novelty guard (visor.modeling.novelty): how many training features it keeps (0: no guard), how many
+    # neighbours it compares with, and its threshold κ (None: flags nothing). `visor policy train` fills these.
+    router_novelty_references: int = 0
+    router_novelty_neighbours: int = 5
+    router_novelty_threshold: float | None = None
     # Conditional position encoding on visual tokens after the projector (DESIGN.md 2.4).
     position_encoding: bool = True
     position_encoding_kernel: int = 7
@@ -182,6 +187,9 @@ class VisorConfig(LlavaOnevisionConfig):
                 )
         if not 0.0 <= self.router_threshold <= 1.0:
             raise ValueError(f"router_threshold τ must lie in [0, 1], got {self.router_threshold}")
+        if self.router_novelty_references < 0 or self.router_novelty_neighbours < 1:
+            raise ValueError(f"router_novelty_references must be >= 0 and router_novelty_neighbours >= 1, got "
+                             f"{self.router_novelty_references} and {self.router_novelty_neighbours}")
         if self.router_hidden_size < 1:
             raise ValueError(f"router_hidden_size must be positive, got {self.router_hidden_size}")
         host_heads = self.text_config.num_key_value_heads or self.text_config.num_attention_heads

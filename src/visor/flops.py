@@ -161,14 +161,16 @@ def decode_flops_per_token(
 
 
 def router_flops(config: VisorConfig) -> int:
-    """The policy's router (DESIGN.md 3): its 2-layer MLP on one (2·d) feature vector per sample.
+    """The policy's router (DESIGN.md 3): its 2-layer MLP on one (2·d) feature vector per sample, plus its novelty
+    guard's product of that vector with the M stored training features (the distances to them).
 
-    Counted in every total of a routed run ("auto"); the mean pooling and LayerNorm are element-wise (ignored).
+    Counted in every total of a routed run ("auto"); the mean pooling, LayerNorm, norms and top-k are
+    element-wise or comparisons (ignored).
     """
-    hidden = config.text_config.hidden_size
-    return _linear(1, 2 * hidden, config.router_hidden_size) + _linear(
-        1, config.router_hidden_size, len(config.configurations)
-    )
+    features = 2 * config.text_config.hidden_size
+    return (_linear(1, features, config.router_hidden_size)
+            + _linear(1, config.router_hidden_size, len(config.configurations))
+            + _linear(1, features, config.router_novelty_references))
 
 
 def savings(full_flops: Iterable[int], method_flops: Iterable[int]) -> float:

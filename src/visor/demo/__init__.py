@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from visor.cli import comma_separated
+from visor.cli import comma_separated, quantile_or_none
 from visor.demo.pipeline import STAGES, SUITE_DEFAULTS, Demo, DemoPlan
 
 
@@ -52,6 +52,10 @@ def register(subparsers) -> None:
                         metavar="N|host",
                         help=f"key/value heads of each CA block (default {DemoPlan.cross_attention_key_value_heads}: "
                              "half the cost of projecting the visual tokens; 'host' keeps the host layer's, 2 here)")
+    parser.add_argument("--novelty-quantile", type=quantile_or_none, default=DemoPlan.novelty_quantile, metavar="Q",
+                        help="give the router a novelty guard: inputs scoring above this quantile of its training "
+                             "samples skip the cheapest configuration (e.g. 0.98: 2%% false alarms on data like "
+                             "them; default: no guard, as it lost answers on the demo's held-out variants)")
     parser.add_argument("--threads", type=int, default=DemoPlan.num_threads,
                         help=f"CPU threads (default {DemoPlan.num_threads}; use 1 when other jobs share the cores)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -75,7 +79,7 @@ def _main(args) -> int:
     plan = (DemoPlan.quick if args.quick else DemoPlan)(
         seed=args.seed, checkpoint=args.checkpoint, num_threads=args.threads, suite=args.suite,
         cross_attention_layers=args.cross_attention_layers, self_attention_layers=args.self_attention_layers,
-        cross_attention_key_value_heads=args.cross_attention_heads,
+        cross_attention_key_value_heads=args.cross_attention_heads, novelty_quantile=args.novelty_quantile,
         **(SUITE_DEFAULTS.get(args.suite, {}) | {name: value for name, value in given.items() if value is not None}))
     try:
         Demo(Path(args.output), plan, progress=not args.no_progress).run(fresh=args.fresh)

@@ -9,6 +9,9 @@ the image) and the mean of the visual tokens, and scores every configuration:
 - `softmax` (the paper's): one distribution over configurations, trained on the cheapest good one; the
   decision is the cheapest configuration at which the cumulative probability (cheapest first) reaches τ.
 Both let one trained router serve every budget: τ near 0 is cheap, τ near 1 spends.
+
+An optional novelty guard (`visor.modeling.novelty`) keeps inputs unlike the router's training samples off the
+cheapest configuration, whatever τ says.
 """
 
 from __future__ import annotations
@@ -16,12 +19,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from visor.modeling.novelty import NoveltyGuard
+
 ROUTER_MODES = ("multilabel", "softmax")
 
 
 class ConfigurationRouter(nn.Module):
     def __init__(self, hidden_size: int, configuration_sizes: list[int], router_hidden_size: int = 256,
-                 mode: str = "multilabel", threshold: float = 0.5):
+                 mode: str = "multilabel", threshold: float = 0.5, novelty_references: int = 0,
+                 novelty_neighbours: int = 5, novelty_threshold: float | None = None):
         super().__init__()
         if mode not in ROUTER_MODES:
             raise ValueError(f"router mode must be one of {ROUTER_MODES}, got {mode!r}")
@@ -36,12 +42,16 @@ class ConfigurationRouter(nn.Module):
             nn.Linear(2 * hidden_size, router_hidden_size), nn.GELU(),
             nn.Linear(router_hidden_size, len(configuration_sizes)),
         )
+        self.novelty = (NoveltyGuard(2 * hidden_size, novelty_references, novelty_neighbours, novelty_threshold)
+                        if novelty_references else None)
 
     @classmethod
     def for_config(cls, config, mode: str | None = None) -> "ConfigurationRouter":
         """A fresh router for a `VisorConfig`'s configurations (its `router_mode` unless `mode` is given)."""
         return cls(config.text_config.hidden_size, [len(layers) for layers in config.configurations],
-                   config.router_hidden_size, mode or config.router_mode, config.router_threshold)
+                   config.router_hidden_size, mode or config.router_mode, config.router_threshold,
+                   config.router_novelty_references, config.router_novelty_neighbours,
+                   config.router_novelty_threshold)
 
     @staticmethod
     def features(text: torch.Tensor, visual: torch.Tensor, text_valid: torch.Tensor,
@@ -61,10 +71,25 @@ class ConfigurationRouter(nn.Module):
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits) if self.mode == "multilabel" else torch.softmax(logits, dim=-1)
 
-    def decide(self, logits: torch.Tensor, threshold: float | None = None) -> torch.Tensor:
-        """(B,) configuration indices: the cheapest that passes τ; the most expensive if none does."""
+    def novel(self, features: torch.Tensor) -> torch.Tensor:
+        """(B,) bool: inputs the novelty guard keeps off the cheapest configuration (none without a guard)."""
+        if self.novelty is None:
+            return torch.zeros(features.shape[0], dtype=torch.bool, device=features.device)
+        return self.novelty.novel(features)
+
+    def route(self, features: torch.Tensor, threshold: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, C) and decisions (B,) for a batch of router features."""
+        logits = self(features)
+        return logits, self.decide(logits, threshold, self.novel(features))
+
+    def decide(self, logits: torch.Tensor, threshold: float | None = None,
+               novel: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,) configuration indices: the cheapest that passes τ; the most expensive if none does. Samples
+        flagged `novel` skip the cheapest configuration."""
         threshold = self.threshold if threshold is None else check_threshold(threshold)
         passes = self.decision_scores(logits) >= threshold
+        if novel is not None and passes.shape[1] > 1:
+            passes[novel.cpu(), 0] = False
         passes[:, -1] = True
         return torch.tensor(self.cost_order)[passes.float().argmax(dim=-1)].to(logits.device)
 

@@ -213,9 +213,7 @@ class VisorForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
 
     def route(self, text: torch.Tensor, visual: torch.Tensor, layout: TokenLayout, threshold: float | None = None):
         """The router's logits and decision (B,) from the streams as they are at the router layer."""
-        features = self.router.features(text, visual, layout.text_valid, layout.visual_valid)
-        logits = self.router(features)
-        return logits, self.router.decide(logits, threshold)
+        return self.router.route(self.router.features(text, visual, layout.text_valid, layout.visual_valid), threshold)
 
     def _cross_block(self, index: int) -> CrossAttentionBlock | None:
         return self.cross_attention[str(index)] if str(index) in self.cross_attention else None

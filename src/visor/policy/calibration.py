@@ -26,6 +26,7 @@ class Outcome:
     choice: torch.Tensor  # (N,) configuration index
     correct: torch.Tensor  # (N,) bool
     flops: torch.Tensor  # (N,) LLM prefill FLOPs incl. the router's own
+    novel: torch.Tensor | None = None  # (N,) bool: samples the router's novelty guard flagged (routed outcomes)
 
     @property
     def accuracy(self) -> float:
@@ -43,17 +44,20 @@ def fixed_outcome(table: LabelTable, configuration: int) -> Outcome:
 
 
 @torch.no_grad()
-def _router_logits(router: ConfigurationRouter, table: LabelTable) -> torch.Tensor:
-    return router(table.features.to(router.norm.weight.device, router.norm.weight.dtype)).cpu()
+def _router_inputs(router: ConfigurationRouter, table: LabelTable) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router's logits and its novelty guard's flags for every sample (neither depends on τ)."""
+    features = table.features.to(router.norm.weight.device, router.norm.weight.dtype)
+    return router(features).cpu(), router.novel(features).cpu()
 
 
-def _chosen(table: LabelTable, choice: torch.Tensor, router_flops: int) -> Outcome:
+def _chosen(table: LabelTable, choice: torch.Tensor, router_flops: int, novel: torch.Tensor) -> Outcome:
     rows = torch.arange(len(table))
-    return Outcome(choice, table.correct[rows, choice], table.flops[rows, choice] + router_flops)
+    return Outcome(choice, table.correct[rows, choice], table.flops[rows, choice] + router_flops, novel)
 
 
 def router_outcome(router: ConfigurationRouter, table: LabelTable, threshold: float, router_flops: int) -> Outcome:
-    return _chosen(table, router.decide(_router_logits(router, table), threshold), router_flops)
+    logits, novel = _router_inputs(router, table)
+    return _chosen(table, router.decide(logits, threshold, novel), router_flops, novel)
 
 
 def oracle_outcome(table: LabelTable, cost_order: list[int]) -> Outcome:
@@ -73,13 +77,14 @@ def sweep(router: ConfigurationRouter, table: LabelTable, router_flops: int,
     spaced ones among them beyond, so the cost stays linear in the table). A grid alone cannot tell apart
     routers that are sure (scores of 0.999 and more), which the cheap configuration's frequent "good" labels
     produce."""
-    logits = _router_logits(router, table)
+    logits, novel = _router_inputs(router, table)
     if thresholds is None:
         scores = router.decision_scores(logits).clamp(0, 1).flatten().unique()  # sorted
         if len(scores) > MAX_SCORE_THRESHOLDS:
             scores = scores[torch.linspace(0, len(scores) - 1, MAX_SCORE_THRESHOLDS).round().long()]
         thresholds = sorted(set(THRESHOLDS) | set(scores.tolist()))
-    return [(threshold, _chosen(table, router.decide(logits, threshold), router_flops)) for threshold in thresholds]
+    return [(threshold, _chosen(table, router.decide(logits, threshold, novel), router_flops, novel))
+            for threshold in thresholds]
 
 
 def calibrate(router: ConfigurationRouter, table: LabelTable, router_flops: int,

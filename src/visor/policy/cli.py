@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import sys
 
+from visor.cli import quantile_or_none
+from visor.modeling.novelty import DEFAULT_QUANTILE
+
 
 def register(subparsers) -> None:
     policy = subparsers.add_parser("policy", help="label configurations, train and calibrate the router, report")
@@ -36,6 +39,9 @@ def register(subparsers) -> None:
                        help="multilabel: P(good) per configuration (default); softmax: the paper's cheapest-good CE")
     train.add_argument("--rule", choices=("probability", "correct"), default="probability",
                        help="score the 99%% rule is applied to: answer probability (default) or correctness")
+    train.add_argument("--novelty-quantile", type=quantile_or_none, default=None, metavar="Q",
+                       help="also fit a novelty guard: inputs scoring above this quantile of the labelled samples "
+                            f"skip the cheapest configuration (e.g. {DEFAULT_QUANTILE}; default: no guard)")
     train.add_argument("--steps", type=int, default=500)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--output", required=True, metavar="DIR")
@@ -94,17 +100,22 @@ def run_label(args) -> int:
 
 
 def run_train(args) -> int:
-    from visor.policy.training import train_router
+    from visor.policy.training import fit_novelty_guard, train_router
 
     try:
         model, table = _model_and_labels(args)
         if args.mode:
             model.config.router_mode = model.router.mode = args.mode
         losses = train_router(model.router, table, rule=args.rule, steps=args.steps, seed=args.seed)
+        if args.novelty_quantile is not None:
+            fit_novelty_guard(model, table, args.novelty_quantile, seed=args.seed)
     except ValueError as error:
         return _fail("train", error)
     model.save_pretrained(args.output)
     print(f"router ({model.router.mode}, rule {args.rule}) loss {losses[0]:.4f} -> {losses[-1]:.4f}; saved {args.output}")
+    if args.novelty_quantile is not None:
+        print(f"novelty guard: {model.config.router_novelty_references} reference features, κ = "
+              f"{model.config.router_novelty_threshold:.4g} (the {args.novelty_quantile:g} quantile of their scores)")
     cheapest = model.router.cost_order[0]
     needs_more = float((~table.good(args.rule)[:, cheapest]).float().mean())
     print(f"the cheapest configuration ({cheapest}) is not good for {100 * needs_more:.1f}% of the {len(table)} "

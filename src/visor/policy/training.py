@@ -3,6 +3,7 @@
 `multilabel`: binary cross-entropy on "configuration c is good for this sample" for every c.
 `softmax` (the paper's): cross-entropy on the cheapest good configuration.
 The router is tiny and its inputs are precomputed, so this is full-batch AdamW on features: seconds on a CPU.
+`fit_novelty_guard` then keeps the same features for the router's novelty guard.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from visor.modeling.novelty import DEFAULT_QUANTILE, MAX_REFERENCES, NoveltyGuard
 from visor.modeling.router import ConfigurationRouter
 from visor.policy.labels import LabelTable
 
@@ -50,3 +52,17 @@ def train_router(router: ConfigurationRouter, table: LabelTable, rule: str = "pr
         losses.append(float(loss.detach()))
     router.eval()
     return losses
+
+
+def fit_novelty_guard(model, table: LabelTable, quantile: float = DEFAULT_QUANTILE, seed: int = 0,
+                      max_references: int = MAX_REFERENCES) -> float:
+    """Give `model`'s router a novelty guard fitted on the label table's features (the router's training split)
+    and record its shape and κ in the model's config, so the saved model loads with it. Returns κ."""
+    router = model.router
+    if router.novelty is None:
+        router.novelty = NoveltyGuard(table.features.shape[1], 0, model.config.router_novelty_neighbours).to(
+            router.norm.weight.device)
+    threshold = router.novelty.fit(table.features, quantile, max_references, seed)
+    model.config.router_novelty_references = len(router.novelty.references)
+    model.config.router_novelty_threshold = threshold
+    return threshold
