@@ -1,23 +1,10 @@
-"""The report's policy checks: the fixed-configuration curve and the verdicts computed from it."""
+"""The report's verdicts: the policy against the fixed-configuration curve, baselines, targets."""
 
 import pytest
 
-from visor.demo.report import (
-    fixed_curve_accuracy, policy_curve_verdicts, router_curve_verdicts, setting_order, verdicts,
-)
+from visor.demo.report import policy_curve_verdicts, router_curve_verdicts, setting_order, verdicts
 
 FIXED = [(10.0, 80.0), (20.0, 90.0), (40.0, 95.0)]
-
-
-def test_fixed_curve_interpolates_between_configurations_and_is_flat_outside():
-    assert fixed_curve_accuracy(FIXED, 15.0) == pytest.approx(85.0)
-    assert fixed_curve_accuracy(FIXED, 30.0) == pytest.approx(92.5)
-    assert fixed_curve_accuracy(FIXED, 5.0) == 80.0 and fixed_curve_accuracy(FIXED, 50.0) == 95.0
-
-
-def test_a_dearer_but_worse_configuration_does_not_lower_the_curve():
-    dominated = [(10.0, 80.0), (20.0, 90.0), (40.0, 85.0)]
-    assert fixed_curve_accuracy(dominated, 30.0) == pytest.approx(90.0)
 
 
 def _rows(group: str, router: tuple[float, float], savings: float = 2.0) -> list[dict]:
@@ -38,6 +25,20 @@ def test_verdicts_say_below_and_not_fewer_when_so():
     assert "on or above" in easy
     assert "NOT fewer" in lines[-1]
     assert "beyond the cheapest configuration (router included): easy 20.0000, hard 5.0000" in lines[-1]
+
+
+def test_verdicts_weigh_a_gap_against_its_sampling_noise_and_name_flagged_samples():
+    rows = _rows("hard", (15.0, 84.0))
+    router = next(row for row in rows if row["method"] == "router")
+    router.update(curve_gap_noise=0.5, novel=3)
+    line = policy_curve_verdicts(rows, "test split")[0]
+    assert "BELOW the fixed curve by 0.1 of 10 answers, within sampling noise (±0.5 at 95%)" in line
+    assert "; 3 flagged novel)" in line
+    router.update(curve_gap_noise=0.03)
+    assert "beyond sampling noise (±0.03 at 95%)" in policy_curve_verdicts(rows, "test split")[0]
+    tie = _rows("easy", (15.0, 85.0 + 1e-14))  # on the curve up to the rounding of float sums
+    next(row for row in tie if row["method"] == "router").update(curve_gap_noise=0.0)
+    assert "by 0.0 of 10 answers, within sampling noise (±0.0 at 95%)" in policy_curve_verdicts(tie, "variants")[0]
 
 
 def test_verdicts_say_fewer_flops_on_easy_when_so():

@@ -10,12 +10,14 @@ from visor import cli, presets
 from visor.flops import llm_prefill_flops, router_flops
 from visor.modeling.router import ConfigurationRouter
 from visor.policy import (
-    LabelTable, calibrate, cheapest_good, fixed_outcome, oracle_outcome, policy_report, router_outcome, sweep,
+    LabelTable, Outcome, calibrate, cheapest_good, fixed_outcome, oracle_outcome, policy_report, router_outcome, sweep,
     train_router,
 )
 from visor.policy.api import full_model_flops, label_synthetic, load_labels_for
+from visor.policy.labels import router_features
 from visor.policy.calibration import THRESHOLDS
-from visor.policy.report import CURVE_POINTS
+from visor.policy.report import CURVE_POINTS, against_fixed_curve, fixed_curve_accuracy, fixed_curve_mix
+from visor.policy.training import fit_novelty_guard
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +49,6 @@ def _prompts(model, per_task=2):
 
 def _splitting_tau(model, inputs) -> float:
     """A τ at which the (random) router sends some samples to configuration 0 and others elsewhere."""
-    from visor.policy.labels import router_features
-
     with torch.no_grad():
         probability = model.router.probabilities(model.router(router_features(model, inputs)))[:, 0]
     return float(probability.median())
@@ -62,6 +62,14 @@ def test_decision_is_the_cheapest_configuration_passing_tau():
     assert router.decide(logits, 0.5).tolist() == [2, 0]  # row 2: nothing passes -> the most expensive
     assert router.decide(logits, 0.15).tolist() == [1, 0]
     assert router.decide(logits, 0.0).tolist() == [1, 1]
+
+
+def test_samples_flagged_novel_skip_the_cheapest_configuration():
+    router = ConfigurationRouter(8, configuration_sizes=[2, 0, 1], mode="multilabel")
+    logits = torch.logit(torch.tensor([[0.9, 0.9, 0.9], [0.9, 0.9, 0.9], [0.9, 0.9, 0.1]]))
+    novel = torch.tensor([False, True, True])
+    # Cost order 1 < 2 < 0: a flagged sample takes the cheapest passing configuration after 1.
+    assert router.decide(logits, 0.5, novel).tolist() == [1, 2, 0]
 
 
 def test_softmax_mode_uses_cumulative_probability_cheapest_first():
@@ -166,6 +174,34 @@ def test_generate_with_auto_reports_the_configuration(model):
     assert torch.equal(output.past_key_values.configuration, chosen)
 
 
+def test_novelty_guard_is_saved_counted_and_obeyed(model, table, tmp_path):
+    """Fitted on a label table, the guard travels with the saved model, its distances are counted in the router's
+    FLOPs (checked with FlopCounterMode), and a sample it flags never runs the cheapest configuration."""
+    import copy
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    guarded = copy.deepcopy(model)
+    kappa = fit_novelty_guard(guarded, table, quantile=0.9)
+    assert guarded.config.router_novelty_references == len(table) and guarded.config.router_novelty_threshold == kappa
+    guarded.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path).eval()
+    assert torch.equal(loaded.router.novelty.references, guarded.router.novelty.references)
+    assert loaded.router.novelty.threshold == kappa
+    features = table.features[:1]
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        loaded.router.route(features)
+    assert counter.get_total_flops() == router_flops(loaded.config) > router_flops(model.config)
+    inputs = _prompts(model)
+    with torch.no_grad():
+        novel = loaded.router.novel(router_features(loaded, inputs))
+        # τ = 0 passes every configuration: the cheapest runs, except where the guard flags the input.
+        assert loaded(**inputs, configuration="auto", router_threshold=0.0).configuration.tolist() == novel.long().tolist()
+        loaded.router.novelty.threshold = -1.0  # everything is novel
+        assert (loaded(**inputs, configuration="auto", router_threshold=0.0).configuration == 1).all()
+
+
 # ---- labels ------------------------------------------------------------------------------------------------------
 def test_offline_decisions_match_the_model(model, table):
     """Decisions from the table's stored features equal what the model decides at the router layer."""
@@ -250,6 +286,41 @@ def test_calibration_hits_targets_and_refuses_unreachable_ones(model, table):
         calibrate(model.router, table, cost)
 
 
+FIXED = [(10.0, 80.0), (20.0, 90.0), (40.0, 95.0)]
+
+
+def test_fixed_curve_interpolates_between_configurations_and_is_flat_outside():
+    assert fixed_curve_accuracy(FIXED, 15.0) == pytest.approx(85.0)
+    assert fixed_curve_accuracy(FIXED, 30.0) == pytest.approx(92.5)
+    assert fixed_curve_accuracy(FIXED, 5.0) == 80.0 and fixed_curve_accuracy(FIXED, 50.0) == 95.0
+    assert fixed_curve_mix(FIXED, 15.0) == [(0, 0.5), (1, 0.5)]
+
+
+def test_a_dearer_but_worse_configuration_does_not_lower_the_curve():
+    dominated = [(10.0, 80.0), (20.0, 90.0), (40.0, 85.0)]
+    assert fixed_curve_accuracy(dominated, 30.0) == pytest.approx(90.0)
+    assert fixed_curve_mix(dominated, 30.0) == [(1, 0.5), (1, 0.5)]  # the dearer one counts as configuration 1
+
+
+def test_gap_to_the_fixed_curve_is_paired_per_sample():
+    """Configuration 1 fixes 20 of 40 samples configuration 0 gets wrong. A router that spends on exactly those
+    lies 10 answers above the curve at its FLOPs (the curve mixes half and half); one that spends at random on
+    half the samples lies on the curve, within its noise."""
+    correct = torch.tensor([[True, True]] * 20 + [[False, True]] * 20)
+    table = LabelTable(torch.zeros(40, 2), correct.float(), correct, torch.tensor([[1, 3]]).repeat(40, 1),
+                       torch.zeros(40, 2, dtype=torch.long), ["t"] * 40, ["g"] * 40)
+    rows = torch.arange(40)
+    smart = torch.tensor([0] * 20 + [1] * 20)
+    outcome = Outcome(smart, correct[rows, smart], table.flops[rows, smart])
+    gap = against_fixed_curve(table, outcome, rows)
+    assert gap["curve_accuracy"] == pytest.approx(75.0) and gap["curve_gap"] == pytest.approx(10.0)
+    blind = torch.tensor([0, 1] * 20)
+    gap = against_fixed_curve(table, Outcome(blind, correct[rows, blind], table.flops[rows, blind]), rows)
+    assert gap["curve_gap"] == pytest.approx(0.0) and 0 < gap["curve_gap_noise"] < 10
+    same = fixed_outcome(table, 1)
+    assert against_fixed_curve(table, same, rows)["curve_gap_noise"] == 0.0
+
+
 def test_report_rows_and_oracle(model, table, tmp_path):
     full = full_model_flops(model, table)
     report = policy_report(model.router, table, 0.5, router_flops(model.config), full)
@@ -259,6 +330,7 @@ def test_report_rows_and_oracle(model, table, tmp_path):
     assert overall["oracle"]["accuracy"] >= max(overall[f"fixed-{c}"]["accuracy"] for c in range(3))
     assert overall["fixed-0"]["savings"] > overall["fixed-2"]["savings"] > 1
     assert sum(overall["router"]["histogram"].values()) == len(table)
+    assert {"curve_gap", "curve_gap_noise", "novel"} <= overall["router"].keys() and overall["router"]["novel"] == 0
     oracle = oracle_outcome(table, model.router.cost_order)
     assert torch.equal(oracle.correct, table.correct.any(dim=1))
     assert torch.equal(fixed_outcome(table, 1).flops, table.flops[:, 1])
@@ -280,9 +352,11 @@ def test_policy_cli_end_to_end(model, tmp_path, capsys):
         assert cli.main(["policy", "label", "--model", str(model_dir), "--split", split, "--per-task", "2",
                          "--output", str(path)]) == 0
     assert cli.main(["policy", "train", "--model", str(model_dir), "--labels", str(labels[0]), "--steps", "20",
-                     "--output", str(trained)]) == 0
+                     "--novelty-quantile", "0.98", "--output", str(trained)]) == 0
     share = float((~LabelTable.load(labels[0]).good()[:, 0]).float().mean())
-    assert f"is not good for {100 * share:.1f}% of the" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"is not good for {100 * share:.1f}% of the" in printed
+    assert f"novelty guard: {len(LabelTable.load(labels[0]))} reference features" in printed
     dearest = float(LabelTable.load(labels[1]).flops[:, 2].double().mean()) * 2
     assert cli.main(["policy", "calibrate", "--model", str(trained), "--labels", str(labels[1]),
                      "--target-flops", str(dearest)]) == 0

@@ -12,6 +12,9 @@ from collections import Counter
 from pathlib import Path
 
 from visor.demo.systems import Scores
+from visor.policy.report import fixed_curve_accuracy
+
+ROUNDING = 1e-6  # gaps in answers smaller than this are float rounding, not a difference
 
 FULL = ("full", "all tokens")
 POLICY = ("visor-policy", "auto")
@@ -119,22 +122,6 @@ def verdicts(results: dict) -> list[str]:
     return lines
 
 
-def fixed_curve_accuracy(fixed: list[tuple[float, float]], flops: float) -> float:
-    """Accuracy of the fixed-configuration curve at `flops`: the best fixed accuracy reachable at each cost,
-    linearly interpolated between configurations (mixing two configurations per sample reaches any point between
-    them), held flat beyond the cheapest and the dearest."""
-    points, best = [], float("-inf")
-    for cost, accuracy in sorted(fixed):
-        best = max(best, accuracy)
-        points.append((cost, best))
-    if flops <= points[0][0]:
-        return points[0][1]
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
-        if flops <= x1:
-            return y0 + (y1 - y0) * (flops - x0) / (x1 - x0) if x1 > x0 else y1
-    return points[-1][1]
-
-
 def router_against_fixed_curve(rows: list[dict]) -> dict[str, tuple[dict, float]]:
     """Per task group of a policy report: the router's row and the fixed curve's accuracy at the router's FLOPs."""
     compared = {}
@@ -152,12 +139,16 @@ def policy_curve_verdicts(rows: list[dict], title: str) -> list[str]:
     compared = router_against_fixed_curve(rows)
     for group, (router, curve) in compared.items():
         samples = (router["accuracy"] - curve) * router["samples"] / 100  # the gap in answers, to judge noise
+        noise = router.get("curve_gap_noise")
         lines.append(
             f"Policy on the {title}, {group} tasks: router {router['accuracy']:.2f}% at "
             f"{router['savings']:.2f}x vs {curve:.2f}% for fixed configurations at the same FLOPs — "
             f"{'on or above' if router['accuracy'] >= curve - 1e-9 else 'BELOW'} the fixed curve by "
-            f"{_answers(abs(samples))} of {router['samples']} answers "
-            f"(configurations chosen: {_histogram(router['histogram'])})."
+            f"{_answers(abs(samples))} of {router['samples']} answers"
+            + ("" if noise is None else f", {'within' if abs(samples) <= noise + ROUNDING else 'beyond'} sampling noise "
+                                        f"(±{_answers(noise)} at 95%)")
+            + f" (configurations chosen: {_histogram(router['histogram'])}"
+            + (f"; {router['novel']} flagged novel" if router.get("novel") else "") + ")."
         )
     if {"hard", "easy"} <= compared.keys():
         easy, hard = (compared[group][0]["mean_llm_prefill_flops"] for group in ("easy", "hard"))
@@ -193,8 +184,8 @@ def router_curve_verdicts(rows: list[dict], curves: dict[str, list[dict]], title
 
 def _answers(count: float) -> str:
     """A gap in answers: one decimal, or two significant digits when smaller (the router's own FLOPs alone put it
-    a hair beside the curve)."""
-    return f"{count:.1f}" if count >= 0.05 or count == 0 else f"{count:.2g}"
+    a hair beside the curve); below a millionth, rounding error of the float sums, zero."""
+    return f"{count:.1f}" if count >= 0.05 or count < ROUNDING else f"{count:.2g}"
 
 
 def _histogram(histogram: dict) -> str:
@@ -258,7 +249,11 @@ def markdown(results: dict) -> str:
               f"- Policy: τ = {policy.get('threshold', float('nan')):.8g}, calibrated on the validation split "
               f"({policy.get('validation_samples', '?')} samples) as the "
               "cheapest threshold within half a point of the largest configuration's validation accuracy (or, if none "
-              "gets that close, the most accurate one).",
+              "gets that close, the most accurate one)."
+              + ("" if policy.get("novelty_threshold") is None else
+                 f" Novelty guard: κ = {policy['novelty_threshold']:.4g}, the {plan.get('novelty_quantile')} quantile "
+                 "of the router's training samples' local outlier scores; an input scoring above it skips CA-only "
+                 "(\"flagged novel\" in the verdicts)."),
               f"- Baselines: at the plan's FLOPs ratios {list(plan['ratios'])} and at the policy's own savings on "
               f"validation ({policy.get('validation_policy_savings', float('nan')):.1f}x), each strength matched on one "
               "validation batch; in-LLM methods cannot go below their full first layers, so their rows say what they "

@@ -19,6 +19,48 @@ from visor.policy.labels import LabelTable
 
 
 CURVE_POINTS = 200  # thresholds kept per router curve in the report (the sweep may try thousands)
+NOISE_Z = 1.96  # a gap to the fixed curve within this many standard errors is reported as sampling noise (95%)
+
+
+def fixed_curve_mix(fixed: list[tuple[float, float]], flops: float) -> list[tuple[int, float]]:
+    """The curve of fixed configurations at `flops`, as a mix of configurations: (index into `fixed`, weight).
+
+    `fixed` holds each configuration's (mean FLOPs, accuracy). The curve is the best accuracy reachable at each
+    cost (a configuration beaten by a cheaper one counts as that one), linearly interpolated between
+    configurations (running two of them on a share of samples each reaches any point between them), held flat
+    beyond the cheapest and the dearest."""
+    envelope, best = [], None  # (cost, the most accurate configuration costing no more)
+    for index in sorted(range(len(fixed)), key=lambda i: fixed[i]):
+        if best is None or fixed[index][1] > fixed[best][1]:
+            best = index
+        envelope.append((fixed[index][0], best))
+    if flops <= envelope[0][0]:
+        return [(envelope[0][1], 1.0)]
+    for (cost0, index0), (cost1, index1) in zip(envelope, envelope[1:]):
+        if flops <= cost1:
+            if cost1 == cost0:
+                return [(index1, 1.0)]
+            weight = (flops - cost0) / (cost1 - cost0)
+            return [(index0, 1.0 - weight), (index1, weight)]
+    return [(envelope[-1][1], 1.0)]
+
+
+def fixed_curve_accuracy(fixed: list[tuple[float, float]], flops: float) -> float:
+    """Accuracy of the fixed-configuration curve at `flops` (see `fixed_curve_mix`)."""
+    return sum(weight * fixed[index][1] for index, weight in fixed_curve_mix(fixed, flops))
+
+
+def against_fixed_curve(table: LabelTable, outcome: Outcome, rows: torch.Tensor) -> dict:
+    """How far a routed outcome lies above the fixed curve at its own mean FLOPs, in answers, with the 95% sampling
+    noise of that gap. Paired per sample: the curve's answer for a sample is the mix of its configurations'
+    answers, so the noise counts only samples where the router and the curve disagree."""
+    fixed = [(float(table.flops[rows, c].double().mean()), 100.0 * float(table.correct[rows, c].float().mean()))
+             for c in range(table.num_configurations)]
+    mix = fixed_curve_mix(fixed, float(outcome.flops[rows].double().mean()))
+    curve = sum(weight * table.correct[rows, index].double() for index, weight in mix)
+    difference = outcome.correct[rows].double() - curve
+    noise = NOISE_Z * float(difference.std()) * len(rows) ** 0.5 if len(rows) > 1 else float("inf")
+    return dict(curve_accuracy=100.0 * float(curve.mean()), curve_gap=float(difference.sum()), curve_gap_noise=noise)
 
 
 def _subsets(table: LabelTable) -> dict[str, list[int]]:
@@ -42,6 +84,7 @@ def summarise(name: str, outcome: Outcome, table: LabelTable, full_flops: torch.
             mean_llm_prefill_flops=float(outcome.flops[index].double().mean()),
             savings=float(full_flops[index].double().sum() / chosen),
             histogram=dict(sorted(Counter(outcome.choice[index].tolist()).items())),
+            **({} if outcome.novel is None else dict(novel=int(outcome.novel[index].sum()))),
         ))
     return rows
 
@@ -51,7 +94,12 @@ def policy_report(router, table: LabelTable, threshold: float, router_flops: int
     rows = []
     for configuration in range(table.num_configurations):
         rows += summarise(f"fixed-{configuration}", fixed_outcome(table, configuration), table, full_flops)
-    rows += summarise("router", router_outcome(router, table, threshold, router_flops), table, full_flops)
+    routed = router_outcome(router, table, threshold, router_flops)
+    router_rows = summarise("router", routed, table, full_flops)
+    subsets = _subsets(table)
+    for row in router_rows:
+        row.update(against_fixed_curve(table, routed, torch.tensor(subsets[row["subset"]], dtype=torch.long)))
+    rows += router_rows
     rows += summarise("oracle", oracle_outcome(table, router.cost_order), table, full_flops)
     points = sweep(router, table, router_flops)
     kept = points[:: max(len(points) // CURVE_POINTS, 1)]
@@ -63,7 +111,8 @@ def policy_report(router, table: LabelTable, threshold: float, router_flops: int
         index = torch.tensor(indices, dtype=torch.long)
         curves[subset] = [dict(threshold=t, accuracy=100.0 * float(o.correct[index].float().mean()),
                                mean_llm_prefill_flops=float(o.flops[index].double().mean())) for t, o in points]
-    return dict(threshold=threshold, rows=rows, router_curves=curves)
+    novelty = None if router.novelty is None else router.novelty.threshold
+    return dict(threshold=threshold, novelty_threshold=novelty, rows=rows, router_curves=curves)
 
 
 def write_report(report: dict, output_dir: str | os.PathLike) -> list[str]:
@@ -79,12 +128,16 @@ def write_report(report: dict, output_dir: str | os.PathLike) -> list[str]:
 
 
 def markdown_table(report: dict) -> str:
-    lines = [f"Router threshold τ = {report['threshold']:.8g}", "",
+    guard = report.get("novelty_threshold")
+    lines = [f"Router threshold τ = {report['threshold']:.8g}"
+             + ("" if guard is None else f"; novelty guard κ = {guard:.4g}"), "",
              "| method | subset | n | accuracy % | mean LLM prefill GFLOPs | savings | configurations chosen |",
              "|---|---|---|---|---|---|---|"]
     for row in report["rows"]:
         if row["subset"].startswith("task:") or row["subset"].startswith("group:") or row["subset"] == "all":
             histogram = " ".join(f"{k}:{v}" for k, v in row["histogram"].items())
+            if row.get("novel"):
+                histogram += f" ({row['novel']} flagged novel)"
             lines.append(f"| {row['method']} | {row['subset']} | {row['samples']} | {row['accuracy']:.1f} | "
                          f"{row['mean_llm_prefill_flops'] / 1e9:.4f} | {row['savings']:.2f}x | {histogram} |")
     return "\n".join(lines) + "\n"
