@@ -74,6 +74,9 @@ def test_outputs_have_every_row_and_file(demo_run):
     assert (output / "policy" / "model" / "tokenizer_config.json").exists()
     config = json.loads((output / "universal" / "model" / "config.json").read_text())
     assert config["cross_attention_key_value_heads"] == 1  # the demo's default
+    policy_config = json.loads((output / "policy" / "model" / "config.json").read_text())
+    assert policy_config["router_mode"] == "softmax" and policy_config["router_novelty_references"] == 0
+    assert "a softmax router" in markdown
     variants = results["stages"]["policy"]["variants"]  # the policy on task knobs it never saw
     assert (output / "policy" / "report-variants" / "policy_report.json").exists()
     assert {row["subset"] for row in variants} == {"all", "group:hard", "group:easy"}
@@ -114,7 +117,8 @@ def test_the_visor_schedule_suites_and_a_fixed_tower_can_be_chosen(tmp_path):
     output = tmp_path / "demo"
     assert cli.main(["demo", "--quick", "--output", str(output), "--no-progress", "--cross-attention-heads", "host",
                      "--cross-attention-layers", "0", "--self-attention-layers", "1,3", "--suite", "two-hop",
-                     "--variants", "two-hop-variants", "--freeze-vision-tower"]) == 0
+                     "--variants", "two-hop-variants", "--freeze-vision-tower", "--router-mode", "multilabel",
+                     "--novelty-quantile", "0.98"]) == 0
     results = json.loads((output / "report" / "results.json").read_text())
     assert {row["task"] for row in results["rows"]} == set(get_suite("two-hop").task_names)
     assert "key_digit" in (output / "report" / "report.md").read_text()
@@ -128,6 +132,10 @@ def test_the_visor_schedule_suites_and_a_fixed_tower_can_be_chosen(tmp_path):
                 if row["method"] == "visor"}
     assert settings == {"SA []", "SA [1]", "SA [1, 3]"}
     assert json.loads((output / "plan.json").read_text())["cross_attention_layers"] == [0]
+    policy_config = json.loads((output / "policy" / "model" / "config.json").read_text())
+    assert policy_config["router_mode"] == "multilabel"  # and the guard, fitted on the router's training labels:
+    assert policy_config["router_novelty_references"] == 12 * len(get_suite("two-hop").task_names)
+    assert policy_config["router_novelty_threshold"] > 0
 
 
 def test_a_bad_schedule_is_refused(tmp_path, capsys):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from visor.cli import comma_separated, quantile_or_none
 from visor.demo.pipeline import STAGES, SUITE_DEFAULTS, Demo, DemoPlan
+from visor.modeling.router import ROUTER_MODES
 
 
 def register(subparsers) -> None:
@@ -52,6 +53,10 @@ def register(subparsers) -> None:
                         metavar="N|host",
                         help=f"key/value heads of each CA block (default {DemoPlan.cross_attention_key_value_heads}: "
                              "half the cost of projecting the visual tokens; 'host' keeps the host layer's, 2 here)")
+    parser.add_argument("--router-mode", choices=ROUTER_MODES, default=DemoPlan.router_mode,
+                        help="the router's objective (default %(default)s, the paper's: one distribution over "
+                             "configurations trained on the cheapest good one; multilabel: one probability per "
+                             "configuration)")
     parser.add_argument("--novelty-quantile", type=quantile_or_none, default=DemoPlan.novelty_quantile, metavar="Q",
                         help="give the router a novelty guard: inputs scoring above this quantile of its training "
                              "samples skip the cheapest configuration (e.g. 0.98: 2%% false alarms on data like "
@@ -80,6 +85,7 @@ def _main(args) -> int:
         seed=args.seed, checkpoint=args.checkpoint, num_threads=args.threads, suite=args.suite,
         cross_attention_layers=args.cross_attention_layers, self_attention_layers=args.self_attention_layers,
         cross_attention_key_value_heads=args.cross_attention_heads, novelty_quantile=args.novelty_quantile,
+        router_mode=args.router_mode,
         **(SUITE_DEFAULTS.get(args.suite, {}) | {name: value for name, value in given.items() if value is not None}))
     try:
         Demo(Path(args.output), plan, progress=not args.no_progress).run(fresh=args.fresh)

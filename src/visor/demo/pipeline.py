@@ -34,6 +34,7 @@ from visor.data.suites import get_suite
 from visor.demo import report
 from visor.demo.systems import Scores, greedy, score_system
 from visor.flops import llm_prefill_flops, prompt_prefill_flops, prompt_token_counts, router_flops
+from visor.modeling.router import ROUTER_MODES
 
 if TYPE_CHECKING:
     from visor.policy.calibration import Outcome
@@ -91,6 +92,11 @@ class DemoPlan:
     variants: str = "demo-variants"
     # Universal training keeps the vision tower fixed (stage 1 trains only what VISOR adds, whatever this says).
     freeze_vision_tower: bool = False
+    # The router's training objective (`visor.modeling.router`): softmax, the paper's cheapest-good classifier, or
+    # multilabel, one "is this configuration good" per configuration. Softmax by default: on `two-hop` it was on or
+    # above the fixed curve on hard tasks at every seed tried, multilabel fell below once (README, "Where the policy
+    # has something to choose").
+    router_mode: str = "softmax"
     # The router's novelty guard flags inputs scoring above this quantile of its training samples' scores (its
     # false-alarm rate on data like them is 1 - this) and keeps them off the cheapest configuration. Off (None) by
     # default: on held-out variants it gained answers where SA layers help there and lost more where they hurt
@@ -155,6 +161,8 @@ class Demo:
         # Bad suites, a suite without a shipped model and bad data specs fail here, before the folder is touched.
         get_suite(self.plan.suite), get_suite(self.plan.variants)
         self.training_data
+        if self.plan.router_mode not in ROUTER_MODES:
+            raise ValueError(f"router mode must be one of {ROUTER_MODES}, got {self.plan.router_mode!r}")
         self.prepare(fresh)
         if self.plan.num_threads:
             torch.set_num_threads(self.plan.num_threads)
@@ -256,6 +264,7 @@ class Demo:
             tables[split] = label_synthetic(model, split, per_task, seed=self.plan.seed, suite=self.plan.suite,
                                             show_progress=self.progress)
             tables[split].save(folder / f"labels-{split}.safetensors")
+        model.config.router_mode = model.router.mode = self.plan.router_mode
         losses = train_router(model.router, tables["train"], steps=self.plan.router_steps, seed=self.plan.seed)
         if self.plan.novelty_quantile is not None:
             fit_novelty_guard(model, tables["train"], self.plan.novelty_quantile, seed=self.plan.seed)

@@ -246,7 +246,8 @@ def markdown(results: dict) -> str:
     policy = stages.get("policy", {})
     lines += ["", "## How this was produced", "",
               f"- Plan: `{json.dumps(plan)}`.",
-              f"- Policy: τ = {policy.get('threshold', float('nan')):.8g}, calibrated on the validation split "
+              f"- Policy: a {plan.get('router_mode', 'multilabel')} router; τ = "
+              f"{policy.get('threshold', float('nan')):.8g}, calibrated on the validation split "
               f"({policy.get('validation_samples', '?')} samples) as the "
               "cheapest threshold within half a point of the largest configuration's validation accuracy (or, if none "
               "gets that close, the most accurate one)."
