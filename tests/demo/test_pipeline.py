@@ -153,6 +153,15 @@ def test_bad_data_or_suites_are_refused_before_anything_is_written(tmp_path, cap
     assert not output.exists()
 
 
+def test_a_bad_router_mode_is_refused_before_anything_is_written(tmp_path):
+    from visor.demo.pipeline import Demo, DemoPlan
+
+    output = tmp_path / "bad"
+    with pytest.raises(ValueError, match="router mode must be one of"):
+        Demo(output, DemoPlan.quick(router_mode="argmax"), progress=False).run()
+    assert not output.exists()
+
+
 def test_the_demo_threshold_falls_back_when_no_tau_gets_close(stock_factory, open_visor_factory):
     """A router sure (probability exactly 1.0) that the cheapest configuration will do, which is wrong on every
     sample: no τ reaches the largest configuration's accuracy, so τ is the most accurate one, not a crash."""
