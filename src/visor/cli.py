@@ -29,17 +29,15 @@ def comma_separated(convert=int, what: str = "integers"):
     return parse
 
 
-def quantile_or_none(text: str) -> float | None:
-    """An argparse `type` for a quantile in (0, 1], or "none" to switch off what it sets."""
-    if text == "none":
-        return None
+def quantile(text: str) -> float:
+    """An argparse `type` for a quantile, a number in (0, 1]."""
     try:
-        quantile = float(text)
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a quantile in (0, 1] or 'none', got {text!r}") from None
-    if not 0.0 < quantile <= 1.0:
-        raise argparse.ArgumentTypeError(f"the quantile must lie in (0, 1], got {quantile}")
-    return quantile
+        raise argparse.ArgumentTypeError(f"expected a quantile in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"the quantile must lie in (0, 1], got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

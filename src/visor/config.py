@@ -65,7 +65,8 @@ class VisorConfig(LlavaOnevisionConfig):
     router_mode: Literal["multilabel", "softmax"] = "multilabel"
     router_threshold: float = 0.5
     # Its novelty guard (visor.modeling.novelty): how many training features it keeps (0: no guard), how many
-    # neighbours it compares with, and its threshold κ (None: flags nothing). `visor policy train` fills these.
+    # neighbours it compares with, and its threshold κ (None: flags nothing). `visor policy train
+    # --novelty-quantile` fills these.
     router_novelty_references: int = 0
     router_novelty_neighbours: int = 5
     router_novelty_threshold: float | None = None

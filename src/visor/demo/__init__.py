@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from visor.cli import comma_separated, quantile_or_none
+from visor.cli import comma_separated, quantile
 from visor.demo.pipeline import STAGES, SUITE_DEFAULTS, Demo, DemoPlan
 from visor.modeling.router import ROUTER_MODES
 
@@ -57,7 +57,7 @@ def register(subparsers) -> None:
                         help="the router's objective (default %(default)s, the paper's: one distribution over "
                              "configurations trained on the cheapest good one; multilabel: one probability per "
                              "configuration)")
-    parser.add_argument("--novelty-quantile", type=quantile_or_none, default=DemoPlan.novelty_quantile, metavar="Q",
+    parser.add_argument("--novelty-quantile", type=quantile, default=DemoPlan.novelty_quantile, metavar="Q",
                         help="give the router a novelty guard: inputs scoring above this quantile of its training "
                              "samples skip the cheapest configuration (e.g. 0.98: 2%% false alarms on data like "
                              "them; default: no guard, as it lost answers on the demo's held-out variants)")

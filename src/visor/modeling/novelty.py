@@ -11,7 +11,11 @@ and sends them one configuration up, a bounded hedge: one SA layer more, never t
 its k nearest training features, divided by those neighbours' own k-nearest-neighbour distance. A global
 distance cannot work here, since tasks differ in how spread out their features are (one task's normal spread
 is another's outlier). The threshold κ is a quantile of the training samples' leave-one-out scores, so it
-sets the guard's false-alarm rate on data like the training split (2% by default).
+sets the guard's false-alarm rate on data like the training split (2% at the default quantile).
+
+Opt-in (`--novelty-quantile`): it finds shifted inputs, but spending on them paid only where SA layers help on
+the shift; on the demo suite's variants, where they hurt, it cost 44 of 600 answers (README, "Where the policy
+has something to choose").
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ class NoveltyGuard(nn.Module):
         self.register_buffer("radii", torch.ones(references))
 
     def _distances(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, M) Euclidean distances to the references, through one matrix product (what `novelty_flops`
+        """(B, M) Euclidean distances to the references, through one matrix product (what `visor.flops.router_flops`
         counts), each row computed alone so a sample's scores do not depend on its batch."""
         features = features.float()
         references = self.references.float()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from visor.cli import quantile_or_none
+from visor.cli import quantile
 from visor.modeling.novelty import DEFAULT_QUANTILE
 
 
@@ -39,7 +39,7 @@ def register(subparsers) -> None:
                        help="multilabel: P(good) per configuration (default); softmax: the paper's cheapest-good CE")
     train.add_argument("--rule", choices=("probability", "correct"), default="probability",
                        help="score the 99%% rule is applied to: answer probability (default) or correctness")
-    train.add_argument("--novelty-quantile", type=quantile_or_none, default=None, metavar="Q",
+    train.add_argument("--novelty-quantile", type=quantile, default=None, metavar="Q",
                        help="also fit a novelty guard: inputs scoring above this quantile of the labelled samples "
                             f"skip the cheapest configuration (e.g. {DEFAULT_QUANTILE}; default: no guard)")
     train.add_argument("--steps", type=int, default=500)
