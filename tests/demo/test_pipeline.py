@@ -17,7 +17,7 @@ import pytest
 
 from visor import cli
 from visor.data.suites import get_suite
-from visor.demo.pipeline import DONE, STAGES
+from visor.demo.pipeline import DONE, STAGES, DemoPlan
 
 REQUIRED = {"method", "setting", "task", "group", "accuracy", "llm_prefill_flops", "savings"}
 
@@ -134,7 +134,8 @@ def test_the_visor_schedule_suites_and_a_fixed_tower_can_be_chosen(tmp_path):
     assert json.loads((output / "plan.json").read_text())["cross_attention_layers"] == [0]
     policy_config = json.loads((output / "policy" / "model" / "config.json").read_text())
     assert policy_config["router_mode"] == "multilabel"  # and the guard, fitted on the router's training labels:
-    assert policy_config["router_novelty_references"] == 12 * len(get_suite("two-hop").task_names)
+    labelled = DemoPlan.quick().train_labels_per_task * len(get_suite("two-hop").task_names)
+    assert policy_config["router_novelty_references"] == labelled
     assert policy_config["router_novelty_threshold"] > 0
 
 
@@ -154,7 +155,7 @@ def test_bad_data_or_suites_are_refused_before_anything_is_written(tmp_path, cap
 
 
 def test_a_bad_router_mode_is_refused_before_anything_is_written(tmp_path):
-    from visor.demo.pipeline import Demo, DemoPlan
+    from visor.demo.pipeline import Demo
 
     output = tmp_path / "bad"
     with pytest.raises(ValueError, match="router mode must be one of"):

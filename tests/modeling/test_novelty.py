@@ -41,6 +41,7 @@ def test_novelty_is_local_to_each_neighbourhood():
 def test_threshold_is_the_quantile_of_leave_one_out_scores():
     loose, strict = _fitted(0.5), _fitted(0.99)
     assert loose.threshold < strict.threshold
+    assert 0.35 < loose.novel(_two_clusters(seed=1)).float().mean() < 0.65  # about half of fresh samples (0.46)
     flagged = loose.novel(_two_clusters()).float().mean()  # the training points themselves, each scored with itself
     assert flagged < 0.5  # included: lower scores than leave-one-out, so fewer than half are flagged
 
