@@ -46,7 +46,10 @@ def test_selected_tokens_are_the_top_scores_inside_each_crop(stock):
     late = torch.rand(3, 64, generator=torch.Generator().manual_seed(0))
     features = torch.arange(64 + 8 * 17, dtype=torch.float)[:, None]
     kept = HiRED(0.25).select(config, features, size, torch.ones(64), late)
-    assert len(kept) == 48 and kept[:24, 0].tolist() == sorted(late[0].topk(24).indices.tolist())
+    assert len(kept) == 48 + 8  # the budget, and the 8 hi-res rows' newlines
+    assert kept[:24, 0].tolist() == sorted(late[0].topk(24).indices.tolist())
+    newlines = [64 + 17 * row + 16 for row in range(8)]
+    assert set(newlines) <= set(kept[24:, 0].tolist())
 
 
 def test_flops_agree_with_the_flop_counter(stock, prompt, flops_agree):

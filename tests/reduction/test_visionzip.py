@@ -63,6 +63,16 @@ def test_dominant_tokens_are_the_top_scores_and_contextual_merge_the_rest():
     assert zipped[4, 0] == 0 + (2 + 4 + 5 + 6 + 7) / 5
 
 
+def test_newline_tokens_stay_in_place_outside_the_budget():
+    features = torch.arange(10.0)[:, None]
+    scores = torch.tensor([0.0, 9, 1, 8, 2, 3, 4, 5, 6, 7])
+    grid = torch.ones(10, dtype=torch.bool)
+    grid[[2, 6]] = False  # two newline tokens, with the lowest scores of their neighbourhoods
+    zipped = VisionZip(0.5).zip_image(features, scores, torch.ones(10, 2), grid)  # of 8 grid tokens: 3 + 1
+    assert zipped[:5, 0].tolist() == [1, 2, 3, 6, 9]
+    assert len(zipped) == 5 + 1
+
+
 @pytest.mark.parametrize("keep", [1.0, 0.25])
 def test_flops_agree_with_the_flop_counter(stock, visor, prompt, flops_agree, keep):
     for model in (visionzip(stock, keep), visionzip(visor, keep)):

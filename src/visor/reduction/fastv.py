@@ -9,7 +9,9 @@ Reference vs paper (pkunlp-icler/FastV): the paper prunes "after layer K=2" with
 writes its FLOPs with a 2-matrix FFN in MACs; the reference's KV-cache variant (lmms-eval) hard-codes K=3,
 ratio 0.5 and the LLaVA-1.5 image span `35:611`, ranks only sample 0 (`mean(dim=1)[0]`), and runs layer K-1
 twice (once with `output_attentions`), which writes that layer's KV cache twice. Its default HF mode only masks
-tokens in attention (no saving). Kept tokens keep their original positions, as here.
+tokens in attention (no saving). Kept tokens keep their original positions, as here. LLaVA-1.5 has no
+`image_newline` tokens; on LLaVA-OV they are visual tokens here, ranked with the rest after layers 0..K-1
+have read them, as PyramidDrop's LLaVA-NeXT code does with the whole image span.
 """
 
 from __future__ import annotations

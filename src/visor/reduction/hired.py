@@ -5,7 +5,9 @@ to the hi-res crops, in proportion to how much attention the base view's patches
 in an early vision layer; inside the base view and each crop, the tokens that receive the most attention in
 the feature layer are kept (SigLIP has no [CLS]: "received attention", see `vision_attention`). A crop never
 gets more than it has (after LLaVA-OV's unpadding); its surplus is shared among the others, so every image
-keeps exactly round(keep · grid tokens). Kept tokens stay in packed order; newline tokens are dropped.
+keeps exactly round(keep · grid tokens). Kept tokens stay in packed order, and every `image_newline` token stays
+in its place on top of the budget (and is counted), as in the reference: the language model reads the image
+block's rows through them.
 
 Reference vs paper (hasanar1f/HiRED, `HiRED_token_selection`): the paper distributes the budget by the
 [CLS] attention of an early layer over each partition's region and selects by final-layer [CLS] attention.
@@ -13,7 +15,8 @@ The reference turns the distribution map (`top_layer_attn` of the base view) int
 (1 − α) · 576 tokens), then reshapes the *flattened* 24×24 mask into (rows of crops, columns of crops, −1),
 i.e. contiguous row bands rather than the crops' 2-D regions; it floors each crop's share (the total then falls
 short of the budget), sums heads instead of averaging, ranks with `bottom_layer_attn` inside the base view and
-each crop, and runs one image at a time. We use the attention mass of each crop's 2-D region of the base view
+each crop, and runs one image at a time; its packing (`pack_HiRED_image_features`) gives the newline column a
+mask of ones, so every newline is kept outside the budget, as here. We use the attention mass of each crop's 2-D region of the base view
 and hand out the remainder so the budget is met exactly.
 """
 
@@ -53,7 +56,8 @@ class HiRED:
 
     def kept_tokens(self, config, image_size) -> int:
         grid = packed_grid(config, image_size)
-        return grid.num_tokens if self.keep == 1 else kept_count(grid.num_tokens - grid.hires[0], self.keep)
+        newlines = grid.hires[0]
+        return grid.num_tokens if self.keep == 1 else kept_count(grid.num_tokens - newlines, self.keep) + newlines
 
     def vision_overhead_flops(self, config, image_size) -> int:
         """Early-layer scores on the base view, feature-layer scores on every crop."""
@@ -95,7 +99,7 @@ class HiRED:
         order = order[is_grid[order]]
         starts = torch.cumsum(capacity, dim=0) - capacity
         rank = torch.arange(len(order)) - starts[crop_of[order]]
-        chosen = torch.zeros(len(features), dtype=torch.bool)
+        chosen = ~is_grid  # every newline token stays, in its place
         chosen[order[rank < budget[crop_of[order]]]] = True
         return features[chosen]
 

@@ -7,7 +7,9 @@ reading the layer before), whether some dropped tokens are merged into a few kep
 SparseVLM), and in which layers visual tokens are *frozen* (ShortV: text-only queries, visual tokens only give
 keys/values from their frozen states). Kept tokens keep their original positions (RoPE) and
 causal order, as in FastV's reference code; dropped tokens leave the KV cache too, so every later layer's
-cache, and every decoding step, reads only the kept ones. Text tokens are never dropped.
+cache, and every decoding step, reads only the kept ones. Text tokens are never dropped. Visual tokens are all of
+an image's `<image>` positions, its `image_newline` tokens included: every layer before the first drop reads
+them all, and from there on they are ranked and dropped like the other visual tokens.
 
 Batches stay batches: each sample keeps its own count (a fraction of *its* visual tokens); the kept tokens are
 compacted to the left of a (B, n_l) slot tensor and the masks carry validity, so no loop runs over samples.

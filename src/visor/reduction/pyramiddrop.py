@@ -11,7 +11,8 @@ layer's own norm and projections on its input (one extra k projection of the who
 where we read the keys the previous layer cached. The reference keeps int(count · λ^s) of the *original*
 count, re-numbers positions contiguously after each drop (shifting decode positions by the dropped count),
 and loops over samples in Python; we keep original positions (as FastV) and round each stage's count.
-Its LLaVA-NeXT default is layers [8, 16, 24] of 32 with λ = 0.5.
+Its LLaVA-NeXT default is layers [8, 16, 24] of 32 with λ = 0.5; there it ranks the whole packed image span
+(`image_tokens` is each image's feature length), `image_newline` tokens included, as here.
 """
 
 from __future__ import annotations

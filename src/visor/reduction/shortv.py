@@ -4,7 +4,7 @@ In a frozen layer only text tokens are queries (q/o projections, MLP); the visua
 and values, computed with the layer's own norm and k/v projections from their frozen hidden states, at their
 original RoPE positions, so the layer's attention is reused as a text → visual read and the visual stream
 skips the layer. It is the training-free cousin of VISOR's CA layers (DESIGN.md 6); nothing is dropped, so the
-KV cache keeps every visual key.
+KV cache keeps every visual key, `image_newline` tokens included (they are visual tokens, frozen like the rest).
 
 Which layers: ShortV ranks layers by "Layer Contribution" (the output divergence when a layer's update of the
 visual tokens is removed) on calibration data and freezes about 60% of them; its published lists for

@@ -21,7 +21,9 @@ LLaVA-1.5's 576); recycles the top 30% of the dropped by score into int(n / 10) 
 right after the kept visual tokens with positions re-numbered contiguously; prunes after the pruning layer
 using its own attention; and supports batch size 1 only (`mask[0]`, `pre_prompt_length_list[0]`). Here raters
 come from the scoring layer's own attention, the count is a fraction per stage, cluster centres are the
-best-scored candidates (nearest-centre assignment instead of DPC-kNN), and positions stay original.
+best-scored candidates (nearest-centre assignment instead of DPC-kNN), and positions stay original. The
+reference's fixed 576-token image span (LLaVA-1.5) has no `image_newline` tokens; on LLaVA-OV they are
+visual tokens here, rated, dropped and recycled like the rest, after the first pruning layer.
 """
 
 from __future__ import annotations

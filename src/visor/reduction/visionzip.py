@@ -10,15 +10,20 @@ tower keeps its fast attention; `vision_overhead_flops` counts the extra score a
 side, not LLM prefill).
 
 Here the budget is a fraction `keep` of each image's grid tokens, chosen over the whole packed image (base
-view and hi-res rows together, newline tokens dropped), and merging happens on the projected tokens.
+view and hi-res rows together), and merging happens on the projected tokens. Every `image_newline` token is
+kept in its place on top of the budget (and counted): the language model reads the image block's rows through
+them, and a block with none is an input it never saw. When an image is one crop in size, its base view and its
+only hi-res crop show the same pixels, so the dominant tokens of the two views can be the same patches twice.
 
 Reference vs paper (dvlab-research/VisionZip): the paper selects by [CLS] attention and merges by key
 similarity; the reference does exactly that at CLIP layer -2 (attentions[-2], the LLaVA feature layer), sums
 the [CLS] row over heads, keeps [CLS] among the dominant tokens (`dominant - 1` patches), merges in the vision
 encoder's hidden space before the projector, and, for LLaVA-NeXT, applies the same fixed counts to every
-anyres crop independently. It monkey-patches CLIP's attention globally to obtain weights. We use the feature
-layer of LLaVA-OV (SigLIP, no [CLS]), one budget per image across its crops, and merge after the projector
-(LLaVA-OV's unpadding and newlines are defined on projected tokens).
+anyres crop independently. Its LLaVA-NeXT path (`restore_image_features_sorted`) builds the newline column and
+never uses it, so the hi-res rows reach the LLM without newlines; one newline follows a single-crop image. It
+monkey-patches CLIP's attention globally to obtain weights. We use the feature layer of LLaVA-OV (SigLIP, no
+[CLS]), one budget per image across its crops, keep the newlines, and merge after the projector (LLaVA-OV's
+unpadding and newlines are defined on projected tokens).
 """
 
 from __future__ import annotations
@@ -59,7 +64,8 @@ class VisionZip:
         grid = packed_grid(config, image_size)
         if self.keep == 1:
             return grid.num_tokens
-        return sum(self.budget(grid.num_tokens - grid.hires[0]))
+        newlines = grid.hires[0]
+        return sum(self.budget(grid.num_tokens - newlines)) + newlines
 
     def vision_overhead_flops(self, config, image_size) -> int:
         """The score rows of the feature layer in every crop, and the merge similarities."""
@@ -93,14 +99,15 @@ class VisionZip:
         return reduced
 
     def zip_image(self, features, scores, keys, grid) -> torch.Tensor:
-        """(n, d) packed tokens → dominant tokens (in order) followed by contextual tokens."""
+        """(n, d) packed tokens → the dominant grid tokens and every newline token, in packed order, followed by
+        the contextual tokens. `grid` (n,) marks grid tokens (the rest are `image_newline`)."""
         dominant, contextual = self.budget(int(grid.sum()))
-        top = scores.masked_fill(~grid, float("-inf")).topk(dominant).indices.sort().values
-        rest = grid.clone()
-        rest[top] = False
-        rest = rest.nonzero().squeeze(1)
+        top = scores.masked_fill(~grid, float("-inf")).topk(dominant).indices
+        kept = ~grid
+        kept[top] = True
+        rest = (grid & ~kept).nonzero().squeeze(1)
         if contextual == 0:
-            return features[top]
+            return features[kept]
         step = max(1, len(rest) // contextual)
         is_target = torch.zeros(len(rest), dtype=torch.bool)
         is_target[torch.arange(0, len(rest), step)[:contextual]] = True
@@ -110,7 +117,7 @@ class VisionZip:
         members = features[rest][~is_target]
         sums = features.new_zeros(contextual, features.shape[-1]).index_add_(0, assigned, members)
         counts = torch.bincount(assigned, minlength=contextual).clamp(min=1)[:, None]
-        return torch.cat([features[top], features[rest][is_target] + sums / counts])
+        return torch.cat([features[kept], features[rest][is_target] + sums / counts])
 
 
 def visionzip(model, keep: float = 0.1, configuration: int | None = None) -> PreLLMReduced:
