@@ -7,11 +7,13 @@ and are not checked, only that every promised piece is there and consistent.
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -207,3 +209,25 @@ def test_a_suite_without_a_shipped_model_needs_a_checkpoint(tmp_path, capsys):
     assert cli.main(["demo", "--quick", "--output", str(output), "--no-progress", "--suite", "standard"]) == 2
     assert "no full model is shipped for suite 'standard'" in capsys.readouterr().err
     assert not output.exists()
+
+
+def test_rescoring_a_baseline_with_unchanged_code_reproduces_its_rows(demo_run, tmp_path):
+    """scripts/rescore_baselines.py scores stock-model baselines of a finished run again in place."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("rescore", Path(__file__).parents[2] / "scripts" / "rescore_baselines.py")
+    rescore = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rescore)
+    output, _, _ = demo_run
+    folder = tmp_path / "run"
+    shutil.copytree(output / "report", folder)
+    before = json.loads((folder / "results.json").read_text())
+    after = rescore.rescore(folder, ["visionzip"], ["visor+visionzip"])
+    assert after["rows"] == [row for row in before["rows"] if row["method"] != "visor+visionzip"]
+    assert after["stages"]["rescored"]["methods"] == ["visionzip"]
+    assert "rows of visionzip were scored again" in (folder / "report.md").read_text()
+    tampered = json.loads((folder / "results.json").read_text())
+    next(row for row in tampered["rows"] if row["method"] == "full")["accuracy"] += 1
+    (folder / "results.json").write_text(json.dumps(tampered))
+    with pytest.raises(SystemExit, match="full model's rows differ"):
+        rescore.rescore(folder, ["hired"], [])

@@ -2,7 +2,8 @@
 
 import pytest
 
-from visor.demo.report import policy_curve_verdicts, router_curve_verdicts, setting_order, verdicts
+from visor.demo.report import (at_or_below_majority, policy_curve_verdicts, router_curve_verdicts, setting_order,
+                               verdicts)
 
 FIXED = [(10.0, 80.0), (20.0, 90.0), (40.0, 95.0)]
 
@@ -65,6 +66,20 @@ def test_a_baseline_stuck_at_its_strongest_reduction_is_named_by_its_weakest_set
     lines = verdicts(dict(groups=groups, stages={}))
     assert any(line.startswith("fastv at 4x (2.61x, nearest") for line in lines)
     assert any(line.startswith("pool at 11x (11.80x, nearest") for line in lines)
+
+
+def test_each_baseline_is_held_against_the_majority_class():
+    def task(method, name, accuracy, majority):
+        return dict(method=method, setting="4x", task=name, group="hard", accuracy=accuracy, majority=majority)
+
+    rows = [task("hired", "read_cell", 13.0, 13.0), task("hired", "bar_value", 40.0, 18.0),
+            task("pool", "read_cell", 14.0, 13.0), task("pool", "bar_value", 19.0, 18.0)]
+    assert at_or_below_majority(dict(rows=rows), ("hired", "4x")) == (["read_cell"], 2)
+    assert at_or_below_majority(dict(rows=rows), ("pool", "4x"), "hard") == ([], 2)
+    groups = [dict(method=m, setting=s, group="hard", accuracy=a, savings=r)
+              for m, s, a, r in (("visor-policy", "auto", 94.0, 10.8), ("hired", "4x", 26.5, 4.0))]
+    (line,) = [line for line in verdicts(dict(rows=rows, groups=groups, stages={})) if line.startswith("hired")]
+    assert "at or below the majority class on 1 of 2" in line
 
 
 def test_the_full_model_target_counts_every_task_of_the_group():

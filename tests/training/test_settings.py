@@ -1,11 +1,12 @@
 import pytest
 
+from visor.training import settings as settings_module
 from visor.training.settings import RECIPE_DEFAULTS, TrainingSettings, load_settings
 
 
 def test_defaults_are_the_documented_ones():
     settings = TrainingSettings()
-    assert settings.learning_rate == 1e-3 and settings.aux_weight == 1.0 and settings.mixed_precision == "bf16"
+    assert settings.learning_rate == 1e-3 and settings.aux_weight == 1.0 and settings.mixed_precision == "auto"
     assert settings.configuration_weights is None
 
 
@@ -56,3 +57,11 @@ def test_micro_batch_must_split_evenly():
     assert settings.micro_batch_size(2) == 3
     with pytest.raises(ValueError, match="does not split"):
         settings.micro_batch_size(5)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_where_the_device_computes_it_natively(monkeypatch, native):
+    monkeypatch.setattr(settings_module, "native_bf16", lambda device: native)
+    assert TrainingSettings().precision_on("cpu") == ("bf16" if native else "no")
+    assert TrainingSettings(mixed_precision="no").precision_on("cpu") == "no"
+    assert TrainingSettings(mixed_precision="bf16").precision_on("cuda") == "bf16"

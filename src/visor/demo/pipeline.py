@@ -326,24 +326,33 @@ class Demo:
     # ---- the systems compared -------------------------------------------------------------------------
     def systems(self):
         """(method, setting, builder of a `Generate`) for every row of the comparison."""
+        yield from self.stock_systems()
+        yield from self.visor_systems()
+
+    def stock_systems(self):
+        """The rows that need only the shipped full model: itself, text-only, the baselines applied to it."""
         tokens = self.plan.max_new_tokens
         yield "full", "all tokens", lambda: _stock_system(self.full_model(), tokens)
         yield "text-only", "no image", lambda: _text_only(self.full_model(), tokens)
+        yield from self._baselines(visor=False)
+
+    def visor_systems(self):
+        """The rows that need the trained VISOR models: each fixed configuration, the policy, `visor+…` baselines."""
+        tokens = self.plan.max_new_tokens
         configurations = self.visor_model("universal").config.configurations
         for index, layers in enumerate(configurations):
             yield "visor", f"SA {list(layers)}", (lambda i=index: _visor_fixed(self.visor_model("universal"), tokens, i))
         yield "visor-policy", "auto", lambda: _visor_auto(self.visor_model("policy"), tokens)
-        yield from self._baselines()
+        yield from self._baselines(visor=True)
 
-    def _baselines(self):
-        try:
-            from visor import reduction
-        except ImportError:  # the baselines are not in this build
-            return
+    def _baselines(self, visor: bool):
+        from visor import reduction
+
         ratios = self.baseline_ratios()
         for method in reduction.METHODS:
-            for ratio in ratios:
-                yield method, f"{ratio:g}x", (lambda m=method, r=ratio: _reduced_system(self, m, r))
+            if method.startswith("visor+") == visor:
+                for ratio in ratios:
+                    yield method, f"{ratio:g}x", (lambda m=method, r=ratio: _reduced_system(self, m, r))
 
     def baseline_ratios(self) -> list[float]:
         """The plan's FLOPs ratios, plus the policy's own savings on validation (one decimal) once the policy

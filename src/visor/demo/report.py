@@ -71,6 +71,14 @@ def setting_order(setting: str) -> tuple:
     return (0, float(number), "") if number.replace(".", "", 1).isdigit() else (1, 0.0, setting)
 
 
+def at_or_below_majority(results: dict, key: tuple[str, str], group: str | None = None) -> tuple[list[str], int]:
+    """The tasks (of `group`, or all) on which a system's accuracy is at most the majority class's, and how many
+    tasks there are: the yardstick for "reads nothing of the image" (text-only is not one: it may answer one
+    constant that happens to be rare)."""
+    rows = [r for r in results.get("rows", []) if (r["method"], r["setting"]) == key and group in (None, r["group"])]
+    return [r["task"] for r in rows if r["accuracy"] <= r["majority"]], len(rows)
+
+
 def _group(results: dict, key: tuple[str, str], group: str) -> dict | None:
     return next((r for r in results["groups"] if (r["method"], r["setting"]) == key and r["group"] == group), None)
 
@@ -114,9 +122,11 @@ def verdicts(results: dict) -> list[str]:
             nearest = min(candidates, key=lambda r: (abs(r["savings"] - hard_policy["savings"]),
                                                      setting_order(r["setting"])))
             better = hard_policy["accuracy"] > nearest["accuracy"]
+            below, total = at_or_below_majority(results, (method, nearest["setting"]), "hard")
             lines.append(
                 f"{method} at {nearest['setting']} ({nearest['savings']:.2f}x, nearest to the policy's "
-                f"{hard_policy['savings']:.2f}x on hard tasks): {nearest['accuracy']:.1f}% on hard tasks — "
+                f"{hard_policy['savings']:.2f}x on hard tasks): {nearest['accuracy']:.1f}% on hard tasks, at or "
+                f"below the majority class on {len(below)} of {total} — "
                 f"VISOR policy {'beats it' if better else 'does NOT beat it'} ({hard_policy['accuracy']:.1f}%)."
             )
     return lines
@@ -205,16 +215,29 @@ def markdown(results: dict) -> str:
     command = "`make demo`" if suite == "demo" else f"`visor demo --suite {suite}`"
     lines = ["# VISOR demo report", "",
              f"Produced by `visor demo` (suite `{suite}`, as {command} runs it); every number below is measured in "
-             "that run.", "", "## Verdicts", ""]
+             "that run."]
+    rescored = stages.get("rescored")
+    if rescored:
+        lines[-1] += (f" The rows of {', '.join(rescored['methods'])} were scored again later on the same full model "
+                      f"(code at commit {rescored['commit']}, `scripts/rescore_baselines.py`; the full model's rows "
+                      "came out identical)" + (f"; the rows of {', '.join(rescored['dropped'])} were removed (measured "
+                      "with code since changed, on this run's VISOR models, which are not kept)"
+                                               if rescored["dropped"] else "") + ".")
+    lines += ["", "## Verdicts", ""]
     lines += [f"- {line}" for line in verdicts(results)]
     lines += ["", "## Table 1: accuracy and LLM-prefill FLOPs per task group (test split)", "",
-              "| method | setting | " + " | ".join(f"{g} acc % | {g} GFLOPs | {g} savings" for g in groups) + " |",
-              "|---|---|" + "---|---|---|" * len(groups)]
+              "Last column: the tasks on which the method does no better than always giving the task's most common "
+              "answer (Table 2's first row); a method that reads nothing of the image lands there.", "",
+              "| method | setting | " + " | ".join(f"{g} acc % | {g} GFLOPs | {g} savings" for g in groups)
+              + " | tasks at or below the majority class |",
+              "|---|---|" + "---|---|---|" * len(groups) + "---|"]
     for key in keys:
         cells = []
         for group in groups:
             row = _group(results, key, group)
             cells += [f"{row['accuracy']:.1f}", _gflops(row["llm_prefill_flops"]), f"{row['savings']:.2f}x"]
+        below, total = at_or_below_majority(results, key)
+        cells.append(f"{len(below)} of {total}" + (f" ({', '.join(below)})" if below else ""))
         lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
     tasks = list(dict.fromkeys(r["task"] for r in results["rows"]))
     lines += ["", "## Table 2: accuracy per task (%), majority-class baseline in the first row", "",

@@ -122,10 +122,11 @@ def _write_json(path: Path, value: Any) -> None:
 def _accelerator(settings: TrainingSettings, use_cpu: bool) -> Accelerator:
     """The run's Accelerator. accelerate keeps one global state per process; a library user who trains twice in
     one process (stage 1 in fp32 after a bf16 full run, say) gets that state reset, not an error."""
-    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != settings.mixed_precision:
+    precision = settings.precision_on("cpu" if use_cpu or not torch.cuda.is_available() else "cuda")
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != precision:
         AcceleratorState._reset_state()
     return Accelerator(
-        mixed_precision=settings.mixed_precision,
+        mixed_precision=precision,
         cpu=use_cpu,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )

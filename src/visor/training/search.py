@@ -105,7 +105,7 @@ def search_configurations(
     original = [list(c) for c in config.configurations]
     cost, cost_measure = _cost_function(model, source, settings)
     autocast = (lambda: torch.autocast(model.device.type, dtype=torch.bfloat16)) \
-        if settings.mixed_precision == "bf16" else None
+        if settings.precision_on(model.device.type) == "bf16" else None
     options = dict(per_task=settings.samples_per_task, batch_size=settings.eval_batch_size,
                    max_new_tokens=settings.max_new_tokens, autocast=autocast)
     evaluated: dict[tuple[int, ...], dict[str, Any]] = {}

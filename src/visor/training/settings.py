@@ -12,9 +12,15 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any
 
+import torch
 import yaml
 
-MIXED_PRECISION = ("no", "bf16", "fp16")
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+
+
+def native_bf16(device: str) -> bool:
+    """Whether `device` (`cpu` or `cuda`) computes bf16 matmuls natively (a CPU: oneDNN's AVX-512/AMX path)."""
+    return torch.cuda.is_bf16_supported() if device == "cuda" else torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 @dataclass
@@ -80,8 +86,10 @@ class TrainingSettings:
     log_every: int = 10
     """Steps between lines in metrics.jsonl (and progress-bar updates of the loss)."""
     seed: int = 0
-    mixed_precision: str = "bf16"
-    """`bf16` autocast (6x faster matmuls on AMX CPUs and on recent GPUs), `no` for fp32 (tests), or `fp16`."""
+    mixed_precision: str = "auto"
+    """`bf16` autocast (6x faster matmuls on AMX CPUs and on recent GPUs), `no` for fp32 (tests), `fp16`, or
+    `auto`: bf16 where the device computes it natively, fp32 elsewhere (on a CPU without bf16 instructions,
+    bf16 matmuls run tens of times slower than fp32 ones)."""
     num_threads: int = 0
     """torch threads per process (0: leave torch's default)."""
     attn_implementation: str = "sdpa"
@@ -122,6 +130,12 @@ class TrainingSettings:
             weights = self.configuration_weights
             if not weights or any(w < 0 for w in weights) or sum(weights) <= 0:
                 raise ValueError(f"configuration_weights must be non-negative with a positive sum, got {weights}")
+
+    def precision_on(self, device: str) -> str:
+        """`mixed_precision` with `auto` resolved for `device` (`cpu` or `cuda`)."""
+        if self.mixed_precision != "auto":
+            return self.mixed_precision
+        return "bf16" if native_bf16(device) else "no"
 
     def micro_batch_size(self, num_processes: int) -> int:
         per_step = self.gradient_accumulation_steps * num_processes
