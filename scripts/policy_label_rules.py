@@ -20,7 +20,7 @@ import torch
 from visor.demo.pipeline import SUITE, VARIANTS, demo_threshold
 from visor.demo.report import router_against_fixed_curve
 from visor.flops import router_flops
-from visor.modeling import VisorForConditionalGeneration
+from visor import VisorForConditionalGeneration
 from visor.modeling.router import ConfigurationRouter
 from visor.policy.api import full_model_flops, label_synthetic
 from visor.policy.labels import LABEL_RULES, LabelTable

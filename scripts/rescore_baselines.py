@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from visor.demo import report
-from visor.demo.pipeline import DONE, Demo, DemoPlan
-from visor.demo.systems import score_system
+from visor.demo.pipeline import EVAL_BATCH, Demo, DemoPlan
+from visor.evaluation.scoring import score
 
 
 def plan_of(results: dict) -> DemoPlan:
@@ -49,8 +49,8 @@ def rescore(folder: Path, methods: list[str], dropped: list[str]) -> dict:
         if unknown:
             raise SystemExit(f"not stock-model baselines of this run: {', '.join(unknown)}")
         start = time.perf_counter()
-        scored = [(method, setting, score_system(build(), demo.data, "test", demo.plan.test_per_task,
-                                                 description=f"{method} {setting}"))
+        test = list(demo.data.eval_batches("test", demo.plan.test_per_task, EVAL_BATCH))
+        scored = [(method, setting, score(demo.data, test, build(), f"{method} {setting}", progress=True))
                   for method, setting, build in chosen]
     groups = {task.name: task.group for task in demo.data.suite.tasks}
     majority = demo.data.majority_baseline("test", demo.plan.test_per_task)

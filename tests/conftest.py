@@ -39,7 +39,7 @@ def open_visor(stock, gate: float = 0.8):
     """`stock` converted to VISOR with its CA gates open (fresh gates start closed), so the image reaches the text."""
     from visor import VisorForConditionalGeneration
 
-    visor = VisorForConditionalGeneration.from_llava(stock).eval()
+    visor = VisorForConditionalGeneration.from_stock(stock).eval()
     with torch.no_grad():
         for block in visor.cross_attention.values():
             block.attention_gate.fill_(gate)

@@ -9,6 +9,8 @@ import pytest
 from PIL import Image
 
 from visor import bench
+from visor.config import Schedule
+from visor.reduction.pruned import PruningPlan
 from visor.flops import llm_prefill_flops
 
 REQUIRED_KEYS = {
@@ -48,8 +50,9 @@ def test_one_row_per_method_configuration_and_visual_tokens(result):
         assert REQUIRED_KEYS <= set(row)
         assert row["text_tokens"] == TEXT_TOKENS
         assert row["prefill_s"] > 0 and row["decode_s_per_token"] > 0
-        configuration = row["configuration"] if row["method"] == "visor" else row["method"]
-        counted = llm_prefill_flops(config, row["visual_tokens"], TEXT_TOKENS, configuration, logits_tokens=1)
+        schedule = {"visor": lambda: Schedule.of(config, row["configuration"]), "full": lambda: Schedule.full(config),
+                    "text-only": Schedule.text_only}[row["method"]]()
+        counted = llm_prefill_flops(config, row["visual_tokens"], TEXT_TOKENS, schedule, logits_tokens=1)
         assert row["llm_prefill_flops"] == counted.total
 
 
@@ -145,13 +148,16 @@ def test_baseline_rows_at_the_requested_ratio(baselines):
         row = rows[method]
         assert row["setting"] == "2x" and row["prefill_s"] > 0 and row["decode_s_per_token"] > 0
         assert row["flops_ratio"] >= 2
-        if method not in bench.IN_LLM:  # the language model on fewer tokens (VISOR alone may already save 2x)
+        config = bench.BenchPlan("tiny").config
+        if row["llm_visual_tokens"] is not None:  # before the LLM: fewer tokens (VISOR alone may already save 2x)
+            assert not isinstance(reduction.reduction_at(config, method, 1.0), PruningPlan)
             on_visor = method.startswith("visor+")
-            config = bench.BenchPlan("tiny").config
-            counted = llm_prefill_flops(config, row["llm_visual_tokens"], TEXT_TOKENS,
-                                        config.largest_configuration if on_visor else "full", logits_tokens=1)
+            counted = llm_prefill_flops(config, row["llm_visual_tokens"], TEXT_TOKENS, Schedule.of(
+                config, config.largest_configuration) if on_visor else Schedule.full(config), logits_tokens=1)
             assert row["llm_prefill_flops"] == counted.total
             assert row["llm_visual_tokens"] <= 96 if on_visor else row["llm_visual_tokens"] < 96
+    in_llm = {method for method in reduction.METHODS if rows[method]["llm_visual_tokens"] is None}
+    assert in_llm == {"fastv", "pyramiddrop", "sparsevlm", "shortv"}
     assert rows["fastv"]["kv_bytes_visual"] < rows["full"]["kv_bytes_visual"]
     assert rows["shortv"]["kv_bytes_visual"] == rows["full"]["kv_bytes_visual"]  # frozen, not dropped
 

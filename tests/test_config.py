@@ -9,7 +9,7 @@ from visor import VisorConfig, presets
 
 
 def config_with(num_layers=24, **options) -> VisorConfig:
-    return VisorConfig.from_llava_config(presets.tiny(num_layers), **options)
+    return VisorConfig.from_stock_config(presets.tiny(num_layers), **options)
 
 
 def test_defaults_for_24_layers_match_the_paper():
@@ -23,6 +23,7 @@ def test_defaults_for_24_layers_match_the_paper():
     assert config.router_layer <= min(candidates)
     assert config.router_layer == config.first_optional_layer
     assert config.largest_configuration == 8
+    assert config.router_mode == "softmax"  # the paper's router, the default everywhere
 
 
 @pytest.mark.parametrize("num_layers", [2, 4, 6, 28, 32])
@@ -39,9 +40,9 @@ def test_dense_config_is_every_layer_sa_and_no_ca():
     assert config.first_optional_layer is None
 
 
-def test_from_llava_config_keeps_the_llava_config():
+def test_from_stock_config_keeps_the_stock_config():
     llava = presets.tiny_llama(6)
-    config = VisorConfig.from_llava_config(llava)
+    config = VisorConfig.from_stock_config(llava)
     assert config.text_config.model_type == "llama"
     assert config.image_token_id == llava.image_token_id
     assert config.image_grid_pinpoints == llava.image_grid_pinpoints
@@ -63,6 +64,11 @@ INVALID = {
     "non-candidate": (dict(self_attention_layers=[1, 4], configurations=[[], [1, 7]]),
                       r"configuration 1 uses layers \[7\] that are not self_attention_layers"),
     "configuration-duplicates": (dict(self_attention_layers=[1, 4], configurations=[[1, 1]]), "duplicate layers"),
+    "repeated-configuration": (dict(self_attention_layers=[1, 4], configurations=[[], [1], [1]]),
+                               "configuration 2 repeats configuration 1"),
+    "unordered-configurations": (dict(self_attention_layers=[1, 4], configurations=[[1, 4], [], [1]]),
+                                 "from fewest to most self-attention layers"),
+    "router-mode": (dict(router_mode="argmax"), "router mode must be one of"),
     "router-after-first-optional": (dict(self_attention_layers=[1, 4], router_layer=2),
                                     "router_layer 2 comes after the first optional self-attention layer 1"),
     "router-out-of-range": (dict(self_attention_layers=[1, 4], configurations=[[1, 4]], router_layer=30),
@@ -84,17 +90,6 @@ def test_invalid_schedules_are_clear_value_errors(case):
 def test_too_shallow_text_model_is_rejected():
     with pytest.raises(ValueError, match="at least 2 layers"):
         config_with(1)
-
-
-def test_resolve_configuration():
-    config = config_with(6)  # configurations [[], [1], [1, 4]]
-    assert config.resolve_configuration(None, 2) == [2, 2]
-    assert config.resolve_configuration(1, 3) == [1, 1, 1]
-    assert config.resolve_configuration([0, 2], 2) == [0, 2]
-    with pytest.raises(ValueError, match="configuration 3 does not exist"):
-        config.resolve_configuration(3, 1)
-    with pytest.raises(ValueError, match="3 entries for a batch of 2"):
-        config.resolve_configuration([0, 1, 2], 2)
 
 
 def test_save_and_load_round_trip(tmp_path):

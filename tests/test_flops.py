@@ -1,4 +1,4 @@
-"""The analytic FLOP counter equals `FlopCounterMode` on real forwards, and its algebra is what DESIGN.md 5 says."""
+"""The analytic FLOP counter equals `FlopCounterMode` on real forwards, and its algebra is what `visor.flops` says."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlavaOnevisionForConditionalGeneration
 
 from visor import VisorConfig, VisorForConditionalGeneration, presets
+from visor.config import Schedule
 from visor.flops import (
     decode_flops_per_token,
     image_tokens,
@@ -69,7 +70,7 @@ def build(seed: int):
     config = random_llava_config(rng)
     stock = LlavaOnevisionForConditionalGeneration(config).eval()
     stock.set_attn_implementation("eager")
-    visor = VisorForConditionalGeneration.from_llava(stock, **random_visor_options(rng, config.text_config)).eval()
+    visor = VisorForConditionalGeneration.from_stock(stock, **random_visor_options(rng, config.text_config)).eval()
     height, width = rng.randint(24, 128), rng.randint(24, 128)
     crops, visual = image_tokens(config, (height, width))
     before, after = rng.randint(0, 6), rng.randint(1, 12)
@@ -91,7 +92,7 @@ def counted(run) -> int:
 
 
 def assert_exact(measured: int, analytic: int) -> None:
-    assert abs(measured - analytic) <= 0.01 * measured  # DESIGN.md 5's tolerance …
+    assert abs(measured - analytic) <= 0.01 * measured  # the tolerance `visor.flops` promises …
     assert measured == analytic  # … and in fact exact
 
 
@@ -101,21 +102,21 @@ def test_prefill_matches_flop_counter(seed):
     stock, visor, prompt, crops, visual, text = build(seed)
     length = visual + text
     vision = vision_flops(stock.config, crops).total
-    assert_exact(counted(lambda: stock(**prompt)), vision + llm_prefill_flops(stock.config, visual, text, "full", length).total)
+    assert_exact(counted(lambda: stock(**prompt)), vision + llm_prefill_flops(stock.config, visual, text, Schedule.full(stock.config), length).total)
     for index in range(len(visor.config.configurations)):
         keep = index % 2  # alternate a training-style forward (logits everywhere) and a generation prefill (1)
         measured = counted(lambda: visor(**prompt, configuration=index, logits_to_keep=keep))
-        analytic = llm_prefill_flops(visor.config, visual, text, index, logits_tokens=keep or length)
+        analytic = llm_prefill_flops(visor.config, visual, text, Schedule.of(visor.config, index), logits_tokens=keep or length)
         assert_exact(measured, vision + analytic.total)
 
 
 def test_dense_visor_counts_as_the_stock_model_plus_its_position_encoding():
     stock, _, prompt, crops, visual, text = build(100)
-    dense = VisorForConditionalGeneration.from_llava(stock, VisorConfig.dense(stock.config)).eval()
+    dense = VisorForConditionalGeneration.from_stock(stock, VisorConfig.dense(stock.config)).eval()
     vision = vision_flops(stock.config, crops).total
-    analytic = llm_prefill_flops(dense.config, visual, text, 0, logits_tokens=1)
+    analytic = llm_prefill_flops(dense.config, visual, text, Schedule.of(dense.config, 0), logits_tokens=1)
     assert_exact(counted(lambda: dense(**prompt, logits_to_keep=1)), vision + analytic.total)
-    stock_count = llm_prefill_flops(stock.config, visual, text, "full", logits_tokens=1)
+    stock_count = llm_prefill_flops(stock.config, visual, text, Schedule.full(stock.config), logits_tokens=1)
     assert analytic.total == stock_count.total + analytic.parts["position_encoding"]
     assert analytic.parts["position_encoding"] == 2 * visual * stock.config.text_config.hidden_size * 7
 
@@ -149,31 +150,37 @@ def counted_decode_steps(model, prompt, steps: int = 2, **options) -> list[int]:
 def test_decode_step_matches_flop_counter(seed):
     stock, visor, prompt, _, visual, text = build(seed)
     for step, measured in enumerate(counted_decode_steps(stock, prompt)):
-        assert_exact(measured, decode_flops_per_token(stock.config, visual, text, "full", step).total)
+        assert_exact(measured, decode_flops_per_token(stock.config, visual, text, Schedule.full(stock.config), step).total)
     for index in range(len(visor.config.configurations)):
         for step, measured in enumerate(counted_decode_steps(visor, prompt, configuration=index)):
-            assert_exact(measured, decode_flops_per_token(visor.config, visual, text, index, step).total)
+            assert_exact(measured, decode_flops_per_token(visor.config, visual, text, Schedule.of(visor.config, index), step).total)
 
 
 # ---- algebra at real shapes (nothing is built) --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def real():
-    return VisorConfig.from_llava_config(presets.llava_ov_0_5b())
+    return VisorConfig.from_stock_config(presets.llava_ov_0_5b())
 
 
 def test_text_only_below_every_configuration_below_full(real):
     visual, text = 7290, 64
-    costs = [llm_prefill_flops(real, visual, text, index).total for index in range(len(real.configurations))]
-    floor = llm_prefill_flops(real, visual, text, "text-only").total
-    full = llm_prefill_flops(real, visual, text, "full").total
+    costs = [llm_prefill_flops(real, visual, text, Schedule.of(real, index)).total for index in range(len(real.configurations))]
+    floor = llm_prefill_flops(real, visual, text, Schedule.text_only()).total
+    full = llm_prefill_flops(real, visual, text, Schedule.full(real)).total
     assert floor < costs[0] and costs[-1] < full
     assert costs == sorted(costs) and len(set(costs)) == len(costs)  # nested configurations: each SA layer costs
-    assert llm_prefill_flops(real, 0, text, "full").total == floor
+    assert llm_prefill_flops(real, 0, text, Schedule.full(real)).total == floor
+
+
+def schedule(config, configuration) -> Schedule:
+    """A configuration index, "full" or "text-only" as the schedule it names."""
+    named = {"full": Schedule.full, "text-only": lambda config: Schedule.text_only()}
+    return named[configuration](config) if configuration in named else Schedule.of(config, configuration)
 
 
 def test_ca_only_is_linear_and_full_is_quadratic_in_visual_tokens(real):
     def cost(configuration, visual):
-        return llm_prefill_flops(real, visual, 64, configuration).total
+        return llm_prefill_flops(real, visual, 64, schedule(real, configuration)).total
 
     for visual in (729, 2916):
         assert cost(0, 3 * visual) - cost(0, 2 * visual) == cost(0, 2 * visual) - cost(0, visual)  # affine
@@ -188,8 +195,8 @@ def test_ca_only_is_linear_and_full_is_quadratic_in_visual_tokens(real):
 def test_visual_decode_cost_shrinks_by_the_interaction_layers(real):
     """Each cached visual token costs attention in L layers for the full model, |CA| + |SA used| for VISOR."""
     def slope(configuration):
-        return (decode_flops_per_token(real, 2000, 64, configuration).total
-                - decode_flops_per_token(real, 1000, 64, configuration).total)
+        return (decode_flops_per_token(real, 2000, 64, schedule(real, configuration)).total
+                - decode_flops_per_token(real, 1000, 64, schedule(real, configuration)).total)
 
     per_layer = slope("full") // real.num_layers
     assert slope("full") == real.num_layers * per_layer == 4 * real.text_config.hidden_size * 1000 * real.num_layers
@@ -199,8 +206,8 @@ def test_visual_decode_cost_shrinks_by_the_interaction_layers(real):
 
 
 def test_decode_step_adds_one_text_key_everywhere(real):
-    step0 = decode_flops_per_token(real, 729, 64, 3, step=0).total
-    step5 = decode_flops_per_token(real, 729, 64, 3, step=5).total
+    step0 = decode_flops_per_token(real, 729, 64, Schedule.of(real, 3), step=0).total
+    step5 = decode_flops_per_token(real, 729, 64, Schedule.of(real, 3), step=5).total
     assert step5 - step0 == 5 * real.num_layers * 4 * real.text_config.hidden_size
 
 
@@ -219,14 +226,12 @@ def test_savings_is_a_ratio_of_sums():
 
 
 def test_bad_arguments_raise_clear_errors(real):
-    stock_config = presets.tiny(2)
-    with pytest.raises(ValueError, match="needs a VisorConfig"):
-        llm_prefill_flops(stock_config, 10, 10, 0)
     with pytest.raises(ValueError, match="does not exist"):
-        llm_prefill_flops(real, 10, 10, len(real.configurations))
-    with pytest.raises(ValueError, match="'full' or 'text-only'"):
-        llm_prefill_flops(real, 10, 10, "dense")
+        Schedule.of(real, len(real.configurations))
+    with pytest.raises(ValueError, match="does not exist"):
+        Schedule.of(real, True)
     with pytest.raises(ValueError, match="visual_tokens must be a non-negative"):
-        llm_prefill_flops(real, -1, 10)
-    assert llm_prefill_flops(stock_config, 10, 10).total == llm_prefill_flops(stock_config, 10, 10, "full").total
-    assert llm_prefill_flops(real, 10, 10).total == llm_prefill_flops(real, 10, 10, real.largest_configuration).total
+        llm_prefill_flops(real, -1, 10, Schedule.full(real))
+    with pytest.raises(TypeError):
+        llm_prefill_flops(real, 10, 10)  # the schedule is never implied
+    assert Schedule.of(real, real.largest_configuration).self_attention == frozenset(real.configurations[-1])

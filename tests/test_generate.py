@@ -9,6 +9,7 @@ from transformers import LlavaOnevisionForConditionalGeneration
 
 from visor import cli, presets
 from visor.data import build_tokenizer
+from visor.config import Schedule
 from visor.flops import llm_prefill_flops, router_flops
 from visor.generate import answer
 
@@ -30,7 +31,7 @@ def test_fixed_configuration_reports_its_layers_and_flops(saved):
         result = answer(folders["visor"], image, "what color dominates the image ?", configuration=index,
                         max_new_tokens=2)
         assert result["configuration"] == index and list(result["self_attention_layers"]) == list(layers)
-        expected = llm_prefill_flops(config, result["visual_tokens"], result["text_tokens"], index).total
+        expected = llm_prefill_flops(config, result["visual_tokens"], result["text_tokens"], Schedule.of(config, index)).total
         assert result["llm_prefill_flops"] == expected < result["full_flops"]
 
 
@@ -40,7 +41,7 @@ def test_auto_counts_the_router_and_picks_a_valid_configuration(saved):
         result = answer(folders["visor"], image, "what color dominates the image ?", tau=tau, max_new_tokens=2)
         ran = result["configuration"]
         assert 0 <= ran < len(config.configurations)
-        expected = llm_prefill_flops(config, result["visual_tokens"], result["text_tokens"], ran).total
+        expected = llm_prefill_flops(config, result["visual_tokens"], result["text_tokens"], Schedule.of(config, ran)).total
         assert result["llm_prefill_flops"] == expected + router_flops(config)
     # τ = 1 demands certainty no router gives: the largest configuration runs.
     assert result["configuration"] == config.largest_configuration
@@ -63,9 +64,10 @@ def test_cli_prints_answer_configuration_and_flops(saved, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(configuration="7"), "out of range"),
+    (dict(configuration="7"), "does not exist"),
     (dict(configuration="big"), "'auto' or an index"),
     (dict(tau=1.5), "must lie in [0, 1]"),
+    (dict(configuration="1", tau=0.5), "applies to configuration 'auto' only"),
 ])
 def test_bad_options_are_clear_errors(saved, tmp_path, capsys, options, message):
     folders, _, image = saved

@@ -1,7 +1,6 @@
-"""VISOR: VISion On Request for LLaVA-OneVision-style vision-language models."""
+"""VISOR: VISion On Request for vision-language models (LLaVA-OneVision today; see `visor.backbones`)."""
 
-from visor.config import VisorConfig
-from visor.modeling import VisorForConditionalGeneration
+from visor.backbones.llava_onevision import VisorConfig, VisorForConditionalGeneration
 
 __all__ = ["VisorConfig", "VisorForConditionalGeneration"]
 __version__ = "0.1.0"

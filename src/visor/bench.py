@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import statistics
 import time
@@ -40,7 +39,10 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from visor import reduction
-from visor.config import VisorConfig
+from visor.cli import comma_separated
+from visor import VisorConfig, VisorForConditionalGeneration
+from visor.config import Schedule
+from visor.files import save_figure, write_json
 from visor.flops import (
     decode_flops_per_token,
     layerwise_decode_flops_per_token,
@@ -48,14 +50,11 @@ from visor.flops import (
     tokens_per_crop,
     vision_flops,
 )
-from visor.cli import comma_separated
-from visor.modeling import VisorForConditionalGeneration
 from visor.presets import preset_config
 from visor.reduction.budget import solve_strength
-from visor.reduction.pruned import PrunedLlava, kept_count
+from visor.reduction.pruned import PruningPlan, kept_count, pruned
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-IN_LLM = ("fastv", "pyramiddrop", "sparsevlm", "shortv")  # the other baselines reduce tokens before the LLM
 
 
 @dataclass(frozen=True)
@@ -99,7 +98,7 @@ class BenchPlan:
     @cached_property
     def config(self) -> VisorConfig:
         """The preset with VISOR's default schedule (L/3 CA layers, nested SA configurations)."""
-        return VisorConfig.from_llava_config(
+        return VisorConfig.from_stock_config(
             preset_config(self.preset), cross_attention_key_value_heads=self.cross_attention_key_value_heads)
 
     @cached_property
@@ -177,7 +176,8 @@ def _build(config: VisorConfig, plan: BenchPlan) -> VisorForConditionalGeneratio
 @torch.inference_mode()
 def _measure(model, plan: BenchPlan, method: str, configuration: int | None, visual: int) -> BenchRow:
     config, text = plan.config, plan.text_tokens
-    flops_configuration = configuration if method == "visor" else method
+    schedule = {"visor": lambda: Schedule.of(config, configuration), "full": lambda: Schedule.full(config),
+                "text-only": Schedule.text_only}[method]()
     in_llm = 0 if method == "text-only" else visual
     input_ids, text_ids, features = _prompt(model, plan, in_llm, seed=visual)
     inputs = dict(input_ids=input_ids, image_features=[features] if in_llm else None,
@@ -193,13 +193,13 @@ def _measure(model, plan: BenchPlan, method: str, configuration: int | None, vis
         configuration=configuration,
         visual_tokens=visual,
         text_tokens=text,
-        llm_prefill_flops=llm_prefill_flops(config, visual, text, flops_configuration, logits_tokens=1).total,
+        llm_prefill_flops=llm_prefill_flops(config, visual, text, schedule, logits_tokens=1).total,
         prefill_s=prefill_s,
         decode_s_per_token=decode_s,
         kv_bytes_visual=kv_bytes["visual"],
         kv_bytes_text=kv_bytes["text"],
         self_attention_layers=self_attention,
-        decode_flops_per_token=decode_flops_per_token(config, visual, text, flops_configuration).total,
+        decode_flops_per_token=decode_flops_per_token(config, visual, text, schedule).total,
         vision_crops=crops,
         vision_flops=vision_flops(config, crops).total,
     )
@@ -212,11 +212,10 @@ def _measure_baseline(model, plan: BenchPlan, method: str, ratio: float, visual:
     input_ids, text_ids, features = _prompt(model, plan, visual, seed=visual)
     counted = dict(input_ids=input_ids.cpu())
     setting = f"{ratio:g}x"
-    if method in IN_LLM:
+    if isinstance(reduction.reduction_at(config, method, 1.0), PruningPlan):  # in the LLM: its own layer loop
         pruning = reduction.reduction_for(config, method, ratio, inputs=counted)
-        pruned = PrunedLlava.sharing(model, pruning)
         inputs = dict(input_ids=input_ids, image_features=[features], use_cache=True, logits_to_keep=1)
-        prefill_s, decode_s, kv_bytes = _timings(pruned, plan, inputs, text_ids)
+        prefill_s, decode_s, kv_bytes = _timings(pruned(model, pruning), plan, inputs, text_ids)
         per_layer = pruning.visual_per_layer(config, counted)[0].tolist()
         crops = math.ceil(visual / tokens_per_crop(config))
         return BenchRow(
@@ -231,9 +230,10 @@ def _measure_baseline(model, plan: BenchPlan, method: str, ratio: float, visual:
     on_visor = method.startswith("visor+")
     base, configuration = ("visor", config.largest_configuration) if on_visor else ("full", None)
 
+    schedule = Schedule.of(config, configuration) if on_visor else Schedule.full(config)
+
     def cost(kept: float, inputs: dict) -> torch.Tensor:
-        count = kept_count(visual, kept)
-        return torch.tensor([llm_prefill_flops(config, count, text, configuration if on_visor else "full").total])
+        return torch.tensor([llm_prefill_flops(config, kept_count(visual, kept), text, schedule).total])
 
     kept = kept_count(visual, solve_strength(config, cost, ratio, inputs=counted))
     row = _measure(model, plan, base, configuration, kept)
@@ -296,7 +296,7 @@ def write_outputs(rows: list[BenchRow], output: str | Path) -> list[Path]:
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     paths = [output / "bench.json", output / "flops.png", output / "speedup.png"]
-    paths[0].write_text(json.dumps([asdict(row) for row in rows], indent=2) + "\n")
+    write_json(paths[0], [asdict(row) for row in rows])
 
     lines: dict[str, list[BenchRow]] = {}
     for row in rows:
@@ -316,7 +316,7 @@ def write_outputs(rows: list[BenchRow], output: str | Path) -> list[Path]:
     axes.set(xlabel="visual tokens", ylabel="LLM prefill FLOPs", yscale="log",
              title=f"LLM prefill FLOPs ({rows[0].text_tokens} text tokens)")
     axes.legend(fontsize="small")
-    figure.savefig(paths[1], dpi=120)
+    save_figure(figure, paths[1])
 
     figure = Figure(figsize=(6, 6), layout="constrained")
     axes = figure.subplots()
@@ -329,7 +329,7 @@ def write_outputs(rows: list[BenchRow], output: str | Path) -> list[Path]:
     axes.set(xscale="log", yscale="log", xlim=limits, ylim=limits, xlabel="FLOPs ratio (full / method)",
              ylabel="measured prefill speed-up (full / method)", title="Measured speed-up vs FLOPs ratio")
     axes.legend(fontsize="small")
-    figure.savefig(paths[2], dpi=120)
+    save_figure(figure, paths[2])
     return paths
 
 

@@ -1,20 +1,27 @@
-"""`VisorConfig`: a LLaVA-OneVision config plus VISOR's layer schedule (DESIGN.md 2.2-2.6).
+"""VISOR's layer schedule as configuration data, validated once, and the schedule one forward pass runs.
 
-The schedule is data, validated once here, so the model never has to guess:
+`VisorConfigMixin` adds VISOR's fields to a model family's own config class (each backbone adapter defines
+`class VisorConfig(VisorConfigMixin, <the family's config>)`), so a VISOR checkpoint is the stock checkpoint's
+config plus these keys:
 
 - `cross_attention_layers`: layers that get a new cross-attention (CA) block in front of them;
 - `self_attention_layers`: the ordered list of SA *candidates*, layers that may run over [visual; text];
-- `configurations`: the feasible per-sample choices, each a set of SA candidates (default: nested prefixes
-  of the candidate list, from CA-only to all candidates);
-- `router_layer`: where the policy decides, before the first SA layer that is not in every configuration.
+- `configurations`: the feasible per-sample choices, each a set of SA candidates, from fewest SA layers to most
+  (default: nested prefixes of the candidate list, from CA-only to all candidates), so the last is the largest;
+- `router_layer`: where the policy decides, before the first SA layer that is not in every configuration;
+- the router's own state (`router_mode`, τ = `router_threshold`, the novelty guard's shape and κ): the config is
+  its one owner, the router module reads it.
+
+`Schedule` is what one sample runs, the layer kinds the FLOP counter prices: `Schedule.full(config)` (the stock
+model), `Schedule.text_only()`, or `Schedule.of(config, index)` for a VISOR configuration.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
-from huggingface_hub.dataclasses import strict
-from transformers import AutoConfig, LlavaOnevisionConfig
+ROUTER_MODES = ("softmax", "multilabel")
 
 
 def evenly_spread(num_layers: int, count: int, offset: int = 0) -> list[int]:
@@ -37,48 +44,43 @@ def default_schedule(num_layers: int) -> tuple[list[int], list[int]]:
     return cross, self_attention
 
 
-@strict
-class VisorConfig(LlavaOnevisionConfig):
-    """LLaVA-OneVision config extended with VISOR's layer schedule and new-module options.
+@dataclass(kw_only=True)
+class VisorConfigMixin:
+    """VISOR's fields and their validation, for any family's config (see the module docstring).
 
-    Layer kinds for a sample that runs configuration `c` (DESIGN.md 2.2): layer `l` is SA if `l` is in
-    `configurations[c]`; it has a CA block in front if `l` is in `cross_attention_layers`; otherwise it runs
-    on text only. Build one with `VisorConfig.from_llava_config(...)`; `VisorConfig.dense(...)` gives the
-    configuration that equals the stock model.
+    Layer kinds for a sample that runs configuration `c`: layer `l` is SA if `l` is in `configurations[c]`; it
+    has a CA block in front if `l` is in `cross_attention_layers`; otherwise it runs on text only. Build one with
+    `from_stock_config(...)`; `dense(...)` gives the configuration that equals the stock model.
     """
-
-    model_type = "visor"
 
     cross_attention_layers: list[int] | None = None
     self_attention_layers: list[int] | None = None
     configurations: list[list[int]] | None = None
     router_layer: int | None = None
     allow_cross_and_self_attention: bool = False
-    # Cross-attention block options (DESIGN.md 2.3).
+    # The CA blocks (`visor.modeling.cross_attention`).
     cross_attention_init: Literal["zero", "host"] = "zero"
     cross_attention_gate: bool = True
     cross_attention_mlp: bool = False
     cross_attention_rope: bool = True
     cross_attention_key_value_heads: int | None = None  # None: the host layer's; fewer make CA cheaper
-    # The policy's router (DESIGN.md 3), built when there is more than one configuration.
+    # The policy's router (`visor.modeling.router`), built when there is more than one configuration.
     router_hidden_size: int = 256
-    router_mode: Literal["multilabel", "softmax"] = "multilabel"
+    router_mode: Literal["softmax", "multilabel"] = "softmax"
     router_threshold: float = 0.5
-    # Its novelty guard (visor.modeling.novelty): how many training features it keeps (0: no guard), how many
-    # neighbours it compares with, and its threshold κ (None: flags nothing). `visor policy train
-    # --novelty-quantile` fills these.
+    # Its novelty guard (`visor.modeling.novelty`): how many training features it keeps (0: no guard), how many
+    # neighbours it compares with, and its threshold κ (None: flags nothing).
     router_novelty_references: int = 0
     router_novelty_neighbours: int = 5
     router_novelty_threshold: float | None = None
-    # Conditional position encoding on visual tokens after the projector (DESIGN.md 2.4).
+    # Conditional position encoding on visual tokens after the projector (`visor.modeling.position_encoding`).
     position_encoding: bool = True
     position_encoding_kernel: int = 7
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        num_layers = self.text_config.num_hidden_layers
         if self.cross_attention_layers is None or self.self_attention_layers is None:
-            default_cross, default_self = default_schedule(num_layers)
+            default_cross, default_self = default_schedule(self.num_layers)
             if self.cross_attention_layers is None:
                 self.cross_attention_layers = default_cross
             if self.self_attention_layers is None:
@@ -99,16 +101,16 @@ class VisorConfig(LlavaOnevisionConfig):
 
     # ----------------------------------------------------------------------------------------------------
     @classmethod
-    def from_llava_config(
+    def from_stock_config(
         cls,
-        llava_config: LlavaOnevisionConfig,
+        stock_config,
         cross_attention_layers: list[int] | None = None,
         self_attention_layers: list[int] | None = None,
         configurations: list[list[int]] | None = None,
         **options,
-    ) -> "VisorConfig":
-        """Wrap a LLaVA-OV config; unspecified layer lists get the evenly spread L/3 defaults."""
-        base = llava_config.to_dict()
+    ):
+        """Wrap the family's stock config; unspecified layer lists get the evenly spread L/3 defaults."""
+        base = stock_config.to_dict()
         for key in ("model_type", "architectures", "transformers_version"):
             base.pop(key, None)
         return cls(
@@ -120,11 +122,11 @@ class VisorConfig(LlavaOnevisionConfig):
         )
 
     @classmethod
-    def dense(cls, llava_config: LlavaOnevisionConfig, **options) -> "VisorConfig":
-        """Every layer SA and no CA block: the configuration that must equal the stock model (DESIGN.md 2.5)."""
-        every_layer = list(range(llava_config.text_config.num_hidden_layers))
-        return cls.from_llava_config(
-            llava_config,
+    def dense(cls, stock_config, **options):
+        """Every layer SA and no CA block: the configuration that must equal the stock model."""
+        every_layer = list(range(stock_config.text_config.num_hidden_layers))
+        return cls.from_stock_config(
+            stock_config,
             cross_attention_layers=[],
             self_attention_layers=every_layer,
             configurations=[every_layer],
@@ -145,9 +147,8 @@ class VisorConfig(LlavaOnevisionConfig):
 
     @property
     def largest_configuration(self) -> int:
-        """Index of the configuration with the most SA layers (the last one on ties): the default to run."""
-        sizes = [len(config) for config in self.configurations]
-        return max(range(len(sizes)), key=lambda index: (sizes[index], index))
+        """Index of the configuration with the most SA layers: the last (configurations go from fewest to most)."""
+        return len(self.configurations) - 1
 
     def validate_schedule(self) -> None:
         """Raise a ValueError naming the first problem in the layer schedule."""
@@ -177,6 +178,13 @@ class VisorConfig(LlavaOnevisionConfig):
                     f"configuration {index} uses layers {outside} that are not self_attention_layers "
                     f"{self.self_attention_layers}"
                 )
+            if self.configurations.index(config) != index:
+                raise ValueError(f"configuration {index} repeats configuration {self.configurations.index(config)}: "
+                                 f"{config}")
+        sizes = [len(config) for config in self.configurations]
+        if sizes != sorted(sizes):
+            raise ValueError(f"configurations must go from fewest to most self-attention layers (the last is the "
+                             f"largest), got sizes {sizes}")
         first_optional = self.first_optional_layer
         if self.router_layer is not None:
             if not 0 <= self.router_layer < num_layers:
@@ -186,6 +194,8 @@ class VisorConfig(LlavaOnevisionConfig):
                     f"router_layer {self.router_layer} comes after the first optional self-attention layer "
                     f"{first_optional}: the router must decide before any optional layer runs"
                 )
+        if self.router_mode not in ROUTER_MODES:
+            raise ValueError(f"router mode must be one of {ROUTER_MODES}, got {self.router_mode!r}")
         if not 0.0 <= self.router_threshold <= 1.0:
             raise ValueError(f"router_threshold τ must lie in [0, 1], got {self.router_threshold}")
         if self.router_novelty_references < 0 or self.router_novelty_neighbours < 1:
@@ -201,24 +211,39 @@ class VisorConfig(LlavaOnevisionConfig):
         if self.position_encoding_kernel < 1 or self.position_encoding_kernel % 2 == 0:
             raise ValueError(f"position_encoding_kernel must be a positive odd number, got {self.position_encoding_kernel}")
 
-    def resolve_configuration(self, configuration, batch_size: int):
-        """Per-sample configuration indices as a list of ints, from None, an int, or one index per sample."""
-        if hasattr(configuration, "dim") and configuration.dim() == 0:
-            configuration = int(configuration)
-        if configuration is None:
-            indices = [self.largest_configuration] * batch_size
-        elif isinstance(configuration, int):
-            indices = [configuration] * batch_size
-        else:
-            indices = [int(index) for index in configuration]
-            if len(indices) != batch_size:
-                raise ValueError(f"configuration has {len(indices)} entries for a batch of {batch_size}")
-        for index in indices:
-            if not 0 <= index < len(self.configurations):
-                raise ValueError(
-                    f"configuration {index} does not exist: this model has configurations 0..{len(self.configurations) - 1}"
-                )
-        return indices
+    def check_configuration(self, index) -> int:
+        """`index` as a configuration index of this config; a ValueError naming the valid ones otherwise."""
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(self.configurations):
+            raise ValueError(f"configuration {index!r} does not exist: this model has configurations "
+                             f"0..{len(self.configurations) - 1}")
+        return index
 
 
-AutoConfig.register("visor", VisorConfig)
+@dataclass(frozen=True)
+class Schedule:
+    """The layer kinds one sample runs through the language model (what the FLOP counter prices)."""
+
+    self_attention: frozenset[int]  # layers over [visual; text]
+    cross_attention: frozenset[int] = frozenset()  # layers with a CA block in front
+    position_encoding: bool = False  # the CPE runs on the visual tokens
+    visual: bool = True  # False: no visual token reaches the language model
+
+    @classmethod
+    def full(cls, config) -> Schedule:
+        """The stock model: every layer SA, no CA block, no CPE."""
+        return cls(frozenset(range(config.text_config.num_hidden_layers)))
+
+    @classmethod
+    def text_only(cls) -> Schedule:
+        """The floor: the question without its image."""
+        return cls(frozenset(), visual=False)
+
+    @classmethod
+    def of(cls, config: VisorConfigMixin, configuration: int) -> Schedule:
+        """VISOR's configuration `configuration` of `config`."""
+        return cls.with_layers(config, config.configurations[config.check_configuration(configuration)])
+
+    @classmethod
+    def with_layers(cls, config: VisorConfigMixin, self_attention_layers) -> Schedule:
+        """VISOR with `config`'s CA layers and CPE, running `self_attention_layers` as SA."""
+        return cls(frozenset(self_attention_layers), frozenset(config.cross_attention_layers), config.position_encoding)

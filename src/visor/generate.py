@@ -30,57 +30,15 @@ def register(subparsers) -> None:
 def answer(model_dir: str | Path, image, question: str, configuration: str | int = "auto", tau: float | None = None,
            max_new_tokens: int = 16) -> dict:
     """The answer, the configuration that ran, its LLM prefill FLOPs and the full model's, for one question."""
-    import torch
-    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from visor.data.processor import VisorProcessor
-    from visor.flops import llm_prefill_flops, prompt_token_counts, router_flops
-    from visor.training.recipes import is_visor, load_checkpoint
+    from visor.integrations.runner import CheckpointRunner
 
     hf_logging.disable_progress_bar()
-    model_dir = Path(model_dir)
-    model = load_checkpoint(model_dir).eval()
-    if not (model_dir / "tokenizer_config.json").is_file():
-        raise ValueError(f"{model_dir} has no tokenizer (tokenizer_config.json); save one next to the weights")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    inputs = dict(VisorProcessor(model.config, tokenizer, padding_side="left")(image, question))
-    options, extra = {}, 0
-    if is_visor(model):
-        if configuration == "auto" and model.router is None:
-            configuration = model.config.largest_configuration
-        if configuration != "auto":
-            configuration = configuration_index(configuration, len(model.config.configurations))
-        else:
-            extra = router_flops(model.config)
-        options = dict(configuration=configuration, router_threshold=tau)
-    elif configuration not in ("auto", "full") or tau is not None:
-        raise ValueError("a stock LLaVA-OV model has one configuration: drop --configuration and --tau")
-    text_config = model.config.text_config
-    with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True,
-                                pad_token_id=text_config.pad_token_id, eos_token_id=text_config.eos_token_id,
-                                **options)
-    new_tokens = output.sequences[0, inputs["input_ids"].shape[1]:]
-    ran = int(output.past_key_values.configuration[0]) if is_visor(model) else "full"
-    visual, text = (int(count[0]) for count in prompt_token_counts(model.config, inputs))
-    flops = llm_prefill_flops(model.config, visual, text, ran).total + extra
-    full = llm_prefill_flops(model.config, visual, text, "full").total
-    layers = model.config.configurations[ran] if is_visor(model) else "all"
-    return dict(answer=tokenizer.decode(new_tokens, skip_special_tokens=True).strip(), configuration=ran,
-                self_attention_layers=layers, llm_prefill_flops=flops, full_flops=full, visual_tokens=visual,
-                text_tokens=text)
-
-
-def configuration_index(value, count: int) -> int:
-    """A configuration index from user text (CLI, lmms-eval model args), with an error naming the valid range."""
-    try:
-        index = int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"--configuration must be 'auto' or an index 0..{count - 1}, got {value!r}") from None
-    if not 0 <= index < count:
-        raise ValueError(f"configuration {index} out of range 0..{count - 1}")
-    return index
+    result = CheckpointRunner(model_dir, configuration, tau).generate([image], [question], max_new_tokens)[0]
+    return dict(answer=result.text, configuration=result.configuration,
+                self_attention_layers=result.self_attention_layers, llm_prefill_flops=result.llm_prefill_flops,
+                full_flops=result.full_flops, visual_tokens=result.visual_tokens, text_tokens=result.text_tokens)
 
 
 def _main(args) -> int:

@@ -10,7 +10,7 @@ import pytest
 from visor.analysis import cli
 from visor.analysis.placement import paired_comparison
 from visor.analysis.sensitivity import spans
-from visor.config import VisorConfig
+from visor import VisorConfig
 
 OUTPUTS = ("attention_share", "drift", "sensitivity", "placement")
 

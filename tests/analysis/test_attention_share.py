@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from visor.analysis.attention_share import GROUPS, PADDING, ShareAccumulator, group_mass, token_groups
-from visor.analysis.probe import LayerProbe
+from visor.analysis.probe import probe
 
 IMAGE = 3
 
@@ -31,9 +31,8 @@ def probed(stock_factory, batch_factory):
     batch["attention_mask"] = torch.cat([batch["attention_mask"], (answers != 0).long()], dim=1)
     groups = token_groups(batch["input_ids"], batch["attention_mask"], IMAGE, prompt_length)
     weights = {}
-    with torch.no_grad(), LayerProbe(stock, batch["input_ids"], measure=[0, 2],
-                                     on_weights=lambda layer, w: weights.__setitem__(layer, w)):
-        stock(**batch)
+    with torch.no_grad():
+        probe(stock, measure=[0, 2], on_weights=lambda layer, w: weights.__setitem__(layer, w))(**batch)
     return stock, batch, groups, weights
 
 

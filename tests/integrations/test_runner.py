@@ -83,7 +83,7 @@ def test_stop_strings_cut_the_answer():
 
 
 @pytest.mark.parametrize("name, options, message", [
-    ("visor", dict(configuration=7), "out of range"),
+    ("visor", dict(configuration=7), "does not exist"),
     ("visor", dict(configuration="big"), "'auto' or an index"),
     ("visor", dict(tau=1.5), "must lie in"),
     ("stock", dict(configuration=0), "one configuration"),

@@ -44,7 +44,7 @@ def batch(stock):
 def visor(stock):
     """A default sparse VISOR (2 CA layers, SA candidates [1, 4]) with gates open and a non-zero CPE."""
     torch.manual_seed(2)
-    model = VisorForConditionalGeneration.from_llava(stock).eval()
+    model = VisorForConditionalGeneration.from_stock(stock).eval()
     with torch.no_grad():
         for block in model.cross_attention.values():
             block.attention_gate.fill_(0.7)
@@ -80,7 +80,7 @@ def test_cached_greedy_equals_recomputation(visor, batch, configuration):
 
 def test_cached_greedy_with_fewer_cross_attention_heads_equals_recomputation(stock, batch):
     torch.manual_seed(3)
-    model = VisorForConditionalGeneration.from_llava(stock, cross_attention_key_value_heads=1,
+    model = VisorForConditionalGeneration.from_stock(stock, cross_attention_key_value_heads=1,
                                                      cross_attention_init="host", cross_attention_gate=False).eval()
     assert all(block.k_proj.out_features == block.head_dim for block in model.cross_attention.values())
     configuration = [0, 2, 1]
@@ -108,7 +108,7 @@ def test_cached_logits_match_recomputed_logits(visor, batch):
 
 
 def test_dense_generation_equals_stock(stock, batch):
-    dense = VisorForConditionalGeneration.from_llava(stock, VisorConfig.dense(stock.config)).eval()
+    dense = VisorForConditionalGeneration.from_stock(stock, VisorConfig.dense(stock.config)).eval()
     assert torch.equal(greedy(dense, batch), greedy(stock, batch))
 
 
@@ -134,7 +134,7 @@ def test_mixed_batch_caches_vision_only_for_rows_that_ran_sa(visor, batch):
 
 def test_visual_cache_shrinks_by_the_layout_factor(stock, visor, batch):
     """Visual KV bytes of configuration c = (|CA| + |SA used|) / L of the dense model's, exactly."""
-    dense = VisorForConditionalGeneration.from_llava(stock, VisorConfig.dense(stock.config)).eval()
+    dense = VisorForConditionalGeneration.from_stock(stock, VisorConfig.dense(stock.config)).eval()
     with torch.no_grad():
         dense_bytes = dense(**batch, use_cache=True, logits_to_keep=1).past_key_values.nbytes()["visual"]
         for configuration, used in enumerate(visor.config.configurations):

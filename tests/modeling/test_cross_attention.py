@@ -167,7 +167,7 @@ def test_host_initialisation_copies_the_host_attention(stock):
     with torch.no_grad():  # trained norms are not all ones, so a norm left at its default would show
         for layer in stock.model.language_model.layers:
             layer.input_layernorm.weight.uniform_(0.5, 1.5)
-    model = VisorForConditionalGeneration.from_llava(stock, cross_attention_init="host", cross_attention_gate=False)
+    model = VisorForConditionalGeneration.from_stock(stock, cross_attention_init="host", cross_attention_gate=False)
     layers = model.model.language_model.layers
     for index, block in model.cross_attention.items():
         host = layers[int(index)]
@@ -179,7 +179,7 @@ def test_host_initialisation_copies_the_host_attention(stock):
 
 
 def test_zero_initialisation_closes_every_gate(stock):
-    model = VisorForConditionalGeneration.from_llava(stock, cross_attention_mlp=True)
+    model = VisorForConditionalGeneration.from_stock(stock, cross_attention_mlp=True)
     assert len(model.cross_attention) > 0
     for block in model.cross_attention.values():
         assert block.attention_gate.item() == 0.0 and block.mlp_gate.item() == 0.0

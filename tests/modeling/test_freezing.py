@@ -29,7 +29,7 @@ def batch(stock, batch_factory):
 
 def frozen_model(stock, gate: float | None) -> VisorForConditionalGeneration:
     torch.manual_seed(4)
-    model = VisorForConditionalGeneration.from_llava(stock)
+    model = VisorForConditionalGeneration.from_stock(stock)
     with torch.no_grad():
         if gate is not None:
             for block in model.cross_attention.values():
@@ -115,6 +115,6 @@ def test_unfreeze_all_makes_everything_trainable(stock, batch):
 
 
 def test_freeze_base_refuses_a_model_with_nothing_new(stock):
-    model = VisorForConditionalGeneration.from_llava(stock, VisorConfig.dense(stock.config, position_encoding=False))
+    model = VisorForConditionalGeneration.from_stock(stock, VisorConfig.dense(stock.config, position_encoding=False))
     with pytest.raises(ValueError, match="nothing trainable"):
         freeze_base(model)

@@ -30,7 +30,6 @@ def test_split_then_merge_is_the_identity(layout_case):
     visual, text = layout.split(sequence)
     assert visual.shape == (3, 4, 5) and text.shape == (3, 6, 5)
     assert torch.equal(layout.merge(visual, text), sequence)
-    assert torch.equal(layout.text(sequence), text)
 
 
 def test_streams_keep_the_original_order(layout_case):
@@ -38,14 +37,14 @@ def test_streams_keep_the_original_order(layout_case):
     for row in range(3):
         visual_positions = visual_mask[row].nonzero().squeeze(1)
         text_positions = (~visual_mask[row]).nonzero().squeeze(1)
-        assert layout.visual_index[row, : len(visual_positions)].tolist() == visual_positions.tolist()
-        assert layout.text_index[row, : len(text_positions)].tolist() == text_positions.tolist()
+        assert layout.visual.index[row, : len(visual_positions)].tolist() == visual_positions.tolist()
+        assert layout.text.index[row, : len(text_positions)].tolist() == text_positions.tolist()
         # Empty slots point at the dummy column S and are invalid.
-        assert (layout.visual_index[row, len(visual_positions):] == 8).all()
-        assert not layout.visual_valid[row, len(visual_positions):].any()
+        assert (layout.visual.index[row, len(visual_positions):] == 8).all()
+        assert not layout.visual.valid[row, len(visual_positions):].any()
     # Padding is text but never valid.
-    assert layout.text_valid[0].tolist() == [False, False, True, True, True, False]
-    assert layout.num_visual == 4
+    assert layout.text.valid[0].tolist() == [False, False, True, True, True, False]
+    assert layout.visual.width == 4
 
 
 def _reference_full_mask(attention_mask):

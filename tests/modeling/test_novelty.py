@@ -14,10 +14,22 @@ def _two_clusters(seed: int = 0) -> torch.Tensor:
     return torch.cat([tight, wide])
 
 
-def _fitted(quantile: float = 0.98) -> NoveltyGuard:
-    guard = NoveltyGuard(8, 0)
-    guard.fit(_two_clusters(), quantile)
-    return guard
+class Fitted:
+    """A guard fitted on the two clusters, with its κ (which a model keeps in its config)."""
+
+    def __init__(self, quantile: float = 0.98):
+        self.guard = NoveltyGuard(8, 0)
+        self.threshold = self.guard.fit(_two_clusters(), quantile)
+
+    def novel(self, features):
+        return self.guard.novel(features, self.threshold)
+
+    def scores(self, features):
+        return self.guard.scores(features)
+
+
+def _fitted(quantile: float = 0.98) -> Fitted:
+    return Fitted(quantile)
 
 
 def test_inputs_like_the_training_split_pass_and_far_ones_are_flagged():
@@ -62,7 +74,7 @@ def test_duplicated_training_features_give_finite_scores():
 
 def test_unfitted_guard_flags_nothing_and_large_tables_are_subsampled():
     guard = NoveltyGuard(8, 0)
-    assert guard.novel(torch.randn(3, 8)).tolist() == [False] * 3
+    assert guard.novel(torch.randn(3, 8), None).tolist() == [False] * 3
     guard.fit(_two_clusters(), max_references=100)
     assert guard.references.shape == (100, 8) and guard.radii.shape == (100,)
 

@@ -60,7 +60,7 @@ def test_keeps_the_shape_and_the_residual():
 def test_model_applies_it_per_image_and_not_to_text(stock_factory):
     """Two images in one sample: the second image's embeddings do not depend on the first image's pixels."""
     stock = stock_factory("tiny", num_layers=2)
-    model = VisorForConditionalGeneration.from_llava(stock).eval()
+    model = VisorForConditionalGeneration.from_stock(stock).eval()
     with torch.no_grad():
         model.position_encoding.conv.weight.normal_()
     image_token, tokens_per_crop = 3, 64 + 1  # a single 64-token crop plus its newline
@@ -71,8 +71,10 @@ def test_model_applies_it_per_image_and_not_to_text(stock_factory):
     other = pixel_values.clone()
     other[0] += 1.0
     with torch.no_grad():
-        first, mask = model.embed_multimodal(input_ids, pixel_values, image_sizes, two_images)
-        second, _ = model.embed_multimodal(input_ids, other, image_sizes, two_images)
+        first, mask = model.embed_multimodal(input_ids, pixel_values=pixel_values, image_sizes=image_sizes,
+                                             batch_num_images=two_images)
+        second, _ = model.embed_multimodal(input_ids, pixel_values=other, image_sizes=image_sizes,
+                                           batch_num_images=two_images)
     first_image = mask[0].nonzero().squeeze(1)[:tokens_per_crop]
     second_image = mask[0].nonzero().squeeze(1)[tokens_per_crop:]
     assert not torch.equal(first[0, first_image], second[0, first_image])

@@ -94,13 +94,13 @@ def next_token_logits(model, inputs, **kwargs):
 
 @pytest.fixture(scope="module")
 def dense(llava):
-    return VisorForConditionalGeneration.from_llava(llava, VisorConfig.dense(llava.config)).eval()
+    return VisorForConditionalGeneration.from_stock(llava, VisorConfig.dense(llava.config)).eval()
 
 
 @pytest.fixture(scope="module")
 def sparse(llava):
     """The default schedule, freshly converted: gates closed, CPE zero."""
-    model = VisorForConditionalGeneration.from_llava(llava).eval()
+    model = VisorForConditionalGeneration.from_stock(llava).eval()
     assert model.config.cross_attention_layers == list(range(0, 30, 3))
     return model
 

@@ -17,7 +17,7 @@ ATOL = 1e-5
 
 
 def dense_of(stock) -> VisorForConditionalGeneration:
-    return VisorForConditionalGeneration.from_llava(stock, VisorConfig.dense(stock.config)).eval()
+    return VisorForConditionalGeneration.from_stock(stock, VisorConfig.dense(stock.config)).eval()
 
 
 @torch.no_grad()
@@ -50,7 +50,7 @@ def batch(stock, batch_factory):
 @pytest.fixture(scope="module")
 def sparse(stock):
     torch.manual_seed(3)
-    return open_gates_and_cpe(VisorForConditionalGeneration.from_llava(stock).eval())
+    return open_gates_and_cpe(VisorForConditionalGeneration.from_stock(stock).eval())
 
 
 def test_default_schedule_of_the_six_layer_model(sparse):
@@ -61,7 +61,7 @@ def test_default_schedule_of_the_six_layer_model(sparse):
     assert config.configurations == [[], [1], [1, 4]]
 
 
-# ---- the oracle (DESIGN.md 2.5) -----------------------------------------------------------------------------
+# ---- the oracle: dense VISOR is the stock model --------------------------------------------------------------------------
 ORACLE_CASES = [(preset, attention) for preset in ("tiny", "tiny-llama") for attention in ("eager", "sdpa")]
 
 
@@ -140,10 +140,10 @@ def test_text_only_prompt_through_sparse_visor_equals_stock(stock, sparse, text_
 # ---- the new modules start as no-ops --------------------------------------------------------------------------
 def test_fresh_conversion_equals_the_same_schedule_without_ca_blocks(stock, batch):
     """Zero gates and a zero CPE add exactly nothing: a freshly converted model equals one with no CA block."""
-    fresh = VisorForConditionalGeneration.from_llava(stock).eval()
-    without_ca = VisorForConditionalGeneration.from_llava(
+    fresh = VisorForConditionalGeneration.from_stock(stock).eval()
+    without_ca = VisorForConditionalGeneration.from_stock(
         stock,
-        VisorConfig.from_llava_config(stock.config, cross_attention_layers=[], self_attention_layers=[1, 4]),
+        VisorConfig.from_stock_config(stock.config, cross_attention_layers=[], self_attention_layers=[1, 4]),
     ).eval()
     assert len(fresh.cross_attention) == 2 and len(without_ca.cross_attention) == 0
     for configuration in range(3):
@@ -158,7 +158,7 @@ def test_conversion_keeps_every_stock_weight(stock, sparse):
         assert torch.equal(visor_state[name], weight), name
 
 
-# ---- mixed batches (DESIGN.md 2.7) ----------------------------------------------------------------------------
+# ---- mixed batches -------------------------------------------------------------------------------------------
 MIXED = [0, 2, 1, 2]
 
 
@@ -245,7 +245,8 @@ def test_visual_states_change_only_in_sa_layers(sparse, batch):
     configuration = sparse.config.largest_configuration
     layout = TokenLayout.build(batch["input_ids"] == IMAGE, batch["attention_mask"])
     with torch.no_grad():
-        embedded, _ = sparse.embed_multimodal(batch["input_ids"], batch["pixel_values"], batch["image_sizes"])
+        embedded, _ = sparse.embed_multimodal(batch["input_ids"], pixel_values=batch["pixel_values"],
+                                              image_sizes=batch["image_sizes"])
     final = []
     norm_hook = sparse.model.language_model.norm.register_forward_hook(
         lambda module, args, output: final.append(args[0].detach())
@@ -257,7 +258,7 @@ def test_visual_states_change_only_in_sa_layers(sparse, batch):
         norm_hook.remove()
     sa_calls = [(hidden, output) for _, hidden, output in calls if hidden.shape[1] == layout.length]
     assert len(sa_calls) == len(sparse.config.configurations[configuration]) == 2
-    visual_valid = layout.visual_valid
+    visual_valid = layout.visual.valid
     current = layout.split(embedded)[0]
     for hidden, output in sa_calls:
         visual_in, visual_out = layout.split(hidden)[0], layout.split(output)[0]
@@ -269,9 +270,9 @@ def test_visual_states_change_only_in_sa_layers(sparse, batch):
 
 @pytest.fixture(scope="module")
 def vision_blind(stock):
-    config = VisorConfig.from_llava_config(stock.config, cross_attention_layers=[], self_attention_layers=[])
+    config = VisorConfig.from_stock_config(stock.config, cross_attention_layers=[], self_attention_layers=[])
     assert config.configurations == [[]]
-    return VisorForConditionalGeneration.from_llava(stock, config).eval()
+    return VisorForConditionalGeneration.from_stock(stock, config).eval()
 
 
 def test_without_ca_and_sa_layers_text_ignores_the_image(stock, vision_blind, batch):
@@ -314,11 +315,11 @@ def test_save_and_load_round_trip(sparse, batch, tmp_path):
 
 def test_from_llava_accepts_a_local_checkpoint_folder(stock, batch, tmp_path):
     stock.save_pretrained(tmp_path)
-    dense = VisorForConditionalGeneration.from_llava(str(tmp_path), VisorConfig.dense(stock.config)).eval()
+    dense = VisorForConditionalGeneration.from_stock(str(tmp_path), VisorConfig.dense(stock.config)).eval()
     valid = batch["attention_mask"].bool()
     assert dense.config.text_config._attn_implementation == "sdpa"  # loaded with the default kernel: not bit-exact
     torch.testing.assert_close(logits(dense, batch)[valid], logits(stock, batch)[valid], atol=ATOL, rtol=0)
-    sparse = VisorForConditionalGeneration.from_llava(tmp_path)
+    sparse = VisorForConditionalGeneration.from_stock(tmp_path)
     assert sparse.config.cross_attention_layers == [0, 3]
 
 
@@ -348,7 +349,7 @@ def _remove_config(folder):
 
 
 LOADERS = {
-    "from_llava": lambda folder: VisorForConditionalGeneration.from_llava(folder),
+    "from_llava": lambda folder: VisorForConditionalGeneration.from_stock(folder),
     "from_pretrained": lambda folder: VisorForConditionalGeneration.from_pretrained(folder),
 }
 BREAKAGES = {"truncated-safetensors": (_truncate_weights, "safetensors|model.safetensors|truncated|incomplete"),
@@ -367,12 +368,12 @@ def test_broken_checkpoint_folder_is_a_clear_value_error(stock, sparse, tmp_path
 
 def test_from_llava_rejects_a_path_that_is_not_a_folder(tmp_path):
     with pytest.raises(ValueError, match="not a local checkpoint folder"):
-        VisorForConditionalGeneration.from_llava(tmp_path / "nowhere")
+        VisorForConditionalGeneration.from_stock(tmp_path / "nowhere")
 
 
 def test_from_llava_rejects_config_and_options_together(stock):
     with pytest.raises(ValueError, match="either visor_config or config options"):
-        VisorForConditionalGeneration.from_llava(stock, VisorConfig.dense(stock.config), position_encoding=False)
+        VisorForConditionalGeneration.from_stock(stock, VisorConfig.dense(stock.config), position_encoding=False)
 
 
 # ---- bad input ----------------------------------------------------------------------------------------------

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from transformers import LlavaOnevisionForConditionalGeneration
 
 from visor import cli, presets
+from visor.config import Schedule
 from visor.flops import llm_prefill_flops, router_flops
 from visor.modeling.router import ConfigurationRouter
 from visor.policy import (
@@ -47,6 +50,15 @@ def _prompts(model, per_task=2):
     return inputs
 
 
+def router_of(hidden_size: int, configurations: int, mode: str = "softmax", router_hidden_size: int = 256):
+    """A router for `configurations` configurations (cheapest first) of a text model `hidden_size` wide."""
+    config = SimpleNamespace(text_config=SimpleNamespace(hidden_size=hidden_size), router_hidden_size=router_hidden_size,
+                             configurations=[list(range(size)) for size in range(configurations)], router_mode=mode,
+                             router_threshold=0.5, router_novelty_references=0, router_novelty_neighbours=5,
+                             router_novelty_threshold=None)
+    return ConfigurationRouter(config)
+
+
 def _splitting_tau(model, inputs) -> float:
     """A τ at which the (random) router sends some samples to configuration 0 and others elsewhere."""
     with torch.no_grad():
@@ -56,24 +68,23 @@ def _splitting_tau(model, inputs) -> float:
 
 # ---- the decision rule ------------------------------------------------------------------------------------------
 def test_decision_is_the_cheapest_configuration_passing_tau():
-    router = ConfigurationRouter(8, configuration_sizes=[2, 0, 1], mode="multilabel")
-    logits = torch.logit(torch.tensor([[0.9, 0.2, 0.6], [0.1, 0.1, 0.1]]))
-    # Cost order is 1 (0 SA) < 2 (1 SA) < 0 (2 SA).
-    assert router.decide(logits, 0.5).tolist() == [2, 0]  # row 2: nothing passes -> the most expensive
-    assert router.decide(logits, 0.15).tolist() == [1, 0]
-    assert router.decide(logits, 0.0).tolist() == [1, 1]
+    router = router_of(4, 3, mode="multilabel")
+    logits = torch.logit(torch.tensor([[0.2, 0.6, 0.9], [0.1, 0.1, 0.1]]))
+    assert router.decide(logits, 0.5).tolist() == [1, 2]  # row 2: nothing passes -> the largest
+    assert router.decide(logits, 0.15).tolist() == [0, 2]
+    assert router.decide(logits, 0.0).tolist() == [0, 0]
 
 
 def test_samples_flagged_novel_skip_the_cheapest_configuration():
-    router = ConfigurationRouter(8, configuration_sizes=[2, 0, 1], mode="multilabel")
-    logits = torch.logit(torch.tensor([[0.9, 0.9, 0.9], [0.9, 0.9, 0.9], [0.9, 0.9, 0.1]]))
+    router = router_of(4, 3, mode="multilabel")
+    logits = torch.logit(torch.tensor([[0.9, 0.9, 0.9], [0.9, 0.9, 0.9], [0.9, 0.1, 0.9]]))
     novel = torch.tensor([False, True, True])
-    # Cost order 1 < 2 < 0: a flagged sample takes the cheapest passing configuration after 1.
-    assert router.decide(logits, 0.5, novel).tolist() == [1, 2, 0]
+    # A flagged sample takes the cheapest passing configuration after the cheapest.
+    assert router.decide(logits, 0.5, novel).tolist() == [0, 1, 2]
 
 
 def test_softmax_mode_uses_cumulative_probability_cheapest_first():
-    router = ConfigurationRouter(8, configuration_sizes=[0, 1, 2], mode="softmax")
+    router = router_of(4, 3, mode="softmax")
     logits = torch.log(torch.tensor([[0.2, 0.5, 0.3]]))
     assert router.decide(logits, 0.15).tolist() == [0]
     assert router.decide(logits, 0.6).tolist() == [1]
@@ -82,7 +93,7 @@ def test_softmax_mode_uses_cumulative_probability_cheapest_first():
 
 def test_a_sure_router_can_still_be_thresholded():
     """Logits of 18 and 25 are both exactly 1.0 as float32 probabilities; the decision must still tell them apart."""
-    router = ConfigurationRouter(8, configuration_sizes=[0, 1], mode="multilabel")
+    router = router_of(4, 2, mode="multilabel")
     logits = torch.tensor([[18.0, 30.0], [25.0, 30.0]])
     assert torch.sigmoid(logits[:, 0]).tolist() == [1.0, 1.0]
     tau = float(torch.sigmoid(torch.tensor(25.0, dtype=torch.float64)))
@@ -93,7 +104,7 @@ def test_sweep_tries_every_score_where_a_decision_changes():
     """A router sure of the cheap configuration (scores above 0.999): the 0.01 grid sees one decision, the sweep
     also tries the table's own scores and so finds every mix of configurations."""
     torch.manual_seed(0)
-    router = ConfigurationRouter(4, [0, 1], router_hidden_size=8)
+    router = router_of(4, 2, mode="multilabel", router_hidden_size=8)
     with torch.no_grad():
         router.mlp[-1].bias.fill_(9.0)
     features = torch.randn(16, 8)
@@ -187,7 +198,7 @@ def test_novelty_guard_is_saved_counted_and_obeyed(model, table, tmp_path):
     guarded.save_pretrained(tmp_path)
     loaded = type(model).from_pretrained(tmp_path).eval()
     assert torch.equal(loaded.router.novelty.references, guarded.router.novelty.references)
-    assert loaded.router.novelty.threshold == kappa
+    assert loaded.config.router_novelty_threshold == kappa
     features = table.features[:1]
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
@@ -198,7 +209,7 @@ def test_novelty_guard_is_saved_counted_and_obeyed(model, table, tmp_path):
         novel = loaded.router.novel(router_features(loaded, inputs))
         # τ = 0 passes every configuration: the cheapest runs, except where the guard flags the input.
         assert loaded(**inputs, configuration="auto", router_threshold=0.0).configuration.tolist() == novel.long().tolist()
-        loaded.router.novelty.threshold = -1.0  # everything is novel
+        loaded.config.router_novelty_threshold = -1.0  # everything is novel
         assert (loaded(**inputs, configuration="auto", router_threshold=0.0).configuration == 1).all()
 
 
@@ -224,7 +235,7 @@ def test_label_table_contents(model, table):
     assert ((table.probability > 0) & (table.probability <= 1)).all()
     visual, text = table.tokens[0].tolist()
     assert visual > 20 * text > 0
-    assert table.flops[0].tolist() == [llm_prefill_flops(model.config, visual, text, c).total for c in range(3)]
+    assert table.flops[0].tolist() == [llm_prefill_flops(model.config, visual, text, Schedule.of(model.config, c)).total for c in range(3)]
     assert sorted(set(table.groups)) == ["easy", "hard"]
 
 
@@ -246,7 +257,7 @@ def test_good_labels_follow_the_99_percent_rule():
                        torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 2, dtype=torch.long), ["a", "b"], ["h", "e"])
     assert table.good("probability").tolist() == [[False, True, True], [True, False, True]]
     assert table.good("correct").tolist() == [[False, True, True], [True, False, True]]
-    assert cheapest_good(table.good(), [0, 1, 2]).tolist() == [1, 0]
+    assert cheapest_good(table.good()).tolist() == [1, 0]
 
 
 # ---- training, calibration, report -------------------------------------------------------------------------------
@@ -259,7 +270,7 @@ def test_router_training_fits_separable_labels(mode):
     probability = torch.stack([torch.where(hard, 0.1, 0.9), torch.full((64,), 0.9), torch.full((64,), 0.9)], dim=1)
     table = LabelTable(features, probability, probability > 0.5, torch.tensor([[1, 2, 3]]).repeat(64, 1),
                        torch.zeros(64, 2, dtype=torch.long), ["t"] * 64, ["g"] * 64)
-    router = ConfigurationRouter(4, [0, 1, 2], router_hidden_size=16, mode=mode)
+    router = router_of(4, 3, mode=mode, router_hidden_size=16)
     losses = train_router(router, table, steps=200, lr=1e-2)
     assert losses[-1] < 0.5 * losses[0]
     choice = router_outcome(router, table, 0.5, 0).choice
@@ -331,7 +342,7 @@ def test_report_rows_and_oracle(model, table, tmp_path):
     assert overall["fixed-0"]["savings"] > overall["fixed-2"]["savings"] > 1
     assert sum(overall["router"]["histogram"].values()) == len(table)
     assert {"curve_gap", "curve_gap_noise", "novel"} <= overall["router"].keys() and overall["router"]["novel"] == 0
-    oracle = oracle_outcome(table, model.router.cost_order)
+    oracle = oracle_outcome(table)
     assert torch.equal(oracle.correct, table.correct.any(dim=1))
     assert torch.equal(fixed_outcome(table, 1).flops, table.flops[:, 1])
     curves = report["router_curves"]
@@ -368,21 +379,30 @@ def test_policy_cli_end_to_end(model, tmp_path, capsys):
                      "--target-flops", "1"]) == 2
 
 
-def test_router_for_a_config_follows_its_configurations_and_mode():
-    from visor import VisorConfig
+def test_the_router_reads_its_mode_and_tau_from_the_models_config(model, tmp_path):
+    from visor import VisorConfig, VisorForConditionalGeneration
 
-    config = VisorConfig.from_llava_config(presets.tiny(6), router_mode="softmax", router_hidden_size=16)
-    router = ConfigurationRouter.for_config(config)
-    assert router.mode == "softmax" and router.cost_order == [0, 1, 2]
-    assert router.mlp[-1].out_features == len(config.configurations) and router.mlp[0].out_features == 16
-    assert ConfigurationRouter.for_config(config, "multilabel").mode == "multilabel"
+    config = VisorConfig.from_stock_config(presets.tiny(6), router_mode="multilabel", router_hidden_size=16)
+    router = ConfigurationRouter(config)
+    assert router.mode == "multilabel" and router.num_configurations == len(config.configurations) == 3
+    assert router.mlp[-1].out_features == 3 and router.mlp[0].out_features == 16
+    converted = VisorForConditionalGeneration(config)
+    converted.configure_router(mode="softmax", threshold=0.25)
+    assert converted.router.mode == "softmax" and converted.router.threshold == 0.25
+    converted.save_pretrained(tmp_path)
+    loaded = VisorForConditionalGeneration.from_pretrained(tmp_path)
+    assert (loaded.config.router_mode, loaded.router.threshold) == ("softmax", 0.25)
+    with pytest.raises(ValueError, match="router mode must be one of"):
+        converted.configure_router(mode="argmax")
+    with pytest.raises(ValueError, match="τ must lie in"):
+        converted.configure_router(threshold=2.0)
 
 
 def test_sweep_of_a_large_table_tries_a_bounded_number_of_thresholds():
     from visor.policy.calibration import MAX_SCORE_THRESHOLDS
 
     torch.manual_seed(0)
-    router = ConfigurationRouter(4, [0, 1, 2], router_hidden_size=8)
+    router = router_of(4, 3, mode="multilabel", router_hidden_size=8)
     rows = MAX_SCORE_THRESHOLDS  # three configurations: 3x more distinct scores than the cap
     table = LabelTable(torch.randn(rows, 8), torch.ones(rows, 3), torch.ones(rows, 3, dtype=torch.bool),
                        torch.tensor([[1, 2, 3]]).repeat(rows, 1), torch.zeros(rows, 2, dtype=torch.long),

@@ -42,7 +42,7 @@ def flops_agree():
 
     def check(model, prompt: dict) -> None:
         measured, analytic = _counted_llm_flops(model, prompt), int(prefill_flops(model, prompt)[0])
-        assert abs(measured - analytic) <= 0.01 * measured, (measured, analytic)  # DESIGN.md 5's tolerance
+        assert abs(measured - analytic) <= 0.01 * measured, (measured, analytic)  # the tolerance `visor.flops` promises
 
     return check
 

@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from visor import VisorForConditionalGeneration, reduction
+from visor.config import Schedule
 from visor.flops import prompt_prefill_flops
 from visor.reduction.budget import reference_inputs
 
 
 @pytest.fixture(scope="module")
 def visor(stock):
-    return VisorForConditionalGeneration.from_llava(stock).eval()
+    return VisorForConditionalGeneration.from_stock(stock).eval()
 
 
 def model_for(method, stock, visor):
@@ -30,7 +31,7 @@ def test_methods_are_the_issue_names():
 def test_ratio_is_reached_on_the_reference_prompt(stock, visor, method):
     base = model_for(method, stock, visor)
     inputs = reference_inputs(stock.config)
-    full = int(prompt_prefill_flops(stock.config, inputs)[0])
+    full = int(prompt_prefill_flops(stock.config, inputs, Schedule.full(stock.config))[0])
     for ratio in (1.0, 2.0):
         reached = full / int(reduction.prefill_flops(reduction.apply_reduction(base, method, ratio), inputs)[0])
         if method.startswith("visor+"):
@@ -43,7 +44,8 @@ def test_ratio_one_is_the_unreduced_model(stock, batch):
     with torch.no_grad():
         for method in ("pool", "fastv", "pyramiddrop"):
             model = reduction.apply_reduction(stock, method, 1.0)
-            assert torch.equal(reduction.prefill_flops(model, batch), prompt_prefill_flops(stock.config, batch))
+            assert torch.equal(reduction.prefill_flops(model, batch),
+                               prompt_prefill_flops(stock.config, batch, Schedule.full(stock.config)))
 
 
 def test_out_of_reach_warns_and_takes_the_strongest(stock):
@@ -53,8 +55,8 @@ def test_out_of_reach_warns_and_takes_the_strongest(stock):
 
 
 def test_plain_models_count_as_themselves(stock, visor, batch):
-    assert torch.equal(reduction.prefill_flops(stock, batch), prompt_prefill_flops(stock.config, batch))
-    assert torch.equal(reduction.prefill_flops(visor, batch), prompt_prefill_flops(visor.config, batch, None))
+    assert torch.equal(reduction.prefill_flops(stock, batch), prompt_prefill_flops(stock.config, batch, Schedule.full(stock.config)))
+    assert torch.equal(reduction.prefill_flops(visor, batch), prompt_prefill_flops(visor.config, batch, Schedule.of(visor.config, visor.config.largest_configuration)))
 
 
 def test_bad_input(stock, visor):
@@ -62,7 +64,7 @@ def test_bad_input(stock, visor):
         reduction.apply_reduction(stock, "tome", 2.0)
     with pytest.raises(ValueError, match="needs a VISOR model"):
         reduction.apply_reduction(stock, "visor+pool", 2.0)
-    with pytest.raises(ValueError, match="needs a stock LLaVA-OV model"):
+    with pytest.raises(ValueError, match="needs a stock model"):
         reduction.apply_reduction(visor, "fastv", 2.0)
     with warnings.catch_warnings(), pytest.raises(ValueError, match="ratio must be >= 1"):
         reduction.apply_reduction(stock, "pool", 0.5)
@@ -80,4 +82,4 @@ def test_every_method_runs_as_the_demo_calls_it(stock, visor, batch, method):
     assert output.sequences.shape == (len(batch["input_ids"]), batch["input_ids"].shape[1] + 2)
     flops = reduction.prefill_flops(model, batch)
     assert flops.dtype == torch.long and flops.shape == (len(batch["input_ids"]),)
-    assert (flops < prompt_prefill_flops(stock.config, batch)).all()
+    assert (flops < prompt_prefill_flops(stock.config, batch, Schedule.full(stock.config))).all()

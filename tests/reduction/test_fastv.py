@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from visor.reduction.fastv import fastv, last_token_attention
-from visor.reduction.pruned import PrunedLlava, PruningPlan
+from visor.reduction.pruned import PruningPlan, pruned
 
 
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
@@ -28,7 +28,7 @@ def test_scores_are_the_head_averaged_attention_row_of_the_last_token(stock, bat
         recorded.append(last_token_attention(*args))
         return recorded[-1]
 
-    PrunedLlava.sharing(stock, PruningPlan({2: 0.5}, recording))(**batch, logits_to_keep=1)
+    pruned(stock, PruningPlan({2: 0.5}, recording))(**batch, logits_to_keep=1)
     attentions = stock(**batch, output_attentions=True).attentions[1]  # layer K-1 = 1
     torch.testing.assert_close(recorded[0], attentions[:, :, -1].mean(dim=1), atol=1e-6, rtol=0)
 

@@ -7,7 +7,7 @@ import torch
 
 from visor import VisorForConditionalGeneration, presets
 from visor.reduction import pool
-from visor.reduction.anyres import PackedGrid
+from visor.backbones.llava_onevision import PackedGrid
 from visor.reduction.pool import Pooling
 
 IMAGE = presets.TINY_IMAGE_TOKEN_ID
@@ -15,7 +15,7 @@ IMAGE = presets.TINY_IMAGE_TOKEN_ID
 
 @pytest.fixture(scope="module")
 def visor(stock):
-    return VisorForConditionalGeneration.from_llava(stock).eval()
+    return VisorForConditionalGeneration.from_stock(stock).eval()
 
 
 @torch.no_grad()
@@ -49,7 +49,7 @@ def test_each_sample_keeps_its_own_count(stock, batch, stride):
     # The stock path gets embeddings: count the rebuilt prompt's image slots through the kept mask's length.
     text = ((batch["input_ids"] != IMAGE) & batch["attention_mask"].bool()).sum(dim=1)
     assert torch.equal(inputs["attention_mask"].sum(dim=1), text + expected)
-    visor_inputs = pool(VisorForConditionalGeneration.from_llava(stock), stride).model_inputs(
+    visor_inputs = pool(VisorForConditionalGeneration.from_stock(stock), stride).model_inputs(
         batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_sizes"])
     assert torch.equal((visor_inputs["input_ids"] == IMAGE).sum(dim=1), expected)
     assert [len(image) for image in visor_inputs["image_features"]] == expected.tolist()

@@ -13,7 +13,8 @@ import torch
 
 from visor import VisorForConditionalGeneration, presets
 from visor.reduction import PreLLMReduced
-from visor.reduction.anyres import PackedGrid, packed_grid
+from visor.backbones import backbone_for
+from visor.backbones.llava_onevision import PackedGrid
 from visor.reduction.hired import HiRED
 from visor.reduction.pool import Pooling
 from visor.reduction.visionzip import VisionZip
@@ -44,14 +45,14 @@ def is_newline(tokens: torch.Tensor) -> torch.Tensor:
 
 
 def expected_rows(reducer, config, size) -> int:
-    rows = packed_grid(config, size).hires[0]
+    rows = backbone_for(config).packed_grid(size).hires[0]
     return reducer.pooled(rows) if isinstance(reducer, Pooling) else rows
 
 
 def contextual_tokens(reducer, config, size) -> int:
     if not isinstance(reducer, VisionZip):
         return 0
-    grid = packed_grid(config, size)
+    grid = backbone_for(config).packed_grid(size)
     return reducer.budget(grid.num_tokens - grid.hires[0])[1]
 
 
@@ -65,7 +66,7 @@ def test_every_image_keeps_its_newlines_in_order(marked, images, reducer):
         newlines = is_newline(image)
         assert int(newlines.sum()) == expected_rows(reducer, marked.config, size)
         if isinstance(reducer, Pooling):  # a newline closes every pooled row, as the model packs its own rows
-            grid = packed_grid(marked.config, size)
+            grid = backbone_for(marked.config).packed_grid(size)
             pooled = PackedGrid(tuple(map(reducer.pooled, grid.base)), tuple(map(reducer.pooled, grid.hires)))
             assert torch.equal(newlines, pooled.newlines())
             continue
@@ -89,7 +90,7 @@ def test_every_image_keeps_its_newlines_in_order(marked, images, reducer):
 @pytest.mark.parametrize("reducer", REDUCERS, ids=repr)
 @pytest.mark.parametrize("visor", [False, True], ids=["stock", "visor"])
 def test_counted_tokens_are_the_tokens_the_model_receives(marked, images, reducer, visor):
-    base = VisorForConditionalGeneration.from_llava(marked).eval() if visor else marked
+    base = VisorForConditionalGeneration.from_stock(marked).eval() if visor else marked
     reduced = PreLLMReduced(base, reducer)
     inputs = reduced.model_inputs(images["input_ids"], images["attention_mask"], images["pixel_values"],
                                   images["image_sizes"])

@@ -7,7 +7,7 @@ import torch
 
 from visor import presets
 from visor.reduction.fastv import fastv, last_token_attention
-from visor.reduction.pruned import PrunedLlava, PruningPlan, Tokens, kept_count, select_top
+from visor.reduction.pruned import PruningPlan, Tokens, kept_count, pruned, select_top
 from visor.reduction.pyramiddrop import pyramiddrop
 from visor.reduction.shortv import shortv
 from visor.reduction.sparsevlm import sparsevlm
@@ -25,7 +25,7 @@ def test_kept_count_rounds_and_keeps_one():
 def test_select_top_keeps_text_and_drops_padding():
     visual = torch.tensor([[False, True, True, True, False], [False, False, True, True, False]])
     valid = torch.tensor([[True, True, True, True, True], [False, True, True, True, True]])
-    tokens = Tokens(torch.arange(5).expand(2, 5), valid, visual, 5)
+    tokens = Tokens(torch.arange(5).expand(2, 5), valid, 5, visual)
     scores = torch.tensor([[0.0, 0.1, 0.9, 0.5, 0.0], [0.0, 0.0, 0.2, 0.7, 0.0]])
     keep = select_top(scores, tokens, 0.5)
     assert keep.tolist() == [[True, False, True, True, True], [False, True, False, True, True]]
@@ -79,10 +79,10 @@ def test_cached_decoding_equals_a_prefill_that_reuses_the_pruned_set(stock, prom
                     attention_mask=torch.ones(1, prompt["input_ids"].shape[1] + 1, dtype=torch.long))
 
     def prompt_scorer(layer, layer_input, rope, keys, tokens):
-        shortened = Tokens(tokens.index, tokens.valid & (tokens.index < tokens.length - 1), tokens.visual, tokens.length)
+        shortened = Tokens(tokens.index, tokens.valid & (tokens.index < tokens.length - 1), tokens.length, tokens.visual)
         return last_token_attention(layer, layer_input, rope, keys, shortened)
 
-    replay = PrunedLlava.sharing(stock, PruningPlan({2: 0.4}, prompt_scorer))
+    replay = pruned(stock, PruningPlan({2: 0.4}, prompt_scorer))
     torch.testing.assert_close(replay(**extended).logits[:, -1], step, atol=1e-5, rtol=0)
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from visor.reduction.fastv import last_token_attention
-from visor.reduction.pruned import PrunedLlava, PruningPlan, Tokens, kept_count
+from visor.reduction.pruned import PruningPlan, Tokens, kept_count, pruned
 from visor.reduction.sparsevlm import Recycling, default_layers, rater_attention, sparsevlm
 
 
@@ -37,8 +37,8 @@ def test_recycling_counts_follow_the_reference():
 
 def test_recycled_token_is_the_mean_of_its_cluster():
     hidden = torch.tensor([[[1.0, 0], [0, 1.0], [0.9, 0.1], [0.1, 0.9], [5.0, 5.0]]])
-    tokens = Tokens(torch.arange(5)[None], torch.ones(1, 5, dtype=torch.bool),
-                    torch.tensor([[True, True, True, True, False]]), 5)
+    tokens = Tokens(torch.arange(5)[None], torch.ones(1, 5, dtype=torch.bool), 5,
+                    torch.tensor([[True, True, True, True, False]]))
     keep = torch.tensor([[False, False, False, False, True]])
     scores = torch.tensor([[0.4, 0.3, 0.2, 0.1, 0.0]])
     keep, merged = Recycling(share=1.0, per_cluster=2)(scores, tokens, keep, hidden)  # 4 candidates, 3 centres
@@ -60,7 +60,7 @@ def test_one_question_token_rates_alone(stock, batch_factory):
         return score
 
     for name, scorer in (("raters", rater_attention), ("last", last_token_attention)):
-        PrunedLlava.sharing(stock, PruningPlan({2: 0.5}, recording(name, scorer)))(**batch, logits_to_keep=1)
+        pruned(stock, PruningPlan({2: 0.5}, recording(name, scorer)))(**batch, logits_to_keep=1)
     torch.testing.assert_close(recorded["raters"], recorded["last"], atol=1e-6, rtol=0)
 
 

@@ -15,7 +15,7 @@ IMAGE = presets.TINY_IMAGE_TOKEN_ID
 
 @pytest.fixture(scope="module")
 def visor(stock):
-    return VisorForConditionalGeneration.from_llava(stock).eval()
+    return VisorForConditionalGeneration.from_stock(stock).eval()
 
 
 @torch.no_grad()

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from visor.modeling import VisorForConditionalGeneration
+from visor import VisorForConditionalGeneration
 from visor.training import train
 from visor.modeling.freezing import trainable_parameter_names
 from visor.training.recipes import build_model, configuration_for_step, load_checkpoint
@@ -24,7 +24,7 @@ def test_stage1_changes_only_the_new_parameters(tmp_path, tiny_full_checkpoint, 
     assert new and set(new) <= set(trained) - set(stock)
     for name, value in stock.items():
         assert torch.equal(trained[name], value), f"base weight {name} changed in stage 1"
-    converted = VisorForConditionalGeneration.from_llava(
+    converted = VisorForConditionalGeneration.from_stock(
         load_checkpoint(tiny_full_checkpoint), cross_attention_init="host", cross_attention_gate=False
     ).state_dict()  # the stage-1 recipe's default start
     assert set(converted) == set(trained)
@@ -82,7 +82,7 @@ def test_universal_visits_every_configuration(tmp_path, tiny_full_checkpoint, to
 
 
 def test_configuration_sampling_is_pure_and_weighted(tiny_full_checkpoint):
-    model = VisorForConditionalGeneration.from_llava(load_checkpoint(tiny_full_checkpoint))
+    model = VisorForConditionalGeneration.from_stock(load_checkpoint(tiny_full_checkpoint))
     settings = TrainingSettings(configuration_weights=[0, 1, 3])
     draws = [configuration_for_step("visor-universal", model, settings, step) for step in range(400)]
     assert draws == [configuration_for_step("visor-universal", model, settings, step) for step in range(400)]
@@ -123,7 +123,7 @@ def test_bad_input_fails_before_training(tmp_path, tiny_full_checkpoint, toy_pat
             (init / "config.json").write_text((tiny_full_checkpoint / "config.json").read_text())
             (init / "model.safetensors").write_bytes(b"\x00" * 100)
         elif source == "bad-visor-config":
-            visor = VisorForConditionalGeneration.from_llava(load_checkpoint(tiny_full_checkpoint))
+            visor = VisorForConditionalGeneration.from_stock(load_checkpoint(tiny_full_checkpoint))
             visor.save_pretrained(init)
             config = json.loads((init / "config.json").read_text())
             config["configurations"] = [[1], [1, 5]]  # layer 5 is not an SA candidate

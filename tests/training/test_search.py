@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from visor.modeling import VisorForConditionalGeneration
+from visor import VisorForConditionalGeneration
 from visor.training.recipes import load_checkpoint
 from visor.training.search import pareto_front, search_configurations
 
@@ -22,7 +22,7 @@ def test_pareto_front_keeps_only_undominated_subsets():
 @pytest.fixture(scope="module")
 def stage1_model(tmp_path_factory, tiny_full_checkpoint):
     path = tmp_path_factory.mktemp("stage1")
-    VisorForConditionalGeneration.from_llava(load_checkpoint(tiny_full_checkpoint)).save_pretrained(path)
+    VisorForConditionalGeneration.from_stock(load_checkpoint(tiny_full_checkpoint)).save_pretrained(path)
     return path
 
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 import torch
 from matplotlib.figure import Figure
 
+from visor.files import save_figure
+
 GROUPS = ("prefix", "image", "question", "answer")
 ROLES = ("question", "answer")
 PADDING = -1
@@ -53,7 +55,7 @@ def group_mass(weights: torch.Tensor, key_groups: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class ShareAccumulator:
-    """Collects per-task mean shares (layer, role, group) from the weights a `LayerProbe` hands over."""
+    """Collects per-task mean shares (layer, role, group) from the weights a `probe` hands over."""
 
     num_layers: int
     sums: dict[str, torch.Tensor] = field(default_factory=dict)  # task -> (L, R, G) sum over samples
@@ -151,4 +153,4 @@ def plot_attention_shares(result: dict, path) -> None:
         axes.set(title=f"{name} tasks", xlabel="layer", ylabel="attention share", ylim=(0, 1),
                  xticks=result["layers"])
         axes.legend(fontsize="small")
-    figure.savefig(path, dpi=120)
+    save_figure(figure, path)

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from matplotlib.figure import Figure
 
+from visor.files import save_figure
+
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     """Linear CKA of two (n, d) representations of the same n items."""
@@ -119,4 +121,4 @@ def plot_drift(result: dict, path) -> None:
     for axes in grid[len(panels):]:
         axes.set_axis_off()
     figure.colorbar(image, ax=grid.tolist(), label="linear CKA of image tokens", shrink=0.8)
-    figure.savefig(path, dpi=120)
+    save_figure(figure, path)

@@ -17,24 +17,24 @@ import torch
 from tqdm.auto import tqdm
 
 from visor.analysis.placement import paired_comparison
-from visor.analysis.scoring import outcomes, task_accuracy
-from visor.config import VisorConfig
+from visor import VisorConfig
+from visor.evaluation.scoring import greedy, new_tokens, score
 
 
 def train_schedule(full_model, schedule: VisorConfig, data, output: str | os.PathLike, stage1_steps: int,
                    universal_steps: int, seed: int = 0, batch_size: int = 32, progress: bool = True) -> Path:
     """Build, stage-1 train and universally train a VISOR model with `schedule`'s layers; returns its folder."""
-    from visor.modeling import VisorForConditionalGeneration
+    from visor import VisorForConditionalGeneration
     from visor.training.engine import train
     from visor.training.settings import load_settings
 
     output = Path(output)
-    config = VisorConfig.from_llava_config(
+    config = VisorConfig.from_stock_config(
         full_model.config, cross_attention_layers=schedule.cross_attention_layers,
         self_attention_layers=schedule.self_attention_layers, configurations=schedule.configurations,
         cross_attention_init="host", cross_attention_gate=False)
     torch.manual_seed(seed)
-    VisorForConditionalGeneration.from_llava(full_model, config).save_pretrained(output / "init")
+    VisorForConditionalGeneration.from_stock(full_model, config).save_pretrained(output / "init")
     common = dict(batch_size=batch_size, seed=seed, eval_every=0, attn_implementation="eager", samples_per_task=10)
     for recipe, steps, init in (("visor-stage1", stage1_steps, output / "init"),
                                 ("visor-universal", universal_steps, output / "stage1" / "model")):
@@ -48,19 +48,15 @@ def train_schedule(full_model, schedule: VisorConfig, data, output: str | os.Pat
 def score_configurations(model, data, splits: dict[str, list], max_new_tokens: int) -> list[dict]:
     """Per configuration of a VISOR model: accuracy and per-prompt correctness on every split."""
     model.eval()
-    text_config = model.config.text_config
     rows = []
     for index, layers in enumerate(model.config.configurations):
-        def generate(batch, index=index):
-            generated = model.generate(**batch.inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                       configuration=index, pad_token_id=text_config.pad_token_id,
-                                       eos_token_id=text_config.eos_token_id)
-            return generated[:, batch.inputs["input_ids"].shape[1]:]
+        def generate(inputs, index=index):
+            return new_tokens(greedy(model, inputs, max_new_tokens, configuration=index), inputs), None, None
 
-        results = {split: outcomes(data, batches, generate) for split, batches in splits.items()}
+        results = {split: score(data, batches, generate) for split, batches in splits.items()}
         rows.append({"configuration": index, "self_attention_layers": layers,
-                     "accuracy": {split: task_accuracy(values) for split, values in results.items()},
-                     "correct": {split: [correct for _, correct in values] for split, values in results.items()}})
+                     "accuracy": {split: scores.accuracy() for split, scores in results.items()},
+                     "correct": {split: scores.correct for split, scores in results.items()}})
     return rows
 
 
@@ -68,7 +64,7 @@ def compare_trained(full_model, proposed: VisorConfig, default: VisorConfig, dat
                     output: str | os.PathLike, stage1_steps: int, universal_steps: int, max_new_tokens: int,
                     seed: int = 0, progress: bool = True) -> dict:
     """Train both schedules alike (see the module docstring) and compare them configuration by configuration."""
-    from visor.modeling import VisorForConditionalGeneration
+    from visor import VisorForConditionalGeneration
 
     schedules = {"proposed": proposed, "default": default}
     scores = {}

@@ -1,6 +1,6 @@
 """Placement search: choose the CA layers and the ordered SA candidate list by measurement.
 
-The search runs on the *full* model, training-free, through a proxy of each VISOR schedule (`LayerProbe`):
+The search runs on the *full* model, training-free, through a proxy of each VISOR schedule (`probe`):
 a CA layer is a **read** layer (text attends to the image tokens with the layer's own attention, image tokens
 are not updated: what a CA block initialised from its host layer starts as), an SA layer runs as in the stock
 model, every other layer is **blind** (text only). Greedy forward selection on validation accuracy:
@@ -24,28 +24,31 @@ import math
 
 from tqdm.auto import tqdm
 
-from visor.analysis.scoring import correctness, task_accuracy
-from visor.config import VisorConfig
+from visor.analysis.scoring import correctness
+from visor import VisorConfig
+from visor.evaluation.scoring import Scores
+from visor.files import save_figure
+from visor.config import Schedule
 from visor.flops import llm_prefill_flops, prompt_token_counts
 
 
 def proxy_correctness(model, data, batches, max_new_tokens: int, cross: list[int],
-                      self_attention: list[int]) -> list[tuple[str, bool]]:
+                      self_attention: list[int]) -> Scores:
     """Per-prompt outcomes of the training-free proxy of a schedule: CA layers read, SA layers full, the rest
     blind."""
-    num_layers = len(model.model.language_model.layers)
+    num_layers = model.config.text_config.num_hidden_layers
     blind = [layer for layer in range(num_layers) if layer not in cross and layer not in self_attention]
     return correctness(model, data, batches, max_new_tokens, blind=blind, read=cross)
 
 
 def proxy_accuracy(model, data, batches, max_new_tokens: int, cross: list[int], self_attention: list[int]) -> dict:
-    return task_accuracy(proxy_correctness(model, data, batches, max_new_tokens, cross, self_attention))
+    return proxy_correctness(model, data, batches, max_new_tokens, cross, self_attention).accuracy()
 
 
 def greedy_placement(model, data, batches, max_new_tokens: int, num_cross: int, num_self: int,
                      cross_preference: list[float], self_preference: list[float], progress: bool = True) -> dict:
     """Greedy CA layers, then an ordered SA candidate list (see the module docstring); every scored step kept."""
-    num_layers = len(model.model.language_model.layers)
+    num_layers = model.config.text_config.num_hidden_layers
     steps = [num_layers - k for k in range(num_cross)] + [num_layers - num_cross - k for k in range(num_self)]
     bar = tqdm(total=sum(steps), desc="placement search", disable=not progress, leave=False)
     history: list[dict] = []
@@ -92,7 +95,8 @@ def nested_table(model, data, splits: dict[str, list], max_new_tokens: int, conf
     counts = token_counts(config, next(iter(splits.values())))
 
     def mean_flops(configuration) -> float:
-        return sum(llm_prefill_flops(config, v, t, configuration).total for v, t in counts) / len(counts)
+        schedule = Schedule.full(config) if configuration == "full" else Schedule.of(config, configuration)
+        return sum(llm_prefill_flops(config, v, t, schedule).total for v, t in counts) / len(counts)
 
     full = mean_flops("full")
     if name == "full":
@@ -102,13 +106,13 @@ def nested_table(model, data, splits: dict[str, list], max_new_tokens: int, conf
     rows = []
     for index, layers in tqdm(schedules, desc=f"{name} configurations", disable=not progress, leave=False):
         flops = mean_flops(index)
-        outcomes = {split: proxy_correctness(model, data, batches, max_new_tokens, cross, layers)
-                    for split, batches in splits.items()}
+        scores = {split: proxy_correctness(model, data, batches, max_new_tokens, cross, layers)
+                  for split, batches in splits.items()}
         rows.append({
             "schedule": name, "configuration": index, "cross_attention_layers": cross,
             "self_attention_layers": layers, "llm_prefill_flops": flops, "savings": full / flops,
-            "accuracy": {split: task_accuracy(values) for split, values in outcomes.items()},
-            "correct": {split: [correct for _, correct in values] for split, values in outcomes.items()},
+            "accuracy": {split: split_scores.accuracy() for split, split_scores in scores.items()},
+            "correct": {split: split_scores.correct for split, split_scores in scores.items()},
         })
     return rows
 
@@ -142,4 +146,4 @@ def plot_placement(rows: list[dict], path, split: str) -> None:
     axes.set(xlabel="LLM prefill FLOPs per sample", ylabel=f"proxy accuracy, {split} (%)",
              title="Nested configurations (training-free proxy)")
     axes.legend(fontsize="small")
-    figure.savefig(path, dpi=120)
+    save_figure(figure, path)

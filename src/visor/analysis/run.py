@@ -15,7 +15,6 @@ the test split, which the search never saw.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +23,10 @@ import torch
 from tqdm.auto import tqdm
 
 from visor.analysis import attention_share, cka, compare, placement, sensitivity
-from visor.analysis.probe import LayerProbe
+from visor.analysis.probe import probe
 from visor.analysis.scoring import answer, prompt_batches
-from visor.config import VisorConfig
+from visor import VisorConfig
+from visor.files import write_json
 
 
 @dataclass(frozen=True)
@@ -66,24 +66,23 @@ def task_groups(data) -> dict[str, str]:
 def measure(model, batches, max_new_tokens: int, groups: dict[str, str], progress: bool = True) -> tuple[dict, dict]:
     """Attention shares (every layer measured) and image-token CKA, one probed forward per batch over the prompt
     followed by the model's own greedy answer."""
-    language_model = model.model.language_model
-    num_layers = len(language_model.layers)
+    num_layers = model.config.text_config.num_hidden_layers
     text_config = model.config.text_config
     shares = attention_share.ShareAccumulator(num_layers)
+    measured = probe(model, measure=range(num_layers), on_weights=shares)
     drift = cka.DriftAccumulator()
     for batch in tqdm(batches, desc="attention and CKA", disable=not progress, leave=False):
-        new_tokens = answer(model, batch, max_new_tokens)
-        valid = ((new_tokens != text_config.eos_token_id).cumprod(dim=1).bool()
-                 & (new_tokens != text_config.pad_token_id) & (new_tokens != model.config.image_token_id))
+        answered = answer(model, batch.inputs, max_new_tokens)
+        valid = ((answered != text_config.eos_token_id).cumprod(dim=1).bool()
+                 & (answered != text_config.pad_token_id) & (answered != model.config.image_token_id))
         prompt_ids, prompt_mask = batch.inputs["input_ids"], batch.inputs["attention_mask"]
-        input_ids = torch.cat([prompt_ids, torch.where(valid, new_tokens, text_config.pad_token_id)], dim=1)
+        input_ids = torch.cat([prompt_ids, torch.where(valid, answered, text_config.pad_token_id)], dim=1)
         attention_mask = torch.cat([prompt_mask, valid.to(prompt_mask.dtype)], dim=1)
         shares.start_batch(batch.tasks, attention_share.token_groups(
             input_ids, attention_mask, model.config.image_token_id, prompt_ids.shape[1]))
-        with cka.VisualStates(language_model) as states, LayerProbe(
-                model, input_ids, measure=range(num_layers), on_weights=shares):
-            model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=batch.inputs["pixel_values"],
-                  image_sizes=batch.inputs["image_sizes"], logits_to_keep=1)
+        with cka.VisualStates(measured.text_stack) as states:
+            measured(input_ids=input_ids, attention_mask=attention_mask, pixel_values=batch.inputs["pixel_values"],
+                     image_sizes=batch.inputs["image_sizes"], logits_to_keep=1)
         visual = (input_ids == model.config.image_token_id) & attention_mask.bool()
         drift.add(batch.tasks, states.take(), visual)
     return shares.result(groups), drift.result(groups)
@@ -104,29 +103,29 @@ def analyze(model_dir: str | os.PathLike, data_spec: str, output: str | os.PathL
     test = prompt_batches(data, "test", plan.per_task, plan.batch_size)
 
     shares, drift = measure(model, validation, plan.max_new_tokens, groups, progress)
-    _write(output / "attention_share.json", shares)
+    write_json(output / "attention_share.json", shares)
     attention_share.plot_attention_shares(shares, output / "attention_share.png")
-    _write(output / "drift.json", drift)
+    write_json(output / "drift.json", drift)
     cka.plot_drift(drift, output / "drift.png")
 
     span_list = sensitivity.spans(num_layers, list(plan.span_lengths) if plan.span_lengths else None)
     sweep = sensitivity.layer_sensitivity(model, data, validation, plan.max_new_tokens, span_list, progress)
-    _write(output / "sensitivity.json", sweep)
+    write_json(output / "sensitivity.json", sweep)
     sensitivity.plot_sensitivity(sweep, output / "sensitivity.png")
 
-    default = VisorConfig.from_llava_config(model.config)
+    default = VisorConfig.from_stock_config(model.config)
     image_share = _mean_over_groups([entry["shares"]["question"]["image"] for entry in shares["task_groups"].values()])
     layer_drift = _mean_over_groups([cka.layer_drift(entry["cka"]) for entry in drift["task_groups"].values()])
     search = placement.greedy_placement(
         model, data, validation, plan.max_new_tokens, len(default.cross_attention_layers),
         len(default.self_attention_layers), image_share, layer_drift, progress)
-    proposed = VisorConfig.from_llava_config(model.config, cross_attention_layers=search["cross_attention_layers"],
+    proposed = VisorConfig.from_stock_config(model.config, cross_attention_layers=search["cross_attention_layers"],
                                              self_attention_layers=search["self_attention_layers"])
     proposed.to_json_file(output / "visor_config.json")
     splits = {"validation": validation, "test": test}
     rows = [row for config, name in ((proposed, "proposed"), (default, "default"), (default, "full"))
             for row in placement.nested_table(model, data, splits, plan.max_new_tokens, config, name, progress)]
-    _write(output / "placement.json", {**search, "configurations": proposed.configurations, "table": rows})
+    write_json(output / "placement.json", {**search, "configurations": proposed.configurations, "table": rows})
     placement.plot_placement(rows, output / "placement.png", "validation")
 
     summary = {
@@ -151,9 +150,9 @@ def analyze(model_dir: str | os.PathLike, data_spec: str, output: str | os.PathL
     if plan.train_steps:
         trained = compare.compare_trained(model, proposed, default, data, splits, output / "trained",
                                           *plan.train_steps, plan.max_new_tokens, plan.seed, progress)
-        _write(output / "trained_comparison.json", trained)
+        write_json(output / "trained_comparison.json", trained)
         summary["trained_equal_flops"] = trained["comparison"]
-    _write(output / "summary.json", summary)
+    write_json(output / "summary.json", summary)
     return summary
 
 
@@ -185,6 +184,3 @@ def _comparison(rows: list[dict]) -> list[dict]:
         })
     return pairs
 
-
-def _write(path: Path, value) -> None:
-    path.write_text(json.dumps(value, indent=2) + "\n")

@@ -1,6 +1,6 @@
 """Layer sensitivity (the paper's Fig. 4): accuracy when image tokens are removed from a span of layers.
 
-In a removed span every layer runs on text only (a `LayerProbe` blind layer: text cannot attend to image tokens,
+In a removed span every layer runs on text only (a `probe` blind layer: text cannot attend to image tokens,
 image tokens are not updated there, decoding included), which is exactly VISOR's text layer. Later layers see
 the image tokens again, as they were before the span. A task that loses much accuracy when a span goes blind
 needs vision there.
@@ -12,7 +12,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from visor.analysis.scoring import accuracy
+from visor.analysis.scoring import correctness
+from visor.files import save_figure
 
 
 def spans(num_layers: int, lengths: list[int] | None = None) -> list[tuple[int, int]]:
@@ -27,12 +28,12 @@ def spans(num_layers: int, lengths: list[int] | None = None) -> list[tuple[int, 
 def layer_sensitivity(model, data, batches, max_new_tokens: int, span_list: list[tuple[int, int]],
                       progress: bool = True) -> dict:
     """Accuracy per task with no span removed (`full`) and with each span blind."""
-    full = accuracy(model, data, batches, max_new_tokens)
+    full = correctness(model, data, batches, max_new_tokens).accuracy()
     results = []
     for start, end in tqdm(span_list, desc="layer sensitivity", disable=not progress, leave=False):
-        scores = accuracy(model, data, batches, max_new_tokens, blind=range(start, end))
+        scores = correctness(model, data, batches, max_new_tokens, blind=range(start, end)).accuracy()
         results.append({"start": start, "end": end, "accuracy": scores})
-    return {"num_layers": len(model.model.language_model.layers), "full": full, "spans": results}
+    return {"num_layers": model.config.text_config.num_hidden_layers, "full": full, "spans": results}
 
 
 def single_layer_drop(result: dict) -> list[float | None]:
@@ -65,4 +66,4 @@ def plot_sensitivity(result: dict, path) -> None:
         figure.colorbar(image, ax=axes, label="accuracy drop (points)")
     for axes in grid[len(tasks):]:
         axes.set_axis_off()
-    figure.savefig(path, dpi=120)
+    save_figure(figure, path)

@@ -2,8 +2,7 @@
 
 The synthetic tasks know what every pixel shows; `Canvas` records it as it draws, so each sample carries a dense
 target (`class_map`, one class id per pixel, `PATCH_CLASSES` below) at no extra cost. `visor.data.crops` pools it
-to the patch grid of every anyres crop, for an auxiliary per-patch loss (see notes/prototype.md, "Breaking the
-plateau"). Fonts come from Pillow's built-in scalable font, so rendering needs no system font file.
+to the patch grid of every anyres crop, for an auxiliary per-patch loss (why: src/visor/demo/checkpoint/TRAINING.md). Fonts come from Pillow's built-in scalable font, so rendering needs no system font file.
 """
 
 from __future__ import annotations

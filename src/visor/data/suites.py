@@ -21,7 +21,7 @@ same distribution everywhere. These are built in:
   colour of a circle, among three coloured digits; four and more specks in the variants). Every demo task is
   answered by one read of the image; this one needs two (the key's colour, then the digit in that colour), so a
   VISOR configuration with fewer layers that read the image can fail on it where a larger one does not: the
-  suite where a per-sample policy has something to choose (issue 6).
+  suite where a per-sample policy has something to choose.
 - `curriculum`: the step between learning the demo's coarse tasks and its 3x3 `read_cell`: the coloured digit
   among four, one large shape per image (with per-patch shape targets, which easy-VQA lacks), and easy-VQA's
   balanced questions without the negated forms. Without it `read_cell` stays at chance (see the demo

@@ -4,7 +4,7 @@ VISOR's claim is that dropping visual tokens hurts fine-grained tasks (documents
 interaction does not. The hard tasks here hinge on a region of a few percent of the image or less (one grid cell,
 one bar, a few 4-px marks); the easy ones are carried by large foreground objects and survive 4x downsampling.
 (Easy tasks are foreground-carried on purpose: saliency-based pruning can lose background colour, which would
-mix the two groups; see notes/prototype.md.)
+mix the two groups.)
 
 Every answer is one word from a small shared set (digits, colour words, shape words, yes/no), so a tiny model can
 learn it with the tiny word-level tokenizer. Sample `index` of a split is a pure function of

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from visor.cli import comma_separated, quantile
 from visor.demo.pipeline import STAGES, SUITE_DEFAULTS, Demo, DemoPlan
-from visor.modeling.router import ROUTER_MODES
+from visor.config import ROUTER_MODES
 
 
 def register(subparsers) -> None:

@@ -19,7 +19,6 @@ resumes training stages from their last complete checkpoint and scored systems f
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 import warnings
@@ -30,11 +29,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from visor.config import ROUTER_MODES, Schedule
 from visor.data.suites import get_suite
 from visor.demo import report
-from visor.demo.systems import Scores, greedy, score_system
+from visor.evaluation.scoring import Generate, Scores, greedy, new_tokens, score
+from visor.files import write_json
 from visor.flops import llm_prefill_flops, prompt_prefill_flops, prompt_token_counts, router_flops
-from visor.modeling.router import ROUTER_MODES
 
 if TYPE_CHECKING:
     from visor.policy.calibration import Outcome
@@ -56,6 +56,7 @@ SHIPPED_CHECKPOINTS = {"demo": CHECKPOINT, "two-hop": Path(__file__).parent / "c
 STAGES = ("full", "stage1", "universal", "policy", "evaluate", "report")
 DONE = "DONE.json"
 MARKER = ".visor-demo"  # identifies a folder `--fresh` may delete
+EVAL_BATCH = 32
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ class DemoPlan:
     # the yes/no weight VISOR loses the colour comparison (README, "What `make demo` shows").
     training_data: str = DEMO_MIX
     # What every system is scored on (test split), and the held-out task variants the policy is also reported on
-    # (`visor.data.suites`). `two-hop` adds a question one read of the image cannot answer (issue 6).
+    # (`visor.data.suites`). `two-hop` adds a question one read of the image cannot answer.
     suite: str = "demo"
     variants: str = "demo-variants"
     # Universal training keeps the vision tower fixed (stage 1 trains only what VISOR adds, whatever this says).
@@ -139,7 +140,7 @@ class Demo:
         return (self.stage_dir(stage) / DONE).is_file()
 
     def _finish(self, stage: str, info: dict) -> None:
-        _write_json(self.stage_dir(stage) / DONE, info)
+        write_json(self.stage_dir(stage) / DONE, info)
 
     def prepare(self, fresh: bool) -> None:
         """Create the output folder; `fresh` empties it first (only if it is a demo folder or empty)."""
@@ -152,7 +153,7 @@ class Demo:
         plan_file = self.output / "plan.json"
         if plan_file.exists() and json.loads(plan_file.read_text()) != json.loads(json.dumps(self.plan.to_dict())):
             raise ValueError(f"{self.output} holds a demo run with other settings; use --fresh or another --output")
-        _write_json(plan_file, self.plan.to_dict())
+        write_json(plan_file, self.plan.to_dict())
 
     def run(self, fresh: bool = False) -> dict:
         from transformers.utils import logging as hf_logging
@@ -210,7 +211,7 @@ class Demo:
     def visor_model(self, stage: str):
         """The VISOR model a stage saved (loaded once)."""
         if stage not in self._models:
-            from visor.modeling import VisorForConditionalGeneration
+            from visor import VisorForConditionalGeneration
 
             path = self.stage_dir(stage) / "model"
             self._models[stage] = VisorForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
@@ -264,13 +265,13 @@ class Demo:
             tables[split] = label_synthetic(model, split, per_task, seed=self.plan.seed, suite=self.plan.suite,
                                             show_progress=self.progress)
             tables[split].save(folder / f"labels-{split}.safetensors")
-        model.config.router_mode = model.router.mode = self.plan.router_mode
+        model.configure_router(mode=self.plan.router_mode)
         losses = train_router(model.router, tables["train"], steps=self.plan.router_steps, seed=self.plan.seed)
         if self.plan.novelty_quantile is not None:
             fit_novelty_guard(model, tables["train"], self.plan.novelty_quantile, seed=self.plan.seed)
         cost = router_flops(model.config)
         threshold, outcome, largest = demo_threshold(model, model.router, tables["validation"])
-        model.config.router_threshold = model.router.threshold = threshold
+        model.configure_router(threshold=threshold)
         model.save_pretrained(folder / "model")
         self.data.tokenizer.save_pretrained(folder / "model")  # so `visor generate --model DIR` needs nothing else
         # Held-out task variants: neither the model nor the router ever saw these knobs.
@@ -283,7 +284,7 @@ class Demo:
         write_report(reports["variants"], folder / "report-variants")
         # The same router asked to spend: τ for a budget halfway between the two cheapest configurations.
         cheapest, next_cheapest = (fixed_outcome(tables["validation"], index).mean_flops
-                                   for index in model.router.cost_order[:2])
+                                   for index in (0, 1))
         budget_threshold, _ = calibrate(model.router, tables["validation"], cost,
                                         target_flops=(cheapest + next_cheapest) / 2)
         budget = {f"budget_{split}": _policy_summary(policy_report(model.router, tables[split], budget_threshold,
@@ -305,9 +306,9 @@ class Demo:
             path = folder / f"{name}@{setting}.json"
             if path.exists():
                 continue
-            scores = score_system(build(), data, "test", self.plan.test_per_task, description=f"{name} {setting}",
-                                  progress=self.progress)
-            _write_json(path, dict(method=name, setting=setting, scores=scores.to_dict()))
+            scores = score(data, data.eval_batches("test", self.plan.test_per_task, EVAL_BATCH), build(),
+                           description=f"{name} {setting}", progress=self.progress)
+            write_json(path, dict(method=name, setting=setting, scores=scores.to_dict()))
         return dict(systems=len(list(folder.glob("*.json"))))
 
     def stage_report(self) -> dict:
@@ -367,62 +368,58 @@ class Demo:
 
 
 # ---- systems ----------------------------------------------------------------------------------------------
-def _stock_system(model, max_new_tokens: int):
-    run = greedy(model, max_new_tokens)
-
+def _system(model, max_new_tokens: int, cost, **options) -> Generate:
+    """Greedy answers of `model`; `cost(inputs, output)` gives each sample's LLM prefill FLOPs and configuration."""
     def generate(inputs):
-        new_tokens, _ = run(inputs)
-        return new_tokens, prompt_prefill_flops(model.config, inputs, "full"), None
+        output = greedy(model, inputs, max_new_tokens, **options)
+        return (new_tokens(output, inputs), *cost(inputs, output))
 
     return generate
 
 
-def _visor_fixed(model, max_new_tokens: int, configuration: int):
-    run = greedy(model, max_new_tokens, configuration=configuration)
-
-    def generate(inputs):
-        new_tokens, _ = run(inputs)
-        flops = prompt_prefill_flops(model.config, inputs, configuration)
-        return new_tokens, flops, torch.full((len(flops),), configuration)
-
-    return generate
+def _stock_system(model, max_new_tokens: int) -> Generate:
+    return _system(model, max_new_tokens, lambda inputs, _: (prompt_prefill_flops(model.config, inputs, Schedule.full(model.config)), None))
 
 
-def _text_only(model, max_new_tokens: int):
+def _visor_fixed(model, max_new_tokens: int, configuration: int) -> Generate:
+    def cost(inputs, _):
+        flops = prompt_prefill_flops(model.config, inputs, Schedule.of(model.config, configuration))
+        return flops, torch.full((len(flops),), configuration)
+
+    return _system(model, max_new_tokens, cost, configuration=configuration)
+
+
+def _visor_auto(model, max_new_tokens: int) -> Generate:
+    def cost(inputs, output):
+        chosen = output.past_key_values.configuration
+        visual, text = prompt_token_counts(model.config, inputs)
+        flops = torch.tensor([llm_prefill_flops(model.config, v, t, Schedule.of(model.config, int(c))).total + router_flops(model.config)
+                              for v, t, c in zip(visual.tolist(), text.tolist(), chosen.tolist())])
+        return flops, chosen
+
+    return _system(model, max_new_tokens, cost, configuration="auto")
+
+
+def _text_only(model, max_new_tokens: int) -> Generate:
     """The floor: the full model asked the question without its image (what any method costs at least)."""
-    run = greedy(model, max_new_tokens)
     image_token = model.config.image_token_id
+    pad = model.config.text_config.pad_token_id
+    run = _system(model, max_new_tokens, lambda inputs, _: (None, None))
 
     def generate(inputs):
         keep = inputs["input_ids"] != image_token
         rows = [inputs["input_ids"][i][keep[i]] for i in range(len(keep))]
         masks = [inputs["attention_mask"][i][keep[i]] for i in range(len(keep))]
         length = max(len(row) for row in rows)
-        pad = model.config.text_config.pad_token_id
         input_ids = torch.stack([torch.cat([row.new_full((length - len(row),), pad), row]) for row in rows])
         attention_mask = torch.stack([torch.cat([m.new_zeros(length - len(m)), m]) for m in masks])
-        new_tokens, _ = run(dict(input_ids=input_ids, attention_mask=attention_mask))
-        return new_tokens, prompt_prefill_flops(model.config, inputs, "text-only"), None
+        tokens, _, _ = run(dict(input_ids=input_ids, attention_mask=attention_mask))
+        return tokens, prompt_prefill_flops(model.config, inputs, Schedule.text_only()), None
 
     return generate
 
 
-def _visor_auto(model, max_new_tokens: int):
-    run = greedy(model, max_new_tokens, configuration="auto")
-    cost = router_flops(model.config)
-
-    def generate(inputs):
-        new_tokens, output = run(inputs)
-        chosen = output.past_key_values.configuration
-        visual, text = prompt_token_counts(model.config, inputs)
-        flops = torch.tensor([llm_prefill_flops(model.config, v, t, int(c)).total + cost
-                              for v, t, c in zip(visual.tolist(), text.tolist(), chosen.tolist())])
-        return new_tokens, flops, chosen
-
-    return generate
-
-
-def _reduced_system(demo: Demo, method: str, ratio: float):
+def _reduced_system(demo: Demo, method: str, ratio: float) -> Generate:
     from visor import reduction
 
     base = demo.visor_model("universal") if method.startswith("visor+") else demo.full_model()
@@ -432,13 +429,7 @@ def _reduced_system(demo: Demo, method: str, ratio: float):
         model = reduction.apply_reduction(base, method, ratio, inputs=demo.reference_prompts)
     for warning in caught:
         demo.log(f"  {method} {ratio:g}x: {warning.message}")
-    run = greedy(model, demo.plan.max_new_tokens)
-
-    def generate(inputs):
-        new_tokens, output = run(inputs)
-        return new_tokens, reduction.prefill_flops(model, inputs), None
-
-    return generate
+    return _system(model, demo.plan.max_new_tokens, lambda inputs, _: (reduction.prefill_flops(model, inputs), None))
 
 
 def demo_threshold(model, router, validation) -> tuple[float, "Outcome", float]:
@@ -457,13 +448,3 @@ def _policy_summary(policy_report: dict) -> list[dict]:
     """The policy report's per-group and overall rows (fixed configurations, router, oracle), for DONE.json."""
     return [row for row in policy_report["rows"] if not row["subset"].startswith("task:")]
 
-
-# ---- files ------------------------------------------------------------------------------------------------
-def _write_json(path: Path, value) -> None:
-    """Write JSON atomically: a reader sees the old file or the whole new one, never half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2))
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)

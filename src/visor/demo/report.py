@@ -11,14 +11,15 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from visor.demo.systems import Scores
+from visor.evaluation.scoring import Scores
+from visor.files import save_figure, write_json, write_text
 from visor.policy.report import fixed_curve_accuracy
 
 ROUNDING = 1e-6  # gaps in answers smaller than this are float rounding, not a difference
 
 FULL = ("full", "all tokens")
 POLICY = ("visor-policy", "auto")
-TARGETS = {"accuracy_gap": 1.0, "hard_savings": 3.0, "easy_savings": 10.0,  # issue 9's targets
+TARGETS = {"accuracy_gap": 1.0, "hard_savings": 3.0, "easy_savings": 10.0,  # the demo's targets (docs/demo.md)
            "full_hard_task": 80.0, "full_easy_task": 95.0}  # the full model's, every task of the group
 
 
@@ -58,8 +59,8 @@ def build_results(systems: list[tuple[str, str, Scores]], groups: dict[str, str]
 def write_outputs(results: dict, folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / "results.json", folder / "report.md", folder / "pareto.png"]
-    paths[0].write_text(json.dumps(results, indent=2))
-    paths[1].write_text(markdown(results))
+    write_json(paths[0], results)
+    write_text(paths[1], markdown(results))
     plot_pareto(results, paths[2])
     return paths
 
@@ -84,7 +85,7 @@ def _group(results: dict, key: tuple[str, str], group: str) -> dict | None:
 
 
 def verdicts(results: dict) -> list[str]:
-    """Plain sentences on issue 9's targets, computed from the rows."""
+    """Plain sentences on the demo's targets, computed from the rows."""
     lines = []
     for group in ("hard", "easy"):
         tasks = [r for r in results.get("rows", []) if (r["method"], r["setting"]) == FULL and r["group"] == group]
@@ -331,6 +332,6 @@ def plot_pareto(results: dict, path: Path) -> Path:
         axis.grid(True, alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="lower right")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    save_figure(figure, path)
     plt.close(figure)
     return path

@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from visor.config import Schedule
 from visor.data.processor import VisorProcessor
+from visor.evaluation.scoring import greedy, new_tokens, teacher_forced
 from visor.flops import llm_prefill_flops, router_flops
-from visor.generate import configuration_index
 from visor.modeling.router import check_threshold
 from visor.policy.labels import prompt_tokens
 from visor.training.recipes import is_visor, load_checkpoint
@@ -34,6 +35,9 @@ class Answer:
     configuration: int | str
     llm_prefill_flops: int
     full_flops: int
+    self_attention_layers: list[int]
+    visual_tokens: int
+    text_tokens: int
 
 
 @dataclass(frozen=True)
@@ -64,14 +68,19 @@ class CheckpointRunner:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         config = self.model.config
         self.is_visor = is_visor(self.model)
-        if self.is_visor:
+        if not self.is_visor:
+            if configuration not in ("auto", "full") or tau is not None:
+                raise ValueError("a stock model has one configuration: drop `configuration` and `tau`")
+            configuration = "full"
+        else:
+            configuration = parse_configuration(configuration)
             if configuration == "auto" and self.model.router is None:
                 configuration = config.largest_configuration
             if configuration != "auto":
-                configuration = configuration_index(configuration, len(config.configurations))
-        elif configuration not in ("auto", "full") or tau is not None:
-            raise ValueError("a stock LLaVA-OV model has one configuration: drop `configuration` and `tau`")
-        self.configuration = configuration if self.is_visor else "full"
+                config.check_configuration(configuration)
+                if tau is not None:
+                    raise ValueError("τ (tau) sets the policy's budget: it applies to configuration 'auto' only")
+        self.configuration = configuration
         self.tau = None if tau is None else check_threshold(tau)
         # Left padding for both: generation needs it, and it puts every continuation at the end of its row.
         self.processor = VisorProcessor(config, tokenizer, padding_side="left")
@@ -84,7 +93,9 @@ class CheckpointRunner:
         """Keyword arguments that select the configuration (none for a stock model)."""
         if not self.is_visor:
             return {}
-        return dict(configuration=configuration, router_threshold=self.tau)
+        if isinstance(configuration, str) and configuration == "auto":
+            return dict(configuration=configuration, router_threshold=self.tau)
+        return dict(configuration=configuration)
 
     def _inputs(self, images, questions, answers=None) -> dict:
         return {key: value.to(self.device) for key, value in self.processor(images, questions, answers).items()}
@@ -94,20 +105,22 @@ class CheckpointRunner:
                  until: Sequence[str] = ()) -> list[Answer]:
         """Greedy answers, cut at the end-of-sequence token and before the first of the `until` strings."""
         inputs = self._inputs(images, questions)
-        text_config = self.model.config.text_config
-        output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                     return_dict_in_generate=True, pad_token_id=text_config.pad_token_id,
-                                     eos_token_id=text_config.eos_token_id, **self._options(self.configuration))
-        new_tokens = output.sequences[:, inputs["input_ids"].shape[1]:]
-        ran = output.past_key_values.configuration.tolist() if self.is_visor else ["full"] * len(new_tokens)
-        extra = router_flops(self.model.config) if self.routed else 0
+        output = greedy(self.model, inputs, max_new_tokens, **self._options(self.configuration))
+        answer_tokens = new_tokens(output, inputs)
+        ran = output.past_key_values.configuration.tolist() if self.is_visor else ["full"] * len(answer_tokens)
+        config = self.model.config
+        extra = router_flops(config) if self.routed else 0
         answers = []
-        for row, (visual, text) in enumerate(prompt_tokens(self.model.config, inputs).tolist()):
+        for row, (visual, text) in enumerate(prompt_tokens(config, inputs).tolist()):
+            schedule = Schedule.full(config) if ran[row] == "full" else Schedule.of(config, ran[row])
             answers.append(Answer(
-                text=_cut(self.processor.decode(new_tokens[row]), until),
+                text=_cut(self.processor.decode(answer_tokens[row]), until),
                 configuration=ran[row],
-                llm_prefill_flops=llm_prefill_flops(self.model.config, visual, text, ran[row]).total + extra,
-                full_flops=llm_prefill_flops(self.model.config, visual, text, "full").total,
+                llm_prefill_flops=llm_prefill_flops(config, visual, text, schedule).total + extra,
+                full_flops=llm_prefill_flops(config, visual, text, Schedule.full(config)).total,
+                self_attention_layers=sorted(schedule.self_attention),
+                visual_tokens=visual,
+                text_tokens=text,
             ))
         return answers
 
@@ -132,14 +145,17 @@ class CheckpointRunner:
         # Logits only where they predict a continuation token (the last prompt token onwards): memory stays
         # (batch, answer length, vocabulary) however long the visual prompt is.
         logits = self.model(**inputs, **self._options(configuration), logits_to_keep=scored_length + 1).logits
-        predicted = logits[:, :-1].float()
-        targets = labels[:, -scored_length:]
-        scored = targets != -100
-        log_probs = torch.log_softmax(predicted, dim=-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
-        totals = (log_probs * scored).sum(dim=1)
-        greedy = ((predicted.argmax(dim=-1) == targets) | ~scored).all(dim=1)
-        return [Score(float(total), int(tokens), bool(exact))
-                for total, tokens, exact in zip(totals, scored.sum(dim=1), greedy)]
+        totals, counts, exact = teacher_forced(logits[:, :-1], labels[:, -scored_length:])
+        return [Score(float(total), int(tokens), bool(match)) for total, tokens, match in zip(totals, counts, exact)]
+
+
+def parse_configuration(value) -> int | str:
+    """A configuration from user text (the CLI, lmms-eval model arguments): "auto" or an index."""
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    raise ValueError(f"configuration must be 'auto' or an index, got {value!r}")
 
 
 def _cut(text: str, until: Sequence[str]) -> str:

@@ -1,15 +1,18 @@
-"""The VISOR model: layer loop (SA / CA / text), CA block, CPE, token layout."""
+"""The VISOR model, family-agnostic: the layer loop (SA / CA / text), CA block, CPE, router, cache, token layout.
+
+Each model family's concrete classes live in its backbone adapter (`visor.backbones`).
+"""
 
 from visor.modeling.freezing import (
     freeze_base, freeze_vision_tower, trainable_parameter_names, trainable_parameters, unfreeze_all,
 )
-from visor.modeling.visor import VisorForConditionalGeneration, load_llava
+from visor.modeling.visor import VisorModel, load_stock
 
 __all__ = [
-    "VisorForConditionalGeneration",
+    "VisorModel",
     "freeze_base",
     "freeze_vision_tower",
-    "load_llava",
+    "load_stock",
     "trainable_parameter_names",
     "trainable_parameters",
     "unfreeze_all",

@@ -1,6 +1,10 @@
-"""The VISOR KV cache: text keys/values everywhere, visual ones only where a sample reads vision (DESIGN.md 2.8).
+"""KV caches of the project's own layer loops, and VISOR's: visual keys/values only where a sample reads vision.
 
-Per layer it holds
+`LayerLoopCache` is what every custom loop (VISOR's, in-LLM pruning's) shares: a transformers `Cache` that
+`generate()` accepts, that counts the original sequence's positions itself (a layer may hold fewer keys than
+positions seen) and reports the bytes it allocated, split into visual and text.
+
+`VisorCache` holds, per layer,
 - text keys/values for every sample (prompt text, then each generated token);
 - visual keys/values of the *SA* layer for the samples whose configuration ran it (a sub-batch tensor);
 - the CA block's keys/values over the visual tokens, computed once at prefill, for CA layers.
@@ -21,14 +25,44 @@ from transformers.cache_utils import Cache
 from visor.modeling.layout import TokenLayout
 
 
-class VisorCache(Cache):
-    """Sparse KV cache for `VisorForConditionalGeneration`; `generate()` creates it on the first forward."""
+class LayerLoopCache(Cache):
+    """A cache filled by one of the project's layer loops; `generate()` creates it on the first forward."""
 
     is_compileable = False
     is_croppable = False
 
     def __init__(self):
         super().__init__(layers=[])
+        self.seen_tokens = 0
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(seen_tokens={self.seen_tokens}, bytes={self.nbytes()})"
+
+    @property
+    def is_prefilled(self) -> bool:
+        return self.seen_tokens > 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Positions of the original sequence seen so far (the whole prompt, plus decoded tokens)."""
+        return self.seen_tokens
+
+    def get_max_length(self) -> int | None:
+        return None
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes of the tensors actually allocated: {"visual": …, "text": …}."""
+        raise NotImplementedError
+
+
+def _bytes(tensors) -> int:
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+
+
+class VisorCache(LayerLoopCache):
+    """Sparse KV cache for VISOR models (see the module docstring)."""
+
+    def __init__(self):
+        super().__init__()
         self.text_keys: dict[int, torch.Tensor] = {}
         self.text_values: dict[int, torch.Tensor] = {}
         self.visual_keys: dict[int, torch.Tensor] = {}
@@ -40,38 +74,19 @@ class VisorCache(Cache):
         self.visual_valid: torch.Tensor | None = None  # (B, Nv)
         self.sa_layers: torch.Tensor | None = None  # (B, L) fixed at prefill
         self.configuration: torch.Tensor | None = None  # (B,) the configuration each sample runs
-        self.seen_tokens = 0
-
-    def __repr__(self) -> str:
-        return f"VisorCache(seen_tokens={self.seen_tokens}, bytes={self.nbytes()})"
 
     def __len__(self) -> int:
         return len(self.text_keys)
 
-    @property
-    def is_prefilled(self) -> bool:
-        return self.sa_layers is not None
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        """Positions of the original sequence seen so far (prompt incl. visual tokens, plus decoded ones)."""
-        return self.seen_tokens
-
-    def get_max_length(self) -> int | None:
-        return None
-
     def nbytes(self) -> dict[str, int]:
-        """Bytes of the tensors actually allocated, split into visual and text."""
-        def size(tensors):
-            return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
-
         visual = [*self.visual_keys.values(), *self.visual_values.values(),
                   *self.cross_keys.values(), *self.cross_values.values()]
-        return {"visual": size(visual), "text": size([*self.text_keys.values(), *self.text_values.values()])}
+        return {"visual": _bytes(visual), "text": _bytes([*self.text_keys.values(), *self.text_values.values()])}
 
     # ---- prefill -------------------------------------------------------------------------------------------
     def start(self, layout: TokenLayout, sa_layers: torch.Tensor) -> None:
-        self.text_valid = layout.text_valid
-        self.visual_valid = layout.visual_valid
+        self.text_valid = layout.text.valid
+        self.visual_valid = layout.visual.valid
         self.sa_layers = sa_layers
         self.seen_tokens = layout.length
 

@@ -1,6 +1,6 @@
 """The cross-attention (CA) block: text queries read every visual token; visual tokens are not changed.
 
-One block sits in front of each CA layer (DESIGN.md 2.3). Its projections are shaped like the host layer's
+One block sits in front of each CA layer. Its projections are shaped like the host layer's
 attention (same heads, GQA groups, biases), so it can start from two places:
 
 - `zero` (default): fresh weights behind a tanh gate initialised at 0, so the converted model starts exactly

@@ -1,4 +1,4 @@
-"""Which parameters train in each stage (DESIGN.md 4).
+"""Which parameters train in each stage.
 
 Stage 1 trains only what VISOR adds to the stock model: the CA blocks (with their gates) and the CPE; the
 vision tower, projector, decoder layers, embeddings and head stay exactly as converted. Stage 2 trains
@@ -12,12 +12,11 @@ from collections.abc import Iterator
 
 from torch import nn
 
-# Top-level submodules of `VisorForConditionalGeneration` that VISOR adds to the stock LLaVA-OV model.
-NEW_MODULES = ("cross_attention", "position_encoding")
+STAGE1_MODULES = ("cross_attention", "position_encoding")  # what stage 1 trains of what VISOR adds (not the router)
 
 
 def _is_new(name: str) -> bool:
-    return name.split(".", 1)[0] in NEW_MODULES
+    return name.split(".", 1)[0] in STAGE1_MODULES
 
 
 def freeze_base(model: nn.Module) -> nn.Module:
@@ -33,7 +32,7 @@ def freeze_base(model: nn.Module) -> nn.Module:
         new += trainable
     if not new:
         raise ValueError(
-            f"{type(model).__name__} has no VISOR modules ({', '.join(NEW_MODULES)}) to train: freezing the base "
+            f"{type(model).__name__} has no VISOR modules ({', '.join(STAGE1_MODULES)}) to train: freezing the base "
             "would leave nothing trainable"
         )
     return model
@@ -49,11 +48,9 @@ def unfreeze_all(model: nn.Module) -> nn.Module:
 def freeze_vision_tower(model: nn.Module) -> nn.Module:
     """Fix the vision tower's weights (as LLaVA recipes keep a pretrained encoder), so that whatever a task needs
     beyond the tower's features has to be computed by the language model."""
-    towers = [module for name, module in model.named_modules() if name.rsplit(".", 1)[-1] == "vision_tower"]
-    if not towers:
-        raise ValueError(f"{type(model).__name__} has no vision_tower to freeze")
-    for tower in towers:
-        tower.requires_grad_(False)
+    from visor.backbones import backbone_for
+
+    backbone_for(model.config).vision_tower(model).requires_grad_(False)
     return model
 
 

@@ -1,20 +1,19 @@
 """The router's novelty guard: inputs unlike anything the router was trained on may not take the cheapest
-configuration (DESIGN.md 3).
+configuration.
 
-The router learns where the self-attention (SA) layers pay from labels on a training split. On an input unlike
-any of those it cannot know: on a thinner-bars chart variant SA layers lifted accuracy from 51% to 74% and the
-router kept 147 of 200 on the cheapest configuration. The guard notices such inputs and sends them one
-configuration up, a bounded hedge: one SA layer more, never the whole stack.
+The router learns where the self-attention (SA) layers pay from labels on a training split; on an input unlike
+any of those it cannot know. The guard notices such inputs and sends them one configuration up, a bounded
+hedge: one SA layer more, never the whole stack.
 
 "Unlike" is measured locally, as a local outlier factor: the mean distance from the input's router features to
 its k nearest training features, divided by those neighbours' own k-nearest-neighbour distance. A global
-distance cannot work here, since tasks differ in how spread out their features are (one task's normal spread
-is another's outlier). The threshold κ is a quantile of the training samples' leave-one-out scores, so it
-sets the guard's false-alarm rate on data like the training split (2% at the default quantile).
+distance cannot work when tasks differ in how spread out their features are (one task's normal spread is
+another's outlier). The threshold κ is a quantile of the training samples' leave-one-out scores, so it sets the
+guard's false-alarm rate on data like the training split (2% at the default quantile). κ is kept in the model's
+config (`router_novelty_threshold`) with the router's other settings.
 
-Opt-in (`--novelty-quantile`): it finds shifted inputs, but spending on them paid only where SA layers help on
-the shift; on the demo suite's variants, where they hurt, it cost 44 of 600 answers (README, "Where the policy
-has something to choose").
+Opt-in (`--novelty-quantile`): spending on novel inputs pays only where SA layers help on the shift, which
+nothing before the SA layers can know (measurements in docs/policy.md).
 """
 
 from __future__ import annotations
@@ -29,13 +28,12 @@ MIN_RADIUS_FRACTION = 0.1  # a duplicated training feature has radius 0; floor r
 
 
 class NoveltyGuard(nn.Module):
-    """Reference features of the router's training samples, their neighbourhood radii and the threshold κ.
+    """Reference features of the router's training samples and their neighbourhood radii.
 
     Built empty with the shapes a config names (so `from_pretrained` can load it); `fit` fills it.
     """
 
-    def __init__(self, feature_size: int, references: int, neighbours: int = DEFAULT_NEIGHBOURS,
-                 threshold: float | None = None):
+    def __init__(self, feature_size: int, references: int, neighbours: int = DEFAULT_NEIGHBOURS):
         super().__init__()
         if neighbours < 1:
             raise ValueError(f"the novelty guard needs at least one neighbour, got {neighbours}")
@@ -43,7 +41,6 @@ class NoveltyGuard(nn.Module):
             raise ValueError(f"the novelty guard needs more references than neighbours, got {references} "
                              f"references for {neighbours} neighbours")
         self.neighbours = neighbours
-        self.threshold = threshold
         self.register_buffer("references", torch.zeros(references, feature_size))
         self.register_buffer("radii", torch.ones(references))
 
@@ -64,17 +61,17 @@ class NoveltyGuard(nn.Module):
         """(B,) local outlier factor: about 1 for inputs like the training split, larger the further out."""
         return self._scores(self._distances(features))
 
-    def novel(self, features: torch.Tensor) -> torch.Tensor:
-        """(B,) bool: inputs beyond κ (none before `fit`)."""
-        if self.threshold is None:
+    def novel(self, features: torch.Tensor, threshold: float | None) -> torch.Tensor:
+        """(B,) bool: inputs scoring above κ = `threshold` (none when there is no κ yet)."""
+        if threshold is None:
             return torch.zeros(features.shape[0], dtype=torch.bool, device=features.device)
-        return self.scores(features) > self.threshold
+        return self.scores(features) > threshold
 
     @torch.no_grad()
     def fit(self, features: torch.Tensor, quantile: float = DEFAULT_QUANTILE, max_references: int = MAX_REFERENCES,
             seed: int = 0) -> float:
-        """Keep (up to `max_references` of) the training features, their radii, and κ = the `quantile` of their
-        leave-one-out scores. Returns κ."""
+        """Keep (up to `max_references` of) the training features and their radii; returns κ, the `quantile` of
+        their leave-one-out scores."""
         if not 0.0 < quantile <= 1.0:
             raise ValueError(f"the novelty quantile must lie in (0, 1], got {quantile}")
         if len(features) <= self.neighbours:
@@ -88,5 +85,4 @@ class NoveltyGuard(nn.Module):
         distances.fill_diagonal_(float("inf"))  # leave one out: a sample is not its own neighbour
         radii = distances.topk(self.neighbours, dim=-1, largest=False).values.mean(-1)
         self.radii = radii.clamp(min=MIN_RADIUS_FRACTION * float(radii.median()))
-        self.threshold = float(self._scores(distances).quantile(quantile))
-        return self.threshold
+        return float(self._scores(distances).quantile(quantile))

@@ -1,4 +1,4 @@
-"""Conditional position encoding (CPE) for visual tokens (DESIGN.md 2.4).
+"""Conditional position encoding (CPE) for visual tokens.
 
 CA layers read visual tokens that no SA layer may have touched, so the tokens need to carry their own
 position. The paper adds a depth-wise 1-D convolution (kernel 7, padding 3) with a residual right after the

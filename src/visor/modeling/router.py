@@ -1,17 +1,21 @@
-"""The policy's router: per sample, which configuration (set of SA layers) to run (DESIGN.md 3).
+"""The policy's router: per sample, which configuration (set of SA layers) to run.
 
 It sits before the first optional SA layer, so deciding costs one small MLP and never re-runs a layer. It
 reads the text stream's last prompt token (which has seen the question and, through the CA layers before it,
 the image) and the mean of the visual tokens, and scores every configuration:
 
-- `multilabel` (default): for each configuration the probability that it answers as well as the largest
-  one; the decision is the cheapest configuration whose probability reaches the threshold τ;
-- `softmax` (the paper's): one distribution over configurations, trained on the cheapest good one; the
-  decision is the cheapest configuration at which the cumulative probability (cheapest first) reaches τ.
-Both let one trained router serve every budget: τ near 0 is cheap, τ near 1 spends.
+- `softmax` (the default, the paper's): one distribution over configurations, trained on the cheapest good
+  one; the decision is the cheapest configuration at which the cumulative probability (cheapest first)
+  reaches the threshold τ;
+- `multilabel`: for each configuration the probability that it answers as well as the largest one; the
+  decision is the cheapest configuration whose probability reaches τ.
+Both let one trained router serve every budget: τ near 0 is cheap, τ near 1 spends. Configurations are ordered
+from fewest SA layers to most (the config checks it), so "cheapest first" is index order.
 
-An optional novelty guard (`visor.modeling.novelty`) keeps inputs unlike the router's training samples off the
-cheapest configuration, whatever τ says.
+The mode, τ and the novelty guard's κ live in the model's config, which the router reads: there is one place
+to change them (`VisorModel.configure_router`), and the saved config routes the same way. An optional novelty
+guard (`visor.modeling.novelty`) keeps inputs unlike the router's training samples off the cheapest
+configuration, whatever τ says.
 """
 
 from __future__ import annotations
@@ -21,37 +25,31 @@ from torch import nn
 
 from visor.modeling.novelty import NoveltyGuard
 
-ROUTER_MODES = ("multilabel", "softmax")
-
 
 class ConfigurationRouter(nn.Module):
-    def __init__(self, hidden_size: int, configuration_sizes: list[int], router_hidden_size: int = 256,
-                 mode: str = "multilabel", threshold: float = 0.5, novelty_references: int = 0,
-                 novelty_neighbours: int = 5, novelty_threshold: float | None = None):
+    def __init__(self, config):
         super().__init__()
-        if mode not in ROUTER_MODES:
-            raise ValueError(f"router mode must be one of {ROUTER_MODES}, got {mode!r}")
-        check_threshold(threshold)
-        self.mode = mode
-        self.threshold = threshold
-        # Cost order: every SA layer adds the same FLOPs, so the number of SA layers orders configurations.
-        # A plain list, not a buffer: transformers' from_pretrained leaves non-persistent buffers uninitialised.
-        self.cost_order = sorted(range(len(configuration_sizes)), key=lambda index: (configuration_sizes[index], index))
-        self.norm = nn.LayerNorm(2 * hidden_size)
+        self.config = config  # not a submodule: the model's own config, the owner of mode, τ and κ
+        features = 2 * config.text_config.hidden_size
+        self.norm = nn.LayerNorm(features)
         self.mlp = nn.Sequential(
-            nn.Linear(2 * hidden_size, router_hidden_size), nn.GELU(),
-            nn.Linear(router_hidden_size, len(configuration_sizes)),
+            nn.Linear(features, config.router_hidden_size), nn.GELU(),
+            nn.Linear(config.router_hidden_size, len(config.configurations)),
         )
-        self.novelty = (NoveltyGuard(2 * hidden_size, novelty_references, novelty_neighbours, novelty_threshold)
-                        if novelty_references else None)
+        self.novelty = (NoveltyGuard(features, config.router_novelty_references, config.router_novelty_neighbours)
+                        if config.router_novelty_references else None)
 
-    @classmethod
-    def for_config(cls, config, mode: str | None = None) -> "ConfigurationRouter":
-        """A fresh router for a `VisorConfig`'s configurations (its `router_mode` unless `mode` is given)."""
-        return cls(config.text_config.hidden_size, [len(layers) for layers in config.configurations],
-                   config.router_hidden_size, mode or config.router_mode, config.router_threshold,
-                   config.router_novelty_references, config.router_novelty_neighbours,
-                   config.router_novelty_threshold)
+    @property
+    def mode(self) -> str:
+        return self.config.router_mode
+
+    @property
+    def threshold(self) -> float:
+        return self.config.router_threshold
+
+    @property
+    def num_configurations(self) -> int:
+        return len(self.config.configurations)
 
     @staticmethod
     def features(text: torch.Tensor, visual: torch.Tensor, text_valid: torch.Tensor,
@@ -72,10 +70,10 @@ class ConfigurationRouter(nn.Module):
         return torch.sigmoid(logits) if self.mode == "multilabel" else torch.softmax(logits, dim=-1)
 
     def novel(self, features: torch.Tensor) -> torch.Tensor:
-        """(B,) bool: inputs the novelty guard keeps off the cheapest configuration (none without a guard)."""
+        """(B,) bool: inputs the novelty guard keeps off the cheapest configuration (none without a guard or κ)."""
         if self.novelty is None:
             return torch.zeros(features.shape[0], dtype=torch.bool, device=features.device)
-        return self.novelty.novel(features)
+        return self.novelty.novel(features, self.config.router_novelty_threshold)
 
     def route(self, features: torch.Tensor, threshold: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, C) and decisions (B,) for a batch of router features."""
@@ -84,24 +82,24 @@ class ConfigurationRouter(nn.Module):
 
     def decide(self, logits: torch.Tensor, threshold: float | None = None,
                novel: torch.Tensor | None = None) -> torch.Tensor:
-        """(B,) configuration indices: the cheapest that passes τ; the most expensive if none does. Samples
-        flagged `novel` skip the cheapest configuration."""
+        """(B,) configuration indices: the cheapest that passes τ; the largest if none does. Samples flagged
+        `novel` skip the cheapest configuration."""
         threshold = self.threshold if threshold is None else check_threshold(threshold)
         passes = self.decision_scores(logits) >= threshold
         if novel is not None and passes.shape[1] > 1:
             passes[novel.cpu(), 0] = False
         passes[:, -1] = True
-        return torch.tensor(self.cost_order)[passes.float().argmax(dim=-1)].to(logits.device)
+        return passes.float().argmax(dim=-1).to(logits.device)
 
     def decision_scores(self, logits: torch.Tensor) -> torch.Tensor:
-        """(B, C), configurations cheapest first: the scores `decide` compares with τ (its probabilities, or
-        in softmax mode their running sum). In float64 (on the CPU, as not every accelerator has it): a float32
-        sigmoid is exactly 1.0 beyond a logit of 17, which would make a sure router's decisions unreachable by τ."""
-        ordered = self.probabilities(logits.detach().to("cpu", torch.float64))[:, self.cost_order]
-        return ordered.cumsum(dim=-1) if self.mode == "softmax" else ordered
+        """(B, C): the scores `decide` compares with τ (its probabilities, or in softmax mode their running sum).
+        In float64 (on the CPU, as not every accelerator has it): a float32 sigmoid is exactly 1.0 beyond a logit
+        of 17, which would make a sure router's decisions unreachable by τ."""
+        probabilities = self.probabilities(logits.detach().to("cpu", torch.float64))
+        return probabilities.cumsum(dim=-1) if self.mode == "softmax" else probabilities
 
 
 def check_threshold(threshold: float) -> float:
-    if not 0.0 <= float(threshold) <= 1.0:
+    if isinstance(threshold, bool) or not 0.0 <= float(threshold) <= 1.0:
         raise ValueError(f"the router threshold τ must lie in [0, 1], got {threshold}")
     return float(threshold)

@@ -1,15 +1,17 @@
-"""`VisorForConditionalGeneration`: LLaVA-OneVision whose language model meets vision only where asked.
+"""`VisorModel`: a vision-language model whose language model meets vision only where asked.
 
-The class *is* a `LlavaOnevisionForConditionalGeneration` (same vision tower, projector, decoder layers and
-state-dict names, so a stock checkpoint loads as is) with a few new modules, the CA blocks and the CPE, and
-its own decoder-layer loop. Each layer of the text model runs as one of three kinds (DESIGN.md 2.2):
+Each backbone adapter defines its family's VISOR class as `class Visor…(VisorModel, <the family's stock
+model class>)`: the same vision tower, projector, decoder layers and state-dict names (a stock checkpoint loads
+as is), a few new modules (the CA blocks, the CPE, the router) and this class's own decoder-layer loop. Each
+layer of the text model runs as one of three kinds (`visor.modeling.layers`):
 
     SA    the stock layer over [V; T] in the original order, mask and positions   (visual tokens updated)
     CA    T ← T + CA(T, V), then the stock layer over T only                        (visual tokens unchanged)
     text  the stock layer over T only                                               (visual tokens unchanged)
 
 Which layers are SA is chosen per sample (`configuration=`); at an SA layer the samples that run it go
-through the full layer together and the rest through the text-only path, then both are scattered back.
+through the full layer together and the rest through the text-only path, then both are scattered back. One loop
+(`_run_layers`) applies this rule to a whole prompt (prefill) and to new tokens against the cache (decoding).
 """
 
 from __future__ import annotations
@@ -19,19 +21,21 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 from safetensors import SafetensorError
-from transformers import LlavaOnevisionForConditionalGeneration
+from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from visor.config import VisorConfig
+from visor.config import ROUTER_MODES
 from visor.modeling.cache import LayerCacheView, VisorCache, resolve_cache
+from visor.modeling.choice import ConfigurationChoice
 from visor.modeling.cross_attention import CrossAttentionBlock, rms_unit
+from visor.modeling.layers import run_layer, split_rope
 from visor.modeling.layout import TokenLayout, attention_bias
 from visor.modeling.position_encoding import ConditionalPositionEncoding
-from visor.modeling.router import ConfigurationRouter
+from visor.modeling.router import ConfigurationRouter, check_threshold
 
 SUPPORTED_ATTENTION = ("eager", "sdpa")
+NEW_MODULES = ("cross_attention", "position_encoding", "router")  # what VISOR adds to the stock model
 
 
 @dataclass
@@ -41,21 +45,23 @@ class VisorOutput(CausalLMOutputWithPast):
     configuration: torch.LongTensor | None = None
 
 
-class VisorForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
-    config_class = VisorConfig
+class VisorModel:
+    """VISOR's part of a family's VISOR class; the class sets `backbone_class` (its `visor.backbones` adapter)."""
+
+    backbone_class: type
     _supports_flash_attn = False  # masks are explicit (B, 1, Q, K) tensors; flash kernels take none
     _supports_flex_attn = False
     _can_compile_fullgraph = False
 
-    def __init__(self, config: VisorConfig):
+    def __init__(self, config):
         super().__init__(config)
-        layers = self.model.language_model.layers
-        text_config = config.text_config
+        self.backbone = self.backbone_class(config)
+        layers = self.text_stack.layers
         self.cross_attention = nn.ModuleDict(
             {
                 str(layer): CrossAttentionBlock(
                     layers[layer],
-                    text_config,
+                    config.text_config,
                     gate=config.cross_attention_gate,
                     mlp=config.cross_attention_mlp,
                     rope=config.cross_attention_rope,
@@ -65,59 +71,55 @@ class VisorForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
             }
         )
         self.position_encoding = (
-            ConditionalPositionEncoding(text_config.hidden_size, config.position_encoding_kernel)
+            ConditionalPositionEncoding(config.text_config.hidden_size, config.position_encoding_kernel)
             if config.position_encoding
             else None
         )
         self.router = (
-            ConfigurationRouter.for_config(config)
-            if len(config.configurations) > 1 and config.router_layer is not None
-            else None
+            ConfigurationRouter(config) if len(config.configurations) > 1 and config.router_layer is not None else None
         )
         self.post_init()
+
+    @property
+    def text_stack(self) -> nn.Module:
+        """The stock text model (embeddings, decoder layers, rotary embedding, final norm)."""
+        return self.backbone.language_model(self)
 
     # ---- construction --------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """As transformers' `from_pretrained`; a local folder is checked first and broken ones raise ValueError."""
-        if not os.path.isdir(pretrained_model_name_or_path):
-            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        """As transformers' `from_pretrained`, for local folders only (broken ones raise ValueError)."""
         check_checkpoint_folder(pretrained_model_name_or_path)
         with clear_load_errors("VISOR", pretrained_model_name_or_path):
             return super().from_pretrained(pretrained_model_name_or_path, *args, **{**LOCAL_SAFE_LOADING, **kwargs})
 
     @classmethod
-    def from_llava(
-        cls,
-        llava: LlavaOnevisionForConditionalGeneration | str | os.PathLike,
-        visor_config: VisorConfig | None = None,
-        **config_options,
-    ) -> "VisorForConditionalGeneration":
-        """Build VISOR around a stock LLaVA-OV model (or a local checkpoint folder), reusing all its weights.
+    def from_stock(cls, stock, visor_config=None, **config_options):
+        """Build VISOR around a stock model of the family (or a local checkpoint folder), reusing all its weights.
 
-        The new modules start as described in DESIGN.md 2.3/2.4: gated CA blocks and CPE are no-ops, or the
-        CA blocks copy their host layer's attention when `cross_attention_init="host"`.
+        The new modules start as documented in their modules: gated CA blocks and CPE are no-ops, or the CA blocks
+        copy their host layer's attention when `cross_attention_init="host"`.
         """
-        if not isinstance(llava, LlavaOnevisionForConditionalGeneration):
-            llava = load_llava(llava)
+        stock_class = cls.backbone_class.stock_model_class
+        if not isinstance(stock, stock_class):
+            stock = load_stock(stock_class, stock)
         if visor_config is None:
-            visor_config = VisorConfig.from_llava_config(llava.config, **config_options)
+            visor_config = cls.config_class.from_stock_config(stock.config, **config_options)
         elif config_options:
             raise ValueError("pass either visor_config or config options, not both")
-        visor_config._attn_implementation = llava.config.text_config._attn_implementation
-        model = cls(visor_config).to(dtype=llava.dtype, device=llava.device)
-        missing, unexpected = model.load_state_dict(llava.state_dict(), strict=False)
-        new_modules = ("cross_attention.", "position_encoding.", "router.")
-        missing = [key for key in missing if not key.startswith(new_modules)]
+        visor_config._attn_implementation = stock.config.text_config._attn_implementation
+        model = cls(visor_config).to(dtype=stock.dtype, device=stock.device)
+        missing, unexpected = model.load_state_dict(stock.state_dict(), strict=False)
+        missing = [key for key in missing if not key.startswith(tuple(f"{name}." for name in NEW_MODULES))]
         if missing or unexpected:
-            raise ValueError(f"LLaVA-OV weights do not fit this VISOR config: missing {missing}, unexpected {unexpected}")
+            raise ValueError(f"the stock weights do not fit this VISOR config: missing {missing}, unexpected {unexpected}")
         model.initialise_new_modules()
-        return model.train(llava.training)
+        return model.train(stock.training)
 
     @torch.no_grad()
     def initialise_new_modules(self) -> None:
         """Put the CA blocks and the CPE in their documented starting state."""
-        layers = self.model.language_model.layers
+        layers = self.text_stack.layers
         for layer, block in self.cross_attention.items():
             for gate in (block.attention_gate, block.mlp_gate):
                 if gate is not None:
@@ -138,17 +140,24 @@ class VisorForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         elif isinstance(module, ConditionalPositionEncoding):
             module.reset_parameters()
 
+    def configure_router(self, mode: str | None = None, threshold: float | None = None) -> None:
+        """Set the router's mode and τ (kept in the config, so a saved model routes the same way)."""
+        if self.router is None:
+            raise ValueError("this model has a single configuration and no router")
+        if mode is not None:
+            if mode not in ROUTER_MODES:
+                raise ValueError(f"router mode must be one of {ROUTER_MODES}, got {mode!r}")
+            self.config.router_mode = mode
+        if threshold is not None:
+            self.config.router_threshold = check_threshold(threshold)
+
     # ---- inputs -> streams ----------------------------------------------------------------------------------
     def embed_multimodal(
-        self,
-        input_ids: torch.LongTensor,
-        pixel_values: torch.Tensor | None,
-        image_sizes: torch.Tensor | None,
-        batch_num_images: torch.Tensor | None = None,
-        image_features: list[torch.Tensor] | None = None,
+        self, input_ids: torch.LongTensor, image_features: list[torch.Tensor] | None = None, **image_inputs
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Token embeddings with image features (after the CPE) in the `<image>` slots, and the image mask.
 
+        `image_inputs` are the family's (`pixel_values`, `image_sizes`, `batch_num_images` for LLaVA-OV);
         `image_features` (one (n_i, d) projected tensor per image) replaces the vision tower, e.g. to reuse
         features across configurations or to time the language model alone.
         """
@@ -158,16 +167,13 @@ class VisorForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         tokens_per_sample = visual_mask.sum(dim=1)
         if not visual_mask.any():
             return embeds, visual_mask
-        features = (
-            list(image_features)
-            if image_features is not None
-            else self.encode_images(pixel_values, image_sizes, batch_num_images, int(tokens_per_sample.sum()))
-        )
+        if image_features is None:
+            image_features = self.backbone.encode_images(self, int(tokens_per_sample.sum()), **image_inputs)
+        features = list(image_features)
         if self.position_encoding is not None:
             features = [self.position_encoding(image) for image in features]
-        images_per_sample = (
-            batch_num_images.tolist() if batch_num_images is not None else [1] * len(features)
-        )
+        batch_num_images = image_inputs.get("batch_num_images")
+        images_per_sample = batch_num_images.tolist() if batch_num_images is not None else [1] * len(features)
         if len(images_per_sample) != input_ids.shape[0] or sum(images_per_sample) != len(features):
             raise ValueError(
                 f"{len(features)} images for a batch of {input_ids.shape[0]}: pass batch_num_images when a sample "
@@ -187,22 +193,6 @@ class VisorForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         features = torch.cat(features).to(embeds.dtype)
         return embeds.masked_scatter(visual_mask[..., None], features), visual_mask
 
-    def encode_images(self, pixel_values, image_sizes, batch_num_images, num_image_tokens: int) -> list[torch.Tensor]:
-        """The stock vision tower, projector and anyres packing: one (n_i, d) tensor per image."""
-        if pixel_values is None or image_sizes is None:
-            raise ValueError(
-                f"input_ids contain {num_image_tokens} image tokens but pixel_values/image_sizes are missing"
-            )
-        if pixel_values.dim() not in (4, 5) or pixel_values.shape[-3] != 3:
-            raise ValueError(
-                f"pixel_values must be (batch, crops, 3, H, W) or (crops, 3, H, W), got {tuple(pixel_values.shape)}"
-            )
-        if image_sizes.dim() != 2 or image_sizes.shape[-1] != 2:
-            raise ValueError(f"image_sizes must be (num_images, 2) as (height, width), got {tuple(image_sizes.shape)}")
-        return self.model.get_image_features(
-            pixel_values, image_sizes, batch_num_images=batch_num_images, return_dict=True
-        ).pooler_output
-
     # ---- the layer loop -------------------------------------------------------------------------------------
     def configuration_table(self, device=None) -> torch.Tensor:
         """(C, L) bool: which layers each configuration runs as SA."""
@@ -211,126 +201,45 @@ class VisorForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
             table[index, layers] = True
         return table.to(device)
 
-    def route(self, text: torch.Tensor, visual: torch.Tensor, layout: TokenLayout, threshold: float | None = None):
-        """The router's logits and decision (B,) from the streams as they are at the router layer."""
-        return self.router.route(self.router.features(text, visual, layout.text_valid, layout.visual_valid), threshold)
-
     def _cross_block(self, index: int) -> CrossAttentionBlock | None:
         return self.cross_attention[str(index)] if str(index) in self.cross_attention else None
 
-    def prefill_layers(
-        self,
-        hidden: torch.Tensor,
-        layout: TokenLayout,
-        position_ids: torch.Tensor,
-        configuration: torch.Tensor | None,
-        cache: VisorCache | None = None,
-        threshold: float | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the decoder stack over a whole prompt with VISOR's layer kinds.
-
-        `configuration`: (B,) indices, or None to let the router choose when the stack reaches
-        `config.router_layer` (layers before it run the same way in every configuration). Returns the final
-        hidden states (B, S, d) and the configurations that ran.
-        """
-        rotary = self.model.language_model.rotary_emb
-        visual, text = layout.split(hidden)
-        visual_positions, text_positions = layout.split(position_ids[..., None])
-        full_rope = rotary(hidden, position_ids)
-        text_rope = rotary(text, text_positions[..., 0])
-        visual_rope = rotary(visual, visual_positions[..., 0])
-        # Without padding, SDPA's own causal kernel needs no (S, S) mask: the same fast path the stock model takes.
-        causal_only = self.config.text_config._attn_implementation == "sdpa"
-        full_bias = None if causal_only and bool(layout.token_valid.all()) else attention_bias(layout.full_mask(), hidden.dtype)
-        text_bias = None if causal_only and bool(layout.text_valid.all()) else attention_bias(layout.text_mask(), hidden.dtype)
-        cross_allowed = layout.cross_mask()
-        table = self.configuration_table(hidden.device)
-        routed = configuration is None
-        if routed:
-            configuration = torch.zeros(len(hidden), dtype=torch.long, device=hidden.device)
-        sa_layers = table[configuration]
-        if cache is not None:
-            cache.start(layout, sa_layers)
-
-        visual_unit = None  # the RMS-normalised visual tokens every CA block reads, until an SA layer changes them
-        for index, layer in enumerate(self.model.language_model.layers):
-            if routed and index == self.config.router_layer:
-                _, configuration = self.route(text, visual, layout, threshold)
-                sa_layers = table[configuration]
-                if cache is not None:
-                    cache.sa_layers = sa_layers
+    def _run_layers(self, streams: _Streams) -> None:
+        """Every decoder layer on `streams` (a prompt, or new tokens against the cache) with VISOR's kinds."""
+        for index, layer in enumerate(self.text_stack.layers):
+            streams.before_layer(index)
             block = self._cross_block(index)
             if block is not None:
-                if visual_unit is None:
-                    visual_unit = rms_unit(visual, block.visual_norm.variance_epsilon)
-                keys, values = block.visual_keys_values(visual, visual_rope, visual_unit)
-                if cache is not None:
-                    cache.store_cross(index, keys, values)
-                text = block(text, keys, values, cross_allowed, text_rope)
-            sa_rows, text_rows = _split_rows(sa_layers[:, index])
-            new_text = []
-            if len(sa_rows):
-                rows_layout = layout.select(sa_rows) if len(sa_rows) < len(text) else layout
-                merged = _call_layer(
-                    layer, rows_layout.merge(_take(visual, sa_rows), _take(text, sa_rows)),
-                    _take(full_bias, sa_rows), _take(full_rope, sa_rows),
-                    _prefill_view(cache, index, sa_rows, rows_layout),
-                )
-                sa_visual, sa_text = rows_layout.split(merged)
-                visual = _put(visual, sa_rows, sa_visual)
-                visual_unit = None
-                new_text.append((sa_rows, sa_text))
-            if len(text_rows):
-                text_only = _call_layer(
-                    layer, _take(text, text_rows), _take(text_bias, text_rows), _take(text_rope, text_rows),
-                    _prefill_view(cache, index, text_rows, None),
-                )
-                new_text.append((text_rows, text_only))
-            for rows, update in new_text:
-                text = _put(text, rows, update)
-        return layout.merge(visual, text), configuration
-
-    def decode_layers(
-        self, text: torch.Tensor, position_ids: torch.Tensor, new_valid: torch.Tensor, cache: VisorCache
-    ) -> torch.Tensor:
-        """Run new text tokens (B, n, d) through every layer against the cache (DESIGN.md 2.8)."""
-        cache.extend(new_valid)
-        text_rope = self.model.language_model.rotary_emb(text, position_ids)
-        count = text.shape[1]
-        total = cache.text_valid.shape[1]
-        order = torch.arange(total, device=text.device)
-        query_at = total - count + torch.arange(count, device=text.device)
-        # New tokens see valid earlier text, each other causally, and always themselves.
-        text_allowed = (cache.text_valid[:, None, :] & (order[None, None, :] <= query_at[None, :, None])) | (
-            order[None, None, :] == query_at[None, :, None]
-        )
-        visual_allowed = cache.visual_valid[:, None, :].expand(-1, count, -1)
-        text_bias = attention_bias(text_allowed, text.dtype)
-        sa_bias = attention_bias(torch.cat([visual_allowed, text_allowed], dim=-1), text.dtype)
-
-        for index, layer in enumerate(self.model.language_model.layers):
-            block = self._cross_block(index)
-            if block is not None:
-                text = block(text, cache.cross_keys[index], cache.cross_values[index], visual_allowed, text_rope)
-            updates = []
-            for rows, runs_sa in zip(_split_rows(cache.sa_layers[:, index]), (True, False)):
+                streams.text = block(streams.text, *streams.cross_keys_values(index, block), streams.cross_allowed,
+                                     streams.text_rope)
+            outputs = []
+            for runs_sa in (True, False):
+                rows = (streams.sa_layers[:, index] == runs_sa).nonzero().squeeze(1)
                 if len(rows):
-                    bias = sa_bias if runs_sa else text_bias
-                    output = _call_layer(
-                        layer, _take(text, rows), _take(bias, rows), _take(text_rope, rows),
-                        LayerCacheView(cache, index, rows, prefill=False, runs_sa=runs_sa),
-                    )
-                    updates.append((rows, output))
-            for rows, output in updates:
-                text = _put(text, rows, output)
-        return text
+                    outputs.append((rows, runs_sa, run_layer(layer, *streams.layer_inputs(index, rows, runs_sa))))
+            for rows, runs_sa, output in outputs:
+                streams.store(rows, runs_sa, output)
+
+    def prefill_layers(self, hidden: torch.Tensor, layout: TokenLayout, position_ids: torch.Tensor,
+                       choice: ConfigurationChoice, cache: VisorCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder stack over a whole prompt; returns the final hidden states (B, S, d) and the configuration
+        each sample ran (the router's choice at `config.router_layer` when `choice` is routed)."""
+        streams = _Prefill(self, hidden, layout, position_ids, choice, cache)
+        self._run_layers(streams)
+        return layout.merge(streams.visual, streams.text), streams.configuration
+
+    def decode_layers(self, text: torch.Tensor, position_ids: torch.Tensor, new_valid: torch.Tensor,
+                      cache: VisorCache) -> torch.Tensor:
+        """New text tokens (B, n, d) through every layer against the cache."""
+        streams = _Decode(self, text, position_ids, new_valid, cache)
+        self._run_layers(streams)
+        return streams.text
 
     # ---- forward ----------------------------------------------------------------------------------------------
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.Tensor | None = None,
-        image_sizes: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         past_key_values=None,
@@ -339,17 +248,19 @@ class VisorForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         configuration: int | list[int] | torch.Tensor | str | None = None,
-        batch_num_images: torch.Tensor | None = None,
         image_features: list[torch.Tensor] | None = None,
         router_threshold: float | None = None,
+        image_sizes: torch.Tensor | None = None,
+        batch_num_images: torch.Tensor | None = None,
         **kwargs,
-    ) -> "VisorOutput":
+    ) -> VisorOutput:
         """Logits (and the loss on `labels`) with each sample's configuration of SA layers.
 
-        `configuration`: an index into `config.configurations` for the whole batch, or one per sample;
-        default the largest; `"auto"` lets the router choose per sample (threshold τ = `router_threshold`, default
-        `config.router_threshold`). The output's `configuration` says which ran. `image_features`: precomputed projected features per image, instead of
-        `pixel_values`. Other arguments are those of `LlavaOnevisionForConditionalGeneration`.
+        `configuration`: an index into `config.configurations` for the whole batch, or one per sample; default
+        the largest; `"auto"` lets the router choose per sample (threshold τ = `router_threshold`, default
+        `config.router_threshold`). The output's `configuration` says which ran. `image_features`: precomputed
+        projected features per image, instead of the images. The image inputs (`pixel_values` and those the
+        family's `Backbone.image_inputs` names) and the other arguments are those of the stock model.
         """
         if input_ids is None or inputs_embeds is not None:
             raise ValueError("VISOR needs input_ids (it finds the visual tokens by the <image> token id)")
@@ -362,43 +273,30 @@ class VisorForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         attention = self.config.text_config._attn_implementation
         if attention not in SUPPORTED_ATTENTION:
             raise ValueError(f"VISOR runs with attention {SUPPORTED_ATTENTION}, not {attention!r}")
+        image_inputs = self.backbone.select_image_inputs(pixel_values=pixel_values, image_sizes=image_sizes,
+                                                         batch_num_images=batch_num_images)
         cache = resolve_cache(past_key_values, use_cache, VisorCache, "VISOR")
-        batch, length = input_ids.shape
         past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
-            position_ids = (torch.arange(length, device=input_ids.device) + past).expand(batch, length)
+            position_ids = self.backbone.position_ids(input_ids, attention_mask, past, **image_inputs)
         if cache is not None and cache.is_prefilled:
             hidden = self._decode(input_ids, attention_mask, position_ids, cache)
             configuration = cache.configuration
         else:
-            hidden, visual_mask = self.embed_multimodal(
-                input_ids, pixel_values, image_sizes, batch_num_images, image_features
-            )
+            choice = ConfigurationChoice.resolve(self.config, configuration, input_ids.shape[0], input_ids.device,
+                                                 router_threshold, has_router=self.router is not None)
+            hidden, visual_mask = self.embed_multimodal(input_ids, image_features, **image_inputs)
             layout = TokenLayout.build(visual_mask, attention_mask)
-            hidden, configuration = self.prefill_layers(
-                hidden, layout, position_ids, self._configuration_indices(configuration, batch, input_ids.device),
-                cache, router_threshold,
-            )
+            hidden, configuration = self.prefill_layers(hidden, layout, position_ids, choice, cache)
             if cache is not None:
                 cache.configuration = configuration
-        hidden = self.model.language_model.norm(hidden)
+        hidden = self.text_stack.norm(hidden)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep])
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
         return VisorOutput(loss=loss, logits=logits, past_key_values=cache, configuration=configuration)
-
-    def _configuration_indices(self, configuration, batch: int, device) -> torch.Tensor | None:
-        """(B,) configuration indices, or None for "auto" (the router decides)."""
-        if isinstance(configuration, str):
-            if configuration != "auto":
-                raise ValueError(f'configuration must be an index, one index per sample, or "auto"; got {configuration!r}')
-            if self.router is None:
-                raise ValueError('configuration="auto" needs a router: this model has a single configuration')
-            return None
-        indices = self.config.resolve_configuration(configuration, batch)
-        return torch.tensor(indices, dtype=torch.long, device=device)
 
     def generate(self, *args, configuration=None, **kwargs):
         """`GenerationMixin.generate` with `configuration=`; per-sample lists become a tensor so that beam
@@ -421,9 +319,113 @@ class VisorForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         return self.decode_layers(self.get_input_embeddings()(input_ids), position_ids, new_valid, cache)
 
 
-def _split_rows(runs_sa: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row indices of the samples that run a layer as SA, and of those that run it on text only."""
-    return runs_sa.nonzero().squeeze(1), (~runs_sa).nonzero().squeeze(1)
+# ---- what one layer sees: a whole prompt, or new tokens against the cache ------------------------------------------
+class _Streams:
+    """The text stream (and, at prefill, the visual one) with the masks, rotary embeddings and cache views each
+    layer call needs. `sa_layers` (B, L) says which layers each sample runs as SA."""
+
+    text: torch.Tensor
+    text_rope: tuple[torch.Tensor, torch.Tensor]
+    cross_allowed: torch.Tensor  # (B, Nt, Nv) which visual tokens each text token may read in a CA block
+    sa_layers: torch.Tensor
+
+    def before_layer(self, index: int) -> None:
+        pass
+
+    def cross_keys_values(self, index: int, block: CrossAttentionBlock) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def layer_inputs(self, index: int, rows: torch.Tensor, runs_sa: bool) -> tuple:
+        """(hidden, bias, rope, cache view) of the layer call for `rows`, as SA or as a text layer."""
+        raise NotImplementedError
+
+    def store(self, rows: torch.Tensor, runs_sa: bool, output: torch.Tensor) -> None:
+        self.text = _put(self.text, rows, output)
+
+
+class _Prefill(_Streams):
+    def __init__(self, model: VisorModel, hidden: torch.Tensor, layout: TokenLayout, position_ids: torch.Tensor,
+                 choice: ConfigurationChoice, cache: VisorCache | None):
+        self.model, self.layout, self.cache, self.choice = model, layout, cache, choice
+        self.visual, self.text = layout.split(hidden)
+        self.full_rope = model.text_stack.rotary_emb(hidden, position_ids)
+        self.visual_rope, self.text_rope = split_rope(layout, self.full_rope)
+        # Without padding, SDPA's own causal kernel needs no (S, S) mask: the same fast path the stock model takes.
+        causal_only = model.config.text_config._attn_implementation == "sdpa"
+        self.full_bias = None if causal_only and bool(layout.token_valid.all()) else attention_bias(
+            layout.full_mask(), hidden.dtype)
+        self.text_bias = None if causal_only and bool(layout.text.valid.all()) else attention_bias(
+            layout.text_mask(), hidden.dtype)
+        self.cross_allowed = layout.cross_mask()
+        self.table = model.configuration_table(hidden.device)
+        self.configuration = (torch.zeros(len(hidden), dtype=torch.long, device=hidden.device)
+                              if choice.routed else choice.indices)
+        self.sa_layers = self.table[self.configuration]
+        self.visual_unit = None  # the RMS-normalised visual tokens every CA block reads, until an SA layer changes them
+        if cache is not None:
+            cache.start(layout, self.sa_layers)
+
+    def before_layer(self, index: int) -> None:
+        """The router decides at its layer (layers before it run the same way in every configuration)."""
+        if self.choice.routed and index == self.model.config.router_layer:
+            router = self.model.router
+            features = router.features(self.text, self.visual, self.layout.text.valid, self.layout.visual.valid)
+            _, self.configuration = router.route(features, self.choice.threshold)
+            self.sa_layers = self.table[self.configuration]
+            if self.cache is not None:
+                self.cache.sa_layers = self.sa_layers
+
+    def cross_keys_values(self, index, block):
+        if self.visual_unit is None:
+            self.visual_unit = rms_unit(self.visual, block.visual_norm.variance_epsilon)
+        keys, values = block.visual_keys_values(self.visual, self.visual_rope, self.visual_unit)
+        if self.cache is not None:
+            self.cache.store_cross(index, keys, values)
+        return keys, values
+
+    def layer_inputs(self, index, rows, runs_sa):
+        cache = self.cache
+        if not runs_sa:
+            view = None if cache is None else LayerCacheView(cache, index, rows, prefill=True)
+            return _take(self.text, rows), _take(self.text_bias, rows), _take(self.text_rope, rows), view
+        layout = self.layout.select(rows) if len(rows) < len(self.text) else self.layout
+        view = None if cache is None else LayerCacheView(cache, index, rows, prefill=True, sa_layout=layout)
+        merged = layout.merge(_take(self.visual, rows), _take(self.text, rows))
+        return merged, _take(self.full_bias, rows), _take(self.full_rope, rows), view
+
+    def store(self, rows, runs_sa, output):
+        if runs_sa:
+            layout = self.layout.select(rows) if len(rows) < len(self.text) else self.layout
+            visual, output = layout.split(output)
+            self.visual = _put(self.visual, rows, visual)
+            self.visual_unit = None
+        super().store(rows, runs_sa, output)
+
+
+class _Decode(_Streams):
+    def __init__(self, model: VisorModel, text: torch.Tensor, position_ids: torch.Tensor, new_valid: torch.Tensor,
+                 cache: VisorCache):
+        cache.extend(new_valid)
+        self.cache, self.text, self.sa_layers = cache, text, cache.sa_layers
+        self.text_rope = model.text_stack.rotary_emb(text, position_ids)
+        count, total = text.shape[1], cache.text_valid.shape[1]
+        order = torch.arange(total, device=text.device)
+        query_at = total - count + torch.arange(count, device=text.device)
+        # New tokens see valid earlier text, each other causally, and always themselves.
+        text_allowed = (cache.text_valid[:, None, :] & (order[None, None, :] <= query_at[None, :, None])) | (
+            order[None, None, :] == query_at[None, :, None]
+        )
+        self.cross_allowed = cache.visual_valid[:, None, :].expand(-1, count, -1)
+        self.text_bias = attention_bias(text_allowed, text.dtype)
+        self.sa_bias = attention_bias(torch.cat([self.cross_allowed, text_allowed], dim=-1), text.dtype)
+
+    def cross_keys_values(self, index, block):
+        return self.cache.cross_keys[index], self.cache.cross_values[index]
+
+    def layer_inputs(self, index, rows, runs_sa):
+        bias = self.sa_bias if runs_sa else self.text_bias
+        view = LayerCacheView(self.cache, index, rows, prefill=False, runs_sa=runs_sa)
+        return _take(self.text, rows), _take(bias, rows), _take(self.text_rope, rows), view
 
 
 def _take(value, rows: torch.Tensor):
@@ -439,39 +441,25 @@ def _put(value: torch.Tensor, rows: torch.Tensor, update: torch.Tensor) -> torch
     return update if len(rows) == value.shape[0] else value.index_copy(0, rows, update.to(value.dtype))
 
 
-def _call_layer(layer, hidden, bias, rope, cache_view):
-    """One stock decoder layer with explicit mask and positions (and, when caching, a cache view)."""
-    return layer(
-        hidden,
-        attention_mask=bias,
-        position_embeddings=rope,
-        past_key_values=cache_view,
-        use_cache=cache_view is not None,
-    )
-
-
-def _prefill_view(cache, layer, rows, sa_layout):
-    """The cache view of a prefill layer call (None when not caching); `sa_layout` only for SA rows."""
-    return None if cache is None else LayerCacheView(cache, layer, rows, prefill=True, sa_layout=sa_layout)
-
-
 def _check_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
     if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
         raise ValueError(f"input_ids must lie in [0, {vocab_size}), got [{int(input_ids.min())}, {int(input_ids.max())}]")
 
 
-def load_llava(path: str | os.PathLike, **kwargs) -> LlavaOnevisionForConditionalGeneration:
-    """Load a local LLaVA-OV checkpoint (safetensors only; no hub access, no remote code)."""
-    check_checkpoint_folder(path)
-    with clear_load_errors("LLaVA-OneVision", path):
-        return LlavaOnevisionForConditionalGeneration.from_pretrained(path, **LOCAL_SAFE_LOADING, **kwargs)
-
-
+# ---- loading ------------------------------------------------------------------------------------------------------
 LOCAL_SAFE_LOADING = dict(use_safetensors=True, local_files_only=True, trust_remote_code=False)
 
 
+def load_stock(model_class, path: str | os.PathLike, **kwargs):
+    """A stock checkpoint of `model_class` from a local folder (safetensors only; no hub access, no remote code)."""
+    check_checkpoint_folder(path)
+    with clear_load_errors(model_class.__name__, path):
+        return model_class.from_pretrained(path, **LOCAL_SAFE_LOADING, **kwargs)
+
+
 def check_checkpoint_folder(path: str | os.PathLike) -> None:
-    """Refuse a folder without config.json up front: transformers would fall back to a default 7B-sized config."""
+    """Refuse anything but a local folder with a config.json: transformers would look a bare name up on the hub,
+    or fall back to a default 7B-sized config."""
     if not os.path.isdir(path):
         raise ValueError(f"{path} is not a local checkpoint folder")
     if not os.path.isfile(os.path.join(path, "config.json")):

@@ -1,4 +1,4 @@
-"""The policy (DESIGN.md 3): offline labels, router training, calibration of τ for a budget, and the report.
+"""The policy: offline labels, router training, calibration of τ for a budget, and the report.
 
 The router itself is a model component (`visor.modeling.router`), so `configuration="auto"` works in the
 model's forward and `generate()`; this package produces and judges it.

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from visor import VisorForConditionalGeneration
+from visor.config import Schedule
 from visor.flops import llm_prefill_flops
-from visor.modeling import VisorForConditionalGeneration
 from visor.policy.labels import LabelTable, label_configurations, model_fingerprint
 
 
@@ -51,5 +52,5 @@ def label_synthetic(model, split: str, per_task: int, seed: int = 0, tasks=None,
 
 def full_model_flops(model, table: LabelTable) -> torch.Tensor:
     """(N,) the stock model's LLM prefill FLOPs for each sample: savings are measured against it."""
-    return torch.tensor([llm_prefill_flops(model.config, visual, text, "full").total
+    return torch.tensor([llm_prefill_flops(model.config, visual, text, Schedule.full(model.config)).total
                          for visual, text in table.tokens.tolist()], dtype=torch.int64)

@@ -1,4 +1,4 @@
-"""What a policy buys on a label table, and choosing τ for a budget (DESIGN.md 3).
+"""What a policy buys on a label table, and choosing τ for a budget.
 
 The router's inputs are stored in the table, so its decision for every sample and τ is exact without running
 the model again (the model's `configuration="auto"` makes the same decision from the same features). One
@@ -60,12 +60,12 @@ def router_outcome(router: ConfigurationRouter, table: LabelTable, threshold: fl
     return _chosen(table, router.decide(logits, threshold, novel), router_flops, novel)
 
 
-def oracle_outcome(table: LabelTable, cost_order: list[int]) -> Outcome:
+def oracle_outcome(table: LabelTable) -> Outcome:
     """The best per-sample choice in hindsight: the cheapest correct configuration (the cheapest if none is)."""
-    ordered = table.correct[:, cost_order].clone()
+    ordered = table.correct.clone()
     any_correct = ordered.any(dim=1)
     ordered[~any_correct, 0] = True
-    choice = torch.tensor(cost_order)[ordered.float().argmax(dim=1)]
+    choice = ordered.float().argmax(dim=1)
     rows = torch.arange(len(table))
     return Outcome(choice, table.correct[rows, choice], table.flops[rows, choice])
 

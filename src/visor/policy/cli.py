@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 
 from visor.cli import quantile
+from visor.config import ROUTER_MODES
 from visor.modeling.novelty import DEFAULT_QUANTILE
 
 
@@ -35,8 +36,9 @@ def register(subparsers) -> None:
     train = actions.add_parser("train", help="fit the router on a label table and save the model with it")
     train.add_argument("--model", required=True, metavar="DIR")
     train.add_argument("--labels", required=True, metavar="FILE")
-    train.add_argument("--mode", choices=("multilabel", "softmax"), default=None,
-                       help="multilabel: P(good) per configuration (default); softmax: the paper's cheapest-good CE")
+    train.add_argument("--mode", choices=ROUTER_MODES, default=None,
+                       help="softmax: the paper's cheapest-good cross-entropy (the config's default); multilabel: "
+                            "P(good) per configuration; default: the model's router_mode")
     train.add_argument("--rule", choices=("probability", "correct"), default="probability",
                        help="score the 99%% rule is applied to: answer probability (default) or correctness")
     train.add_argument("--novelty-quantile", type=quantile, default=None, metavar="Q",
@@ -105,7 +107,7 @@ def run_train(args) -> int:
     try:
         model, table = _model_and_labels(args)
         if args.mode:
-            model.config.router_mode = model.router.mode = args.mode
+            model.configure_router(mode=args.mode)
         losses = train_router(model.router, table, rule=args.rule, steps=args.steps, seed=args.seed)
         if args.novelty_quantile is not None:
             fit_novelty_guard(model, table, args.novelty_quantile, seed=args.seed)
@@ -116,9 +118,8 @@ def run_train(args) -> int:
     if args.novelty_quantile is not None:
         print(f"novelty guard: {model.config.router_novelty_references} reference features, κ = "
               f"{model.config.router_novelty_threshold:.4g} (the {args.novelty_quantile:g} quantile of their scores)")
-    cheapest = model.router.cost_order[0]
-    needs_more = float((~table.good(args.rule)[:, cheapest]).float().mean())
-    print(f"the cheapest configuration ({cheapest}) is not good for {100 * needs_more:.1f}% of the {len(table)} "
+    needs_more = float((~table.good(args.rule)[:, 0]).float().mean())
+    print(f"the cheapest configuration (0) is not good for {100 * needs_more:.1f}% of the {len(table)} "
           "labelled samples: the only ones the router can learn to spend on")
     return 0
 
@@ -133,7 +134,7 @@ def run_calibrate(args) -> int:
                                        target_flops=args.target_flops, target_accuracy=args.target_accuracy)
     except ValueError as error:
         return _fail("calibrate", error)
-    model.config.router_threshold = model.router.threshold = threshold
+    model.configure_router(threshold=threshold)
     model.save_pretrained(args.model)
     print(f"τ = {threshold:.8g}: held-out accuracy {outcome.accuracy:.1f}%, "
           f"mean LLM prefill {outcome.mean_flops / 1e9:.4f} GFLOPs; saved in {args.model}")
@@ -154,5 +155,5 @@ def run_report(args) -> int:
     report = policy_report(model.router, table, threshold, router_flops(model.config), full_model_flops(model, table))
     paths = write_report(report, args.output)
     print(markdown_table(report))
-    print("wrote " + ", ".join(paths))
+    print("wrote " + ", ".join(str(path) for path in paths))
     return 0

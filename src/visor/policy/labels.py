@@ -1,4 +1,4 @@
-"""Offline labels for the policy: run every configuration on a split and score each (DESIGN.md 3).
+"""Offline labels for the policy: run every configuration on a split and score each.
 
 For every sample and configuration we store
 - `probability`: the answer's probability under teacher forcing (exp of the summed answer-token log-probs,
@@ -23,6 +23,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from visor.config import Schedule
+from visor.evaluation.scoring import teacher_forced
+from visor.files import atomic_path
 from visor.flops import llm_prefill_flops, prompt_token_counts
 
 LABEL_RULES = ("probability", "correct")
@@ -70,9 +73,8 @@ class LabelTable:
                        tokens=self.tokens.contiguous())
         metadata = dict(tasks=json.dumps(self.tasks), groups=json.dumps(self.groups),
                         fingerprint=json.dumps(self.fingerprint))
-        temporary = f"{path}.tmp"
-        save_file(tensors, temporary, metadata=metadata)
-        os.replace(temporary, path)
+        with atomic_path(path) as temporary:
+            save_file(tensors, temporary, metadata=metadata)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "LabelTable":
@@ -114,15 +116,9 @@ def router_features(model, inputs: dict) -> torch.Tensor:
 @torch.no_grad()
 def score_configuration(model, inputs: dict, configuration: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(answer probability, greedy-correct) per sample under teacher forcing; `inputs` carry `labels`."""
-    labels = inputs["labels"]
     logits = model(**{k: v for k, v in inputs.items() if k != "labels"}, configuration=configuration).logits
-    targets = labels[:, 1:]
-    predicted = logits[:, :-1].float()
-    answer = targets != -100
-    log_probs = torch.log_softmax(predicted, dim=-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
-    probability = torch.exp((log_probs * answer).sum(dim=1))
-    correct = ((predicted.argmax(-1) == targets) | ~answer).all(dim=1)
-    return probability, correct
+    log_probability, _, correct = teacher_forced(logits[:, :-1], inputs["labels"][:, 1:])
+    return torch.exp(log_probability), correct
 
 
 def label_configurations(model, batches, show_progress: bool = True) -> LabelTable:
@@ -139,7 +135,8 @@ def label_configurations(model, batches, show_progress: bool = True) -> LabelTab
         corrects.append(torch.stack([correct for _, correct in scores], dim=1))
         counts = prompt_tokens(config, inputs)
         tokens.append(counts)
-        flops.append(torch.tensor([[llm_prefill_flops(config, visual, text, index).total for index in configurations]
+        flops.append(torch.tensor([[llm_prefill_flops(config, visual, text, Schedule.of(config, index)).total
+                                    for index in configurations]
                                    for visual, text in counts.tolist()], dtype=torch.int64))
         tasks += batch_tasks
         groups += batch_groups

@@ -8,15 +8,15 @@ accuracy-vs-FLOPs plot with a panel per group.
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
+from pathlib import Path
 
 import torch
 
+from visor.files import save_figure, write_json, write_text
 from visor.policy.calibration import Outcome, fixed_outcome, oracle_outcome, router_outcome, sweep
 from visor.policy.labels import LabelTable
-
 
 CURVE_POINTS = 200  # thresholds kept per router curve in the report (the sweep may try thousands)
 NOISE_Z = 1.96  # a gap to the fixed curve within this many standard errors is reported as sampling noise (95%)
@@ -100,7 +100,7 @@ def policy_report(router, table: LabelTable, threshold: float, router_flops: int
     for row in router_rows:
         row.update(against_fixed_curve(table, routed, torch.tensor(subsets[row["subset"]], dtype=torch.long)))
     rows += router_rows
-    rows += summarise("oracle", oracle_outcome(table, router.cost_order), table, full_flops)
+    rows += summarise("oracle", oracle_outcome(table), table, full_flops)
     points = sweep(router, table, router_flops)
     kept = points[:: max(len(points) // CURVE_POINTS, 1)]
     points = kept if kept[-1] is points[-1] else kept + points[-1:]
@@ -111,20 +111,15 @@ def policy_report(router, table: LabelTable, threshold: float, router_flops: int
         index = torch.tensor(indices, dtype=torch.long)
         curves[subset] = [dict(threshold=t, accuracy=100.0 * float(o.correct[index].float().mean()),
                                mean_llm_prefill_flops=float(o.flops[index].double().mean())) for t, o in points]
-    novelty = None if router.novelty is None else router.novelty.threshold
+    novelty = None if router.novelty is None else router.config.router_novelty_threshold
     return dict(threshold=threshold, novelty_threshold=novelty, rows=rows, router_curves=curves)
 
 
 def write_report(report: dict, output_dir: str | os.PathLike) -> list[str]:
     """policy_report.json, a Markdown table and an accuracy-vs-FLOPs plot per group."""
-    os.makedirs(output_dir, exist_ok=True)
-    json_path = os.path.join(output_dir, "policy_report.json")
-    with open(json_path, "w") as handle:
-        json.dump(report, handle, indent=2)
-    markdown_path = os.path.join(output_dir, "policy_report.md")
-    with open(markdown_path, "w") as handle:
-        handle.write(markdown_table(report))
-    return [json_path, markdown_path, plot_report(report, os.path.join(output_dir, "policy.png"))]
+    folder = Path(output_dir)
+    return [write_json(folder / "policy_report.json", report), write_text(folder / "policy_report.md",
+            markdown_table(report)), plot_report(report, folder / "policy.png")]
 
 
 def markdown_table(report: dict) -> str:
@@ -172,6 +167,6 @@ def plot_report(report: dict, path: str) -> str:
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    save_figure(figure, path)
     plt.close(figure)
     return path

@@ -1,4 +1,4 @@
-"""Training the router on a label table (DESIGN.md 3).
+"""Training the router on a label table.
 
 `multilabel`: binary cross-entropy on "configuration c is good for this sample" for every c.
 `softmax` (the paper's): cross-entropy on the cheapest good configuration.
@@ -16,11 +16,12 @@ from visor.modeling.router import ConfigurationRouter
 from visor.policy.labels import LabelTable
 
 
-def cheapest_good(good: torch.Tensor, cost_order: list[int]) -> torch.Tensor:
-    """(N,) the cheapest good configuration of each sample (the most expensive when none is good)."""
-    ordered = good[:, cost_order].clone()
+def cheapest_good(good: torch.Tensor) -> torch.Tensor:
+    """(N,) the cheapest good configuration of each sample (the largest when none is good); configurations go
+    from cheapest to largest."""
+    ordered = good.clone()
     ordered[:, -1] = True
-    return torch.tensor(cost_order)[ordered.float().argmax(dim=1)]
+    return ordered.float().argmax(dim=1)
 
 
 def train_router(router: ConfigurationRouter, table: LabelTable, rule: str = "probability", ratio: float = 0.99,
@@ -28,9 +29,9 @@ def train_router(router: ConfigurationRouter, table: LabelTable, rule: str = "pr
     """Fit the router in place on `table`; returns the loss curve (one value per step)."""
     if len(table) == 0:
         raise ValueError("the label table is empty")
-    if table.num_configurations != len(router.cost_order):
+    if table.num_configurations != router.num_configurations:
         raise ValueError(
-            f"the label table has {table.num_configurations} configurations, the router {len(router.cost_order)}"
+            f"the label table has {table.num_configurations} configurations, the router {router.num_configurations}"
         )
     good = table.good(rule, ratio)
     torch.manual_seed(seed)
@@ -39,7 +40,7 @@ def train_router(router: ConfigurationRouter, table: LabelTable, rule: str = "pr
         target = good.float().to(features.device)
         loss_function = nn.BCEWithLogitsLoss()
     else:
-        target = cheapest_good(good, router.cost_order).to(features.device)
+        target = cheapest_good(good).to(features.device)
         loss_function = nn.CrossEntropyLoss()
     optimizer = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=weight_decay)
     router.train()

@@ -9,13 +9,13 @@ it kept in each layer. Every method with nothing reduced (keep 1, stride 1) is t
 
 from __future__ import annotations
 
-from visor.modeling import VisorForConditionalGeneration
+from visor.modeling.visor import VisorModel
 from visor.reduction.budget import prefill_flops, solve_strength
 from visor.reduction.fastv import fastv, fastv_plan
 from visor.reduction.hired import HiRED, hired
 from visor.reduction.pool import Pooling, pool
-from visor.reduction.prellm import PreLLMReduced, reduced_prefill_flops
-from visor.reduction.pruned import PrunedLlava, PruningPlan
+from visor.reduction.prellm import PreLLMReduced, base_schedule, reduced_prefill_flops
+from visor.reduction.pruned import PruningPlan, pruned
 from visor.reduction.pyramiddrop import pyramiddrop, pyramiddrop_plan
 from visor.reduction.shortv import shortv, shortv_plan
 from visor.reduction.sparsevlm import sparsevlm, sparsevlm_plan
@@ -42,33 +42,38 @@ def apply_reduction(model, method: str, ratio: float, inputs: dict | None = None
     """`model` reduced by `method` at the strength whose LLM prefill FLOPs are about full / `ratio` on `inputs`
     (a prompt batch like the ones it will see; default `budget.reference_inputs`).
 
-    `visor+…` methods take a `VisorForConditionalGeneration` (run at its largest configuration); the others a
-    stock `LlavaOnevisionForConditionalGeneration`.
+    `visor+…` methods take a VISOR model (run at its largest configuration); the others a stock model.
     """
-    if method in _METHODS and _METHODS[method][0] != isinstance(model, VisorForConditionalGeneration):
-        kind = "a VISOR model" if _METHODS[method][0] else "a stock LLaVA-OV model (not VISOR)"
+    if method in _METHODS and _METHODS[method][0] != isinstance(model, VisorModel):
+        kind = "a VISOR model" if _METHODS[method][0] else "a stock model (not VISOR)"
         raise ValueError(f"{method} needs {kind}, got {type(model).__name__}")
     reduction = reduction_for(model.config, method, ratio, inputs)
     if isinstance(reduction, PruningPlan):
-        return PrunedLlava.sharing(model, reduction)
+        return pruned(model, reduction)
     return PreLLMReduced(model, reduction)
+
+
+def reduction_at(config, method: str, strength: float):
+    """What `method` does at `strength` (a `PruningPlan` or a visual reducer), before any matching."""
+    if method not in _METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    return _METHODS[method][1](config, strength)
 
 
 def reduction_for(config, method: str, ratio: float, inputs: dict | None = None):
     """What `method` does at `ratio` (a `PruningPlan` or a visual reducer), matched on `inputs` (a prompt batch;
     default `budget.reference_inputs`)."""
-    if method not in _METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    _, reduction_at = _METHODS[method]
+    reduction_at(config, method, 1.0)  # an unknown method is refused before any matching
+    schedule = base_schedule(config, config.largest_configuration if _METHODS[method][0] else None)
 
     def cost(kept: float, inputs: dict):
-        reduction = reduction_at(config, kept)
+        reduction = reduction_at(config, method, kept)
         if isinstance(reduction, PruningPlan):
             return reduction.prefill_flops(config, inputs)
-        return reduced_prefill_flops(config, reduction, inputs)
+        return reduced_prefill_flops(config, reduction, inputs, schedule)
 
-    return reduction_at(config, solve_strength(config, cost, ratio, inputs))
+    return reduction_at(config, method, solve_strength(config, cost, ratio, inputs))
 
 
 __all__ = ["METHODS", "apply_reduction", "fastv", "hired", "pool", "prefill_flops", "pyramiddrop", "shortv",
-           "reduction_for", "sparsevlm", "visionzip"]
+           "reduction_at", "reduction_for", "sparsevlm", "visionzip"]

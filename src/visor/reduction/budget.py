@@ -3,7 +3,7 @@
 Every method has one strength in (0, 1], the fraction it keeps (a keep ratio, or 1 / stride² for pooling), and
 its cost grows with it. `apply_reduction` finds, by bisection on `visor.flops` arithmetic (nothing runs), the
 largest strength whose cost on a reference prompt is at most full-model FLOPs / `ratio`. The reference prompt
-is one image at the config's largest anyres pinpoint with `REFERENCE_TEXT` text tokens; since cost depends on
+is one image of the largest size the family's processor makes (LLaVA-OV: its largest anyres pinpoint) with `REFERENCE_TEXT` text tokens; since cost depends on
 the image size, the ratio reached on other images differs somewhat, and `prefill_flops` reports the real cost
 per sample. `visor+…` methods run VISOR's largest configuration (its best, as the paper's "VISOR + token
 pooling") and reduce tokens on top of it; when that configuration alone already saves more than asked, they
@@ -17,7 +17,11 @@ from typing import Callable
 
 import torch
 
+from visor.backbones import backbone_for
+from visor.config import Schedule
 from visor.flops import image_tokens, prompt_prefill_flops
+from visor.modeling.visor import VisorModel
+from visor.reduction.prellm import base_schedule
 
 REFERENCE_TEXT = 32
 BISECTION_STEPS = 40
@@ -36,7 +40,7 @@ def solve_strength(config, cost: Cost, ratio: float, inputs: dict | None = None)
     if not ratio >= 1:
         raise ValueError(f"the FLOPs ratio must be >= 1 (1 = the full model), got {ratio}")
     inputs = reference_inputs(config) if inputs is None else inputs
-    full = int(prompt_prefill_flops(config, inputs).sum())
+    full = int(prompt_prefill_flops(config, inputs, Schedule.full(config)).sum())
 
     def reaches(strength: float) -> bool:
         return full >= ratio * int(cost(strength, inputs).sum())
@@ -61,12 +65,13 @@ def prefill_flops(model, inputs: dict) -> torch.LongTensor:
     """
     if hasattr(model, "prefill_flops"):
         return model.prefill_flops(inputs)
-    return prompt_prefill_flops(model.config, inputs, configuration=None)
+    largest = model.config.largest_configuration if isinstance(model, VisorModel) else None
+    return prompt_prefill_flops(model.config, inputs, base_schedule(model.config, largest))
 
 
 def reference_inputs(config) -> dict:
-    """One prompt: BOS-like text, an image at the largest anyres pinpoint, then the rest of the text."""
-    size = max(config.image_grid_pinpoints, key=lambda pinpoint: pinpoint[0] * pinpoint[1])
+    """One prompt: BOS-like text, an image of the largest size, then the rest of the text."""
+    size = backbone_for(config).largest_image_size()
     visual = image_tokens(config, tuple(size)).visual_tokens
     text_id = config.text_config.pad_token_id or 0
     before = REFERENCE_TEXT // 4

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
-from visor.reduction.pruned import PrunedLlava, PruningPlan, Tokens, check_keep, check_layer
+from visor.reduction.pruned import PruningPlan, Tokens, check_keep, check_layer, pruned
 
 
 def last_token_attention(layer, layer_input: torch.Tensor, rope, keys: torch.Tensor, tokens: Tokens) -> torch.Tensor:
@@ -43,6 +43,6 @@ def fastv_plan(config, layer: int = 2, keep: float = 0.5) -> PruningPlan:
     return PruningPlan({layer: keep}, last_token_attention, name="fastv", details=dict(layer=layer, keep=keep))
 
 
-def fastv(model, layer: int = 2, keep: float = 0.5) -> PrunedLlava:
-    """`model` (stock LLaVA-OV) keeping `keep` of each sample's visual tokens from layer `layer` on."""
-    return PrunedLlava.sharing(model, fastv_plan(model.config, layer, keep))
+def fastv(model, layer: int = 2, keep: float = 0.5):
+    """`model` (a stock model) keeping `keep` of each sample's visual tokens from layer `layer` on."""
+    return pruned(model, fastv_plan(model.config, layer, keep))

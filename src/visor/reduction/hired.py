@@ -26,12 +26,8 @@ from dataclasses import dataclass
 
 import torch
 from torch.nn import functional
-from transformers.models.llava_onevision.modeling_llava_onevision import (
-    get_anyres_image_grid_shape,
-    image_size_to_num_patches,
-)
 
-from visor.reduction.anyres import pack_like, packed_grid
+from visor.backbones import backbone_for
 from visor.reduction.prellm import PreLLMReduced
 from visor.reduction.pruned import check_keep, kept_count
 from visor.reduction.vision_attention import (
@@ -55,7 +51,7 @@ class HiRED:
             raise ValueError(f"alpha (the base view's share of the budget) must be in [0, 1], got {self.alpha}")
 
     def kept_tokens(self, config, image_size) -> int:
-        grid = packed_grid(config, image_size)
+        grid = backbone_for(config).packed_grid(image_size)
         newlines = grid.hires[0]
         return grid.num_tokens if self.keep == 1 else kept_count(grid.num_tokens - newlines, self.keep) + newlines
 
@@ -63,19 +59,16 @@ class HiRED:
         """Early-layer scores on the base view, feature-layer scores on every crop."""
         if self.keep == 1:
             return 0
-        vision = config.vision_config
-        crops = image_size_to_num_patches(list(image_size), config.image_grid_pinpoints, vision.image_size)
-        return received_attention_flops(config, 1 + crops)
+        return received_attention_flops(config, 1 + backbone_for(config).crops(image_size))
 
     def features(self, model, pixel_values, image_sizes) -> list[torch.Tensor]:
-        config = model.config
+        config, backbone = model.config, backbone_for(model.config)
         if self.keep == 1:
-            return list(model.model.get_image_features(pixel_values, image_sizes, return_dict=True).pooler_output)
+            return list(backbone.encode_images(model, 0, pixel_values=pixel_values, image_sizes=image_sizes))
         final = feature_layer_index(model)
         with captured_queries_keys(model, sorted({EARLY_LAYER, final})) as captured:
-            packed = model.model.get_image_features(pixel_values, image_sizes, return_dict=True).pooler_output
-        crops = [image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
-                 for size in image_sizes.tolist()]
+            packed = backbone.encode_images(model, 0, pixel_values=pixel_values, image_sizes=image_sizes)
+        crops = [backbone.crops(size) for size in image_sizes.tolist()]
         base_view = torch.tensor([0] + crops[:-1]).cumsum(dim=0)  # each image's first crop is its base view
         early = received_attention(model, EARLY_LAYER, *(part[base_view] for part in captured[EARLY_LAYER]))
         late = received_attention(model, final, *captured[final]).split(crops)
@@ -84,12 +77,13 @@ class HiRED:
 
     def select(self, config, features, image_size, early: torch.Tensor, late: torch.Tensor) -> torch.Tensor:
         """Kept tokens of one image: (n, d) packed features, base-view early scores (P,), late scores (crops, P)."""
-        grid = packed_grid(config, image_size)
+        backbone = backbone_for(config)
+        grid = backbone.packed_grid(image_size)
         patches = late.shape[1]
         # Which crop each packed token comes from (0 = base view), carried through the packing itself.
         crop_ids = torch.arange(len(late), dtype=late.dtype)[:, None, None].expand(-1, patches, 1)
-        crop_of = pack_like(config, crop_ids, image_size)[:, 0].round().long()
-        scores = pack_like(config, late[..., None], image_size)[:, 0]
+        crop_of = backbone.pack_like(crop_ids, image_size)[:, 0].round().long()
+        scores = backbone.pack_like(late[..., None], image_size)[:, 0]
         is_grid = ~grid.newlines()
         capacity = torch.bincount(crop_of[is_grid], minlength=len(late))
         budget = self._budgets(config, image_size, early, capacity, kept_count(int(is_grid.sum()), self.keep))
@@ -106,8 +100,7 @@ class HiRED:
     def _budgets(self, config, image_size, early, capacity, total: int) -> torch.Tensor:
         """Tokens per crop: `alpha` · total for the base view, the rest by early-attention mass, within capacity."""
         side = int(early.numel() ** 0.5)
-        vision = config.vision_config
-        rows, cols = get_anyres_image_grid_shape(image_size, config.image_grid_pinpoints, vision.image_size)
+        rows, cols = backbone_for(config).crop_grid(image_size)
         mass = functional.adaptive_avg_pool2d(early.view(1, side, side), (rows, cols)).flatten()
         base = min(int(total * self.alpha + 0.5), int(capacity[0]))
         base = max(base, total - int(capacity[1:].sum()))  # what the crops cannot hold goes back to the base view
@@ -132,5 +125,5 @@ def _share(total: int, weights: torch.Tensor, capacity: torch.Tensor) -> torch.T
 
 
 def hired(model, keep: float = 0.2, alpha: float = 0.5, configuration: int | None = None) -> PreLLMReduced:
-    """`model` (stock LLaVA-OV, or VISOR at `configuration`) reading `keep` of each image's tokens via HiRED."""
+    """`model` (a stock model, or VISOR at `configuration`) reading `keep` of each image's tokens via HiRED."""
     return PreLLMReduced(model, HiRED(keep, alpha), configuration)

@@ -1,6 +1,6 @@
 """2-D average pooling of the visual tokens before the LLM ("token pooling"; VISOR-TR when under VISOR).
 
-Each image's base-view grid and stitched hi-res grid (see `anyres`) are average-pooled down to
+Each image's base-view grid and stitched hi-res grid (the backbone's `packed_grid`) are average-pooled down to
 ceil(side / `stride`) cells per side (adaptive pooling: windows of about `stride` × `stride` tokens spread evenly
 over the grid, so any real stride ≥ 1 works); the hi-res rows get their `image_newline` again. Stride 2 keeps
 about a quarter of the tokens, as LLaVA-OV's own 2×2 video pooling; stride 1 is the identity.
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional
 
-from visor.reduction.anyres import PackedGrid, packed_grid
+from visor.backbones import backbone_for
 from visor.reduction.prellm import PreLLMReduced
 
 
@@ -34,22 +34,22 @@ class Pooling:
         return math.ceil(round(side / self.stride, 9))
 
     def kept_tokens(self, config, image_size) -> int:
-        grid = packed_grid(config, image_size)
+        grid = backbone_for(config).packed_grid(image_size)
         (h, w), (rows, cols) = grid.base, grid.hires
         return self.pooled(h) * self.pooled(w) + self.pooled(rows) * (self.pooled(cols) + 1)
 
     def vision_overhead_flops(self, config, image_size) -> int:
-        return 0  # averaging is element-wise, ignored like norms (DESIGN.md 5)
+        return 0  # averaging is element-wise, ignored like norms (`visor.flops`)
 
     def features(self, model, pixel_values, image_sizes) -> list[torch.Tensor]:
-        packed = model.model.get_image_features(pixel_values, image_sizes, return_dict=True).pooler_output
-        newline = model.model.image_newline
-        return [self.pool_image(image, packed_grid(model.config, size), newline)
+        backbone = backbone_for(model.config)
+        packed = backbone.encode_images(model, 0, pixel_values=pixel_values, image_sizes=image_sizes)
+        return [self.pool_image(image, backbone.packed_grid(size), backbone.newline(model))
                 for image, size in zip(packed, image_sizes.tolist())]
 
-    def pool_image(self, features: torch.Tensor, grid: PackedGrid, newline: torch.Tensor) -> torch.Tensor:
+    def pool_image(self, features: torch.Tensor, grid, newline: torch.Tensor) -> torch.Tensor:
         base, hires = grid.split(features)
-        return PackedGrid.assemble(self._pool_grid(base), self._pool_grid(hires), newline)
+        return grid.assemble(self._pool_grid(base), self._pool_grid(hires), newline)
 
     def _pool_grid(self, grid: torch.Tensor) -> torch.Tensor:
         """(h, w, d) → (ceil(h / stride), ceil(w / stride), d) by average pooling."""
@@ -58,5 +58,5 @@ class Pooling:
 
 
 def pool(model, stride: float = 2.0, configuration: int | None = None) -> PreLLMReduced:
-    """`model` (stock LLaVA-OV or VISOR at `configuration`, default its largest) reading pooled visual tokens."""
+    """`model` (a stock model or VISOR at `configuration`, default its largest) reading pooled visual tokens."""
     return PreLLMReduced(model, Pooling(stride), configuration)

@@ -13,10 +13,10 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
-from transformers import LlavaOnevisionForConditionalGeneration
 
+from visor.config import Schedule
 from visor.flops import image_tokens, llm_prefill_flops, prompt_token_counts
-from visor.modeling import VisorForConditionalGeneration
+from visor.modeling.visor import VisorModel
 
 
 class VisualReducer(Protocol):
@@ -31,15 +31,15 @@ class VisualReducer(Protocol):
 
 
 class PreLLMReduced:
-    """`base` (stock LLaVA-OV or VISOR at `configuration`) reading the images through `reducer`."""
+    """`base` (a stock model or VISOR at `configuration`) reading the images through `reducer`."""
 
-    def __init__(self, base: LlavaOnevisionForConditionalGeneration, reducer: VisualReducer,
-                 configuration: int | None = None):
+    def __init__(self, base, reducer: VisualReducer, configuration: int | None = None):
         self.base, self.reducer = base, reducer
-        self.is_visor = isinstance(base, VisorForConditionalGeneration)
+        self.is_visor = isinstance(base, VisorModel)
         if configuration is not None and not self.is_visor:
             raise ValueError("a configuration needs a VISOR model; the stock model has only one")
-        self.configuration = configuration
+        self.configuration = base.config.largest_configuration if self.is_visor and configuration is None else configuration
+        self.schedule = base_schedule(base.config, self.configuration)
 
     @property
     def config(self):
@@ -102,15 +102,19 @@ class PreLLMReduced:
         return torch.tensor(_per_sample(inputs["image_sizes"], self.config, self.reducer.vision_overhead_flops))
 
     def prefill_flops(self, inputs: dict) -> torch.Tensor:
-        return reduced_prefill_flops(self.config, self.reducer, inputs, self.configuration)
+        return reduced_prefill_flops(self.config, self.reducer, inputs, self.schedule)
 
 
-def reduced_prefill_flops(config, reducer: VisualReducer, inputs: dict,
-                          configuration: int | None = None) -> torch.Tensor:
-    """(B,) LLM prefill FLOPs of a prompt batch whose images go through `reducer` (VISOR: at `configuration`)."""
+def base_schedule(config, configuration: int | None) -> Schedule:
+    """What the base model runs: VISOR at `configuration`, or the stock model (`configuration` None)."""
+    return Schedule.full(config) if configuration is None else Schedule.of(config, configuration)
+
+
+def reduced_prefill_flops(config, reducer: VisualReducer, inputs: dict, schedule: Schedule) -> torch.Tensor:
+    """(B,) LLM prefill FLOPs of a prompt batch whose images go through `reducer`, the base model at `schedule`."""
     _, text = prompt_token_counts(config, inputs)
     visual = _per_sample(inputs["image_sizes"], config, reducer.kept_tokens)
-    return torch.tensor([llm_prefill_flops(config, count, text_tokens, configuration).total
+    return torch.tensor([llm_prefill_flops(config, count, text_tokens, schedule).total
                          for count, text_tokens in zip(visual, text.tolist())])
 
 

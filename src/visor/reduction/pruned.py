@@ -1,15 +1,17 @@
 """In-LLM token reduction: the stock decoder layers over a per-sample set of tokens that shrinks with depth.
 
-`PrunedLlava` is a `LlavaOnevisionForConditionalGeneration` that shares the weights of the model it is built
-from and owns the decoder loop (hooks cannot change which tokens a layer sees). A `PruningPlan` says, per
-layer, what fraction of the visual tokens still present survive into it, and how they are ranked (a `Scorer`
-reading the layer before), whether some dropped tokens are merged into a few kept ones (a `Recycler`:
-SparseVLM), and in which layers visual tokens are *frozen* (ShortV: text-only queries, visual tokens only give
-keys/values from their frozen states). Kept tokens keep their original positions (RoPE) and
-causal order, as in FastV's reference code; dropped tokens leave the KV cache too, so every later layer's
-cache, and every decoding step, reads only the kept ones. Text tokens are never dropped. Visual tokens are all of
-an image's `<image>` positions, its `image_newline` tokens included: every layer before the first drop reads
-them all, and from there on they are ranked and dropped like the other visual tokens.
+`PrunedModel` is the mixin of each family's pruned class (`PrunedLlava` for LLaVA-OV): it shares the weights of
+the model it is built from (`pruned(model, plan)`) and owns the decoder loop (hooks cannot change which tokens a
+layer sees). A `PruningPlan` says, per layer, what fraction of the visual tokens still present survive into it,
+and how they are ranked (a `Scorer` reading the layer before), whether some dropped tokens are merged into a few
+kept ones (a `Recycler`: SparseVLM), and in which layers visual tokens skip the layer: *read* layers (ShortV's
+frozen layers: text-only queries, visual tokens only give keys/values from their frozen states) and *blind*
+layers (the layer runs on text alone). Kept tokens keep their original positions (RoPE) and causal order, as in
+FastV's reference code; dropped tokens leave the KV cache too, so every later layer's cache, and every decoding
+step, reads only the kept ones. Text tokens are never dropped. Visual tokens are all of an image's `<image>`
+positions, its `image_newline` tokens included: every layer before the first drop reads them all, and from
+there on they are ranked and dropped like the other visual tokens. The analysis probes are plans too
+(`visor.analysis.probe`): blind and read layers, and layers whose attention weights are handed to a callback.
 
 Batches stay batches: each sample keeps its own count (a fraction of *its* visual tokens); the kept tokens are
 compacted to the left of a (B, n_l) slot tensor and the masks carry validity, so no loop runs over samples.
@@ -19,18 +21,18 @@ rest of the stack runs on the model's fast attention.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
-from transformers import LlavaOnevisionForConditionalGeneration
-from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from visor.flops import layerwise_prefill_flops, prompt_token_counts
-from visor.modeling.cache import resolve_cache
-from visor.modeling.layout import TokenLayout, attention_bias
+from visor.modeling.cache import LayerLoopCache, _bytes, resolve_cache
+from visor.modeling.layers import read_visual_layer, run_layer, text_layer
+from visor.modeling.layout import Slots, TokenLayout, attention_bias
 
 
 def kept_count(count, keep: float):
@@ -56,36 +58,25 @@ def check_layer(layer: int, num_layers: int, name: str = "layer", first: int = 1
 
 # ---- which tokens are where ----------------------------------------------------------------------------------------
 @dataclass
-class Tokens:
-    """The tokens a layer sees, per sample compacted to the left of n slots (n = the batch's largest count)."""
+class Tokens(Slots):
+    """The tokens a layer sees: `Slots` of the prompt (n = the batch's largest count), and which are visual."""
 
-    index: torch.Tensor  # (B, n) original position in the prompt; `length` for an empty slot
-    valid: torch.Tensor  # (B, n) a real token (not padding, not an empty slot)
-    visual: torch.Tensor  # (B, n) a visual token
-    length: int  # S, the prompt length
+    visual: torch.Tensor = None  # (B, n) a visual token
 
     @classmethod
-    def start(cls, visual_mask: torch.Tensor, attention_mask: torch.Tensor) -> "Tokens":
+    def start(cls, visual_mask: torch.Tensor, attention_mask: torch.Tensor) -> Tokens:
         batch, length = visual_mask.shape
         index = torch.arange(length, device=visual_mask.device).expand(batch, length)
-        return cls(index, attention_mask.bool(), visual_mask, length)
+        return cls(index, attention_mask.bool(), length, visual_mask)
 
     def last(self) -> torch.Tensor:
         """(B,) slot of each sample's last real token (the last prompt token)."""
-        order = torch.arange(self.index.shape[1], device=self.index.device)
+        order = torch.arange(self.width, device=self.index.device)
         return torch.where(self.valid, order, -1).argmax(dim=1)
 
-    def causal_mask(self) -> torch.Tensor:
-        """(B, n, n) may-attend: earlier-or-same original position, valid key; every slot sees itself."""
-        allowed = (self.index[:, None, :] <= self.index[:, :, None]) & self.valid[:, None, :]
-        return allowed | torch.eye(self.index.shape[1], dtype=torch.bool, device=allowed.device)
-
-    def gather(self, values: torch.Tensor) -> torch.Tensor:
-        """values (B, S, ...) at each slot's original position (zeros for empty slots)."""
-        padded = torch.nn.functional.pad(values, [0, 0] * (values.dim() - 2) + [0, 1])
-        shape = (*self.index.shape, *values.shape[2:])
-        index = self.index.view(*self.index.shape, *[1] * (values.dim() - 2)).expand(shape)
-        return padded.gather(1, index)
+    def layout(self) -> TokenLayout:
+        """The visual and text streams of these slots (positions relative to the slots)."""
+        return TokenLayout.build(self.visual, self.valid)
 
     def scatter(self, full: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """`full` (B, S, d) with each slot's values (B, n, d) written back at its original position."""
@@ -93,13 +84,13 @@ class Tokens:
         index = self.index[..., None].expand(*self.index.shape, full.shape[-1])
         return padded.scatter(1, index, values.to(full.dtype))[:, : self.length]
 
-    def keep(self, keep: torch.Tensor, hidden: torch.Tensor) -> tuple["Tokens", torch.Tensor]:
+    def keep(self, keep: torch.Tensor, hidden: torch.Tensor) -> tuple[Tokens, torch.Tensor]:
         """Only the slots where `keep` (B, n) holds, compacted to the left; and their hidden states."""
         width = int(keep.sum(dim=1).max())
         order = (~keep).long().argsort(dim=1, stable=True)[:, :width]  # kept first, in order
         kept = keep.gather(1, order)
         index = self.index.gather(1, order).masked_fill(~kept, self.length)
-        tokens = Tokens(index, self.valid.gather(1, order) & kept, self.visual.gather(1, order) & kept, self.length)
+        tokens = Tokens(index, self.valid.gather(1, order) & kept, self.length, self.visual.gather(1, order) & kept)
         return tokens, hidden.gather(1, order[..., None].expand(*order.shape, hidden.shape[-1]))
 
 
@@ -137,7 +128,9 @@ class PruningPlan:
 
     drops: dict[int, float]  # layer → fraction of the visual tokens still present that enter it
     scorer: Scorer | None = None  # ranks visual tokens in the layer just before each drop
-    frozen: frozenset[int] = frozenset()  # layers where visual tokens are frozen: text-only queries (ShortV)
+    frozen: frozenset[int] = frozenset()  # read layers: text-only queries, frozen visual tokens as keys (ShortV)
+    blind: frozenset[int] = frozenset()  # text layers: visual tokens skip the layer and are not attended to
+    measured: frozenset[int] = frozenset()  # layers whose attention weights go to the model's `on_weights`
     recycler: Recycler | None = None  # merges some dropped tokens into a few kept ones (SparseVLM)
     # (config, inputs) → (B,) query rows the scorer computes per sample; None: one (the last prompt token)
     scoring_rows: Callable[[object, dict], torch.Tensor] | None = None
@@ -149,11 +142,23 @@ class PruningPlan:
         object.__setattr__(self, "drops", {layer: keep for layer, keep in self.drops.items() if keep < 1})
         if self.drops and self.scorer is None:
             raise ValueError("dropping tokens needs a scorer")
-        if any(layer - 1 in self.frozen for layer in self.drops):
-            raise ValueError("the layer before a drop scores the tokens, so it cannot be a frozen layer")
+        skipping = self.frozen | self.blind
+        if any(layer - 1 in skipping for layer in self.drops):
+            raise ValueError("the layer before a drop scores the tokens, so visual tokens cannot skip it")
+        if self.frozen & self.blind:
+            raise ValueError(f"layers {sorted(self.frozen & self.blind)} cannot be both read and blind")
+        if self.measured & skipping:
+            raise ValueError(f"measured layers {sorted(self.measured & skipping)} must run over every token")
+
+    def check_layers(self, num_layers: int) -> None:
+        for name, layers in (("read", self.frozen), ("blind", self.blind), ("measured", self.measured),
+                             ("drop", set(self.drops))):
+            bad = sorted(layer for layer in layers if not 0 <= layer < num_layers)
+            if bad:
+                raise ValueError(f"{name} layers {bad} out of range 0..{num_layers - 1}")
 
     def visual_per_layer(self, config, inputs: dict) -> torch.Tensor:
-        """(B, L) visual tokens each sample of a prompt batch runs through each layer."""
+        """(B, L) visual tokens each sample has in each layer (skipping it, in read and blind layers)."""
         visual, _ = prompt_token_counts(config, inputs)
         rows = []
         for count in visual.tolist():
@@ -173,7 +178,7 @@ class PruningPlan:
         flops = []
         for text_tokens, visual, score_rows in zip(text.tolist(), self.visual_per_layer(config, inputs).tolist(),
                                                    rows.tolist()):
-            tokens = [text_tokens + count for count in visual]
+            tokens = [text_tokens if layer in self.blind else text_tokens + count for layer, count in enumerate(visual)]
             queries = [text_tokens if layer in self.frozen else n for layer, n in enumerate(tokens)]
             scoring = [(score_rows, tokens[layer - 1]) for layer in sorted(self.drops)]
             width = config.text_config.hidden_size
@@ -186,70 +191,66 @@ class PruningPlan:
 
 
 # ---- the model -------------------------------------------------------------------------------------------------
-class PrunedLlava(LlavaOnevisionForConditionalGeneration):
-    """LLaVA-OV whose language model drops visual tokens inside the stack according to `plan`."""
+class PrunedModel:
+    """A family's model whose language model runs `plan`; the family's class sets `backbone_class`."""
 
+    backbone_class: type
     _supports_flash_attn = False  # masks are explicit (B, 1, Q, K) tensors
     _supports_flex_attn = False
     _can_compile_fullgraph = False
 
-    def __init__(self, config, plan: PruningPlan):
+    def __init__(self, config, plan: PruningPlan, on_weights: Callable[[int, torch.Tensor], None] | None = None):
         super().__init__(config)
-        self.plan = plan
+        plan.check_layers(config.text_config.num_hidden_layers)
+        if plan.measured and on_weights is None:
+            raise ValueError("measured layers need an on_weights callback")
+        self.plan, self.on_weights = plan, on_weights
+        self.backbone = self.backbone_class(config)
 
-    @classmethod
-    def sharing(cls, model: LlavaOnevisionForConditionalGeneration, plan: PruningPlan) -> "PrunedLlava":
-        """A `PrunedLlava` on `model`'s own parameter and buffer tensors (nothing is copied)."""
-        attention = model.config.text_config._attn_implementation
-        if attention not in ("eager", "sdpa"):
-            raise ValueError(f"in-LLM pruning runs with eager or sdpa attention, not {attention!r}")
-        with torch.device("meta"):
-            pruned = cls(model.config, plan)
-        pruned.load_state_dict(model.state_dict(), strict=True, assign=True)
-        for name, buffer in model.named_buffers():
-            owner, _, attribute = name.rpartition(".")
-            pruned.get_submodule(owner)._buffers[attribute] = buffer
-        pruned.generation_config = model.generation_config
-        return pruned.train(model.training)
+    @property
+    def text_stack(self):
+        return self.backbone.language_model(self)
 
     def __repr__(self) -> str:
-        return f"PrunedLlava({self.plan.name}: {self.plan.details})"
+        return f"{type(self).__name__}({self.plan.name}: {self.plan.details})"
 
     # ---- forward -----------------------------------------------------------------------------------------------
-    def forward(self, input_ids=None, pixel_values=None, image_sizes=None, attention_mask=None, position_ids=None,
+    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
                 past_key_values=None, inputs_embeds=None, use_cache=None, logits_to_keep=0,
-                image_features: list[torch.Tensor] | None = None, **kwargs):
+                image_features: list[torch.Tensor] | None = None, image_sizes=None, batch_num_images=None, **kwargs):
         """Logits as the stock model's; tokens dropped inside the stack keep the hidden state they had then.
 
-        `image_features` (one projected (n_i, d) tensor per image) may replace `pixel_values`, e.g. to time the
+        `image_features` (one projected (n_i, d) tensor per image) may replace the images, e.g. to time the
         language model alone.
         """
         if input_ids is None or inputs_embeds is not None:
             raise ValueError("in-LLM pruning needs input_ids (it finds the visual tokens by the <image> token id)")
+        image_inputs = self.backbone.select_image_inputs(pixel_values=pixel_values, image_sizes=image_sizes,
+                                                         batch_num_images=batch_num_images)
         cache = resolve_cache(past_key_values, use_cache, PrunedCache, "in-LLM pruning")
-        batch, length = input_ids.shape
+        length = input_ids.shape[1]
         past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
-            position_ids = (torch.arange(length, device=input_ids.device) + past).expand(batch, length)
+            position_ids = self.backbone.position_ids(input_ids, attention_mask, past, **image_inputs)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if cache is not None and cache.is_prefilled:
             hidden = self._decode_layers(input_ids, attention_mask[:, -length:], position_ids, cache)
         else:
-            hidden, visual_mask = self._embed(input_ids, pixel_values, image_sizes, image_features)
+            hidden, visual_mask = self._embed(input_ids, image_features, image_inputs)
             hidden = self._prefill_layers(hidden, visual_mask, attention_mask, position_ids,
                                           cache if cache is not None else PrunedCache())
-        hidden = self.model.language_model.norm(hidden)
+        hidden = self.text_stack.norm(hidden)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         return CausalLMOutputWithPast(logits=self.lm_head(hidden[:, keep]), past_key_values=cache)
 
-    def _embed(self, input_ids, pixel_values, image_sizes, image_features) -> tuple[torch.Tensor, torch.Tensor]:
+    def _embed(self, input_ids, image_features, image_inputs) -> tuple[torch.Tensor, torch.Tensor]:
         visual_mask = input_ids == self.config.image_token_id
         embeds = self.get_input_embeddings()(input_ids)
         if not visual_mask.any():
             return embeds, visual_mask
         if image_features is None:
-            image_features = self.model.get_image_features(pixel_values, image_sizes, return_dict=True).pooler_output
+            image_features = self.backbone.encode_images(self, int(visual_mask.sum()), **image_inputs)
         features = torch.cat(list(image_features))
         if features.shape[0] != int(visual_mask.sum()):
             raise ValueError(
@@ -258,50 +259,74 @@ class PrunedLlava(LlavaOnevisionForConditionalGeneration):
         return embeds.masked_scatter(visual_mask[..., None], features.to(embeds.dtype)), visual_mask
 
     def _prefill_layers(self, hidden, visual_mask, attention_mask, position_ids, cache) -> torch.Tensor:
+        plan = self.plan
         tokens = Tokens.start(visual_mask, attention_mask)
+        full_rope = self.text_stack.rotary_emb(hidden, position_ids)
         output = hidden
-        rotary = self.model.language_model.rotary_emb
         keep = None
-        for index, layer in enumerate(self.model.language_model.layers):
+        for index, layer in enumerate(self.text_stack.layers):
             if keep is not None:
                 output = tokens.scatter(output, hidden)
                 tokens, hidden = tokens.keep(keep, hidden)
                 keep = None
-            rope = rotary(hidden, tokens.gather(position_ids[..., None])[..., 0])
-            if index in self.plan.frozen:
-                hidden = _frozen_visual_layer(layer, hidden, tokens, rope, cache)
+            rope = tuple(tokens.gather(part) for part in full_rope)
+            if index in plan.frozen or index in plan.blind:
+                layout = tokens.layout()
+                if index in plan.frozen:
+                    hidden = read_visual_layer(layer, layout, hidden, rope, cache)
+                    cache.valid[index] = torch.cat([layout.visual.valid, layout.text.valid], dim=1)
+                    cache.visual[index] = torch.cat([layout.visual.valid, torch.zeros_like(layout.text.valid)], dim=1)
+                else:
+                    hidden = text_layer(layer, layout, hidden, rope, cache)
+                    cache.valid[index], cache.visual[index] = layout.text.valid, torch.zeros_like(layout.text.valid)
                 continue
             layer_input = hidden
-            hidden = layer(hidden, attention_mask=attention_bias(tokens.causal_mask(), hidden.dtype),
-                           position_embeddings=rope, past_key_values=cache, use_cache=True)
+            with self._watching(index, layer):
+                hidden = run_layer(layer, hidden, attention_bias(tokens.causal_mask(), hidden.dtype), rope, cache)
             cache.valid[index], cache.visual[index] = tokens.valid, tokens.visual & tokens.valid
-            if index + 1 in self.plan.drops:
-                scores = self.plan.scorer(layer, layer_input, rope, cache.keys[index], tokens)
-                keep = select_top(scores, tokens, self.plan.drops[index + 1])
-                if self.plan.recycler is not None:
-                    keep, hidden = self.plan.recycler(scores, tokens, keep, hidden)
+            if index + 1 in plan.drops:
+                scores = plan.scorer(layer, layer_input, rope, cache.keys[index], tokens)
+                keep = select_top(scores, tokens, plan.drops[index + 1])
+                if plan.recycler is not None:
+                    keep, hidden = plan.recycler(scores, tokens, keep, hidden)
         cache.seen_tokens = visual_mask.shape[1]
         return tokens.scatter(output, hidden)
 
-    def _decode_layers(self, input_ids, new_valid, position_ids, cache: "PrunedCache") -> torch.Tensor:
+    def _decode_layers(self, input_ids, new_valid, position_ids, cache: PrunedCache) -> torch.Tensor:
         """New text tokens through every layer against the pruned cache."""
         if bool((input_ids == self.config.image_token_id).any()):
             raise ValueError("new tokens after the prompt must be text: images go in the first (prefill) call")
         hidden = self.get_input_embeddings()(input_ids)
-        rope = self.model.language_model.rotary_emb(hidden, position_ids)
+        rope = self.text_stack.rotary_emb(hidden, position_ids)
         count = input_ids.shape[1]
         new_valid = new_valid.bool()
         among_new = torch.ones(count, count, dtype=torch.bool, device=hidden.device).tril()
         itself = torch.eye(count, dtype=torch.bool, device=hidden.device)
-        for index, layer in enumerate(self.model.language_model.layers):
+        for index, layer in enumerate(self.text_stack.layers):
             cached = cache.valid[index][:, None, :].expand(-1, count, -1)
             allowed = torch.cat([cached, (new_valid[:, None, :] & among_new) | itself], dim=2)
-            hidden = layer(hidden, attention_mask=attention_bias(allowed, hidden.dtype), position_embeddings=rope,
-                           past_key_values=cache, use_cache=True)
+            with self._watching(index, layer):
+                hidden = run_layer(layer, hidden, attention_bias(allowed, hidden.dtype), rope, cache)
             cache.valid[index] = torch.cat([cache.valid[index], new_valid], dim=1)
             cache.visual[index] = torch.cat([cache.visual[index], torch.zeros_like(new_valid)], dim=1)
         cache.seen_tokens += count
         return hidden
+
+    @contextmanager
+    def _watching(self, index: int, layer):
+        """In a measured layer, eager attention and its softmax weights (B, H, Q, K) handed to `on_weights`."""
+        if index not in self.plan.measured:
+            yield
+            return
+        config = layer.self_attn.config
+        previous = config._attn_implementation
+        config._attn_implementation = "eager"
+        hook = layer.self_attn.register_forward_hook(lambda module, args, output: self.on_weights(index, output[1]))
+        try:
+            yield
+        finally:
+            hook.remove()
+            config._attn_implementation = previous
 
     # ---- cost ---------------------------------------------------------------------------------------------------
     def visual_per_layer(self, inputs: dict) -> torch.Tensor:
@@ -311,57 +336,43 @@ class PrunedLlava(LlavaOnevisionForConditionalGeneration):
         return self.plan.prefill_flops(self.config, inputs)
 
 
-def _frozen_visual_layer(layer, hidden, tokens: Tokens, rope, cache: "PrunedCache") -> torch.Tensor:
-    """One stock layer with text-only queries: visual tokens give keys/values (from their frozen states, with
-    the layer's own norm and k/v projections, RoPE at their positions) and are not updated."""
-    layout = TokenLayout.build(tokens.visual, tokens.valid)
-    visual, text = layout.split(hidden)
-    (visual_cos, text_cos), (visual_sin, text_sin) = (layout.split(part) for part in rope)
-    attention = layer.self_attn
-    normed = layer.input_layernorm(visual)
-    shape = (*visual.shape[:2], -1, attention.head_dim)
-    keys = attention.k_proj(normed).view(shape).transpose(1, 2)
-    values = attention.v_proj(normed).view(shape).transpose(1, 2)
-    keys, _ = apply_rotary_pos_emb(keys, keys, visual_cos, visual_sin)
-    cache.update(keys, values, attention.layer_idx)  # the layer call below appends the text keys
-    allowed = torch.cat([layout.cross_mask(), layout.text_mask()], dim=2)
-    text = layer(text, attention_mask=attention_bias(allowed, hidden.dtype), position_embeddings=(text_cos, text_sin),
-                 past_key_values=cache, use_cache=True)
-    cache.valid[attention.layer_idx] = torch.cat([layout.visual_valid, layout.text_valid], dim=1)
-    cache.visual[attention.layer_idx] = torch.cat([layout.visual_valid, torch.zeros_like(layout.text_valid)], dim=1)
-    return layout.merge(visual, text)
+def pruned(model, plan: PruningPlan, on_weights: Callable[[int, torch.Tensor], None] | None = None):
+    """`model` (a stock model, or a VISOR one with every layer SA) running `plan`, on `model`'s own parameter and
+    buffer tensors (nothing is copied)."""
+    from visor.backbones import family
+
+    attention = model.config.text_config._attn_implementation
+    if attention not in ("eager", "sdpa"):
+        raise ValueError(f"in-LLM pruning runs with eager or sdpa attention, not {attention!r}")
+    with torch.device("meta"):
+        result = family(model.config).PRUNED_MODEL(model.config, plan, on_weights)
+    result.load_state_dict(model.state_dict(), strict=True, assign=True)
+    for name, buffer in model.named_buffers():
+        owner, _, attribute = name.rpartition(".")
+        result.get_submodule(owner)._buffers[attribute] = buffer
+    result.generation_config = model.generation_config
+    return result.train(model.training)
 
 
-class PrunedCache(Cache):
+class PrunedCache(LayerLoopCache):
     """Per layer: the keys/values of the tokens that layer kept (plus decoded tokens) and which are valid."""
 
-    is_compileable = False
-    is_croppable = False
-
     def __init__(self):
-        super().__init__(layers=[])
+        super().__init__()
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
         self.valid: dict[int, torch.Tensor] = {}  # (B, keys of that layer)
         self.visual: dict[int, torch.Tensor] = {}  # (B, keys of that layer): a real visual token's key
-        self.seen_tokens = 0
 
     def __len__(self) -> int:
         return len(self.keys)
 
-    def __repr__(self) -> str:
-        return f"PrunedCache(seen_tokens={self.seen_tokens}, keys per layer={self.key_counts()})"
-
-    @property
-    def is_prefilled(self) -> bool:
-        return self.seen_tokens > 0
-
     def nbytes(self) -> dict[str, int]:
         """Bytes of the keys/values allocated, split into real visual tokens' and the rest (text, padding)."""
-        visual = total = 0
+        visual = 0
         for layer, keys in self.keys.items():
-            total += 2 * keys.numel() * keys.element_size()
             visual += int(self.visual[layer].sum()) * 2 * keys.shape[1] * keys.shape[3] * keys.element_size()
+        total = _bytes([*self.keys.values(), *self.values.values()])
         return {"visual": visual, "text": total - visual}
 
     def key_counts(self) -> list[int]:
@@ -373,13 +384,6 @@ class PrunedCache(Cache):
             value_states = torch.cat([self.values[layer_idx], value_states], dim=2)
         self.keys[layer_idx], self.values[layer_idx] = key_states, value_states
         return key_states, value_states
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        """Positions of the original prompt seen so far (dropped tokens included), plus decoded tokens."""
-        return self.seen_tokens
-
-    def get_max_length(self) -> int | None:
-        return None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         for store in (self.keys, self.values, self.valid, self.visual):

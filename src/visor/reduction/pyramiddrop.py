@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from visor.reduction.fastv import last_token_attention
-from visor.reduction.pruned import PrunedLlava, PruningPlan, check_keep, check_layer
+from visor.reduction.pruned import PruningPlan, check_keep, check_layer, pruned
 
 
 def default_layers(num_layers: int) -> list[int]:
@@ -40,6 +40,6 @@ def pyramiddrop_plan(config, ratio: float = 0.5, layers: Sequence[int] | None = 
                        details=dict(layers=sorted(layers), ratio=ratio))
 
 
-def pyramiddrop(model, ratio: float = 0.5, layers: Sequence[int] | None = None) -> PrunedLlava:
-    """`model` (stock LLaVA-OV) keeping `ratio` of the remaining visual tokens at each of `layers`."""
-    return PrunedLlava.sharing(model, pyramiddrop_plan(model.config, ratio, layers))
+def pyramiddrop(model, ratio: float = 0.5, layers: Sequence[int] | None = None):
+    """`model` (a stock model) keeping `ratio` of the remaining visual tokens at each of `layers`."""
+    return pruned(model, pyramiddrop_plan(model.config, ratio, layers))

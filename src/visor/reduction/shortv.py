@@ -3,7 +3,7 @@
 In a frozen layer only text tokens are queries (q/o projections, MLP); the visual tokens still serve as keys
 and values, computed with the layer's own norm and k/v projections from their frozen hidden states, at their
 original RoPE positions, so the layer's attention is reused as a text → visual read and the visual stream
-skips the layer. It is the training-free cousin of VISOR's CA layers (DESIGN.md 6); nothing is dropped, so the
+skips the layer. It is the training-free cousin of VISOR's CA layers; nothing is dropped, so the
 KV cache keeps every visual key, `image_newline` tokens included (they are visual tokens, frozen like the rest).
 
 Which layers: ShortV ranks layers by "Layer Contribution" (the output divergence when a layer's update of the
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from visor.reduction.pruned import PrunedLlava, PruningPlan, check_layer
+from visor.reduction.pruned import PruningPlan, check_layer, pruned
 
 
 def deepest_layers(num_layers: int, fraction: float) -> list[int]:
@@ -41,6 +41,6 @@ def shortv_plan(config, fraction: float = 0.6, layers: Sequence[int] | None = No
     return PruningPlan({}, frozen=frozenset(layers), name="shortv", details=dict(layers=sorted(layers)))
 
 
-def shortv(model, fraction: float = 0.6, layers: Sequence[int] | None = None) -> PrunedLlava:
-    """`model` (stock LLaVA-OV) with visual tokens frozen in `layers` (default: the deepest `fraction`)."""
-    return PrunedLlava.sharing(model, shortv_plan(model.config, fraction, layers))
+def shortv(model, fraction: float = 0.6, layers: Sequence[int] | None = None):
+    """`model` (a stock model) with visual tokens frozen in `layers` (default: the deepest `fraction`)."""
+    return pruned(model, shortv_plan(model.config, fraction, layers))

@@ -35,7 +35,7 @@ import torch
 from torch.nn import functional
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
-from visor.reduction.pruned import PrunedLlava, PruningPlan, Tokens, check_keep, check_layer
+from visor.reduction.pruned import PruningPlan, Tokens, check_keep, check_layer, pruned
 
 REFERENCE_LAYERS = (2, 6, 15)  # of LLaVA-1.5's 32 layers
 
@@ -56,7 +56,7 @@ def question_counts(config, inputs: dict) -> torch.Tensor:
     ids, mask = inputs["input_ids"], inputs.get("attention_mask")
     valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
     visual = ids == config.image_token_id
-    order = torch.arange(ids.shape[1]).expand_as(ids)
+    order = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
     last_visual = torch.where(visual, order, -1).max(dim=1).values
     return (valid & ~visual & (order > last_visual[:, None])).sum(dim=1)
 
@@ -112,15 +112,16 @@ class Recycling:
         if centres == 0:
             return keep, hidden
         members = rank[:, :width]  # best-scored dropped tokens first; the first `clusters` are the centres
-        is_member = torch.arange(width)[None, :] < candidates[:, None]
-        is_centre = torch.arange(centres)[None, :] < clusters[:, None]
+        is_member = torch.arange(width, device=hidden.device)[None, :] < candidates[:, None]
+        is_centre = torch.arange(centres, device=hidden.device)[None, :] < clusters[:, None]
         states = hidden.gather(1, members[..., None].expand(-1, -1, hidden.shape[-1]))
         unit = functional.normalize(states, dim=-1)
         similarity = (unit @ unit[:, :centres].transpose(1, 2)).masked_fill(~is_centre[:, None, :], float("-inf"))
         joins = similarity.argmax(dim=-1).masked_fill(~is_member, centres)  # non-members go to a dummy cluster
         sums = hidden.new_zeros(len(hidden), centres + 1, hidden.shape[-1])
         sums.scatter_add_(1, joins[..., None].expand_as(states), states)
-        sizes = torch.zeros(len(hidden), centres + 1).scatter_add_(1, joins, torch.ones(joins.shape))
+        sizes = hidden.new_zeros(len(hidden), centres + 1, dtype=torch.float).scatter_add_(
+            1, joins, torch.ones(joins.shape, device=hidden.device))
         merged = (sums / sizes.clamp(min=1)[..., None]).to(hidden.dtype)[:, :centres]
         centre_slots = members[:, :centres]
         hidden = hidden.scatter(1, centre_slots[..., None].expand_as(merged), torch.where(
@@ -142,6 +143,6 @@ def sparsevlm_plan(config, keep: float = 0.5, layers: Sequence[int] | None = Non
                        details=dict(layers=sorted(layers), keep=keep, recycle=recycle))
 
 
-def sparsevlm(model, keep: float = 0.5, layers: Sequence[int] | None = None, recycle: bool = True) -> PrunedLlava:
-    """`model` (stock LLaVA-OV) keeping `keep` of the visual tokens left at each of `layers`, recycling some."""
-    return PrunedLlava.sharing(model, sparsevlm_plan(model.config, keep, layers, recycle))
+def sparsevlm(model, keep: float = 0.5, layers: Sequence[int] | None = None, recycle: bool = True):
+    """`model` (a stock model) keeping `keep` of the visual tokens left at each of `layers`, recycling some."""
+    return pruned(model, sparsevlm_plan(model.config, keep, layers, recycle))

@@ -12,16 +12,16 @@ from contextlib import contextmanager
 
 import torch
 
+from visor.backbones import backbone_for
+
 
 def encoder_layers(model):
-    return model.model.vision_tower.encoder.layers
+    return backbone_for(model.config).vision_layers(model)
 
 
 def feature_layer_index(model) -> int:
-    """The encoder layer whose output LLaVA-OV projects (the last one when several are concatenated)."""
-    feature = model.config.vision_feature_layer
-    feature = feature if isinstance(feature, int) else feature[-1]
-    return feature % (len(encoder_layers(model)) + 1) - 1
+    """The encoder layer whose output the projector reads (the last one when several are concatenated)."""
+    return backbone_for(model.config).feature_layer()
 
 
 @contextmanager

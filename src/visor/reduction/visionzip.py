@@ -1,8 +1,7 @@
 """VisionZip (Yang et al., CVPR 2025): before the LLM, keep "dominant" tokens and merge the rest into "contextual" ones.
 
 Dominant tokens are those that receive the most attention in the vision encoder's feature layer; SigLIP has no
-[CLS], so a token's score is the attention it receives averaged over heads and queries of its crop (DESIGN.md
-6). The rest are merged into a few contextual tokens: evenly spaced targets among them, every other token
+[CLS], so a token's score is the attention it receives averaged over heads and queries of its crop. The rest are merged into a few contextual tokens: evenly spaced targets among them, every other token
 joins its most similar target (cosine of the layer's keys, averaged over heads), and a contextual token is the
 target plus the mean of its members, as in the reference. Of a budget of k tokens, 10/64 are contextual (the
 reference's 54 + 10 setting). Scores come from that one layer's q/k projections (`vision_attention`), so the
@@ -32,9 +31,8 @@ from dataclasses import dataclass
 
 import torch
 from torch.nn import functional
-from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
-from visor.reduction.anyres import pack_like, packed_grid
+from visor.backbones import backbone_for
 from visor.reduction.prellm import PreLLMReduced
 from visor.reduction.pruned import check_keep, kept_count
 from visor.reduction.vision_attention import (
@@ -61,7 +59,7 @@ class VisionZip:
         return kept - contextual, contextual
 
     def kept_tokens(self, config, image_size) -> int:
-        grid = packed_grid(config, image_size)
+        grid = backbone_for(config).packed_grid(image_size)
         if self.keep == 1:
             return grid.num_tokens
         newlines = grid.hires[0]
@@ -73,29 +71,28 @@ class VisionZip:
             return 0
         vision = config.vision_config
         head_dim = vision.hidden_size // vision.num_attention_heads
-        crops = image_size_to_num_patches(list(image_size), config.image_grid_pinpoints, vision.image_size)
-        grid = packed_grid(config, image_size)
+        crops = backbone_for(config).crops(image_size)
+        grid = backbone_for(config).packed_grid(image_size)
         dominant, contextual = self.budget(grid.num_tokens - grid.hires[0])
         rest = grid.num_tokens - grid.hires[0] - dominant
         return received_attention_flops(config, crops) + 2 * (rest - contextual) * contextual * head_dim
 
     def features(self, model, pixel_values, image_sizes) -> list[torch.Tensor]:
-        config = model.config
+        backbone = backbone_for(model.config)
         if self.keep == 1:
-            return list(model.model.get_image_features(pixel_values, image_sizes, return_dict=True).pooler_output)
+            return list(backbone.encode_images(model, 0, pixel_values=pixel_values, image_sizes=image_sizes))
         layer = feature_layer_index(model)
         with captured_queries_keys(model, [layer]) as captured:
-            packed = model.model.get_image_features(pixel_values, image_sizes, return_dict=True).pooler_output
+            packed = backbone.encode_images(model, 0, pixel_values=pixel_values, image_sizes=image_sizes)
         queries, keys = captured[layer]
         received, keys = received_attention(model, layer, queries, keys), keys.mean(dim=1)
-        crops = [image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
-                 for size in image_sizes.tolist()]
+        crops = [backbone.crops(size) for size in image_sizes.tolist()]
         reduced = []
         for image, size, image_received, image_keys in zip(packed, image_sizes.tolist(), received.split(crops),
                                                            keys.split(crops)):
-            grid = ~packed_grid(config, size).newlines()
-            scores = pack_like(config, image_received[..., None], size)[:, 0]
-            reduced.append(self.zip_image(image, scores, pack_like(config, image_keys, size), grid))
+            grid = ~backbone.packed_grid(size).newlines()
+            scores = backbone.pack_like(image_received[..., None], size)[:, 0]
+            reduced.append(self.zip_image(image, scores, backbone.pack_like(image_keys, size), grid))
         return reduced
 
     def zip_image(self, features, scores, keys, grid) -> torch.Tensor:
@@ -121,5 +118,5 @@ class VisionZip:
 
 
 def visionzip(model, keep: float = 0.1, configuration: int | None = None) -> PreLLMReduced:
-    """`model` (stock LLaVA-OV, or VISOR at `configuration`) reading `keep` of each image's tokens via VisionZip."""
+    """`model` (a stock model, or VISOR at `configuration`) reading `keep` of each image's tokens via VisionZip."""
     return PreLLMReduced(model, VisionZip(keep), configuration)

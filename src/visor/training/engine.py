@@ -53,6 +53,7 @@ from accelerate.utils import DistributedDataParallelKwargs
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from visor.files import write_json, write_text
 from visor.training import checkpoint as ckpt
 from visor.training.data import DataSource, resolve_data, step_indices
 from visor.training.evaluate import evaluate
@@ -110,13 +111,7 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
             continue  # a line cut by the kill
         if record.get("step", 0) <= last_step:
             kept.append(line)
-    path.write_text("".join(line + "\n" for line in kept))
-
-
-def _write_json(path: Path, value: Any) -> None:
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    temporary.write_text(json.dumps(value, indent=2))
-    os.replace(temporary, path)
+    write_text(path, "".join(line + "\n" for line in kept))
 
 
 def _accelerator(settings: TrainingSettings, use_cpu: bool) -> Accelerator:
@@ -257,7 +252,7 @@ class Trainer:
                 record["majority"] = baseline("validation", settings.samples_per_task)
             record["final"] = final
             self.validation.append(record)
-            _write_json(self.output_dir / VALIDATION_FILE, self.validation)
+            write_json(self.output_dir / VALIDATION_FILE, self.validation)
             _append_jsonl(self.metrics_path, {"step": step, "validation": record["accuracy"]})
         self.accelerator.wait_for_everyone()
         return record
@@ -274,8 +269,7 @@ class Trainer:
                 self.validation = [r for r in self._resumed_validation if r["step"] <= self.start_step]
             elif self.metrics_path.exists():
                 self.metrics_path.unlink()
-            with open(self.output_dir / "settings.json", "w") as handle:
-                json.dump({"recipe": self.recipe, **settings.to_dict()}, handle, indent=2)
+            write_json(self.output_dir / "settings.json", {"recipe": self.recipe, **settings.to_dict()})
         accelerator.wait_for_everyone()
 
         bar = tqdm(total=settings.max_steps, initial=self.start_step, disable=not (main and self.progress),
@@ -365,7 +359,7 @@ class Trainer:
             tokenizer = getattr(self.data, "tokenizer", None)
             if tokenizer is not None:  # so the folder answers questions on its own (`visor generate --model`)
                 tokenizer.save_pretrained(self.output_dir / FINAL_MODEL_DIR)
-            _write_json(self.output_dir / SUMMARY_FILE, summary)
+            write_json(self.output_dir / SUMMARY_FILE, summary)
         accelerator.wait_for_everyone()
         return summary
 

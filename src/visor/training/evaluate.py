@@ -1,17 +1,12 @@
-"""Validation during and after training: greedy answers, exact match per task.
-
-Answers are generated with `generate()` (greedy, no sampling), decoded by the data source and scored with the
-metrics module's exact match (`visor.evaluation.metrics`).
-"""
+"""Validation during and after training: greedy answers, exact match per task (`visor.evaluation.scoring`)."""
 
 from __future__ import annotations
 
-from collections import defaultdict
 from contextlib import nullcontext
 
 import torch
 
-from visor.evaluation.metrics import exact_match
+from visor.evaluation.scoring import greedy, new_tokens, score
 from visor.training.data import DataSource
 
 
@@ -27,31 +22,19 @@ def evaluate(
     autocast=None,
 ) -> dict[str, float]:
     """Accuracy (%) per task and their mean ("mean") of greedy answers; `configuration` for VISOR models."""
+    options = {} if configuration is None else {"configuration": configuration}
+
+    def generate(inputs):
+        inputs = {key: value.to(model.device) for key, value in inputs.items()}
+        with autocast() if autocast is not None else nullcontext():
+            return new_tokens(greedy(model, inputs, max_new_tokens, **options), inputs), None, None
+
     was_training = model.training
     model.eval()
-    correct: dict[str, float] = defaultdict(float)
-    total: dict[str, int] = defaultdict(int)
-    options = {} if configuration is None else {"configuration": configuration}
-    pad = getattr(model.config.text_config, "pad_token_id", None)
-    eos = getattr(model.config.text_config, "eos_token_id", None)
     try:
-        for batch in data.eval_batches(split, per_task, batch_size):
-            inputs = {key: value.to(model.device) for key, value in batch.inputs.items()}
-            with autocast() if autocast is not None else nullcontext():
-                generated = model.generate(
-                    **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-                    eos_token_id=eos, **options,
-                )
-            new_tokens = generated[:, inputs["input_ids"].shape[1]:]
-            for task, tokens, answer in zip(batch.tasks, new_tokens.tolist(), batch.answers):
-                correct[task] += exact_match(data.decode(tokens), answer)
-                total[task] += 1
+        return score(data, data.eval_batches(split, per_task, batch_size), generate).accuracy(data.tasks)
     finally:
         model.train(was_training)
-    accuracy = {task: 100.0 * correct[task] / total[task] for task in data.tasks if total[task]}
-    if accuracy:
-        accuracy["mean"] = sum(accuracy.values()) / len(accuracy)
-    return accuracy
 
 
 def evaluate_configurations(model, data: DataSource, configurations, **options) -> dict[str, dict[str, float]]:

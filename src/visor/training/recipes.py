@@ -2,15 +2,15 @@
 
 | recipe            | model                                               | trainable                  | configuration / step |
 |-------------------|-----------------------------------------------------|----------------------------|----------------------|
-| `full`            | stock `LlavaOnevisionForConditionalGeneration`       | everything (+ aux head)    | —                    |
-| `visor-stage1`    | `VisorForConditionalGeneration.from_llava(--init)`   | CA blocks, gates, CPE      | the largest          |
+| `full`            | the family's stock model                             | everything (+ aux head)    | —                    |
+| `visor-stage1`    | its VISOR model, `from_stock(--init)`                | CA blocks, gates, CPE      | the largest          |
 | `visor-universal` | a VISOR checkpoint (stage 1) or a converted LLaVA-OV | everything                 | one sampled per step |
 
 `full` (from scratch with `--model PRESET`, or continued with `--init`) adds the auxiliary per-patch loss when the
 data has per-patch targets (a fresh head when continuing): a
 linear head on the vision tower's selected features predicts each patch's content class, the training-only
 stand-in for a pretrained vision encoder that makes the fine-grained tasks learnable on a CPU budget
-(notes/prototype.md, "Breaking the plateau"). The head is saved with the training state, never with the model.
+(src/visor/demo/checkpoint/TRAINING.md). The head is saved with the training state, never with the model.
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ import inspect
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import nn
-from transformers import LlavaOnevisionForConditionalGeneration
-from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
 from visor import presets
-from visor.modeling import VisorForConditionalGeneration, load_llava
+from visor.backbones import backbone_for, family
+from visor.modeling import VisorModel, load_stock
 from visor.modeling.freezing import freeze_base, freeze_vision_tower, unfreeze_all
 
 RECIPES = ("full", "visor-stage1", "visor-universal")
@@ -39,12 +39,13 @@ def check_recipe(recipe: str) -> None:
 
 
 def is_visor(model) -> bool:
-    return isinstance(model, VisorForConditionalGeneration)
+    return isinstance(model, VisorModel)
 
 
 # ---- loading -------------------------------------------------------------------------------------------------
-def checkpoint_kind(path: str | os.PathLike) -> str:
-    """'visor' or 'llava_onevision' for a local checkpoint folder; a ValueError saying what is wrong otherwise."""
+def checkpoint_config(path: str | os.PathLike):
+    """The config of a local checkpoint folder of a supported family (stock or VISOR); a ValueError saying what
+    is wrong otherwise."""
     path = Path(path)
     if not path.exists():
         raise ValueError(f"checkpoint {path} does not exist")
@@ -54,22 +55,28 @@ def checkpoint_kind(path: str | os.PathLike) -> str:
     if not config_file.is_file():
         raise ValueError(f"checkpoint {path} has no config.json")
     try:
-        model_type = json.loads(config_file.read_text()).get("model_type")
+        config = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"checkpoint {path} has a corrupt config.json: {error}") from error
-    if model_type not in ("visor", "llava_onevision"):
-        raise ValueError(f"checkpoint {path} holds a {model_type!r} model, not LLaVA-OneVision or VISOR")
+    if not isinstance(config, dict):
+        raise ValueError(f"checkpoint {path} has a config.json that is not a JSON object")
     if not any(path.glob("*.safetensors")):
         raise ValueError(f"checkpoint {path} has no safetensors weights")
-    return model_type
+    try:
+        family(SimpleNamespace(model_type=config.get("model_type")))
+    except ValueError as error:
+        raise ValueError(f"checkpoint {path}: {error}") from None
+    return SimpleNamespace(**config)
 
 
 def load_checkpoint(path: str | os.PathLike, attn_implementation: str = "sdpa"):
-    """A stock LLaVA-OV or VISOR model from a local folder, in fp32, with clear errors for bad checkpoints."""
+    """A stock or VISOR model from a local folder, in fp32, with clear errors for bad checkpoints."""
     options = dict(attn_implementation=attn_implementation, dtype=torch.float32)
-    if checkpoint_kind(path) == "llava_onevision":
-        return load_llava(path, **options)
-    return VisorForConditionalGeneration.from_pretrained(path, **options)  # local folders: ValueError when broken
+    config = checkpoint_config(path)
+    module = family(config)
+    if config.model_type.startswith("visor"):
+        return module.VISOR_MODEL.from_pretrained(path, **options)  # local folders: ValueError when broken
+    return load_stock(module.BACKBONE.stock_model_class, path, **options)
 
 
 def build_model(recipe: str, init: str | os.PathLike | None, preset: str | None, settings):
@@ -94,8 +101,9 @@ def build_model(recipe: str, init: str | os.PathLike | None, preset: str | None,
                 raise ValueError(f"preset {preset!r} has a fixed depth: model_layers cannot be set")
             config._attn_implementation = settings.attn_implementation
             torch.manual_seed(settings.seed)
-            model = LlavaOnevisionForConditionalGeneration(config)
-            init_patch_positions_2d(model.model.vision_tower)
+            backbone = backbone_for(config)
+            model = backbone.stock_model_class(config)
+            init_patch_positions_2d(backbone.vision_tower(model))
             if settings.embedding_std is not None:
                 with torch.no_grad():
                     model.get_input_embeddings().weight.normal_(0.0, settings.embedding_std)
@@ -108,7 +116,7 @@ def build_model(recipe: str, init: str | os.PathLike | None, preset: str | None,
     ) if getattr(settings, name) is not None}
     if not is_visor(model):
         torch.manual_seed(settings.seed)
-        model = VisorForConditionalGeneration.from_llava(
+        model = family(model.config).VISOR_MODEL.from_stock(
             model, cross_attention_init=settings.cross_attention_init, cross_attention_gate=settings.cross_attention_gate,
             **shape,
         )
@@ -230,7 +238,7 @@ class TrainingModule(nn.Module):
         self.aux_weight = aux_weight
         self._features = None
         if aux_head is not None:
-            model.model.vision_tower.register_forward_hook(self._keep_features)
+            backbone_for(model.config).vision_tower(model).register_forward_hook(self._keep_features)
 
     def _keep_features(self, module, args, output) -> None:
         hidden_states = getattr(output, "hidden_states", None)
@@ -264,8 +272,5 @@ def flatten_patch_targets(targets: torch.Tensor, image_sizes: torch.Tensor, conf
     """(B, crops, P) targets → (crops actually encoded, P), in the order the vision tower sees the crops."""
     if targets.dim() == 2:  # already one row per encoded crop
         return targets
-    counts = [
-        image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
-        for size in image_sizes.tolist()
-    ]
+    counts = [backbone_for(config).crops(size) for size in image_sizes.tolist()]
     return torch.cat([sample[:count] for sample, count in zip(targets, counts)])

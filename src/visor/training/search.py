@@ -1,4 +1,4 @@
-"""Feasible-configuration discovery after stage 1 (the paper's step 2, DESIGN.md 4).
+"""Feasible-configuration discovery after stage 1 (the paper's step 2).
 
 Evaluate subsets of the SA candidates on the validation split, at the model's weights after stage 1:
 
@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import copy
 import itertools
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from visor.config import Schedule
+from visor.files import write_json
 from visor.flops import llm_prefill_flops
-
 from visor.training.data import resolve_data
 from visor.training.evaluate import evaluate
 from visor.training.recipes import is_visor, load_checkpoint
@@ -46,14 +46,9 @@ def _token_counts(model, data, settings) -> tuple[int, int]:
 
 def _cost_function(model, data, settings):
     visual, text = _token_counts(model, data, settings)
-    original = model.config.configurations
 
     def cost(subset) -> int:
-        model.config.configurations = [list(subset)]
-        try:
-            return int(llm_prefill_flops(model.config, visual, text, 0).total)
-        finally:
-            model.config.configurations = original
+        return int(llm_prefill_flops(model.config, visual, text, Schedule.with_layers(model.config, subset)).total)
 
     return cost, f"LLM prefill FLOPs at {visual} visual + {text} text tokens"
 
@@ -158,5 +153,5 @@ def search_configurations(
         "evaluated": sorted(results, key=lambda r: (r["cost"], r["layers"])),
         "samples_per_task": settings.samples_per_task,
     }
-    (output / "search.json").write_text(json.dumps(report, indent=2))
+    write_json(output / "search.json", report)
     return report

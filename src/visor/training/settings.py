@@ -28,7 +28,7 @@ class TrainingSettings:
     # ---- optimisation -----------------------------------------------------------------------------------
     learning_rate: float = 1e-3
     """Peak learning rate (AdamW). 1e-3 is what breaks the hard-task plateau for tiny from-scratch models
-    (notes/prototype.md); the VISOR recipes default lower (see `RECIPE_DEFAULTS`)."""
+    (src/visor/demo/checkpoint/TRAINING.md); the VISOR recipes default lower (see `RECIPE_DEFAULTS`)."""
     weight_decay: float = 0.01
     """AdamW weight decay, applied to matrices only (not to norms, biases, gates or embeddings' 1-D params)."""
     adam_beta1: float = 0.9

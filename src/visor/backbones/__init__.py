@@ -1,0 +1,36 @@
+"""Backbone adapters: everything VISOR needs to know about one model family, behind one object.
+
+VISOR's layer engine, the FLOP counter and the token-reduction baselines are written once; what differs between
+families (how images become projected features, the positions of a sequence, where the text stack and the
+vision tower live, how many tokens an image becomes and what the tower costs) is asked of the family's
+`Backbone`. Each family is one module here that defines its adapter and its VISOR classes; `FAMILIES` maps the
+`model_type`s of its configs (stock and VISOR) to that module, which is imported when first asked for.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+
+from visor.backbones.base import Backbone, ImageTokens
+
+FAMILIES = {
+    "llava_onevision": "visor.backbones.llava_onevision",
+    "visor": "visor.backbones.llava_onevision",
+}
+
+
+def family(config):
+    """The adapter module of `config`'s family (stock or VISOR config); a ValueError naming the families otherwise."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        supported = sorted({name for name in FAMILIES if not name.startswith("visor")})
+        raise ValueError(f"no VISOR backbone for model type {model_type!r}; supported: {', '.join(supported)}")
+    return import_module(FAMILIES[model_type])
+
+
+def backbone_for(config) -> Backbone:
+    """The `Backbone` of `config`'s family, for this config."""
+    return family(config).BACKBONE(config)
+
+
+__all__ = ["FAMILIES", "Backbone", "ImageTokens", "backbone_for", "family"]

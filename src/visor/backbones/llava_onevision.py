@@ -1,0 +1,207 @@
+"""LLaVA-OneVision (SigLIP vision tower, 2-layer MLP projector, anyres packing with `image_newline`).
+
+The adapter answers from transformers' own LLaVA-OV code wherever it can: images are encoded by the stock
+`get_image_features` (vision tower, projector, anyres packing), token counts come from running the stock
+`pack_image_features` on marker features, positions are the stock model's (one per token, counting from the
+cache's length). `PackedGrid` says where one image's packed tokens sit on 2-D grids, for the reductions that
+work on them spatially: LLaVA-OV packs an image as [base view grid (h × w, row-major)] + [hi-res grid (H × W)
+with one `image_newline` token after every row], the hi-res grid being the anyres crops stitched together,
+unpadded and possibly down-sized; anyres always gives the base view plus at least one crop.
+
+This module also defines the family's VISOR classes: `VisorConfig` (model type `visor`) and
+`VisorForConditionalGeneration`, and `PrunedLlava` for the in-LLM token-reduction baselines.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+
+import torch
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+from transformers.models.llava_onevision.modeling_llava_onevision import (
+    LlavaOnevisionModel,
+    get_anyres_image_grid_shape,
+    image_size_to_num_patches,
+)
+
+from visor.backbones.base import Backbone, ImageTokens
+from visor.config import VisorConfigMixin
+from visor.modeling.visor import VisorModel
+from visor.reduction.pruned import PrunedModel
+
+
+@strict
+class VisorConfig(VisorConfigMixin, LlavaOnevisionConfig):
+    """A LLaVA-OneVision config with VISOR's layer schedule (`visor.config.VisorConfigMixin`)."""
+
+    model_type = "visor"
+
+
+AutoConfig.register("visor", VisorConfig)
+
+
+@dataclass(frozen=True)
+class PackedGrid:
+    base: tuple[int, int]  # (h, w) of the base view
+    hires: tuple[int, int]  # (H, W) of the stitched crops, without the newline column
+
+    @property
+    def num_tokens(self) -> int:
+        return self.base[0] * self.base[1] + self.hires[0] * (self.hires[1] + 1)
+
+    def split(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, ...) packed tokens → base (h, w, ...) and hi-res (H, W, ...) grids (newlines dropped)."""
+        h, w = self.base
+        rows, cols = self.hires
+        base = features[: h * w].reshape(h, w, *features.shape[1:])
+        return base, features[h * w:].reshape(rows, cols + 1, *features.shape[1:])[:, :cols]
+
+    def newlines(self) -> torch.Tensor:
+        """(n,) bool: which packed tokens are `image_newline` (the end of each hi-res row)."""
+        h, w = self.base
+        rows, cols = self.hires
+        hires = torch.zeros(rows, cols + 1, dtype=torch.bool)
+        hires[:, cols] = True
+        return torch.cat([torch.zeros(h * w, dtype=torch.bool), hires.flatten()])
+
+    @staticmethod
+    def assemble(base: torch.Tensor, hires: torch.Tensor, newline: torch.Tensor) -> torch.Tensor:
+        """Inverse of `split` for any grid sizes: base tokens, then hi-res rows each closed by `newline`."""
+        base = base.flatten(0, 1)
+        rows = torch.cat([hires, newline.to(hires).expand(hires.shape[0], 1, -1)], dim=1)
+        return torch.cat([base, rows.flatten(0, 1)])
+
+
+class LlavaOnevision(Backbone):
+    stock_model_class = LlavaOnevisionForConditionalGeneration
+    image_inputs = ("image_sizes", "batch_num_images")
+
+    # ---- the language model ------------------------------------------------------------------------------------
+    def language_model(self, model):
+        return model.model.language_model
+
+    def position_ids(self, input_ids, attention_mask, past_length, **image_inputs):
+        """One position per token, counting on from the cache (the stock model ignores padding here too)."""
+        batch, length = input_ids.shape
+        return (torch.arange(length, device=input_ids.device) + past_length).expand(batch, length)
+
+    # ---- images -------------------------------------------------------------------------------------------------
+    def encode_images(self, model, num_image_tokens, pixel_values=None, image_sizes=None, batch_num_images=None):
+        if pixel_values is None or image_sizes is None:
+            raise ValueError(
+                f"input_ids contain {num_image_tokens} image tokens but pixel_values/image_sizes are missing"
+            )
+        if pixel_values.dim() not in (4, 5) or pixel_values.shape[-3] != 3:
+            raise ValueError(
+                f"pixel_values must be (batch, crops, 3, H, W) or (crops, 3, H, W), got {tuple(pixel_values.shape)}"
+            )
+        if image_sizes.dim() != 2 or image_sizes.shape[-1] != 2:
+            raise ValueError(f"image_sizes must be (num_images, 2) as (height, width), got {tuple(image_sizes.shape)}")
+        return model.model.get_image_features(
+            pixel_values, image_sizes, batch_num_images=batch_num_images, return_dict=True
+        ).pooler_output
+
+    def crops(self, image_size) -> int:
+        """Crops of one (height, width) image through the vision tower: the anyres grid plus the base view."""
+        return image_size_to_num_patches(list(image_size), self.config.image_grid_pinpoints,
+                                         self.config.vision_config.image_size)
+
+    def largest_image_size(self) -> tuple[int, int]:
+        """The largest anyres canvas (height, width): the image size with the most visual tokens."""
+        return tuple(max(self.config.image_grid_pinpoints, key=lambda pinpoint: pinpoint[0] * pinpoint[1]))
+
+    def crop_grid(self, image_size) -> tuple[int, int]:
+        """(rows, columns) of the anyres crops of one (height, width) image (the base view excluded)."""
+        return get_anyres_image_grid_shape(image_size, self.config.image_grid_pinpoints,
+                                           self.config.vision_config.image_size)
+
+    def tokens_per_crop(self) -> int:
+        """Projected tokens per crop: the patch grid, minus the first token under the "default" strategy."""
+        vision = self.config.vision_config
+        patches = (vision.image_size // vision.patch_size) ** 2
+        return patches - 1 if self.config.vision_feature_select_strategy == "default" else patches
+
+    def pack_like(self, per_crop: torch.Tensor, image_size) -> torch.Tensor:
+        """Per-crop patch values (crops, patches, C) of one image packed as its visual tokens are: (n, C).
+
+        So that anything computed per crop patch (attention received, keys …) lines up with the packed tokens;
+        newline slots hold zeros, and unpadded or down-sized grids follow transformers' own code.
+        """
+        packer = types.SimpleNamespace(config=self.config)  # pack_image_features reads nothing but self.config
+        (packed,), _ = LlavaOnevisionModel.pack_image_features(
+            packer, [per_crop], torch.tensor([list(image_size)]), per_crop.new_zeros(per_crop.shape[-1]),
+            self.config.vision_aspect_ratio,
+        )
+        return packed
+
+    def image_tokens(self, image_size) -> ImageTokens:
+        height, width = image_size
+        if height <= 0 or width <= 0:
+            raise ValueError(f"image size must be positive (height, width), got {image_size}")
+        crops = self.crops((height, width))
+        return ImageTokens(crops, self.pack_like(torch.zeros(crops, self.tokens_per_crop(), 1), (height, width)).shape[0])
+
+    def packed_grid(self, image_size) -> PackedGrid:
+        """The grids of one (height, width) image's packed tokens."""
+        vision = self.config.vision_config
+        side = vision.image_size // vision.patch_size
+        if side * side != self.tokens_per_crop():
+            raise ValueError("pre-LLM reduction needs the full patch grid per crop (vision_feature_select_strategy='full')")
+        packed = self.pack_like(torch.ones(self.crops(image_size), side * side, 1), image_size)
+        newlines = (packed[side * side:, 0] == 0).nonzero().squeeze(1)
+        return PackedGrid((side, side), (len(newlines), int(newlines[0])))
+
+    def newline(self, model) -> torch.Tensor:
+        return model.model.image_newline
+
+    def vision_flops(self, crops):
+        """SigLIP (patch conv, every layer's q/k/v/o, attention, fc1/fc2) and the projector over every crop; the
+        projector runs on every crop patch before the unpadding, so the cost depends on crops, not tokens."""
+        config, vision = self.config, self.config.vision_config
+        patches = (vision.image_size // vision.patch_size) ** 2
+        width = vision.hidden_size
+        patch_embedding = 2 * patches * width * vision.num_channels * vision.patch_size**2
+        per_layer = (
+            4 * _linear(patches, width, width)  # q, k, v, o
+            + 2 * 2 * patches * patches * width  # scores and values over all heads (heads × head_dim = width)
+            + 2 * _linear(patches, width, vision.intermediate_size)  # fc1, fc2
+        )
+        feature_layers = 1 if isinstance(config.vision_feature_layer, int) else len(config.vision_feature_layer)
+        text_width, tokens = config.text_config.hidden_size, self.tokens_per_crop()
+        projector = _linear(tokens, width * feature_layers, text_width) + _linear(tokens, text_width, text_width)
+        return {"vision_tower": crops * (patch_embedding + vision.num_hidden_layers * per_layer),
+                "projector": crops * projector}
+
+    # ---- the vision tower ---------------------------------------------------------------------------------------
+    def vision_tower(self, model):
+        return model.model.vision_tower
+
+    def vision_layers(self, model):
+        return self.vision_tower(model).encoder.layers
+
+    def feature_layer(self) -> int:
+        feature = self.config.vision_feature_layer
+        feature = feature if isinstance(feature, int) else feature[-1]
+        return feature % (self.config.vision_config.num_hidden_layers + 1) - 1
+
+
+def _linear(tokens: int, in_features: int, out_features: int) -> int:
+    return 2 * tokens * in_features * out_features
+
+
+class VisorForConditionalGeneration(VisorModel, LlavaOnevisionForConditionalGeneration):
+    """LLaVA-OneVision with VISOR's layer kinds (`visor.modeling.visor.VisorModel`)."""
+
+    config_class = VisorConfig
+    backbone_class = LlavaOnevision
+
+
+class PrunedLlava(PrunedModel, LlavaOnevisionForConditionalGeneration):
+    """LLaVA-OneVision under an in-LLM token-reduction plan (`visor.reduction.pruned.PrunedModel`)."""
+
+    backbone_class = LlavaOnevision
+
+
+BACKBONE, VISOR_MODEL, PRUNED_MODEL = LlavaOnevision, VisorForConditionalGeneration, PrunedLlava

@@ -1,0 +1,50 @@
+"""Which configuration each sample of a VISOR forward runs, resolved once from what the caller passed.
+
+`forward(configuration=...)` takes an index for the whole batch, one index per sample, `None` (the largest
+configuration) or `"auto"` (the router decides, with τ = `router_threshold` or the config's). Everything
+downstream gets a `ConfigurationChoice`: fixed per-sample indices, or routed with a threshold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from visor.modeling.router import check_threshold
+
+
+@dataclass(frozen=True)
+class ConfigurationChoice:
+    indices: torch.Tensor | None = None  # (B,) fixed per sample; None: the router decides
+    threshold: float | None = None  # τ of a routed choice (None: the config's)
+
+    @property
+    def routed(self) -> bool:
+        return self.indices is None
+
+    @classmethod
+    def resolve(cls, config, configuration, batch_size: int, device, threshold: float | None = None,
+                has_router: bool = True) -> ConfigurationChoice:
+        """The choice `configuration` asks for; a ValueError naming the problem for anything else."""
+        if isinstance(configuration, str):
+            if configuration != "auto":
+                raise ValueError(f'configuration must be an index, one index per sample, or "auto"; '
+                                 f"got {configuration!r}")
+            if not has_router:
+                raise ValueError('configuration="auto" needs a router: this model has a single configuration')
+            return cls(threshold=None if threshold is None else check_threshold(threshold))
+        if threshold is not None:
+            raise ValueError('router_threshold (τ) applies to configuration="auto" only')
+        if configuration is None:
+            indices = [config.largest_configuration] * batch_size
+        elif isinstance(configuration, torch.Tensor) and configuration.dim() == 0:
+            indices = [configuration.item()] * batch_size
+        elif isinstance(configuration, (torch.Tensor, list, tuple)):
+            indices = configuration.tolist() if isinstance(configuration, torch.Tensor) else list(configuration)
+            if len(indices) != batch_size:
+                raise ValueError(f"configuration has {len(indices)} entries for a batch of {batch_size}")
+        else:
+            indices = [configuration] * batch_size
+        return cls(torch.tensor([config.check_configuration(index) for index in indices], dtype=torch.long,
+                                device=device))
