@@ -29,7 +29,7 @@ import gc
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -38,10 +38,10 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from visor import reduction
+from visor import VisorConfig, VisorForConditionalGeneration, reduction
 from visor.cli import comma_separated
-from visor import VisorConfig, VisorForConditionalGeneration
 from visor.config import Schedule
+from visor.device import check_device, default_device
 from visor.files import save_figure, write_json
 from visor.flops import (
     decode_flops_per_token,
@@ -67,7 +67,7 @@ class BenchPlan:
     repeats: int = 3
     decode_tokens: int = 8
     configurations: tuple[int, ...] | None = None  # VISOR configurations to run; None = all
-    device: str = "cpu"
+    device: str = field(default_factory=default_device)
     dtype: str = "bfloat16"
     baselines: tuple[float, ...] = ()  # target FLOPs ratios of the token-reduction baselines; () = none
     cross_attention_key_value_heads: int | None = None  # CA blocks' K/V heads; None = the host layer's
@@ -90,10 +90,7 @@ class BenchPlan:
             raise ValueError(f"baseline FLOPs ratios must be >= 1, got {list(self.baselines)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
-        try:
-            torch.device(self.device)
-        except RuntimeError as error:
-            raise ValueError(f"unknown device {self.device!r}: {error}") from error
+        check_device(self.device)
 
     @cached_property
     def config(self) -> VisorConfig:
@@ -350,7 +347,7 @@ def register(subparsers) -> None:
     parser.add_argument("--decode-tokens", type=int, default=BenchPlan.decode_tokens, help="timed decode steps")
     parser.add_argument("--configurations", type=comma_separated(), default=None,
                         help="VISOR configuration indices to run (default all)")
-    parser.add_argument("--device", default=BenchPlan.device)
+    parser.add_argument("--device", default=None, help="default: cuda when there is one, else cpu")
     parser.add_argument("--dtype", default=BenchPlan.dtype, choices=sorted(DTYPES))
     parser.add_argument("--baselines", type=comma_separated(float, "numbers"), default=BenchPlan.baselines,
                         help="token-reduction baselines at these FLOPs ratios, e.g. 2,4,8 (default none)")
@@ -365,7 +362,7 @@ def _command(args: argparse.Namespace) -> int:
         plan = BenchPlan(
             preset=args.preset, visual_tokens=args.visual_tokens, text_tokens=args.text_tokens,
             repeats=args.repeats, decode_tokens=args.decode_tokens, configurations=args.configurations,
-            device=args.device, dtype=args.dtype, baselines=args.baselines,
+            device=args.device or default_device(), dtype=args.dtype, baselines=args.baselines,
             cross_attention_key_value_heads=args.cross_attention_heads,
         )
     except ValueError as error:

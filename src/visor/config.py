@@ -1,19 +1,10 @@
-"""VISOR's layer schedule as configuration data, validated once, and the schedule one forward pass runs.
+"""VISOR's layer schedule as configuration data, validated once, and the `Schedule` one forward pass runs.
 
-`VisorConfigMixin` adds VISOR's fields to a model family's own config class (each backbone adapter defines
-`class VisorConfig(VisorConfigMixin, <the family's config>)`), so a VISOR checkpoint is the stock checkpoint's
-config plus these keys:
-
-- `cross_attention_layers`: layers that get a new cross-attention (CA) block in front of them;
-- `self_attention_layers`: the ordered list of SA *candidates*, layers that may run over [visual; text];
-- `configurations`: the feasible per-sample choices, each a set of SA candidates, from fewest SA layers to most
-  (default: nested prefixes of the candidate list, from CA-only to all candidates), so the last is the largest;
-- `router_layer`: where the policy decides, before the first SA layer that is not in every configuration;
-- the router's own state (`router_mode`, τ = `router_threshold`, the novelty guard's shape and κ): the config is
-  its one owner, the router module reads it.
-
-`Schedule` is what one sample runs, the layer kinds the FLOP counter prices: `Schedule.full(config)` (the stock
-model), `Schedule.text_only()`, or `Schedule.of(config, index)` for a VISOR configuration.
+`VisorConfigMixin` adds VISOR's fields to a family's own config class (each backbone adapter defines
+`class VisorConfig(VisorConfigMixin, <the family's config>)`), so a VISOR checkpoint's config is the stock one plus
+the layer schedule (CA layers, SA candidates, the feasible configurations from fewest SA layers to most, where the
+router decides), the new modules' options and the router's state (mode, τ, the novelty guard's shape and κ: the
+config is their one owner). `Schedule` is the layer kinds one sample runs, what the FLOP counter prices.
 """
 
 from __future__ import annotations

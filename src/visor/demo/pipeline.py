@@ -77,31 +77,18 @@ class DemoPlan:
     # VISOR's layer schedule (None: `VisorConfig`'s evenly spread default, CA [0, 3] and SA [1, 4] on 6 layers)
     cross_attention_layers: tuple[int, ...] | None = None
     self_attention_layers: tuple[int, ...] | None = None
-    # Key/value heads of each CA block (None: the host layer's). One instead of the shipped model's two cuts VISOR's
-    # prefill FLOPs by 13% and moves accuracy less than run-to-run noise (README, "What `make demo` shows").
-    cross_attention_key_value_heads: int | None = 1
-    # The full LLaVA-OV model to start from; None: the one shipped for the suite (keeps plan.json portable).
-    checkpoint: str | None = None
-    # What the conversion trains on (a `visor train --data` spec): the mix the shipped model was trained on last,
-    # easy-VQA with balanced questions and its yes/no questions weighted apart. The package's questions (what `demo`
-    # evaluates) are lopsided, and converting on them teaches VISOR to answer yes/no from the words again; without
-    # the yes/no weight VISOR loses the colour comparison (README, "What `make demo` shows").
+    cross_attention_key_value_heads: int | None = 1  # per CA block (None: the host layer's); why one: docs/demo.md
+    checkpoint: str | None = None  # the full model to start from; None: the one shipped for the suite
+    # What the conversion trains on (a `visor train --data` spec): by default the mix the shipped model was trained
+    # on last, not the suite's own lopsided easy-VQA questions (why: docs/demo.md).
     training_data: str = DEMO_MIX
-    # What every system is scored on (test split), and the held-out task variants the policy is also reported on
-    # (`visor.data.suites`). `two-hop` adds a question one read of the image cannot answer.
+    # What every system is scored on (test split), and the held-out task variants the policy is also reported on.
     suite: str = "demo"
     variants: str = "demo-variants"
-    # Universal training keeps the vision tower fixed (stage 1 trains only what VISOR adds, whatever this says).
-    freeze_vision_tower: bool = False
-    # The router's training objective (`visor.modeling.router`): softmax, the paper's cheapest-good classifier, or
-    # multilabel, one "is this configuration good" per configuration. Softmax by default: on `two-hop` it was on or
-    # above the fixed curve on hard tasks at every seed tried, multilabel fell below once (README, "Where the policy
-    # has something to choose").
-    router_mode: str = "softmax"
-    # The router's novelty guard flags inputs scoring above this quantile of its training samples' scores (its
-    # false-alarm rate on data like them is 1 - this) and keeps them off the cheapest configuration. Off (None) by
-    # default: on held-out variants it gained answers where SA layers help there and lost more where they hurt
-    # (README, "Where the policy has something to choose").
+    freeze_vision_tower: bool = False  # in universal training (stage 1 trains only what VISOR adds anyway)
+    router_mode: str = "softmax"  # the router's objective (`visor.modeling.router`)
+    # The router's novelty guard (`visor.modeling.novelty`): inputs above this quantile of its training samples'
+    # scores skip the cheapest configuration. Off (None) by default: docs/policy.md says why.
     novelty_quantile: float | None = None
 
     @property

@@ -3,13 +3,15 @@
 `greedy` is the project's `generate()` call (no sampling, pad and end tokens from the model's text config);
 `score` runs a generate function over prompt batches and keeps, per sample, whether the answer was right, what
 the prompt cost in LLM prefill FLOPs and which configuration ran, so training validation, the demo's rows and
-the analysis sweeps judge answers by the same rule. `teacher_forced` scores given answers from the logits that
+the analysis sweeps judge answers by the same rule; `evaluate` is the per-task accuracy of one model on a data
+source's split (validation during training, the configuration search). `teacher_forced` scores given answers from the logits that
 predict them (the policy's labels, lmms-eval's log-likelihood requests).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -85,3 +87,23 @@ def score(data, batches: Iterable, generate: Generate, description: str | None =
             flops.append(None if sample_flops is None else int(sample_flops[row]))
             configurations.append(None if chosen is None else int(chosen[row]))
     return Scores(tasks, correct, flops, configurations)
+
+
+@torch.no_grad()
+def evaluate(model, data, split: str = "validation", per_task: int = 100, batch_size: int = 32,
+             max_new_tokens: int = 8, configuration: int | None = None, autocast=None) -> dict[str, float]:
+    """Accuracy (%) per task of `data` and their mean ("mean") of greedy answers; `configuration` for VISOR models,
+    `autocast` a context factory (e.g. bf16) or None."""
+    options = {} if configuration is None else {"configuration": configuration}
+
+    def generate(inputs):
+        inputs = {key: value.to(model.device) for key, value in inputs.items()}
+        with autocast() if autocast is not None else nullcontext():
+            return new_tokens(greedy(model, inputs, max_new_tokens, **options), inputs), None, None
+
+    was_training = model.training
+    model.eval()
+    try:
+        return score(data, data.eval_batches(split, per_task, batch_size), generate).accuracy(data.tasks)
+    finally:
+        model.train(was_training)

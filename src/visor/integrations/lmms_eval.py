@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 
-import torch
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from loguru import logger
@@ -49,8 +48,6 @@ class VisorLmms(lmms):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         # lmms-eval passes `max_batch_size` to every model; it only bounds "auto" batch sizes, not offered here.
         self.batch_size = int(batch_size)
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
         self.runner = CheckpointRunner(pretrained, configuration, tau, device)
         self.answers = []  # every generated `Answer`, for the FLOPs summary and for callers who want them
 

@@ -20,6 +20,7 @@ from transformers import AutoTokenizer
 
 from visor.config import Schedule
 from visor.data.processor import VisorProcessor
+from visor.device import check_device, default_device
 from visor.evaluation.scoring import greedy, new_tokens, teacher_forced
 from visor.flops import llm_prefill_flops, router_flops
 from visor.modeling.router import check_threshold
@@ -59,9 +60,9 @@ class CheckpointRunner:
     """
 
     def __init__(self, pretrained: str | Path, configuration: str | int = "auto", tau: float | None = None,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device | None = None):
         folder = Path(pretrained)
-        self.device = torch.device(device)
+        self.device = check_device(device or default_device())
         self.model = load_checkpoint(folder).eval().to(self.device)
         if not (folder / "tokenizer_config.json").is_file():
             raise ValueError(f"{folder} has no tokenizer (tokenizer_config.json); save one next to the weights")

@@ -220,21 +220,6 @@ class VisorModel:
             for rows, runs_sa, output in outputs:
                 streams.store(rows, runs_sa, output)
 
-    def prefill_layers(self, hidden: torch.Tensor, layout: TokenLayout, position_ids: torch.Tensor,
-                       choice: ConfigurationChoice, cache: VisorCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The decoder stack over a whole prompt; returns the final hidden states (B, S, d) and the configuration
-        each sample ran (the router's choice at `config.router_layer` when `choice` is routed)."""
-        streams = _Prefill(self, hidden, layout, position_ids, choice, cache)
-        self._run_layers(streams)
-        return layout.merge(streams.visual, streams.text), streams.configuration
-
-    def decode_layers(self, text: torch.Tensor, position_ids: torch.Tensor, new_valid: torch.Tensor,
-                      cache: VisorCache) -> torch.Tensor:
-        """New text tokens (B, n, d) through every layer against the cache."""
-        streams = _Decode(self, text, position_ids, new_valid, cache)
-        self._run_layers(streams)
-        return streams.text
-
     # ---- forward ----------------------------------------------------------------------------------------------
     def forward(
         self,
@@ -287,7 +272,9 @@ class VisorModel:
                                                  router_threshold, has_router=self.router is not None)
             hidden, visual_mask = self.embed_multimodal(input_ids, image_features, **image_inputs)
             layout = TokenLayout.build(visual_mask, attention_mask)
-            hidden, configuration = self.prefill_layers(hidden, layout, position_ids, choice, cache)
+            streams = _Prefill(self, hidden, layout, position_ids, choice, cache)
+            self._run_layers(streams)
+            hidden, configuration = layout.merge(streams.visual, streams.text), streams.configuration
             if cache is not None:
                 cache.configuration = configuration
         hidden = self.text_stack.norm(hidden)
@@ -316,28 +303,20 @@ class VisorModel:
         new_valid = (
             attention_mask[:, -count:].bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
         )
-        return self.decode_layers(self.get_input_embeddings()(input_ids), position_ids, new_valid, cache)
+        streams = _Decode(self, self.get_input_embeddings()(input_ids), position_ids, new_valid, cache)
+        self._run_layers(streams)
+        return streams.text
 
 
 # ---- what one layer sees: a whole prompt, or new tokens against the cache ------------------------------------------
 class _Streams:
     """The text stream (and, at prefill, the visual one) with the masks, rotary embeddings and cache views each
-    layer call needs. `sa_layers` (B, L) says which layers each sample runs as SA."""
-
-    text: torch.Tensor
-    text_rope: tuple[torch.Tensor, torch.Tensor]
-    cross_allowed: torch.Tensor  # (B, Nt, Nv) which visual tokens each text token may read in a CA block
-    sa_layers: torch.Tensor
+    layer call needs: `text`, `text_rope`, `cross_allowed` (B, Nt, Nv: what each text token may read in a CA
+    block) and `sa_layers` (B, L: which layers each sample runs as SA); `layer_inputs` gives the (hidden, bias,
+    rope, cache view) of one layer call for some rows, as SA or as a text layer, and `store` takes its output."""
 
     def before_layer(self, index: int) -> None:
         pass
-
-    def cross_keys_values(self, index: int, block: CrossAttentionBlock) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
-
-    def layer_inputs(self, index: int, rows: torch.Tensor, runs_sa: bool) -> tuple:
-        """(hidden, bias, rope, cache view) of the layer call for `rows`, as SA or as a text layer."""
-        raise NotImplementedError
 
     def store(self, rows: torch.Tensor, runs_sa: bool, output: torch.Tensor) -> None:
         self.text = _put(self.text, rows, output)

@@ -69,7 +69,7 @@ class HiRED:
         with captured_queries_keys(model, sorted({EARLY_LAYER, final})) as captured:
             packed = backbone.encode_images(model, 0, pixel_values=pixel_values, image_sizes=image_sizes)
         crops = [backbone.crops(size) for size in image_sizes.tolist()]
-        base_view = torch.tensor([0] + crops[:-1]).cumsum(dim=0)  # each image's first crop is its base view
+        base_view = torch.tensor([0] + crops[:-1], device=pixel_values.device).cumsum(dim=0)  # each image's first crop is its base view
         early = received_attention(model, EARLY_LAYER, *(part[base_view] for part in captured[EARLY_LAYER]))
         late = received_attention(model, final, *captured[final]).split(crops)
         return [self.select(config, image, size, early_map, late_map)
@@ -81,10 +81,10 @@ class HiRED:
         grid = backbone.packed_grid(image_size)
         patches = late.shape[1]
         # Which crop each packed token comes from (0 = base view), carried through the packing itself.
-        crop_ids = torch.arange(len(late), dtype=late.dtype)[:, None, None].expand(-1, patches, 1)
+        crop_ids = torch.arange(len(late), dtype=late.dtype, device=late.device)[:, None, None].expand(-1, patches, 1)
         crop_of = backbone.pack_like(crop_ids, image_size)[:, 0].round().long()
         scores = backbone.pack_like(late[..., None], image_size)[:, 0]
-        is_grid = ~grid.newlines()
+        is_grid = ~grid.newlines().to(late.device)
         capacity = torch.bincount(crop_of[is_grid], minlength=len(late))
         budget = self._budgets(config, image_size, early, capacity, kept_count(int(is_grid.sum()), self.keep))
         # Tokens grouped by crop, best first inside each; a token's rank is its place in its crop's run.
@@ -92,7 +92,7 @@ class HiRED:
         order = by_score[crop_of[by_score].argsort(stable=True)]
         order = order[is_grid[order]]
         starts = torch.cumsum(capacity, dim=0) - capacity
-        rank = torch.arange(len(order)) - starts[crop_of[order]]
+        rank = torch.arange(len(order), device=order.device) - starts[crop_of[order]]
         chosen = ~is_grid  # every newline token stays, in its place
         chosen[order[rank < budget[crop_of[order]]]] = True
         return features[chosen]
@@ -104,7 +104,7 @@ class HiRED:
         mass = functional.adaptive_avg_pool2d(early.view(1, side, side), (rows, cols)).flatten()
         base = min(int(total * self.alpha + 0.5), int(capacity[0]))
         base = max(base, total - int(capacity[1:].sum()))  # what the crops cannot hold goes back to the base view
-        return torch.cat([torch.tensor([base]), _share(total - base, mass, capacity[1:])])
+        return torch.cat([capacity.new_tensor([base]), _share(total - base, mass, capacity[1:])])
 
 
 def _share(total: int, weights: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:

@@ -90,7 +90,7 @@ class VisionZip:
         reduced = []
         for image, size, image_received, image_keys in zip(packed, image_sizes.tolist(), received.split(crops),
                                                            keys.split(crops)):
-            grid = ~backbone.packed_grid(size).newlines()
+            grid = ~backbone.packed_grid(size).newlines().to(image.device)
             scores = backbone.pack_like(image_received[..., None], size)[:, 0]
             reduced.append(self.zip_image(image, scores, backbone.pack_like(image_keys, size), grid))
         return reduced
@@ -106,7 +106,7 @@ class VisionZip:
         if contextual == 0:
             return features[kept]
         step = max(1, len(rest) // contextual)
-        is_target = torch.zeros(len(rest), dtype=torch.bool)
+        is_target = torch.zeros(len(rest), dtype=torch.bool, device=features.device)
         is_target[torch.arange(0, len(rest), step)[:contextual]] = True
         metric = functional.normalize(keys[rest], dim=-1)
         similarity = metric[~is_target] @ metric[is_target].T

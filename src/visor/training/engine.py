@@ -4,7 +4,7 @@
 
     for each micro-batch of the step (gradient accumulation; DDP syncs only on the last one):
         batch   = data.train_batch(step_indices(step, micro, process))   # pure function of (seed, step, process)
-        loss    = answer loss [+ aux_weight * per-patch loss]             # under bf16 autocast unless disabled
+        loss    = answer loss [+ aux_weight * per-patch loss]             # under the settings' mixed precision
         backward(loss / accumulation)
     clip the global gradient norm, AdamW step, cosine-with-warm-up schedule step (once per optimizer step,
     whatever the number of processes: the scheduler is not handed to accelerate, which would step it N times)
@@ -17,22 +17,7 @@ run (no data-loader state: the batch at step k is recomputed from k).
 Testing aid: `VISOR_FAULT_INJECTION=step:SECONDS` sleeps after every optimizer step (so a test can SIGKILL a run
 mid-training); `checkpoint:STEP:SECONDS` is described in `checkpoint.py`.
 
-Scaling out (nothing here changes):
-- DDP: `accelerate launch --multi_gpu --num_processes N -m visor.training train …` (on a machine without GPUs
-  this runs N CPU processes over gloo; accelerate 1.15's `--cpu` launcher starts a single process unless
-  mpirun is configured, and `torchrun --nproc_per_node N -m visor.training train …` works too); each process builds the full model, gradients are
-  averaged, the global batch stays `batch_size` (the micro-batch shrinks with N). `find_unused_parameters` is
-  on because the vision tower computes a `post_layernorm` that LLaVA-OV's feature selection never uses.
-- FSDP: use an accelerate config with `fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP` and
-  `fsdp_transformer_layer_cls_to_wrap: SiglipEncoderLayer,Qwen2DecoderLayer,CrossAttentionBlock`
-  (`LlamaDecoderLayer` instead of `Qwen2DecoderLayer` for a Llama text model): the vision tower's encoder layers,
-  the text model's decoder layers and VISOR's CA blocks each become one FSDP unit; embeddings, projector, CPE,
-  the head and the aux head stay in the root unit. Use `fsdp_use_orig_params: true` for stage 1 (frozen and
-  trainable parameters share units). Model weights are saved from `accelerator.get_state_dict`, which gathers
-  them under FSDP/ZeRO-3; the optimizer state is saved as `optimizer.state_dict()`, complete for DDP and ZeRO-1/2
-  but not for sharded FSDP, so resuming a sharded run is not supported yet (and nothing here was run on GPUs).
-- DeepSpeed ZeRO-1/2 work through the same config route; validation generates on process 0 with the unwrapped
-  model, which needs full (unsharded) parameters, i.e. not ZeRO-3 or FSDP full sharding during evaluation.
+Several processes (DDP, FSDP, DeepSpeed) run this same code: docs/training.md says how and what is not supported.
 """
 
 from __future__ import annotations
@@ -53,10 +38,10 @@ from accelerate.utils import DistributedDataParallelKwargs
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from visor.evaluation.scoring import evaluate
 from visor.files import write_json, write_text
 from visor.training import checkpoint as ckpt
 from visor.training.data import DataSource, resolve_data, step_indices
-from visor.training.evaluate import evaluate
 from visor.training.recipes import (
     PatchAuxiliaryHead,
     TrainingModule,

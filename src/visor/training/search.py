@@ -25,10 +25,10 @@ from typing import Any
 import torch
 
 from visor.config import Schedule
+from visor.evaluation.scoring import evaluate
 from visor.files import write_json
 from visor.flops import llm_prefill_flops
 from visor.training.data import resolve_data
-from visor.training.evaluate import evaluate
 from visor.training.recipes import is_visor, load_checkpoint
 
 

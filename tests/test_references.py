@@ -1,0 +1,43 @@
+"""Every document a source or test file cites is in the repository (a user who clones it can follow them)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# A cited document: a path into one of the repository's folders (or folders it does not have: `notes/`), or a
+# Markdown file named in capitals (README.md, TRAINING.md, DESIGN.md); lower-case names such as report.md are
+# files the code writes, not documents.
+CITATION = re.compile(r"(?<![\w/.-])((?:docs|benchmarks|scripts|src|tests|notes)/[\w./-]*[\w/]|[A-Z][A-Z_]*\.md)")
+
+
+def citations(path: Path):
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        for match in CITATION.finditer(line):
+            yield number, match.group(1).rstrip(".")
+
+
+def exists(reference: str, citing: Path) -> bool:
+    """A path: found from the repository root or the citing file's folder; a bare name: somewhere in it."""
+    if "/" not in reference:
+        return any(not {".venv", "runs", ".git"} & set(found.relative_to(ROOT).parts) for found in ROOT.rglob(reference))
+    return (ROOT / reference).exists() or (citing.parent / reference).exists()
+
+
+def test_every_cited_document_exists():
+    files = [path for folder in ("src", "tests") for path in (ROOT / folder).rglob("*")
+             if path.suffix in (".py", ".md", ".yaml", ".sh") and path.is_file() and path != Path(__file__)]
+    assert len(files) > 50
+    missing = [f"{path.relative_to(ROOT)}:{number}: {reference}" for path in files
+               for number, reference in citations(path) if not exists(reference, path)]
+    assert not missing, "cited but not in the repository:\n" + "\n".join(missing)
+
+
+def test_the_check_finds_a_missing_document(tmp_path):
+    citing = ROOT / "tests" / "test_references.py"
+    assert exists("docs/architecture.md", citing) and exists("README.md", citing)
+    assert not exists("DESIGN.md", citing) and not exists("notes/prototype.md", citing)
+    sample = tmp_path / "sample.py"
+    sample.write_text('"""See DESIGN.md 2.3 and docs/architecture.md."""\n')
+    assert [reference for _, reference in citations(sample)] == ["DESIGN.md", "docs/architecture.md"]
