@@ -39,7 +39,7 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from visor import VisorConfig, VisorForConditionalGeneration, reduction
-from visor.cli import comma_separated
+from visor.cli import comma_separated, command
 from visor.config import Schedule
 from visor.device import check_device, default_device
 from visor.files import save_figure, write_json
@@ -181,24 +181,14 @@ def _measure(model, plan: BenchPlan, method: str, configuration: int | None, vis
                   configuration=configuration, use_cache=True, logits_to_keep=1)
     prefill_s, decode_s, kv_bytes = _timings(model, plan, inputs, text_ids)
     crops = math.ceil(visual / tokens_per_crop(config))
-    if method == "visor":
-        self_attention = config.configurations[configuration]
-    else:
-        self_attention = list(range(config.num_layers)) if method == "full" else []
+    self_attention = sorted(schedule.self_attention)
     return BenchRow(
-        method=method,
-        configuration=configuration,
-        visual_tokens=visual,
-        text_tokens=text,
+        method=method, configuration=configuration, visual_tokens=visual, text_tokens=text,
         llm_prefill_flops=llm_prefill_flops(config, visual, text, schedule, logits_tokens=1).total,
-        prefill_s=prefill_s,
-        decode_s_per_token=decode_s,
-        kv_bytes_visual=kv_bytes["visual"],
-        kv_bytes_text=kv_bytes["text"],
-        self_attention_layers=self_attention,
+        prefill_s=prefill_s, decode_s_per_token=decode_s, kv_bytes_visual=kv_bytes["visual"],
+        kv_bytes_text=kv_bytes["text"], self_attention_layers=self_attention,
         decode_flops_per_token=decode_flops_per_token(config, visual, text, schedule).total,
-        vision_crops=crops,
-        vision_flops=vision_flops(config, crops).total,
+        vision_crops=crops, vision_flops=vision_flops(config, crops).total,
     )
 
 
@@ -354,19 +344,16 @@ def register(subparsers) -> None:
     parser.add_argument("--cross-attention-heads", type=int, default=None, metavar="N",
                         help="key/value heads of VISOR's CA blocks (default: the host layer's; fewer project the "
                              "visual tokens more cheaply)")
-    parser.set_defaults(func=_command)
+    command(parser, _command)
 
 
 def _command(args: argparse.Namespace) -> int:
-    try:
-        plan = BenchPlan(
-            preset=args.preset, visual_tokens=args.visual_tokens, text_tokens=args.text_tokens,
-            repeats=args.repeats, decode_tokens=args.decode_tokens, configurations=args.configurations,
-            device=args.device or default_device(), dtype=args.dtype, baselines=args.baselines,
-            cross_attention_key_value_heads=args.cross_attention_heads,
-        )
-    except ValueError as error:
-        raise SystemExit(f"visor bench: error: {error}") from None
+    plan = BenchPlan(
+        preset=args.preset, visual_tokens=args.visual_tokens, text_tokens=args.text_tokens,
+        repeats=args.repeats, decode_tokens=args.decode_tokens, configurations=args.configurations,
+        device=args.device or default_device(), dtype=args.dtype, baselines=args.baselines,
+        cross_attention_key_value_heads=args.cross_attention_heads,
+    )
     rows = run_bench(plan)
     paths = write_outputs(rows, args.output)
     print(_table(rows))

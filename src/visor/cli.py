@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 
 # Modules that contribute a subcommand through `register(subparsers)`.
 _SUBCOMMAND_MODULES = (
@@ -40,6 +41,24 @@ def quantile(text: str) -> float:
     return value
 
 
+def command(parser: argparse.ArgumentParser, run) -> None:
+    """Make `run(args)` what `parser`'s (sub)command does; `run_command` turns its errors into one line."""
+    parser.set_defaults(func=run, prog=parser.prog)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """The chosen command's exit code; a ValueError or OSError (bad input) is one line on stderr and exit code 2.
+    transformers' per-file loading and saving bars are off: they would bury each command's own progress."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, OSError) as error:
+        print(f"{args.prog}: error: {error}", file=sys.stderr)
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="visor",
@@ -52,8 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    return run_command(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

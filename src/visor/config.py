@@ -15,12 +15,6 @@ from typing import Literal
 ROUTER_MODES = ("softmax", "multilabel")
 
 
-def evenly_spread(num_layers: int, count: int, offset: int = 0) -> list[int]:
-    """`count` layer indices spread evenly over `num_layers`, each shifted by `offset` inside its stride."""
-    stride = num_layers / count
-    return [int(i * stride) + offset for i in range(count)]
-
-
 def default_schedule(num_layers: int) -> tuple[list[int], list[int]]:
     """L/3 CA layers at the start of each stride and L/3 SA candidates right after them (disjoint).
 
@@ -30,19 +24,16 @@ def default_schedule(num_layers: int) -> tuple[list[int], list[int]]:
     if num_layers < 2:
         raise ValueError(f"VISOR needs a text model with at least 2 layers, got {num_layers}")
     count = max(1, num_layers // 3)
-    cross = evenly_spread(num_layers, count)
+    cross = [int(i * num_layers / count) for i in range(count)]
     self_attention = [layer + 1 for layer in cross if layer + 1 < num_layers and layer + 1 not in cross]
     return cross, self_attention
 
 
 @dataclass(kw_only=True)
 class VisorConfigMixin:
-    """VISOR's fields and their validation, for any family's config (see the module docstring).
-
-    Layer kinds for a sample that runs configuration `c`: layer `l` is SA if `l` is in `configurations[c]`; it
-    has a CA block in front if `l` is in `cross_attention_layers`; otherwise it runs on text only. Build one with
-    `from_stock_config(...)`; `dense(...)` gives the configuration that equals the stock model.
-    """
+    """For a sample that runs configuration `c`, layer `l` is SA if `l` is in `configurations[c]`, has a CA block
+    in front if it is in `cross_attention_layers`, and runs on text only otherwise. Build one with
+    `from_stock_config(...)`; `dense(...)` is the configuration that equals the stock model."""
 
     cross_attention_layers: list[int] | None = None
     self_attention_layers: list[int] | None = None

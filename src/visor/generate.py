@@ -10,8 +10,9 @@ The model folder holds a stock LLaVA-OV or a VISOR checkpoint plus its tokenizer
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
+
+from visor.cli import command
 
 
 def register(subparsers) -> None:
@@ -24,17 +25,15 @@ def register(subparsers) -> None:
                         help="VISOR only: 'auto' (the policy, default when the model has a router) or an index")
     parser.add_argument("--tau", type=float, default=None, help="policy threshold in [0, 1] (default: calibrated)")
     parser.add_argument("--max-new-tokens", type=int, default=16)
-    parser.set_defaults(func=_main)
+    command(parser, _main)
 
 
 def answer(model_dir: str | Path, image, question: str, configuration: str | int = "auto", tau: float | None = None,
            max_new_tokens: int = 16) -> dict:
     """The answer, the configuration that ran, its LLM prefill FLOPs and the full model's, for one question."""
-    from transformers.utils import logging as hf_logging
 
     from visor.integrations.runner import CheckpointRunner
 
-    hf_logging.disable_progress_bar()
     result = CheckpointRunner(model_dir, configuration, tau).generate([image], [question], max_new_tokens)[0]
     return dict(answer=result.text, configuration=result.configuration,
                 self_attention_layers=result.self_attention_layers, llm_prefill_flops=result.llm_prefill_flops,
@@ -42,11 +41,7 @@ def answer(model_dir: str | Path, image, question: str, configuration: str | int
 
 
 def _main(args) -> int:
-    try:
-        result = answer(args.model, args.image, args.question, args.configuration, args.tau, args.max_new_tokens)
-    except (ValueError, OSError) as error:
-        print(f"visor generate: error: {error}", file=sys.stderr)
-        return 2
+    result = answer(args.model, args.image, args.question, args.configuration, args.tau, args.max_new_tokens)
     print(f"answer: {result['answer'] or '(empty: the model ended the answer at once)'}")
     print(f"configuration: {result['configuration']} (self-attention layers {result['self_attention_layers']}), "
           f"{result['visual_tokens']} visual + {result['text_tokens']} text tokens")

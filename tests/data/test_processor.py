@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from visor import presets
-from visor.data.crops import CropLayout
+from visor.flops import image_tokens
 from visor.data.processor import VisorProcessor, load_image
 from visor.data.render import CLASS_ID, IGNORE_INDEX
 from visor.data.tasks import make_sample
@@ -31,7 +31,7 @@ def test_stock_forward_accepts_every_crop_layout_in_a_padded_batch(stock_models,
     questions = ["what is it ?", "how many red marks are there ?", "is there a large circle ?"] * 3
     batch = processor(_images(ODD_SIZES), questions, answers=["red"] * len(ODD_SIZES))
     counts = (batch["input_ids"] == presets.TINY_IMAGE_TOKEN_ID).sum(1).tolist()
-    assert counts == [processor.layout.num_image_tokens(h, w) for h, w in ODD_SIZES]
+    assert counts == [image_tokens(model.config, size).visual_tokens for size in ODD_SIZES]
     assert len(set(counts)) > 3  # layouts really differ
     assert batch["pixel_values"].shape == (9, 5, 3, 64, 64)
     with torch.no_grad():  # the stock model raises when image tokens and features disagree
@@ -51,7 +51,7 @@ def test_anyres_max_shrink_and_larger_pinpoint_lists_match_the_stock_model(token
     batch = processor(_images(sizes), ["what is it ?"] * 3)
     plain = presets.tiny_llama(num_layers=1)
     plain.image_grid_pinpoints = config.image_grid_pinpoints
-    assert processor.layout.num_image_tokens(190, 190) < CropLayout.from_config(plain).num_image_tokens(190, 190)
+    assert image_tokens(config, (190, 190)).visual_tokens < image_tokens(plain, (190, 190)).visual_tokens
     with torch.no_grad():
         model(**batch)
 

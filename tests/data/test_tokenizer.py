@@ -65,7 +65,7 @@ def test_smollm2_tokenizer_works_with_the_processor():
 
     batch = processor(Image.new("RGB", (100, 60)), "What color is it?", answers="red")
     ids = batch["input_ids"][0]
-    assert int((ids == image_id).sum()) == processor.layout.num_image_tokens(60, 100)
+    assert int((ids == image_id).sum()) == processor.backbone.image_tokens((60, 100)).visual_tokens
     answer = ids[batch["labels"][0] != -100]
     assert tokenizer.decode(answer) == "red<|im_end|>"
     assert "<|im_start|>assistant" in tokenizer.decode(ids[ids != image_id])

@@ -1,6 +1,5 @@
 """The report's verdicts: the policy against the fixed-configuration curve, baselines, targets."""
 
-import pytest
 
 from visor.demo.report import (at_or_below_majority, policy_curve_verdicts, router_curve_verdicts, setting_order,
                                verdicts)

@@ -35,7 +35,6 @@ def test_score_keeps_each_samples_outcome_cost_and_configuration():
     assert scores == Scores(["colour", "yes_no", "colour"], [True, False, True], [10, 20, 30], [0, 0, 0])
     assert scores.accuracy() == {"colour": 100.0, "yes_no": 0.0, "mean": 50.0}
     assert list(scores.accuracy(order=["yes_no", "colour"])) == ["yes_no", "colour", "mean"]
-    assert Scores.from_dict(scores.to_dict()) == scores
 
 
 def test_without_costs_the_scores_say_none():

@@ -313,7 +313,7 @@ def test_save_and_load_round_trip(sparse, batch, tmp_path):
         assert torch.equal(logits(loaded, batch, configuration=configuration), logits(sparse, batch, configuration=configuration))
 
 
-def test_from_llava_accepts_a_local_checkpoint_folder(stock, batch, tmp_path):
+def test_from_stock_accepts_a_local_checkpoint_folder(stock, batch, tmp_path):
     stock.save_pretrained(tmp_path)
     dense = VisorForConditionalGeneration.from_stock(str(tmp_path), VisorConfig.dense(stock.config)).eval()
     valid = batch["attention_mask"].bool()
@@ -349,7 +349,7 @@ def _remove_config(folder):
 
 
 LOADERS = {
-    "from_llava": lambda folder: VisorForConditionalGeneration.from_stock(folder),
+    "from_stock": lambda folder: VisorForConditionalGeneration.from_stock(folder),
     "from_pretrained": lambda folder: VisorForConditionalGeneration.from_pretrained(folder),
 }
 BREAKAGES = {"truncated-safetensors": (_truncate_weights, "safetensors|model.safetensors|truncated|incomplete"),
@@ -366,12 +366,17 @@ def test_broken_checkpoint_folder_is_a_clear_value_error(stock, sparse, tmp_path
         LOADERS[loader](tmp_path)
 
 
-def test_from_llava_rejects_a_path_that_is_not_a_folder(tmp_path):
-    with pytest.raises(ValueError, match="not a local checkpoint folder"):
+def test_from_stock_rejects_a_path_that_is_not_a_local_folder(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
         VisorForConditionalGeneration.from_stock(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="does not exist"):  # a hub name is not looked up
+        VisorForConditionalGeneration.from_pretrained("llava-hf/llava-onevision-qwen2-0.5b-ov-hf")
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match="not a local checkpoint folder"):
+        VisorForConditionalGeneration.from_stock(tmp_path / "weights.bin")
 
 
-def test_from_llava_rejects_config_and_options_together(stock):
+def test_from_stock_rejects_config_and_options_together(stock):
     with pytest.raises(ValueError, match="either visor_config or config options"):
         VisorForConditionalGeneration.from_stock(stock, VisorConfig.dense(stock.config), position_encoding=False)
 

@@ -216,11 +216,11 @@ def test_novelty_guard_is_saved_counted_and_obeyed(model, table, tmp_path):
 # ---- labels ------------------------------------------------------------------------------------------------------
 def test_offline_decisions_match_the_model(model, table):
     """Decisions from the table's stored features equal what the model decides at the router layer."""
-    from visor.policy.api import synthetic_label_batches
     from visor.policy.labels import prompt_only
+    from visor.training.synthetic import SyntheticSource
 
     decisions = []
-    for _, _, inputs in synthetic_label_batches(model.config, "train", 3, batch_size=8):
+    for _, _, inputs in SyntheticSource(model.config).label_batches("train", 3, batch_size=8):
         with torch.no_grad():
             decisions += model(**prompt_only(inputs), configuration="auto").configuration.tolist()
     assert router_outcome(model.router, table, 0.5, 0).choice.tolist() == decisions

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from visor.analysis.run import AnalysisPlan, analyze
-from visor.cli import comma_separated
+from visor.cli import comma_separated, command
 
 
 def register(subparsers) -> None:
@@ -27,20 +27,15 @@ def register(subparsers) -> None:
                         help="also train the proposed and the default schedule alike (visor-stage1 then "
                              "visor-universal steps) and compare them at equal FLOPs")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.set_defaults(func=_command)
+    command(parser, _command)
 
 
 def _command(args: argparse.Namespace) -> int:
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # per-file loading bars would bury the sweeps' own progress
-    try:
-        plan = AnalysisPlan(per_task=args.per_task, seed=args.seed, batch_size=args.batch_size,
-                            max_new_tokens=args.max_new_tokens, span_lengths=args.span_lengths,
-                            train_steps=args.train_steps)
-        summary = analyze(args.model, args.data, args.output, plan, progress=not args.no_progress)
-    except ValueError as error:
-        raise SystemExit(f"visor analyze: error: {error}") from None
+    plan = AnalysisPlan(per_task=args.per_task, seed=args.seed, batch_size=args.batch_size,
+                        max_new_tokens=args.max_new_tokens, span_lengths=args.span_lengths,
+                        train_steps=args.train_steps)
+    summary = analyze(args.model, args.data, args.output, plan, progress=not args.no_progress)
     print(f"layers by question->image attention share: {summary['layers_by_image_share']}")
     print(f"layers by image-token drift (1 - CKA):      {summary['layers_by_drift']}")
     print(f"layers by single-layer blind drop:          {summary['layers_by_single_layer_drop']}")

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from visor.analysis import attention_share, cka, compare, placement, sensitivity
 from visor.analysis.probe import probe
-from visor.analysis.scoring import answer, prompt_batches
+from visor.analysis.scoring import answer
 from visor import VisorConfig
 from visor.files import write_json
 
@@ -99,8 +99,7 @@ def analyze(model_dir: str | os.PathLike, data_spec: str, output: str | os.PathL
     output.mkdir(parents=True, exist_ok=True)
     groups = task_groups(data)
     num_layers = model.config.text_config.num_hidden_layers
-    validation = prompt_batches(data, "validation", plan.per_task, plan.batch_size)
-    test = prompt_batches(data, "test", plan.per_task, plan.batch_size)
+    validation, test = (list(data.eval_batches(split, plan.per_task, plan.batch_size)) for split in ("validation", "test"))
 
     shares, drift = measure(model, validation, plan.max_new_tokens, groups, progress)
     write_json(output / "attention_share.json", shares)

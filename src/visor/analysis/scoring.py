@@ -1,6 +1,6 @@
 """Exact-match scores of a stock model under a layer schedule (`probe` kinds).
 
-The sweeps score the same prompts dozens of times, so the prompts are built once (`prompt_batches`) and every
+The sweeps score the same prompts dozens of times, so the prompts are built once and every
 schedule is judged on exactly the same samples by the project's one scorer (`visor.evaluation.scoring`).
 """
 
@@ -13,10 +13,6 @@ import torch
 from visor.analysis.probe import probe
 from visor.evaluation.scoring import Scores, greedy, new_tokens, score
 from visor.training.data import DataSource, EvalBatch
-
-
-def prompt_batches(data: DataSource, split: str, per_task: int, batch_size: int) -> list[EvalBatch]:
-    return list(data.eval_batches(split, per_task, batch_size))
 
 
 @torch.no_grad()

@@ -1,11 +1,7 @@
-"""Backbone adapters: everything VISOR needs to know about one model family, behind one object.
-
-VISOR's layer engine, the FLOP counter and the token-reduction baselines are written once; what differs between
-families (how images become projected features, the positions of a sequence, where the text stack and the
-vision tower live, how many tokens an image becomes and what the tower costs) is asked of the family's
-`Backbone`. Each family is one module here that defines its adapter and its VISOR classes; `FAMILIES` maps the
-`model_type`s of its configs (stock and VISOR) to that module, which is imported when first asked for.
-"""
+"""Backbone adapters: what differs between model families, behind one object, so that VISOR's layer engine, the FLOP
+counter and the token-reduction baselines are written once. Each family is one module here that defines its
+`Backbone` and its VISOR classes; `FAMILIES` maps its configs' `model_type`s (stock and VISOR) to that module,
+imported when first asked for."""
 
 from __future__ import annotations
 

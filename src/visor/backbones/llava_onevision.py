@@ -1,15 +1,10 @@
-"""LLaVA-OneVision (SigLIP vision tower, 2-layer MLP projector, anyres packing with `image_newline`).
+"""LLaVA-OneVision (SigLIP vision tower, 2-layer MLP projector, anyres packing with `image_newline`): the adapter,
+and the family's `VisorConfig` (model type `visor`), `VisorForConditionalGeneration` and `PrunedLlava`.
 
-The adapter answers from transformers' own LLaVA-OV code wherever it can: images are encoded by the stock
-`get_image_features` (vision tower, projector, anyres packing), token counts come from running the stock
-`pack_image_features` on marker features, positions are the stock model's (one per token, counting from the
-cache's length). `PackedGrid` says where one image's packed tokens sit on 2-D grids, for the reductions that
-work on them spatially: LLaVA-OV packs an image as [base view grid (h × w, row-major)] + [hi-res grid (H × W)
-with one `image_newline` token after every row], the hi-res grid being the anyres crops stitched together,
-unpadded and possibly down-sized; anyres always gives the base view plus at least one crop.
-
-This module also defines the family's VISOR classes: `VisorConfig` (model type `visor`) and
-`VisorForConditionalGeneration`, and `PrunedLlava` for the in-LLM token-reduction baselines.
+The adapter answers from transformers' own code: images go through the stock `get_image_features`, token counts
+come from running the stock `pack_image_features` on marker features, positions are the stock model's.
+`PackedGrid` says where one image's packed tokens sit: [base view grid (h × w, row-major)] + [hi-res grid (H × W),
+the anyres crops stitched, unpadded and possibly down-sized, with an `image_newline` token after every row].
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from visor.cli import command
 from visor.data.render import INK, font
 from visor.data.tasks import DEFAULT_SIZE, SPLITS, TASKS, Sample, generate_split
 
@@ -19,7 +20,7 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("data", help="list the synthetic tasks or preview their samples")
     commands = parser.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     listing = commands.add_parser("list", help="each task's name, group (hard/easy) and answer space")
-    listing.set_defaults(func=_list)
+    command(listing, _list)
     preview = commands.add_parser("preview", help="write a contact sheet of samples with questions and answers")
     preview.add_argument("--task", required=True, choices=sorted(TASKS))
     preview.add_argument("--output", required=True, type=Path, help="PNG file to write")
@@ -27,7 +28,7 @@ def register(subparsers) -> None:
     preview.add_argument("--count", type=int, default=8)
     preview.add_argument("--split", default="train", choices=SPLITS)
     preview.add_argument("--size", type=int, nargs=2, default=list(DEFAULT_SIZE), metavar=("HEIGHT", "WIDTH"))
-    preview.set_defaults(func=_preview)
+    command(preview, _preview)
 
 
 def _list(args: argparse.Namespace) -> int:

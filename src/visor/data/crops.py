@@ -1,24 +1,20 @@
-"""LLaVA-OneVision's anyres crop geometry, derived from the model config: token counts and per-patch targets.
+"""LLaVA-OneVision's anyres crop geometry on the pixel side: which image pixel each crop pixel shows.
 
 The image processor turns an (H, W) image into a base view (the whole image squashed to one crop) plus the tiles
 of the best grid pinpoint (image resized keeping its aspect, centred on zero padding, cut row-major into crops).
-The model then drops the padding's features (`unpad_image`), shrinks grids beyond `anyres_max_N` crops and adds
-one newline token per feature row. `CropLayout` reproduces that arithmetic with transformers' own helpers, so
-the processor writes exactly as many `<image>` tokens as the model fills, and maps per-pixel class maps onto the
-patch grid of every crop, aligned with `pixel_values`.
+`CropLayout` follows that geometry with transformers' own helpers to map per-pixel class maps onto the patch grid
+of every crop, aligned with `pixel_values` (the targets of the auxiliary per-patch loss). How many tokens an image
+becomes is the backbone adapter's (`visor.backbones`).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from transformers import LlavaOnevisionConfig
 from transformers.image_processing_utils import get_patch_output_size, select_best_resolution
 from transformers.image_utils import ChannelDimension
-from transformers.models.llava_onevision.modeling_llava_onevision import unpad_image
 
 from visor.data.render import CLASS_ID, IGNORE_INDEX, PATCH_CLASSES
 
@@ -28,7 +24,6 @@ class CropLayout:
     crop: int  # crop side in px (vision_config.image_size)
     patch: int  # ViT patch side in px
     pinpoints: tuple[tuple[int, int], ...]  # (height, width) anyres canvases
-    max_crops: int  # N of "anyres_max_N": feature grids beyond N crops' worth are shrunk
 
     @classmethod
     def from_config(cls, config: LlavaOnevisionConfig) -> CropLayout:
@@ -37,9 +32,6 @@ class CropLayout:
                 "only vision_feature_select_strategy='full' is supported (SigLIP has no CLS token to drop; "
                 f"LLaVA-OV's anyres packing needs every patch), got {config.vision_feature_select_strategy!r}"
             )
-        aspect = getattr(config, "vision_aspect_ratio", "anyres_max_9")
-        if not aspect.startswith("anyres_max_"):
-            raise ValueError(f"vision_aspect_ratio must look like 'anyres_max_N', got {aspect!r}")
         vision = config.vision_config
         if vision.image_size % vision.patch_size:
             raise ValueError(f"crop size {vision.image_size} is not a multiple of patch size {vision.patch_size}")
@@ -47,7 +39,6 @@ class CropLayout:
             crop=vision.image_size,
             patch=vision.patch_size,
             pinpoints=tuple((int(h), int(w)) for h, w in config.image_grid_pinpoints),
-            max_crops=int(aspect.removeprefix("anyres_max_")),
         )
 
     @property
@@ -58,21 +49,6 @@ class CropLayout:
     def canvas(self, height: int, width: int) -> tuple[int, int]:
         """The grid pinpoint (height, width) an image of this size is tiled on."""
         return select_best_resolution((height, width), [list(p) for p in self.pinpoints])
-
-    def num_crops(self, height: int, width: int) -> int:
-        """Crops the image processor emits: the base view plus the tiles."""
-        canvas_h, canvas_w = self.canvas(height, width)
-        return 1 + math.ceil(canvas_h / self.crop) * math.ceil(canvas_w / self.crop)
-
-    def num_image_tokens(self, height: int, width: int) -> int:
-        """`<image>` tokens the model fills for one image: base patches + unpadded tile patches + row newlines."""
-        canvas_h, canvas_w = self.canvas(height, width)
-        grid = torch.empty(0, canvas_h // self.crop * self.side, canvas_w // self.crop * self.side)
-        rows, cols = unpad_image(grid, (height, width)).shape[1:]
-        ratio = math.sqrt(rows * cols / (self.max_crops * self.side**2))
-        if ratio > 1.1:  # the model interpolates the grid down to about max_crops crops' worth of features
-            rows, cols = int(rows // ratio), int(cols // ratio)
-        return self.side**2 + rows * (cols + 1)
 
     def _crop_sources(self, height: int, width: int) -> np.ndarray:
         """(crops, crop, crop, 2) source pixel (y, x) of every crop pixel's centre; -1 where it is padding."""

@@ -3,7 +3,7 @@
 Pixels come from transformers' `LlavaOnevisionImageProcessorPil` (no torchvision needed). The full
 `LlavaOnevisionProcessor` cannot be built without torchvision, so the `<image>` expansion is done here: the
 prompt is rendered with the tokenizer's chat template around a single `<image>`, which is replaced by as many
-`<image>` ids as `CropLayout.num_image_tokens` says the model will fill for that image size.
+`<image>` ids as the backbone adapter says the model will fill for that image size.
 
 Training rows: `labels` are -100 except on the answer tokens and the end-of-sequence token after them. Pass
 per-pixel `class_maps` to also get `patch_targets` (batch, max_crops, patches per crop), aligned with
@@ -20,6 +20,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from transformers import BatchFeature, LlavaOnevisionConfig, LlavaOnevisionImageProcessorPil, PreTrainedTokenizerBase
 
+from visor.backbones import backbone_for
 from visor.data.crops import CropLayout
 from visor.data.render import IGNORE_INDEX
 
@@ -88,6 +89,7 @@ class VisorProcessor:
         if not tokenizer.chat_template:
             raise ValueError("the tokenizer has no chat template to render prompts with")
         self.layout = CropLayout.from_config(config)
+        self.backbone = backbone_for(config)
         self.tokenizer = tokenizer
         self.padding_side = padding_side
         self.image_token_id = image_token_id
@@ -134,7 +136,7 @@ class VisorProcessor:
         for row, (image, question) in enumerate(zip(images, questions)):
             prompt = self.prompt_ids(question)
             slot = prompt.index(self.image_token_id)
-            count = self.layout.num_image_tokens(image.height, image.width)
+            count = self.backbone.image_tokens((image.height, image.width)).visual_tokens
             ids = prompt[:slot] + [self.image_token_id] * count + prompt[slot + 1:]
             labels = [IGNORE_INDEX] * len(ids)
             if answers is not None:

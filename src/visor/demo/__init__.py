@@ -11,12 +11,11 @@ the `demo` suite (`visor.data.suites`; `--suite` picks another). Outputs, in `--
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from visor.cli import comma_separated, quantile
-from visor.demo.pipeline import STAGES, SUITE_DEFAULTS, Demo, DemoPlan
+from visor.cli import comma_separated, command, quantile
 from visor.config import ROUTER_MODES
+from visor.demo.pipeline import STAGES, SUITE_DEFAULTS, Demo, DemoPlan
 
 
 def register(subparsers) -> None:
@@ -64,7 +63,7 @@ def register(subparsers) -> None:
     parser.add_argument("--threads", type=int, default=DemoPlan.num_threads,
                         help=f"CPU threads (default {DemoPlan.num_threads}; use 1 when other jobs share the cores)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.set_defaults(func=_main)
+    command(parser, _main)
 
 
 def _heads(value: str) -> int | None:
@@ -87,11 +86,7 @@ def _main(args) -> int:
         cross_attention_key_value_heads=args.cross_attention_heads, novelty_quantile=args.novelty_quantile,
         router_mode=args.router_mode,
         **(SUITE_DEFAULTS.get(args.suite, {}) | {name: value for name, value in given.items() if value is not None}))
-    try:
-        Demo(Path(args.output), plan, progress=not args.no_progress).run(fresh=args.fresh)
-    except ValueError as error:
-        print(f"visor demo: error: {error}", file=sys.stderr)
-        return 2
+    Demo(Path(args.output), plan, progress=not args.no_progress).run(fresh=args.fresh)
     return 0
 
 

@@ -295,13 +295,13 @@ class Demo:
                 continue
             scores = score(data, data.eval_batches("test", self.plan.test_per_task, EVAL_BATCH), build(),
                            description=f"{name} {setting}", progress=self.progress)
-            write_json(path, dict(method=name, setting=setting, scores=scores.to_dict()))
+            write_json(path, dict(method=name, setting=setting, scores=asdict(scores)))
         return dict(systems=len(list(folder.glob("*.json"))))
 
     def stage_report(self) -> dict:
         data = self.data
         scored = [json.loads(path.read_text()) for path in sorted(self.stage_dir("evaluate").glob("*@*.json"))]
-        systems = sorted(((item["method"], item["setting"], Scores.from_dict(item["scores"])) for item in scored),
+        systems = sorted(((item["method"], item["setting"], Scores(**item["scores"])) for item in scored),
                          key=lambda system: (system[0], report.setting_order(system[1])))
         groups = {task.name: task.group for task in data.suite.tasks}
         majority = data.majority_baseline("test", self.plan.test_per_task)

@@ -208,10 +208,27 @@ def _gflops(value: float) -> str:
     return f"{value / 1e9:.4f}"
 
 
+def group_table(results: dict) -> list[str]:
+    """Markdown rows: accuracy, GFLOPs and savings per task group for every system, and its tasks at or below the
+    majority class."""
+    keys = list(dict.fromkeys((r["method"], r["setting"]) for r in results["groups"]))
+    groups = sorted({r["group"] for r in results["groups"]})
+    lines = ["| method | setting | " + " | ".join(f"{g} acc % | {g} GFLOPs | {g} savings" for g in groups)
+             + " | tasks at or below the majority class |", "|---|---|" + "---|---|---|" * len(groups) + "---|"]
+    for key in keys:
+        cells = []
+        for group in groups:
+            row = _group(results, key, group)
+            cells += [f"{row['accuracy']:.1f}", _gflops(row["llm_prefill_flops"]), f"{row['savings']:.2f}x"]
+        below, total = at_or_below_majority(results, key)
+        cells.append(f"{len(below)} of {total}" + (f" ({', '.join(below)})" if below else ""))
+        lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(results: dict) -> str:
     plan, stages = results["plan"], results["stages"]
     keys = list(dict.fromkeys((r["method"], r["setting"]) for r in results["groups"]))
-    groups = sorted({r["group"] for r in results["groups"]})
     suite = plan.get("suite", "demo")
     command = "`make demo`" if suite == "demo" else f"`visor demo --suite {suite}`"
     lines = ["# VISOR demo report", "",
@@ -228,18 +245,8 @@ def markdown(results: dict) -> str:
     lines += [f"- {line}" for line in verdicts(results)]
     lines += ["", "## Table 1: accuracy and LLM-prefill FLOPs per task group (test split)", "",
               "Last column: the tasks on which the method does no better than always giving the task's most common "
-              "answer (Table 2's first row); a method that reads nothing of the image lands there.", "",
-              "| method | setting | " + " | ".join(f"{g} acc % | {g} GFLOPs | {g} savings" for g in groups)
-              + " | tasks at or below the majority class |",
-              "|---|---|" + "---|---|---|" * len(groups) + "---|"]
-    for key in keys:
-        cells = []
-        for group in groups:
-            row = _group(results, key, group)
-            cells += [f"{row['accuracy']:.1f}", _gflops(row["llm_prefill_flops"]), f"{row['savings']:.2f}x"]
-        below, total = at_or_below_majority(results, key)
-        cells.append(f"{len(below)} of {total}" + (f" ({', '.join(below)})" if below else ""))
-        lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
+              "answer (Table 2's first row); a method that reads nothing of the image lands there.", ""]
+    lines += group_table(results)
     tasks = list(dict.fromkeys(r["task"] for r in results["rows"]))
     lines += ["", "## Table 2: accuracy per task (%), majority-class baseline in the first row", "",
               "| method | setting | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
@@ -297,26 +304,19 @@ def markdown(results: dict) -> str:
 
 
 def summary_text(results: dict) -> str:
-    keys = list(dict.fromkeys((r["method"], r["setting"]) for r in results["groups"]))
-    lines = ["", "method            setting          hard acc  hard savings  easy acc  easy savings"]
-    for key in keys:
-        hard, easy = _group(results, key, "hard"), _group(results, key, "easy")
-        lines.append(f"{key[0]:<17} {key[1]:<16} {hard['accuracy']:7.1f}%  {hard['savings']:11.2f}x "
-                     f"{easy['accuracy']:8.1f}%  {easy['savings']:11.2f}x")
-    return "\n".join(lines + [""] + verdicts(results))
+    return "\n".join(["", *group_table(results), "", *verdicts(results)])
 
 
 # ---- plot ------------------------------------------------------------------------------------------------------
 def plot_pareto(results: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
 
     groups = sorted({r["group"] for r in results["groups"]})
-    figure, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.5), squeeze=False)
+    figure = Figure(figsize=(6 * len(groups), 4.5), layout="tight")
+    axes = figure.subplots(1, len(groups), squeeze=False)
     methods = list(dict.fromkeys(r["method"] for r in results["groups"]))
-    colours = plt.get_cmap("tab20")  # 20 distinct colours: every method gets its own
+    colours = colormaps["tab20"]  # 20 distinct colours: every method gets its own
     for axis, group in zip(axes[0], groups):
         for index, method in enumerate(methods):
             points = sorted((r["llm_prefill_flops"] / 1e9, r["accuracy"]) for r in results["groups"]
@@ -331,7 +331,4 @@ def plot_pareto(results: dict, path: Path) -> Path:
         axis.set_title(f"{group} tasks")
         axis.grid(True, alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="lower right")
-    figure.tight_layout()
-    save_figure(figure, path)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)

@@ -54,13 +54,6 @@ class Scores:
     flops: list[int | None]
     configurations: list[int | None]
 
-    def to_dict(self) -> dict:
-        return dict(tasks=self.tasks, correct=self.correct, flops=self.flops, configurations=self.configurations)
-
-    @classmethod
-    def from_dict(cls, value: dict) -> Scores:
-        return cls(value["tasks"], value["correct"], value["flops"], value["configurations"])
-
     def accuracy(self, order: Iterable[str] = ()) -> dict[str, float]:
         """Accuracy (%) per task (tasks in `order` first, then in order of appearance) and their mean ("mean":
         every task weighs the same)."""

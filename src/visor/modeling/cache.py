@@ -1,8 +1,6 @@
-"""KV caches of the project's own layer loops, and VISOR's: visual keys/values only where a sample reads vision.
-
-`LayerLoopCache` is what every custom loop (VISOR's, in-LLM pruning's) shares: a transformers `Cache` that
-`generate()` accepts, that counts the original sequence's positions itself (a layer may hold fewer keys than
-positions seen) and reports the bytes it allocated, split into visual and text.
+"""KV caches of the project's layer loops (`LayerLoopCache`: a `Cache` that `generate()` accepts, that counts the
+original sequence's positions itself, as a layer may hold fewer keys than positions seen, and reports the bytes it
+allocated, visual and text), and VISOR's: visual keys/values only where a sample reads vision.
 
 `VisorCache` holds, per layer,
 - text keys/values for every sample (prompt text, then each generated token);
@@ -26,7 +24,7 @@ from visor.modeling.layout import TokenLayout
 
 
 class LayerLoopCache(Cache):
-    """A cache filled by one of the project's layer loops; `generate()` creates it on the first forward."""
+    """What the project's layer loops share (see the module docstring)."""
 
     is_compileable = False
     is_croppable = False

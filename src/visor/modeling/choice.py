@@ -1,9 +1,6 @@
-"""Which configuration each sample of a VISOR forward runs, resolved once from what the caller passed.
-
-`forward(configuration=...)` takes an index for the whole batch, one index per sample, `None` (the largest
-configuration) or `"auto"` (the router decides, with τ = `router_threshold` or the config's). Everything
-downstream gets a `ConfigurationChoice`: fixed per-sample indices, or routed with a threshold.
-"""
+"""Which configuration each sample of a VISOR forward runs, resolved once: an index for the whole batch, one index
+per sample, `None` (the largest) or `"auto"` (the router decides, with τ = `router_threshold` or the config's)
+become fixed per-sample indices, or routed with a threshold."""
 
 from __future__ import annotations
 

@@ -1,16 +1,13 @@
-"""One stock decoder layer, run as one of the layer kinds on the tokens a loop hands it.
-
-Every loop of the project (VISOR's prefill and decoding, in-LLM pruning, the analysis probes) calls the stock
-layers through these functions, with masks and rotary embeddings it built from a `TokenLayout`:
+"""One stock decoder layer run as one of the layer kinds: every loop of the project (VISOR's prefill and decoding,
+in-LLM pruning, the analysis probes) calls the stock layers through these functions.
 
     SA         `run_layer` over [visual; text] in the original order               (visual tokens updated)
     text       `run_layer` over the text stream alone                            (visual tokens skip the layer)
     read       `read_visual_layer`: text queries; the visual tokens give keys and values through the layer's
                own norm and k/v projections from their frozen states             (visual tokens skip the layer)
 
-(VISOR's CA kind is a new block in front of a text layer: `visor.modeling.cross_attention`.) The stock layer
-computes its own keys and values and files them in whatever cache object it is given, so each loop decides
-what is kept by the cache it passes.
+(VISOR's CA kind is a new block in front of a text layer: `visor.modeling.cross_attention`.) The stock layer files
+its keys and values in the cache object it is given, so each loop decides what is kept by the cache it passes.
 """
 
 from __future__ import annotations

@@ -16,9 +16,11 @@ through the full layer together and the rest through the text-only path, then bo
 
 from __future__ import annotations
 
+import json
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
@@ -152,46 +154,10 @@ class VisorModel:
             self.config.router_threshold = check_threshold(threshold)
 
     # ---- inputs -> streams ----------------------------------------------------------------------------------
-    def embed_multimodal(
-        self, input_ids: torch.LongTensor, image_features: list[torch.Tensor] | None = None, **image_inputs
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token embeddings with image features (after the CPE) in the `<image>` slots, and the image mask.
-
-        `image_inputs` are the family's (`pixel_values`, `image_sizes`, `batch_num_images` for LLaVA-OV);
-        `image_features` (one (n_i, d) projected tensor per image) replaces the vision tower, e.g. to reuse
-        features across configurations or to time the language model alone.
-        """
-        _check_ids(input_ids, self.config.text_config.vocab_size)
-        visual_mask = input_ids == self.config.image_token_id
-        embeds = self.get_input_embeddings()(input_ids)
-        tokens_per_sample = visual_mask.sum(dim=1)
-        if not visual_mask.any():
-            return embeds, visual_mask
-        if image_features is None:
-            image_features = self.backbone.encode_images(self, int(tokens_per_sample.sum()), **image_inputs)
-        features = list(image_features)
-        if self.position_encoding is not None:
-            features = [self.position_encoding(image) for image in features]
-        batch_num_images = image_inputs.get("batch_num_images")
-        images_per_sample = batch_num_images.tolist() if batch_num_images is not None else [1] * len(features)
-        if len(images_per_sample) != input_ids.shape[0] or sum(images_per_sample) != len(features):
-            raise ValueError(
-                f"{len(features)} images for a batch of {input_ids.shape[0]}: pass batch_num_images when a sample "
-                "holds more or fewer than one image"
-            )
-        lengths = torch.tensor([image.shape[0] for image in features], device=input_ids.device)
-        sample_of_image = torch.repeat_interleave(
-            torch.arange(len(images_per_sample), device=input_ids.device),
-            torch.tensor(images_per_sample, device=input_ids.device),
-        )
-        expected = torch.zeros_like(tokens_per_sample).index_add_(0, sample_of_image, lengths)
-        if not torch.equal(expected, tokens_per_sample):
-            raise ValueError(
-                f"image-token count does not match the images: input_ids hold {tokens_per_sample.tolist()} "
-                f"<image> tokens per sample, the images give {expected.tolist()} features"
-            )
-        features = torch.cat(features).to(embeds.dtype)
-        return embeds.masked_scatter(visual_mask[..., None], features), visual_mask
+    def embed_multimodal(self, input_ids: torch.LongTensor, image_features: list[torch.Tensor] | None = None,
+                         **image_inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token embeddings with image features (after the CPE) in the `<image>` slots, and the image mask."""
+        return embed_with_images(self, input_ids, image_features, self.position_encoding, **image_inputs)
 
     # ---- the layer loop -------------------------------------------------------------------------------------
     def configuration_table(self, device=None) -> torch.Tensor:
@@ -420,6 +386,45 @@ def _put(value: torch.Tensor, rows: torch.Tensor, update: torch.Tensor) -> torch
     return update if len(rows) == value.shape[0] else value.index_copy(0, rows, update.to(value.dtype))
 
 
+def embed_with_images(model, input_ids: torch.Tensor, image_features: list[torch.Tensor] | None = None,
+                      position_encoding: nn.Module | None = None, **image_inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token embeddings of `model` with the images' features (after `position_encoding`, if any) in the `<image>`
+    slots, and the image mask. `image_inputs` are the family's (`pixel_values`, `image_sizes`, `batch_num_images`
+    for LLaVA-OV); `image_features` (one projected (n_i, d) tensor per image) replaces the vision tower, e.g. to
+    reuse features across configurations or to time the language model alone."""
+    _check_ids(input_ids, model.config.text_config.vocab_size)
+    visual_mask = input_ids == model.config.image_token_id
+    embeds = model.get_input_embeddings()(input_ids)
+    tokens_per_sample = visual_mask.sum(dim=1)
+    if not visual_mask.any():
+        return embeds, visual_mask
+    if image_features is None:
+        image_features = model.backbone.encode_images(model, int(tokens_per_sample.sum()), **image_inputs)
+    features = list(image_features)
+    if position_encoding is not None:
+        features = [position_encoding(image) for image in features]
+    batch_num_images = image_inputs.get("batch_num_images")
+    images_per_sample = batch_num_images.tolist() if batch_num_images is not None else [1] * len(features)
+    if len(images_per_sample) != input_ids.shape[0] or sum(images_per_sample) != len(features):
+        raise ValueError(
+            f"{len(features)} images for a batch of {input_ids.shape[0]}: pass batch_num_images when a sample "
+            "holds more or fewer than one image"
+        )
+    lengths = torch.tensor([image.shape[0] for image in features], device=input_ids.device)
+    sample_of_image = torch.repeat_interleave(
+        torch.arange(len(images_per_sample), device=input_ids.device),
+        torch.tensor(images_per_sample, device=input_ids.device),
+    )
+    expected = torch.zeros_like(tokens_per_sample).index_add_(0, sample_of_image, lengths)
+    if not torch.equal(expected, tokens_per_sample):
+        raise ValueError(
+            f"image-token count does not match the images: input_ids hold {tokens_per_sample.tolist()} "
+            f"<image> tokens per sample, the images give {expected.tolist()} features"
+        )
+    features = torch.cat(features).to(embeds.dtype)
+    return embeds.masked_scatter(visual_mask[..., None], features), visual_mask
+
+
 def _check_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
     if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
         raise ValueError(f"input_ids must lie in [0, {vocab_size}), got [{int(input_ids.min())}, {int(input_ids.max())}]")
@@ -436,13 +441,25 @@ def load_stock(model_class, path: str | os.PathLike, **kwargs):
         return model_class.from_pretrained(path, **LOCAL_SAFE_LOADING, **kwargs)
 
 
-def check_checkpoint_folder(path: str | os.PathLike) -> None:
-    """Refuse anything but a local folder with a config.json: transformers would look a bare name up on the hub,
-    or fall back to a default 7B-sized config."""
-    if not os.path.isdir(path):
-        raise ValueError(f"{path} is not a local checkpoint folder")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise ValueError(f"{path} has no config.json: not a saved checkpoint")
+def check_checkpoint_folder(path: str | os.PathLike) -> dict:
+    """The config.json of a local checkpoint folder with safetensors weights. Anything else is refused up front:
+    transformers would look a bare name up on the hub, or fall back to a default 7B-sized config."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"checkpoint {path} does not exist")
+    if not path.is_dir():
+        raise ValueError(f"checkpoint {path} is not a local checkpoint folder")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"checkpoint {path} has no config.json: not a saved checkpoint")
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"checkpoint {path} has a corrupt config.json: {error}") from error
+    if not isinstance(config, dict):
+        raise ValueError(f"checkpoint {path} has a config.json that is not a JSON object")
+    if not any(path.glob("*.safetensors")):
+        raise ValueError(f"checkpoint {path} has no safetensors weights")
+    return config
 
 
 @contextmanager

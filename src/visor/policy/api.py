@@ -26,28 +26,15 @@ def load_labels_for(model, path) -> LabelTable:
     return table
 
 
-def synthetic_label_batches(model_config, split: str, per_task: int, seed: int = 0, tasks=None, batch_size: int = 32,
-                            suite: str = "standard"):
-    """(tasks, groups, inputs with labels) batches of a synthetic suite's `split`, right-padded."""
-    from visor.data import VisorProcessor, build_tokenizer, make_sample
-    from visor.data.suites import get_suite
-
-    chosen = get_suite(suite)
-    task_objects = chosen.select(tasks) if tasks else chosen.tasks
-    if per_task < 1:
-        raise ValueError(f"per_task must be positive, got {per_task}")
-    processor = VisorProcessor(model_config, build_tokenizer(), padding_side="right")
-    samples = [make_sample(task, split, index, seed, chosen.size) for task in task_objects for index in range(per_task)]
-    for start in range(0, len(samples), batch_size):
-        chunk = samples[start:start + batch_size]
-        inputs = dict(processor([s.image for s in chunk], [s.question for s in chunk], [s.answer for s in chunk]))
-        yield [s.task for s in chunk], [s.group for s in chunk], inputs
-
-
 def label_synthetic(model, split: str, per_task: int, seed: int = 0, tasks=None, batch_size: int = 32,
                     show_progress: bool = True, suite: str = "standard") -> LabelTable:
-    batches = list(synthetic_label_batches(model.config, split, per_task, seed, tasks, batch_size, suite))
-    return label_configurations(model, batches, show_progress=show_progress)
+    """Every configuration of `model` labelled on `per_task` samples per task of a synthetic suite's `split`."""
+    from visor.training.synthetic import SyntheticSource
+
+    if per_task < 1:
+        raise ValueError(f"per_task must be positive, got {per_task}")
+    source = SyntheticSource(model.config, seed, tasks, suite)
+    return label_configurations(model, list(source.label_batches(split, per_task, batch_size)), show_progress)
 
 
 def full_model_flops(model, table: LabelTable) -> torch.Tensor:

@@ -111,6 +111,3 @@ def calibrate(router: ConfigurationRouter, table: LabelTable, router_flops: int,
     if not feasible:
         raise ValueError(f"target accuracy {target_accuracy:.1f}% is above what the router reaches (best {best:.1f}%)")
     return min(feasible, key=lambda point: (point[1].mean_flops, -point[1].accuracy))
-
-
-

@@ -11,9 +11,7 @@ Labels come from the built-in synthetic suite's splits (seeds are disjoint by sp
 
 from __future__ import annotations
 
-import sys
-
-from visor.cli import quantile
+from visor.cli import command, quantile
 from visor.config import ROUTER_MODES
 from visor.modeling.novelty import DEFAULT_QUANTILE
 
@@ -31,7 +29,7 @@ def register(subparsers) -> None:
     label.add_argument("--seed", type=int, default=0, help="data seed (default 0)")
     label.add_argument("--batch-size", type=int, default=32)
     label.add_argument("--output", required=True, metavar="FILE.safetensors")
-    label.set_defaults(func=run_label)
+    command(label, run_label)
 
     train = actions.add_parser("train", help="fit the router on a label table and save the model with it")
     train.add_argument("--model", required=True, metavar="DIR")
@@ -47,7 +45,7 @@ def register(subparsers) -> None:
     train.add_argument("--steps", type=int, default=500)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--output", required=True, metavar="DIR")
-    train.set_defaults(func=run_train)
+    command(train, run_train)
 
     calibrate = actions.add_parser("calibrate", help="pick τ on held-out labels for a FLOPs or accuracy target")
     calibrate.add_argument("--model", required=True, metavar="DIR", help="model with a trained router (updated in place)")
@@ -55,27 +53,20 @@ def register(subparsers) -> None:
     target = calibrate.add_mutually_exclusive_group(required=True)
     target.add_argument("--target-flops", type=float, help="mean LLM prefill FLOPs per sample to stay within")
     target.add_argument("--target-accuracy", type=float, help="accuracy (%%) to reach at the least FLOPs")
-    calibrate.set_defaults(func=run_calibrate)
+    command(calibrate, run_calibrate)
 
     report = actions.add_parser("report", help="accuracy, FLOPs, savings and histograms: router, fixed, oracle")
     report.add_argument("--model", required=True, metavar="DIR")
     report.add_argument("--labels", required=True, metavar="FILE", help="test label table")
     report.add_argument("--tau", type=float, default=None, help="threshold (default: the model's calibrated τ)")
     report.add_argument("--output", required=True, metavar="DIR")
-    report.set_defaults(func=run_report)
-
-
-def _fail(action: str, error: Exception) -> int:
-    print(f"visor policy {action}: error: {error}", file=sys.stderr)
-    return 2
+    command(report, run_report)
 
 
 def _load_model(path):
-    from transformers.utils import logging as hf_logging
 
     from visor.policy.api import load_model
 
-    hf_logging.disable_progress_bar()  # per-file loading bars would bury the command's own output
     return load_model(path)
 
 
@@ -89,13 +80,10 @@ def _model_and_labels(args):
 def run_label(args) -> int:
     from visor.policy.api import label_synthetic
 
-    try:
-        model = _load_model(args.model)
-        tasks = args.tasks.split(",") if args.tasks else None
-        table = label_synthetic(model, args.split, args.per_task, seed=args.seed, tasks=tasks,
-                                batch_size=args.batch_size, suite=args.suite)
-    except ValueError as error:
-        return _fail("label", error)
+    model = _load_model(args.model)
+    tasks = args.tasks.split(",") if args.tasks else None
+    table = label_synthetic(model, args.split, args.per_task, seed=args.seed, tasks=tasks,
+                            batch_size=args.batch_size, suite=args.suite)
     table.save(args.output)
     print(f"labelled {len(table)} samples x {table.num_configurations} configurations -> {args.output}")
     return 0
@@ -104,15 +92,12 @@ def run_label(args) -> int:
 def run_train(args) -> int:
     from visor.policy.training import fit_novelty_guard, train_router
 
-    try:
-        model, table = _model_and_labels(args)
-        if args.mode:
-            model.configure_router(mode=args.mode)
-        losses = train_router(model.router, table, rule=args.rule, steps=args.steps, seed=args.seed)
-        if args.novelty_quantile is not None:
-            fit_novelty_guard(model, table, args.novelty_quantile, seed=args.seed)
-    except ValueError as error:
-        return _fail("train", error)
+    model, table = _model_and_labels(args)
+    if args.mode:
+        model.configure_router(mode=args.mode)
+    losses = train_router(model.router, table, rule=args.rule, steps=args.steps, seed=args.seed)
+    if args.novelty_quantile is not None:
+        fit_novelty_guard(model, table, args.novelty_quantile, seed=args.seed)
     model.save_pretrained(args.output)
     print(f"router ({model.router.mode}, rule {args.rule}) loss {losses[0]:.4f} -> {losses[-1]:.4f}; saved {args.output}")
     if args.novelty_quantile is not None:
@@ -128,12 +113,9 @@ def run_calibrate(args) -> int:
     from visor.flops import router_flops
     from visor.policy.calibration import calibrate
 
-    try:
-        model, table = _model_and_labels(args)
-        threshold, outcome = calibrate(model.router, table, router_flops(model.config),
-                                       target_flops=args.target_flops, target_accuracy=args.target_accuracy)
-    except ValueError as error:
-        return _fail("calibrate", error)
+    model, table = _model_and_labels(args)
+    threshold, outcome = calibrate(model.router, table, router_flops(model.config),
+                                   target_flops=args.target_flops, target_accuracy=args.target_accuracy)
     model.configure_router(threshold=threshold)
     model.save_pretrained(args.model)
     print(f"τ = {threshold:.8g}: held-out accuracy {outcome.accuracy:.1f}%, "
@@ -147,11 +129,8 @@ def run_report(args) -> int:
     from visor.policy.api import full_model_flops
     from visor.policy.report import markdown_table, policy_report, write_report
 
-    try:
-        model, table = _model_and_labels(args)
-        threshold = check_threshold(args.tau) if args.tau is not None else model.router.threshold
-    except ValueError as error:
-        return _fail("report", error)
+    model, table = _model_and_labels(args)
+    threshold = check_threshold(args.tau) if args.tau is not None else model.router.threshold
     report = policy_report(model.router, table, threshold, router_flops(model.config), full_model_flops(model, table))
     paths = write_report(report, args.output)
     print(markdown_table(report))

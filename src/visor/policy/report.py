@@ -139,13 +139,11 @@ def markdown_table(report: dict) -> str:
 
 
 def plot_report(report: dict, path: str) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     subsets = sorted({row["subset"] for row in report["rows"] if row["subset"].startswith("group:")}) or ["all"]
-    figure, axes = plt.subplots(1, len(subsets), figsize=(5.5 * len(subsets), 4.2), squeeze=False)
+    figure = Figure(figsize=(5.5 * len(subsets), 4.2), layout="tight")
+    axes = figure.subplots(1, len(subsets), squeeze=False)
     for axis, subset in zip(axes[0], subsets):
         rows = [row for row in report["rows"] if row["subset"] == subset]
         fixed = sorted((row for row in rows if row["method"].startswith("fixed-")),
@@ -166,7 +164,4 @@ def plot_report(report: dict, path: str) -> str:
         axis.set_ylabel("accuracy %")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
-    figure.tight_layout()
-    save_figure(figure, path)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)

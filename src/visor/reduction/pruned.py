@@ -33,6 +33,7 @@ from visor.flops import layerwise_prefill_flops, prompt_token_counts
 from visor.modeling.cache import LayerLoopCache, _bytes, resolve_cache
 from visor.modeling.layers import read_visual_layer, run_layer, text_layer
 from visor.modeling.layout import Slots, TokenLayout, attention_bias
+from visor.modeling.visor import embed_with_images
 
 
 def kept_count(count, keep: float):
@@ -237,26 +238,12 @@ class PrunedModel:
         if cache is not None and cache.is_prefilled:
             hidden = self._decode_layers(input_ids, attention_mask[:, -length:], position_ids, cache)
         else:
-            hidden, visual_mask = self._embed(input_ids, image_features, image_inputs)
+            hidden, visual_mask = embed_with_images(self, input_ids, image_features, **image_inputs)
             hidden = self._prefill_layers(hidden, visual_mask, attention_mask, position_ids,
                                           cache if cache is not None else PrunedCache())
         hidden = self.text_stack.norm(hidden)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         return CausalLMOutputWithPast(logits=self.lm_head(hidden[:, keep]), past_key_values=cache)
-
-    def _embed(self, input_ids, image_features, image_inputs) -> tuple[torch.Tensor, torch.Tensor]:
-        visual_mask = input_ids == self.config.image_token_id
-        embeds = self.get_input_embeddings()(input_ids)
-        if not visual_mask.any():
-            return embeds, visual_mask
-        if image_features is None:
-            image_features = self.backbone.encode_images(self, int(visual_mask.sum()), **image_inputs)
-        features = torch.cat(list(image_features))
-        if features.shape[0] != int(visual_mask.sum()):
-            raise ValueError(
-                f"{int(visual_mask.sum())} <image> tokens in input_ids but the images give {features.shape[0]}"
-            )
-        return embeds.masked_scatter(visual_mask[..., None], features.to(embeds.dtype)), visual_mask
 
     def _prefill_layers(self, hidden, visual_mask, attention_mask, position_ids, cache) -> torch.Tensor:
         plan = self.plan
@@ -374,9 +361,6 @@ class PrunedCache(LayerLoopCache):
             visual += int(self.visual[layer].sum()) * 2 * keys.shape[1] * keys.shape[3] * keys.element_size()
         total = _bytes([*self.keys.values(), *self.values.values()])
         return {"visual": visual, "text": total - visual}
-
-    def key_counts(self) -> list[int]:
-        return [self.keys[layer].shape[2] for layer in sorted(self.keys)]
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if layer_idx in self.keys:

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+
+from visor.cli import command, run_command
 
 
 def _add_settings_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +43,7 @@ def register(subparsers) -> None:
     train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --output")
     train.add_argument("--no-progress", action="store_true", help="no progress bar (metrics.jsonl is still written)")
     _add_settings_arguments(train)
-    train.set_defaults(func=run_train)
+    command(train, run_train)
 
     configurations = subparsers.add_parser("configurations", help="feasible VISOR configurations")
     actions = configurations.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -60,15 +61,13 @@ def register(subparsers) -> None:
     search.add_argument("--max-exhaustive", type=int, default=6,
                         help="search every subset when there are at most this many SA candidates, else greedily")
     _add_settings_arguments(search)
-    search.set_defaults(func=run_search)
+    command(search, run_search)
 
 
 def _settings(args, recipe: str, **explicit):
-    from transformers.utils import logging as hf_logging
 
     from visor.training.settings import load_settings
 
-    hf_logging.disable_progress_bar()  # per-file load/save bars would bury the training bar
 
     return load_settings(recipe, args.config, args.overrides, seed=args.seed, **explicit)
 
@@ -77,14 +76,10 @@ def run_train(args) -> int:
     from visor.training.engine import train
     from visor.training.recipes import check_recipe
 
-    try:
-        check_recipe(args.recipe)
-        settings = _settings(args, args.recipe, max_steps=args.max_steps, save_every=args.save_every)
-        summary = train(args.recipe, args.data, args.output, settings, init=args.init, model_preset=args.model,
-                        resume=args.resume, progress=not args.no_progress)
-    except ValueError as error:
-        print(f"visor train: error: {error}", file=sys.stderr)
-        return 2
+    check_recipe(args.recipe)
+    settings = _settings(args, args.recipe, max_steps=args.max_steps, save_every=args.save_every)
+    summary = train(args.recipe, args.data, args.output, settings, init=args.init, model_preset=args.model,
+                    resume=args.resume, progress=not args.no_progress)
     print(json.dumps({key: summary.get(key) for key in ("steps", "wall_seconds_this_run", "visits", "validation")},
                      indent=2))
     return 0
@@ -93,13 +88,9 @@ def run_train(args) -> int:
 def run_search(args) -> int:
     from visor.training.search import search_configurations
 
-    try:
-        settings = _settings(args, "visor-stage1")
-        report = search_configurations(args.model, args.data, args.output, settings, keep_nested=args.keep_nested,
-                                       max_exhaustive=args.max_exhaustive)
-    except ValueError as error:
-        print(f"visor configurations search: error: {error}", file=sys.stderr)
-        return 2
+    settings = _settings(args, "visor-stage1")
+    report = search_configurations(args.model, args.data, args.output, settings, keep_nested=args.keep_nested,
+                                   max_exhaustive=args.max_exhaustive)
     print(json.dumps({"configurations": report["configurations"], "cost": report["cost_measure"]}, indent=2))
     return 0
 
@@ -108,5 +99,4 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m visor.training …`: the same subcommands without the rest of the `visor` command."""
     parser = argparse.ArgumentParser(prog="python -m visor.training")
     register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    return run_command(parser.parse_args(argv))

@@ -16,9 +16,7 @@ stand-in for a pretrained vision encoder that makes the fine-grained tasks learn
 from __future__ import annotations
 
 import inspect
-import json
 import os
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -27,6 +25,7 @@ from torch import nn
 from visor import presets
 from visor.backbones import backbone_for, family
 from visor.modeling import VisorModel, load_stock
+from visor.modeling.visor import check_checkpoint_folder
 from visor.modeling.freezing import freeze_base, freeze_vision_tower, unfreeze_all
 
 RECIPES = ("full", "visor-stage1", "visor-universal")
@@ -43,37 +42,14 @@ def is_visor(model) -> bool:
 
 
 # ---- loading -------------------------------------------------------------------------------------------------
-def checkpoint_config(path: str | os.PathLike):
-    """The config of a local checkpoint folder of a supported family (stock or VISOR); a ValueError saying what
-    is wrong otherwise."""
-    path = Path(path)
-    if not path.exists():
-        raise ValueError(f"checkpoint {path} does not exist")
-    if not path.is_dir():
-        raise ValueError(f"checkpoint {path} is not a folder (expected save_pretrained output)")
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise ValueError(f"checkpoint {path} has no config.json")
-    try:
-        config = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"checkpoint {path} has a corrupt config.json: {error}") from error
-    if not isinstance(config, dict):
-        raise ValueError(f"checkpoint {path} has a config.json that is not a JSON object")
-    if not any(path.glob("*.safetensors")):
-        raise ValueError(f"checkpoint {path} has no safetensors weights")
-    try:
-        family(SimpleNamespace(model_type=config.get("model_type")))
-    except ValueError as error:
-        raise ValueError(f"checkpoint {path}: {error}") from None
-    return SimpleNamespace(**config)
-
-
 def load_checkpoint(path: str | os.PathLike, attn_implementation: str = "sdpa"):
     """A stock or VISOR model from a local folder, in fp32, with clear errors for bad checkpoints."""
     options = dict(attn_implementation=attn_implementation, dtype=torch.float32)
-    config = checkpoint_config(path)
-    module = family(config)
+    config = SimpleNamespace(**check_checkpoint_folder(path))
+    try:
+        module = family(config)
+    except ValueError as error:
+        raise ValueError(f"checkpoint {path}: {error}") from None
     if config.model_type.startswith("visor"):
         return module.VISOR_MODEL.from_pretrained(path, **options)  # local folders: ValueError when broken
     return load_stock(module.BACKBONE.stock_model_class, path, **options)

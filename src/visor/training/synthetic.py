@@ -66,6 +66,14 @@ class SyntheticSource:
             inputs = self._prompt([s.image for s in chunk], [s.question for s in chunk])
             yield EvalBatch([s.task for s in chunk], dict(inputs), [s.answer for s in chunk])
 
+    def label_batches(self, split: str, per_task: int, batch_size: int) -> Iterator[tuple[list, list, dict]]:
+        """(tasks, groups, right-padded inputs with labels) of `split`: what `visor.policy.labels` scores."""
+        samples = self._eval_samples(split, per_task)
+        for start in range(0, len(samples), batch_size):
+            chunk = samples[start:start + batch_size]
+            inputs = self._train([s.image for s in chunk], [s.question for s in chunk], [s.answer for s in chunk])
+            yield [s.task for s in chunk], [s.group for s in chunk], dict(inputs)
+
     def decode(self, token_ids) -> str:
         return self._prompt.decode(token_ids)
 
