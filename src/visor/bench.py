@@ -179,17 +179,24 @@ def _measure(model, plan: BenchPlan, method: str, configuration: int | None, vis
     input_ids, text_ids, features = _prompt(model, plan, in_llm, seed=visual)
     inputs = dict(input_ids=input_ids, image_features=[features] if in_llm else None,
                   configuration=configuration, use_cache=True, logits_to_keep=1)
-    prefill_s, decode_s, kv_bytes = _timings(model, plan, inputs, text_ids)
+    return _row(plan, method, visual, _timings(model, plan, inputs, text_ids), configuration=configuration,
+                llm_prefill_flops=llm_prefill_flops(config, visual, text, schedule, logits_tokens=1).total,
+                self_attention_layers=sorted(schedule.self_attention),
+                decode_flops_per_token=decode_flops_per_token(config, visual, text, schedule).total)
+
+
+def _row(plan: BenchPlan, method: str, visual: int, timings: tuple, **measured) -> BenchRow:
+    """A row from what every method shares: the prompt's sizes, `_timings`' results, the vision side's cost."""
+    prefill_s, decode_s, kv_bytes = timings
+    return BenchRow(method=method, visual_tokens=visual, text_tokens=plan.text_tokens, prefill_s=prefill_s,
+                    decode_s_per_token=decode_s, kv_bytes_visual=kv_bytes["visual"], kv_bytes_text=kv_bytes["text"],
+                    **_vision_cost(plan.config, visual), **measured)
+
+
+def _vision_cost(config, visual: int) -> dict:
+    """The vision side of a prompt with `visual` tokens: the same for every method (see the module notes)."""
     crops = math.ceil(visual / tokens_per_crop(config))
-    self_attention = sorted(schedule.self_attention)
-    return BenchRow(
-        method=method, configuration=configuration, visual_tokens=visual, text_tokens=text,
-        llm_prefill_flops=llm_prefill_flops(config, visual, text, schedule, logits_tokens=1).total,
-        prefill_s=prefill_s, decode_s_per_token=decode_s, kv_bytes_visual=kv_bytes["visual"],
-        kv_bytes_text=kv_bytes["text"], self_attention_layers=self_attention,
-        decode_flops_per_token=decode_flops_per_token(config, visual, text, schedule).total,
-        vision_crops=crops, vision_flops=vision_flops(config, crops).total,
-    )
+    return dict(vision_crops=crops, vision_flops=vision_flops(config, crops).total)
 
 
 @torch.inference_mode()
@@ -202,31 +209,23 @@ def _measure_baseline(model, plan: BenchPlan, method: str, ratio: float, visual:
     if isinstance(reduction.reduction_at(config, method, 1.0), PruningPlan):  # in the LLM: its own layer loop
         pruning = reduction.reduction_for(config, method, ratio, inputs=counted)
         inputs = dict(input_ids=input_ids, image_features=[features], use_cache=True, logits_to_keep=1)
-        prefill_s, decode_s, kv_bytes = _timings(pruned(model, pruning), plan, inputs, text_ids)
+        timings = _timings(pruned(model, pruning), plan, inputs, text_ids)
         per_layer = pruning.visual_per_layer(config, counted)[0].tolist()
-        crops = math.ceil(visual / tokens_per_crop(config))
-        return BenchRow(
-            method=method, configuration=None, visual_tokens=visual, text_tokens=text,
-            llm_prefill_flops=int(pruning.prefill_flops(config, counted)[0]),
-            prefill_s=prefill_s, decode_s_per_token=decode_s,
-            kv_bytes_visual=kv_bytes["visual"], kv_bytes_text=kv_bytes["text"],
-            self_attention_layers=[layer for layer in range(config.num_layers) if layer not in pruning.frozen],
-            decode_flops_per_token=layerwise_decode_flops_per_token(config, [text + v + 1 for v in per_layer]).total,
-            vision_crops=crops, vision_flops=vision_flops(config, crops).total, setting=setting,
-        )
+        return _row(plan, method, visual, timings, configuration=None, setting=setting,
+                    llm_prefill_flops=int(pruning.prefill_flops(config, counted)[0]),
+                    self_attention_layers=[layer for layer in range(config.num_layers) if layer not in pruning.frozen],
+                    decode_flops_per_token=layerwise_decode_flops_per_token(
+                        config, [text + v + 1 for v in per_layer]).total)
     on_visor = method.startswith("visor+")
     base, configuration = ("visor", config.largest_configuration) if on_visor else ("full", None)
-
     schedule = Schedule.of(config, configuration) if on_visor else Schedule.full(config)
 
     def cost(kept: float, inputs: dict) -> torch.Tensor:
         return torch.tensor([llm_prefill_flops(config, kept_count(visual, kept), text, schedule).total])
 
     kept = kept_count(visual, solve_strength(config, cost, ratio, inputs=counted))
-    row = _measure(model, plan, base, configuration, kept)
-    crops = math.ceil(visual / tokens_per_crop(config))
-    return replace(row, method=method, visual_tokens=visual, vision_crops=crops,
-                   vision_flops=vision_flops(config, crops).total, setting=setting, llm_visual_tokens=kept)
+    return replace(_measure(model, plan, base, configuration, kept), method=method, visual_tokens=visual,
+                   setting=setting, llm_visual_tokens=kept, **_vision_cost(config, visual))
 
 
 def _prompt(model, plan: BenchPlan, visual: int, seed: int):

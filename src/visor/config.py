@@ -66,9 +66,7 @@ class VisorConfigMixin:
             if self.cross_attention_layers is None:
                 self.cross_attention_layers = default_cross
             if self.self_attention_layers is None:
-                self.self_attention_layers = [
-                    layer for layer in default_self if layer not in self.cross_attention_layers
-                ]
+                self.self_attention_layers = [layer for layer in default_self if layer not in self.cross_attention_layers]
         self.cross_attention_layers = sorted(int(layer) for layer in self.cross_attention_layers)
         self.self_attention_layers = [int(layer) for layer in self.self_attention_layers]
         if self.configurations is None:
@@ -83,37 +81,22 @@ class VisorConfigMixin:
 
     # ----------------------------------------------------------------------------------------------------
     @classmethod
-    def from_stock_config(
-        cls,
-        stock_config,
-        cross_attention_layers: list[int] | None = None,
-        self_attention_layers: list[int] | None = None,
-        configurations: list[list[int]] | None = None,
-        **options,
-    ):
+    def from_stock_config(cls, stock_config, cross_attention_layers: list[int] | None = None,
+                          self_attention_layers: list[int] | None = None,
+                          configurations: list[list[int]] | None = None, **options):
         """Wrap the family's stock config; unspecified layer lists get the evenly spread L/3 defaults."""
         base = stock_config.to_dict()
         for key in ("model_type", "architectures", "transformers_version"):
             base.pop(key, None)
-        return cls(
-            **base,
-            cross_attention_layers=cross_attention_layers,
-            self_attention_layers=self_attention_layers,
-            configurations=configurations,
-            **options,
-        )
+        return cls(**base, cross_attention_layers=cross_attention_layers, self_attention_layers=self_attention_layers,
+                   configurations=configurations, **options)
 
     @classmethod
     def dense(cls, stock_config, **options):
         """Every layer SA and no CA block: the configuration that must equal the stock model."""
         every_layer = list(range(stock_config.text_config.num_hidden_layers))
-        return cls.from_stock_config(
-            stock_config,
-            cross_attention_layers=[],
-            self_attention_layers=every_layer,
-            configurations=[every_layer],
-            **options,
-        )
+        return cls.from_stock_config(stock_config, cross_attention_layers=[], self_attention_layers=every_layer,
+                                     configurations=[every_layer], **options)
 
     # ----------------------------------------------------------------------------------------------------
     @property

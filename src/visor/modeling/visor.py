@@ -59,27 +59,17 @@ class VisorModel:
         super().__init__(config)
         self.backbone = self.backbone_class(config)
         layers = self.text_stack.layers
-        self.cross_attention = nn.ModuleDict(
-            {
-                str(layer): CrossAttentionBlock(
-                    layers[layer],
-                    config.text_config,
-                    gate=config.cross_attention_gate,
-                    mlp=config.cross_attention_mlp,
-                    rope=config.cross_attention_rope,
-                    key_value_heads=config.cross_attention_key_value_heads,
-                )
-                for layer in config.cross_attention_layers
-            }
-        )
-        self.position_encoding = (
-            ConditionalPositionEncoding(config.text_config.hidden_size, config.position_encoding_kernel)
-            if config.position_encoding
-            else None
-        )
-        self.router = (
-            ConfigurationRouter(config) if len(config.configurations) > 1 and config.router_layer is not None else None
-        )
+        self.cross_attention = nn.ModuleDict({
+            str(layer): CrossAttentionBlock(layers[layer], config.text_config, gate=config.cross_attention_gate,
+                                            mlp=config.cross_attention_mlp, rope=config.cross_attention_rope,
+                                            key_value_heads=config.cross_attention_key_value_heads)
+            for layer in config.cross_attention_layers
+        })
+        self.position_encoding = (ConditionalPositionEncoding(config.text_config.hidden_size,
+                                                              config.position_encoding_kernel)
+                                  if config.position_encoding else None)
+        has_router = len(config.configurations) > 1 and config.router_layer is not None
+        self.router = ConfigurationRouter(config) if has_router else None
         self.post_init()
 
     @property
@@ -115,21 +105,10 @@ class VisorModel:
         missing = [key for key in missing if not key.startswith(tuple(f"{name}." for name in NEW_MODULES))]
         if missing or unexpected:
             raise ValueError(f"the stock weights do not fit this VISOR config: missing {missing}, unexpected {unexpected}")
-        model.initialise_new_modules()
+        if visor_config.cross_attention_init == "host":  # the rest of the new modules start as `_init_weights` left them
+            for layer, block in model.cross_attention.items():
+                block.copy_host(model.text_stack.layers[int(layer)])
         return model.train(stock.training)
-
-    @torch.no_grad()
-    def initialise_new_modules(self) -> None:
-        """Put the CA blocks and the CPE in their documented starting state."""
-        layers = self.text_stack.layers
-        for layer, block in self.cross_attention.items():
-            for gate in (block.attention_gate, block.mlp_gate):
-                if gate is not None:
-                    gate.zero_()
-            if self.config.cross_attention_init == "host":
-                block.copy_host(layers[int(layer)])
-        if self.position_encoding is not None:
-            self.position_encoding.reset_parameters()
 
     def _init_weights(self, module):
         super()._init_weights(module)

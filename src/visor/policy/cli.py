@@ -63,24 +63,17 @@ def register(subparsers) -> None:
     command(report, run_report)
 
 
-def _load_model(path):
-
-    from visor.policy.api import load_model
-
-    return load_model(path)
-
-
 def _model_and_labels(args):
-    from visor.policy.api import load_labels_for
+    from visor.policy.api import load_labels_for, load_model
 
-    model = _load_model(args.model)
+    model = load_model(args.model)
     return model, load_labels_for(model, args.labels)
 
 
 def run_label(args) -> int:
-    from visor.policy.api import label_synthetic
+    from visor.policy.api import label_synthetic, load_model
 
-    model = _load_model(args.model)
+    model = load_model(args.model)
     tasks = args.tasks.split(",") if args.tasks else None
     table = label_synthetic(model, args.split, args.per_task, seed=args.seed, tasks=tasks,
                             batch_size=args.batch_size, suite=args.suite)
