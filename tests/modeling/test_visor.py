@@ -152,6 +152,16 @@ def test_fresh_conversion_equals_the_same_schedule_without_ca_blocks(stock, batc
         )
 
 
+@pytest.mark.parametrize("build", [VisorForConditionalGeneration, VisorForConditionalGeneration._from_config],
+                         ids=["constructor", "_from_config"])
+def test_a_model_built_from_a_config_starts_with_zero_gates_and_a_zero_cpe(build):
+    """Built without a stock model (from a preset, as `visor bench` and `visor train --model` do), the new modules
+    start as no-ops too (the CPE's convolution used to keep transformers' random initialisation)."""
+    model = build(VisorConfig.from_stock_config(presets.tiny()))
+    assert not model.position_encoding.conv.weight.any() and not model.position_encoding.conv.bias.any()
+    assert all(not block.attention_gate.any() for block in model.cross_attention.values())
+
+
 def test_conversion_keeps_every_stock_weight(stock, sparse):
     visor_state = sparse.state_dict()
     for name, weight in stock.state_dict().items():

@@ -118,8 +118,9 @@ class VisorModel:
                     nn.init.zeros_(gate)
             nn.init.ones_(module.text_norm.weight)
             nn.init.ones_(module.visual_norm.weight)
-        elif isinstance(module, ConditionalPositionEncoding):
-            module.reset_parameters()
+        # Modules come here one by one, those holding parameters only, first while the stock __init__ runs.
+        elif module is getattr(getattr(self, "position_encoding", None), "conv", None):
+            self.position_encoding.reset_parameters()
 
     def configure_router(self, mode: str | None = None, threshold: float | None = None) -> None:
         """Set the router's mode and τ (kept in the config, so a saved model routes the same way)."""
