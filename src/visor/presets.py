@@ -1,18 +1,31 @@
-"""Named LLaVA-OneVision shapes, built from configs alone (no download).
+"""Named model shapes, built from configs alone (no download).
 
-`tiny` is the demo's from-scratch model; `tiny-llama` is the same with a Llama text model; `llava-ov-0.5b` has the
-real LLaVA-OV-0.5B shapes (SigLIP-400M + Qwen2-0.5B) for FLOP counting and benchmarks with random weights.
+`tiny` is the demo's from-scratch LLaVA-OneVision model; `tiny-llama` is the same with a Llama text model;
+`tiny-qwen2-vl` and `tiny-qwen2.5-vl` are the Qwen-VL families at the same text size (patch 8, so a 16-pixel merged
+patch per visual token); `llava-ov-0.5b` has the real LLaVA-OV-0.5B shapes (SigLIP-400M + Qwen2-0.5B) for FLOP
+counting and benchmarks with random weights.
 """
 
 from __future__ import annotations
 
-from transformers import LlamaConfig, LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
+from transformers import (
+    LlamaConfig,
+    LlavaOnevisionConfig,
+    Qwen2_5_VLConfig,
+    Qwen2Config,
+    Qwen2VLConfig,
+    SiglipVisionConfig,
+)
 
 # Token ids shared by every tiny preset; the in-project tokenizer reserves them (see visor.data).
 TINY_VOCAB_SIZE = 512
 TINY_IMAGE_TOKEN_ID = 3
 TINY_VIDEO_TOKEN_ID = 4
 TINY_PAD_TOKEN_ID = 0
+# The Qwen-VL presets' markers around an image's tokens, at the top of the vocabulary (the tiny tokenizer's words
+# stay far below).
+TINY_VISION_START_TOKEN_ID = TINY_VOCAB_SIZE - 2
+TINY_VISION_END_TOKEN_ID = TINY_VOCAB_SIZE - 1
 
 # A crop is 64x64 px in 8x8 patches (64 visual tokens); anyres grids up to 2x2 crops.
 TINY_CROP = 64
@@ -71,6 +84,34 @@ def tiny_llama(num_layers: int = 6) -> LlavaOnevisionConfig:
     return _tiny_llava_config(LlamaConfig(**_tiny_text_kwargs(num_layers)))
 
 
+def _tiny_qwen_vl_ids() -> dict:
+    return dict(image_token_id=TINY_IMAGE_TOKEN_ID, video_token_id=TINY_VIDEO_TOKEN_ID,
+                vision_start_token_id=TINY_VISION_START_TOKEN_ID, vision_end_token_id=TINY_VISION_END_TOKEN_ID,
+                tie_word_embeddings=True)
+
+
+def _tiny_qwen_vl_text(num_layers: int) -> dict:
+    """The tiny text model with M-RoPE: head_dim 32, its 16 frequencies split 4/6/6 over time, height, width."""
+    return dict(_tiny_text_kwargs(num_layers), rope_parameters={
+        "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]})
+
+
+def tiny_qwen2_vl(num_layers: int = 6) -> Qwen2VLConfig:
+    """Tiny Qwen2-VL: a 2-layer ViT (width 64, patch 8, 2×2 merger) and the tiny Qwen2 text model with M-RoPE."""
+    vision = dict(depth=2, embed_dim=64, mlp_ratio=2, num_heads=2, patch_size=TINY_PATCH, spatial_merge_size=2,
+                  temporal_patch_size=2, hidden_size=128)
+    return Qwen2VLConfig(vision_config=vision, text_config=_tiny_qwen_vl_text(num_layers), **_tiny_qwen_vl_ids())
+
+
+def tiny_qwen2_5_vl(num_layers: int = 6) -> Qwen2_5_VLConfig:
+    """Tiny Qwen2.5-VL: a 2-layer ViT with windowed attention (32-pixel windows; block 1 attends fully), SwiGLU
+    MLPs and a 2×2 merger, and the tiny Qwen2 text model with M-RoPE."""
+    vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=TINY_PATCH,
+                  spatial_merge_size=2, temporal_patch_size=2, window_size=32, fullatt_block_indexes=[1],
+                  out_hidden_size=128)
+    return Qwen2_5_VLConfig(vision_config=vision, text_config=_tiny_qwen_vl_text(num_layers), **_tiny_qwen_vl_ids())
+
+
 def llava_ov_0_5b() -> LlavaOnevisionConfig:
     """LLaVA-OneVision-0.5B shapes: SigLIP-400M as LLaVA-OV uses it (26 layers, d=1152, 384 px, patch 14) + Qwen2-0.5B (24 layers)."""
     vision = SiglipVisionConfig(
@@ -104,11 +145,12 @@ def llava_ov_0_5b() -> LlavaOnevisionConfig:
     )
 
 
-PRESETS = {"tiny": tiny, "tiny-llama": tiny_llama, "llava-ov-0.5b": llava_ov_0_5b}
+PRESETS = {"tiny": tiny, "tiny-llama": tiny_llama, "tiny-qwen2-vl": tiny_qwen2_vl, "tiny-qwen2.5-vl": tiny_qwen2_5_vl,
+           "llava-ov-0.5b": llava_ov_0_5b}
 
 
-def preset_config(name: str) -> LlavaOnevisionConfig:
-    """The LLaVA-OV config of a named preset; a clear error names the ones that exist."""
+def preset_config(name: str):
+    """The stock config of a named preset; a clear error names the ones that exist."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(sorted(PRESETS))}")
     return PRESETS[name]()

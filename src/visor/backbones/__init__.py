@@ -12,6 +12,10 @@ from visor.backbones.base import Backbone, ImageTokens
 FAMILIES = {
     "llava_onevision": "visor.backbones.llava_onevision",
     "visor": "visor.backbones.llava_onevision",
+    "qwen2_vl": "visor.backbones.qwen2_vl",
+    "visor_qwen2_vl": "visor.backbones.qwen2_vl",
+    "qwen2_5_vl": "visor.backbones.qwen2_5_vl",
+    "visor_qwen2_5_vl": "visor.backbones.qwen2_5_vl",
 }
 
 

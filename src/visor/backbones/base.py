@@ -12,6 +12,10 @@ import torch
 from torch import nn
 
 
+# Every family's image arguments of `forward` (`visor.modeling.visor.VisorModel.forward` names them all).
+IMAGE_ARGUMENTS = ("pixel_values", "image_sizes", "batch_num_images", "image_grid_thw", "mm_token_type_ids")
+
+
 class ImageTokens(NamedTuple):
     crops: int  # image pieces through the vision tower
     visual_tokens: int  # tokens the language model sees for the image
@@ -30,16 +34,40 @@ class Backbone:
         """The text stack: `embed_tokens`, `layers` (the stock decoder layers), `rotary_emb` and `norm`."""
         raise NotImplementedError
 
-    def position_ids(self, input_ids, attention_mask, past_length: int, **image_inputs) -> torch.Tensor:
-        """Rotary positions of `input_ids` (B, S) after `past_length` cached positions, as the stock model
-        computes them: (B, S), or (sections, B, S) for multi-axis rotary positions."""
+    def prompt_positions(self, model, input_ids, attention_mask, **image_inputs) -> torch.Tensor:
+        """Rotary positions of a whole prompt (B, S), as the stock model computes them: (B, S), or
+        (sections, B, S) for multi-axis rotary positions."""
         raise NotImplementedError
 
+    def caller_positions(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """Position ids a caller passed (`generate` passes its own) in the form `prompt_positions` returns."""
+        return position_ids
+
+    def positions(self, model, input_ids, attention_mask, cache, position_ids=None, **image_inputs) -> torch.Tensor:
+        """Rotary positions of this call's tokens: the caller's if given, else the prompt's, else (new tokens
+        after a prefilled cache) the positions after the prompt's last. A prompt's positions can run ahead of or
+        behind its length (multi-axis positions advance less per image token; `generate` counts real tokens only),
+        so the cache keeps each sample's offset, whoever computed the prompt's positions."""
+        prefilled = cache is not None and cache.is_prefilled
+        if position_ids is not None:
+            position_ids = self.caller_positions(position_ids)
+        elif prefilled:
+            new = torch.arange(input_ids.shape[1], device=input_ids.device) + cache.get_seq_length()
+            return new + cache.position_offset
+        else:
+            position_ids = self.prompt_positions(model, input_ids, attention_mask, **image_inputs)
+        if cache is not None and not prefilled:
+            last = position_ids.reshape(-1, *position_ids.shape[-2:]).amax(dim=(0, 2))
+            cache.position_offset = (last + 1 - input_ids.shape[1])[:, None]
+        return position_ids
+
     def select_image_inputs(self, **arguments) -> dict:
-        """The image arguments of a forward call that this family reads (`pixel_values` and `image_inputs`);
-        one it does not read, given anyway, is an error rather than silently ignored."""
+        """The image arguments of a forward call that this family reads (`pixel_values` and `image_inputs`),
+        from the call's keyword arguments; an image argument it does not read, given anyway, is an error rather
+        than silently ignored (video among them: images only)."""
         names = ("pixel_values", *self.image_inputs)
-        stray = sorted(name for name, value in arguments.items() if value is not None and name not in names)
+        stray = sorted(name for name, value in arguments.items() if value is not None and name not in names
+                       and (name in IMAGE_ARGUMENTS or "video" in name))
         if stray:
             raise ValueError(f"{type(self).__name__} models take no {', '.join(stray)}")
         return {name: arguments.get(name) for name in names}

@@ -77,10 +77,9 @@ class LlavaOnevision(Backbone):
     def language_model(self, model):
         return model.model.language_model
 
-    def position_ids(self, input_ids, attention_mask, past_length, **image_inputs):
-        """One position per token, counting on from the cache (the stock model ignores padding here too)."""
-        batch, length = input_ids.shape
-        return (torch.arange(length, device=input_ids.device) + past_length).expand(batch, length)
+    def prompt_positions(self, model, input_ids, attention_mask, **image_inputs):
+        """One position per token (the stock model ignores padding here too)."""
+        return torch.arange(input_ids.shape[1], device=input_ids.device).expand(*input_ids.shape)
 
     # ---- images -------------------------------------------------------------------------------------------------
     def encode_images(self, model, num_image_tokens, pixel_values=None, image_sizes=None, batch_num_images=None):

@@ -32,6 +32,7 @@ class LayerLoopCache(Cache):
     def __init__(self):
         super().__init__(layers=[])
         self.seen_tokens = 0
+        self.position_offset: torch.Tensor | int = 0  # (B, 1): a new token's position minus its index (`Backbone.positions`)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(seen_tokens={self.seen_tokens}, bytes={self.nbytes()})"
@@ -46,6 +47,11 @@ class LayerLoopCache(Cache):
 
     def get_max_length(self) -> int | None:
         return None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Reorder the batch (beam search): row i takes old row beam_idx[i]."""
+        if isinstance(self.position_offset, torch.Tensor):
+            self.position_offset = self.position_offset.index_select(0, beam_idx.to(self.position_offset.device))
 
     def nbytes(self) -> dict[str, int]:
         """Bytes of the tensors actually allocated: {"visual": …, "text": …}."""
@@ -103,7 +109,7 @@ class VisorCache(LayerLoopCache):
         self.seen_tokens += count
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Reorder the batch (beam search): row i takes old row beam_idx[i]."""
+        super().reorder_cache(beam_idx)
         for store in (self.text_keys, self.text_values, self.cross_keys, self.cross_values):
             for layer in store:
                 store[layer] = store[layer].index_select(0, beam_idx.to(store[layer].device))

@@ -183,6 +183,8 @@ class VisorModel:
         router_threshold: float | None = None,
         image_sizes: torch.Tensor | None = None,
         batch_num_images: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
         **kwargs,
     ) -> VisorOutput:
         """Logits (and the loss on `labels`) with each sample's configuration of SA layers.
@@ -191,7 +193,8 @@ class VisorModel:
         the largest; `"auto"` lets the router choose per sample (threshold τ = `router_threshold`, default
         `config.router_threshold`). The output's `configuration` says which ran. `image_features`: precomputed
         projected features per image, instead of the images. The image inputs (`pixel_values` and those the
-        family's `Backbone.image_inputs` names) and the other arguments are those of the stock model.
+        family's `Backbone.image_inputs` names; every family's are in this signature, because `generate` checks
+        keyword arguments against it) and the other arguments are those of the stock model.
         """
         if input_ids is None or inputs_embeds is not None:
             raise ValueError("VISOR needs input_ids (it finds the visual tokens by the <image> token id)")
@@ -204,12 +207,11 @@ class VisorModel:
         attention = self.config.text_config._attn_implementation
         if attention not in SUPPORTED_ATTENTION:
             raise ValueError(f"VISOR runs with attention {SUPPORTED_ATTENTION}, not {attention!r}")
-        image_inputs = self.backbone.select_image_inputs(pixel_values=pixel_values, image_sizes=image_sizes,
-                                                         batch_num_images=batch_num_images)
+        image_inputs = self.backbone.select_image_inputs(
+            pixel_values=pixel_values, image_sizes=image_sizes, batch_num_images=batch_num_images,
+            image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids, **kwargs)
         cache = resolve_cache(past_key_values, use_cache, VisorCache, "VISOR")
-        past = cache.get_seq_length() if cache is not None else 0
-        if position_ids is None:
-            position_ids = self.backbone.position_ids(input_ids, attention_mask, past, **image_inputs)
+        position_ids = self.backbone.positions(self, input_ids, attention_mask, cache, position_ids, **image_inputs)
         if cache is not None and cache.is_prefilled:
             hidden = self._decode(input_ids, attention_mask, position_ids, cache)
             configuration = cache.configuration
@@ -369,9 +371,9 @@ def _put(value: torch.Tensor, rows: torch.Tensor, update: torch.Tensor) -> torch
 def embed_with_images(model, input_ids: torch.Tensor, image_features: list[torch.Tensor] | None = None,
                       position_encoding: nn.Module | None = None, **image_inputs) -> tuple[torch.Tensor, torch.Tensor]:
     """Token embeddings of `model` with the images' features (after `position_encoding`, if any) in the `<image>`
-    slots, and the image mask. `image_inputs` are the family's (`pixel_values`, `image_sizes`, `batch_num_images`
-    for LLaVA-OV); `image_features` (one projected (n_i, d) tensor per image) replaces the vision tower, e.g. to
-    reuse features across configurations or to time the language model alone."""
+    slots, and the image mask. `image_inputs` are the family's (`pixel_values` and `Backbone.image_inputs`);
+    `image_features` (one projected (n_i, d) tensor per image) replaces the vision tower, e.g. to reuse features
+    across configurations or to time the language model alone."""
     _check_ids(input_ids, model.config.text_config.vocab_size)
     visual_mask = input_ids == model.config.image_token_id
     embeds = model.get_input_embeddings()(input_ids)
@@ -383,23 +385,13 @@ def embed_with_images(model, input_ids: torch.Tensor, image_features: list[torch
     features = list(image_features)
     if position_encoding is not None:
         features = [position_encoding(image) for image in features]
-    batch_num_images = image_inputs.get("batch_num_images")
-    images_per_sample = batch_num_images.tolist() if batch_num_images is not None else [1] * len(features)
-    if len(images_per_sample) != input_ids.shape[0] or sum(images_per_sample) != len(features):
+    # Images fill the <image> slots in prompt order, so each sample's slots must end where one of its images ends.
+    image_ends = torch.tensor([0] + [image.shape[0] for image in features]).cumsum(0)
+    sample_ends = tokens_per_sample.cpu().cumsum(0)
+    if image_ends[-1] != sample_ends[-1] or not torch.isin(sample_ends, image_ends).all():
         raise ValueError(
-            f"{len(features)} images for a batch of {input_ids.shape[0]}: pass batch_num_images when a sample "
-            "holds more or fewer than one image"
-        )
-    lengths = torch.tensor([image.shape[0] for image in features], device=input_ids.device)
-    sample_of_image = torch.repeat_interleave(
-        torch.arange(len(images_per_sample), device=input_ids.device),
-        torch.tensor(images_per_sample, device=input_ids.device),
-    )
-    expected = torch.zeros_like(tokens_per_sample).index_add_(0, sample_of_image, lengths)
-    if not torch.equal(expected, tokens_per_sample):
-        raise ValueError(
-            f"image-token count does not match the images: input_ids hold {tokens_per_sample.tolist()} "
-            f"<image> tokens per sample, the images give {expected.tolist()} features"
+            f"image-token count does not match the images: input_ids hold {tokens_per_sample.tolist()} <image> "
+            f"tokens per sample, the images give {[image.shape[0] for image in features]} features each"
         )
     features = torch.cat(features).to(embeds.dtype)
     return embeds.masked_scatter(visual_mask[..., None], features), visual_mask

@@ -218,7 +218,8 @@ class PrunedModel:
     # ---- forward -----------------------------------------------------------------------------------------------
     def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
                 past_key_values=None, inputs_embeds=None, use_cache=None, logits_to_keep=0,
-                image_features: list[torch.Tensor] | None = None, image_sizes=None, batch_num_images=None, **kwargs):
+                image_features: list[torch.Tensor] | None = None, image_sizes=None, batch_num_images=None,
+                image_grid_thw=None, mm_token_type_ids=None, **kwargs):
         """Logits as the stock model's; tokens dropped inside the stack keep the hidden state they had then.
 
         `image_features` (one projected (n_i, d) tensor per image) may replace the images, e.g. to time the
@@ -226,13 +227,12 @@ class PrunedModel:
         """
         if input_ids is None or inputs_embeds is not None:
             raise ValueError("in-LLM pruning needs input_ids (it finds the visual tokens by the <image> token id)")
-        image_inputs = self.backbone.select_image_inputs(pixel_values=pixel_values, image_sizes=image_sizes,
-                                                         batch_num_images=batch_num_images)
+        image_inputs = self.backbone.select_image_inputs(
+            pixel_values=pixel_values, image_sizes=image_sizes, batch_num_images=batch_num_images,
+            image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids, **kwargs)
         cache = resolve_cache(past_key_values, use_cache, PrunedCache, "in-LLM pruning")
         length = input_ids.shape[1]
-        past = cache.get_seq_length() if cache is not None else 0
-        if position_ids is None:
-            position_ids = self.backbone.position_ids(input_ids, attention_mask, past, **image_inputs)
+        position_ids = self.backbone.positions(self, input_ids, attention_mask, cache, position_ids, **image_inputs)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if cache is not None and cache.is_prefilled:
@@ -370,6 +370,7 @@ class PrunedCache(LayerLoopCache):
         return key_states, value_states
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
         for store in (self.keys, self.values, self.valid, self.visual):
             for layer in store:
                 store[layer] = store[layer].index_select(0, beam_idx.to(store[layer].device))

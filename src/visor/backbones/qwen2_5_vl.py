@@ -1,0 +1,45 @@
+"""Qwen2.5-VL: Qwen2-VL's adapter (`visor.backbones.qwen2_vl.QwenVL`: positions, image tokens, the vision tower)
+on the Qwen2.5-VL classes (windowed attention and a SwiGLU MLP in the vision tower; the same M-RoPE, merger and
+token layout), and the family's `VisorQwen2_5_VLConfig` (model type `visor_qwen2_5_vl`),
+`VisorQwen2_5_VLForConditionalGeneration` and `PrunedQwen2_5_VL`.
+"""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+from visor.backbones.qwen2_vl import QwenVL
+from visor.config import VisorConfigMixin
+from visor.modeling.visor import VisorModel
+from visor.reduction.pruned import PrunedModel
+
+
+@strict
+class VisorQwen2_5_VLConfig(VisorConfigMixin, Qwen2_5_VLConfig):
+    """A Qwen2.5-VL config with VISOR's layer schedule (`visor.config.VisorConfigMixin`)."""
+
+    model_type = "visor_qwen2_5_vl"
+
+
+AutoConfig.register("visor_qwen2_5_vl", VisorQwen2_5_VLConfig)
+
+
+class Qwen2_5_VL(QwenVL):
+    stock_model_class = Qwen2_5_VLForConditionalGeneration
+
+
+class VisorQwen2_5_VLForConditionalGeneration(VisorModel, Qwen2_5_VLForConditionalGeneration):
+    """Qwen2.5-VL with VISOR's layer kinds (`visor.modeling.visor.VisorModel`)."""
+
+    config_class = VisorQwen2_5_VLConfig
+    backbone_class = Qwen2_5_VL
+
+
+class PrunedQwen2_5_VL(PrunedModel, Qwen2_5_VLForConditionalGeneration):
+    """Qwen2.5-VL under an in-LLM token-reduction plan (`visor.reduction.pruned.PrunedModel`)."""
+
+    backbone_class = Qwen2_5_VL
+
+
+BACKBONE, VISOR_MODEL, PRUNED_MODEL = Qwen2_5_VL, VisorQwen2_5_VLForConditionalGeneration, PrunedQwen2_5_VL

@@ -1,0 +1,152 @@
+"""Qwen2-VL (a ViT over variable-size patch grids, a 2×2 patch merger, M-RoPE): the adapter, and the family's
+`VisorQwen2VLConfig` (model type `visor_qwen2_vl`), `VisorQwen2VLForConditionalGeneration` and `PrunedQwen2VL`.
+
+The adapter answers from transformers' own code: images go through the stock `get_image_features`, positions
+come from the stock `get_rope_index` over the whole prompt (3 rows: time, height, width; an image advances the
+text position by its grid's longer side, not by its token count), token counts from the stock processor's
+`smart_resize`. An image is one grid of (h/merge) × (w/merge) tokens in row-major order, with no separator
+tokens inside it. Qwen2.5-VL (`visor.backbones.qwen2_5_vl`) shares all of it but the classes.
+"""
+
+from __future__ import annotations
+
+import torch
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
+
+from visor.backbones.base import Backbone, ImageTokens
+from visor.config import VisorConfigMixin
+from visor.modeling.visor import VisorModel
+from visor.reduction.pruned import PrunedModel
+
+
+class QwenVL(Backbone):
+    """What Qwen2-VL and Qwen2.5-VL share; a subclass names the stock class."""
+
+    image_inputs = ("image_grid_thw", "mm_token_type_ids")
+    # The stock image processor's pixel bounds (its defaults): how large an image becomes before patching.
+    min_pixels = Qwen2VLImageProcessorPil.size["shortest_edge"]
+    max_pixels = Qwen2VLImageProcessorPil.size["longest_edge"]
+
+    def __init__(self, config):
+        super().__init__(config)
+        if config.text_config.use_sliding_window:
+            raise ValueError("VISOR does not support sliding-window attention in the text model (use_sliding_window)")
+
+    # ---- the language model ------------------------------------------------------------------------------------
+    def language_model(self, model):
+        return model.model.language_model
+
+    def prompt_positions(self, model, input_ids, attention_mask, pixel_values=None, image_grid_thw=None,
+                         mm_token_type_ids=None):
+        """M-RoPE positions (3, B, S) from the stock `get_rope_index`, padding excluded; with no image, one
+        position per token as the stock model then takes. `mm_token_type_ids` (1 at image tokens) is derived
+        from `input_ids` when not given."""
+        image_slots = input_ids == self.config.image_token_id
+        if attention_mask is not None:
+            image_slots &= attention_mask.bool()
+        if not image_slots.any():
+            return torch.arange(input_ids.shape[1], device=input_ids.device).expand(3, *input_ids.shape)
+        self._check_images(int(image_slots.sum()), pixel_values, image_grid_thw)
+        self._check_image_runs(image_slots, image_grid_thw)
+        if mm_token_type_ids is None:
+            mm_token_type_ids = (input_ids == self.config.image_token_id).int()
+        positions, _ = model.model.get_rope_index(input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw,
+                                                  attention_mask=attention_mask)
+        return positions
+
+    def caller_positions(self, position_ids):
+        """`generate` passes (4, B, S): a text row (for packed sequences), then the three M-RoPE rows."""
+        return position_ids[1:] if position_ids.dim() == 3 and position_ids.shape[0] == 4 else position_ids
+
+    # ---- images -------------------------------------------------------------------------------------------------
+    def encode_images(self, model, num_image_tokens, pixel_values=None, image_grid_thw=None, mm_token_type_ids=None):
+        self._check_images(num_image_tokens, pixel_values, image_grid_thw)
+        return model.model.get_image_features(pixel_values, image_grid_thw, return_dict=True).pooler_output
+
+    def _check_images(self, num_image_tokens, pixel_values, image_grid_thw) -> None:
+        if pixel_values is None or image_grid_thw is None:
+            raise ValueError(
+                f"input_ids contain {num_image_tokens} image tokens but pixel_values/image_grid_thw are missing"
+            )
+        if image_grid_thw.dim() != 2 or image_grid_thw.shape[-1] != 3:
+            raise ValueError(f"image_grid_thw must be (num_images, 3) as (t, h, w), got {tuple(image_grid_thw.shape)}")
+        if bool((image_grid_thw[:, 0] != 1).any()):
+            raise ValueError(f"images have one temporal patch (t = 1); got t = {image_grid_thw[:, 0].tolist()}: "
+                             "video input is not supported")
+        patches = int(image_grid_thw.prod(dim=-1).sum())
+        if pixel_values.dim() != 2 or pixel_values.shape[0] != patches:
+            raise ValueError(f"pixel_values must be (patches, features) with {patches} patches for image_grid_thw "
+                             f"{image_grid_thw.tolist()}, got {tuple(pixel_values.shape)}")
+
+    def _check_image_runs(self, image_slots, image_grid_thw) -> None:
+        """Each unbroken run of image tokens is one image, in order (as the stock `get_rope_index` reads them):
+        its length must be its grid's token count."""
+        expected = (image_grid_thw.prod(dim=-1) // self.config.vision_config.spatial_merge_size**2).tolist()
+        found = []
+        for row in image_slots.int():
+            edges = torch.diff(row, prepend=row.new_zeros(1), append=row.new_zeros(1))
+            starts, ends = (edges == 1).nonzero().squeeze(1), (edges == -1).nonzero().squeeze(1)
+            found += (ends - starts).tolist()
+        if found != expected:
+            raise ValueError(f"image-token count does not match the images: the prompts hold runs of {found} image "
+                             f"tokens, image_grid_thw gives {expected}")
+
+    def resized(self, image_size) -> tuple[int, int]:
+        """The (height, width) the stock processor resizes an image to: multiples of patch × merge, within its
+        default pixel bounds."""
+        height, width = image_size
+        if height <= 0 or width <= 0:
+            raise ValueError(f"image size must be positive (height, width), got {image_size}")
+        vision = self.config.vision_config
+        return smart_resize(height, width, vision.patch_size * vision.spatial_merge_size,
+                            self.min_pixels, self.max_pixels)
+
+    def image_tokens(self, image_size) -> ImageTokens:
+        height, width = self.resized(image_size)
+        merged = self.config.vision_config.patch_size * self.config.vision_config.spatial_merge_size
+        return ImageTokens(1, (height // merged) * (width // merged))
+
+    def largest_image_size(self) -> tuple[int, int]:
+        """The largest square the processor keeps whole: its pixel bound, rounded down to the merged patch."""
+        merged = self.config.vision_config.patch_size * self.config.vision_config.spatial_merge_size
+        side = int(self.max_pixels**0.5) // merged * merged
+        return side, side
+
+    # ---- the vision tower ---------------------------------------------------------------------------------------
+    def vision_tower(self, model):
+        return model.model.visual
+
+    def vision_layers(self, model):
+        return self.vision_tower(model).blocks
+
+
+@strict
+class VisorQwen2VLConfig(VisorConfigMixin, Qwen2VLConfig):
+    """A Qwen2-VL config with VISOR's layer schedule (`visor.config.VisorConfigMixin`)."""
+
+    model_type = "visor_qwen2_vl"
+
+
+AutoConfig.register("visor_qwen2_vl", VisorQwen2VLConfig)
+
+
+class Qwen2VL(QwenVL):
+    stock_model_class = Qwen2VLForConditionalGeneration
+
+
+class VisorQwen2VLForConditionalGeneration(VisorModel, Qwen2VLForConditionalGeneration):
+    """Qwen2-VL with VISOR's layer kinds (`visor.modeling.visor.VisorModel`)."""
+
+    config_class = VisorQwen2VLConfig
+    backbone_class = Qwen2VL
+
+
+class PrunedQwen2VL(PrunedModel, Qwen2VLForConditionalGeneration):
+    """Qwen2-VL under an in-LLM token-reduction plan (`visor.reduction.pruned.PrunedModel`)."""
+
+    backbone_class = Qwen2VL
+
+
+BACKBONE, VISOR_MODEL, PRUNED_MODEL = Qwen2VL, VisorQwen2VLForConditionalGeneration, PrunedQwen2VL

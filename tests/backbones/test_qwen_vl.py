@@ -1,0 +1,302 @@
+"""The Qwen-VL families (Qwen2-VL, Qwen2.5-VL): dense VISOR equals the stock model, M-RoPE positions survive the
+split into streams and the cache, mixed batches, checkpoints, and clear errors for what the port refuses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from visor import presets
+from visor.backbones import backbone_for, family
+
+IMAGE = presets.TINY_IMAGE_TOKEN_ID
+START, END = presets.TINY_VISION_START_TOKEN_ID, presets.TINY_VISION_END_TOKEN_ID
+PAD, BOS, FIRST_WORD_ID = presets.TINY_PAD_TOKEN_ID, 1, 5
+ATOL = 1e-5
+FAMILIES = ["tiny-qwen2-vl", "tiny-qwen2.5-vl"]
+# Image (height, width) per sample: two images of different sizes, one, none (text only), and three.
+IMAGES = [[(64, 96), (128, 64)], [(96, 96)], [], [(64, 64), (80, 112), (64, 64)]]
+
+
+def build_stock(preset: str, attention: str = "eager", num_layers: int = 6, seed: int = 0):
+    config = presets.PRESETS[preset](num_layers)
+    config._attn_implementation = attention
+    torch.manual_seed(seed)
+    return family(config).BACKBONE.stock_model_class(config).eval()
+
+
+def build_batch(stock, images=IMAGES, padding: str = "left", seed: int = 1) -> dict[str, torch.Tensor]:
+    """Prompts `[BOS, words…] (<start> <image>×n <end> words…)…`, with the grids and patches the stock processor's
+    geometry gives each image size (random pixels), padded on `padding`'s side."""
+    backbone = backbone_for(stock.config)
+    vision = stock.config.vision_config
+    generator = torch.Generator().manual_seed(seed)
+    vocab = stock.config.text_config.vocab_size
+
+    def words(count):
+        return torch.randint(FIRST_WORD_ID, vocab - 2, (count,), generator=generator).tolist()
+
+    prompts, grids = [], []
+    for row, sample in enumerate(images):
+        prompt = [BOS] + words(3)
+        for size in sample:
+            height, width = backbone.resized(size)
+            grids.append((1, height // vision.patch_size, width // vision.patch_size))
+            prompt += [START] + [IMAGE] * backbone.image_tokens(size).visual_tokens + [END] + words(2 + row)
+        prompts.append(prompt + words(4))
+    length = max(map(len, prompts))
+    input_ids = torch.full((len(prompts), length), PAD)
+    attention_mask = torch.zeros(len(prompts), length, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        place = slice(length - len(prompt), None) if padding == "left" else slice(0, len(prompt))
+        input_ids[row, place], attention_mask[row, place] = torch.tensor(prompt), 1
+    grid = torch.tensor(grids)
+    features = 3 * vision.temporal_patch_size * vision.patch_size**2
+    pixel_values = torch.randn(int(grid.prod(dim=-1).sum()), features, generator=generator)
+    return dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, image_grid_thw=grid,
+                mm_token_type_ids=(input_ids == IMAGE).int())
+
+
+def dense_of(stock):
+    module = family(stock.config)
+    return module.VISOR_MODEL.from_stock(stock, module.VISOR_MODEL.config_class.dense(stock.config)).eval()
+
+
+def sparse_of(stock, seed: int = 5):
+    """The default schedule with open CA gates and a random CPE, so that the new modules change the output."""
+    model = family(stock.config).VISOR_MODEL.from_stock(stock).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for block in model.cross_attention.values():
+            block.attention_gate.fill_(0.7)
+        weight = model.position_encoding.conv.weight
+        weight.copy_(torch.randn(weight.shape, generator=generator) * 0.1)
+    return model
+
+
+@torch.no_grad()
+def logits(model, batch, **kwargs) -> torch.Tensor:
+    return model(**batch, **kwargs).logits
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def stock(request):
+    return build_stock(request.param)
+
+
+@pytest.fixture(scope="module")
+def batch(stock):
+    return build_batch(stock)
+
+
+@pytest.fixture(scope="module")
+def sparse(stock):
+    return sparse_of(stock)
+
+
+# ---- the oracle ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+@pytest.mark.parametrize("padding", ["left", "right"])
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_dense_logits_and_loss_equal_stock(preset, attention, padding):
+    stock = build_stock(preset, attention)
+    batch = build_batch(stock, padding=padding)
+    valid = batch["attention_mask"].bool()
+    assert not valid.all() and len(set((batch["input_ids"] == IMAGE).sum(dim=1).tolist())) == len(IMAGES)
+    dense = dense_of(stock)
+    torch.testing.assert_close(logits(dense, batch)[valid], logits(stock, batch)[valid], atol=ATOL, rtol=0)
+    # A target whose prediction is made at a padding position (the first real token, left-padded) is no target.
+    first_real = batch["attention_mask"].cumsum(dim=1) == 1
+    labels = batch["input_ids"].masked_fill(~valid | first_real | (batch["input_ids"] == IMAGE), -100)
+    with torch.no_grad():
+        expected, actual = stock(**batch, labels=labels).loss, dense(**batch, labels=labels).loss
+    assert torch.isfinite(expected)
+    torch.testing.assert_close(actual, expected, atol=ATOL, rtol=0)
+
+
+def test_dense_greedy_generation_with_the_cache_equals_stock(stock, batch):
+    options = dict(max_new_tokens=6, do_sample=False, pad_token_id=PAD)
+    expected = stock.generate(**batch, **options)
+    actual = dense_of(stock).generate(**batch, **options)
+    new = actual[:, batch["input_ids"].shape[1]:]
+    assert new.shape[1] == 6 and len(new.unique()) > 2
+    assert torch.equal(actual, expected)
+
+
+def test_positions_are_the_stock_m_rope_positions(stock, batch):
+    """Text after an image advances by the grid's longer side, not by its token count: an arange would be wrong."""
+    backbone = backbone_for(stock.config)
+    positions = backbone.prompt_positions(stock, batch["input_ids"], batch["attention_mask"],
+                                          pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])
+    expected, _ = stock.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"],
+                                             image_grid_thw=batch["image_grid_thw"],
+                                             attention_mask=batch["attention_mask"])
+    assert torch.equal(positions, expected)
+    last = batch["attention_mask"].shape[1] - 1
+    assert int(positions[0, 0, last]) < int(batch["attention_mask"][0].sum()) - 1
+
+
+# ---- VISOR's kinds on M-RoPE ---------------------------------------------------------------------------------------
+def test_default_schedule_of_the_six_layer_model(sparse):
+    assert sparse.config.cross_attention_layers == [0, 3]
+    assert sparse.config.configurations == [[], [1], [1, 4]]
+
+
+def test_mixed_batch_equals_each_sample_alone(sparse, batch):
+    mixed = [2, 0, 1, 2]
+    together = logits(sparse, batch, configuration=mixed)
+    valid = batch["attention_mask"].bool()
+    for row, configuration in enumerate(mixed):
+        alone = {key: value[row:row + 1] for key, value in batch.items() if key not in ("pixel_values", "image_grid_thw")}
+        images = [index for index, owner in enumerate(_image_owners(batch)) if owner == row]
+        if images:
+            alone |= _images(batch, images)
+        expected = logits(sparse, alone, configuration=configuration)[0]
+        torch.testing.assert_close(together[row][valid[row]], expected[valid[row]], atol=ATOL, rtol=0)
+
+
+def test_configurations_differ_and_the_image_reaches_the_text(sparse, batch):
+    outputs = [logits(sparse, batch, configuration=configuration) for configuration in range(3)]
+    other = logits(sparse, dict(batch, pixel_values=batch["pixel_values"] + 1.0), configuration=0)
+    valid = batch["attention_mask"].bool() & (batch["input_ids"] != IMAGE)
+    for first, second in ((outputs[0], outputs[1]), (outputs[1], outputs[2]), (outputs[0], other)):
+        assert (first - second)[valid].abs().max() > 1e-3
+
+
+def test_a_text_token_reads_only_the_images_before_it(sparse, batch):
+    """Changing sample 0's second image leaves every token before that image unchanged, in every configuration."""
+    grid = batch["image_grid_thw"]
+    patches = grid.prod(dim=-1)
+    changed = batch["pixel_values"].clone()
+    changed[int(patches[0]):int(patches[:2].sum())] += 1.0
+    first_slot_of_second = int((batch["input_ids"][0] == IMAGE).nonzero()[backbone_for(sparse.config).image_tokens(
+        IMAGES[0][0]).visual_tokens])
+    for configuration in range(3):
+        first = logits(sparse, batch, configuration=configuration)[0]
+        second = logits(sparse, dict(batch, pixel_values=changed), configuration=configuration)[0]
+        assert torch.equal(first[:first_slot_of_second], second[:first_slot_of_second])
+        assert (first[-1] - second[-1]).abs().max() > 1e-4
+
+
+def test_decoding_without_position_ids_equals_generate(sparse, batch):
+    """After the prompt, positions continue from each sample's last M-RoPE position (kept in the cache), whatever
+    kind the first layer is."""
+    mixed = [0, 2, 1, 0]
+    generated = sparse.generate(**batch, configuration=mixed, max_new_tokens=4, do_sample=False, pad_token_id=PAD)
+    with torch.no_grad():
+        output = sparse(**batch, configuration=mixed, use_cache=True)
+        cache, mask, tokens = output.past_key_values, batch["attention_mask"], []
+        for _ in range(4):
+            tokens.append(output.logits[:, -1].argmax(dim=-1, keepdim=True))
+            mask = torch.cat([mask, torch.ones_like(tokens[-1])], dim=1)
+            output = sparse(input_ids=tokens[-1], attention_mask=mask, past_key_values=cache, use_cache=True)
+    assert torch.equal(torch.cat(tokens, dim=1), generated[:, batch["input_ids"].shape[1]:])
+
+
+def test_the_cache_holds_visual_entries_for_ca_and_the_sa_layers_used(sparse, batch):
+    for configuration, sa_layers in enumerate(sparse.config.configurations):
+        cache = sparse(**batch, configuration=configuration, use_cache=True).past_key_values
+        assert sorted(cache.cross_keys) == sparse.config.cross_attention_layers
+        assert sorted(cache.visual_keys) == sorted(sa_layers)
+
+
+def test_auto_configuration_runs_what_the_router_chose(sparse, batch):
+    output = sparse(**batch, configuration="auto")
+    chosen = output.configuration.tolist()
+    assert all(0 <= choice < len(sparse.config.configurations) for choice in chosen)
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(output.logits[valid], logits(sparse, batch, configuration=chosen)[valid],
+                               atol=ATOL, rtol=0)
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------------------------
+def test_save_load_round_trip_and_conversion_from_a_local_folder(stock, sparse, batch, tmp_path):
+    module = family(stock.config)
+    sparse.save_pretrained(tmp_path / "visor")
+    assert AutoConfig.from_pretrained(tmp_path / "visor").model_type == sparse.config.model_type
+    loaded = module.VISOR_MODEL.from_pretrained(tmp_path / "visor", attn_implementation="eager").eval()
+    assert torch.equal(logits(loaded, batch, configuration=[0, 1, 2, 0]), logits(sparse, batch, configuration=[0, 1, 2, 0]))
+    stock.save_pretrained(tmp_path / "stock")
+    dense = module.VISOR_MODEL.from_stock(tmp_path / "stock", module.VISOR_MODEL.config_class.dense(stock.config))
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(logits(dense.eval(), batch)[valid], logits(stock, batch)[valid], atol=ATOL, rtol=0)
+
+
+# ---- the adapter ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("size", [(64, 96), (30, 200), (500, 370), (2000, 1500)])
+def test_image_tokens_follow_the_stock_processor(stock, size):
+    from PIL import Image
+
+    vision = stock.config.vision_config
+    processor = Qwen2VLImageProcessorPil(patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
+                                         temporal_patch_size=vision.temporal_patch_size)
+    grid = processor(Image.new("RGB", size[::-1]), return_tensors="pt")["image_grid_thw"][0]
+    tokens = backbone_for(stock.config).image_tokens(size)
+    assert tokens.visual_tokens == int(grid.prod()) // vision.spatial_merge_size**2 and tokens.crops == 1
+
+
+def test_family_classes_and_parts(stock, sparse):
+    module = family(stock.config)
+    assert family(sparse.config) is module and isinstance(sparse, module.VISOR_MODEL)
+    backbone = backbone_for(stock.config)
+    assert backbone.language_model(stock) is stock.model.language_model
+    assert backbone.vision_layers(stock) is stock.model.visual.blocks
+
+
+# ---- bad input -------------------------------------------------------------------------------------------------------
+def _image_owners(batch) -> list[int]:
+    """The sample each image belongs to, in prompt order."""
+    owners = []
+    for row, ids in enumerate(batch["input_ids"]):
+        starts = int((ids == START).sum())
+        owners += [row] * starts
+    return owners
+
+
+def _images(batch, indices: list[int]) -> dict:
+    grid = batch["image_grid_thw"]
+    ends = torch.cat([torch.zeros(1, dtype=torch.long), grid.prod(dim=-1).cumsum(0)])
+    pixels = torch.cat([batch["pixel_values"][ends[index]:ends[index + 1]] for index in indices])
+    return dict(pixel_values=pixels, image_grid_thw=grid[indices])
+
+
+def _drop_one_image_token(batch):
+    input_ids = batch["input_ids"].clone()
+    input_ids[0, int((input_ids[0] == IMAGE).nonzero()[0])] = FIRST_WORD_ID
+    return dict(batch, input_ids=input_ids, mm_token_type_ids=(input_ids == IMAGE).int())
+
+
+def _as_video(batch):
+    grid = batch["image_grid_thw"].clone()
+    grid[0, 0] = 2
+    return dict(batch, image_grid_thw=grid)
+
+
+BAD_INPUTS = {
+    "missing-image-grid-thw": (lambda b: dict(b, image_grid_thw=None), "pixel_values/image_grid_thw are missing"),
+    "missing-pixel-values": (lambda b: dict(b, pixel_values=None), "pixel_values/image_grid_thw are missing"),
+    "wrong-token-count": (_drop_one_image_token, "image-token count does not match"),
+    "grid-1d": (lambda b: dict(b, image_grid_thw=b["image_grid_thw"][:, 1]), r"image_grid_thw must be \(num_images, 3\)"),
+    "video-grid": (_as_video, "video input is not supported"),
+    "pixel-values-wrong-patches": (lambda b: dict(b, pixel_values=b["pixel_values"][1:]), "pixel_values must be"),
+    "image-sizes": (lambda b: dict(b, image_sizes=torch.tensor([[64, 64]] * 4)), "take no image_sizes"),
+    "pixel-values-videos": (lambda b: dict(b, pixel_values_videos=b["pixel_values"]), "take no pixel_values_videos"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_a_clear_value_error(sparse, batch, case):
+    make, message = BAD_INPUTS[case]
+    with torch.no_grad(), pytest.raises(ValueError, match=message):
+        sparse(**make(batch))
+
+
+def test_unsupported_variants_are_named():
+    with pytest.raises(ValueError, match="no VISOR backbone for model type 'qwen3_vl_moe'"):
+        backbone_for(AutoConfig.for_model("qwen3_vl_moe"))
+    config = presets.tiny_qwen2_vl()
+    config.text_config.use_sliding_window = True
+    with pytest.raises(ValueError, match="sliding-window"):
+        backbone_for(config)
