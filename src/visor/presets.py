@@ -1,7 +1,7 @@
 """Named model shapes, built from configs alone (no download).
 
 `tiny` is the demo's from-scratch LLaVA-OneVision model; `tiny-llama` is the same with a Llama text model;
-`tiny-qwen2-vl` and `tiny-qwen2.5-vl` are the Qwen-VL families at the same text size (patch 8, so a 16-pixel merged
+`tiny-qwen2-vl`, `tiny-qwen2.5-vl` and `tiny-qwen3-vl` are the Qwen-VL families at the same text size (patch 8, so a 16-pixel merged
 patch per visual token); `llava-ov-0.5b` has the real LLaVA-OV-0.5B shapes (SigLIP-400M + Qwen2-0.5B) for FLOP
 counting and benchmarks with random weights.
 """
@@ -14,6 +14,7 @@ from transformers import (
     Qwen2_5_VLConfig,
     Qwen2Config,
     Qwen2VLConfig,
+    Qwen3VLConfig,
     SiglipVisionConfig,
 )
 
@@ -112,6 +113,16 @@ def tiny_qwen2_5_vl(num_layers: int = 6) -> Qwen2_5_VLConfig:
     return Qwen2_5_VLConfig(vision_config=vision, text_config=_tiny_qwen_vl_text(num_layers), **_tiny_qwen_vl_ids())
 
 
+def tiny_qwen3_vl(num_layers: int = 6) -> Qwen3VLConfig:
+    """Tiny Qwen3-VL: a 2-layer ViT (patch 8, learned positions on an 8×8 grid, 2×2 merger) whose both layers feed
+    DeepStack (added after LLM layers 0 and 1), and a tiny Qwen3 text model (q/k norms) with interleaved M-RoPE."""
+    vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=TINY_PATCH,
+                  spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=128, num_position_embeddings=64,
+                  deepstack_visual_indexes=[0, 1])
+    text = dict(_tiny_qwen_vl_text(num_layers), head_dim=32)
+    return Qwen3VLConfig(vision_config=vision, text_config=text, **_tiny_qwen_vl_ids())
+
+
 def llava_ov_0_5b() -> LlavaOnevisionConfig:
     """LLaVA-OneVision-0.5B shapes: SigLIP-400M as LLaVA-OV uses it (26 layers, d=1152, 384 px, patch 14) + Qwen2-0.5B (24 layers)."""
     vision = SiglipVisionConfig(
@@ -146,6 +157,7 @@ def llava_ov_0_5b() -> LlavaOnevisionConfig:
 
 
 PRESETS = {"tiny": tiny, "tiny-llama": tiny_llama, "tiny-qwen2-vl": tiny_qwen2_vl, "tiny-qwen2.5-vl": tiny_qwen2_5_vl,
+           "tiny-qwen3-vl": tiny_qwen3_vl,
            "llava-ov-0.5b": llava_ov_0_5b}
 
 

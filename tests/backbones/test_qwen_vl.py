@@ -1,21 +1,27 @@
-"""The Qwen-VL families (Qwen2-VL, Qwen2.5-VL): dense VISOR equals the stock model, M-RoPE positions survive the
-split into streams and the cache, mixed batches, checkpoints, and clear errors for what the port refuses."""
+"""The Qwen-VL families (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): dense VISOR equals the stock model, M-RoPE positions
+survive the split into streams and the cache, DeepStack and q/k norms reach every layer kind, mixed batches,
+checkpoints, the in-LLM baselines, and clear errors for what the port refuses."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from transformers import AutoConfig
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from visor import presets
 from visor.backbones import backbone_for, family
+from visor.modeling.layers import head_states
+from visor.reduction import fastv, pyramiddrop, shortv, sparsevlm
+from visor.reduction.fastv import last_token_attention
+from visor.reduction.pruned import PruningPlan, pruned
 
 IMAGE = presets.TINY_IMAGE_TOKEN_ID
 START, END = presets.TINY_VISION_START_TOKEN_ID, presets.TINY_VISION_END_TOKEN_ID
 PAD, BOS, FIRST_WORD_ID = presets.TINY_PAD_TOKEN_ID, 1, 5
 ATOL = 1e-5
-FAMILIES = ["tiny-qwen2-vl", "tiny-qwen2.5-vl"]
+FAMILIES = ["tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl"]
 # Image (height, width) per sample: two images of different sizes, one, none (text only), and three.
 IMAGES = [[(64, 96), (128, 64)], [(96, 96)], [], [(64, 64), (80, 112), (64, 64)]]
 
@@ -149,12 +155,8 @@ def test_mixed_batch_equals_each_sample_alone(sparse, batch):
     together = logits(sparse, batch, configuration=mixed)
     valid = batch["attention_mask"].bool()
     for row, configuration in enumerate(mixed):
-        alone = {key: value[row:row + 1] for key, value in batch.items() if key not in ("pixel_values", "image_grid_thw")}
-        images = [index for index, owner in enumerate(_image_owners(batch)) if owner == row]
-        if images:
-            alone |= _images(batch, images)
-        expected = logits(sparse, alone, configuration=configuration)[0]
-        torch.testing.assert_close(together[row][valid[row]], expected[valid[row]], atol=ATOL, rtol=0)
+        expected = logits(sparse, _alone(batch, row), configuration=configuration)[0]
+        torch.testing.assert_close(together[row][valid[row]], expected, atol=ATOL, rtol=0)
 
 
 def test_configurations_differ_and_the_image_reaches_the_text(sparse, batch):
@@ -209,6 +211,108 @@ def test_auto_configuration_runs_what_the_router_chose(sparse, batch):
     valid = batch["attention_mask"].bool()
     torch.testing.assert_close(output.logits[valid], logits(sparse, batch, configuration=chosen)[valid],
                                atol=ATOL, rtol=0)
+
+
+def _alone(batch, row: int) -> dict:
+    """Sample `row` of `batch` unpadded, with only its own images."""
+    real = batch["attention_mask"][row].bool()
+    alone = dict(input_ids=batch["input_ids"][row][real][None], attention_mask=batch["attention_mask"][row][real][None])
+    alone["mm_token_type_ids"] = (alone["input_ids"] == IMAGE).int()
+    images = [index for index, owner in enumerate(_image_owners(batch)) if owner == row]
+    return alone | (_images(batch, images) if images else {})
+
+
+def test_a_cross_attention_block_started_from_its_host_attends_as_the_host(stock):
+    """Its queries, keys and values are the host layer's (with Qwen3's per-head q/k norms), at the tokens' M-RoPE
+    positions: ungated, it adds the host attention's output over the visual tokens."""
+    model = family(stock.config).VISOR_MODEL.from_stock(stock, cross_attention_init="host",
+                                                        cross_attention_gate=False).eval()
+    host = model.text_stack.layers[0]
+    block = model.cross_attention["0"]
+    assert (block.k_norm is not None) == hasattr(host.self_attn, "k_norm")
+    visual = torch.randn(2, 7, stock.config.text_config.hidden_size)
+    rope = model.text_stack.rotary_emb(visual, torch.arange(7).expand(3, 2, 7))
+    with torch.no_grad():
+        keys, values = block.visual_keys_values(visual, rope)
+        expected = head_states(host.self_attn, "k", host.input_layernorm(visual))
+        expected_values = head_states(host.self_attn, "v", host.input_layernorm(visual))
+    expected, _ = apply_rotary_pos_emb(expected, expected, *rope)
+    torch.testing.assert_close(keys, expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(values, expected_values, atol=ATOL, rtol=0)
+
+    text = torch.randn(2, 5, stock.config.text_config.hidden_size)
+    text_rope = model.text_stack.rotary_emb(text, torch.arange(7, 12).expand(3, 2, 5))
+    attention = host.self_attn
+    with torch.no_grad():
+        query = head_states(attention, "q", host.input_layernorm(text))
+        query, _ = apply_rotary_pos_emb(query, query, *text_rope)
+        groups = attention.num_key_value_groups
+        weights = (query @ expected.repeat_interleave(groups, 1).transpose(2, 3) * attention.scaling).softmax(-1)
+        attended = (weights @ expected_values.repeat_interleave(groups, 1)).transpose(1, 2).reshape(2, 5, -1)
+        added = block(text, keys, values, torch.ones(2, 5, 7, dtype=torch.bool), text_rope) - text
+    torch.testing.assert_close(added, attention.o_proj(attended), atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_deepstack_reaches_the_cross_attention_blocks_when_no_layer_runs_as_sa():
+    """Qwen3-VL's additions after layers 0 and 1 go to the visual stream even where those layers run text-only
+    (the CA-only configuration), so the CA block at layer 3 reads them."""
+    stock = build_stock("tiny-qwen3-vl")
+    batch = build_batch(stock)
+    model = sparse_of(stock)
+    features = model.backbone.encode_images(model, 0, pixel_values=batch["pixel_values"],
+                                            image_grid_thw=batch["image_grid_thw"])
+    assert all(image.shape[0] == 3 for image in features)  # the features and two additions
+    without = [torch.cat([image[:1], torch.zeros_like(image[1:])]) for image in features]
+    valid = batch["attention_mask"].bool() & (batch["input_ids"] != IMAGE)
+    first = logits(model, batch, configuration=0)
+    assert torch.equal(logits(model, batch, configuration=0, image_features=features), first)
+    assert (logits(model, batch, configuration=0, image_features=without) - first)[valid].abs().max() > 1e-4
+
+
+# ---- the in-LLM baselines ---------------------------------------------------------------------------------------
+IN_LLM = {"fastv": lambda model: fastv(model, 2, 0.4), "pyramiddrop": lambda model: pyramiddrop(model, 0.5, [1, 3]),
+          "sparsevlm": lambda model: sparsevlm(model, 0.4, [1, 3]), "shortv": lambda model: shortv(model, 0.5)}
+
+
+@pytest.mark.parametrize("method", sorted(IN_LLM))
+def test_in_llm_baselines_reduce_each_sample_as_alone(stock, batch, method):
+    model = IN_LLM[method](stock)
+    together = logits(model, batch, logits_to_keep=1)
+    for row in range(len(batch["input_ids"])):
+        torch.testing.assert_close(logits(model, _alone(batch, row), logits_to_keep=1)[0], together[row],
+                                   atol=ATOL, rtol=0)
+
+
+def test_in_llm_baselines_off_equal_stock_and_generate_with_the_cache(stock, batch):
+    valid = batch["attention_mask"].bool()
+    expected = logits(stock, batch)
+    for model in (fastv(stock, 2, 1.0), sparsevlm(stock, 1.0, [1, 3]), shortv(stock, 0.0)):
+        torch.testing.assert_close(logits(model, batch)[valid], expected[valid], atol=ATOL, rtol=0)
+    options = dict(max_new_tokens=4, do_sample=False, pad_token_id=PAD)
+    assert torch.equal(fastv(stock, 2, 1.0).generate(**batch, **options), stock.generate(**batch, **options))
+    reduced = fastv(stock, 2, 0.3).generate(**batch, **options)
+    assert reduced.shape == (len(IMAGES), batch["input_ids"].shape[1] + 4)
+
+
+def test_freezing_the_last_layer_changes_no_text_logit(stock, batch):
+    """The `read` kind: text reads the visual keys and values the full layer would (q/k norms included)."""
+    text = batch["attention_mask"].bool() & (batch["input_ids"] != IMAGE)
+    torch.testing.assert_close(logits(shortv(stock, layers=[5]), batch)[text], logits(stock, batch)[text],
+                               atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_fastv_scores_are_the_stock_attention_row_of_the_last_token(stock, batch):
+    recorded = []
+
+    def recording(*args):
+        recorded.append(last_token_attention(*args))
+        return recorded[-1]
+
+    pruned(stock, PruningPlan({2: 0.5}, recording))(**batch, logits_to_keep=1)
+    attentions = stock(**batch, output_attentions=True).attentions[1]
+    torch.testing.assert_close(recorded[0], attentions[:, :, -1].mean(dim=1), atol=1e-6, rtol=0)
 
 
 # ---- checkpoints -----------------------------------------------------------------------------------------------------
@@ -300,3 +404,28 @@ def test_unsupported_variants_are_named():
     config.text_config.use_sliding_window = True
     with pytest.raises(ValueError, match="sliding-window"):
         backbone_for(config)
+
+
+@pytest.mark.parametrize("method", ["pool", "visionzip", "hired"])
+def test_pre_llm_reductions_refuse_the_family_by_name(stock, method):
+    from visor.reduction import apply_reduction, reduction_for
+
+    with pytest.raises(ValueError, match=f"not ported to {type(backbone_for(stock.config)).__name__}"):
+        reduction_for(stock.config, method, 2.0)
+    with pytest.raises(ValueError, match="not ported"):
+        apply_reduction(stock, method, 2.0)
+
+
+def test_in_llm_baselines_match_a_flops_ratio_on_the_family(stock):
+    """Matched on the reference prompt: the largest image the family's processor makes."""
+    from visor.reduction import apply_reduction, prefill_flops
+    from visor.reduction.budget import reference_inputs
+
+    reference = reference_inputs(stock.config)
+    assert int((reference["input_ids"] == IMAGE).sum()) == backbone_for(stock.config).image_tokens(
+        backbone_for(stock.config).largest_image_size()).visual_tokens > 1000
+    full = pruned(stock, PruningPlan({}, last_token_attention))
+    for method in ("fastv", "pyramiddrop", "sparsevlm"):
+        model = apply_reduction(stock, method, 2.0)
+        ratio = float(prefill_flops(full, reference)[0] / prefill_flops(model, reference)[0])
+        assert abs(ratio - 2.0) < 0.05, (method, ratio)

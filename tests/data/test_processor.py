@@ -39,6 +39,30 @@ def test_stock_forward_accepts_every_crop_layout_in_a_padded_batch(stock_models,
     assert torch.isfinite(output.loss)
 
 
+@pytest.mark.parametrize("preset", ["tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl"])
+def test_qwen_vl_inputs_are_what_the_stock_model_reads(tokenizer, preset):
+    from visor.backbones import backbone_for
+
+    config = presets.PRESETS[preset](num_layers=1)
+    torch.manual_seed(0)
+    model = backbone_for(config).stock_model_class(config).eval()
+    processor = VisorProcessor(config, tokenizer, padding_side="left")
+    batch = processor(_images(ODD_SIZES), ["what is it ?"] * len(ODD_SIZES), answers=["red"] * len(ODD_SIZES))
+    assert set(batch) == {"input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids", "labels"}
+    counts = (batch["input_ids"] == presets.TINY_IMAGE_TOKEN_ID).sum(1).tolist()
+    assert counts == [image_tokens(config, size).visual_tokens for size in ODD_SIZES] and len(set(counts)) > 3
+    assert counts == (batch["image_grid_thw"].prod(dim=1) // 4).tolist()
+    for row, count in zip(batch["input_ids"], counts):  # the image's tokens sit between its start and end tokens
+        start = int((row == presets.TINY_VISION_START_TOKEN_ID).nonzero())
+        assert int((row == presets.TINY_VISION_END_TOKEN_ID).nonzero()) == start + count + 1
+    assert batch["pixel_values"].shape == (int(batch["image_grid_thw"].prod(dim=1).sum()), 3 * 2 * 8 * 8)
+    with torch.no_grad():  # the stock model raises when image tokens and features disagree
+        output = model(**batch)
+    assert torch.isfinite(output.loss)
+    with pytest.raises(ValueError, match="patch targets"):
+        processor(_images([(64, 64)]), ["what ?"], class_maps=[np.zeros((64, 64), dtype=np.int64)])
+
+
 def test_anyres_max_shrink_and_larger_pinpoint_lists_match_the_stock_model(tokenizer):
     from transformers import LlavaOnevisionForConditionalGeneration
 

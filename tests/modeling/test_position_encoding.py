@@ -71,9 +71,9 @@ def test_model_applies_it_per_image_and_not_to_text(stock_factory):
     other = pixel_values.clone()
     other[0] += 1.0
     with torch.no_grad():
-        first, mask = model.embed_multimodal(input_ids, pixel_values=pixel_values, image_sizes=image_sizes,
+        first, mask, _ = model.embed_multimodal(input_ids, pixel_values=pixel_values, image_sizes=image_sizes,
                                              batch_num_images=two_images)
-        second, _ = model.embed_multimodal(input_ids, pixel_values=other, image_sizes=image_sizes,
+        second, _, _ = model.embed_multimodal(input_ids, pixel_values=other, image_sizes=image_sizes,
                                            batch_num_images=two_images)
     first_image = mask[0].nonzero().squeeze(1)[:tokens_per_crop]
     second_image = mask[0].nonzero().squeeze(1)[tokens_per_crop:]

@@ -255,7 +255,7 @@ def test_visual_states_change_only_in_sa_layers(sparse, batch):
     configuration = sparse.config.largest_configuration
     layout = TokenLayout.build(batch["input_ids"] == IMAGE, batch["attention_mask"])
     with torch.no_grad():
-        embedded, _ = sparse.embed_multimodal(batch["input_ids"], pixel_values=batch["pixel_values"],
+        embedded, _, _ = sparse.embed_multimodal(batch["input_ids"], pixel_values=batch["pixel_values"],
                                               image_sizes=batch["image_sizes"])
     final = []
     norm_hook = sparse.model.language_model.norm.register_forward_hook(

@@ -7,6 +7,7 @@ import torch
 from transformers import AutoTokenizer
 
 from visor import presets
+from visor.backbones import family
 from visor.data import build_tokenizer
 from visor.training import train
 from visor.training.data import resolve_data
@@ -88,3 +89,25 @@ def test_task_weights_set_the_mix_without_repeating_samples():
     for bad in ("synthetic@demo:read_cell*0", "synthetic@demo:read_cell*x", "synthetic@demo:read_cell,read_cell"):
         with pytest.raises(ValueError):
             resolve_data(bad, presets.tiny(2), seed=0)
+
+
+@pytest.mark.parametrize("preset", ["tiny-qwen2.5-vl", "tiny-qwen3-vl"])
+def test_every_recipe_runs_on_a_qwen_vl_backbone_and_the_loss_falls(tmp_path, preset):
+    """From scratch (no patch targets on this family: no aux loss), then VISOR's stage 1 and universal training."""
+    data = "synthetic@demo:read_cell,dominant_color"
+
+    def losses(folder):
+        records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        return [record["loss"] for record in records if "loss" in record]
+
+    train("full", data, tmp_path / "full", fast_settings(max_steps=12, model_layers=3), model_preset=preset,
+          progress=False)
+    full = losses(tmp_path / "full")
+    assert full[-1] < full[0] / 2
+    train("visor-stage1", data, tmp_path / "stage1", fast_settings("visor-stage1", max_steps=2),
+          init=tmp_path / "full" / "model", progress=False)
+    summary = train("visor-universal", data, tmp_path / "universal", fast_settings("visor-universal", max_steps=3),
+                    init=tmp_path / "stage1" / "model", progress=False)
+    assert all(loss > 0 for loss in losses(tmp_path / "universal"))
+    model = family(presets.PRESETS[preset]()).VISOR_MODEL.from_pretrained(tmp_path / "universal" / "model")
+    assert model.config.cross_attention_layers == [0] and set(summary["validation"]["accuracy"])

@@ -16,6 +16,8 @@ FAMILIES = {
     "visor_qwen2_vl": "visor.backbones.qwen2_vl",
     "qwen2_5_vl": "visor.backbones.qwen2_5_vl",
     "visor_qwen2_5_vl": "visor.backbones.qwen2_5_vl",
+    "qwen3_vl": "visor.backbones.qwen3_vl",
+    "visor_qwen3_vl": "visor.backbones.qwen3_vl",
 }
 
 

@@ -5,7 +5,8 @@ The adapter answers from transformers' own code: images go through the stock `ge
 come from the stock `get_rope_index` over the whole prompt (3 rows: time, height, width; an image advances the
 text position by its grid's longer side, not by its token count), token counts from the stock processor's
 `smart_resize`. An image is one grid of (h/merge) × (w/merge) tokens in row-major order, with no separator
-tokens inside it. Qwen2.5-VL (`visor.backbones.qwen2_5_vl`) shares all of it but the classes.
+tokens inside it. Qwen2.5-VL (`visor.backbones.qwen2_5_vl`) shares all of it but the classes; Qwen3-VL
+(`visor.backbones.qwen3_vl`) adds DeepStack.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from visor.reduction.pruned import PrunedModel
 
 
 class QwenVL(Backbone):
-    """What Qwen2-VL and Qwen2.5-VL share; a subclass names the stock class."""
+    """What the Qwen-VL families share; a subclass names the stock class."""
 
     image_inputs = ("image_grid_thw", "mm_token_type_ids")
     # The stock image processor's pixel bounds (its defaults): how large an image becomes before patching.
@@ -31,7 +32,7 @@ class QwenVL(Backbone):
 
     def __init__(self, config):
         super().__init__(config)
-        if config.text_config.use_sliding_window:
+        if getattr(config.text_config, "use_sliding_window", False):
             raise ValueError("VISOR does not support sliding-window attention in the text model (use_sliding_window)")
 
     # ---- the language model ------------------------------------------------------------------------------------

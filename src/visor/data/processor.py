@@ -1,9 +1,11 @@
-"""(image, question[, answer]) -> model inputs for LLaVA-OneVision-style models, configured from the model config.
+"""(image, question[, answer]) -> model inputs for a supported model family, configured from the model config.
 
-Pixels come from transformers' `LlavaOnevisionImageProcessorPil` (no torchvision needed). The full
-`LlavaOnevisionProcessor` cannot be built without torchvision, so the `<image>` expansion is done here: the
-prompt is rendered with the tokenizer's chat template around a single `<image>`, which is replaced by as many
-`<image>` ids as the backbone adapter says the model will fill for that image size.
+Pixels come from transformers' own PIL image processors (no torchvision needed): `LlavaOnevisionImageProcessorPil`
+(anyres crops, `image_sizes`) or, for the Qwen-VL families, `Qwen2VLImageProcessorPil` (flattened patches,
+`image_grid_thw`). The families' full processors cannot be built without torchvision, so the `<image>` expansion
+is done here: the prompt is rendered with the tokenizer's chat template around a single `<image>`, which is
+replaced by as many `<image>` ids as the backbone adapter says the model will fill for that image size (for
+Qwen-VL between its vision start and end tokens, as its processor writes them).
 
 Training rows: `labels` are -100 except on the answer tokens and the end-of-sequence token after them. Pass
 per-pixel `class_maps` to also get `patch_targets` (batch, max_crops, patches per crop), aligned with
@@ -18,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from transformers import BatchFeature, LlavaOnevisionConfig, LlavaOnevisionImageProcessorPil, PreTrainedTokenizerBase
+from transformers import BatchFeature, LlavaOnevisionImageProcessorPil, PreTrainedTokenizerBase
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from visor.backbones import backbone_for
 from visor.data.crops import CropLayout
@@ -71,10 +74,72 @@ def load_image(image: ImageLike, min_side: int = 1) -> Image.Image:
     return image
 
 
-class VisorProcessor:
-    """Turns images and questions (and answers, for training) into LLaVA-OV inputs that agree with `config`."""
+class AnyresImages:
+    """LLaVA-OneVision's image inputs: anyres crops of the config's crop size, and patch targets per crop."""
 
-    def __init__(self, config: LlavaOnevisionConfig, tokenizer: PreTrainedTokenizerBase,
+    has_patch_targets = True
+
+    def __init__(self, config, image_mean, image_std):
+        self.layout = CropLayout.from_config(config)
+        self.min_side = self.layout.patch
+        crop = {"height": self.layout.crop, "width": self.layout.crop}
+        self.image_processor = LlavaOnevisionImageProcessorPil(
+            size=crop, crop_size=crop, image_grid_pinpoints=[list(p) for p in self.layout.pinpoints],
+            image_mean=list(image_mean), image_std=list(image_std),
+        )
+
+    def placeholder(self, image_token_id: int, count: int) -> list[int]:
+        return [image_token_id] * count
+
+    def __call__(self, images: list[Image.Image]) -> dict:
+        pixels = self.image_processor(images, return_tensors="pt")
+        return {"pixel_values": pixels["pixel_values"], "image_sizes": pixels["image_sizes"]}
+
+    def patch_targets(self, images: list[Image.Image], class_maps: list[np.ndarray], inputs: dict) -> torch.Tensor:
+        """(batch, max_crops, patches per crop) class ids aligned with `pixel_values`' crops, -100 where none."""
+        max_crops = inputs["pixel_values"].shape[1]
+        out = torch.full((len(images), max_crops, self.layout.side**2), IGNORE_INDEX, dtype=torch.long)
+        for i, (image, class_map) in enumerate(zip(images, class_maps)):
+            if class_map is None:  # an image without targets (e.g. a real photo in a mixed batch)
+                continue
+            if class_map.shape != (image.height, image.width):
+                raise ValueError(f"class map {i} is {class_map.shape}, its image is {(image.height, image.width)}")
+            targets = self.layout.patch_targets(class_map)
+            out[i, : len(targets)] = torch.from_numpy(targets)
+        return out
+
+
+class GridImages:
+    """The Qwen-VL families' image inputs: each image resized to whole merged patches and flattened into patches,
+    with its (t, h, w) patch grid; its tokens sit between the vision start and end tokens."""
+
+    has_patch_targets = False
+
+    def __init__(self, config, image_mean, image_std):
+        vision, backbone = config.vision_config, backbone_for(config)
+        self.min_side = vision.patch_size
+        self.start, self.end = config.vision_start_token_id, config.vision_end_token_id
+        self.image_processor = Qwen2VLImageProcessorPil(
+            patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
+            temporal_patch_size=vision.temporal_patch_size, min_pixels=backbone.min_pixels,
+            max_pixels=backbone.max_pixels, image_mean=list(image_mean), image_std=list(image_std),
+        )
+
+    def placeholder(self, image_token_id: int, count: int) -> list[int]:
+        return [self.start] + [image_token_id] * count + [self.end]
+
+    def __call__(self, images: list[Image.Image]) -> dict:
+        pixels = self.image_processor(images, return_tensors="pt")
+        return {"pixel_values": pixels["pixel_values"], "image_grid_thw": pixels["image_grid_thw"]}
+
+    def patch_targets(self, images, class_maps, inputs):
+        raise ValueError("patch targets (class_maps) follow LLaVA-OneVision's crops; this model family has none")
+
+
+class VisorProcessor:
+    """Turns images and questions (and answers, for training) into inputs of `config`'s family that agree with it."""
+
+    def __init__(self, config, tokenizer: PreTrainedTokenizerBase,
                  padding_side: str = "right", image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD):
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' (generation) or 'right' (training), got {padding_side!r}")
@@ -88,16 +153,12 @@ class VisorProcessor:
             raise ValueError("the tokenizer needs a pad token and an end-of-sequence token")
         if not tokenizer.chat_template:
             raise ValueError("the tokenizer has no chat template to render prompts with")
-        self.layout = CropLayout.from_config(config)
         self.backbone = backbone_for(config)
+        self.images = (GridImages if "image_grid_thw" in self.backbone.image_inputs else AnyresImages)(
+            config, image_mean, image_std)
         self.tokenizer = tokenizer
         self.padding_side = padding_side
         self.image_token_id = image_token_id
-        crop = {"height": self.layout.crop, "width": self.layout.crop}
-        self.image_processor = LlavaOnevisionImageProcessorPil(
-            size=crop, crop_size=crop, image_grid_pinpoints=[list(p) for p in self.layout.pinpoints],
-            image_mean=list(image_mean), image_std=list(image_std),
-        )
 
     def prompt_ids(self, question: str) -> list[int]:
         """Token ids of the chat prompt for one question, with a single `<image>` id (expanded in `__call__`)."""
@@ -118,9 +179,10 @@ class VisorProcessor:
     def __call__(self, images: ImageLike | Sequence[ImageLike], questions: str | Sequence[str],
                  answers: str | Sequence[str] | None = None,
                  class_maps: np.ndarray | Sequence[np.ndarray] | None = None) -> BatchFeature:
-        """A padded batch: input_ids, attention_mask, pixel_values (B, max_crops, 3, crop, crop), image_sizes,
-        plus labels when `answers` are given and patch_targets when `class_maps` are. A single image and
-        question make a batch of one."""
+        """A padded batch: input_ids, attention_mask and the family's image inputs (LLaVA-OV: pixel_values
+        (B, max_crops, 3, crop, crop) and image_sizes; Qwen-VL: pixel_values (patches, features),
+        image_grid_thw and mm_token_type_ids), plus labels when `answers` are given and patch_targets when `class_maps` are. A single
+        image and question make a batch of one."""
         images = _as_list(images, (Image.Image, str, Path, np.ndarray))
         questions = _as_list(questions, str)
         answers = None if answers is None else _as_list(answers, str)
@@ -130,14 +192,14 @@ class VisorProcessor:
         for name, values in (("questions", questions), ("answers", answers), ("class_maps", class_maps)):
             if values is not None and len(values) != len(images):
                 raise ValueError(f"got {len(images)} images but {len(values)} {name}")
-        images = [load_image(image, min_side=self.layout.patch) for image in images]
+        images = [load_image(image, min_side=self.images.min_side) for image in images]
 
         sequences, label_rows = [], []
         for row, (image, question) in enumerate(zip(images, questions)):
             prompt = self.prompt_ids(question)
             slot = prompt.index(self.image_token_id)
             count = self.backbone.image_tokens((image.height, image.width)).visual_tokens
-            ids = prompt[:slot] + [self.image_token_id] * count + prompt[slot + 1:]
+            ids = prompt[:slot] + self.images.placeholder(self.image_token_id, count) + prompt[slot + 1:]
             labels = [IGNORE_INDEX] * len(ids)
             if answers is not None:
                 answer = self.answer_ids(answers[row])
@@ -145,17 +207,17 @@ class VisorProcessor:
             sequences.append(ids)
             label_rows.append(labels)
 
-        pixels = self.image_processor(images, return_tensors="pt")
         batch = {
             "input_ids": self._pad(sequences, self.tokenizer.pad_token_id),
             "attention_mask": self._pad([[1] * len(ids) for ids in sequences], 0),
-            "pixel_values": pixels["pixel_values"],
-            "image_sizes": pixels["image_sizes"],
+            **self.images(images),
         }
+        if "mm_token_type_ids" in self.backbone.image_inputs:  # the stock Qwen-VL models need it for positions
+            batch["mm_token_type_ids"] = (batch["input_ids"] == self.image_token_id).int()
         if answers is not None:
             batch["labels"] = self._pad(label_rows, IGNORE_INDEX)
         if class_maps is not None:
-            batch["patch_targets"] = self._patch_targets(images, class_maps, batch["pixel_values"].shape[1])
+            batch["patch_targets"] = self.images.patch_targets(images, class_maps, batch)
         return BatchFeature(batch)
 
     def _pad(self, rows: list[list[int]], value: int) -> torch.Tensor:
@@ -166,17 +228,6 @@ class VisorProcessor:
                 out[i, : len(row)] = torch.tensor(row)
             else:
                 out[i, length - len(row):] = torch.tensor(row)
-        return out
-
-    def _patch_targets(self, images: list[Image.Image], class_maps: list[np.ndarray], max_crops: int) -> torch.Tensor:
-        out = torch.full((len(images), max_crops, self.layout.side**2), IGNORE_INDEX, dtype=torch.long)
-        for i, (image, class_map) in enumerate(zip(images, class_maps)):
-            if class_map is None:  # an image without targets (e.g. a real photo in a mixed batch)
-                continue
-            if class_map.shape != (image.height, image.width):
-                raise ValueError(f"class map {i} is {class_map.shape}, its image is {(image.height, image.width)}")
-            targets = self.layout.patch_targets(class_map)
-            out[i, : len(targets)] = torch.from_numpy(targets)
         return out
 
     def decode(self, token_ids: Sequence[int] | torch.Tensor) -> str:

@@ -74,6 +74,8 @@ class CrossAttentionBlock(nn.Module):
         self.k_proj = _like(host.k_proj, self.num_key_value_heads * self.head_dim)
         self.v_proj = _like(host.v_proj, self.num_key_value_heads * self.head_dim)
         self.o_proj = _like(host.o_proj)
+        # Per-head query/key norms where the host has them (Qwen3).
+        self.q_norm, self.k_norm = (_norm_like(getattr(host, name, None)) for name in ("q_norm", "k_norm"))
         self.attention_gate = nn.Parameter(torch.zeros(1)) if gate else None
         self.mlp = None
         self.mlp_gate = None
@@ -92,6 +94,9 @@ class CrossAttentionBlock(nn.Module):
                 target.bias.copy_(self._pool_heads(source.bias, target.out_features))
         self.text_norm.weight.copy_(host_layer.input_layernorm.weight)
         self.visual_norm.weight.copy_(host_layer.input_layernorm.weight)
+        for name in ("q_norm", "k_norm"):
+            if getattr(self, name) is not None:
+                getattr(self, name).weight.copy_(getattr(host_layer.self_attn, name).weight)
 
     def _pool_heads(self, weight: torch.Tensor, out_features: int) -> torch.Tensor:
         """Mean over each group of consecutive host heads along the output dimension (identity if sizes match)."""
@@ -119,6 +124,8 @@ class CrossAttentionBlock(nn.Module):
         shape = (batch, length, self.num_key_value_heads, self.head_dim)  # explicit: length may be 0
         keys = nn.functional.linear(visual_unit, self.k_proj.weight * scale, self.k_proj.bias).view(shape)
         values = nn.functional.linear(visual_unit, self.v_proj.weight * scale, self.v_proj.bias).view(shape)
+        if self.k_norm is not None:
+            keys = self.k_norm(keys)
         keys, values = keys.transpose(1, 2), values.transpose(1, 2)
         if self.use_rope:
             keys = _rotate(keys, visual_rope)
@@ -141,7 +148,10 @@ class CrossAttentionBlock(nn.Module):
 
     def _attend(self, text, keys, values, allowed, text_rope) -> torch.Tensor:
         batch, text_len, _ = text.shape
-        query = self.q_proj(self.text_norm(text)).view(batch, text_len, self.num_heads, self.head_dim).transpose(1, 2)
+        query = self.q_proj(self.text_norm(text)).view(batch, text_len, self.num_heads, self.head_dim)
+        if self.q_norm is not None:
+            query = self.q_norm(query)
+        query = query.transpose(1, 2)
         if self.use_rope:
             query = _rotate(query, text_rope)
         sees_visual = allowed.any(dim=-1)  # (B, Nt)
@@ -173,6 +183,10 @@ def _rotate(states: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> to
 
 def _like(linear: nn.Linear, out_features: int | None = None) -> nn.Linear:
     return nn.Linear(linear.in_features, out_features or linear.out_features, bias=linear.bias is not None)
+
+
+def _norm_like(norm: nn.Module | None) -> nn.Module | None:
+    return None if norm is None else type(norm)(norm.weight.shape[0], eps=norm.variance_epsilon)
 
 
 def _gated(update: torch.Tensor, gate: nn.Parameter | None) -> torch.Tensor:

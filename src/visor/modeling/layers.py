@@ -27,6 +27,17 @@ def run_layer(layer, hidden: torch.Tensor, bias: torch.Tensor | None, rope: Rope
                  use_cache=cache is not None)
 
 
+def head_states(attention, kind: str, hidden: torch.Tensor) -> torch.Tensor:
+    """(B, H, N, head_dim) queries, keys or values (`kind` "q", "k" or "v") of `hidden` (B, N, d, already
+    normed) through a stock attention module's projection, with its per-head norm where the family has one
+    (Qwen3's `q_norm`, `k_norm`)."""
+    projection = getattr(attention, f"{kind}_proj")
+    heads = projection.out_features // attention.head_dim  # explicit: N may be 0 (a prompt without image)
+    states = projection(hidden).view(*hidden.shape[:2], heads, attention.head_dim)
+    norm = getattr(attention, f"{kind}_norm", None)
+    return (states if norm is None else norm(states)).transpose(1, 2)
+
+
 def split_rope(layout: TokenLayout, rope: Rope) -> tuple[Rope, Rope]:
     """The rotary embeddings of a whole sequence, split into its visual and its text stream."""
     (visual_cos, text_cos), (visual_sin, text_sin) = (layout.split(part) for part in rope)
@@ -41,9 +52,7 @@ def read_visual_layer(layer, layout: TokenLayout, hidden: torch.Tensor, rope: Ro
     visual_rope, text_rope = split_rope(layout, rope)
     attention = layer.self_attn
     normed = layer.input_layernorm(visual)
-    shape = (*visual.shape[:2], -1, attention.head_dim)
-    keys = attention.k_proj(normed).view(shape).transpose(1, 2)
-    values = attention.v_proj(normed).view(shape).transpose(1, 2)
+    keys, values = head_states(attention, "k", normed), head_states(attention, "v", normed)
     keys, _ = apply_rotary_pos_emb(keys, keys, *visual_rope)
     cache.update(keys, values, attention.layer_idx)
     allowed = torch.cat([layout.cross_mask(), layout.text_mask()], dim=2)

@@ -116,8 +116,9 @@ class VisorModel:
             for gate in (module.attention_gate, module.mlp_gate):
                 if gate is not None:
                     nn.init.zeros_(gate)
-            nn.init.ones_(module.text_norm.weight)
-            nn.init.ones_(module.visual_norm.weight)
+            for norm in (module.text_norm, module.visual_norm, module.q_norm, module.k_norm):
+                if norm is not None:
+                    nn.init.ones_(norm.weight)
         # Modules come here one by one, those holding parameters only, first while the stock __init__ runs.
         elif module is getattr(getattr(self, "position_encoding", None), "conv", None):
             self.position_encoding.reset_parameters()
@@ -135,8 +136,9 @@ class VisorModel:
 
     # ---- inputs -> streams ----------------------------------------------------------------------------------
     def embed_multimodal(self, input_ids: torch.LongTensor, image_features: list[torch.Tensor] | None = None,
-                         **image_inputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token embeddings with image features (after the CPE) in the `<image>` slots, and the image mask."""
+                         **image_inputs) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """Token embeddings with image features (after the CPE) in the `<image>` slots, the image mask, and the
+        DeepStack additions (see `embed_with_images`)."""
         return embed_with_images(self, input_ids, image_features, self.position_encoding, **image_inputs)
 
     # ---- the layer loop -------------------------------------------------------------------------------------
@@ -165,6 +167,7 @@ class VisorModel:
                     outputs.append((rows, runs_sa, run_layer(layer, *streams.layer_inputs(index, rows, runs_sa))))
             for rows, runs_sa, output in outputs:
                 streams.store(rows, runs_sa, output)
+            streams.after_layer(index)
 
     # ---- forward ----------------------------------------------------------------------------------------------
     def forward(
@@ -218,9 +221,9 @@ class VisorModel:
         else:
             choice = ConfigurationChoice.resolve(self.config, configuration, input_ids.shape[0], input_ids.device,
                                                  router_threshold, has_router=self.router is not None)
-            hidden, visual_mask = self.embed_multimodal(input_ids, image_features, **image_inputs)
+            hidden, visual_mask, additions = self.embed_multimodal(input_ids, image_features, **image_inputs)
             layout = TokenLayout.build(visual_mask, attention_mask)
-            streams = _Prefill(self, hidden, layout, position_ids, choice, cache)
+            streams = _Prefill(self, hidden, layout, position_ids, choice, cache, additions)
             self._run_layers(streams)
             hidden, configuration = layout.merge(streams.visual, streams.text), streams.configuration
             if cache is not None:
@@ -266,15 +269,21 @@ class _Streams:
     def before_layer(self, index: int) -> None:
         pass
 
+    def after_layer(self, index: int) -> None:
+        pass
+
     def store(self, rows: torch.Tensor, runs_sa: bool, output: torch.Tensor) -> None:
         self.text = _put(self.text, rows, output)
 
 
 class _Prefill(_Streams):
     def __init__(self, model: VisorModel, hidden: torch.Tensor, layout: TokenLayout, position_ids: torch.Tensor,
-                 choice: ConfigurationChoice, cache: VisorCache | None):
+                 choice: ConfigurationChoice, cache: VisorCache | None, additions: list[torch.Tensor]):
         self.model, self.layout, self.cache, self.choice = model, layout, cache, choice
         self.visual, self.text = layout.split(hidden)
+        # DeepStack: the stock model adds these to the visual positions after layers 0, 1, …; VISOR adds them to
+        # the visual stream whether or not the layer ran as SA, so later SA layers and CA blocks read them.
+        self.visual_additions = [layout.split(addition)[0] for addition in additions]
         self.full_rope = model.text_stack.rotary_emb(hidden, position_ids)
         self.visual_rope, self.text_rope = split_rope(layout, self.full_rope)
         # Without padding, SDPA's own causal kernel needs no (S, S) mask: the same fast path the stock model takes.
@@ -301,6 +310,11 @@ class _Prefill(_Streams):
             self.sa_layers = self.table[self.configuration]
             if self.cache is not None:
                 self.cache.sa_layers = self.sa_layers
+
+    def after_layer(self, index: int) -> None:
+        if index < len(self.visual_additions):
+            self.visual = self.visual + self.visual_additions[index]
+            self.visual_unit = None
 
     def cross_keys_values(self, index, block):
         if self.visual_unit is None:
@@ -369,20 +383,31 @@ def _put(value: torch.Tensor, rows: torch.Tensor, update: torch.Tensor) -> torch
 
 
 def embed_with_images(model, input_ids: torch.Tensor, image_features: list[torch.Tensor] | None = None,
-                      position_encoding: nn.Module | None = None, **image_inputs) -> tuple[torch.Tensor, torch.Tensor]:
+                      position_encoding: nn.Module | None = None,
+                      **image_inputs) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """Token embeddings of `model` with the images' features (after `position_encoding`, if any) in the `<image>`
-    slots, and the image mask. `image_inputs` are the family's (`pixel_values` and `Backbone.image_inputs`);
-    `image_features` (one projected (n_i, d) tensor per image) replaces the vision tower, e.g. to reuse features
-    across configurations or to time the language model alone."""
+    slots, the image mask, and DeepStack's additions: (B, S, d) per early layer, zero but at the image slots.
+
+    `image_inputs` are the family's (`pixel_values` and `Backbone.image_inputs`); `image_features` replaces the
+    vision tower (e.g. to reuse features across configurations or to time the language model alone): one projected
+    (n_i, d) tensor per image, or (1 + K, n_i, d) for a family with DeepStack (the features, then what the stock
+    model adds to the image's tokens after each of the first K layers), as `Backbone.encode_images` returns."""
     _check_ids(input_ids, model.config.text_config.vocab_size)
     visual_mask = input_ids == model.config.image_token_id
     embeds = model.get_input_embeddings()(input_ids)
     tokens_per_sample = visual_mask.sum(dim=1)
     if not visual_mask.any():
-        return embeds, visual_mask
+        return embeds, visual_mask, []
     if image_features is None:
         image_features = model.backbone.encode_images(model, int(tokens_per_sample.sum()), **image_inputs)
     features = list(image_features)
+    if len({image.dim() for image in features}) > 1 or features[0].dim() not in (2, 3):
+        raise ValueError(f"image features must all be (n, d) or all (1 + K, n, d), got "
+                         f"{[tuple(image.shape) for image in features]}")
+    additions = []
+    if features[0].dim() == 3:
+        additions = [torch.cat([image[layer] for image in features]) for layer in range(1, features[0].shape[0])]
+        features = [image[0] for image in features]
     if position_encoding is not None:
         features = [position_encoding(image) for image in features]
     # Images fill the <image> slots in prompt order, so each sample's slots must end where one of its images ends.
@@ -393,8 +418,9 @@ def embed_with_images(model, input_ids: torch.Tensor, image_features: list[torch
             f"image-token count does not match the images: input_ids hold {tokens_per_sample.tolist()} <image> "
             f"tokens per sample, the images give {[image.shape[0] for image in features]} features each"
         )
-    features = torch.cat(features).to(embeds.dtype)
-    return embeds.masked_scatter(visual_mask[..., None], features), visual_mask
+    slots = visual_mask[..., None]
+    additions = [torch.zeros_like(embeds).masked_scatter(slots, addition.to(embeds.dtype)) for addition in additions]
+    return embeds.masked_scatter(slots, torch.cat(features).to(embeds.dtype)), visual_mask, additions
 
 
 def _check_ids(input_ids: torch.Tensor, vocab_size: int) -> None:

@@ -14,7 +14,7 @@ from visor.reduction.budget import prefill_flops, solve_strength
 from visor.reduction.fastv import fastv, fastv_plan
 from visor.reduction.hired import HiRED, hired
 from visor.reduction.pool import Pooling, pool
-from visor.reduction.prellm import PreLLMReduced, base_schedule, reduced_prefill_flops
+from visor.reduction.prellm import PreLLMReduced, base_schedule, check_backbone, reduced_prefill_flops
 from visor.reduction.pruned import PruningPlan, pruned
 from visor.reduction.pyramiddrop import pyramiddrop, pyramiddrop_plan
 from visor.reduction.shortv import shortv, shortv_plan
@@ -57,7 +57,10 @@ def reduction_at(config, method: str, strength: float):
     """What `method` does at `strength` (a `PruningPlan` or a visual reducer), before any matching."""
     if method not in _METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    return _METHODS[method][1](config, strength)
+    reduction = _METHODS[method][1](config, strength)
+    if not isinstance(reduction, PruningPlan):
+        check_backbone(config)
+    return reduction
 
 
 def reduction_for(config, method: str, ratio: float, inputs: dict | None = None):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
+from visor.modeling.layers import head_states
 from visor.reduction.pruned import PruningPlan, Tokens, check_keep, check_layer, pruned
 
 
@@ -27,8 +28,7 @@ def last_token_attention(layer, layer_input: torch.Tensor, rope, keys: torch.Ten
     attention = layer.self_attn
     rows = torch.arange(len(layer_input), device=layer_input.device)
     last = tokens.last()
-    query = attention.q_proj(layer.input_layernorm(layer_input[rows, last][:, None]))
-    query = query.view(len(rows), 1, -1, attention.head_dim).transpose(1, 2)  # (B, H, 1, head_dim)
+    query = head_states(attention, "q", layer.input_layernorm(layer_input[rows, last][:, None]))  # (B, H, 1, hd)
     cos, sin = (part[rows, last][:, None] for part in rope)
     query, _ = apply_rotary_pos_emb(query, query, cos, sin)
     logits = query @ repeat_kv(keys, attention.num_key_value_groups).transpose(2, 3) * attention.scaling

@@ -14,6 +14,7 @@ from typing import Protocol
 
 import torch
 
+from visor.backbones import backbone_for
 from visor.config import Schedule
 from visor.flops import image_tokens, llm_prefill_flops, prompt_token_counts
 from visor.modeling.visor import VisorModel
@@ -30,10 +31,20 @@ class VisualReducer(Protocol):
         """FLOPs the reducer adds on the vision side for one image (scores, similarities), outside the LLM."""
 
 
+def check_backbone(config) -> None:
+    """Pre-LLM reducers cut LLaVA-OneVision's packed grids (base view, hi-res grid, newlines) and score with
+    SigLIP's attention: a ValueError names any other family."""
+    backbone = backbone_for(config)
+    if not hasattr(backbone, "packed_grid"):
+        raise ValueError(f"pre-LLM reductions (pool, VisionZip, HiRED) read LLaVA-OneVision's anyres grids and "
+                         f"SigLIP's attention; they are not ported to {type(backbone).__name__} models")
+
+
 class PreLLMReduced:
     """`base` (a stock model or VISOR at `configuration`) reading the images through `reducer`."""
 
     def __init__(self, base, reducer: VisualReducer, configuration: int | None = None):
+        check_backbone(base.config)
         self.base, self.reducer = base, reducer
         self.is_visor = isinstance(base, VisorModel)
         if configuration is not None and not self.is_visor:

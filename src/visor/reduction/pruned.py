@@ -222,7 +222,7 @@ class PrunedModel:
                 image_grid_thw=None, mm_token_type_ids=None, **kwargs):
         """Logits as the stock model's; tokens dropped inside the stack keep the hidden state they had then.
 
-        `image_features` (one projected (n_i, d) tensor per image) may replace the images, e.g. to time the
+        `image_features` (per image, as `visor.modeling.visor.embed_with_images` takes them) may replace the images, e.g. to time the
         language model alone.
         """
         if input_ids is None or inputs_embeds is not None:
@@ -238,14 +238,16 @@ class PrunedModel:
         if cache is not None and cache.is_prefilled:
             hidden = self._decode_layers(input_ids, attention_mask[:, -length:], position_ids, cache)
         else:
-            hidden, visual_mask = embed_with_images(self, input_ids, image_features, **image_inputs)
-            hidden = self._prefill_layers(hidden, visual_mask, attention_mask, position_ids,
+            hidden, visual_mask, additions = embed_with_images(self, input_ids, image_features, **image_inputs)
+            hidden = self._prefill_layers(hidden, visual_mask, additions, attention_mask, position_ids,
                                           cache if cache is not None else PrunedCache())
         hidden = self.text_stack.norm(hidden)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         return CausalLMOutputWithPast(logits=self.lm_head(hidden[:, keep]), past_key_values=cache)
 
-    def _prefill_layers(self, hidden, visual_mask, attention_mask, position_ids, cache) -> torch.Tensor:
+    def _prefill_layers(self, hidden, visual_mask, additions, attention_mask, position_ids, cache) -> torch.Tensor:
+        """The prompt through every layer; `additions` (DeepStack's, see `embed_with_images`) go to the tokens
+        still there after their layer."""
         plan = self.plan
         tokens = Tokens.start(visual_mask, attention_mask)
         full_rope = self.text_stack.rotary_emb(hidden, position_ids)
@@ -266,10 +268,12 @@ class PrunedModel:
                 else:
                     hidden = text_layer(layer, layout, hidden, rope, cache)
                     cache.valid[index], cache.visual[index] = layout.text.valid, torch.zeros_like(layout.text.valid)
+                hidden = _after_layer(hidden, tokens, additions, index)
                 continue
             layer_input = hidden
             with self._watching(index, layer):
                 hidden = run_layer(layer, hidden, attention_bias(tokens.causal_mask(), hidden.dtype), rope, cache)
+            hidden = _after_layer(hidden, tokens, additions, index)
             cache.valid[index], cache.visual[index] = tokens.valid, tokens.visual & tokens.valid
             if index + 1 in plan.drops:
                 scores = plan.scorer(layer, layer_input, rope, cache.keys[index], tokens)
@@ -321,6 +325,11 @@ class PrunedModel:
 
     def prefill_flops(self, inputs: dict) -> torch.Tensor:
         return self.plan.prefill_flops(self.config, inputs)
+
+
+def _after_layer(hidden: torch.Tensor, tokens: Tokens, additions: list[torch.Tensor], index: int) -> torch.Tensor:
+    """`hidden` with layer `index`'s DeepStack addition at the tokens still there (none past the first K layers)."""
+    return hidden + tokens.gather(additions[index]) if index < len(additions) else hidden
 
 
 def pruned(model, plan: PruningPlan, on_weights: Callable[[int, torch.Tensor], None] | None = None):

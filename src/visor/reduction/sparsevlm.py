@@ -35,6 +35,7 @@ import torch
 from torch.nn import functional
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
+from visor.modeling.layers import head_states
 from visor.reduction.pruned import PruningPlan, Tokens, check_keep, check_layer, pruned
 
 REFERENCE_LAYERS = (2, 6, 15)  # of LLaVA-1.5's 32 layers
@@ -72,8 +73,7 @@ def rater_attention(layer, layer_input: torch.Tensor, rope, keys: torch.Tensor, 
     def take(values):
         return values.gather(1, rows[..., None].expand(*rows.shape, values.shape[-1]))
 
-    query = attention.q_proj(layer.input_layernorm(take(layer_input)))
-    query = query.view(*rows.shape, -1, attention.head_dim).transpose(1, 2)  # (B, H, Q, head_dim)
+    query = head_states(attention, "q", layer.input_layernorm(take(layer_input)))  # (B, H, Q, head_dim)
     query, _ = apply_rotary_pos_emb(query, query, take(rope[0]), take(rope[1]))
     logits = query @ repeat_kv(keys, attention.num_key_value_groups).transpose(2, 3) * attention.scaling
     visible = tokens.valid[:, None, :] & (tokens.index[:, None, :] <= tokens.index.gather(1, rows)[:, :, None])

@@ -24,12 +24,13 @@ from torch import nn
 
 from visor import presets
 from visor.backbones import backbone_for, family
+from visor.backbones.base import IMAGE_ARGUMENTS
 from visor.modeling import VisorModel, load_stock
 from visor.modeling.visor import check_checkpoint_folder
 from visor.modeling.freezing import freeze_base, freeze_vision_tower, unfreeze_all
 
 RECIPES = ("full", "visor-stage1", "visor-universal")
-MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_sizes", "labels", "batch_num_images")
+MODEL_INPUTS = ("input_ids", "attention_mask", "labels", *IMAGE_ARGUMENTS)
 
 
 def check_recipe(recipe: str) -> None:
@@ -79,7 +80,8 @@ def build_model(recipe: str, init: str | os.PathLike | None, preset: str | None,
             torch.manual_seed(settings.seed)
             backbone = backbone_for(config)
             model = backbone.stock_model_class(config)
-            init_patch_positions_2d(backbone.vision_tower(model))
+            if hasattr(backbone.vision_tower(model), "embeddings"):  # SigLIP's learned positions (not Qwen-VL's)
+                init_patch_positions_2d(backbone.vision_tower(model))
             if settings.embedding_std is not None:
                 with torch.no_grad():
                     model.get_input_embeddings().weight.normal_(0.0, settings.embedding_std)

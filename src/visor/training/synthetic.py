@@ -40,7 +40,8 @@ class SyntheticSource:
             raise ValueError(f"the suite's tokenizer has {len(self.tokenizer)} ids but the model's vocabulary {vocab}")
         self._train = VisorProcessor(model_config, self.tokenizer, padding_side="right")
         self._prompt = VisorProcessor(model_config, self.tokenizer, padding_side="left")
-        self.num_patch_classes = len(PATCH_CLASSES)
+        # Per-patch targets (the auxiliary loss) follow LLaVA-OV's crops; the Qwen-VL families train without.
+        self.num_patch_classes = len(PATCH_CLASSES) if self._train.images.has_patch_targets else 0
 
     def _sample(self, split: str, task: str, index: int):
         return self._make_sample(self._task_objects[task], split, index, self.seed, self.size)
@@ -52,7 +53,7 @@ class SyntheticSource:
             samples.append(self._sample("train", name, (i // len(self.schedule)) * weight + k))
         batch = self._train(
             [s.image for s in samples], [s.question for s in samples], [s.answer for s in samples],
-            class_maps=[s.class_map for s in samples],
+            class_maps=[s.class_map for s in samples] if self.num_patch_classes else None,
         )
         return dict(batch)
 

@@ -1,0 +1,59 @@
+"""Qwen3-VL: Qwen2-VL's adapter (`visor.backbones.qwen2_vl.QwenVL`) on the Qwen3-VL classes, plus DeepStack, and the
+family's `VisorQwen3VLConfig` (model type `visor_qwen3_vl`), `VisorQwen3VLForConditionalGeneration` and
+`PrunedQwen3VL`.
+
+What differs from Qwen2.5-VL is inside stock modules VISOR calls as they are (the text model's q/k norms, the
+interleaved M-RoPE, the vision tower's learned positions), except DeepStack: the vision tower also hands out
+features of a few of its layers, which the stock model adds to the image tokens' hidden states after the first
+LLM layers. `encode_images` returns them stacked under each image's features, and the engine adds them to the
+visual tokens after those layers (`visor.modeling.visor.embed_with_images`). The MoE variant (`qwen3_vl_moe`) is
+not supported.
+"""
+
+from __future__ import annotations
+
+import torch
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+from visor.backbones.qwen2_vl import QwenVL
+from visor.config import VisorConfigMixin
+from visor.modeling.visor import VisorModel
+from visor.reduction.pruned import PrunedModel
+
+
+@strict
+class VisorQwen3VLConfig(VisorConfigMixin, Qwen3VLConfig):
+    """A Qwen3-VL config with VISOR's layer schedule (`visor.config.VisorConfigMixin`)."""
+
+    model_type = "visor_qwen3_vl"
+
+
+AutoConfig.register("visor_qwen3_vl", VisorQwen3VLConfig)
+
+
+class Qwen3VL(QwenVL):
+    stock_model_class = Qwen3VLForConditionalGeneration
+
+    def encode_images(self, model, num_image_tokens, pixel_values=None, image_grid_thw=None, mm_token_type_ids=None):
+        """Per image (1 + K, n, d): its features, then DeepStack's additions after LLM layers 0 … K-1."""
+        self._check_images(num_image_tokens, pixel_values, image_grid_thw)
+        output = model.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+        return [torch.stack([image, *additions])
+                for image, *additions in zip(output.pooler_output, *output.deepstack_features)]
+
+
+class VisorQwen3VLForConditionalGeneration(VisorModel, Qwen3VLForConditionalGeneration):
+    """Qwen3-VL with VISOR's layer kinds (`visor.modeling.visor.VisorModel`)."""
+
+    config_class = VisorQwen3VLConfig
+    backbone_class = Qwen3VL
+
+
+class PrunedQwen3VL(PrunedModel, Qwen3VLForConditionalGeneration):
+    """Qwen3-VL under an in-LLM token-reduction plan (`visor.reduction.pruned.PrunedModel`)."""
+
+    backbone_class = Qwen3VL
+
+
+BACKBONE, VISOR_MODEL, PRUNED_MODEL = Qwen3VL, VisorQwen3VLForConditionalGeneration, PrunedQwen3VL
