@@ -164,3 +164,27 @@ def test_baseline_rows_at_the_requested_ratio(baselines):
 def test_bad_baseline_ratio_is_refused():
     with pytest.raises(ValueError, match="baseline FLOPs ratios must be >= 1"):
         bench.BenchPlan("tiny", baselines=(0.5,))
+
+
+def test_a_qwen_vl_preset_benches_its_own_family(tmp_path):
+    """VISOR's rows and the in-LLM baselines (the pre-LLM ones are LLaVA-OV's) on M-RoPE positions of a 4×6 grid."""
+    from visor import reduction
+    from visor.flops import nominal_vision_flops
+
+    assert run_cli("--preset", "tiny-qwen3-vl", "--visual-tokens", "24", "--text-tokens", str(TEXT_TOKENS),
+                   "--repeats", "1", "--decode-tokens", "1", "--baselines", "2", "--output", str(tmp_path)) == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())
+    config = bench.BenchPlan("tiny-qwen3-vl").config
+    assert config.model_type == "visor_qwen3_vl"
+    assert reduction.methods_for(config) == ("fastv", "pyramiddrop", "sparsevlm", "shortv")
+    assert sorted((row["method"], row["configuration"]) for row in rows if row["setting"] is None) == sorted(
+        [("full", None), ("text-only", None)] + [("visor", index) for index in range(len(config.configurations))])
+    assert {row["method"] for row in rows if row["setting"] == "2x"} == set(reduction.methods_for(config))
+    per_token_layer = 2 * config.text_config.num_key_value_heads * config.text_config.head_dim * 2  # bf16 K and V
+    for row in rows:
+        assert row["vision_flops"] == nominal_vision_flops(config, 24).total
+        if row["method"] == "visor":
+            layers = len(config.cross_attention_layers) + len(config.configurations[row["configuration"]])
+            assert row["kv_bytes_visual"] == layers * 24 * per_token_layer
+            schedule = Schedule.of(config, row["configuration"])
+            assert row["llm_prefill_flops"] == llm_prefill_flops(config, 24, TEXT_TOKENS, schedule).total

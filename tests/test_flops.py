@@ -15,6 +15,7 @@ from visor.flops import (
     decode_flops_per_token,
     image_tokens,
     llm_prefill_flops,
+    nominal_vision_flops,
     savings,
     vision_flops,
 )
@@ -81,7 +82,7 @@ def build(seed: int):
         pixel_values=torch.randn(1, crops, 3, 64, 64),
         image_sizes=torch.tensor([[height, width]]),
     )
-    return stock, visor, prompt, crops, visual, before + after
+    return stock, visor, prompt, (height, width), visual, before + after
 
 
 def counted(run) -> int:
@@ -99,9 +100,9 @@ def assert_exact(measured: int, analytic: int) -> None:
 # ---- prefill against FlopCounterMode ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("seed", range(20))
 def test_prefill_matches_flop_counter(seed):
-    stock, visor, prompt, crops, visual, text = build(seed)
+    stock, visor, prompt, image_size, visual, text = build(seed)
     length = visual + text
-    vision = vision_flops(stock.config, crops).total
+    vision = vision_flops(stock.config, image_size).total
     assert_exact(counted(lambda: stock(**prompt)), vision + llm_prefill_flops(stock.config, visual, text, Schedule.full(stock.config), length).total)
     for index in range(len(visor.config.configurations)):
         keep = index % 2  # alternate a training-style forward (logits everywhere) and a generation prefill (1)
@@ -111,9 +112,9 @@ def test_prefill_matches_flop_counter(seed):
 
 
 def test_dense_visor_counts_as_the_stock_model_plus_its_position_encoding():
-    stock, _, prompt, crops, visual, text = build(100)
+    stock, _, prompt, image_size, visual, text = build(100)
     dense = VisorForConditionalGeneration.from_stock(stock, VisorConfig.dense(stock.config)).eval()
-    vision = vision_flops(stock.config, crops).total
+    vision = vision_flops(stock.config, image_size).total
     analytic = llm_prefill_flops(dense.config, visual, text, Schedule.of(dense.config, 0), logits_tokens=1)
     assert_exact(counted(lambda: dense(**prompt, logits_to_keep=1)), vision + analytic.total)
     stock_count = llm_prefill_flops(stock.config, visual, text, Schedule.full(stock.config), logits_tokens=1)
@@ -212,9 +213,14 @@ def test_decode_step_adds_one_text_key_everywhere(real):
 
 
 def test_vision_flops_scale_with_crops(real):
-    one = vision_flops(real, 1)
-    assert vision_flops(real, 10).total == 10 * one.total
+    """Per image, as many crops' worth as the image has crops; a benchmark's N tokens stand for ceil(N / 729)."""
+    one = vision_flops(real, (384, 384))  # the base view and one hi-res crop
+    assert image_tokens(real, (384, 384)).crops == 2
+    large = vision_flops(real, (1152, 1152))
+    assert large.total == image_tokens(real, (1152, 1152)).crops * one.total // 2
     assert set(one.parts) == {"vision_tower", "projector"} and one.parts["vision_tower"] > one.parts["projector"] > 0
+    assert nominal_vision_flops(real, 729).total == one.total // 2
+    assert nominal_vision_flops(real, 730).total == nominal_vision_flops(real, 1458).total == one.total
 
 
 def test_savings_is_a_ratio_of_sums():

@@ -6,11 +6,12 @@ fixed text length, the full stock model, every VISOR configuration and the text-
 
 What is measured, and how:
 - The language model only. The vision tower's cost does not depend on the method, so its FLOPs come from
-  `visor.flops` (at the ceil(N_v / tokens per crop) crops that give N_v tokens before anyres packing) and the
-  model gets precomputed (random) image features instead of pixels.
-- Every row runs through `VisorForConditionalGeneration`: the full model is `VisorConfig.dense(...)` (every layer
-  SA, no CA, no CPE), which equals the stock LLaVA-OV model exactly; the text-only floor is that same model on the
-  text tokens alone. The prompt is the image followed by the text.
+  `visor.flops` (`nominal_vision_flops`: for LLaVA-OV the ceil(N_v / tokens per crop) crops that give N_v tokens
+  before anyres packing) and the model gets precomputed (random) image features instead of pixels.
+- Every row runs through the preset family's VISOR class: the full model is its config's `dense(...)` (every layer
+  SA, no CA, no CPE), which equals the stock model exactly; the text-only floor is that same model on the text
+  tokens alone. The prompt is the image followed by the text (for Qwen-VL one image of exactly N_v tokens, in the
+  grid `Backbone.nominal_image_inputs` gives, which sets its M-RoPE positions).
 - Prefill: the median of `repeats` runs after one warm-up, with the KV cache built (as generation does) and
   logits on the last position only. Decoding: the median time of `decode_tokens` single-token steps on that
   cache, after one warm-up step. KV bytes: the cache right after prefill, split into visual and text.
@@ -20,13 +21,13 @@ What is measured, and how:
   model fewer tokens and nothing else, so their LLM rows are the full model (VISOR's largest configuration for
   `visor+…`) on the largest visual-token count k that reaches the ratio (`llm_visual_tokens`); which k tokens
   they keep changes accuracy, not LLM cost. Their vision-side scoring (VisionZip, HiRED) is not in `vision_flops`.
+  They exist for LLaVA-OV only (`reduction.methods_for`); on the other families the in-LLM methods run alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import math
 import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -38,7 +39,8 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from visor import VisorConfig, VisorForConditionalGeneration, reduction
+from visor import reduction
+from visor.backbones import backbone_for, family
 from visor.cli import comma_separated, command
 from visor.config import Schedule
 from visor.device import check_device, default_device
@@ -47,8 +49,7 @@ from visor.flops import (
     decode_flops_per_token,
     layerwise_decode_flops_per_token,
     llm_prefill_flops,
-    tokens_per_crop,
-    vision_flops,
+    nominal_vision_flops,
 )
 from visor.presets import preset_config
 from visor.reduction.budget import solve_strength
@@ -93,15 +94,19 @@ class BenchPlan:
         check_device(self.device)
 
     @cached_property
-    def config(self) -> VisorConfig:
+    def config(self):
         """The preset with VISOR's default schedule (L/3 CA layers, nested SA configurations)."""
-        return VisorConfig.from_stock_config(
+        return self._visor_config_class.from_stock_config(
             preset_config(self.preset), cross_attention_key_value_heads=self.cross_attention_key_value_heads)
 
     @cached_property
-    def dense_config(self) -> VisorConfig:
+    def dense_config(self):
         """The preset as the stock model: every layer SA, no CA block, no CPE."""
-        return VisorConfig.dense(preset_config(self.preset), position_encoding=False)
+        return self._visor_config_class.dense(preset_config(self.preset), position_encoding=False)
+
+    @property
+    def _visor_config_class(self):
+        return family(preset_config(self.preset)).VISOR_MODEL.config_class
 
     @property
     def visor_configurations(self) -> tuple[int, ...]:
@@ -121,8 +126,7 @@ class BenchRow:
     kv_bytes_text: int
     self_attention_layers: list[int]  # the layers that run over [visual; text]
     decode_flops_per_token: int  # analytic, first generated token
-    vision_crops: int  # ceil(visual_tokens / tokens per crop)
-    vision_flops: int  # vision tower + projector over those crops (the same for every method)
+    vision_flops: int  # vision tower + projector on an image of visual_tokens tokens (the same for every method)
     flops_ratio: float | None = None  # full model's LLM prefill FLOPs / this row's
     speedup: float | None = None  # full model's measured prefill seconds / this row's
     setting: str | None = None  # a baseline's target FLOPs ratio, e.g. "4x"
@@ -136,7 +140,7 @@ def run_bench(plan: BenchPlan) -> list[BenchRow]:
     dense += [("text-only", None, visual) for visual in plan.visual_tokens]
     sparse = [("visor", index, visual) for visual in plan.visual_tokens for index in plan.visor_configurations]
     baselines = [(method, ratio, visual) for visual in plan.visual_tokens for ratio in plan.baselines
-                 for method in reduction.METHODS]
+                 for method in reduction.methods_for(config)]
     on_visor = [spec for spec in baselines if spec[0].startswith("visor+")]
     on_full = [spec for spec in baselines if not spec[0].startswith("visor+")]
     rows = []
@@ -164,9 +168,9 @@ def run_bench(plan: BenchPlan) -> list[BenchRow]:
     return rows
 
 
-def _build(config: VisorConfig, plan: BenchPlan) -> VisorForConditionalGeneration:
+def _build(config, plan: BenchPlan):
     torch.manual_seed(0)
-    model = VisorForConditionalGeneration._from_config(config, dtype=DTYPES[plan.dtype])
+    model = family(config).VISOR_MODEL._from_config(config, dtype=DTYPES[plan.dtype])
     return model.to(plan.device).eval()
 
 
@@ -176,9 +180,8 @@ def _measure(model, plan: BenchPlan, method: str, configuration: int | None, vis
     schedule = {"visor": lambda: Schedule.of(config, configuration), "full": lambda: Schedule.full(config),
                 "text-only": Schedule.text_only}[method]()
     in_llm = 0 if method == "text-only" else visual
-    input_ids, text_ids, features = _prompt(model, plan, in_llm, seed=visual)
-    inputs = dict(input_ids=input_ids, image_features=[features] if in_llm else None,
-                  configuration=configuration, use_cache=True, logits_to_keep=1)
+    input_ids, text_ids, images = _prompt(model, plan, in_llm, seed=visual)
+    inputs = dict(input_ids=input_ids, **images, configuration=configuration, use_cache=True, logits_to_keep=1)
     return _row(plan, method, visual, _timings(model, plan, inputs, text_ids), configuration=configuration,
                 llm_prefill_flops=llm_prefill_flops(config, visual, text, schedule, logits_tokens=1).total,
                 self_attention_layers=sorted(schedule.self_attention),
@@ -195,20 +198,19 @@ def _row(plan: BenchPlan, method: str, visual: int, timings: tuple, **measured) 
 
 def _vision_cost(config, visual: int) -> dict:
     """The vision side of a prompt with `visual` tokens: the same for every method (see the module notes)."""
-    crops = math.ceil(visual / tokens_per_crop(config))
-    return dict(vision_crops=crops, vision_flops=vision_flops(config, crops).total)
+    return dict(vision_flops=nominal_vision_flops(config, visual).total)
 
 
 @torch.inference_mode()
 def _measure_baseline(model, plan: BenchPlan, method: str, ratio: float, visual: int) -> BenchRow:
     """A token-reduction baseline at `ratio` on the prompt with `visual` visual tokens (see the module notes)."""
     config, text = plan.config, plan.text_tokens
-    input_ids, text_ids, features = _prompt(model, plan, visual, seed=visual)
+    input_ids, text_ids, images = _prompt(model, plan, visual, seed=visual)
     counted = dict(input_ids=input_ids.cpu())
     setting = f"{ratio:g}x"
     if isinstance(reduction.reduction_at(config, method, 1.0), PruningPlan):  # in the LLM: its own layer loop
         pruning = reduction.reduction_for(config, method, ratio, inputs=counted)
-        inputs = dict(input_ids=input_ids, image_features=[features], use_cache=True, logits_to_keep=1)
+        inputs = dict(input_ids=input_ids, **images, use_cache=True, logits_to_keep=1)
         timings = _timings(pruned(model, pruning), plan, inputs, text_ids)
         per_layer = pruning.visual_per_layer(config, counted)[0].tolist()
         return _row(plan, method, visual, timings, configuration=None, setting=setting,
@@ -229,14 +231,18 @@ def _measure_baseline(model, plan: BenchPlan, method: str, ratio: float, visual:
 
 
 def _prompt(model, plan: BenchPlan, visual: int, seed: int):
-    """(input_ids (1, N_v + N_t), text ids, random image features (N_v, d)): the image, then the text."""
+    """(input_ids (1, N_v + N_t), text ids, the image's arguments: random features (N_v, d) and what positions need):
+    the image, then the text."""
     config, device = plan.config, torch.device(plan.device)
     generator = torch.Generator().manual_seed(seed)
     text_ids = torch.randint(0, config.text_config.vocab_size, (plan.text_tokens,), generator=generator)
     text_ids[text_ids == config.image_token_id] = 0
     input_ids = torch.cat([torch.full((visual,), config.image_token_id), text_ids])[None].to(device)
+    if not visual:
+        return input_ids, text_ids, {}
     features = torch.randn(visual, config.text_config.hidden_size, generator=generator).to(device, model.dtype)
-    return input_ids, text_ids, features
+    extra = {name: value.to(device) for name, value in backbone_for(config).nominal_image_inputs(visual).items()}
+    return input_ids, text_ids, dict(image_features=[features], **extra)
 
 
 def _timings(model, plan: BenchPlan, inputs: dict, text_ids: torch.Tensor):

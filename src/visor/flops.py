@@ -26,6 +26,7 @@ from typing import Iterable
 import torch
 
 from visor.backbones import ImageTokens, backbone_for
+from visor.backbones.base import linear_flops
 from visor.config import Schedule
 
 
@@ -91,8 +92,8 @@ def layerwise_prefill_flops(
     layers = 0
     for queries, keys in layer_tokens:
         _check_counts(queries=queries, extra_keys=keys - queries)
-        layers += _decoder_layer_flops(text_config, queries, keys) + 2 * _linear(keys - queries, width, kv_heads * head_dim)
-    score = sum(_linear(queries, width, heads * head_dim) + 2 * heads * queries * keys * head_dim for queries, keys in scoring)
+        layers += _decoder_layer_flops(text_config, queries, keys) + 2 * linear_flops(keys - queries, width, kv_heads * head_dim)
+    score = sum(linear_flops(queries, width, heads * head_dim) + 2 * heads * queries * keys * head_dim for queries, keys in scoring)
     return FlopCount({"layers": layers, "scoring": score, "lm_head": _lm_head_flops(text_config, logits_tokens)})
 
 
@@ -157,9 +158,9 @@ def router_flops(config) -> int:
     element-wise or comparisons (ignored).
     """
     features = 2 * config.text_config.hidden_size
-    return (_linear(1, features, config.router_hidden_size)
-            + _linear(1, config.router_hidden_size, len(config.configurations))
-            + _linear(1, features, config.router_novelty_references))
+    return (linear_flops(1, features, config.router_hidden_size)
+            + linear_flops(1, config.router_hidden_size, len(config.configurations))
+            + linear_flops(1, features, config.router_novelty_references))
 
 
 def savings(full_flops: Iterable[int], method_flops: Iterable[int]) -> float:
@@ -178,22 +179,18 @@ def image_tokens(config, image_size: tuple[int, int]) -> ImageTokens:
     return backbone_for(config).image_tokens(image_size)
 
 
-def vision_flops(config, num_crops: int) -> FlopCount:
-    """The vision tower and projector over `num_crops` crops (the family's `Backbone.vision_flops`)."""
-    _check_counts(num_crops=num_crops)
-    return FlopCount(backbone_for(config).vision_flops(num_crops))
+def vision_flops(config, image_size: tuple[int, int]) -> FlopCount:
+    """The vision tower and projector on one (height, width) image (the family's `Backbone.vision_flops`)."""
+    return FlopCount(backbone_for(config).vision_flops(tuple(image_size)))
 
 
-def tokens_per_crop(config) -> int:
-    """Projected tokens per crop before any packing (the family's `Backbone.tokens_per_crop`)."""
-    return backbone_for(config).tokens_per_crop()
+def nominal_vision_flops(config, visual_tokens: int) -> FlopCount:
+    """The vision side of an image known only by its visual-token count (`Backbone.nominal_vision_flops`)."""
+    _check_counts(visual_tokens=visual_tokens)
+    return FlopCount(backbone_for(config).nominal_vision_flops(visual_tokens))
 
 
 # ---- building blocks -----------------------------------------------------------------------------------------------
-def _linear(tokens: int, in_features: int, out_features: int) -> int:
-    return 2 * tokens * in_features * out_features
-
-
 def _attention_shape(text_config) -> tuple[int, int, int]:
     """(query heads, key/value heads, head_dim) of the text model's attention."""
     heads = text_config.num_attention_heads
@@ -206,9 +203,9 @@ def _decoder_layer_flops(text_config, queries: int, keys: int) -> int:
     """One stock decoder layer: projections and SwiGLU MLP on `queries` tokens, attention over `keys` keys."""
     width, ffn = text_config.hidden_size, text_config.intermediate_size
     heads, kv_heads, head_dim = _attention_shape(text_config)
-    projections = 2 * _linear(queries, width, heads * head_dim) + 2 * _linear(queries, width, kv_heads * head_dim)
+    projections = 2 * linear_flops(queries, width, heads * head_dim) + 2 * linear_flops(queries, width, kv_heads * head_dim)
     attention = 2 * 2 * heads * queries * keys * head_dim
-    mlp = 3 * _linear(queries, width, ffn)
+    mlp = 3 * linear_flops(queries, width, ffn)
     return projections + attention + mlp
 
 
@@ -223,12 +220,12 @@ def _cross_attention_flops(config, text: int, visual: int, project_visual: bool)
     kv_heads = config.cross_attention_key_value_heads or kv_heads
     flops = 0
     if visual > 0:
-        flops += 2 * _linear(text, width, heads * head_dim)
+        flops += 2 * linear_flops(text, width, heads * head_dim)
         flops += 2 * 2 * heads * text * visual * head_dim
         if project_visual:
-            flops += 2 * _linear(visual, width, kv_heads * head_dim)
+            flops += 2 * linear_flops(visual, width, kv_heads * head_dim)
     if config.cross_attention_mlp:
-        flops += 3 * _linear(text, width, max(1, text_config.intermediate_size // 4))
+        flops += 3 * linear_flops(text, width, max(1, text_config.intermediate_size // 4))
     return flops
 
 
@@ -238,7 +235,7 @@ def _position_encoding_flops(config, visual: int) -> int:
 
 
 def _lm_head_flops(text_config, logits_tokens: int) -> int:
-    return _linear(logits_tokens, text_config.hidden_size, text_config.vocab_size)
+    return linear_flops(logits_tokens, text_config.hidden_size, text_config.vocab_size)
 
 
 def _check_counts(**counts: int) -> None:

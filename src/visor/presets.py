@@ -1,9 +1,9 @@
 """Named model shapes, built from configs alone (no download).
 
 `tiny` is the demo's from-scratch LLaVA-OneVision model; `tiny-llama` is the same with a Llama text model;
-`tiny-qwen2-vl`, `tiny-qwen2.5-vl` and `tiny-qwen3-vl` are the Qwen-VL families at the same text size (patch 8, so a 16-pixel merged
-patch per visual token); `llava-ov-0.5b` has the real LLaVA-OV-0.5B shapes (SigLIP-400M + Qwen2-0.5B) for FLOP
-counting and benchmarks with random weights.
+`tiny-qwen2-vl`, `tiny-qwen2.5-vl` and `tiny-qwen3-vl` are the Qwen-VL families at the same text size (patch 8, so a
+16-pixel merged patch per visual token); `llava-ov-0.5b`, `qwen2.5-vl-3b` and `qwen3-vl-2b` have the real models'
+shapes for FLOP counting and benchmarks with random weights.
 """
 
 from __future__ import annotations
@@ -156,9 +156,41 @@ def llava_ov_0_5b() -> LlavaOnevisionConfig:
     )
 
 
+# The Qwen-VL checkpoints' token ids (their tokenizer's <|image_pad|>, <|video_pad|>, <|vision_start|>, <|vision_end|>).
+_QWEN_VL_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
+                    vision_end_token_id=151653)
+
+
+def qwen2_5_vl_3b() -> Qwen2_5_VLConfig:
+    """Qwen2.5-VL-3B shapes: a 32-block ViT (d=1280, patch 14, 112-pixel windows, full attention in blocks 7, 15,
+    23, 31) + a 36-layer Qwen2.5 text model (d=2048, 16 heads, 2 K/V heads)."""
+    vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
+                  out_hidden_size=2048)
+    text = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=128000,
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+                tie_word_embeddings=True)
+    return Qwen2_5_VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=True, **_QWEN_VL_IDS)
+
+
+def qwen3_vl_2b() -> Qwen3VLConfig:
+    """Qwen3-VL-2B shapes: a 24-block ViT (d=1024, patch 16, DeepStack from blocks 5, 11, 17) + a 28-layer Qwen3
+    text model (d=2048, 16 heads of 128, 8 K/V heads, q/k norms, interleaved M-RoPE)."""
+    vision = dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, patch_size=16,
+                  spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=2048, num_position_embeddings=2304,
+                  deepstack_visual_indexes=[5, 11, 17])
+    text = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
+                rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
+                                 "mrope_interleaved": True},
+                tie_word_embeddings=True)
+    return Qwen3VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=True, **_QWEN_VL_IDS)
+
+
 PRESETS = {"tiny": tiny, "tiny-llama": tiny_llama, "tiny-qwen2-vl": tiny_qwen2_vl, "tiny-qwen2.5-vl": tiny_qwen2_5_vl,
-           "tiny-qwen3-vl": tiny_qwen3_vl,
-           "llava-ov-0.5b": llava_ov_0_5b}
+           "tiny-qwen3-vl": tiny_qwen3_vl, "llava-ov-0.5b": llava_ov_0_5b, "qwen2.5-vl-3b": qwen2_5_vl_3b,
+           "qwen3-vl-2b": qwen3_vl_2b}
 
 
 def preset_config(name: str):

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoConfig
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from visor import presets
 from visor.backbones import backbone_for, family
+from visor.config import Schedule
+from visor.flops import llm_prefill_flops, nominal_vision_flops, vision_flops
 from visor.modeling.layers import head_states
 from visor.reduction import fastv, pyramiddrop, shortv, sparsevlm
 from visor.reduction.fastv import last_token_attention
@@ -379,8 +382,8 @@ def _as_video(batch):
 
 
 BAD_INPUTS = {
-    "missing-image-grid-thw": (lambda b: dict(b, image_grid_thw=None), "pixel_values/image_grid_thw are missing"),
-    "missing-pixel-values": (lambda b: dict(b, pixel_values=None), "pixel_values/image_grid_thw are missing"),
+    "missing-image-grid-thw": (lambda b: dict(b, image_grid_thw=None), "image_grid_thw is missing"),
+    "missing-pixel-values": (lambda b: dict(b, pixel_values=None), "pixel_values are missing"),
     "wrong-token-count": (_drop_one_image_token, "image-token count does not match"),
     "grid-1d": (lambda b: dict(b, image_grid_thw=b["image_grid_thw"][:, 1]), r"image_grid_thw must be \(num_images, 3\)"),
     "video-grid": (_as_video, "video input is not supported"),
@@ -429,3 +432,50 @@ def test_in_llm_baselines_match_a_flops_ratio_on_the_family(stock):
         model = apply_reduction(stock, method, 2.0)
         ratio = float(prefill_flops(full, reference)[0] / prefill_flops(model, reference)[0])
         assert abs(ratio - 2.0) < 0.05, (method, ratio)
+
+
+# ---- FLOPs -----------------------------------------------------------------------------------------------------------
+def _counted(run) -> int:
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        run()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("sizes", [[(64, 96)], [(128, 64), (200, 330)], [(500, 370)]])
+def test_vision_flops_equal_the_flop_counter_on_the_stock_vision_tower(stock, sizes):
+    """Exact with eager attention: patch conv, blocks (windowed in Qwen2.5-VL but for its full-attention blocks),
+    merger (and Qwen3-VL's DeepStack mergers)."""
+    batch = build_batch(stock, images=[sizes])
+    measured = _counted(lambda: stock.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"]))
+    assert measured == sum(vision_flops(stock.config, size).total for size in sizes)
+
+
+def test_prefill_flops_of_every_configuration_equal_the_flop_counter(sparse):
+    """One prompt with two images: the vision side per image plus the LLM count of the prompt's tokens."""
+    batch = build_batch(sparse, images=[IMAGES[0]])
+    visual = int((batch["input_ids"] == IMAGE).sum())
+    text = batch["input_ids"].shape[1] - visual
+    vision = sum(vision_flops(sparse.config, size).total for size in IMAGES[0])
+    for configuration in range(len(sparse.config.configurations)):
+        measured = _counted(lambda: sparse(**batch, configuration=configuration, logits_to_keep=1))
+        schedule = Schedule.of(sparse.config, configuration)
+        assert measured == vision + llm_prefill_flops(sparse.config, visual, text, schedule).total
+
+
+def test_a_nominal_image_has_exactly_its_tokens_in_a_near_square_grid(stock):
+    backbone = backbone_for(stock.config)
+    merge = stock.config.vision_config.spatial_merge_size
+    assert [backbone.nominal_grid(tokens) for tokens in (729, 7290, 13, 1)] == [(27, 27), (81, 90), (1, 13), (1, 1)]
+    assert nominal_vision_flops(stock.config, 64).parts == backbone.grid_flops(8 * merge, 8 * merge)
+    assert backbone.nominal_image_inputs(7290)["image_grid_thw"].tolist() == [[1, 81 * merge, 90 * merge]]
+
+
+def test_precomputed_features_with_their_grids_replace_the_images(sparse, batch):
+    """Positions need the grids only: features computed once serve every configuration."""
+    features = sparse.backbone.encode_images(sparse, 0, pixel_values=batch["pixel_values"],
+                                             image_grid_thw=batch["image_grid_thw"])
+    without_pixels = dict(batch, pixel_values=None)
+    for configuration in range(3):
+        assert torch.equal(logits(sparse, without_pixels, configuration=configuration, image_features=features),
+                           logits(sparse, batch, configuration=configuration))

@@ -63,6 +63,6 @@ def _counted_llm_flops(model, prompt: dict) -> int:
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         model(**prompt, logits_to_keep=1)
-    crops = image_tokens(model.config, tuple(prompt["image_sizes"][0].tolist())).crops
+    image_size = tuple(prompt["image_sizes"][0].tolist())
     overhead = int(model.vision_overhead_flops(prompt)[0]) if hasattr(model, "vision_overhead_flops") else 0
-    return counter.get_total_flops() - vision_flops(model.config, crops).total - overhead
+    return counter.get_total_flops() - vision_flops(model.config, image_size).total - overhead

@@ -16,6 +16,11 @@ from torch import nn
 IMAGE_ARGUMENTS = ("pixel_values", "image_sizes", "batch_num_images", "image_grid_thw", "mm_token_type_ids")
 
 
+def linear_flops(tokens: int, in_features: int, out_features: int) -> int:
+    """A linear layer on `tokens` tokens: 2 · tokens · in · out (`visor.flops` conventions)."""
+    return 2 * tokens * in_features * out_features
+
+
 class ImageTokens(NamedTuple):
     crops: int  # image pieces through the vision tower
     visual_tokens: int  # tokens the language model sees for the image
@@ -85,8 +90,19 @@ class Backbone:
         """The (height, width) of the largest image the family's processor makes (a reference prompt)."""
         raise NotImplementedError
 
-    def vision_flops(self, crops: int) -> dict[str, int]:
-        """FLOPs of the vision tower and the projector over `crops` crops, by part (`visor.flops` conventions)."""
+    def vision_flops(self, image_size: tuple[int, int]) -> dict[str, int]:
+        """FLOPs of the vision tower and the projector on one (height, width) image, by part (`visor.flops`
+        conventions)."""
+        raise NotImplementedError
+
+    def nominal_vision_flops(self, visual_tokens: int) -> dict[str, int]:
+        """`vision_flops` of an image known only by its visual-token count (a benchmark's sweep): the family
+        says which image that stands for."""
+        raise NotImplementedError
+
+    def nominal_image_inputs(self, visual_tokens: int) -> dict:
+        """The image arguments besides `pixel_values` of a prompt whose one image of `visual_tokens` tokens comes
+        as precomputed features (what positions need; the same image as `nominal_vision_flops`)."""
         raise NotImplementedError
 
     def vision_tower(self, model) -> nn.Module:

@@ -9,6 +9,7 @@ the anyres crops stitched, unpadded and possibly down-sized, with an `image_newl
 
 from __future__ import annotations
 
+import math
 import types
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
     image_size_to_num_patches,
 )
 
-from visor.backbones.base import Backbone, ImageTokens
+from visor.backbones.base import Backbone, ImageTokens, linear_flops
 from visor.config import VisorConfigMixin
 from visor.modeling.visor import VisorModel
 from visor.reduction.pruned import PrunedModel
@@ -150,21 +151,32 @@ class LlavaOnevision(Backbone):
     def newline(self, model) -> torch.Tensor:
         return model.model.image_newline
 
-    def vision_flops(self, crops):
-        """SigLIP (patch conv, every layer's q/k/v/o, attention, fc1/fc2) and the projector over every crop; the
+    def vision_flops(self, image_size):
+        """SigLIP and the projector over every crop of the image (see `crop_flops`)."""
+        return self.crop_flops(self.crops(image_size))
+
+    def nominal_vision_flops(self, visual_tokens):
+        """ceil(N / tokens per crop) crops: the fewest crops that hold N tokens before anyres packing."""
+        return self.crop_flops(math.ceil(visual_tokens / self.tokens_per_crop()))
+
+    def nominal_image_inputs(self, visual_tokens):
+        return {}  # positions are 0 … S-1 whatever the image
+
+    def crop_flops(self, crops: int) -> dict[str, int]:
+        """SigLIP (patch conv, every layer's q/k/v/o, attention, fc1/fc2) and the projector over `crops` crops; the
         projector runs on every crop patch before the unpadding, so the cost depends on crops, not tokens."""
         config, vision = self.config, self.config.vision_config
         patches = (vision.image_size // vision.patch_size) ** 2
         width = vision.hidden_size
         patch_embedding = 2 * patches * width * vision.num_channels * vision.patch_size**2
         per_layer = (
-            4 * _linear(patches, width, width)  # q, k, v, o
+            4 * linear_flops(patches, width, width)  # q, k, v, o
             + 2 * 2 * patches * patches * width  # scores and values over all heads (heads × head_dim = width)
-            + 2 * _linear(patches, width, vision.intermediate_size)  # fc1, fc2
+            + 2 * linear_flops(patches, width, vision.intermediate_size)  # fc1, fc2
         )
         feature_layers = 1 if isinstance(config.vision_feature_layer, int) else len(config.vision_feature_layer)
         text_width, tokens = config.text_config.hidden_size, self.tokens_per_crop()
-        projector = _linear(tokens, width * feature_layers, text_width) + _linear(tokens, text_width, text_width)
+        projector = linear_flops(tokens, width * feature_layers, text_width) + linear_flops(tokens, text_width, text_width)
         return {"vision_tower": crops * (patch_embedding + vision.num_hidden_layers * per_layer),
                 "projector": crops * projector}
 
@@ -179,10 +191,6 @@ class LlavaOnevision(Backbone):
         feature = self.config.vision_feature_layer
         feature = feature if isinstance(feature, int) else feature[-1]
         return feature % (self.config.vision_config.num_hidden_layers + 1) - 1
-
-
-def _linear(tokens: int, in_features: int, out_features: int) -> int:
-    return 2 * tokens * in_features * out_features
 
 
 class VisorForConditionalGeneration(VisorModel, LlavaOnevisionForConditionalGeneration):

@@ -9,6 +9,7 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+from visor.backbones.base import linear_flops
 from visor.backbones.qwen2_vl import QwenVL
 from visor.config import VisorConfigMixin
 from visor.modeling.visor import VisorModel
@@ -27,6 +28,30 @@ AutoConfig.register("visor_qwen2_5_vl", VisorQwen2_5_VLConfig)
 
 class Qwen2_5_VL(QwenVL):
     stock_model_class = Qwen2_5_VLForConditionalGeneration
+
+    def vision_width(self) -> int:
+        return self.config.vision_config.hidden_size
+
+    def projected_width(self) -> int:
+        return self.config.vision_config.out_hidden_size
+
+    def vision_mlp_flops(self, patches: int) -> int:
+        vision = self.config.vision_config
+        return 3 * linear_flops(patches, vision.hidden_size, vision.intermediate_size)  # SwiGLU
+
+    def attention_groups(self, block: int, rows: int, columns: int) -> list[int]:
+        """The whole image in the full-attention blocks; elsewhere square windows of `window_size` pixels (in
+        whole merged patches, cut short at the image's right and bottom edges)."""
+        vision = self.config.vision_config
+        if block in vision.fullatt_block_indexes:
+            return [rows * columns]
+        merge = vision.spatial_merge_size
+        window = vision.window_size // merge // vision.patch_size
+
+        def extents(merged: int) -> list[int]:
+            return [window] * (merged // window) + ([merged % window] if merged % window else [])
+
+        return [height * width * merge**2 for height in extents(rows // merge) for width in extents(columns // merge)]
 
 
 class VisorQwen2_5_VLForConditionalGeneration(VisorModel, Qwen2_5_VLForConditionalGeneration):

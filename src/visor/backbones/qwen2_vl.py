@@ -11,12 +11,14 @@ tokens inside it. Qwen2.5-VL (`visor.backbones.qwen2_5_vl`) shares all of it but
 
 from __future__ import annotations
 
+import math
+
 import torch
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, Qwen2VLConfig, Qwen2VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
 
-from visor.backbones.base import Backbone, ImageTokens
+from visor.backbones.base import Backbone, ImageTokens, linear_flops
 from visor.config import VisorConfigMixin
 from visor.modeling.visor import VisorModel
 from visor.reduction.pruned import PrunedModel
@@ -43,13 +45,13 @@ class QwenVL(Backbone):
                          mm_token_type_ids=None):
         """M-RoPE positions (3, B, S) from the stock `get_rope_index`, padding excluded; with no image, one
         position per token as the stock model then takes. `mm_token_type_ids` (1 at image tokens) is derived
-        from `input_ids` when not given."""
+        from `input_ids` when not given. Only the grids are read: the images may come as precomputed features."""
         image_slots = input_ids == self.config.image_token_id
         if attention_mask is not None:
             image_slots &= attention_mask.bool()
         if not image_slots.any():
             return torch.arange(input_ids.shape[1], device=input_ids.device).expand(3, *input_ids.shape)
-        self._check_images(int(image_slots.sum()), pixel_values, image_grid_thw)
+        self._check_grids(int(image_slots.sum()), image_grid_thw)
         self._check_image_runs(image_slots, image_grid_thw)
         if mm_token_type_ids is None:
             mm_token_type_ids = (input_ids == self.config.image_token_id).int()
@@ -67,19 +69,22 @@ class QwenVL(Backbone):
         return model.model.get_image_features(pixel_values, image_grid_thw, return_dict=True).pooler_output
 
     def _check_images(self, num_image_tokens, pixel_values, image_grid_thw) -> None:
-        if pixel_values is None or image_grid_thw is None:
-            raise ValueError(
-                f"input_ids contain {num_image_tokens} image tokens but pixel_values/image_grid_thw are missing"
-            )
+        if pixel_values is None:
+            raise ValueError(f"input_ids contain {num_image_tokens} image tokens but pixel_values are missing")
+        self._check_grids(num_image_tokens, image_grid_thw)
+        patches = int(image_grid_thw.prod(dim=-1).sum())
+        if pixel_values.dim() != 2 or pixel_values.shape[0] != patches:
+            raise ValueError(f"pixel_values must be (patches, features) with {patches} patches for image_grid_thw "
+                             f"{image_grid_thw.tolist()}, got {tuple(pixel_values.shape)}")
+
+    def _check_grids(self, num_image_tokens, image_grid_thw) -> None:
+        if image_grid_thw is None:
+            raise ValueError(f"input_ids contain {num_image_tokens} image tokens but image_grid_thw is missing")
         if image_grid_thw.dim() != 2 or image_grid_thw.shape[-1] != 3:
             raise ValueError(f"image_grid_thw must be (num_images, 3) as (t, h, w), got {tuple(image_grid_thw.shape)}")
         if bool((image_grid_thw[:, 0] != 1).any()):
             raise ValueError(f"images have one temporal patch (t = 1); got t = {image_grid_thw[:, 0].tolist()}: "
                              "video input is not supported")
-        patches = int(image_grid_thw.prod(dim=-1).sum())
-        if pixel_values.dim() != 2 or pixel_values.shape[0] != patches:
-            raise ValueError(f"pixel_values must be (patches, features) with {patches} patches for image_grid_thw "
-                             f"{image_grid_thw.tolist()}, got {tuple(pixel_values.shape)}")
 
     def _check_image_runs(self, image_slots, image_grid_thw) -> None:
         """Each unbroken run of image tokens is one image, in order (as the stock `get_rope_index` reads them):
@@ -114,6 +119,62 @@ class QwenVL(Backbone):
         merged = self.config.vision_config.patch_size * self.config.vision_config.spatial_merge_size
         side = int(self.max_pixels**0.5) // merged * merged
         return side, side
+
+    # ---- the vision side's cost ---------------------------------------------------------------------------------
+    def vision_flops(self, image_size):
+        patch = self.config.vision_config.patch_size
+        height, width = self.resized(image_size)
+        return self.grid_flops(height // patch, width // patch)
+
+    def nominal_vision_flops(self, visual_tokens):
+        rows, columns = self.nominal_grid(visual_tokens)
+        merge = self.config.vision_config.spatial_merge_size
+        return self.grid_flops(rows * merge, columns * merge)
+
+    def nominal_image_inputs(self, visual_tokens):
+        rows, columns = self.nominal_grid(visual_tokens)
+        merge = self.config.vision_config.spatial_merge_size
+        return {"image_grid_thw": torch.tensor([[1, rows * merge, columns * merge]])}
+
+    @staticmethod
+    def nominal_grid(visual_tokens: int) -> tuple[int, int]:
+        """rows × columns merged tokens, exactly N of them, as square as N's divisors allow (rows ≤ columns)."""
+        rows = next(rows for rows in range(math.isqrt(visual_tokens), 0, -1) if visual_tokens % rows == 0)
+        return rows, visual_tokens // rows
+
+    def grid_flops(self, rows: int, columns: int) -> dict[str, int]:
+        """The vision tower over one image of rows × columns patches (patch conv over the temporal pair, every
+        block's qkv/proj, attention within each block's groups, MLP) and the patch merger(s)."""
+        vision = self.config.vision_config
+        width, merge = self.vision_width(), vision.spatial_merge_size
+        patches = rows * columns
+        patch_embedding = linear_flops(patches, vision.in_channels * vision.temporal_patch_size * vision.patch_size**2,
+                                  width)
+        per_block = 4 * linear_flops(patches, width, width) + self.vision_mlp_flops(patches)
+        attention = sum(2 * 2 * width * sum(group**2 for group in self.attention_groups(block, rows, columns))
+                        for block in range(vision.depth))
+        merged, merged_width = patches // merge**2, width * merge**2
+        merger = linear_flops(merged, merged_width, merged_width) + linear_flops(merged, merged_width, self.projected_width())
+        return {"vision_tower": patch_embedding + vision.depth * per_block + attention,
+                "projector": self.mergers() * merger}
+
+    # What the families' vision towers differ in (Qwen2-VL's here).
+    def vision_width(self) -> int:
+        return self.config.vision_config.embed_dim
+
+    def projected_width(self) -> int:
+        return self.config.vision_config.hidden_size
+
+    def vision_mlp_flops(self, patches: int) -> int:
+        vision = self.config.vision_config
+        return 2 * linear_flops(patches, vision.embed_dim, int(vision.embed_dim * vision.mlp_ratio))  # fc1, fc2
+
+    def attention_groups(self, block: int, rows: int, columns: int) -> list[int]:
+        """Patches per attention group of `block` on one image: the whole image."""
+        return [rows * columns]
+
+    def mergers(self) -> int:
+        return 1
 
     # ---- the vision tower ---------------------------------------------------------------------------------------
     def vision_tower(self, model):

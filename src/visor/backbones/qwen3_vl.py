@@ -16,6 +16,7 @@ import torch
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
+from visor.backbones.base import linear_flops
 from visor.backbones.qwen2_vl import QwenVL
 from visor.config import VisorConfigMixin
 from visor.modeling.visor import VisorModel
@@ -34,6 +35,20 @@ AutoConfig.register("visor_qwen3_vl", VisorQwen3VLConfig)
 
 class Qwen3VL(QwenVL):
     stock_model_class = Qwen3VLForConditionalGeneration
+
+    def vision_width(self) -> int:
+        return self.config.vision_config.hidden_size
+
+    def projected_width(self) -> int:
+        return self.config.vision_config.out_hidden_size
+
+    def vision_mlp_flops(self, patches: int) -> int:
+        vision = self.config.vision_config
+        return 2 * linear_flops(patches, vision.hidden_size, vision.intermediate_size)  # fc1, fc2
+
+    def mergers(self) -> int:
+        """The output merger and one per DeepStack layer."""
+        return 1 + len(self.config.vision_config.deepstack_visual_indexes)
 
     def encode_images(self, model, num_image_tokens, pixel_values=None, image_grid_thw=None, mm_token_type_ids=None):
         """Per image (1 + K, n, d): its features, then DeepStack's additions after LLM layers 0 … K-1."""

@@ -14,7 +14,7 @@ from visor.reduction.budget import prefill_flops, solve_strength
 from visor.reduction.fastv import fastv, fastv_plan
 from visor.reduction.hired import HiRED, hired
 from visor.reduction.pool import Pooling, pool
-from visor.reduction.prellm import PreLLMReduced, base_schedule, check_backbone, reduced_prefill_flops
+from visor.reduction.prellm import PreLLMReduced, base_schedule, check_backbone, reduced_prefill_flops, supports
 from visor.reduction.pruned import PruningPlan, pruned
 from visor.reduction.pyramiddrop import pyramiddrop, pyramiddrop_plan
 from visor.reduction.shortv import shortv, shortv_plan
@@ -53,6 +53,12 @@ def apply_reduction(model, method: str, ratio: float, inputs: dict | None = None
     return PreLLMReduced(model, reduction)
 
 
+def methods_for(config) -> tuple[str, ...]:
+    """The methods that run on `config`'s family: the in-LLM ones everywhere, the pre-LLM ones where `supports`."""
+    return tuple(method for method in METHODS
+                 if supports(config) or isinstance(_METHODS[method][1](config, 1.0), PruningPlan))
+
+
 def reduction_at(config, method: str, strength: float):
     """What `method` does at `strength` (a `PruningPlan` or a visual reducer), before any matching."""
     if method not in _METHODS:
@@ -78,5 +84,5 @@ def reduction_for(config, method: str, ratio: float, inputs: dict | None = None)
     return reduction_at(config, method, solve_strength(config, cost, ratio, inputs))
 
 
-__all__ = ["METHODS", "apply_reduction", "fastv", "hired", "pool", "prefill_flops", "pyramiddrop", "shortv",
+__all__ = ["METHODS", "apply_reduction", "fastv", "hired", "methods_for", "pool", "prefill_flops", "pyramiddrop", "shortv",
            "reduction_at", "reduction_for", "sparsevlm", "visionzip"]

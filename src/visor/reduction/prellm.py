@@ -31,11 +31,16 @@ class VisualReducer(Protocol):
         """FLOPs the reducer adds on the vision side for one image (scores, similarities), outside the LLM."""
 
 
-def check_backbone(config) -> None:
+def supports(config) -> bool:
     """Pre-LLM reducers cut LLaVA-OneVision's packed grids (base view, hi-res grid, newlines) and score with
-    SigLIP's attention: a ValueError names any other family."""
-    backbone = backbone_for(config)
-    if not hasattr(backbone, "packed_grid"):
+    SigLIP's attention: only a family whose adapter has those grids."""
+    return hasattr(backbone_for(config), "packed_grid")
+
+
+def check_backbone(config) -> None:
+    """A ValueError naming `config`'s family when the pre-LLM reducers do not apply to it (`supports`)."""
+    if not supports(config):
+        backbone = backbone_for(config)
         raise ValueError(f"pre-LLM reductions (pool, VisionZip, HiRED) read LLaVA-OneVision's anyres grids and "
                          f"SigLIP's attention; they are not ported to {type(backbone).__name__} models")
 
