@@ -4,7 +4,8 @@
     visor generate --model DIR --image FILE --question TEXT --configuration 0      # a fixed configuration
     visor generate --model DIR --image FILE --question TEXT --tau 0.8               # the policy, another budget
 
-The model folder holds a stock LLaVA-OV or a VISOR checkpoint plus its tokenizer (the demo saves both).
+The model folder holds a stock or VISOR checkpoint of a supported family (LLaVA-OV, Qwen2-VL, Qwen2.5-VL,
+Qwen3-VL) plus its tokenizer (the demo and `visor train` save both).
 """
 
 from __future__ import annotations

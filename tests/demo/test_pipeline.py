@@ -231,3 +231,30 @@ def test_rescoring_a_baseline_with_unchanged_code_reproduces_its_rows(demo_run, 
     (folder / "results.json").write_text(json.dumps(tampered))
     with pytest.raises(SystemExit, match="full model's rows differ"):
         rescore.rescore(folder, ["hired"], [])
+
+
+def test_the_quick_demo_runs_on_a_qwen_vl_model(tmp_path, capsys):
+    """A tiny Qwen2.5-VL full model (a few steps from scratch) through every stage: VISOR's rows, the policy and
+    the in-LLM baselines (the pre-LLM ones are LLaVA-OV's), on M-RoPE positions end to end."""
+    from visor.training import TrainingSettings, train
+
+    settings = TrainingSettings(max_steps=4, batch_size=4, mixed_precision="no", eval_every=0, samples_per_task=2,
+                                warmup_steps=1, num_threads=1, model_layers=6)
+    train("full", "synthetic@demo:read_cell,dominant_color", tmp_path / "full", settings,
+          model_preset="tiny-qwen2.5-vl", progress=False)
+    output = tmp_path / "demo"
+    assert cli.main(["demo", "--quick", "--checkpoint", str(tmp_path / "full" / "model"), "--output", str(output),
+                     "--no-progress"]) == 0
+    results = json.loads((output / "report" / "results.json").read_text())
+    methods = {row["method"] for row in results["rows"]}
+    assert methods == {"full", "text-only", "visor", "visor-policy", "fastv", "pyramiddrop", "sparsevlm", "shortv"}
+    assert json.loads((output / "universal" / "model" / "config.json").read_text())["model_type"] == "visor_qwen2_5_vl"
+    visor_rows = [row for row in results["rows"] if row["method"] == "visor"]
+    assert len({row["setting"] for row in visor_rows}) == 3 and all(row["savings"] > 1 for row in visor_rows)
+    # The demo's policy model answers through `visor generate` as a LLaVA-OV one does.
+    from PIL import Image
+
+    Image.new("RGB", (64, 96), (200, 30, 30)).save(tmp_path / "red.png")
+    assert cli.main(["generate", "--model", str(output / "policy" / "model"), "--image", str(tmp_path / "red.png"),
+                     "--question", "what color is the shape ?", "--max-new-tokens", "2"]) == 0
+    assert "24 visual + " in capsys.readouterr().out  # a 64×96 image: a 4×6 grid of merged patches

@@ -411,3 +411,18 @@ def test_sweep_of_a_large_table_tries_a_bounded_number_of_thresholds():
     assert len(points) <= MAX_SCORE_THRESHOLDS + len(THRESHOLDS)
     scores = router.decision_scores(router(table.features)).flatten()
     assert min(threshold for threshold, _ in points) == 0 and float(scores.max()) in {t for t, _ in points}
+
+
+def test_the_policy_loads_a_visor_model_of_any_family_and_refuses_stock_ones(model, tmp_path):
+    from visor.backbones import family
+    from visor.policy.api import load_model
+
+    stock = LlavaOnevisionForConditionalGeneration(presets.tiny(2))
+    stock.save_pretrained(tmp_path / "stock")
+    with pytest.raises(ValueError, match="stock model, not a VISOR model"):
+        load_model(tmp_path / "stock")
+    config = presets.tiny_qwen3_vl(6)
+    qwen = family(config).VISOR_MODEL.from_stock(family(config).BACKBONE.stock_model_class(config))
+    qwen.save_pretrained(tmp_path / "qwen")
+    loaded = load_model(tmp_path / "qwen")
+    assert type(loaded) is type(qwen) and loaded.router is not None

@@ -29,7 +29,8 @@ def register(subparsers) -> None:
     parser.add_argument("--fresh", action="store_true", help="delete the output folder and redo every stage")
     parser.add_argument("--seed", type=int, default=0, help="seed of training, data and policy (default 0)")
     parser.add_argument("--checkpoint", default=None, metavar="DIR",
-                        help="the full LLaVA-OV model to start from (default: the tiny model shipped for the suite)")
+                        help="the full model to start from, of any supported family (default: the tiny LLaVA-OV "
+                             "model shipped for the suite)")
     parser.add_argument("--suite", default=DemoPlan.suite, metavar="NAME",
                         help="what every system is scored on (default %(default)s); two-hop adds key_digit, the digit "
                              "in a key circle's colour, and brings its own shipped full model and the defaults below "

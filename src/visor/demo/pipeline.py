@@ -188,7 +188,7 @@ class Demo:
         return next(iter(self.data.eval_batches("validation", 8, 64))).inputs
 
     def full_model(self):
-        """The shipped stock LLaVA-OV model (loaded once)."""
+        """The full model the demo starts from (`--checkpoint`, default the shipped tiny LLaVA-OV; loaded once)."""
         if "full" not in self._models:
             from visor.training.recipes import load_checkpoint
 
@@ -198,10 +198,9 @@ class Demo:
     def visor_model(self, stage: str):
         """The VISOR model a stage saved (loaded once)."""
         if stage not in self._models:
-            from visor import VisorForConditionalGeneration
+            from visor.training.recipes import load_checkpoint
 
-            path = self.stage_dir(stage) / "model"
-            self._models[stage] = VisorForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
+            self._models[stage] = load_checkpoint(self.stage_dir(stage) / "model", attn_implementation="eager").eval()
         return self._models[stage]
 
     def _train(self, recipe: str, stage: str, init: str | Path, steps: int, **overrides) -> dict:
@@ -337,7 +336,7 @@ class Demo:
         from visor import reduction
 
         ratios = self.baseline_ratios()
-        for method in reduction.METHODS:
+        for method in reduction.methods_for(self.full_model().config):
             if method.startswith("visor+") == visor:
                 for ratio in ratios:
                     yield method, f"{ratio:g}x", (lambda m=method, r=ratio: _reduced_system(self, m, r))

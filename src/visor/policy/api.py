@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from visor import VisorForConditionalGeneration
 from visor.config import Schedule
 from visor.flops import llm_prefill_flops
 from visor.policy.labels import LabelTable, label_configurations, model_fingerprint
+from visor.training.recipes import is_visor, load_checkpoint
 
 
-def load_model(path) -> VisorForConditionalGeneration:
-    model = VisorForConditionalGeneration.from_pretrained(path).eval()
+def load_model(path):
+    """A VISOR model of any family from a local folder, with a router to train."""
+    model = load_checkpoint(path).eval()
+    if not is_visor(model):
+        raise ValueError(f"{path} is a stock model, not a VISOR model: convert and train it first (visor train)")
     if model.router is None:
         raise ValueError(f"{path} has a single configuration: there is nothing for a policy to choose")
     return model
