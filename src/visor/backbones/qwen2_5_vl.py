@@ -29,12 +29,6 @@ AutoConfig.register("visor_qwen2_5_vl", VisorQwen2_5_VLConfig)
 class Qwen2_5_VL(QwenVL):
     stock_model_class = Qwen2_5_VLForConditionalGeneration
 
-    def vision_width(self) -> int:
-        return self.config.vision_config.hidden_size
-
-    def projected_width(self) -> int:
-        return self.config.vision_config.out_hidden_size
-
     def vision_mlp_flops(self, patches: int) -> int:
         vision = self.config.vision_config
         return 3 * linear_flops(patches, vision.hidden_size, vision.intermediate_size)  # SwiGLU

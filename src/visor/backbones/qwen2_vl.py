@@ -158,16 +158,16 @@ class QwenVL(Backbone):
         return {"vision_tower": patch_embedding + vision.depth * per_block + attention,
                 "projector": self.mergers() * merger}
 
-    # What the families' vision towers differ in (Qwen2-VL's here).
+    # What the families' vision towers differ in (Qwen2.5-VL's and Qwen3-VL's names; `Qwen2VL` has its own).
     def vision_width(self) -> int:
-        return self.config.vision_config.embed_dim
+        return self.config.vision_config.hidden_size
 
     def projected_width(self) -> int:
-        return self.config.vision_config.hidden_size
+        return self.config.vision_config.out_hidden_size
 
     def vision_mlp_flops(self, patches: int) -> int:
         vision = self.config.vision_config
-        return 2 * linear_flops(patches, vision.embed_dim, int(vision.embed_dim * vision.mlp_ratio))  # fc1, fc2
+        return 2 * linear_flops(patches, vision.hidden_size, vision.intermediate_size)  # fc1, fc2
 
     def attention_groups(self, block: int, rows: int, columns: int) -> list[int]:
         """Patches per attention group of `block` on one image: the whole image."""
@@ -196,6 +196,16 @@ AutoConfig.register("visor_qwen2_vl", VisorQwen2VLConfig)
 
 class Qwen2VL(QwenVL):
     stock_model_class = Qwen2VLForConditionalGeneration
+
+    def vision_width(self) -> int:
+        return self.config.vision_config.embed_dim
+
+    def projected_width(self) -> int:
+        return self.config.vision_config.hidden_size
+
+    def vision_mlp_flops(self, patches: int) -> int:
+        vision = self.config.vision_config
+        return 2 * linear_flops(patches, vision.embed_dim, int(vision.embed_dim * vision.mlp_ratio))  # fc1, fc2
 
 
 class VisorQwen2VLForConditionalGeneration(VisorModel, Qwen2VLForConditionalGeneration):

@@ -16,7 +16,6 @@ import torch
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-from visor.backbones.base import linear_flops
 from visor.backbones.qwen2_vl import QwenVL
 from visor.config import VisorConfigMixin
 from visor.modeling.visor import VisorModel
@@ -35,16 +34,6 @@ AutoConfig.register("visor_qwen3_vl", VisorQwen3VLConfig)
 
 class Qwen3VL(QwenVL):
     stock_model_class = Qwen3VLForConditionalGeneration
-
-    def vision_width(self) -> int:
-        return self.config.vision_config.hidden_size
-
-    def projected_width(self) -> int:
-        return self.config.vision_config.out_hidden_size
-
-    def vision_mlp_flops(self, patches: int) -> int:
-        vision = self.config.vision_config
-        return 2 * linear_flops(patches, vision.hidden_size, vision.intermediate_size)  # fc1, fc2
 
     def mergers(self) -> int:
         """The output merger and one per DeepStack layer."""
