@@ -51,7 +51,7 @@ from visor.flops import (
     llm_prefill_flops,
     nominal_vision_flops,
 )
-from visor.presets import preset_config
+from visor.presets import PRESETS, preset_config
 from visor.reduction.budget import solve_strength
 from visor.reduction.pruned import PruningPlan, kept_count, pruned
 
@@ -333,7 +333,7 @@ def register(subparsers) -> None:
              "(and token-reduction baselines)",
         description=__doc__.split("\n\n")[0],
     )
-    parser.add_argument("--preset", required=True, help="model shapes, e.g. tiny or llava-ov-0.5b")
+    parser.add_argument("--preset", required=True, help="model shapes: one of " + ", ".join(PRESETS))
     parser.add_argument("--visual-tokens", type=comma_separated(), default=BenchPlan.visual_tokens,
                         help="comma-separated visual-token counts (default 729,2916,7290)")
     parser.add_argument("--text-tokens", type=int, default=BenchPlan.text_tokens)
