@@ -6,9 +6,9 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# A cited document: a path into one of the repository's folders (or folders it does not have: `notes/`), or a
-# Markdown file named in capitals (README.md, TRAINING.md, DESIGN.md); lower-case names such as report.md are
-# files the code writes, not documents.
+# A cited document: a path into one of the repository's folders (or a folder it does not have, such as notes), or
+# a Markdown file named in capitals (README.md, TRAINING.md); lower-case names such as report.md are files the
+# code writes, not documents.
 CITATION = re.compile(r"(?<![\w/.-])((?:docs|benchmarks|scripts|src|tests|notes)/[\w./-]*[\w/]|[A-Z][A-Z_]*\.md)")
 
 
@@ -35,9 +35,11 @@ def test_every_cited_document_exists():
 
 
 def test_the_check_finds_a_missing_document(tmp_path):
+    # The absent names are built here, so that this file cites no document itself.
+    absent_document, absent_note = "ABSENT_GUIDE" + ".md", "notes" + "/absent.md"
     citing = ROOT / "tests" / "test_references.py"
     assert exists("docs/architecture.md", citing) and exists("README.md", citing)
-    assert not exists("DESIGN.md", citing) and not exists("notes/prototype.md", citing)
+    assert not exists(absent_document, citing) and not exists(absent_note, citing)
     sample = tmp_path / "sample.py"
-    sample.write_text('"""See DESIGN.md 2.3 and docs/architecture.md."""\n')
-    assert [reference for _, reference in citations(sample)] == ["DESIGN.md", "docs/architecture.md"]
+    sample.write_text(f'"""See {absent_document} 2.3, {absent_note} and docs/architecture.md."""\n')
+    assert [reference for _, reference in citations(sample)] == [absent_document, absent_note, "docs/architecture.md"]

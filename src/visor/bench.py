@@ -139,8 +139,9 @@ def run_bench(plan: BenchPlan) -> list[BenchRow]:
     dense = [("full", None, visual) for visual in plan.visual_tokens]
     dense += [("text-only", None, visual) for visual in plan.visual_tokens]
     sparse = [("visor", index, visual) for visual in plan.visual_tokens for index in plan.visor_configurations]
+    methods = reduction.methods_for(config)
     baselines = [(method, ratio, visual) for visual in plan.visual_tokens for ratio in plan.baselines
-                 for method in reduction.methods_for(config)]
+                 for method in methods]
     on_visor = [spec for spec in baselines if spec[0].startswith("visor+")]
     on_full = [spec for spec in baselines if not spec[0].startswith("visor+")]
     rows = []

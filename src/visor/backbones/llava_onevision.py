@@ -176,7 +176,8 @@ class LlavaOnevision(Backbone):
         )
         feature_layers = 1 if isinstance(config.vision_feature_layer, int) else len(config.vision_feature_layer)
         text_width, tokens = config.text_config.hidden_size, self.tokens_per_crop()
-        projector = linear_flops(tokens, width * feature_layers, text_width) + linear_flops(tokens, text_width, text_width)
+        projector = (linear_flops(tokens, width * feature_layers, text_width)
+                     + linear_flops(tokens, text_width, text_width))
         return {"vision_tower": crops * (patch_embedding + vision.num_hidden_layers * per_layer),
                 "projector": crops * projector}
 

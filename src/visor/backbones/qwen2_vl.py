@@ -46,15 +46,14 @@ class QwenVL(Backbone):
         """M-RoPE positions (3, B, S) from the stock `get_rope_index`, padding excluded; with no image, one
         position per token as the stock model then takes. `mm_token_type_ids` (1 at image tokens) is derived
         from `input_ids` when not given. Only the grids are read: the images may come as precomputed features."""
-        image_slots = input_ids == self.config.image_token_id
-        if attention_mask is not None:
-            image_slots &= attention_mask.bool()
+        is_image = input_ids == self.config.image_token_id
+        image_slots = is_image if attention_mask is None else is_image & attention_mask.bool()
         if not image_slots.any():
             return torch.arange(input_ids.shape[1], device=input_ids.device).expand(3, *input_ids.shape)
         self._check_grids(int(image_slots.sum()), image_grid_thw)
         self._check_image_runs(image_slots, image_grid_thw)
         if mm_token_type_ids is None:
-            mm_token_type_ids = (input_ids == self.config.image_token_id).int()
+            mm_token_type_ids = is_image.int()
         positions, _ = model.model.get_rope_index(input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw,
                                                   attention_mask=attention_mask)
         return positions
@@ -99,25 +98,26 @@ class QwenVL(Backbone):
             raise ValueError(f"image-token count does not match the images: the prompts hold runs of {found} image "
                              f"tokens, image_grid_thw gives {expected}")
 
+    @property
+    def merged_patch(self) -> int:
+        """Pixels per side of one visual token: a patch times the merger's size."""
+        return self.config.vision_config.patch_size * self.config.vision_config.spatial_merge_size
+
     def resized(self, image_size) -> tuple[int, int]:
-        """The (height, width) the stock processor resizes an image to: multiples of patch × merge, within its
+        """The (height, width) the stock processor resizes an image to: multiples of the merged patch, within its
         default pixel bounds."""
         height, width = image_size
         if height <= 0 or width <= 0:
             raise ValueError(f"image size must be positive (height, width), got {image_size}")
-        vision = self.config.vision_config
-        return smart_resize(height, width, vision.patch_size * vision.spatial_merge_size,
-                            self.min_pixels, self.max_pixels)
+        return smart_resize(height, width, self.merged_patch, self.min_pixels, self.max_pixels)
 
     def image_tokens(self, image_size) -> ImageTokens:
         height, width = self.resized(image_size)
-        merged = self.config.vision_config.patch_size * self.config.vision_config.spatial_merge_size
-        return ImageTokens(1, (height // merged) * (width // merged))
+        return ImageTokens(1, (height // self.merged_patch) * (width // self.merged_patch))
 
     def largest_image_size(self) -> tuple[int, int]:
         """The largest square the processor keeps whole: its pixel bound, rounded down to the merged patch."""
-        merged = self.config.vision_config.patch_size * self.config.vision_config.spatial_merge_size
-        side = int(self.max_pixels**0.5) // merged * merged
+        side = int(self.max_pixels**0.5) // self.merged_patch * self.merged_patch
         return side, side
 
     # ---- the vision side's cost ---------------------------------------------------------------------------------
@@ -127,14 +127,10 @@ class QwenVL(Backbone):
         return self.grid_flops(height // patch, width // patch)
 
     def nominal_vision_flops(self, visual_tokens):
-        rows, columns = self.nominal_grid(visual_tokens)
-        merge = self.config.vision_config.spatial_merge_size
-        return self.grid_flops(rows * merge, columns * merge)
+        return self.grid_flops(*self._nominal_patches(visual_tokens))
 
     def nominal_image_inputs(self, visual_tokens):
-        rows, columns = self.nominal_grid(visual_tokens)
-        merge = self.config.vision_config.spatial_merge_size
-        return {"image_grid_thw": torch.tensor([[1, rows * merge, columns * merge]])}
+        return {"image_grid_thw": torch.tensor([[1, *self._nominal_patches(visual_tokens)]])}
 
     @staticmethod
     def nominal_grid(visual_tokens: int) -> tuple[int, int]:
@@ -142,19 +138,25 @@ class QwenVL(Backbone):
         rows = next(rows for rows in range(math.isqrt(visual_tokens), 0, -1) if visual_tokens % rows == 0)
         return rows, visual_tokens // rows
 
+    def _nominal_patches(self, visual_tokens: int) -> tuple[int, int]:
+        """The patch grid (rows, columns) of `nominal_grid`."""
+        merge = self.config.vision_config.spatial_merge_size
+        return tuple(side * merge for side in self.nominal_grid(visual_tokens))
+
     def grid_flops(self, rows: int, columns: int) -> dict[str, int]:
         """The vision tower over one image of rows × columns patches (patch conv over the temporal pair, every
         block's qkv/proj, attention within each block's groups, MLP) and the patch merger(s)."""
         vision = self.config.vision_config
         width, merge = self.vision_width(), vision.spatial_merge_size
         patches = rows * columns
-        patch_embedding = linear_flops(patches, vision.in_channels * vision.temporal_patch_size * vision.patch_size**2,
-                                  width)
+        patch_pixels = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+        patch_embedding = linear_flops(patches, patch_pixels, width)
         per_block = 4 * linear_flops(patches, width, width) + self.vision_mlp_flops(patches)
         attention = sum(2 * 2 * width * sum(group**2 for group in self.attention_groups(block, rows, columns))
                         for block in range(vision.depth))
         merged, merged_width = patches // merge**2, width * merge**2
-        merger = linear_flops(merged, merged_width, merged_width) + linear_flops(merged, merged_width, self.projected_width())
+        merger = (linear_flops(merged, merged_width, merged_width)
+                  + linear_flops(merged, merged_width, self.projected_width()))
         return {"vision_tower": patch_embedding + vision.depth * per_block + attention,
                 "projector": self.mergers() * merger}
 

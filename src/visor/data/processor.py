@@ -79,8 +79,8 @@ class AnyresImages:
 
     has_patch_targets = True
 
-    def __init__(self, config, image_mean, image_std):
-        self.layout = CropLayout.from_config(config)
+    def __init__(self, backbone, image_mean, image_std):
+        self.layout = CropLayout.from_config(backbone.config)
         self.min_side = self.layout.patch
         crop = {"height": self.layout.crop, "width": self.layout.crop}
         self.image_processor = LlavaOnevisionImageProcessorPil(
@@ -94,6 +94,9 @@ class AnyresImages:
     def __call__(self, images: list[Image.Image]) -> dict:
         pixels = self.image_processor(images, return_tensors="pt")
         return {"pixel_values": pixels["pixel_values"], "image_sizes": pixels["image_sizes"]}
+
+    def prompt_inputs(self, input_ids: torch.Tensor, image_token_id: int) -> dict:
+        return {}
 
     def patch_targets(self, images: list[Image.Image], class_maps: list[np.ndarray], inputs: dict) -> torch.Tensor:
         """(batch, max_crops, patches per crop) class ids aligned with `pixel_values`' crops, -100 where none."""
@@ -115,8 +118,9 @@ class GridImages:
 
     has_patch_targets = False
 
-    def __init__(self, config, image_mean, image_std):
-        vision, backbone = config.vision_config, backbone_for(config)
+    def __init__(self, backbone, image_mean, image_std):
+        config = backbone.config
+        vision = config.vision_config
         self.min_side = vision.patch_size
         self.start, self.end = config.vision_start_token_id, config.vision_end_token_id
         self.image_processor = Qwen2VLImageProcessorPil(
@@ -131,6 +135,10 @@ class GridImages:
     def __call__(self, images: list[Image.Image]) -> dict:
         pixels = self.image_processor(images, return_tensors="pt")
         return {"pixel_values": pixels["pixel_values"], "image_grid_thw": pixels["image_grid_thw"]}
+
+    def prompt_inputs(self, input_ids: torch.Tensor, image_token_id: int) -> dict:
+        """The token types (1 at image tokens) that the stock models compute their positions from."""
+        return {"mm_token_type_ids": (input_ids == image_token_id).int()}
 
     def patch_targets(self, images, class_maps, inputs):
         raise ValueError("patch targets (class_maps) follow LLaVA-OneVision's crops; this model family has none")
@@ -155,7 +163,7 @@ class VisorProcessor:
             raise ValueError("the tokenizer has no chat template to render prompts with")
         self.backbone = backbone_for(config)
         self.images = (GridImages if "image_grid_thw" in self.backbone.image_inputs else AnyresImages)(
-            config, image_mean, image_std)
+            self.backbone, image_mean, image_std)
         self.tokenizer = tokenizer
         self.padding_side = padding_side
         self.image_token_id = image_token_id
@@ -180,9 +188,9 @@ class VisorProcessor:
                  answers: str | Sequence[str] | None = None,
                  class_maps: np.ndarray | Sequence[np.ndarray] | None = None) -> BatchFeature:
         """A padded batch: input_ids, attention_mask and the family's image inputs (LLaVA-OV: pixel_values
-        (B, max_crops, 3, crop, crop) and image_sizes; Qwen-VL: pixel_values (patches, features),
-        image_grid_thw and mm_token_type_ids), plus labels when `answers` are given and patch_targets when `class_maps` are. A single
-        image and question make a batch of one."""
+        (B, max_crops, 3, crop, crop) and image_sizes; Qwen-VL: pixel_values (patches, features), image_grid_thw
+        and mm_token_type_ids), plus labels when `answers` are given and patch_targets when `class_maps` are. A
+        single image and question make a batch of one."""
         images = _as_list(images, (Image.Image, str, Path, np.ndarray))
         questions = _as_list(questions, str)
         answers = None if answers is None else _as_list(answers, str)
@@ -212,8 +220,7 @@ class VisorProcessor:
             "attention_mask": self._pad([[1] * len(ids) for ids in sequences], 0),
             **self.images(images),
         }
-        if "mm_token_type_ids" in self.backbone.image_inputs:  # the stock Qwen-VL models need it for positions
-            batch["mm_token_type_ids"] = (batch["input_ids"] == self.image_token_id).int()
+        batch |= self.images.prompt_inputs(batch["input_ids"], self.image_token_id)
         if answers is not None:
             batch["labels"] = self._pad(label_rows, IGNORE_INDEX)
         if class_maps is not None:

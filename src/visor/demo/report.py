@@ -145,7 +145,7 @@ def router_against_fixed_curve(rows: list[dict]) -> dict[str, tuple[dict, float]
 
 
 def policy_curve_verdicts(rows: list[dict], title: str) -> list[str]:
-    """Issue 6's checks on one policy report: router on or above the fixed curve; fewer FLOPs on easy tasks."""
+    """The demo's checks on one policy report: router on or above the fixed curve; fewer FLOPs on easy tasks."""
     lines = []
     compared = router_against_fixed_curve(rows)
     for group, (router, curve) in compared.items():

@@ -55,8 +55,9 @@ def apply_reduction(model, method: str, ratio: float, inputs: dict | None = None
 
 def methods_for(config) -> tuple[str, ...]:
     """The methods that run on `config`'s family: the in-LLM ones everywhere, the pre-LLM ones where `supports`."""
-    return tuple(method for method in METHODS
-                 if supports(config) or isinstance(_METHODS[method][1](config, 1.0), PruningPlan))
+    if supports(config):
+        return METHODS
+    return tuple(method for method in METHODS if isinstance(_METHODS[method][1](config, 1.0), PruningPlan))
 
 
 def reduction_at(config, method: str, strength: float):

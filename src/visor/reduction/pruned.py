@@ -222,8 +222,8 @@ class PrunedModel:
                 image_grid_thw=None, mm_token_type_ids=None, **kwargs):
         """Logits as the stock model's; tokens dropped inside the stack keep the hidden state they had then.
 
-        `image_features` (per image, as `visor.modeling.visor.embed_with_images` takes them) may replace the images, e.g. to time the
-        language model alone.
+        `image_features` (per image, as `visor.modeling.visor.embed_with_images` takes them) may replace the
+        images, e.g. to time the language model alone.
         """
         if input_ids is None or inputs_embeds is not None:
             raise ValueError("in-LLM pruning needs input_ids (it finds the visual tokens by the <image> token id)")
