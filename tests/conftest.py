@@ -35,15 +35,26 @@ def build_stock(preset: str = "tiny", num_layers: int = 4, attention: str = "eag
     return LlavaOnevisionForConditionalGeneration(config).eval()
 
 
-def open_visor(stock, gate: float = 0.8):
-    """`stock` converted to VISOR with its CA gates open (fresh gates start closed), so the image reaches the text."""
+def open_visor(stock, gate: float = 0.8, trust_router: bool = False):
+    """`stock` converted to VISOR with its CA gates open (fresh gates start closed), so the image reaches the text.
+
+    `trust_router`: let `configuration="auto"` run the random router, for tests of routing's mechanics (they need
+    choices that differ, not good ones); otherwise "auto" is refused, as for any router that was never trained."""
     from visor import VisorForConditionalGeneration
 
     visor = VisorForConditionalGeneration.from_stock(stock).eval()
     with torch.no_grad():
         for block in visor.cross_attention.values():
             block.attention_gate.fill_(gate)
+    if trust_router:
+        trust_random_router(visor)
     return visor
+
+
+def trust_random_router(model):
+    """Mark `model`'s random router as trained (`router_training` says it is not), for routing-mechanics tests."""
+    model.config.router_training = dict(note="random weights, trusted by a test of routing's mechanics")
+    return model
 
 
 def save_with_tokenizer(models: dict, tokenizer, make_folder) -> dict:

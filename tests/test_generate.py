@@ -19,7 +19,7 @@ def saved(open_visor_factory, saver):
     """A tiny stock model and its VISOR conversion (open gates, random router), each saved with a tokenizer."""
     torch.manual_seed(0)
     stock = LlavaOnevisionForConditionalGeneration(presets.tiny(6)).eval()
-    visor = open_visor_factory(stock)
+    visor = open_visor_factory(stock, trust_router=True)
     folders = saver(dict(stock=stock, visor=visor), build_tokenizer())
     image = Image.new("RGB", (64, 64), (200, 30, 30))
     return folders, visor.config, image

@@ -9,10 +9,12 @@ config is their one owner). `Schedule` is the layer kinds one sample runs, what 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from difflib import get_close_matches
 from typing import Literal
 
 ROUTER_MODES = ("softmax", "multilabel")
+CROSS_ATTENTION_INITS = ("zero", "host")
 
 
 def default_schedule(num_layers: int) -> tuple[list[int], list[int]]:
@@ -50,6 +52,9 @@ class VisorConfigMixin:
     router_hidden_size: int = 256
     router_mode: Literal["softmax", "multilabel"] = "softmax"
     router_threshold: float = 0.5
+    # What the router was trained on (`visor.policy.training` records it); None: never trained, so its decisions
+    # are random and `configuration="auto"` is refused.
+    router_training: dict | None = None
     # Its novelty guard (`visor.modeling.novelty`): how many training features it keeps (0: no guard), how many
     # neighbours it compares with, and its threshold κ (None: flags nothing).
     router_novelty_references: int = 0
@@ -85,6 +90,11 @@ class VisorConfigMixin:
                           self_attention_layers: list[int] | None = None,
                           configurations: list[list[int]] | None = None, **options):
         """Wrap the family's stock config; unspecified layer lists get the evenly spread L/3 defaults."""
+        for name in options:
+            if name not in VISOR_OPTIONS:
+                close = get_close_matches(name, [field.name for field in fields(VisorConfigMixin)], n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else f"; the options are {sorted(VISOR_OPTIONS)}"
+                raise ValueError(f"unknown VISOR option {name!r}{hint}")
         base = stock_config.to_dict()
         for key in ("model_type", "architectures", "transformers_version"):
             base.pop(key, None)
@@ -159,6 +169,9 @@ class VisorConfigMixin:
                     f"router_layer {self.router_layer} comes after the first optional self-attention layer "
                     f"{first_optional}: the router must decide before any optional layer runs"
                 )
+        if self.cross_attention_init not in CROSS_ATTENTION_INITS:
+            raise ValueError(f"cross_attention_init must be one of {CROSS_ATTENTION_INITS}, got "
+                             f"{self.cross_attention_init!r}")
         if self.router_mode not in ROUTER_MODES:
             raise ValueError(f"router mode must be one of {ROUTER_MODES}, got {self.router_mode!r}")
         if not 0.0 <= self.router_threshold <= 1.0:
@@ -182,6 +195,10 @@ class VisorConfigMixin:
             raise ValueError(f"configuration {index!r} does not exist: this model has configurations "
                              f"0..{len(self.configurations) - 1}")
         return index
+
+
+VISOR_OPTIONS = frozenset(field.name for field in fields(VisorConfigMixin)) - {
+    "cross_attention_layers", "self_attention_layers", "configurations"}  # `from_stock_config`'s keyword options
 
 
 @dataclass(frozen=True)

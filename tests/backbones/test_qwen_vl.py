@@ -208,7 +208,11 @@ def test_the_cache_holds_visual_entries_for_ca_and_the_sa_layers_used(sparse, ba
 
 
 def test_auto_configuration_runs_what_the_router_chose(sparse, batch):
+    with pytest.raises(ValueError, match="never trained"):
+        sparse(**batch, configuration="auto")
+    sparse.config.router_training = dict(note="random weights: this test checks what runs, not what is chosen")
     output = sparse(**batch, configuration="auto")
+    sparse.config.router_training = None
     chosen = output.configuration.tolist()
     assert all(0 <= choice < len(sparse.config.configurations) for choice in chosen)
     valid = batch["attention_mask"].bool()

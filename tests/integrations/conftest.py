@@ -35,7 +35,7 @@ def checkpoints(open_visor_factory, saver):
     config.tie_word_embeddings = config.text_config.tie_word_embeddings = False
     torch.manual_seed(0)
     stock = LlavaOnevisionForConditionalGeneration(config).eval()
-    visor = open_visor_factory(stock)
+    visor = open_visor_factory(stock, trust_router=True)
     with torch.no_grad():
         for model in (stock, visor):
             model.lm_head.weight[:FIRST_WORD_ID].zero_()

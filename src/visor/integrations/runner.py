@@ -23,6 +23,7 @@ from visor.data.processor import VisorProcessor
 from visor.device import check_device, default_device
 from visor.evaluation.scoring import greedy, new_tokens, teacher_forced
 from visor.flops import llm_prefill_flops, router_flops
+from visor.modeling.choice import UNTRAINED_ROUTER
 from visor.modeling.router import check_threshold
 from visor.policy.labels import prompt_tokens
 from visor.training.recipes import is_visor, load_checkpoint
@@ -69,6 +70,7 @@ class CheckpointRunner:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         config = self.model.config
         self.is_visor = is_visor(self.model)
+        self.tau = None if tau is None else check_threshold(tau)
         if not self.is_visor:
             if configuration not in ("auto", "full") or tau is not None:
                 raise ValueError("a stock model has one configuration: drop `configuration` and `tau`")
@@ -77,12 +79,13 @@ class CheckpointRunner:
             configuration = parse_configuration(configuration)
             if configuration == "auto" and self.model.router is None:
                 configuration = config.largest_configuration
+            if configuration == "auto" and not self.model.router.trained:
+                raise ValueError(f"{folder}: {UNTRAINED_ROUTER}")
             if configuration != "auto":
                 config.check_configuration(configuration)
                 if tau is not None:
                     raise ValueError("τ (tau) sets the policy's budget: it applies to configuration 'auto' only")
         self.configuration = configuration
-        self.tau = None if tau is None else check_threshold(tau)
         # Left padding for both: generation needs it, and it puts every continuation at the end of its row.
         self.processor = VisorProcessor(config, tokenizer, padding_side="left")
 

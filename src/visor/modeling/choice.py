@@ -11,6 +11,11 @@ import torch
 from visor.modeling.router import check_threshold
 
 
+UNTRAINED_ROUTER = ('configuration="auto" needs a trained router, and this model\'s router was never trained (its '
+                    "choices would be random): train it with `visor policy label` and `visor policy train`, or pass "
+                    "a configuration index")
+
+
 @dataclass(frozen=True)
 class ConfigurationChoice:
     indices: torch.Tensor | None = None  # (B,) fixed per sample; None: the router decides
@@ -22,7 +27,7 @@ class ConfigurationChoice:
 
     @classmethod
     def resolve(cls, config, configuration, batch_size: int, device, threshold: float | None = None,
-                has_router: bool = True) -> ConfigurationChoice:
+                has_router: bool = True, router_trained: bool = True) -> ConfigurationChoice:
         """The choice `configuration` asks for; a ValueError naming the problem for anything else."""
         if isinstance(configuration, str):
             if configuration != "auto":
@@ -30,7 +35,10 @@ class ConfigurationChoice:
                                  f"got {configuration!r}")
             if not has_router:
                 raise ValueError('configuration="auto" needs a router: this model has a single configuration')
-            return cls(threshold=None if threshold is None else check_threshold(threshold))
+            threshold = None if threshold is None else check_threshold(threshold)
+            if not router_trained:
+                raise ValueError(UNTRAINED_ROUTER)
+            return cls(threshold=threshold)
         if threshold is not None:
             raise ValueError('router_threshold (τ) applies to configuration="auto" only')
         if configuration is None:

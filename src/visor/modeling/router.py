@@ -20,6 +20,8 @@ configuration, whatever τ says.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -29,7 +31,8 @@ from visor.modeling.novelty import NoveltyGuard
 class ConfigurationRouter(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.config = config  # not a submodule: the model's own config, the owner of mode, τ and κ
+        self.config = config  # not a submodule: the model's own config, the owner of mode, τ, κ and its training
+        self._labelling = False
         features = 2 * config.text_config.hidden_size
         self.norm = nn.LayerNorm(features)
         self.mlp = nn.Sequential(
@@ -38,6 +41,20 @@ class ConfigurationRouter(nn.Module):
         )
         self.novelty = (NoveltyGuard(features, config.router_novelty_references, config.router_novelty_neighbours)
                         if config.router_novelty_references else None)
+
+    @property
+    def trained(self) -> bool:
+        """Whether `configuration="auto"` may use this router: trained (the config says on what), or labelling."""
+        return self.config.router_training is not None or self._labelling
+
+    @contextmanager
+    def labelling(self):
+        """Route with this router even untrained: labelling reads the features it will be trained on."""
+        self._labelling = True
+        try:
+            yield self
+        finally:
+            self._labelling = False
 
     @property
     def mode(self) -> str:

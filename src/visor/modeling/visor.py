@@ -26,6 +26,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import logging as hf_logging
 
 from visor.config import ROUTER_MODES
 from visor.modeling.cache import LayerCacheView, VisorCache, resolve_cache
@@ -79,11 +80,11 @@ class VisorModel:
 
     # ---- construction --------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """As transformers' `from_pretrained`, for local folders only (broken ones raise ValueError)."""
-        check_checkpoint_folder(pretrained_model_name_or_path)
-        with clear_load_errors("VISOR", pretrained_model_name_or_path):
-            return super().from_pretrained(pretrained_model_name_or_path, *args, **{**LOCAL_SAFE_LOADING, **kwargs})
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """As transformers' `from_pretrained`, for local VISOR folders only, strictly: a broken folder, or weights
+        that do not fit the config, raise ValueError. A stock folder is refused (`from_stock` converts one)."""
+        return load_strictly(super().from_pretrained, "VISOR", cls.config_class.model_type,
+                             pretrained_model_name_or_path, **kwargs)
 
     @classmethod
     def from_stock(cls, stock, visor_config=None, **config_options):
@@ -214,13 +215,20 @@ class VisorModel:
             pixel_values=pixel_values, image_sizes=image_sizes, batch_num_images=batch_num_images,
             image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids, **kwargs)
         cache = resolve_cache(past_key_values, use_cache, VisorCache, "VISOR")
+        prefilled = cache is not None and cache.is_prefilled
+        self._check_length(input_ids.shape[1] + (cache.get_seq_length() if prefilled else 0))
+        for name, value in (("pixel_values", pixel_values), ("image_features", image_features)):
+            parts = [value] if isinstance(value, torch.Tensor) else value or []
+            if not prefilled and not all(bool(part.isfinite().all()) for part in parts):
+                raise ValueError(f"{name} hold NaN or infinite values")
         position_ids = self.backbone.positions(self, input_ids, attention_mask, cache, position_ids, **image_inputs)
-        if cache is not None and cache.is_prefilled:
+        if prefilled:
             hidden = self._decode(input_ids, attention_mask, position_ids, cache)
             configuration = cache.configuration
         else:
             choice = ConfigurationChoice.resolve(self.config, configuration, input_ids.shape[0], input_ids.device,
-                                                 router_threshold, has_router=self.router is not None)
+                                                 router_threshold, has_router=self.router is not None,
+                                                 router_trained=self.router is not None and self.router.trained)
             hidden, visual_mask, additions = self.embed_multimodal(input_ids, image_features, **image_inputs)
             layout = TokenLayout.build(visual_mask, attention_mask)
             streams = _Prefill(self, hidden, layout, position_ids, choice, cache, additions)
@@ -242,6 +250,12 @@ class VisorModel:
         if configuration is not None and not isinstance(configuration, (int, str)):
             configuration = torch.as_tensor(configuration)
         return super().generate(*args, configuration=configuration, **kwargs)
+
+    def _check_length(self, length: int) -> None:
+        """Refuse a sequence beyond the text model's context length (its positions were never trained there)."""
+        limit = self.config.text_config.max_position_embeddings
+        if length > limit:
+            raise ValueError(f"the sequence has {length} tokens, beyond the text model's context length of {limit}")
 
     def _decode(self, input_ids, attention_mask, position_ids, cache: VisorCache) -> torch.Tensor:
         """Hidden states of new text tokens appended to a prefilled cache."""
@@ -434,9 +448,38 @@ LOCAL_SAFE_LOADING = dict(use_safetensors=True, local_files_only=True, trust_rem
 
 def load_stock(model_class, path: str | os.PathLike, **kwargs):
     """A stock checkpoint of `model_class` from a local folder (safetensors only; no hub access, no remote code)."""
-    check_checkpoint_folder(path)
-    with clear_load_errors(model_class.__name__, path):
-        return model_class.from_pretrained(path, **LOCAL_SAFE_LOADING, **kwargs)
+    return load_strictly(model_class.from_pretrained, model_class.__name__, model_class.config_class.model_type, path,
+                         **kwargs)
+
+
+def load_strictly(load, kind: str, model_type: str, path: str | os.PathLike, **kwargs):
+    """`load(path)` (a `from_pretrained`) of a local folder of a `kind` model (`model_type`), refusing any tensor the model lacks or
+    the folder lacks: transformers would start a missing one at random and only warn."""
+    config = check_checkpoint_folder(path)
+    if config.get("model_type") != model_type:
+        advice = " (VisorModel.from_stock converts a stock model)" if model_type.startswith("visor") else ""
+        raise ValueError(f"checkpoint {path} holds a {config.get('model_type')!r} model, not {model_type!r}{advice}")
+    if kwargs.pop("output_loading_info", False):
+        raise ValueError("loading is strict: there is no loading info to return")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report would precede our error with the same facts
+    try:
+        with clear_load_errors(kind, path):
+            model, info = load(path, **{**LOCAL_SAFE_LOADING, **kwargs}, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    problems = [f"{what}: {_names(info.get(key))}" for key, what in (
+        ("missing_keys", "missing from the folder"), ("unexpected_keys", "not in the model"),
+        ("mismatched_keys", "of another shape")) if info.get(key)]
+    if problems:
+        raise ValueError(f"checkpoint {path}'s weights do not fit its config.json; tensors " + "; ".join(problems))
+    return model
+
+
+def _names(keys, shown: int = 5) -> str:
+    keys = sorted(key if isinstance(key, str) else key[0] for key in keys)
+    more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
+    return ", ".join(keys[:shown]) + more
 
 
 def check_checkpoint_folder(path: str | os.PathLike) -> dict:

@@ -107,7 +107,8 @@ def router_features(model, inputs: dict) -> torch.Tensor:
     captured = []
     handle = model.router.register_forward_hook(lambda module, args, output: captured.append(args[0].detach()))
     try:
-        model(**inputs, configuration="auto", logits_to_keep=1)
+        with model.router.labelling():
+            model(**inputs, configuration="auto", logits_to_keep=1)
     finally:
         handle.remove()
     return captured[0]

@@ -29,6 +29,8 @@ def train_router(router: ConfigurationRouter, table: LabelTable, rule: str = "pr
     """Fit the router in place on `table`; returns the loss curve (one value per step)."""
     if len(table) == 0:
         raise ValueError("the label table is empty")
+    if steps < 1:
+        raise ValueError(f"steps must be positive, got {steps}")
     if table.num_configurations != router.num_configurations:
         raise ValueError(
             f"the label table has {table.num_configurations} configurations, the router {router.num_configurations}"
@@ -52,6 +54,8 @@ def train_router(router: ConfigurationRouter, table: LabelTable, rule: str = "pr
         optimizer.step()
         losses.append(float(loss.detach()))
     router.eval()
+    router.config.router_training = dict(samples=len(table), tasks=sorted(set(table.tasks)), rule=rule, ratio=ratio,
+                                         steps=steps, seed=seed, final_loss=losses[-1])
     return losses
 
 
