@@ -350,7 +350,7 @@ def register(subparsers) -> None:
     parser.add_argument("--cross-attention-heads", type=int, default=None, metavar="N",
                         help="key/value heads of VISOR's CA blocks (default: the host layer's; fewer project the "
                              "visual tokens more cheaply)")
-    command(parser, _command)
+    command(parser, _command, output="folder")
 
 
 def _command(args: argparse.Namespace) -> int:

@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from visor.files import check_output
+
 # Modules that contribute a subcommand through `register(subparsers)`.
 _SUBCOMMAND_MODULES = (
     "visor.demo",
@@ -41,9 +43,10 @@ def quantile(text: str) -> float:
     return value
 
 
-def command(parser: argparse.ArgumentParser, run) -> None:
-    """Make `run(args)` what `parser`'s (sub)command does; `run_command` turns its errors into one line."""
-    parser.set_defaults(func=run, prog=parser.prog)
+def command(parser: argparse.ArgumentParser, run, output: str | None = None) -> None:
+    """Make `run(args)` what `parser`'s (sub)command does; `run_command` turns its errors into one line.
+    `output` ("folder" or "file"): what `--output` names, checked before `run` starts."""
+    parser.set_defaults(func=run, prog=parser.prog, output_kind=output)
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -53,6 +56,8 @@ def run_command(args: argparse.Namespace) -> int:
 
     hf_logging.disable_progress_bar()
     try:
+        if args.output_kind is not None:
+            check_output(args.output, args.output_kind)
         return int(args.func(args) or 0)
     except (ValueError, OSError) as error:
         print(f"{args.prog}: error: {error}", file=sys.stderr)

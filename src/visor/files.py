@@ -1,4 +1,5 @@
-"""Writing result files atomically: a reader (or a resumed run) sees the old file or the whole new one.
+"""Writing result files atomically: a reader (or a resumed run) sees the old file or the whole new one; and output
+paths checked before any work starts.
 
 Each writer fills a temporary file next to the target (same folder, so the rename stays on one file system),
 flushes it to disk and renames it into place; if writing fails, the temporary file is removed and the target is
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,4 +46,40 @@ def save_figure(figure, path: str | os.PathLike, dpi: int = 120) -> Path:
     path = Path(path)
     with atomic_path(path) as temporary:
         figure.savefig(temporary, dpi=dpi, format=path.suffix.lstrip("."))
+    return path
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary folder to fill instead of `path`; it replaces `path` (and whatever `path` held) when the block
+    ends without error. The old folder is removed only after the new one is in place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    old = path.with_name(f".{path.name}.{os.getpid()}.old")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir()
+    try:
+        yield temporary
+        if path.exists():
+            os.replace(path, old)
+        os.replace(temporary, path)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def check_output(path: str | os.PathLike, kind: str, option: str = "--output") -> Path:
+    """`path` if a command can write its output there (`kind` "folder" or "file"); else a ValueError saying why,
+    raised before any work starts (not after a benchmark ran for an hour)."""
+    path = Path(path)
+    if kind == "folder" and path.exists() and not path.is_dir():
+        raise ValueError(f"{option} {path} is a file, not a folder")
+    if kind == "file" and path.is_dir():
+        raise ValueError(f"{option} {path} is a folder, not a file")
+    existing = next(parent for parent in (path, *path.parents) if parent.exists() or parent == Path(parent.anchor))
+    if existing != path and not existing.is_dir():
+        raise ValueError(f"{option} {path} cannot be created: {existing} is a file")
+    if not os.access(existing if existing.is_dir() else existing.parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path} cannot be written: no permission in {existing}")
     return path

@@ -54,7 +54,7 @@ def _tiny_text_kwargs(num_layers: int) -> dict:
         num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=4096,
+        max_position_embeddings=32768,  # as the 0.5B text model: room for a bench's 7,290 visual tokens
         tie_word_embeddings=True,
         pad_token_id=TINY_PAD_TOKEN_ID,
         bos_token_id=1,

@@ -67,8 +67,9 @@ def test_bad_knobs_tasks_and_sizes_raise_clear_errors():
         get_task("nope")
     with pytest.raises(ValueError, match="unknown split"):
         make_sample("read_cell", "dev", 0)
-    with pytest.raises(ValueError, match="at least 32x32"):
-        make_sample("read_cell", "train", 0, size=(16, 16))
+    for size in ((16, 16), (64, 5000)):
+        with pytest.raises(ValueError, match="32 to 4096 px a side"):
+            make_sample("read_cell", "train", 0, size=size)
     assert get_task("read_cell", rows=8).rows == 8
 
 

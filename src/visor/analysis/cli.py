@@ -27,7 +27,7 @@ def register(subparsers) -> None:
                         help="also train the proposed and the default schedule alike (visor-stage1 then "
                              "visor-universal steps) and compare them at equal FLOPs")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    command(parser, _command)
+    command(parser, _command, output="folder")
 
 
 def _command(args: argparse.Namespace) -> int:

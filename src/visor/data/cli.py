@@ -10,6 +10,7 @@ from PIL import Image, ImageDraw
 
 from visor.cli import command
 from visor.data.render import INK, font
+from visor.files import atomic_path
 from visor.data.tasks import DEFAULT_SIZE, SPLITS, TASKS, Sample, generate_split
 
 TILE = 256  # preview side of one sample, px
@@ -28,7 +29,7 @@ def register(subparsers) -> None:
     preview.add_argument("--count", type=int, default=8)
     preview.add_argument("--split", default="train", choices=SPLITS)
     preview.add_argument("--size", type=int, nargs=2, default=list(DEFAULT_SIZE), metavar=("HEIGHT", "WIDTH"))
-    command(preview, _preview)
+    command(preview, _preview, output="file")
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -39,9 +40,12 @@ def _list(args: argparse.Namespace) -> int:
 
 def _preview(args: argparse.Namespace) -> int:
     if args.count < 1:
-        raise SystemExit("--count must be at least 1")
+        raise ValueError(f"--count must be at least 1, got {args.count}")
+    if args.output.suffix.lower() not in Image.registered_extensions():
+        raise ValueError(f"--output {args.output} needs an image suffix Pillow writes (e.g. .png)")
     samples = generate_split(args.split, args.count, seed=args.seed, tasks=[args.task], size=tuple(args.size))
-    contact_sheet(samples).save(args.output)
+    with atomic_path(args.output) as temporary:
+        contact_sheet(samples).save(temporary, format=Image.registered_extensions()[args.output.suffix.lower()])
     print(f"wrote {len(samples)} {args.task} samples to {args.output}")
     return 0
 

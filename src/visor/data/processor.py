@@ -31,6 +31,8 @@ from visor.data.render import IGNORE_INDEX
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
 IMAGE_TOKEN = "<image>"
+# Decoding is bounded: a header may claim any size (a "decompression bomb"); every processor downscales far below.
+MAX_IMAGE_PIXELS = 64_000_000
 
 ImageLike = Image.Image | str | Path | np.ndarray
 
@@ -50,12 +52,17 @@ def load_image(image: ImageLike, min_side: int = 1) -> Image.Image:
             image = Image.open(image)
         except UnidentifiedImageError as error:
             raise ValueError(f"{source} is not an image file Pillow can read") from error
+        except Image.DecompressionBombError as error:
+            raise ValueError(f"{source} is too large to decode: {error}") from error
     elif isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim not in (2, 3):
             raise ValueError(f"image arrays must be (H, W) or (H, W, C) uint8, got {image.dtype} {image.shape}")
         image = Image.fromarray(image)
     elif not isinstance(image, Image.Image):
         raise ValueError(f"expected a PIL image, a path or a uint8 array, got {type(image).__name__}")
+    if image.width * image.height > MAX_IMAGE_PIXELS:  # checked on the header, before decoding
+        raise ValueError(f"{source} is {image.width}x{image.height} px, more than the {MAX_IMAGE_PIXELS:,} pixels "
+                         "an image may have; downscale it first")
     try:
         image.load()
     except (OSError, SyntaxError) as error:

@@ -29,6 +29,7 @@ from visor.data.render import CLASS_ID, COLORS, DIGITS, INK, PALETTE, RULE, SHAP
 SPLITS = ("train", "validation", "test")
 DEFAULT_SIZE = (128, 128)  # (height, width): the tiny preset's largest pinpoint, 2x2 crops of 64 px, no resize
 GROUPS = ("hard", "easy")
+MAX_SIDE = 4096  # px a side: far beyond what the tasks need; it bounds the memory one sample takes
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,9 @@ class Task:
     def make(self, split: str, index: int, seed: int, size: tuple[int, int]) -> Sample:
         """Sample `index` of `split`, drawn from its own seed stream (see `sample_seed`)."""
         height, width = size
-        if min(height, width) < 32:
-            raise ValueError(f"synthetic images must be at least 32x32 px to stay legible, got {height}x{width}")
+        if min(height, width) < 32 or max(height, width) > MAX_SIDE:
+            raise ValueError(f"synthetic images must be 32 to {MAX_SIDE} px a side (at least 32 to stay legible), "
+                             f"got {height}x{width}")
         rng = np.random.default_rng(np.random.SeedSequence(sample_seed(seed, split, self.name, index)))
         return self.sample(rng, height, width)
 

@@ -64,7 +64,7 @@ def register(subparsers) -> None:
     parser.add_argument("--threads", type=int, default=DemoPlan.num_threads,
                         help=f"CPU threads (default {DemoPlan.num_threads}; use 1 when other jobs share the cores)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    command(parser, _main)
+    command(parser, _main, output="folder")
 
 
 def _heads(value: str) -> int | None:

@@ -29,12 +29,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from visor.backbones import family
 from visor.config import ROUTER_MODES, Schedule
 from visor.data.suites import get_suite
 from visor.demo import report
 from visor.evaluation.scoring import Generate, Scores, greedy, new_tokens, score
 from visor.files import write_json
 from visor.flops import llm_prefill_flops, prompt_prefill_flops, prompt_token_counts, router_flops
+from visor.modeling import VisorModel
 
 if TYPE_CHECKING:
     from visor.policy.calibration import Outcome
@@ -151,6 +153,11 @@ class Demo:
         self.training_data
         if self.plan.router_mode not in ROUTER_MODES:
             raise ValueError(f"router mode must be one of {ROUTER_MODES}, got {self.plan.router_mode!r}")
+        if self.plan.num_threads < 0:
+            raise ValueError(f"threads must be positive (or 0: torch's default), got {self.plan.num_threads}")
+        if not isinstance(self.full_model(), VisorModel):  # a bad schedule fails here, not at stage 1
+            config = self.full_model().config
+            family(config).VISOR_MODEL.config_class.from_stock_config(config, **self.schedule())
         self.prepare(fresh)
         if self.plan.num_threads:
             torch.set_num_threads(self.plan.num_threads)
@@ -223,14 +230,18 @@ class Demo:
                                                         f"(visor/demo/{self.plan.checkpoint_path.name})",
                     training=training.read_text() if training.exists() else "no TRAINING.md next to the checkpoint")
 
-    def stage_stage1(self) -> dict:
-        """Convert the full model (with the plan's schedule, if it names one) and train the CA blocks."""
-        shape = {name: list(value) if isinstance(value, tuple) else value for name, value in (
+    def schedule(self) -> dict:
+        """The VISOR shape the plan names (layers, CA heads); what it leaves out takes `VisorConfig`'s default."""
+        return {name: list(value) if isinstance(value, tuple) else value for name, value in (
             ("cross_attention_layers", self.plan.cross_attention_layers),
             ("self_attention_layers", self.plan.self_attention_layers),
             ("cross_attention_key_value_heads", self.plan.cross_attention_key_value_heads),
         ) if value is not None}
-        return self._train("visor-stage1", "stage1", self.plan.checkpoint_path, self.plan.stage1_steps, **shape)
+
+    def stage_stage1(self) -> dict:
+        """Convert the full model (with the plan's schedule, if it names one) and train the CA blocks."""
+        return self._train("visor-stage1", "stage1", self.plan.checkpoint_path, self.plan.stage1_steps,
+                           **self.schedule())
 
     def stage_universal(self) -> dict:
         return self._train("visor-universal", "universal", self.stage_dir("stage1") / "model",

@@ -34,8 +34,8 @@ def label_synthetic(model, split: str, per_task: int, seed: int = 0, tasks=None,
     """Every configuration of `model` labelled on `per_task` samples per task of a synthetic suite's `split`."""
     from visor.training.synthetic import SyntheticSource
 
-    if per_task < 1:
-        raise ValueError(f"per_task must be positive, got {per_task}")
+    if per_task < 1 or batch_size < 1:
+        raise ValueError(f"per_task and batch_size must be positive, got {per_task} and {batch_size}")
     source = SyntheticSource(model.config, seed, tasks, suite)
     return label_configurations(model, list(source.label_batches(split, per_task, batch_size)), show_progress)
 

@@ -11,7 +11,10 @@ Labels come from the built-in synthetic suite's splits (seeds are disjoint by sp
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from visor.cli import command, quantile
+from visor.files import atomic_folder, write_text
 from visor.config import ROUTER_MODES
 from visor.modeling.novelty import DEFAULT_QUANTILE
 
@@ -29,7 +32,7 @@ def register(subparsers) -> None:
     label.add_argument("--seed", type=int, default=0, help="data seed (default 0)")
     label.add_argument("--batch-size", type=int, default=32)
     label.add_argument("--output", required=True, metavar="FILE.safetensors")
-    command(label, run_label)
+    command(label, run_label, output="file")
 
     train = actions.add_parser("train", help="fit the router on a label table and save the model with it")
     train.add_argument("--model", required=True, metavar="DIR")
@@ -45,7 +48,7 @@ def register(subparsers) -> None:
     train.add_argument("--steps", type=int, default=500)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--output", required=True, metavar="DIR")
-    command(train, run_train)
+    command(train, run_train, output="folder")
 
     calibrate = actions.add_parser("calibrate", help="pick τ on held-out labels for a FLOPs or accuracy target")
     calibrate.add_argument("--model", required=True, metavar="DIR", help="model with a trained router (updated in place)")
@@ -60,13 +63,17 @@ def register(subparsers) -> None:
     report.add_argument("--labels", required=True, metavar="FILE", help="test label table")
     report.add_argument("--tau", type=float, default=None, help="threshold (default: the model's calibrated τ)")
     report.add_argument("--output", required=True, metavar="DIR")
-    command(report, run_report)
+    command(report, run_report, output="folder")
 
 
-def _model_and_labels(args):
+def _model_and_labels(args, trained: bool = True):
+    """The model and a label table made for it; `trained`: the router must have been trained already."""
+    from visor.modeling.choice import UNTRAINED_ROUTER
     from visor.policy.api import load_labels_for, load_model
 
     model = load_model(args.model)
+    if trained and not model.router.trained:
+        raise ValueError(f"{args.model}: {UNTRAINED_ROUTER}")
     return model, load_labels_for(model, args.labels)
 
 
@@ -85,13 +92,16 @@ def run_label(args) -> int:
 def run_train(args) -> int:
     from visor.policy.training import fit_novelty_guard, train_router
 
-    model, table = _model_and_labels(args)
+    model, table = _model_and_labels(args, trained=False)
     if args.mode:
         model.configure_router(mode=args.mode)
     losses = train_router(model.router, table, rule=args.rule, steps=args.steps, seed=args.seed)
+    model.config.router_training["labels"] = str(args.labels)
     if args.novelty_quantile is not None:
         fit_novelty_guard(model, table, args.novelty_quantile, seed=args.seed)
-    model.save_pretrained(args.output)
+    with atomic_folder(args.output) as folder:
+        model.save_pretrained(folder)
+        copy_tokenizer(args.model, folder)
     print(f"router ({model.router.mode}, rule {args.rule}) loss {losses[0]:.4f} -> {losses[-1]:.4f}; saved {args.output}")
     if args.novelty_quantile is not None:
         print(f"novelty guard: {model.config.router_novelty_references} reference features, κ = "
@@ -110,7 +120,7 @@ def run_calibrate(args) -> int:
     threshold, outcome = calibrate(model.router, table, router_flops(model.config),
                                    target_flops=args.target_flops, target_accuracy=args.target_accuracy)
     model.configure_router(threshold=threshold)
-    model.save_pretrained(args.model)
+    write_text(Path(args.model) / "config.json", model.config.to_json_string())  # the weights are unchanged
     print(f"τ = {threshold:.8g}: held-out accuracy {outcome.accuracy:.1f}%, "
           f"mean LLM prefill {outcome.mean_flops / 1e9:.4f} GFLOPs; saved in {args.model}")
     return 0
@@ -129,3 +139,12 @@ def run_report(args) -> int:
     print(markdown_table(report))
     print("wrote " + ", ".join(str(path) for path in paths))
     return 0
+
+
+def copy_tokenizer(source, folder) -> None:
+    """The tokenizer next to `source`'s weights, saved into `folder` too (so `visor generate --model` needs nothing
+    else); nothing when `source` has none."""
+    if (Path(source) / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(source).save_pretrained(folder)

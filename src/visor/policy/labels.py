@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -82,8 +83,11 @@ class LabelTable:
 
         if not os.path.isfile(path):
             raise ValueError(f"label table {path} does not exist")
-        with safe_open(path, framework="pt") as handle:
-            metadata = handle.metadata() or {}
+        try:
+            with safe_open(path, framework="pt") as handle:
+                metadata = handle.metadata() or {}
+        except SafetensorError as error:
+            raise ValueError(f"{path} is not a VISOR label table (not a safetensors file: {error})") from error
         if not {"tasks", "groups", "fingerprint"} <= set(metadata):
             raise ValueError(f"{path} is not a VISOR label table (metadata missing)")
         tensors = load_file(path)
