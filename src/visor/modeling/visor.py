@@ -465,7 +465,9 @@ def load_strictly(load, kind: str, model_type: str, path: str | os.PathLike, **k
     hf_logging.set_verbosity_error()  # its load report would precede our error with the same facts
     try:
         with clear_load_errors(kind, path):
-            model, info = load(path, **{**LOCAL_SAFE_LOADING, **kwargs}, output_loading_info=True)
+            # Mis-shaped tensors are reported in `info` (and refused below) instead of transformers' bare error.
+            model, info = load(path, **{**LOCAL_SAFE_LOADING, **kwargs}, output_loading_info=True,
+                               ignore_mismatched_sizes=True)
     finally:
         hf_logging.set_verbosity(verbosity)
     problems = [f"{what}: {_names(info.get(key))}" for key, what in (

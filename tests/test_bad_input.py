@@ -1,0 +1,482 @@
+"""Bad input, table-driven: every case is refused with a message naming the problem, no traceback, and nothing
+written anywhere (the whole fixture folder, outputs included, is compared before and after).
+
+A command-line case runs `visor ...` in-process and must exit with status 2 (argparse's and `run_command`'s
+code for bad input); a Python case must raise a ValueError. Each case carries its class (the kinds of bad input
+issue-style reports group them in): weights, router, run folder, policy, API options, output paths, malformed
+input.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
+
+from visor import VisorConfig, VisorForConditionalGeneration, cli
+from visor.data.processor import load_image
+from visor.integrations.runner import CheckpointRunner
+from visor.modeling import load_stock
+from visor.policy.api import label_synthetic
+from visor.policy.labels import LabelTable
+from visor.policy.training import train_router
+from visor.training.recipes import load_checkpoint
+
+SHIPPED = Path(__file__).parents[1] / "src" / "visor" / "demo" / "checkpoint"
+
+
+@dataclass(frozen=True)
+class Case:
+    kind: str  # the class of bad input
+    name: str
+    match: str  # what the message must say
+    argv: Callable | None = None  # World -> the `visor` command line
+    call: Callable | None = None  # World -> None, expected to raise ValueError
+
+
+class World:
+    """The folders and models every case reads: made once, never changed by a case."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.stock = root / "stock"
+        shutil.copytree(SHIPPED, self.stock)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.stock)
+        self.stock_model = LlavaOnevisionForConditionalGeneration.from_pretrained(self.stock).eval()
+        self.visor_model = VisorForConditionalGeneration.from_stock(self.stock_model).eval()
+        self.visor = self._save("visor", self.visor_model)
+        self.dense = self._save("dense", VisorForConditionalGeneration.from_stock(
+            self.stock_model, VisorConfig.dense(self.stock_model.config)))
+        table = label_synthetic(self.visor_model, "train", per_task=1, batch_size=8, show_progress=False, suite="demo")
+        self.labels = root / "labels.safetensors"
+        table.save(self.labels)
+        LabelTable(table.features, table.probability, table.correct, table.flops, table.tokens, table.tasks,
+                   table.groups, {**table.fingerprint, "hidden_size": 1}).save(root / "labels-other.safetensors")
+        self.labels_other = root / "labels-other.safetensors"
+        policy_model = VisorForConditionalGeneration.from_stock(self.stock_model).eval()
+        policy_model.load_state_dict(self.visor_model.state_dict())
+        train_router(policy_model.router, table, steps=5)
+        self.policy = self._save("policy", policy_model)
+        self.run = root / "run"  # a finished 1-step training run
+        assert cli.main(["train", "--recipe", "full", "--data", "synthetic@demo", "--model", "tiny", "--output",
+                         str(self.run), "--max-steps", "1", "--set", "batch_size=2", "--set", "samples_per_task=1",
+                         "--set", "mixed_precision=no", "--no-progress"]) == 0
+        self.out = root / "out"  # an output nobody may create
+        self.file = root / "notes.txt"
+        self.file.write_text("not a folder\n")
+        self.image = root / "red.png"
+        Image.new("RGB", (64, 64), (200, 30, 30)).save(self.image)
+        self.bomb = root / "bomb.png"
+        self.bomb.write_bytes(_png_header(30000, 30000))
+        self.truncated_image = root / "truncated.png"
+        self.truncated_image.write_bytes(self.image.read_bytes()[:60])
+        self.broken = {name: self._broken(name, edit) for name, edit in BROKEN.items()}
+
+    def _save(self, name: str, model) -> Path:
+        model.save_pretrained(self.root / name)
+        self.tokenizer.save_pretrained(self.root / name)
+        return self.root / name
+
+    def _broken(self, name: str, edit) -> Path:
+        folder = self.root / f"broken-{name}"
+        shutil.copytree(self.visor, folder)
+        edit(folder)
+        return folder
+
+    def snapshot(self) -> list:
+        return sorted((str(path.relative_to(self.root)), path.stat().st_size, path.stat().st_mtime_ns)
+                      for path in self.root.rglob("*"))
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height (a decompression bomb: the pixels are not there)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+
+
+def _edit_config(**changes):
+    def edit(folder):
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, **changes}))
+    return edit
+
+
+def _edit_tensors(change):
+    def edit(folder):
+        tensors = load_file(folder / "model.safetensors")
+        change(tensors)
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return edit
+
+
+def _drop(part):
+    """Drop every tensor whose name contains `part` (saved names may carry the checkpoint format's prefixes)."""
+    def change(tensors):
+        for key in [key for key in tensors if part in key]:
+            del tensors[key]
+    return change
+
+
+def _write(name, content):
+    return lambda folder: (folder / name).write_text(content)
+
+
+def _truncate(folder):
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+
+
+def _only_pickle(folder):
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+
+
+BROKEN = {
+    "moved-ca": _edit_config(cross_attention_layers=[1, 3], self_attention_layers=[2, 4], configurations=[[], [2], [2, 4]]),
+    "dropped": _edit_tensors(_drop("layers.2.mlp.up_proj")),
+    "extra": _edit_tensors(lambda tensors: tensors.update({"extra.weight": torch.zeros(3)})),
+    "no-router": _edit_tensors(_drop("router.")),
+    "reshaped": _edit_tensors(lambda tensors: tensors.update(
+        {"router.norm.weight": torch.ones(tensors["router.norm.weight"].shape[0] + 1)})),
+    "truncated": _truncate,
+    "config-list": _write("config.json", "[1, 2]"),
+    "config-corrupt": _write("config.json", "{not json"),
+    "unknown-type": _edit_config(model_type="mystery"),
+    "pickle-only": _only_pickle,
+    "no-config": lambda folder: (folder / "config.json").unlink(),
+}
+
+
+# ---- the table ------------------------------------------------------------------------------------------------------
+def _generate(w, model, *extra, image=None):
+    return ["generate", "--model", str(model), "--image", str(image or w.image), "--question", "what color ?", *extra]
+
+
+def _train(w, *extra, output=None, recipe="full", source=("--model", "tiny")):
+    return ["train", "--recipe", recipe, "--data", "synthetic@demo", *source, "--output", str(output or w.out),
+            "--max-steps", "1", *extra]
+
+
+def _resume(*changes, output=None):
+    """The fixture's run (or a copy at `output`) resumed with its own settings but `changes` (more options)."""
+    def argv(w):
+        settings = ["--set", "batch_size=2", "--set", "samples_per_task=1", "--set", "mixed_precision=no"]
+        return _train(w, *settings, *changes, "--resume", "--no-progress", output=output or w.run)
+    return argv
+
+
+def _forward(w, model=None, **inputs):
+    model = model or w.visor_model
+    return model(**{"input_ids": torch.tensor([[1, 5, 6, 7]]), **inputs})
+
+
+def _with_image(w, **inputs):
+    """A prompt with one image of the shipped model's size (its <image> count from the stock vision path)."""
+    from visor.data import VisorProcessor
+
+    processor = VisorProcessor(w.visor_model.config, w.tokenizer)
+    batch = dict(processor([Image.new("RGB", (64, 64))], ["what color ?"]))
+    return _forward(w, **{**batch, **inputs})
+
+
+def _from_stock(w, **options):
+    return VisorForConditionalGeneration.from_stock(w.stock_model, **options)
+
+
+def _policy_label(w, *extra, model=None, output=None):
+    return ["policy", "label", "--model", str(model or w.visor), "--suite", "demo", "--per-task", "1",
+            "--output", str(output or w.out / "labels.safetensors"), *extra]
+
+
+def _policy_train(w, *extra, model=None, labels=None, output=None):
+    return ["policy", "train", "--model", str(model or w.visor), "--labels", str(labels or w.labels),
+            "--output", str(output or w.out), "--steps", "2", *extra]
+
+
+def _calibrate(w, *target, model=None):
+    return ["policy", "calibrate", "--model", str(model or w.policy), "--labels", str(w.labels), *target]
+
+
+def _report(w, *extra, model=None, output=None):
+    return ["policy", "report", "--model", str(model or w.policy), "--labels", str(w.labels),
+            "--output", str(output or w.out), *extra]
+
+
+def _demo(w, *extra, output=None):
+    return ["demo", "--quick", "--no-progress", "--output", str(output or w.out), *extra]
+
+
+def _bench(w, *extra, output=None):
+    return ["bench", "--preset", "tiny", "--repeats", "1", "--output", str(output or w.out), *extra]
+
+
+def _preview(w, *extra, output=None):
+    return ["data", "preview", "--task", "bar_value", "--output", str(output or w.out / "sheet.png"), *extra]
+
+
+def _analyze(w, *extra, model=None, output=None):
+    return ["analyze", "--model", str(model or w.stock), "--data", "synthetic@demo", "--output", str(output or w.out),
+            *extra]
+
+
+WEIGHTS, ROUTER, RUNS, POLICY, OPTIONS, OUTPUTS, MALFORMED = (
+    "weights", "router", "run folder", "policy", "API options", "output paths", "malformed input")
+
+CASES = [
+    # 1. weights that do not fit: never random-initialised
+    Case(WEIGHTS, "moved CA layers", "missing from the folder: cross_attention.1",
+         call=lambda w: VisorForConditionalGeneration.from_pretrained(w.broken["moved-ca"])),
+    Case(WEIGHTS, "dropped tensor", "missing from the folder: model.language_model.layers.2.mlp.up_proj.weight",
+         call=lambda w: VisorForConditionalGeneration.from_pretrained(w.broken["dropped"])),
+    Case(WEIGHTS, "extra tensor", "not in the model: extra.weight",
+         call=lambda w: VisorForConditionalGeneration.from_pretrained(w.broken["extra"])),
+    Case(WEIGHTS, "router dropped", "missing from the folder: router.",
+         call=lambda w: VisorForConditionalGeneration.from_pretrained(w.broken["no-router"])),
+    Case(WEIGHTS, "tensor of another shape", "of another shape: router.norm.weight",
+         call=lambda w: VisorForConditionalGeneration.from_pretrained(w.broken["reshaped"])),
+    Case(WEIGHTS, "VISOR class on a stock folder", "holds a 'llava_onevision' model, not 'visor'",
+         call=lambda w: VisorForConditionalGeneration.from_pretrained(w.stock)),
+    Case(WEIGHTS, "stock class on a VISOR folder", "holds a 'visor' model, not 'llava_onevision'",
+         call=lambda w: load_stock(LlavaOnevisionForConditionalGeneration, w.visor)),
+    Case(WEIGHTS, "loading info asked for", "loading is strict",
+         call=lambda w: VisorForConditionalGeneration.from_pretrained(w.visor, output_loading_info=True)),
+    Case(WEIGHTS, "truncated weights", "cannot load a VISOR checkpoint",
+         call=lambda w: load_checkpoint(w.broken["truncated"])),
+    Case(WEIGHTS, "config.json a JSON list", "not a JSON object", call=lambda w: load_checkpoint(w.broken["config-list"])),
+    Case(WEIGHTS, "config.json corrupt", "corrupt config.json", call=lambda w: load_checkpoint(w.broken["config-corrupt"])),
+    Case(WEIGHTS, "unknown model type", "no VISOR backbone for model type 'mystery'",
+         call=lambda w: load_checkpoint(w.broken["unknown-type"])),
+    Case(WEIGHTS, "pickle weights only", "no safetensors weights", call=lambda w: load_checkpoint(w.broken["pickle-only"])),
+    Case(WEIGHTS, "no config.json", "no config.json", call=lambda w: load_checkpoint(w.broken["no-config"])),
+    Case(WEIGHTS, "a file as checkpoint", "not a local checkpoint folder", call=lambda w: load_checkpoint(w.file)),
+    Case(WEIGHTS, "a hub name", "does not exist", call=lambda w: load_checkpoint("llava-hf/llava-onevision-qwen2-0.5b-ov-hf")),
+    Case(WEIGHTS, "generate on dropped tensor", "missing from the folder",
+         argv=lambda w: _generate(w, w.broken["dropped"], "--configuration", "0")),
+    Case(WEIGHTS, "train --init with an extra tensor", "not in the model: extra.weight",
+         argv=lambda w: _train(w, recipe="visor-universal", source=("--init", str(w.broken["extra"])))),
+    Case(WEIGHTS, "policy label on moved CA layers", "do not fit its config.json",
+         argv=lambda w: _policy_label(w, model=w.broken["moved-ca"])),
+    Case(WEIGHTS, "generate --model a hub name", "does not exist",
+         argv=lambda w: _generate(w, "llava-hf/llava-onevision-qwen2-0.5b-ov-hf")),
+    # 2. an untrained router never chooses
+    Case(ROUTER, "forward auto", "never trained", call=lambda w: _forward(w, configuration="auto")),
+    Case(ROUTER, "generate() auto", "never trained",
+         call=lambda w: w.visor_model.generate(input_ids=torch.tensor([[1, 5]]), configuration="auto", max_new_tokens=2)),
+    Case(ROUTER, "visor generate default", "never trained", argv=lambda w: _generate(w, w.visor)),
+    Case(ROUTER, "visor generate --tau", "never trained", argv=lambda w: _generate(w, w.visor, "--tau", "0.5")),
+    Case(ROUTER, "policy calibrate", "never trained", argv=lambda w: _calibrate(w, "--target-accuracy", "10",
+                                                                                 model=w.visor)),
+    Case(ROUTER, "policy report", "never trained", argv=lambda w: _report(w, model=w.visor)),
+    Case(ROUTER, "runner auto (lmms-eval's path)", "never trained", call=lambda w: CheckpointRunner(w.visor, "auto")),
+    Case(ROUTER, "auto with one configuration", "single configuration",
+         call=lambda w: _forward(w, VisorForConditionalGeneration.from_pretrained(w.dense), configuration="auto")),
+    Case(ROUTER, "τ with a fixed configuration", 'applies to configuration="auto" only',
+         call=lambda w: _forward(w, configuration=0, router_threshold=0.5)),
+    Case(ROUTER, "generate --tau with an index", "applies to configuration 'auto' only",
+         argv=lambda w: _generate(w, w.policy, "--configuration", "0", "--tau", "0.5")),
+    Case(ROUTER, "generate --tau 1.5", "must lie in [0, 1]", argv=lambda w: _generate(w, w.policy, "--tau", "1.5")),
+    Case(ROUTER, "generate --tau nan", "must lie in [0, 1]", argv=lambda w: _generate(w, w.policy, "--tau", "nan")),
+    # 3. a run folder holds one run
+    Case(RUNS, "fresh train into a finished run", "already holds a training run", argv=lambda w: _train(w, output=w.run)),
+    Case(RUNS, "resume with another batch size", "batch_size: 2 -> 4", argv=_resume("--set", "batch_size=4")),
+    Case(RUNS, "resume with another learning rate", "learning_rate: 0.001 -> 0.01",
+         argv=_resume("--set", "learning_rate=0.01")),
+    Case(RUNS, "resume with another seed", "seed: 0 -> 3", argv=_resume("--seed", "3")),
+    Case(RUNS, "resume with more steps", "max_steps: 1 -> 5", argv=_resume("--max-steps", "5")),
+    Case(RUNS, "resume with other data", "data: 'synthetic@demo' -> 'synthetic'",
+         argv=lambda w: [arg if arg != "synthetic@demo" else "synthetic" for arg in _resume()(w)]),
+    Case(RUNS, "resume from another starting point", "model_preset: 'tiny' -> None",
+         argv=lambda w: [*_resume()(w)[:5], "--init", str(w.stock), *_resume()(w)[7:]]),
+    Case(RUNS, "resume with another recipe", "recipe: 'full' -> 'visor-stage1'",
+         argv=lambda w: [*_resume()(w)[:2], "visor-stage1", *_resume()(w)[3:5], "--init", str(w.stock),
+                         *_resume()(w)[7:]]),
+    Case(RUNS, "train --output a file", "is a file, not a folder", argv=lambda w: _train(w, output=w.file)),
+    Case(RUNS, "train --output under a file", "cannot be created", argv=lambda w: _train(w, output=w.file / "run")),
+    Case(RUNS, "configurations search --output a file", "is a file, not a folder",
+         argv=lambda w: ["configurations", "search", "--model", str(w.visor), "--data", "synthetic@demo", "--output",
+                         str(w.file)]),
+    # 4. the policy commands
+    Case(POLICY, "policy train --output a file", "is a file, not a folder", argv=lambda w: _policy_train(w, output=w.file)),
+    Case(POLICY, "policy train --steps 0", "steps must be positive",
+         argv=lambda w: [*_policy_train(w)[:-2], "--steps", "0"]),
+    Case(POLICY, "policy train on a stock model", "is a stock model", argv=lambda w: _policy_train(w, model=w.stock)),
+    Case(POLICY, "policy train on one configuration", "nothing for a policy to choose",
+         argv=lambda w: _policy_train(w, model=w.dense)),
+    Case(POLICY, "labels not a safetensors file", "is not a VISOR label table",
+         argv=lambda w: _policy_train(w, labels=w.file)),
+    Case(POLICY, "labels a weights file", "is not a VISOR label table (metadata missing)",
+         argv=lambda w: _policy_train(w, labels=w.visor / "model.safetensors")),
+    Case(POLICY, "labels of another model", "was made for a different model",
+         argv=lambda w: _policy_train(w, labels=w.labels_other)),
+    Case(POLICY, "labels missing", "does not exist", argv=lambda w: _policy_train(w, labels=w.root / "nope.safetensors")),
+    Case(POLICY, "novelty quantile 0", "must lie in (0, 1]",
+         argv=lambda w: _policy_train(w, "--novelty-quantile", "0")),
+    Case(POLICY, "policy train --mode bogus", "invalid choice: 'bogus'", argv=lambda w: _policy_train(w, "--mode", "bogus")),
+    Case(POLICY, "policy label --batch-size 0", "batch_size must be positive",
+         argv=lambda w: _policy_label(w, "--batch-size", "0")),
+    Case(POLICY, "policy label --per-task 0", "per_task and batch_size must be positive, got 0",
+         argv=lambda w: _policy_label(w, "--per-task", "0")),
+    Case(POLICY, "policy label unknown task", "has no tasks ['nope']", argv=lambda w: _policy_label(w, "--tasks", "nope")),
+    Case(POLICY, "policy label unknown suite", "unknown suite 'nope'", argv=lambda w: _policy_label(w, "--suite", "nope")),
+    Case(POLICY, "policy label --output a folder", "is a folder, not a file",
+         argv=lambda w: _policy_label(w, output=w.stock)),
+    Case(POLICY, "policy label on one configuration", "nothing for a policy to choose",
+         argv=lambda w: _policy_label(w, model=w.dense)),
+    Case(POLICY, "calibrate to 200% accuracy", "percentage in [0, 100]",
+         argv=lambda w: _calibrate(w, "--target-accuracy", "200")),
+    Case(POLICY, "calibrate below the cheapest FLOPs", "below what the router can reach",
+         argv=lambda w: _calibrate(w, "--target-flops", "1")),
+    Case(POLICY, "calibrate with two targets", "not allowed with argument",
+         argv=lambda w: _calibrate(w, "--target-flops", "1", "--target-accuracy", "5")),
+    Case(POLICY, "report --tau 2", "must lie in [0, 1]", argv=lambda w: _report(w, "--tau", "2")),
+    Case(POLICY, "report --output a file", "is a file, not a folder", argv=lambda w: _report(w, output=w.file)),
+    # 5. options the API would otherwise ignore or coerce
+    Case(OPTIONS, "from_stock option typo", "did you mean 'cross_attention_layers'",
+         call=lambda w: _from_stock(w, cross_atention_layers=[0])),
+    Case(OPTIONS, "unknown option", "unknown VISOR option 'speed'", call=lambda w: _from_stock(w, speed=3)),
+    Case(OPTIONS, "cross_attention_init bogus", "cross_attention_init must be one of",
+         call=lambda w: _from_stock(w, cross_attention_init="bogus")),
+    Case(OPTIONS, "duplicate configurations", "configuration 2 repeats configuration 1",
+         call=lambda w: _from_stock(w, configurations=[[], [1], [1]])),
+    Case(OPTIONS, "configurations not cheapest first", "from fewest to most",
+         call=lambda w: _from_stock(w, configurations=[[1, 4], [1]])),
+    Case(OPTIONS, "CA layer out of range", "out of range", call=lambda w: _from_stock(w, cross_attention_layers=[9])),
+    Case(OPTIONS, "layer both CA and SA", "both cross-attention and self-attention",
+         call=lambda w: _from_stock(w, cross_attention_layers=[1], self_attention_layers=[1, 2])),
+    Case(OPTIONS, "CA heads not a divisor", "positive divisor", call=lambda w: _from_stock(w, cross_attention_key_value_heads=3)),
+    Case(OPTIONS, "even CPE kernel", "positive odd number", call=lambda w: _from_stock(w, position_encoding_kernel=4)),
+    Case(OPTIONS, "config and options both", "either visor_config or config options",
+         call=lambda w: VisorForConditionalGeneration.from_stock(w.stock_model, VisorConfig.dense(w.stock_model.config),
+                                                                 router_mode="softmax")),
+    Case(OPTIONS, "configuration 1.5", "configuration 1.5 does not exist", call=lambda w: _forward(w, configuration=1.5)),
+    Case(OPTIONS, "configuration True", "configuration True does not exist", call=lambda w: _forward(w, configuration=True)),
+    Case(OPTIONS, "configuration 9", "configuration 9 does not exist", call=lambda w: _forward(w, configuration=9)),
+    Case(OPTIONS, "configuration 'fast'", 'or "auto"', call=lambda w: _forward(w, configuration="fast")),
+    Case(OPTIONS, "configurations for another batch size", "has 2 entries for a batch of 1",
+         call=lambda w: _forward(w, configuration=[0, 1])),
+    Case(OPTIONS, "generate() configuration 1.5", "configuration 1.5 does not exist",
+         call=lambda w: w.visor_model.generate(input_ids=torch.tensor([[1, 5]]), configuration=1.5, max_new_tokens=2)),
+    Case(OPTIONS, "NaN pixel values", "pixel_values hold NaN",
+         call=lambda w: _with_image(w, pixel_values=torch.full((1, 5, 3, 64, 64), float("nan")))),
+    Case(OPTIONS, "infinite image features", "image_features hold NaN or infinite",
+         call=lambda w: _forward(w, image_features=[torch.full((4, 128), float("inf"))])),
+    Case(OPTIONS, "prompt beyond the context length", "beyond the text model's context length of 4096",
+         call=lambda w: _forward(w, input_ids=torch.ones(1, 4097, dtype=torch.long))),
+    Case(OPTIONS, "attention mask of another shape", "attention_mask (1, 3) does not match input_ids (1, 4)",
+         call=lambda w: _forward(w, attention_mask=torch.ones(1, 3))),
+    Case(OPTIONS, "token id beyond the vocabulary", "input_ids must lie in",
+         call=lambda w: _forward(w, input_ids=torch.tensor([[1, 99999]]))),
+    Case(OPTIONS, "inputs_embeds only", "needs input_ids",
+         call=lambda w: w.visor_model(inputs_embeds=torch.zeros(1, 2, 128))),
+    Case(OPTIONS, "router mode bogus", "router mode must be one of",
+         call=lambda w: w.visor_model.configure_router(mode="bogus")),
+    Case(OPTIONS, "router threshold 1.5", "must lie in [0, 1]", call=lambda w: w.visor_model.configure_router(threshold=1.5)),
+    Case(OPTIONS, "image array of floats", "uint8", call=lambda w: load_image(torch.zeros(8, 8, 3).numpy())),
+    Case(OPTIONS, "image of another type", "expected a PIL image", call=lambda w: load_image(42)),
+    # 6. output paths: checked before any work, nothing left behind
+    Case(OUTPUTS, "demo --output a file", "is a file, not a folder", argv=lambda w: _demo(w, output=w.file)),
+    Case(OUTPUTS, "demo --output under a file", "cannot be created", argv=lambda w: _demo(w, output=w.file / "demo")),
+    Case(OUTPUTS, "demo with a CA layer out of range", "cross_attention_layers [99] out of range",
+         argv=lambda w: _demo(w, "--cross-attention-layers", "99")),
+    Case(OUTPUTS, "demo --threads -1", "threads must be positive", argv=lambda w: _demo(w, "--threads", "-1")),
+    Case(OUTPUTS, "demo --fresh on a folder that is not a demo's", "not a visor demo folder",
+         argv=lambda w: _demo(w, "--fresh", output=w.stock)),
+    Case(OUTPUTS, "demo --router-mode bogus", "invalid choice", argv=lambda w: _demo(w, "--router-mode", "bogus")),
+    Case(OUTPUTS, "bench --output a file", "is a file, not a folder", argv=lambda w: _bench(w, output=w.file)),
+    Case(OUTPUTS, "analyze --output a file", "is a file, not a folder", argv=lambda w: _analyze(w, output=w.file)),
+    Case(OUTPUTS, "preview --output a folder", "is a folder, not a file", argv=lambda w: _preview(w, output=w.stock)),
+    Case(OUTPUTS, "preview --output not an image", "needs an image suffix",
+         argv=lambda w: _preview(w, output=w.out / "sheet.txt")),
+    Case(OUTPUTS, "preview --output under a file", "cannot be created",
+         argv=lambda w: _preview(w, output=w.file / "sheet.png")),
+    Case(OUTPUTS, "policy train --output under a file", "cannot be created",
+         argv=lambda w: _policy_train(w, output=w.file / "policy")),
+    # 7. malformed input
+    Case(MALFORMED, "decompression bomb", "too large to decode", argv=lambda w: _generate(w, w.policy, image=w.bomb)),
+    Case(MALFORMED, "not an image", "not an image file Pillow can read",
+         argv=lambda w: _generate(w, w.policy, image=w.file)),
+    Case(MALFORMED, "truncated image", "truncated or corrupt",
+         argv=lambda w: _generate(w, w.policy, image=w.truncated_image)),
+    Case(MALFORMED, "missing image", "does not exist", argv=lambda w: _generate(w, w.policy, image=w.root / "nope.png")),
+    Case(MALFORMED, "question beyond the context length", "beyond the text model's context length",
+         argv=lambda w: [*_generate(w, w.policy)[:-1], "red " * 5000]),
+    Case(MALFORMED, "empty question", "non-empty text", argv=lambda w: [*_generate(w, w.policy)[:-1], ""]),
+    Case(MALFORMED, "--configuration 1.5", "must be 'auto' or an index", argv=lambda w: _generate(w, w.policy,
+                                                                                                 "--configuration", "1.5")),
+    Case(MALFORMED, "--configuration 9", "configuration 9 does not exist",
+         argv=lambda w: _generate(w, w.policy, "--configuration", "9")),
+    Case(MALFORMED, "--max-new-tokens 0", "max_new_tokens", argv=lambda w: _generate(w, w.policy, "--max-new-tokens", "0")),
+    Case(MALFORMED, "preview --size 0 0", "32 to 4096 px a side", argv=lambda w: _preview(w, "--size", "0", "0")),
+    Case(MALFORMED, "preview --size 100000 100000", "32 to 4096 px a side",
+         argv=lambda w: _preview(w, "--size", "100000", "100000")),
+    Case(MALFORMED, "preview --count 0", "--count must be at least 1", argv=lambda w: _preview(w, "--count", "0")),
+    Case(MALFORMED, "bench --device cuda:7", "device 'cuda:7'", argv=lambda w: _bench(w, "--device", "cuda:7")),
+    Case(MALFORMED, "bench --visual-tokens 0", "must be positive", argv=lambda w: _bench(w, "--visual-tokens", "0")),
+    Case(MALFORMED, "bench --dtype bogus", "invalid choice: 'bogus'", argv=lambda w: _bench(w, "--dtype", "bogus")),
+    Case(MALFORMED, "bench --preset bogus", "bogus", argv=lambda w: ["bench", "--preset", "bogus", "--output", str(w.out)]),
+    Case(MALFORMED, "train --set learning_rate=abc", "cannot use 'abc'", argv=lambda w: _train(w, "--set", "learning_rate=abc")),
+    Case(MALFORMED, "train --set num_threads=-1", "num_threads", argv=lambda w: _train(w, "--set", "num_threads=-1")),
+    Case(MALFORMED, "train --set an unknown key", "speed", argv=lambda w: _train(w, "--set", "speed=3")),
+    Case(MALFORMED, "train --max-steps -1", "max_steps must be positive", argv=lambda w: _train(w, "--max-steps", "-1")),
+    Case(MALFORMED, "train --config missing", "nope.yaml", argv=lambda w: _train(w, "--config", str(w.root / "nope.yaml"))),
+    Case(MALFORMED, "train unknown recipe", "unknown recipe 'bogus'", argv=lambda w: _train(w, recipe="bogus")),
+    Case(MALFORMED, "train unknown data", "matches nothing", argv=lambda w: [*_train(w)[:4], "nonsense", *_train(w)[5:]]),
+    Case(MALFORMED, "train unknown preset", "unknown preset 'bogus'", argv=lambda w: _train(w, source=("--model", "bogus"))),
+    Case(MALFORMED, "analyze --per-task 0", "per_task must be at least 1", argv=lambda w: _analyze(w, "--per-task", "0")),
+    Case(MALFORMED, "analyze a VISOR model", "is a VISOR checkpoint", argv=lambda w: _analyze(w, model=w.visor)),
+]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return World(tmp_path_factory.mktemp("bad-input"))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{case.kind}: {case.name}" for case in CASES])
+def test_bad_input_is_refused_cleanly(world, case, capsys):
+    before = world.snapshot()
+    if case.argv is not None:
+        capsys.readouterr()
+        try:
+            code = cli.main([str(arg) for arg in case.argv(world)])
+        except SystemExit as exit:  # argparse's own errors
+            code = exit.code
+        captured = capsys.readouterr()
+        assert code == 2, f"exit code {code}; stderr: {captured.err}"
+        assert case.match in captured.err, captured.err
+        assert "Traceback" not in captured.err + captured.out
+    else:
+        with pytest.raises(ValueError) as raised:
+            case.call(world)
+        assert case.match in str(raised.value), str(raised.value)
+    assert world.snapshot() == before, "the case changed files"
+
+
+def test_the_table_covers_every_class_and_at_least_80_cases():
+    kinds = {case.kind for case in CASES}
+    assert kinds == {WEIGHTS, ROUTER, RUNS, POLICY, OPTIONS, OUTPUTS, MALFORMED}
+    assert len(CASES) >= 80 and len({case.name for case in CASES}) == len(CASES)
+
+
+def test_the_same_commands_work_on_good_input(world, tmp_path):
+    """The cases are refused for what is bad in them: the good versions run (resume of the finished run too)."""
+    shutil.copytree(world.run, tmp_path / "run")
+    assert cli.main(_resume(output=tmp_path / "run")(world)) == 0
+    assert cli.main(_generate(world, world.policy)) == 0
+    assert cli.main(_policy_train(world, output=tmp_path / "policy")) == 0
+    assert (tmp_path / "policy" / "tokenizer_config.json").is_file()  # so `visor generate --model` takes it as is
+    assert cli.main(_generate(world, tmp_path / "policy")) == 0
+    assert cli.main(_preview(world, output=tmp_path / "sheet.png")) == 0
+    model = VisorForConditionalGeneration.from_pretrained(world.policy)
+    assert model.router.trained and model.config.router_training["samples"] == len(LabelTable.load(world.labels))
