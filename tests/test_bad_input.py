@@ -74,6 +74,9 @@ class World:
         self.out = root / "out"  # an output nobody may create
         self.file = root / "notes.txt"
         self.file.write_text("not a folder\n")
+        self.misc = root / "misc"  # a folder of someone's files, not a checkpoint
+        self.misc.mkdir()
+        (self.misc / "keep.txt").write_text("mine\n")
         self.image = root / "red.png"
         Image.new("RGB", (64, 64), (200, 30, 30)).save(self.image)
         self.bomb = root / "bomb.png"
@@ -306,8 +309,13 @@ CASES = [
     Case(RUNS, "configurations search --output a file", "is a file, not a folder",
          argv=lambda w: ["configurations", "search", "--model", str(w.visor), "--data", "synthetic@demo", "--output",
                          str(w.file)]),
+    Case(RUNS, "configurations search --output a folder of other files", "holds files but no checkpoint",
+         argv=lambda w: ["configurations", "search", "--model", str(w.visor), "--data", "synthetic@demo", "--output",
+                         str(w.misc)]),
     # 4. the policy commands
     Case(POLICY, "policy train --output a file", "is a file, not a folder", argv=lambda w: _policy_train(w, output=w.file)),
+    Case(POLICY, "policy train --output a folder of other files", "holds files but no checkpoint",
+         argv=lambda w: _policy_train(w, output=w.misc)),
     Case(POLICY, "policy train --steps 0", "steps must be positive",
          argv=lambda w: [*_policy_train(w)[:-2], "--steps", "0"]),
     Case(POLICY, "policy train on a stock model", "is a stock model", argv=lambda w: _policy_train(w, model=w.stock)),
@@ -434,6 +442,19 @@ CASES = [
     Case(MALFORMED, "train unknown data", "matches nothing", argv=lambda w: [*_train(w)[:4], "nonsense", *_train(w)[5:]]),
     Case(MALFORMED, "train unknown preset", "unknown preset 'bogus'", argv=lambda w: _train(w, source=("--model", "bogus"))),
     Case(MALFORMED, "analyze --per-task 0", "per_task must be at least 1", argv=lambda w: _analyze(w, "--per-task", "0")),
+    Case(MALFORMED, "analyze --span-lengths 99", "span lengths [99] out of range 1..6",
+         argv=lambda w: _analyze(w, "--span-lengths", "99")),
+    Case(MALFORMED, "analyze --train-steps 1", "train_steps must be two positive step counts",
+         argv=lambda w: _analyze(w, "--train-steps", "1")),
+    Case(MALFORMED, "bench --configurations 99", "configurations [99] do not exist",
+         argv=lambda w: _bench(w, "--configurations", "99")),
+    Case(MALFORMED, "bench --baselines 0.5", "baseline FLOPs ratios must be >= 1",
+         argv=lambda w: _bench(w, "--baselines", "0.5")),
+    Case(MALFORMED, "demo --training-data nonsense", "matches nothing",
+         argv=lambda w: _demo(w, "--training-data", "nonsense")),
+    Case(MALFORMED, "demo --suite nonsense", "unknown suite 'nonsense'", argv=lambda w: _demo(w, "--suite", "nonsense")),
+    Case(MALFORMED, "demo --cross-attention-heads 3", "positive divisor",
+         argv=lambda w: _demo(w, "--cross-attention-heads", "3")),
     Case(MALFORMED, "analyze a VISOR model", "is a VISOR checkpoint", argv=lambda w: _analyze(w, model=w.visor)),
 ]
 
@@ -474,6 +495,7 @@ def test_the_same_commands_work_on_good_input(world, tmp_path):
     shutil.copytree(world.run, tmp_path / "run")
     assert cli.main(_resume(output=tmp_path / "run")(world)) == 0
     assert cli.main(_generate(world, world.policy)) == 0
+    shutil.copytree(world.visor, tmp_path / "policy")  # a checkpoint folder: replaced, as a whole
     assert cli.main(_policy_train(world, output=tmp_path / "policy")) == 0
     assert (tmp_path / "policy" / "tokenizer_config.json").is_file()  # so `visor generate --model` takes it as is
     assert cli.main(_generate(world, tmp_path / "policy")) == 0

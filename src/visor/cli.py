@@ -45,7 +45,8 @@ def quantile(text: str) -> float:
 
 def command(parser: argparse.ArgumentParser, run, output: str | None = None) -> None:
     """Make `run(args)` what `parser`'s (sub)command does; `run_command` turns its errors into one line.
-    `output` ("folder" or "file"): what `--output` names, checked before `run` starts."""
+    `output` ("folder", "file" or "model"): what `--output` names, checked (`visor.files.check_output`) before
+    `run` starts."""
     parser.set_defaults(func=run, prog=parser.prog, output_kind=output)
 
 

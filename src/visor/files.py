@@ -51,9 +51,10 @@ def save_figure(figure, path: str | os.PathLike, dpi: int = 120) -> Path:
 
 @contextmanager
 def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
-    """A temporary folder to fill instead of `path`; it replaces `path` (and whatever `path` held) when the block
-    ends without error. The old folder is removed only after the new one is in place."""
-    path = Path(path)
+    """A temporary folder to fill instead of `path`; it replaces `path` when the block ends without error. The old
+    folder is removed only after the new one is in place, and only if it is empty or a checkpoint (see
+    `check_replaceable`): a folder of other things is never deleted."""
+    path = check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     old = path.with_name(f".{path.name}.{os.getpid()}.old")
@@ -69,11 +70,29 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def check_output(path: str | os.PathLike, kind: str, option: str = "--output") -> Path:
-    """`path` if a command can write its output there (`kind` "folder" or "file"); else a ValueError saying why,
-    raised before any work starts (not after a benchmark ran for an hour)."""
+def save_model(model, folder: str | os.PathLike, tokenizer=None, **options) -> Path:
+    """`model.save_pretrained(folder, **options)`, and the tokenizer's, as one atomic folder write."""
+    with atomic_folder(folder) as temporary:
+        model.save_pretrained(temporary, **options)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(temporary)
+    return Path(folder)
+
+
+def check_replaceable(path: str | os.PathLike, option: str = "output") -> Path:
+    """`path` if a new checkpoint may replace what it holds: nothing, an empty folder or a checkpoint folder."""
     path = Path(path)
-    if kind == "folder" and path.exists() and not path.is_dir():
+    if path.is_dir() and any(path.iterdir()) and not (path / "config.json").is_file():
+        raise ValueError(f"{option} {path} holds files but no checkpoint (config.json); refusing to replace it: "
+                         "choose a new or empty folder")
+    return path
+
+
+def check_output(path: str | os.PathLike, kind: str, option: str = "--output") -> Path:
+    """`path` if a command can write its output there (`kind` "folder", "file", or "model": a folder a checkpoint
+    will replace); else a ValueError saying why, raised before any work starts (not after an hour's benchmark)."""
+    path = Path(path)
+    if kind in ("folder", "model") and path.exists() and not path.is_dir():
         raise ValueError(f"{option} {path} is a file, not a folder")
     if kind == "file" and path.is_dir():
         raise ValueError(f"{option} {path} is a folder, not a file")
@@ -82,4 +101,4 @@ def check_output(path: str | os.PathLike, kind: str, option: str = "--output") -
         raise ValueError(f"{option} {path} cannot be created: {existing} is a file")
     if not os.access(existing if existing.is_dir() else existing.parent, os.W_OK | os.X_OK):
         raise ValueError(f"{option} {path} cannot be written: no permission in {existing}")
-    return path
+    return check_replaceable(path, option) if kind == "model" else path

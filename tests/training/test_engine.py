@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -90,6 +91,23 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, refere
     run(_command(output, "--resume"))
     assert not list(root.glob(".tmp-*"))
     _assert_same_weights(output, reference)
+
+
+def test_a_folder_holds_one_run_even_from_before_run_json(tmp_path, reference, capsys):
+    """A folder written before run.json existed is checked against its checkpoint's settings; settings that only
+    decide when to log, evaluate or save may change on resume."""
+    from visor.training.cli import main
+
+    output = tmp_path / "run"
+    shutil.copytree(reference, output)
+    (output / "run.json").unlink()
+    in_process = _command(output, "--resume")[3:]  # without `python -m visor.training`
+    assert main([*in_process, "--set", "batch_size=8"]) == 2  # the run used 4
+    assert "cannot resume" in capsys.readouterr().err and not (output / "run.json").exists()
+    assert main([*in_process, "--save-every", "2", "--set", "log_every=1"]) == 0
+    assert json.loads((output / "run.json").read_text())["settings"]["batch_size"] == 4
+    assert main(_command(output)[3:]) == 2  # a fresh run into it
+    assert "already holds a training run" in capsys.readouterr().err
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, reference):

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from visor.analysis.placement import paired_comparison
 from visor import VisorConfig
 from visor.evaluation.scoring import greedy, new_tokens, score
+from visor.files import save_model
 
 
 def train_schedule(full_model, schedule: VisorConfig, data, output: str | os.PathLike, stage1_steps: int,
@@ -34,7 +35,7 @@ def train_schedule(full_model, schedule: VisorConfig, data, output: str | os.Pat
         self_attention_layers=schedule.self_attention_layers, configurations=schedule.configurations,
         cross_attention_init="host", cross_attention_gate=False)
     torch.manual_seed(seed)
-    VisorForConditionalGeneration.from_stock(full_model, config).save_pretrained(output / "init")
+    save_model(VisorForConditionalGeneration.from_stock(full_model, config), output / "init")
     common = dict(batch_size=batch_size, seed=seed, eval_every=0, attn_implementation="eager", samples_per_task=10)
     for recipe, steps, init in (("visor-stage1", stage1_steps, output / "init"),
                                 ("visor-universal", universal_steps, output / "stage1" / "model")):

@@ -95,10 +95,11 @@ def analyze(model_dir: str | os.PathLike, data_spec: str, output: str | os.PathL
 
     model = load_full_model(model_dir)
     data = resolve_data(data_spec, model.config, plan.seed)
+    num_layers = model.config.text_config.num_hidden_layers
+    span_list = sensitivity.spans(num_layers, list(plan.span_lengths) if plan.span_lengths else None)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     groups = task_groups(data)
-    num_layers = model.config.text_config.num_hidden_layers
     validation, test = (list(data.eval_batches(split, plan.per_task, plan.batch_size)) for split in ("validation", "test"))
 
     shares, drift = measure(model, validation, plan.max_new_tokens, groups, progress)
@@ -107,7 +108,6 @@ def analyze(model_dir: str | os.PathLike, data_spec: str, output: str | os.PathL
     write_json(output / "drift.json", drift)
     cka.plot_drift(drift, output / "drift.png")
 
-    span_list = sensitivity.spans(num_layers, list(plan.span_lengths) if plan.span_lengths else None)
     sweep = sensitivity.layer_sensitivity(model, data, validation, plan.max_new_tokens, span_list, progress)
     write_json(output / "sensitivity.json", sweep)
     sensitivity.plot_sensitivity(sweep, output / "sensitivity.png")

@@ -34,7 +34,7 @@ from visor.config import ROUTER_MODES, Schedule
 from visor.data.suites import get_suite
 from visor.demo import report
 from visor.evaluation.scoring import Generate, Scores, greedy, new_tokens, score
-from visor.files import write_json
+from visor.files import save_model, write_json
 from visor.flops import llm_prefill_flops, prompt_prefill_flops, prompt_token_counts, router_flops
 from visor.modeling import VisorModel
 
@@ -269,8 +269,7 @@ class Demo:
         cost = router_flops(model.config)
         threshold, outcome, largest = demo_threshold(model, model.router, tables["validation"])
         model.configure_router(threshold=threshold)
-        model.save_pretrained(folder / "model")
-        self.data.tokenizer.save_pretrained(folder / "model")  # so `visor generate --model DIR` needs nothing else
+        save_model(model, folder / "model", self.data.tokenizer)  # so `visor generate --model DIR` needs nothing else
         # Held-out task variants: neither the model nor the router ever saw these knobs.
         tables["variants"] = label_synthetic(model, "test", self.plan.test_per_task, seed=self.plan.seed,
                                              suite=self.plan.variants, show_progress=self.progress)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from visor.cli import command, quantile
-from visor.files import atomic_folder, write_text
+from visor.files import save_model, write_text
 from visor.config import ROUTER_MODES
 from visor.modeling.novelty import DEFAULT_QUANTILE
 
@@ -48,7 +48,7 @@ def register(subparsers) -> None:
     train.add_argument("--steps", type=int, default=500)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--output", required=True, metavar="DIR")
-    command(train, run_train, output="folder")
+    command(train, run_train, output="model")
 
     calibrate = actions.add_parser("calibrate", help="pick τ on held-out labels for a FLOPs or accuracy target")
     calibrate.add_argument("--model", required=True, metavar="DIR", help="model with a trained router (updated in place)")
@@ -99,9 +99,7 @@ def run_train(args) -> int:
     model.config.router_training["labels"] = str(args.labels)
     if args.novelty_quantile is not None:
         fit_novelty_guard(model, table, args.novelty_quantile, seed=args.seed)
-    with atomic_folder(args.output) as folder:
-        model.save_pretrained(folder)
-        copy_tokenizer(args.model, folder)
+    save_model(model, args.output, tokenizer_of(args.model))
     print(f"router ({model.router.mode}, rule {args.rule}) loss {losses[0]:.4f} -> {losses[-1]:.4f}; saved {args.output}")
     if args.novelty_quantile is not None:
         print(f"novelty guard: {model.config.router_novelty_references} reference features, κ = "
@@ -141,10 +139,11 @@ def run_report(args) -> int:
     return 0
 
 
-def copy_tokenizer(source, folder) -> None:
-    """The tokenizer next to `source`'s weights, saved into `folder` too (so `visor generate --model` needs nothing
-    else); nothing when `source` has none."""
-    if (Path(source) / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
+def tokenizer_of(folder):
+    """The tokenizer saved next to a model's weights (None if there is none): the policy's folder gets it too, so
+    `visor generate --model` needs nothing else."""
+    if not (Path(folder) / "tokenizer_config.json").is_file():
+        return None
+    from transformers import AutoTokenizer
 
-        AutoTokenizer.from_pretrained(source).save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)

@@ -61,7 +61,7 @@ def register(subparsers) -> None:
     search.add_argument("--max-exhaustive", type=int, default=6,
                         help="search every subset when there are at most this many SA candidates, else greedily")
     _add_settings_arguments(search)
-    command(search, run_search, output="folder")
+    command(search, run_search, output="model")
 
 
 def _settings(args, recipe: str, **explicit):

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from visor.evaluation.scoring import evaluate
-from visor.files import write_json, write_text
+from visor.files import save_model, write_json, write_text
 from visor.training import checkpoint as ckpt
 from visor.training.data import DataSource, resolve_data, step_indices
 from visor.training.recipes import (
@@ -347,10 +347,9 @@ class Trainer:
         }
         weights = self._model_state_dict()
         if main:
-            self.model.save_pretrained(self.output_dir / FINAL_MODEL_DIR, state_dict=weights, safe_serialization=True)
-            tokenizer = getattr(self.data, "tokenizer", None)
-            if tokenizer is not None:  # so the folder answers questions on its own (`visor generate --model`)
-                tokenizer.save_pretrained(self.output_dir / FINAL_MODEL_DIR)
+            # With its tokenizer, when the data has one, the folder answers questions on its own (`visor generate`).
+            save_model(self.model, self.output_dir / FINAL_MODEL_DIR, getattr(self.data, "tokenizer", None),
+                       state_dict=weights, safe_serialization=True)
             write_json(self.output_dir / SUMMARY_FILE, summary)
         accelerator.wait_for_everyone()
         return summary

@@ -19,14 +19,13 @@ from __future__ import annotations
 import copy
 import itertools
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from visor.config import Schedule
 from visor.evaluation.scoring import evaluate
-from visor.files import write_json
+from visor.files import atomic_folder, write_json
 from visor.flops import llm_prefill_flops
 from visor.training.data import resolve_data
 from visor.training.recipes import is_visor, load_checkpoint
@@ -138,9 +137,6 @@ def search_configurations(
     configurations = [list(c) for c in sorted(kept, key=lambda c: (cost(c), len(c), c))]
 
     searched = _with_configurations(model, configurations)
-    output = Path(output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    searched.save_pretrained(output, safe_serialization=True)
     config = searched.config
     report = {
         "model": str(model_dir),
@@ -154,5 +150,7 @@ def search_configurations(
         "evaluated": sorted(results, key=lambda r: (r["cost"], r["layers"])),
         "samples_per_task": settings.samples_per_task,
     }
-    write_json(output / "search.json", report)
+    with atomic_folder(output_dir) as folder:  # the model and its search report, together or not at all
+        searched.save_pretrained(folder, safe_serialization=True)
+        write_json(folder / "search.json", report)
     return report
