@@ -11,6 +11,7 @@ from visor.files import check_output
 # Modules that contribute a subcommand through `register(subparsers)`.
 _SUBCOMMAND_MODULES = (
     "visor.demo",
+    "visor.convert",
     "visor.generate",
     "visor.analysis.cli",
     "visor.bench",
@@ -41,6 +42,19 @@ def quantile(text: str) -> float:
     if not 0.0 < value <= 1.0:
         raise argparse.ArgumentTypeError(f"the quantile must lie in (0, 1], got {value}")
     return value
+
+
+def key_value_heads(value: str) -> int | None:
+    """An argparse `type` for a CA block's key/value heads: a positive number, or "host" (None: the host layer's)."""
+    if value == "host":
+        return None
+    try:
+        heads = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of heads or 'host', got {value!r}") from None
+    if heads < 1:
+        raise argparse.ArgumentTypeError(f"the number of heads must be positive, got {heads}")
+    return heads
 
 
 def command(parser: argparse.ArgumentParser, run, output: str | None = None) -> None:

@@ -1,4 +1,5 @@
-"""The README's demo table says what the committed run (docs/demo/results.json) measured, number for number."""
+"""The README says what is true: its demo table is what the committed run (docs/demo/results.json) measured,
+number for number, and its Python block runs."""
 
 from __future__ import annotations
 
@@ -33,3 +34,36 @@ def test_readme_demo_table_matches_the_committed_run():
             assert savings == f"{measured['savings']:.2f}x", f"{method} {setting} {group} savings"
     tau = re.search(r"τ = ([0-9.]+)", next(row[1] for row in rows if row[0] == "visor-policy"))
     assert tau and float(tau.group(1)) == results["stages"]["policy"]["threshold"]
+
+
+def test_readme_python_block_runs(tmp_path, capsys):
+    """The block as written, on the shipped tiny model and a generated image in place of the real ones."""
+    from PIL import Image
+
+    text = (ROOT / "README.md").read_text()
+    (block,) = re.findall(r"```python\n(.*?)```", text, re.S)
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "cat.png")
+    shipped = ROOT / "src" / "visor" / "demo" / "checkpoint"
+    code = block.replace("/models/llava-onevision-qwen2-0.5b-ov-hf", str(shipped)).replace(
+        '"cat.png"', repr(str(tmp_path / "cat.png")))
+    assert code != block
+    exec(compile(code, "README.md", "exec"), {})
+    assert capsys.readouterr().out.startswith("['")
+
+
+def test_readme_question_to_the_shipped_model_runs_as_written(tmp_path, monkeypatch, capsys):
+    import shlex
+
+    from visor import cli
+
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("ships in `src/visor/demo/checkpoint`"):]
+    block = block[block.index("```bash\n") + 8:block.index("```", block.index("```bash\n") + 8)]
+    commands = [shlex.split(line) for line in block.splitlines() if line.strip()]
+    assert [command[:2] for command in commands] == [["visor", "data"], ["visor", "generate"]]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "src" / "visor" / "demo").mkdir(parents=True)
+    (tmp_path / "src" / "visor" / "demo" / "checkpoint").symlink_to(ROOT / "src" / "visor" / "demo" / "checkpoint")
+    for command in commands:
+        assert cli.main(command[1:]) == 0
+    assert "answer:" in capsys.readouterr().out

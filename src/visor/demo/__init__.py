@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from visor.cli import comma_separated, command, quantile
+from visor.cli import comma_separated, command, key_value_heads, quantile
 from visor.config import ROUTER_MODES
 from visor.demo.pipeline import STAGES, SUITE_DEFAULTS, Demo, DemoPlan
 
@@ -49,7 +49,7 @@ def register(subparsers) -> None:
                         help="VISOR's CA layers (default: evenly spread, [0, 3] on the shipped 6-layer model)")
     parser.add_argument("--self-attention-layers", type=comma_separated(int, "layer indices"), default=None, metavar="I,J",
                         help="VISOR's ordered SA candidates (default: evenly spread, [1, 4] on the shipped model)")
-    parser.add_argument("--cross-attention-heads", type=_heads, default=DemoPlan.cross_attention_key_value_heads,
+    parser.add_argument("--cross-attention-heads", type=key_value_heads, default=DemoPlan.cross_attention_key_value_heads,
                         metavar="N|host",
                         help=f"key/value heads of each CA block (default {DemoPlan.cross_attention_key_value_heads}: "
                              "half the cost of projecting the visual tokens; 'host' keeps the host layer's, 2 here)")
@@ -65,18 +65,6 @@ def register(subparsers) -> None:
                         help=f"CPU threads (default {DemoPlan.num_threads}; use 1 when other jobs share the cores)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     command(parser, _main, output="folder")
-
-
-def _heads(value: str) -> int | None:
-    if value == "host":
-        return None
-    try:
-        heads = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of heads or 'host', got {value!r}") from None
-    if heads < 1:
-        raise argparse.ArgumentTypeError(f"the number of heads must be positive, got {heads}")
-    return heads
 
 
 def _main(args) -> int:

@@ -25,6 +25,10 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from torch import nn
+from transformers import PreTrainedModel
+from transformers.conversion_mapping import (
+    get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping,
+)
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import logging as hf_logging
 
@@ -55,6 +59,10 @@ class VisorModel:
     _supports_flash_attn = False  # masks are explicit (B, 1, Q, K) tensors; flash kernels take none
     _supports_flex_attn = False
     _can_compile_fullgraph = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        share_checkpoint_layout(cls)
 
     def __init__(self, config):
         super().__init__(config)
@@ -90,26 +98,39 @@ class VisorModel:
     def from_stock(cls, stock, visor_config=None, **config_options):
         """Build VISOR around a stock model of the family (or a local checkpoint folder), reusing all its weights.
 
-        The new modules start as documented in their modules: gated CA blocks and CPE are no-ops, or the CA blocks
-        copy their host layer's attention when `cross_attention_init="host"`.
+        A folder is read straight into the VISOR model by transformers' loader (one copy of the weights in memory,
+        none random but the new modules); a model in memory is copied into a new VISOR model. The new modules start
+        as documented in their modules: gated CA blocks and CPE are no-ops, or the CA blocks copy their host
+        layer's attention when `cross_attention_init="host"` (the random draws of a fresh router or ungated CA
+        block differ between the two ways, not their distributions).
         """
         stock_class = cls.backbone_class.stock_model_class
-        if not isinstance(stock, stock_class):
-            stock = load_stock(stock_class, stock)
+        in_memory = isinstance(stock, stock_class)
+        if not in_memory:
+            check_model_type(stock, stock_class.config_class.model_type)
+        stock_config = stock.config if in_memory else stock_class.config_class.from_pretrained(
+            stock, local_files_only=True)
         if visor_config is None:
-            visor_config = cls.config_class.from_stock_config(stock.config, **config_options)
+            visor_config = cls.config_class.from_stock_config(stock_config, **config_options)
         elif config_options:
             raise ValueError("pass either visor_config or config options, not both")
-        visor_config._attn_implementation = stock.config.text_config._attn_implementation
-        model = cls(visor_config).to(dtype=stock.dtype, device=stock.device)
-        missing, unexpected = model.load_state_dict(stock.state_dict(), strict=False)
-        missing = [key for key in missing if not key.startswith(tuple(f"{name}." for name in NEW_MODULES))]
-        if missing or unexpected:
-            raise ValueError(f"the stock weights do not fit this VISOR config: missing {missing}, unexpected {unexpected}")
+        if in_memory:
+            visor_config._attn_implementation = stock.config.text_config._attn_implementation
+            model = cls(visor_config).to(dtype=stock.dtype, device=stock.device)
+            missing, unexpected = model.load_state_dict(stock.state_dict(), strict=False)
+            missing = [key for key in missing if not key.startswith(tuple(f"{name}." for name in NEW_MODULES))]
+            if missing or unexpected:
+                raise ValueError(f"the stock weights do not fit this VISOR config: missing {missing}, "
+                                 f"unexpected {unexpected}")
+            model.train(stock.training)
+        else:
+            model = load_strictly(super().from_pretrained, stock_class.__name__, stock_class.config_class.model_type,
+                                  stock, config=visor_config, may_lack=NEW_MODULES)
         if visor_config.cross_attention_init == "host":  # the rest of the new modules start as `_init_weights` left them
-            for layer, block in model.cross_attention.items():
-                block.copy_host(model.text_stack.layers[int(layer)])
-        return model.train(stock.training)
+            with torch.no_grad():
+                for layer, block in model.cross_attention.items():
+                    block.copy_host(model.text_stack.layers[int(layer)])
+        return model
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -452,13 +473,12 @@ def load_stock(model_class, path: str | os.PathLike, **kwargs):
                          **kwargs)
 
 
-def load_strictly(load, kind: str, model_type: str, path: str | os.PathLike, **kwargs):
-    """`load(path)` (a `from_pretrained`) of a local folder of a `kind` model (`model_type`), refusing any tensor the model lacks or
-    the folder lacks: transformers would start a missing one at random and only warn."""
-    config = check_checkpoint_folder(path)
-    if config.get("model_type") != model_type:
-        advice = " (VisorModel.from_stock converts a stock model)" if model_type.startswith("visor") else ""
-        raise ValueError(f"checkpoint {path} holds a {config.get('model_type')!r} model, not {model_type!r}{advice}")
+def load_strictly(load, kind: str, model_type: str, path: str | os.PathLike, may_lack: tuple[str, ...] = (),
+                  **kwargs):
+    """`load(path)` (a `from_pretrained`) of a local folder of a `kind` model (`model_type`), refusing any tensor the
+    model lacks or the folder lacks (transformers would start a missing one at random and only warn), but for the
+    modules named in `may_lack` (those a conversion creates)."""
+    check_model_type(path, model_type)
     if kwargs.pop("output_loading_info", False):
         raise ValueError("loading is strict: there is no loading info to return")
     verbosity = hf_logging.get_verbosity()
@@ -470,12 +490,32 @@ def load_strictly(load, kind: str, model_type: str, path: str | os.PathLike, **k
                                ignore_mismatched_sizes=True)
     finally:
         hf_logging.set_verbosity(verbosity)
+    info["missing_keys"] = [key for key in info.get("missing_keys", ())
+                            if not key.startswith(tuple(f"{name}." for name in may_lack))]
     problems = [f"{what}: {_names(info.get(key))}" for key, what in (
         ("missing_keys", "missing from the folder"), ("unexpected_keys", "not in the model"),
         ("mismatched_keys", "of another shape")) if info.get(key)]
     if problems:
         raise ValueError(f"checkpoint {path}'s weights do not fit its config.json; tensors " + "; ".join(problems))
     return model
+
+
+def share_checkpoint_layout(visor_class: type) -> None:
+    """Let transformers map a stock folder's tensor names for `visor_class` as it does for its stock class (the
+    Qwen-VL classes read an older layout by their class name), so `from_stock(folder)` reads what the stock reads."""
+    stock_class = next(base for base in visor_class.__mro__ if base is not visor_class
+                       and issubclass(base, PreTrainedModel) and not issubclass(base, VisorModel))
+    mapping = get_checkpoint_conversion_mapping(stock_class.__name__)
+    if mapping is not None:
+        register_checkpoint_conversion_mapping(visor_class.__name__, mapping, overwrite=True)
+
+
+def check_model_type(path: str | os.PathLike, model_type: str) -> None:
+    """Refuse a checkpoint folder (see `check_checkpoint_folder`) whose config is not of `model_type`."""
+    found = check_checkpoint_folder(path).get("model_type")
+    if found != model_type:
+        advice = " (VisorModel.from_stock converts a stock model)" if model_type.startswith("visor") else ""
+        raise ValueError(f"checkpoint {path} holds a {found!r} model, not {model_type!r}{advice}")
 
 
 def _names(keys, shown: int = 5) -> str:

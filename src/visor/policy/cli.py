@@ -14,7 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from visor.cli import command, quantile
-from visor.files import save_model, write_text
+from visor.convert import copy_processor
+from visor.files import atomic_folder, write_text
 from visor.config import ROUTER_MODES
 from visor.modeling.novelty import DEFAULT_QUANTILE
 
@@ -99,7 +100,9 @@ def run_train(args) -> int:
     model.config.router_training["labels"] = str(args.labels)
     if args.novelty_quantile is not None:
         fit_novelty_guard(model, table, args.novelty_quantile, seed=args.seed)
-    save_model(model, args.output, tokenizer_of(args.model))
+    with atomic_folder(args.output) as folder:  # with the tokenizer, so `visor generate --model` needs nothing else
+        model.save_pretrained(folder)
+        copy_processor(args.model, folder)
     print(f"router ({model.router.mode}, rule {args.rule}) loss {losses[0]:.4f} -> {losses[-1]:.4f}; saved {args.output}")
     if args.novelty_quantile is not None:
         print(f"novelty guard: {model.config.router_novelty_references} reference features, κ = "
@@ -138,12 +141,3 @@ def run_report(args) -> int:
     print("wrote " + ", ".join(str(path) for path in paths))
     return 0
 
-
-def tokenizer_of(folder):
-    """The tokenizer saved next to a model's weights (None if there is none): the policy's folder gets it too, so
-    `visor generate --model` needs nothing else."""
-    if not (Path(folder) / "tokenizer_config.json").is_file():
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(folder)
