@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo demo-two-hop test lmms demo-checkpoint clean
+.PHONY: setup demo demo-two-hop test lmms test-lmms test-wheel demo-checkpoint clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,23 @@ test: setup
 lmms: setup
 	$(BIN)/pip install --quiet -e ".[lmms]"
 	$(BIN)/pip uninstall --quiet -y torchvision
+
+# The lmms-eval plugin's tests with lmms-eval installed; they fail (not skip) without it. CI runs this after `make test`.
+test-lmms: lmms
+	VISOR_REQUIRE_LMMS=1 $(BIN)/python -m pytest -q tests/integrations
+
+# The built wheel in a fresh environment (pinned torch, nothing else by hand): it installs and answers a question
+# with the tiny model it ships. CI runs this too.
+WHEEL_ENV := build/wheel-env
+test-wheel: setup
+	rm -rf build/wheel $(WHEEL_ENV)
+	$(BIN)/pip wheel --quiet --no-deps . -w build/wheel
+	$(PYTHON) -m venv $(WHEEL_ENV)
+	$(WHEEL_ENV)/bin/pip install --quiet torch==2.13.0
+	$(WHEEL_ENV)/bin/pip install --quiet build/wheel/*.whl
+	cd build && wheel-env/bin/visor data preview --task dominant_color --count 1 --output sample.png
+	cd build && wheel-env/bin/visor generate --image sample.png --question "what color dominates the image ?" \
+		--model "$$(wheel-env/bin/python -c 'import visor, pathlib; print(pathlib.Path(visor.__file__).parent / "demo" / "checkpoint")')"
 
 # Retrain the tiny full model the demo ships (about 2 h 20 min on this 2-core CPU;
 # see src/visor/demo/checkpoint/TRAINING.md).

@@ -46,6 +46,7 @@ def _main(args) -> int:
     print(f"answer: {result['answer'] or '(empty: the model ended the answer at once)'}")
     print(f"configuration: {result['configuration']} (self-attention layers {result['self_attention_layers']}), "
           f"{result['visual_tokens']} visual + {result['text_tokens']} text tokens")
+    ratio = result["full_flops"] / result["llm_prefill_flops"]
     print(f"LLM prefill: {result['llm_prefill_flops'] / 1e9:.4f} GFLOPs "
-          f"({result['full_flops'] / result['llm_prefill_flops']:.2f}x less than the full model)")
+          + (f"({ratio:.2f}x less than the full model)" if result["configuration"] != "full" else "(the full model)"))
     return 0
