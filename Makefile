@@ -31,9 +31,10 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 # Optional: lmms-eval with the `visor` model plugin (see pyproject.toml's `lmms` extra for why torchvision goes).
+# timm goes too: lmms-eval pulls it in, it imports torchvision, and `accelerate launch` imports timm when present.
 lmms: setup
 	$(BIN)/pip install --quiet -e ".[lmms]"
-	$(BIN)/pip uninstall --quiet -y torchvision
+	$(BIN)/pip uninstall --quiet -y torchvision timm
 
 # The lmms-eval plugin's tests with lmms-eval installed; they fail (not skip) without it. CI runs this after `make test`.
 test-lmms: lmms

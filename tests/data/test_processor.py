@@ -7,7 +7,7 @@ import io
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
 from visor import presets
 from visor.flops import image_tokens
@@ -169,6 +169,12 @@ def test_bad_input_gives_clear_errors(tokenizer, tmp_path):
     truncated.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
     with pytest.raises(ValueError, match="truncated"):
         processor(truncated, "what ?")
+    lenient, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, True  # as lmms-eval leaves it
+    try:
+        with pytest.raises(ValueError, match="truncated"):
+            processor(truncated, "what ?")
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = lenient
     with pytest.raises(ValueError, match="does not exist"):
         processor(tmp_path / "missing.png", "what ?")
     with pytest.raises(ValueError, match="2 questions"):

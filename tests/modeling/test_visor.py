@@ -452,3 +452,42 @@ def test_generate_rejects_an_unknown_configuration(sparse, batch):
 def test_environment_is_offline():
     """Model loading in these tests must never reach a hub."""
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+# ---- activation checkpointing ---------------------------------------------------------------------------------------
+def _training_step(model, batch, checkpointing: bool, **kwargs):
+    """(loss, gradients, bytes of activations kept for the backward pass) of one step."""
+    model.train()
+    if checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=dict(use_reentrant=False))
+    kept = [0]
+
+    def keep(tensor):
+        kept[0] += tensor.numel() * tensor.element_size()
+        return tensor
+
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    model.zero_grad()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            loss = model(**batch, labels=labels, use_cache=False, **kwargs).loss
+        loss.backward()
+        gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    finally:
+        model.activation_checkpointing_disable()
+        model.zero_grad()
+        model.eval()
+    return loss.detach(), gradients, kept[0]
+
+
+@pytest.mark.parametrize("kind", ["stock", "visor"])
+def test_activation_checkpointing_keeps_less_and_changes_nothing(stock, sparse, batch, kind):
+    model, options = (stock, {}) if kind == "stock" else (sparse, dict(configuration=[0, 1, 2, 1]))
+    loss, gradients, kept = _training_step(model, batch, False, **options)
+    loss_checkpointed, gradients_checkpointed, kept_checkpointed = _training_step(model, batch, True, **options)
+    assert torch.equal(loss, loss_checkpointed) and gradients.keys() == gradients_checkpointed.keys()
+    for name, gradient in gradients.items():
+        torch.testing.assert_close(gradients_checkpointed[name], gradient, atol=1e-6, rtol=0)
+    assert kept_checkpointed < kept / 2, (kept, kept_checkpointed)
+    if kind == "visor":  # the CA blocks are checkpointed too: their gradients reach the gates
+        assert all(gradients[f"cross_attention.{layer}.attention_gate"].abs().sum() > 0 for layer in ("0", "3"))

@@ -110,6 +110,14 @@ def test_a_folder_holds_one_run_even_from_before_run_json(tmp_path, reference, c
     assert "already holds a training run" in capsys.readouterr().err
 
 
+def test_activation_checkpointing_trains_the_same_run(tmp_path, reference):
+    output = tmp_path / "run"
+    run(_command(output, "--set", "activation_checkpointing=true"))
+    losses, expected = _losses(output), _losses(reference)
+    assert sorted(losses) == sorted(expected)
+    assert all(abs(losses[step] - expected[step]) <= 1e-6 for step in expected)
+
+
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, reference):
     """accelerate launch, 2 CPU processes (gloo): micro-batch 2 per process, global batch 4, as the reference.
 

@@ -15,11 +15,12 @@ per-pixel `class_maps` to also get `patch_targets` (batch, max_crops, patches pe
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 from transformers import BatchFeature, LlavaOnevisionImageProcessorPil, PreTrainedTokenizerBase
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -64,7 +65,8 @@ def load_image(image: ImageLike, min_side: int = 1) -> Image.Image:
         raise ValueError(f"{source} is {image.width}x{image.height} px, more than the {MAX_IMAGE_PIXELS:,} pixels "
                          "an image may have; downscale it first")
     try:
-        image.load()
+        with _strict_decoding():
+            image.load()
     except (OSError, SyntaxError) as error:
         raise ValueError(f"{source} is truncated or corrupt: {error}") from error
     if image.mode in ("I", "I;16", "I;16B", "F"):
@@ -250,6 +252,18 @@ class VisorProcessor:
         if self.tokenizer.eos_token_id in ids:
             ids = ids[: ids.index(self.tokenizer.eos_token_id)]
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+@contextmanager
+def _strict_decoding():
+    """Pillow refusing truncated files, whatever a library set globally (lmms-eval's task module sets
+    `ImageFile.LOAD_TRUNCATED_IMAGES = True`, which would pad a cut-off image with grey)."""
+    lenient = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = lenient
 
 
 def _as_list(values, single_types) -> list:

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 from transformers.conversion_mapping import (
     get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping,
@@ -180,8 +181,11 @@ class VisorModel:
             streams.before_layer(index)
             block = self._cross_block(index)
             if block is not None:
-                streams.text = block(streams.text, *streams.cross_keys_values(index, block), streams.cross_allowed,
-                                     streams.text_rope)
+                inputs = (streams.text, *streams.cross_keys_values(index, block), streams.cross_allowed,
+                          streams.text_rope)
+                # The stock layers checkpoint themselves (transformers' activation checkpointing); CA blocks here.
+                streams.text = (checkpoint(block, *inputs, use_reentrant=False)
+                                if self.is_gradient_checkpointing and self.training else block(*inputs))
             outputs = []
             for runs_sa in (True, False):
                 rows = (streams.sa_layers[:, index] == runs_sa).nonzero().squeeze(1)

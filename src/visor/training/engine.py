@@ -58,9 +58,10 @@ VALIDATION_FILE = "validation.json"
 SUMMARY_FILE = "training_summary.json"
 FINAL_MODEL_DIR = "model"
 RUN_FILE = "run.json"  # what this folder's run is: recipe, data, starting point, settings (see `run_fingerprint`)
-# Settings a resumed run may change: they decide when to log, evaluate and save, not what is trained.
+# Settings a resumed run may change: they decide when to log, evaluate and save, and how fast or in how much
+# memory a step runs, not what is trained.
 BOOKKEEPING = frozenset({"eval_every", "save_every", "keep_checkpoints", "log_every", "num_threads",
-                         "samples_per_task", "eval_batch_size", "max_new_tokens"})
+                         "samples_per_task", "eval_batch_size", "max_new_tokens", "activation_checkpointing"})
 
 
 def _optimizer(module: torch.nn.Module, settings: TrainingSettings) -> torch.optim.Optimizer:
@@ -156,6 +157,8 @@ class Trainer:
         else:
             model = build_model(recipe, init, model_preset, settings)
         check_configurations(model, recipe, settings)
+        if settings.activation_checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=dict(use_reentrant=False))
         self.data = data if not isinstance(data, str) else resolve_data(data, model.config, settings.seed)
 
         # The aux head belongs to `full` runs (from scratch or continued from a checkpoint, with a fresh head).

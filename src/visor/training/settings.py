@@ -53,6 +53,9 @@ class TrainingSettings:
     """Keep the vision tower's weights fixed (`full` and `visor-universal`; stage 1 freezes every base weight
     anyway), as LLaVA recipes keep a pretrained encoder: what a task needs beyond the tower's features is then
     computed in the language model, where VISOR's configurations differ."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer's (and each CA block's) activations in the backward pass instead of keeping
+    them: less memory for about one more forward pass of compute (transformers' activation checkpointing)."""
     # ---- VISOR --------------------------------------------------------------------------------------------
     configuration_weights: list[float] | None = None
     """Sampling weights over `config.configurations` for `visor-universal` (None: uniform)."""
