@@ -15,6 +15,7 @@ from visor.training import checkpoint as ckpt
 from training_helpers import TOY, model_weights, run, set_flags, subprocess_env, train_command
 
 STEPS, SAVE_EVERY = 8, 3
+CONFIGS = Path(__file__).parents[2] / "configs" / "accelerate"
 
 
 def _command(output: Path, *extra: str) -> list[str]:
@@ -119,15 +120,15 @@ def test_activation_checkpointing_trains_the_same_run(tmp_path, reference):
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, reference):
-    """accelerate launch, 2 CPU processes (gloo): micro-batch 2 per process, global batch 4, as the reference.
+    """accelerate launch with the shipped DDP config, 2 CPU processes (gloo): micro-batch 2 per process, global
+    batch 4, as the reference.
 
-    accelerate 1.15's `--cpu` launcher runs one process unless mpirun is set up, so this uses the torch.distributed
-    launcher (`--multi_gpu`); without a GPU the trainer asks accelerate for the CPU, which makes it MULTI_CPU.
+    accelerate 1.15's `--cpu` launcher runs one process unless mpirun is set up, so the config uses the
+    torch.distributed launcher (MULTI_GPU); without a GPU the trainer asks accelerate for the CPU (MULTI_CPU).
     """
     output = tmp_path / "ddp"
-    launch = [str(Path(train_command()[0]).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", "29517", "-m"]
+    launch = [str(Path(train_command()[0]).parent / "accelerate"), "launch", "--config_file",
+              str(CONFIGS / "ddp.yaml"), "--main_process_port", "29517", "-m"]
     command = _command(output)
     run(launch + command[2:], timeout=180)  # drop "python -m"
     summary = json.loads((output / "training_summary.json").read_text())
@@ -138,3 +139,20 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, reference)
         assert abs(distributed[step] - single[step]) <= 1e-4 * max(1.0, abs(single[step])), (step, distributed, single)
     reference_weights, weights = model_weights(reference), model_weights(output)
     assert max((weights[k] - reference_weights[k]).abs().max().item() for k in weights) < 1e-3
+
+
+def test_the_shipped_accelerate_configs_name_what_exists():
+    """Each config parses, says its kind, and (FSDP) wraps layer classes that exist: a typo there would silently
+    wrap nothing."""
+    import yaml
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+    from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
+
+    from visor.modeling.cross_attention import CrossAttentionBlock
+
+    configs = {path.stem: yaml.safe_load(path.read_text()) for path in CONFIGS.glob("*.yaml")}
+    assert {name: config["distributed_type"] for name, config in configs.items()} == {
+        "ddp": "MULTI_GPU", "fsdp": "FSDP", "deepspeed-zero2": "DEEPSPEED"}
+    wrapped = configs["fsdp"]["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"].split(",")
+    assert wrapped == [cls.__name__ for cls in (SiglipEncoderLayer, Qwen2DecoderLayer, CrossAttentionBlock)]
+    assert configs["deepspeed-zero2"]["deepspeed_config"]["zero_stage"] == 2
