@@ -107,7 +107,7 @@ def test_a_visor_folder_is_not_converted_again(tmp_path, capsys):
 
 def test_converting_real_shapes_holds_one_copy_of_the_weights(tmp_path):
     """LLaVA-OV-0.5B shapes in bf16 (1.7 GiB on disk): the conversion's peak memory, beyond what importing the
-    libraries takes, is at most 1.3x the checkpoint (benchmarks/convert: 1.04x, and 2.05x for loading the stock
+    libraries takes, is at most 1.3x the checkpoint (benchmarks/convert: 1.05x, and 2.05x for loading the stock
     model first). The measuring helpers are the benchmark's own (scripts/convert_memory.py)."""
     spec = importlib.util.spec_from_file_location("convert_memory", SCRIPTS / "convert_memory.py")
     benchmark = importlib.util.module_from_spec(spec)

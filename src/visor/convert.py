@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 from visor.cli import comma_separated, command, key_value_heads
 from visor.config import CROSS_ATTENTION_INITS
@@ -51,16 +50,11 @@ def convert(model_dir: str | Path, output: str | Path, cross_attention_layers=No
             cross_attention_key_value_heads: int | None = None, cross_attention_init: str = "zero",
             dense: bool = False) -> Path:
     """Write the VISOR conversion of the stock checkpoint in `model_dir` to `output` (atomically); returns it."""
-    from visor.backbones import family
     from visor.files import atomic_folder
-    from visor.modeling.visor import check_checkpoint_folder
+    from visor.training.recipes import checkpoint_family
 
-    config = SimpleNamespace(**check_checkpoint_folder(model_dir))
-    try:
-        module = family(config)
-    except ValueError as error:
-        raise ValueError(f"checkpoint {model_dir}: {error}") from None
-    if config.model_type.startswith("visor"):
+    module, holds_visor = checkpoint_family(model_dir)
+    if holds_visor:
         raise ValueError(f"{model_dir} is already a VISOR checkpoint")
     visor_class = module.VISOR_MODEL
     stock_config = module.BACKBONE.stock_model_class.config_class.from_pretrained(model_dir, local_files_only=True)

@@ -46,14 +46,20 @@ def is_visor(model) -> bool:
 def load_checkpoint(path: str | os.PathLike, attn_implementation: str = "sdpa"):
     """A stock or VISOR model from a local folder, in fp32, with clear errors for bad checkpoints."""
     options = dict(attn_implementation=attn_implementation, dtype=torch.float32)
+    module, holds_visor = checkpoint_family(path)
+    if holds_visor:
+        return module.VISOR_MODEL.from_pretrained(path, **options)  # local folders: ValueError when broken
+    return load_stock(module.BACKBONE.stock_model_class, path, **options)
+
+
+def checkpoint_family(path: str | os.PathLike):
+    """(the `visor.backbones` module of a local checkpoint folder's family, whether it holds a VISOR model)."""
     config = SimpleNamespace(**check_checkpoint_folder(path))
     try:
         module = family(config)
     except ValueError as error:
         raise ValueError(f"checkpoint {path}: {error}") from None
-    if config.model_type.startswith("visor"):
-        return module.VISOR_MODEL.from_pretrained(path, **options)  # local folders: ValueError when broken
-    return load_stock(module.BACKBONE.stock_model_class, path, **options)
+    return module, config.model_type.startswith("visor")
 
 
 def build_model(recipe: str, init: str | os.PathLike | None, preset: str | None, settings):
