@@ -50,7 +50,6 @@ def convert(model_dir: str | Path, output: str | Path, cross_attention_layers=No
             cross_attention_key_value_heads: int | None = None, cross_attention_init: str = "zero",
             dense: bool = False) -> Path:
     """Write the VISOR conversion of the stock checkpoint in `model_dir` to `output` (atomically); returns it."""
-    from visor.files import atomic_folder
     from visor.training.recipes import checkpoint_family
 
     module, holds_visor = checkpoint_family(model_dir)
@@ -68,28 +67,31 @@ def convert(model_dir: str | Path, output: str | Path, cross_attention_layers=No
         visor_config = visor_class.config_class.from_stock_config(
             stock_config, **{key: list(value) if isinstance(value, tuple) else value for key, value in shape.items()},
             cross_attention_init=cross_attention_init)
-    model = visor_class.from_stock(model_dir, visor_config)
+    return save_next_to_processor(visor_class.from_stock(model_dir, visor_config), output, model_dir)
+
+
+def save_next_to_processor(model, output: str | Path, source: str | Path) -> Path:
+    """`model` saved to `output` (atomically) with the tokenizer, chat template and processor settings that sit
+    next to `source`'s weights, so the folder answers questions on its own."""
+    from visor.files import atomic_folder
+
     with atomic_folder(output) as folder:
         model.save_pretrained(folder)
-        copy_processor(model_dir, folder)
+        copy_processor(source, folder)
     return Path(output)
 
 
-def copy_processor(source: str | Path, folder: str | Path) -> list[str]:
+def copy_processor(source: str | Path, folder: str | Path) -> None:
     """The tokenizer (with its chat template) and the processor settings saved next to `source`'s weights, saved
-    into `folder` too; returns what was copied (nothing when `source` has none)."""
+    into `folder` too (nothing when `source` has none)."""
     source, folder = Path(source), Path(folder)
-    copied = []
     if (source / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
 
         AutoTokenizer.from_pretrained(source).save_pretrained(folder)
-        copied.append("tokenizer")
     for name in PROCESSOR_FILES:
         if (source / name).is_file() and not (folder / name).exists():
             shutil.copyfile(source / name, folder / name)
-            copied.append(name)
-    return copied
 
 
 def _main(args) -> int:

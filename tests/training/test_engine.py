@@ -94,19 +94,22 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, refere
     _assert_same_weights(output, reference)
 
 
-def test_a_folder_holds_one_run_even_from_before_run_json(tmp_path, reference, capsys):
-    """A folder written before run.json existed is checked against its checkpoint's settings; settings that only
-    decide when to log, evaluate or save may change on resume."""
+def test_a_folder_holds_one_run_even_from_before_its_data_was_recorded(tmp_path, reference, capsys):
+    """A folder whose settings.json predates the data and starting point being recorded is checked on what it
+    holds; settings that only decide when to log, evaluate or save may change on resume."""
     from visor.training.cli import main
 
     output = tmp_path / "run"
     shutil.copytree(reference, output)
-    (output / "run.json").unlink()
+    recorded = json.loads((output / "settings.json").read_text())
+    (output / "settings.json").write_text(json.dumps(
+        {key: value for key, value in recorded.items() if key not in ("data", "init", "model_preset")}))
     in_process = _command(output, "--resume")[3:]  # without `python -m visor.training`
     assert main([*in_process, "--set", "batch_size=8"]) == 2  # the run used 4
-    assert "cannot resume" in capsys.readouterr().err and not (output / "run.json").exists()
+    assert "cannot resume" in capsys.readouterr().err and "data" not in json.loads((output / "settings.json").read_text())
     assert main([*in_process, "--save-every", "2", "--set", "log_every=1"]) == 0
-    assert json.loads((output / "run.json").read_text())["settings"]["batch_size"] == 4
+    rewritten = json.loads((output / "settings.json").read_text())
+    assert rewritten["batch_size"] == 4 and rewritten["data"] == TOY and rewritten["log_every"] == 1
     assert main(_command(output)[3:]) == 2  # a fresh run into it
     assert "already holds a training run" in capsys.readouterr().err
 

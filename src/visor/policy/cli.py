@@ -14,8 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from visor.cli import command, quantile
-from visor.convert import copy_processor
-from visor.files import atomic_folder, write_text
+from visor.convert import save_next_to_processor
+from visor.files import write_text
 from visor.config import ROUTER_MODES
 from visor.modeling.novelty import DEFAULT_QUANTILE
 
@@ -100,9 +100,7 @@ def run_train(args) -> int:
     model.config.router_training["labels"] = str(args.labels)
     if args.novelty_quantile is not None:
         fit_novelty_guard(model, table, args.novelty_quantile, seed=args.seed)
-    with atomic_folder(args.output) as folder:  # with the tokenizer, so `visor generate --model` needs nothing else
-        model.save_pretrained(folder)
-        copy_processor(args.model, folder)
+    save_next_to_processor(model, args.output, args.model)
     print(f"router ({model.router.mode}, rule {args.rule}) loss {losses[0]:.4f} -> {losses[-1]:.4f}; saved {args.output}")
     if args.novelty_quantile is not None:
         print(f"novelty guard: {model.config.router_novelty_references} reference features, κ = "
@@ -140,4 +138,3 @@ def run_report(args) -> int:
     print(markdown_table(report))
     print("wrote " + ", ".join(str(path) for path in paths))
     return 0
-

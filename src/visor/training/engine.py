@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from visor.evaluation.scoring import evaluate
-from visor.files import save_model, write_json, write_text
+from visor.files import check_output, save_model, write_json, write_text
 from visor.training import checkpoint as ckpt
 from visor.training.data import DataSource, resolve_data, step_indices
 from visor.training.recipes import (
@@ -57,7 +57,7 @@ METRICS_FILE = "metrics.jsonl"
 VALIDATION_FILE = "validation.json"
 SUMMARY_FILE = "training_summary.json"
 FINAL_MODEL_DIR = "model"
-RUN_FILE = "run.json"  # what this folder's run is: recipe, data, starting point, settings (see `run_fingerprint`)
+SETTINGS_FILE = "settings.json"  # what this folder's run is: recipe, data, starting point, settings
 # Settings a resumed run may change: they decide when to log, evaluate and save, and how fast or in how much
 # memory a step runs, not what is trained.
 BOOKKEEPING = frozenset({"eval_every", "save_every", "keep_checkpoints", "log_every", "num_threads",
@@ -263,8 +263,7 @@ class Trainer:
                 self.validation = [r for r in self._resumed_validation if r["step"] <= self.start_step]
             elif self.metrics_path.exists():
                 self.metrics_path.unlink()
-            write_json(self.output_dir / "settings.json", {"recipe": self.recipe, **settings.to_dict()})
-            write_json(self.output_dir / RUN_FILE, self.fingerprint)
+            write_json(self.output_dir / SETTINGS_FILE, self.fingerprint)
         accelerator.wait_for_everyone()
 
         bar = tqdm(total=settings.max_steps, initial=self.start_step, disable=not (main and self.progress),
@@ -360,51 +359,36 @@ class Trainer:
 
 def run_fingerprint(recipe: str, data: str | DataSource, init, model_preset: str | None,
                     settings: TrainingSettings) -> dict[str, Any]:
-    """What makes a run this run: a folder holds one, and resuming it with anything else is refused."""
+    """What makes a run this run (all but its `BOOKKEEPING` settings): a folder holds one, and resuming it with
+    anything else is refused. Written as settings.json, as JSON reads it back (tuples become lists)."""
     fingerprint = dict(recipe=recipe, data=data if isinstance(data, str) else type(data).__qualname__,
-                       init=None if init is None else str(init), model_preset=model_preset,
-                       settings={key: value for key, value in settings.to_dict().items() if key not in BOOKKEEPING})
-    return json.loads(json.dumps(fingerprint))  # as run.json will read back (tuples become lists)
+                       init=None if init is None else str(init), model_preset=model_preset, **settings.to_dict())
+    return json.loads(json.dumps(fingerprint))
 
 
 def check_run_folder(output_dir: Path, fingerprint: dict[str, Any], resume: bool) -> None:
-    """Refuse an output folder that is not a folder, a fresh run into a folder that holds one (its checkpoints
-    would mix with the new run's), and resuming a run with other settings than it started with."""
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ValueError(f"output {output_dir} is a file, not a folder")
-    held = [name for name in (RUN_FILE, ckpt.CHECKPOINT_DIR, FINAL_MODEL_DIR, METRICS_FILE, SUMMARY_FILE)
+    """Refuse an output that cannot be a folder, a fresh run into a folder that holds one (its checkpoints would
+    mix with the new run's), and resuming a run with other settings than it started with (a folder written before
+    its settings.json recorded data and starting point is compared on what it recorded)."""
+    check_output(output_dir, "folder", option="output")
+    held = [name for name in (SETTINGS_FILE, ckpt.CHECKPOINT_DIR, FINAL_MODEL_DIR, METRICS_FILE, SUMMARY_FILE)
             if (output_dir / name).exists()]
     if not resume:
         if held:
             raise ValueError(f"{output_dir} already holds a training run ({', '.join(held)}): pass --resume to "
                              "continue it, or choose another --output")
         return
-    recorded = _recorded_run(output_dir)
-    if recorded is None:
+    if not (output_dir / SETTINGS_FILE).is_file():
         return
+    try:
+        recorded = json.loads((output_dir / SETTINGS_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{output_dir / SETTINGS_FILE} is corrupt: {error}") from error
     differences = [f"{key}: {recorded[key]!r} -> {value!r}" for key, value in fingerprint.items()
-                   if key != "settings" and key in recorded and recorded[key] != value]
-    before = recorded.get("settings", {})
-    differences += [f"{key}: {before[key]!r} -> {value!r}" for key, value in fingerprint["settings"].items()
-                    if key in before and before[key] != value]
+                   if key not in BOOKKEEPING and key in recorded and recorded[key] != value]
     if differences:
         raise ValueError(f"cannot resume {output_dir}: it was started with other settings ("
                          + "; ".join(differences) + "); resume with the same ones, or choose another --output")
-
-
-def _recorded_run(output_dir: Path) -> dict[str, Any] | None:
-    """The run a folder holds: its run.json, or for a folder written before there was one, the recipe and settings
-    its newest checkpoint recorded; None when there is nothing to compare with."""
-    if (output_dir / RUN_FILE).is_file():
-        try:
-            return json.loads((output_dir / RUN_FILE).read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"{output_dir / RUN_FILE} is corrupt: {error}") from error
-    checkpoint = ckpt.latest_checkpoint(output_dir)
-    if checkpoint is None:
-        return None
-    state = ckpt.load_training_state(checkpoint)
-    return json.loads(json.dumps(dict(recipe=state.get("recipe"), settings=state.get("settings", {}))))
 
 
 def train(recipe: str, data: str | DataSource, output_dir: str | os.PathLike, settings: TrainingSettings | None = None,
