@@ -55,6 +55,9 @@ class VisorConfigMixin:
     # What the router was trained on (`visor.policy.training` records it); None: never trained, so its decisions
     # are random and `configuration="auto"` is refused.
     router_training: dict | None = None
+    # τ's guarantee when it was certified for a maximum loss and confidence (`visor.policy.guarantee`); None: τ was
+    # set some other way (a FLOPs or accuracy target, or by hand) and promises nothing.
+    router_guarantee: dict | None = None
     # Its novelty guard (`visor.modeling.novelty`): how many training features it keeps (0: no guard), how many
     # neighbours it compares with, and its threshold κ (None: flags nothing).
     router_novelty_references: int = 0
@@ -188,6 +191,11 @@ class VisorConfigMixin:
                              f"{host_heads} key/value heads, got {heads}")
         if self.position_encoding_kernel < 1 or self.position_encoding_kernel % 2 == 0:
             raise ValueError(f"position_encoding_kernel must be a positive odd number, got {self.position_encoding_kernel}")
+
+    def forget_router_training(self) -> None:
+        """The router's training and τ's guarantee no longer hold (the weights it reads changed, or the router)."""
+        self.router_training = None
+        self.router_guarantee = None
 
     def check_configuration(self, index) -> int:
         """`index` as a configuration index of this config; a ValueError naming the valid ones otherwise."""

@@ -35,10 +35,12 @@ def answer(model_dir: str | Path, image, question: str, configuration: str | int
 
     from visor.integrations.runner import CheckpointRunner
 
-    result = CheckpointRunner(model_dir, configuration, tau).generate([image], [question], max_new_tokens)[0]
+    runner = CheckpointRunner(model_dir, configuration, tau)
+    result = runner.generate([image], [question], max_new_tokens)[0]
     return dict(answer=result.text, configuration=result.configuration,
                 self_attention_layers=result.self_attention_layers, llm_prefill_flops=result.llm_prefill_flops,
-                full_flops=result.full_flops, visual_tokens=result.visual_tokens, text_tokens=result.text_tokens)
+                full_flops=result.full_flops, visual_tokens=result.visual_tokens, text_tokens=result.text_tokens,
+                guarantee=None if runner.guarantee is None else runner.guarantee.describe())
 
 
 def _main(args) -> int:
@@ -49,4 +51,6 @@ def _main(args) -> int:
     ratio = result["full_flops"] / result["llm_prefill_flops"]
     print(f"LLM prefill: {result['llm_prefill_flops'] / 1e9:.4f} GFLOPs "
           + (f"({ratio:.2f}x less than the full model)" if result["configuration"] != "full" else "(the full model)"))
+    if result["guarantee"]:
+        print(f"budget: {result['guarantee']}")
     return 0

@@ -70,7 +70,7 @@ def test_outputs_have_every_row_and_file(demo_run):
     assert all(sum(row["histogram"].values()) == row["samples"] for row in policy)
     markdown = (report / "report.md").read_text()
     for heading in ("## Verdicts", "## Table 1", "## Table 2", "## Table 3", "## Table 4a", "## Table 4b",
-                    "## easy-VQA", "seed"):
+                    "## Table 5", "## easy-VQA", "seed"):
         assert heading in markdown
     assert (report / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (output / "policy" / "model" / "tokenizer_config.json").exists()
@@ -85,6 +85,16 @@ def test_outputs_have_every_row_and_file(demo_run):
     assert {"router", "oracle", "fixed-0"} <= {row["method"] for row in variants}
     assert "held-out task variants" in markdown
     assert "Router at every τ on the test split, hard tasks" in markdown
+    guarantee = results["stages"]["policy"]["guarantee"]  # certified on validation, against the full model's answers
+    assert (guarantee["max_loss"], guarantee["samples"]) == (DemoPlan.quick().max_loss, 8 * len(tasks))
+    assert guarantee["reference"] == "the full model" and guarantee["certified"] == (guarantee["threshold"] < 1)
+    full_test = [row for row in results["groups"] if row["method"] == "full"]
+    for lost in (guarantee["test"], guarantee["variants"]):
+        assert 0 <= lost["loss"] <= 1 and lost["loss"] >= lost["accuracy_drop"] / 100 - 1e-9
+    samples = sum(row["samples"] for row in full_test)  # the labels' full model answers as the scored one does
+    accuracy = sum(row["accuracy"] * row["samples"] for row in full_test) / samples
+    assert guarantee["test"]["reference_accuracy"] == pytest.approx(accuracy)
+    assert "the guarantee does NOT apply, shown anyway" in markdown
     matched = round(results["stages"]["policy"]["validation_policy_savings"], 1)  # baselines at VISOR's FLOPs too
     expected = {f"{ratio:g}x" for ratio in results["plan"]["ratios"]}
     if min(abs(matched - ratio) for ratio in results["plan"]["ratios"]) >= 0.1:
@@ -148,7 +158,8 @@ def test_a_bad_schedule_is_refused(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("option, value", [("--training-data", "synthetic@demo-train:read_cell,no_such_task"),
-                                           ("--suite", "no_such_suite"), ("--variants", "no_such_suite")])
+                                           ("--suite", "no_such_suite"), ("--variants", "no_such_suite"),
+                                           ("--max-loss", "0"), ("--confidence", "1.5"), ("--max-loss", "0.01")])
 def test_bad_data_or_suites_are_refused_before_anything_is_written(tmp_path, capsys, option, value):
     output = tmp_path / "bad"
     assert cli.main(["demo", "--quick", "--output", str(output), "--no-progress", option, value]) == 2

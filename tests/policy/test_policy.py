@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import LlavaOnevisionForConditionalGeneration
 
-from visor import cli, presets
+from visor import VisorForConditionalGeneration, cli, presets
 from visor.config import Schedule
 from visor.flops import llm_prefill_flops, router_flops
 from visor.modeling.router import ConfigurationRouter
@@ -380,7 +381,7 @@ def test_policy_cli_end_to_end(model, tmp_path, capsys):
 
 
 def test_the_router_reads_its_mode_and_tau_from_the_models_config(model, tmp_path):
-    from visor import VisorConfig, VisorForConditionalGeneration
+    from visor import VisorConfig
 
     config = VisorConfig.from_stock_config(presets.tiny(6), router_mode="multilabel", router_hidden_size=16)
     router = ConfigurationRouter(config)
@@ -426,3 +427,63 @@ def test_the_policy_loads_a_visor_model_of_any_family_and_refuses_stock_ones(mod
     qwen.save_pretrained(tmp_path / "qwen")
     loaded = load_model(tmp_path / "qwen")
     assert type(loaded) is type(qwen) and loaded.router is not None
+
+
+def test_a_budget_with_a_guarantee_end_to_end(model, tmp_path, capsys):
+    """label against the stock model, calibrate for a maximum loss, then report and generate say what holds."""
+    from visor.data import build_tokenizer
+
+    torch.manual_seed(0)
+    stock, model_dir, trained = tmp_path / "stock", tmp_path / "model", tmp_path / "policy"
+    LlavaOnevisionForConditionalGeneration(presets.tiny(6)).save_pretrained(stock)
+    model.save_pretrained(model_dir)
+    build_tokenizer().save_pretrained(model_dir)
+    labels = {split: tmp_path / f"{split}.safetensors" for split in ("train", "validation")}
+    for split, path in labels.items():
+        assert cli.main(["policy", "label", "--model", str(model_dir), "--split", split, "--per-task", "2",
+                         "--reference-model", str(stock), "--output", str(path)]) == 0
+    table = LabelTable.load(labels["validation"])
+    assert table.reference.dtype == torch.bool and table.reference.shape == (len(table),)
+    assert table.reference_name == f"the stock model {stock}"
+    assert f"{table.reference_name} answers {100 * float(table.reference.float().mean()):.1f}%" in capsys.readouterr().out
+    assert cli.main(["policy", "train", "--model", str(model_dir), "--labels", str(labels["train"]), "--steps", "20",
+                     "--output", str(trained)]) == 0
+    assert cli.main(["policy", "calibrate", "--model", str(trained), "--labels", str(labels["validation"]),
+                     "--max-loss", "0.3", "--confidence", "0.6"]) == 0
+    printed = capsys.readouterr().out
+    stored = VisorForConditionalGeneration.from_pretrained(trained).config.router_guarantee
+    assert stored["samples"] == len(table) and stored["reference"] == table.reference_name
+    assert (stored["max_loss"], stored["confidence"]) == (0.3, 0.6)
+    assert ("is certified to lose at most 30 points" if stored["certified"] else "no τ is certified") in printed
+    assert cli.main(["policy", "report", "--model", str(trained), "--labels", str(labels["validation"]),
+                     "--output", str(tmp_path / "report")]) == 0
+    assert "Guarantee: " in capsys.readouterr().out
+    assert cli.main(["generate", "--model", str(trained), "--image", str(_an_image(tmp_path)),
+                     "--question", "what color is the shape?"]) == 0
+    assert "budget: " in capsys.readouterr().out
+    assert cli.main(["generate", "--model", str(trained), "--image", str(_an_image(tmp_path)),
+                     "--question", "what color is the shape?", "--tau", "0.123"]) == 0
+    assert "budget: " not in capsys.readouterr().out  # another τ than the certified one promises nothing
+    assert cli.main(["policy", "calibrate", "--model", str(trained), "--labels", str(labels["validation"]),
+                     "--target-accuracy", "0"]) == 0
+    assert VisorForConditionalGeneration.from_pretrained(trained).config.router_guarantee is None
+
+
+def test_a_new_tau_mode_or_router_drops_the_guarantee(model):
+    model, guarantee = copy.deepcopy(model), dict(threshold=0.4)
+    for change in (lambda: model.configure_router(threshold=0.3), lambda: model.configure_router(mode="multilabel"),
+                   lambda: train_router(model.router, label_synthetic(model, "train", 1, show_progress=False), steps=1)):
+        model.configure_router(mode="softmax", threshold=0.4, guarantee=guarantee)
+        assert model.config.router_guarantee == guarantee
+        change()
+        assert model.config.router_guarantee is None
+    with pytest.raises(ValueError, match="pass the τ it certifies"):
+        model.configure_router(guarantee=guarantee)
+
+
+def _an_image(folder):
+    from PIL import Image
+
+    path = folder / "red.png"
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(path)
+    return path

@@ -61,6 +61,13 @@ def register(subparsers) -> None:
                         help="give the router a novelty guard: inputs scoring above this quantile of its training "
                              "samples skip the cheapest configuration (e.g. 0.98: 2%% false alarms on data like "
                              "them; default: no guard, as it lost answers on the demo's held-out variants)")
+    parser.add_argument("--max-loss", type=float, default=None, metavar="EPS",
+                        help="the budget with a guarantee, reported next to the policy: the cheapest τ certified to "
+                             "lose at most EPS accuracy (a fraction) against the full model (default "
+                             f"{DemoPlan.max_loss}; {DemoPlan.quick().max_loss} with --quick, whose validation split is small)")
+    parser.add_argument("--confidence", type=float, default=DemoPlan.confidence, metavar="1-DELTA",
+                        help="the probability, over the validation split's draw, that the loss stays within EPS "
+                             "(default %(default)s)")
     parser.add_argument("--threads", type=int, default=DemoPlan.num_threads,
                         help=f"CPU threads (default {DemoPlan.num_threads}; use 1 when other jobs share the cores)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -68,12 +75,13 @@ def register(subparsers) -> None:
 
 
 def _main(args) -> int:
-    given = dict(training_data=args.training_data, variants=args.variants, freeze_vision_tower=args.freeze_vision_tower)
+    given = dict(training_data=args.training_data, variants=args.variants, freeze_vision_tower=args.freeze_vision_tower,
+                 max_loss=args.max_loss)
     plan = (DemoPlan.quick if args.quick else DemoPlan)(
         seed=args.seed, checkpoint=args.checkpoint, num_threads=args.threads, suite=args.suite,
         cross_attention_layers=args.cross_attention_layers, self_attention_layers=args.self_attention_layers,
         cross_attention_key_value_heads=args.cross_attention_heads, novelty_quantile=args.novelty_quantile,
-        router_mode=args.router_mode,
+        router_mode=args.router_mode, confidence=args.confidence,
         **(SUITE_DEFAULTS.get(args.suite, {}) | {name: value for name, value in given.items() if value is not None}))
     Demo(Path(args.output), plan, progress=not args.no_progress).run(fresh=args.fresh)
     return 0

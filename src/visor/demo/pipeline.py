@@ -37,6 +37,7 @@ from visor.evaluation.scoring import Generate, Scores, greedy, new_tokens, score
 from visor.files import save_model, write_json
 from visor.flops import llm_prefill_flops, prompt_prefill_flops, prompt_token_counts, router_flops
 from visor.modeling import VisorModel
+from visor.policy.guarantee import check_samples
 
 if TYPE_CHECKING:
     from visor.policy.calibration import Outcome
@@ -92,6 +93,11 @@ class DemoPlan:
     # The router's novelty guard (`visor.modeling.novelty`): inputs above this quantile of its training samples'
     # scores skip the cheapest configuration. Off (None) by default: docs/policy.md says why.
     novelty_quantile: float | None = None
+    # The budget with a guarantee (`visor.policy.guarantee`), reported next to the demo's own τ: the cheapest τ
+    # certified on the validation split to lose at most `max_loss` accuracy (a fraction) against the full model,
+    # with probability `confidence`.
+    max_loss: float = 0.01
+    confidence: float = 0.9
 
     @property
     def checkpoint_path(self) -> Path:
@@ -104,8 +110,9 @@ class DemoPlan:
 
     @classmethod
     def quick(cls, **changes) -> DemoPlan:
+        # 40 validation samples certify nothing below a loss of 0.056 at confidence 0.9: the quick plan asks for 0.1
         values = dict(stage1_steps=6, universal_steps=8, batch_size=8, train_labels_per_task=12,
-                      validation_labels_per_task=8, test_per_task=8, router_steps=50, ratios=(4.0,))
+                      validation_labels_per_task=8, test_per_task=8, router_steps=50, ratios=(4.0,), max_loss=0.1)
         values.update(changes)
         return cls(**values)
 
@@ -153,6 +160,8 @@ class Demo:
         self.training_data
         if self.plan.router_mode not in ROUTER_MODES:
             raise ValueError(f"router mode must be one of {ROUTER_MODES}, got {self.plan.router_mode!r}")
+        check_samples(self.plan.validation_labels_per_task * len(get_suite(self.plan.suite).tasks),
+                      self.plan.max_loss, self.plan.confidence)
         if self.plan.num_threads < 0:
             raise ValueError(f"threads must be positive (or 0: torch's default), got {self.plan.num_threads}")
         if not isinstance(self.full_model(), VisorModel):  # a bad schedule fails here, not at stage 1
@@ -249,7 +258,8 @@ class Demo:
 
     def stage_policy(self) -> dict:
         from visor.policy.api import full_model_flops, label_synthetic
-        from visor.policy.calibration import calibrate, fixed_outcome
+        from visor.policy.calibration import calibrate, fixed_outcome, router_outcome
+        from visor.policy.guarantee import certify, realised
         from visor.policy.report import policy_report, write_report
         from visor.policy.training import fit_novelty_guard, train_router
 
@@ -258,9 +268,11 @@ class Demo:
         tables = {}
         sizes = dict(train=self.plan.train_labels_per_task, validation=self.plan.validation_labels_per_task,
                      test=self.plan.test_per_task)
+        # Held-out splits also record the full model's answers: what the guarantee's loss is measured against.
+        reference = dict(reference_model=self.full_model(), reference_name="the full model")
         for split, per_task in sizes.items():
             tables[split] = label_synthetic(model, split, per_task, seed=self.plan.seed, suite=self.plan.suite,
-                                            show_progress=self.progress)
+                                            show_progress=self.progress, **({} if split == "train" else reference))
             tables[split].save(folder / f"labels-{split}.safetensors")
         model.configure_router(mode=self.plan.router_mode)
         losses = train_router(model.router, tables["train"], steps=self.plan.router_steps, seed=self.plan.seed)
@@ -272,7 +284,7 @@ class Demo:
         save_model(model, folder / "model", self.data.tokenizer)  # so `visor generate --model DIR` needs nothing else
         # Held-out task variants: neither the model nor the router ever saw these knobs.
         tables["variants"] = label_synthetic(model, "test", self.plan.test_per_task, seed=self.plan.seed,
-                                             suite=self.plan.variants, show_progress=self.progress)
+                                             suite=self.plan.variants, show_progress=self.progress, **reference)
         full = {split: full_model_flops(model, table) for split, table in tables.items() if split != "train"}
         reports = {split: policy_report(model.router, tables[split], threshold, cost, full[split])
                    for split in ("test", "variants")}
@@ -286,6 +298,14 @@ class Demo:
         budget = {f"budget_{split}": _policy_summary(policy_report(model.router, tables[split], budget_threshold,
                                                                    cost, full[split]))
                   for split in ("test", "variants")}
+        # The same router with a guarantee: certified on validation, then what it lost on test data (drawn like
+        # validation, where the guarantee applies) and on the held-out variants (where it does not).
+        guarantee, _ = certify(model.router, tables["validation"], cost, self.plan.max_loss, self.plan.confidence)
+        certified = guarantee.to_dict()
+        for split in ("test", "variants"):
+            outcome = router_outcome(model.router, tables[split], guarantee.threshold, cost)
+            certified[split] = dict(realised(tables[split], outcome),
+                                    savings=float(full[split].double().sum() / outcome.flops.double().sum()))
         return dict(threshold=threshold, novelty_threshold=model.config.router_novelty_threshold,
                     router_loss=[losses[0], losses[-1]], validation_samples=len(tables["validation"]),
                     validation_largest_accuracy=largest, validation_policy_accuracy=outcome.accuracy,
@@ -293,7 +313,7 @@ class Demo:
                     validation_policy_savings=float(full["validation"].double().sum() / outcome.flops.double().sum()),
                     test=_policy_summary(reports["test"]), variants=_policy_summary(reports["variants"]),
                     test_curves=reports["test"]["router_curves"], variants_curves=reports["variants"]["router_curves"],
-                    budget_threshold=budget_threshold, **budget)
+                    budget_threshold=budget_threshold, **budget, guarantee=certified)
 
     def stage_evaluate(self) -> dict:
         folder = self.stage_dir("evaluate")

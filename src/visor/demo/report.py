@@ -115,6 +115,7 @@ def verdicts(results: dict) -> list[str]:
     for split, title in (("test", "test split"), ("variants", "held-out task variants")):
         if policy.get(split) and policy.get(f"{split}_curves"):
             lines += router_curve_verdicts(policy[split], policy[f"{split}_curves"], title)
+    lines += guarantee_verdicts(policy.get("guarantee"))
     hard_policy = _group(results, POLICY, "hard")
     if hard_policy is not None:
         for method in sorted({r["method"] for r in results["groups"]} - {"full", "text-only", "visor", "visor-policy"}):
@@ -130,6 +131,53 @@ def verdicts(results: dict) -> list[str]:
                 f"below the majority class on {len(below)} of {total} — "
                 f"VISOR policy {'beats it' if better else 'does NOT beat it'} ({hard_policy['accuracy']:.1f}%)."
             )
+    return lines
+
+
+GUARANTEE_SPLITS = (("test", "test split", True), ("variants", "held-out task variants", False))  # applies?
+
+
+def guarantee_verdicts(guarantee: dict | None) -> list[str]:
+    """The budget with a guarantee: what was certified on validation and what it lost on test and variants."""
+    if not guarantee:
+        return []
+    promise = f"{100 * guarantee['max_loss']:g} points against {guarantee['reference']}"
+    lines = [f"Budget with a guarantee (lose at most {promise}, confidence {guarantee['confidence']:g}, "
+             f"{guarantee['samples']} validation samples): "
+             + (f"τ = {guarantee['threshold']:.6g} certified ({guarantee['losses']} validation samples lost, upper "
+                f"bound {100 * guarantee['bound']:.2f} points)." if guarantee["certified"] else
+                "no τ certified, so the largest configuration runs for every input.")]
+    for split, title, applies in GUARANTEE_SPLITS:
+        lost = guarantee[split]
+        within = lost["loss"] <= guarantee["max_loss"]
+        lines.append(
+            f"Guaranteed budget on the {title} ("
+            + ("drawn like the validation split: the guarantee applies" if applies else
+               "not drawn like the validation split: the guarantee does NOT apply, shown anyway")
+            + f"): lost {100 * lost['loss']:.2f} points ({lost['accuracy']:.1f}% vs {lost['reference_accuracy']:.1f}% "
+            f"for the full model), {'within' if within else 'BEYOND'} {100 * guarantee['max_loss']:g}; "
+            f"{lost['savings']:.2f}x LLM-prefill savings."
+        )
+    return lines
+
+
+def guarantee_table(guarantee: dict | None) -> list[str]:
+    """Markdown rows: the certified τ on the test split and the held-out variants."""
+    if not guarantee:
+        return []
+    lines = ["", "## Table 5: the budget with a guarantee", "",
+             f"τ certified on the validation split ({guarantee['samples']} samples) to lose at most "
+             f"{100 * guarantee['max_loss']:g} points against {guarantee['reference']} with confidence "
+             f"{guarantee['confidence']:g} (`visor.policy.guarantee`); loss: the share of samples the full model "
+             "answers and the policy does not." + ("" if guarantee["certified"] else
+                                                    " No τ was certified: τ = 1, the largest configuration."), "",
+             "| split | guarantee applies | τ | savings | full model acc % | policy acc % | loss (points) | within ε |",
+             "|---|---|---|---|---|---|---|---|"]
+    for split, title, applies in GUARANTEE_SPLITS:
+        lost = guarantee[split]
+        lines.append(f"| {title} | {'yes' if applies else 'no (not exchangeable)'} | {guarantee['threshold']:.6g} | "
+                     f"{lost['savings']:.2f}x | {lost['reference_accuracy']:.1f} | {lost['accuracy']:.1f} | "
+                     f"{100 * lost['loss']:.2f} | {'yes' if lost['loss'] <= guarantee['max_loss'] else 'NO'} |")
     return lines
 
 
@@ -270,6 +318,7 @@ def markdown(results: dict) -> str:
             lines += [f"| {r['subset']} | {r['method']} | {r['samples']} | {r['accuracy']:.1f} | "
                       f"{_gflops(r['mean_llm_prefill_flops'])} | {r['savings']:.2f}x | {_histogram(r['histogram'])} |"
                       for r in rows]
+    lines += guarantee_table(stages.get("policy", {}).get("guarantee"))
     easy_vqa = [r for r in results["rows"] if r["task"] == "easy_vqa" and (r["method"], r["setting"]) in (FULL, POLICY)]
     if easy_vqa:
         lines += ["", "## easy-VQA (real images and questions)", "", "| method | accuracy % | savings |", "|---|---|---|"]

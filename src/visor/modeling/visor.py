@@ -146,16 +146,22 @@ class VisorModel:
         elif module is getattr(getattr(self, "position_encoding", None), "conv", None):
             self.position_encoding.reset_parameters()
 
-    def configure_router(self, mode: str | None = None, threshold: float | None = None) -> None:
-        """Set the router's mode and τ (kept in the config, so a saved model routes the same way)."""
+    def configure_router(self, mode: str | None = None, threshold: float | None = None,
+                         guarantee: dict | None = None) -> None:
+        """Set the router's mode and τ (kept in the config, so a saved model routes the same way). A new τ drops
+        the old one's guarantee; `guarantee` is the new τ's, when it was certified (`visor.policy.guarantee`)."""
         if self.router is None:
             raise ValueError("this model has a single configuration and no router")
         if mode is not None:
             if mode not in ROUTER_MODES:
                 raise ValueError(f"router mode must be one of {ROUTER_MODES}, got {mode!r}")
-            self.config.router_mode = mode
+            if mode != self.config.router_mode:
+                self.config.router_mode, self.config.router_guarantee = mode, None
         if threshold is not None:
             self.config.router_threshold = check_threshold(threshold)
+            self.config.router_guarantee = guarantee
+        elif guarantee is not None:
+            raise ValueError("a guarantee belongs to a threshold: pass the τ it certifies")
 
     # ---- inputs -> streams ----------------------------------------------------------------------------------
     def embed_multimodal(self, input_ids: torch.LongTensor, image_features: list[torch.Tensor] | None = None,
@@ -185,7 +191,7 @@ class VisorModel:
                           streams.text_rope)
                 # The stock layers checkpoint themselves (transformers' activation checkpointing); CA blocks here.
                 streams.text = (checkpoint(block, *inputs, use_reentrant=False)
-                                if self.is_gradient_checkpointing and self.training else block(*inputs))
+                                if self.training and self.is_activation_checkpointing else block(*inputs))
             outputs = []
             for runs_sa in (True, False):
                 rows = (streams.sa_layers[:, index] == runs_sa).nonzero().squeeze(1)

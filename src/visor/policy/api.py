@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from visor.backbones import family
 from visor.config import Schedule
 from visor.flops import llm_prefill_flops
 from visor.policy.labels import LabelTable, label_configurations, model_fingerprint
@@ -29,15 +30,30 @@ def load_labels_for(model, path) -> LabelTable:
     return table
 
 
+def load_reference(path, model):
+    """The stock model `model` was converted from (or one like it), to score the same samples with."""
+    reference = load_checkpoint(path).eval()
+    if is_visor(reference):
+        raise ValueError(f"{path} is a VISOR model: the reference is a stock model (the one converted from)")
+    ours, theirs = model.config, reference.config
+    if family(theirs) is not family(ours) or theirs.image_token_id != ours.image_token_id \
+            or theirs.text_config.vocab_size != ours.text_config.vocab_size:
+        raise ValueError(f"{path} is not the stock model of this VISOR model: another family, image token or vocabulary")
+    return reference
+
+
 def label_synthetic(model, split: str, per_task: int, seed: int = 0, tasks=None, batch_size: int = 32,
-                    show_progress: bool = True, suite: str = "standard") -> LabelTable:
-    """Every configuration of `model` labelled on `per_task` samples per task of a synthetic suite's `split`."""
+                    show_progress: bool = True, suite: str = "standard", reference_model=None,
+                    reference_name: str | None = None) -> LabelTable:
+    """Every configuration of `model` labelled on `per_task` samples per task of a synthetic suite's `split`
+    (and the `reference_model`'s correctness on each, when given)."""
     from visor.training.synthetic import SyntheticSource
 
     if per_task < 1 or batch_size < 1:
         raise ValueError(f"per_task and batch_size must be positive, got {per_task} and {batch_size}")
     source = SyntheticSource(model.config, seed, tasks, suite)
-    return label_configurations(model, list(source.label_batches(split, per_task, batch_size)), show_progress)
+    return label_configurations(model, list(source.label_batches(split, per_task, batch_size)), show_progress,
+                                reference_model, reference_name)
 
 
 def full_model_flops(model, table: LabelTable) -> torch.Tensor:

@@ -4,9 +4,12 @@
     visor policy label     --model runs/universal/model --split validation --per-task 100 --output labels-val.safetensors
     visor policy train     --model runs/universal/model --labels labels-train.safetensors --output runs/policy
     visor policy calibrate --model runs/policy --labels labels-val.safetensors --target-flops 2e8
+    visor policy calibrate --model runs/policy --labels labels-val.safetensors --max-loss 0.01 --confidence 0.9
     visor policy report    --model runs/policy --labels labels-test.safetensors --output runs/policy/report
 
 Labels come from the built-in synthetic suite's splits (seeds are disjoint by split, see `visor.data`).
+`label --reference-model DIR` also scores the stock model the VISOR model came from, so that `--max-loss`
+bounds the loss against it rather than against the largest configuration (`visor.policy.guarantee`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from visor.convert import save_next_to_processor
 from visor.files import write_text
 from visor.config import ROUTER_MODES
 from visor.modeling.novelty import DEFAULT_QUANTILE
+
+DEFAULT_CONFIDENCE = 0.9
 
 
 def register(subparsers) -> None:
@@ -32,6 +37,9 @@ def register(subparsers) -> None:
     label.add_argument("--suite", default="standard", help="synthetic suite: standard (default) or demo")
     label.add_argument("--seed", type=int, default=0, help="data seed (default 0)")
     label.add_argument("--batch-size", type=int, default=32)
+    label.add_argument("--reference-model", metavar="DIR", default=None,
+                       help="a stock model (the one the VISOR model was converted from) scored on the same samples: "
+                            "what calibrate --max-loss measures the loss against (default: the largest configuration)")
     label.add_argument("--output", required=True, metavar="FILE.safetensors")
     command(label, run_label, output="file")
 
@@ -57,6 +65,12 @@ def register(subparsers) -> None:
     target = calibrate.add_mutually_exclusive_group(required=True)
     target.add_argument("--target-flops", type=float, help="mean LLM prefill FLOPs per sample to stay within")
     target.add_argument("--target-accuracy", type=float, help="accuracy (%%) to reach at the least FLOPs")
+    target.add_argument("--max-loss", type=float, metavar="EPS",
+                        help="the cheapest τ certified to lose at most EPS accuracy (a fraction: 0.01 is one point) "
+                             "against the labels' reference, with probability --confidence; the labels must be "
+                             "drawn like the data the model will see")
+    calibrate.add_argument("--confidence", type=float, default=None, metavar="1-DELTA",
+                           help=f"with --max-loss: the probability the loss stays within EPS (default {DEFAULT_CONFIDENCE})")
     command(calibrate, run_calibrate)
 
     report = actions.add_parser("report", help="accuracy, FLOPs, savings and histograms: router, fixed, oracle")
@@ -79,14 +93,19 @@ def _model_and_labels(args, trained: bool = True):
 
 
 def run_label(args) -> int:
-    from visor.policy.api import label_synthetic, load_model
+    from visor.policy.api import label_synthetic, load_model, load_reference
 
     model = load_model(args.model)
+    reference = None if args.reference_model is None else load_reference(args.reference_model, model)
     tasks = args.tasks.split(",") if args.tasks else None
-    table = label_synthetic(model, args.split, args.per_task, seed=args.seed, tasks=tasks,
-                            batch_size=args.batch_size, suite=args.suite)
+    table = label_synthetic(model, args.split, args.per_task, seed=args.seed, tasks=tasks, batch_size=args.batch_size,
+                            suite=args.suite, reference_model=reference,
+                            reference_name=f"the stock model {args.reference_model}")
     table.save(args.output)
     print(f"labelled {len(table)} samples x {table.num_configurations} configurations -> {args.output}")
+    if reference is not None:
+        print(f"{table.reference_name} answers {100 * float(table.reference.float().mean()):.1f}% of them, the largest "
+              f"configuration {100 * float(table.correct[:, -1].float().mean()):.1f}%")
     return 0
 
 
@@ -114,11 +133,23 @@ def run_train(args) -> int:
 def run_calibrate(args) -> int:
     from visor.flops import router_flops
     from visor.policy.calibration import calibrate
+    from visor.policy.guarantee import certify, check_risk
 
+    if args.max_loss is None and args.confidence is not None:
+        raise ValueError("--confidence goes with --max-loss")
+    confidence = DEFAULT_CONFIDENCE if args.confidence is None else args.confidence
+    if args.max_loss is not None:
+        check_risk(args.max_loss, confidence)
     model, table = _model_and_labels(args)
-    threshold, outcome = calibrate(model.router, table, router_flops(model.config),
-                                   target_flops=args.target_flops, target_accuracy=args.target_accuracy)
-    model.configure_router(threshold=threshold)
+    if args.max_loss is not None:
+        guarantee, outcome = certify(model.router, table, router_flops(model.config), args.max_loss, confidence)
+        threshold = guarantee.threshold
+        model.configure_router(threshold=threshold, guarantee=guarantee.to_dict())
+        print(guarantee.describe())
+    else:
+        threshold, outcome = calibrate(model.router, table, router_flops(model.config),
+                                       target_flops=args.target_flops, target_accuracy=args.target_accuracy)
+        model.configure_router(threshold=threshold)
     write_text(Path(args.model) / "config.json", model.config.to_json_string())  # the weights are unchanged
     print(f"τ = {threshold:.8g}: held-out accuracy {outcome.accuracy:.1f}%, "
           f"mean LLM prefill {outcome.mean_flops / 1e9:.4f} GFLOPs; saved in {args.model}")
@@ -129,11 +160,15 @@ def run_report(args) -> int:
     from visor.flops import router_flops
     from visor.modeling.router import check_threshold
     from visor.policy.api import full_model_flops
+    from visor.policy.guarantee import Guarantee
     from visor.policy.report import markdown_table, policy_report, write_report
 
     model, table = _model_and_labels(args)
     threshold = check_threshold(args.tau) if args.tau is not None else model.router.threshold
-    report = policy_report(model.router, table, threshold, router_flops(model.config), full_model_flops(model, table))
+    stored = model.config.router_guarantee
+    guarantee = Guarantee(**stored) if stored is not None and threshold == stored["threshold"] else None
+    report = policy_report(model.router, table, threshold, router_flops(model.config), full_model_flops(model, table),
+                           guarantee)
     paths = write_report(report, args.output)
     print(markdown_table(report))
     print("wrote " + ", ".join(str(path) for path in paths))

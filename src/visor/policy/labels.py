@@ -7,7 +7,9 @@ For every sample and configuration we store
   label: the same thing, token for token, as comparing a greedy generation with the answer);
 - `flops`: the configuration's LLM prefill FLOPs for this sample's token counts (`visor.flops`);
 plus the router's input features, which do not depend on the configuration (every layer before the router
-runs the same way in all of them), so one table trains, calibrates and evaluates the router offline.
+runs the same way in all of them), so one table trains, calibrates and evaluates the router offline; and,
+optionally, whether a reference model (the stock full model the VISOR model was converted from) answers each
+sample, what a budget with a guarantee (`visor.policy.guarantee`) measures its loss against.
 
 A configuration is "good" for a sample when its score reaches 99% of the largest configuration's score.
 """
@@ -30,6 +32,7 @@ from visor.files import atomic_path
 from visor.flops import llm_prefill_flops, prompt_token_counts
 
 LABEL_RULES = ("probability", "correct")
+LARGEST_REFERENCE = "the largest configuration"  # what the policy's loss is measured against without a reference model
 
 
 @dataclass
@@ -44,6 +47,8 @@ class LabelTable:
     tasks: list[str]
     groups: list[str]
     fingerprint: dict = field(default_factory=dict)  # what model produced it (checked when reused)
+    reference: torch.Tensor | None = None  # (N,) bool: the reference model greedy-correct; None: no reference model
+    reference_name: str = LARGEST_REFERENCE
 
     def __len__(self) -> int:
         return len(self.tasks)
@@ -51,6 +56,11 @@ class LabelTable:
     @property
     def num_configurations(self) -> int:
         return self.probability.shape[1]
+
+    @property
+    def reference_correct(self) -> torch.Tensor:
+        """(N,) bool: the reference's correctness (the reference model's, else the largest configuration's)."""
+        return self.correct[:, -1] if self.reference is None else self.reference
 
     def good(self, rule: str = "probability", ratio: float = 0.99, largest: int | None = None) -> torch.Tensor:
         """(N, C) bool: configurations whose score reaches `ratio` of the largest configuration's score."""
@@ -65,6 +75,7 @@ class LabelTable:
         return LabelTable(
             self.features[rows], self.probability[rows], self.correct[rows], self.flops[rows], self.tokens[rows],
             [self.tasks[i] for i in rows.tolist()], [self.groups[i] for i in rows.tolist()], dict(self.fingerprint),
+            None if self.reference is None else self.reference[rows], self.reference_name,
         )
 
     def save(self, path: str | os.PathLike) -> None:
@@ -72,8 +83,10 @@ class LabelTable:
         tensors = dict(features=self.features.float().contiguous(), probability=self.probability.contiguous(),
                        correct=self.correct.contiguous(), flops=self.flops.contiguous(),
                        tokens=self.tokens.contiguous())
+        if self.reference is not None:
+            tensors["reference"] = self.reference.contiguous()
         metadata = dict(tasks=json.dumps(self.tasks), groups=json.dumps(self.groups),
-                        fingerprint=json.dumps(self.fingerprint))
+                        fingerprint=json.dumps(self.fingerprint), reference_name=self.reference_name)
         with atomic_path(path) as temporary:
             save_file(tensors, temporary, metadata=metadata)
 
@@ -92,7 +105,8 @@ class LabelTable:
             raise ValueError(f"{path} is not a VISOR label table (metadata missing)")
         tensors = load_file(path)
         return cls(tensors["features"], tensors["probability"], tensors["correct"], tensors["flops"], tensors["tokens"],
-                   json.loads(metadata["tasks"]), json.loads(metadata["groups"]), json.loads(metadata["fingerprint"]))
+                   json.loads(metadata["tasks"]), json.loads(metadata["groups"]), json.loads(metadata["fingerprint"]),
+                   tensors.get("reference"), metadata.get("reference_name", LARGEST_REFERENCE))
 
 
 def model_fingerprint(config) -> dict:
@@ -119,23 +133,28 @@ def router_features(model, inputs: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score_configuration(model, inputs: dict, configuration: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(answer probability, greedy-correct) per sample under teacher forcing; `inputs` carry `labels`."""
-    logits = model(**{k: v for k, v in inputs.items() if k != "labels"}, configuration=configuration).logits
+def score_answers(model, inputs: dict, **options) -> tuple[torch.Tensor, torch.Tensor]:
+    """(answer probability, greedy-correct) per sample under teacher forcing; `inputs` carry `labels`; `options`
+    go to the model's forward (a VISOR model's `configuration`)."""
+    logits = model(**{k: v for k, v in inputs.items() if k != "labels"}, **options).logits
     log_probability, _, correct = teacher_forced(logits[:, :-1], inputs["labels"][:, 1:])
     return torch.exp(log_probability), correct
 
 
-def label_configurations(model, batches, show_progress: bool = True) -> LabelTable:
-    """Run every configuration on `batches` of (tasks, groups, inputs-with-labels) and build the table."""
+def label_configurations(model, batches, show_progress: bool = True, reference_model=None,
+                         reference_name: str | None = None) -> LabelTable:
+    """Run every configuration on `batches` of (tasks, groups, inputs-with-labels) and build the table; with a
+    `reference_model` (a stock model taking the same inputs), also whether it answers each sample."""
     config = model.config
     if model.router is None:
         raise ValueError("labelling needs a model with more than one configuration (and so a router)")
-    features, probabilities, corrects, flops, tokens, tasks, groups = [], [], [], [], [], [], []
+    features, probabilities, corrects, flops, tokens, tasks, groups, references = [], [], [], [], [], [], [], []
     configurations = range(len(config.configurations))
     for batch_tasks, batch_groups, inputs in tqdm(batches, desc="labelling", disable=not show_progress):
         features.append(router_features(model, inputs))
-        scores = [score_configuration(model, inputs, index) for index in configurations]
+        scores = [score_answers(model, inputs, configuration=index) for index in configurations]
+        if reference_model is not None:
+            references.append(score_answers(reference_model, inputs)[1])
         probabilities.append(torch.stack([probability for probability, _ in scores], dim=1))
         corrects.append(torch.stack([correct for _, correct in scores], dim=1))
         counts = prompt_tokens(config, inputs)
@@ -145,8 +164,10 @@ def label_configurations(model, batches, show_progress: bool = True) -> LabelTab
                                    for visual, text in counts.tolist()], dtype=torch.int64))
         tasks += batch_tasks
         groups += batch_groups
+    reference = dict(reference=torch.cat(references), reference_name=reference_name or "the reference model") \
+        if reference_model is not None else {}
     return LabelTable(torch.cat(features).float(), torch.cat(probabilities), torch.cat(corrects), torch.cat(flops),
-                      torch.cat(tokens), tasks, groups, model_fingerprint(config))
+                      torch.cat(tokens), tasks, groups, model_fingerprint(config), **reference)
 
 
 def prompt_only(inputs: dict) -> dict:

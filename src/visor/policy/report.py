@@ -16,6 +16,7 @@ import torch
 
 from visor.files import save_figure, write_json, write_text
 from visor.policy.calibration import Outcome, fixed_outcome, oracle_outcome, router_outcome, sweep
+from visor.policy.guarantee import Guarantee, realised
 from visor.policy.labels import LabelTable
 
 CURVE_POINTS = 200  # thresholds kept per router curve in the report (the sweep may try thousands)
@@ -89,8 +90,11 @@ def summarise(name: str, outcome: Outcome, table: LabelTable, full_flops: torch.
     return rows
 
 
-def policy_report(router, table: LabelTable, threshold: float, router_flops: int, full_flops: torch.Tensor) -> dict:
-    """Everything `visor policy report` writes, as plain data."""
+def policy_report(router, table: LabelTable, threshold: float, router_flops: int, full_flops: torch.Tensor,
+                  guarantee: Guarantee | None = None) -> dict:
+    """Everything `visor policy report` writes, as plain data; with the `guarantee` τ was calibrated for, also
+    what the policy lost against the table's reference (which the guarantee bounds only for data drawn like its
+    calibration samples)."""
     rows = []
     for configuration in range(table.num_configurations):
         rows += summarise(f"fixed-{configuration}", fixed_outcome(table, configuration), table, full_flops)
@@ -112,7 +116,9 @@ def policy_report(router, table: LabelTable, threshold: float, router_flops: int
         curves[subset] = [dict(threshold=t, accuracy=100.0 * float(o.correct[index].float().mean()),
                                mean_llm_prefill_flops=float(o.flops[index].double().mean())) for t, o in points]
     novelty = None if router.novelty is None else router.config.router_novelty_threshold
-    return dict(threshold=threshold, novelty_threshold=novelty, rows=rows, router_curves=curves)
+    certified = None if guarantee is None else dict(guarantee.to_dict(), realised=realised(table, routed),
+                                                    reference_on_this_table=table.reference_name)
+    return dict(threshold=threshold, novelty_threshold=novelty, rows=rows, router_curves=curves, guarantee=certified)
 
 
 def write_report(report: dict, output_dir: str | os.PathLike) -> list[str]:
@@ -126,6 +132,7 @@ def markdown_table(report: dict) -> str:
     guard = report.get("novelty_threshold")
     lines = [f"Router threshold τ = {report['threshold']:.8g}"
              + ("" if guard is None else f"; novelty guard κ = {guard:.4g}"), "",
+             *guarantee_lines(report.get("guarantee")),
              "| method | subset | n | accuracy % | mean LLM prefill GFLOPs | savings | configurations chosen |",
              "|---|---|---|---|---|---|---|"]
     for row in report["rows"]:
@@ -136,6 +143,19 @@ def markdown_table(report: dict) -> str:
             lines.append(f"| {row['method']} | {row['subset']} | {row['samples']} | {row['accuracy']:.1f} | "
                          f"{row['mean_llm_prefill_flops'] / 1e9:.4f} | {row['savings']:.2f}x | {histogram} |")
     return "\n".join(lines) + "\n"
+
+
+def guarantee_lines(stored: dict | None) -> list[str]:
+    """The guarantee τ was calibrated for and what the policy lost on this table (Markdown lines)."""
+    if stored is None:
+        return []
+    guarantee = Guarantee(**{key: value for key, value in stored.items() if key in Guarantee.__dataclass_fields__})
+    lost = stored["realised"]
+    return [f"Guarantee: {guarantee.describe()}.", "",
+            f"On these {lost['samples']} samples the policy lost {100 * lost['loss']:.2f} points against "
+            f"{stored['reference_on_this_table']} ({lost['accuracy']:.1f}% vs {lost['reference_accuracy']:.1f}%): "
+            f"{'within' if lost['loss'] <= guarantee.max_loss else 'BEYOND'} the {100 * guarantee.max_loss:g} points "
+            "promised for data drawn like the calibration samples (elsewhere the guarantee does not apply).", ""]
 
 
 def plot_report(report: dict, path: str) -> str:

@@ -54,6 +54,7 @@ def train_router(router: ConfigurationRouter, table: LabelTable, rule: str = "pr
         optimizer.step()
         losses.append(float(loss.detach()))
     router.eval()
+    router.config.router_guarantee = None  # certified for the old router's decisions
     router.config.router_training = dict(samples=len(table), tasks=sorted(set(table.tasks)), rule=rule, ratio=ratio,
                                          steps=steps, seed=seed, final_loss=losses[-1])
     return losses
@@ -70,4 +71,5 @@ def fit_novelty_guard(model, table: LabelTable, quantile: float = DEFAULT_QUANTI
     threshold = router.novelty.fit(table.features, quantile, max_references, seed)
     model.config.router_novelty_references = len(router.novelty.references)
     model.config.router_novelty_threshold = threshold
+    model.config.router_guarantee = None  # certified for the decisions without this guard
     return threshold

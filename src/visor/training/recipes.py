@@ -117,7 +117,7 @@ def build_model(recipe: str, init: str | os.PathLike | None, preset: str | None,
             raise ValueError(f"--init {init} is a VISOR model whose shape differs from the settings "
                              f"(setting, model): {differing}; those settings apply when converting a full model")
     model.train()
-    model.config.router_training = None  # the router was trained on the features of the weights this run changes
+    model.config.forget_router_training()  # the router was trained on the features of the weights this run changes
     return freeze_base(model) if recipe == "visor-stage1" else _trainable(unfreeze_all(model), settings)
 
 

@@ -59,7 +59,7 @@ def _with_configurations(model, configurations: list[list[int]]):
     config = copy.deepcopy(model.config)
     config.configurations = [list(c) for c in configurations]
     config.router_layer = config.first_optional_layer
-    config.router_training = None
+    config.forget_router_training()
     config.validate_schedule()
     rebuilt = type(model)(config).to(dtype=model.dtype)
     weights = {key: value for key, value in model.state_dict().items() if not key.startswith("router.")}
