@@ -156,8 +156,9 @@ def test_baseline_rows_at_the_requested_ratio(baselines):
             assert row["llm_prefill_flops"] == counted.total
             assert row["llm_visual_tokens"] <= 96 if on_visor else row["llm_visual_tokens"] < 96
     in_llm = {method for method in reduction.METHODS if rows[method]["llm_visual_tokens"] is None}
-    assert in_llm == {"fastv", "pyramiddrop", "sparsevlm", "shortv"}
-    assert rows["fastv"]["kv_bytes_visual"] < rows["full"]["kv_bytes_visual"]
+    assert in_llm == {"fastv", "random", "dart", "pyramiddrop", "sparsevlm", "shortv"}
+    for method in ("fastv", "random", "dart"):
+        assert rows[method]["kv_bytes_visual"] < rows["full"]["kv_bytes_visual"]
     assert rows["shortv"]["kv_bytes_visual"] == rows["full"]["kv_bytes_visual"]  # frozen, not dropped
 
 
@@ -176,7 +177,7 @@ def test_a_qwen_vl_preset_benches_its_own_family(tmp_path):
     rows = json.loads((tmp_path / "bench.json").read_text())
     config = bench.BenchPlan("tiny-qwen3-vl").config
     assert config.model_type == "visor_qwen3_vl"
-    assert reduction.methods_for(config) == ("fastv", "pyramiddrop", "sparsevlm", "shortv")
+    assert reduction.methods_for(config) == ("fastv", "random", "dart", "pyramiddrop", "sparsevlm", "shortv")
     assert sorted((row["method"], row["configuration"]) for row in rows if row["setting"] is None) == sorted(
         [("full", None), ("text-only", None)] + [("visor", index) for index in range(len(config.configurations))])
     assert {row["method"] for row in rows if row["setting"] == "2x"} == set(reduction.methods_for(config))

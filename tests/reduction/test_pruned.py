@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from visor import presets
+from visor.reduction.dart import dart
 from visor.reduction.fastv import fastv, last_token_attention
 from visor.reduction.pruned import PruningPlan, Tokens, kept_count, pruned, select_top
 from visor.reduction.pyramiddrop import pyramiddrop
+from visor.reduction.random_pruning import random_pruning
 from visor.reduction.shortv import shortv
 from visor.reduction.sparsevlm import sparsevlm
 
@@ -56,7 +58,9 @@ def test_cache_holds_exactly_the_kept_tokens_of_each_sample(stock, batch, build)
     lambda stock: pyramiddrop(stock, 0.5, [1, 3]),
     lambda stock: sparsevlm(stock, 0.4, [1, 3]),
     lambda stock: shortv(stock, 0.5),
-], ids=["fastv", "pyramiddrop", "sparsevlm", "shortv"])
+    lambda stock: random_pruning(stock, 0.4),
+    lambda stock: dart(stock, 2, 0.4),
+], ids=["fastv", "pyramiddrop", "sparsevlm", "shortv", "random", "dart"])
 @torch.no_grad()
 def test_each_sample_in_a_padded_batch_is_reduced_as_alone(stock, batch, build):
     model = build(stock)
@@ -79,7 +83,7 @@ def test_cached_decoding_equals_a_prefill_that_reuses_the_pruned_set(stock, prom
     extended = dict(prompt, input_ids=torch.cat([prompt["input_ids"], next_token], dim=1),
                     attention_mask=torch.ones(1, prompt["input_ids"].shape[1] + 1, dtype=torch.long))
 
-    def prompt_scorer(layer, layer_input, rope, keys, tokens):
+    def prompt_scorer(layer, layer_input, rope, keys, tokens, layer_output):
         shortened = Tokens(tokens.index, tokens.valid & (tokens.index < tokens.length - 1), tokens.length, tokens.visual)
         return last_token_attention(layer, layer_input, rope, keys, shortened)
 
@@ -119,5 +123,5 @@ def test_flops_agree_on_a_llama_text_model(stock_factory, flops_agree):
                                        torch.full((1, 136), IMAGE), torch.randint(5, 500, (1, 5), generator=generator)], 1),
                   pixel_values=torch.randn(1, 2, 3, 64, 64, generator=generator), image_sizes=torch.tensor([[64, 64]]))
     for model in (fastv(llama, 1, 0.3), pyramiddrop(llama, 0.5, [1, 2]), sparsevlm(llama, 0.5, [1, 3]),
-                  shortv(llama, 0.5)):
+                  shortv(llama, 0.5), random_pruning(llama, 0.3), dart(llama, 1, 0.3)):
         flops_agree(model, prompt)

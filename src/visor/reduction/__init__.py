@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from visor.modeling.visor import VisorModel
 from visor.reduction.budget import prefill_flops, solve_strength
+from visor.reduction.dart import dart, dart_plan
 from visor.reduction.fastv import fastv, fastv_plan
 from visor.reduction.hired import HiRED, hired
 from visor.reduction.pool import Pooling, pool
 from visor.reduction.prellm import PreLLMReduced, base_schedule, check_backbone, reduced_prefill_flops, supports
 from visor.reduction.pruned import PruningPlan, pruned
 from visor.reduction.pyramiddrop import pyramiddrop, pyramiddrop_plan
+from visor.reduction.random_pruning import RandomSubset, random_plan, random_pruning
 from visor.reduction.shortv import shortv, shortv_plan
 from visor.reduction.sparsevlm import sparsevlm, sparsevlm_plan
 from visor.reduction.visionzip import VisionZip, visionzip
@@ -26,12 +28,15 @@ from visor.reduction.visionzip import VisionZip, visionzip
 # `PruningPlan` (in-LLM) or a visual reducer (pre-LLM), so its cost is known before any model is built.
 _METHODS = {
     "fastv": (False, lambda config, kept: fastv_plan(config, keep=kept)),
+    "random": (False, lambda config, kept: random_plan(config, keep=kept)),  # at FastV's layer, seed 0
+    "dart": (False, lambda config, kept: dart_plan(config, keep=kept)),
     "pyramiddrop": (False, lambda config, kept: pyramiddrop_plan(config, ratio=kept)),
     "sparsevlm": (False, lambda config, kept: sparsevlm_plan(config, keep=kept)),
     "shortv": (False, lambda config, kept: shortv_plan(config, fraction=1 - kept)),
     "visionzip": (False, lambda config, kept: VisionZip(kept)),
     "hired": (False, lambda config, kept: HiRED(kept)),
     "pool": (False, lambda config, kept: Pooling(kept ** -0.5)),
+    "random-pre-llm": (False, lambda config, kept: RandomSubset(kept)),  # seed 0
     "visor+pool": (True, lambda config, kept: Pooling(kept ** -0.5)),
     "visor+visionzip": (True, lambda config, kept: VisionZip(kept)),
 }
@@ -85,5 +90,5 @@ def reduction_for(config, method: str, ratio: float, inputs: dict | None = None)
     return reduction_at(config, method, solve_strength(config, cost, ratio, inputs))
 
 
-__all__ = ["METHODS", "apply_reduction", "fastv", "hired", "methods_for", "pool", "prefill_flops", "pyramiddrop", "shortv",
-           "reduction_at", "reduction_for", "sparsevlm", "visionzip"]
+__all__ = ["METHODS", "apply_reduction", "dart", "fastv", "hired", "methods_for", "pool", "prefill_flops", "pyramiddrop",
+           "random_pruning", "reduction_at", "reduction_for", "shortv", "sparsevlm", "visionzip"]

@@ -23,7 +23,8 @@ from visor.modeling.layers import head_states
 from visor.reduction.pruned import PruningPlan, Tokens, check_keep, check_layer, pruned
 
 
-def last_token_attention(layer, layer_input: torch.Tensor, rope, keys: torch.Tensor, tokens: Tokens) -> torch.Tensor:
+def last_token_attention(layer, layer_input: torch.Tensor, rope, keys: torch.Tensor, tokens: Tokens,
+                         layer_output: torch.Tensor | None = None) -> torch.Tensor:
     """(B, n) attention of each sample's last prompt token over its tokens in `layer`, averaged over heads."""
     attention = layer.self_attn
     rows = torch.arange(len(layer_input), device=layer_input.device)

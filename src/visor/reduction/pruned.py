@@ -107,8 +107,8 @@ def select_top(scores: torch.Tensor, tokens: Tokens, keep: float) -> torch.Tenso
     return tokens.valid & (~tokens.visual | (rank < kept[:, None]))
 
 
-# Scorer(layer, layer_input, rope, keys, tokens) → (B, n) visual-token scores from one decoder layer, given its
-# input hidden states, rotary embeddings and the keys it cached (B, H_kv, n, head_dim).
+# Scorer(layer, layer_input, rope, keys, tokens, layer_output) → (B, n) visual-token scores from one decoder layer,
+# given its input hidden states, rotary embeddings, the keys it cached (B, H_kv, n, head_dim) and its output.
 Scorer = Callable[..., torch.Tensor]
 
 
@@ -135,6 +135,9 @@ class PruningPlan:
     recycler: Recycler | None = None  # merges some dropped tokens into a few kept ones (SparseVLM)
     # (config, inputs) → (B,) query rows the scorer computes per sample; None: one (the last prompt token)
     scoring_rows: Callable[[object, dict], torch.Tensor] | None = None
+    # (config, tokens) → FLOPs of one score row over `tokens` tokens; None: an attention row (its q projection and
+    # its scores in every head), what attention-based scorers compute
+    scoring_row_flops: Callable[[object, int], int] | None = None
     name: str = "pruned"  # for printing, with `details`
     details: dict = field(default_factory=dict)
 
@@ -183,11 +186,16 @@ class PruningPlan:
             queries = [text_tokens if layer in self.frozen else n for layer, n in enumerate(tokens)]
             scoring = [(score_rows, tokens[layer - 1]) for layer in sorted(self.drops)]
             width = config.text_config.hidden_size
+            other_scoring = 0
+            if self.scoring_row_flops is not None:
+                other_scoring = sum(rows * self.scoring_row_flops(config, keys) for rows, keys in scoring)
+                scoring = []
             recycling = sum(
                 self.recycler.flops(visual[layer - 1] - kept_count(visual[layer - 1], keep), width)
                 for layer, keep in self.drops.items()
             ) if self.recycler else 0
-            flops.append(layerwise_prefill_flops(config, list(zip(queries, tokens)), scoring).total + recycling)
+            flops.append(layerwise_prefill_flops(config, list(zip(queries, tokens)), scoring).total + recycling
+                         + other_scoring)
         return torch.tensor(flops)
 
 
@@ -276,7 +284,7 @@ class PrunedModel:
             hidden = _after_layer(hidden, tokens, additions, index)
             cache.valid[index], cache.visual[index] = tokens.valid, tokens.visual & tokens.valid
             if index + 1 in plan.drops:
-                scores = plan.scorer(layer, layer_input, rope, cache.keys[index], tokens)
+                scores = plan.scorer(layer, layer_input, rope, cache.keys[index], tokens, hidden)
                 keep = select_top(scores, tokens, plan.drops[index + 1])
                 if plan.recycler is not None:
                     keep, hidden = plan.recycler(scores, tokens, keep, hidden)

@@ -62,7 +62,8 @@ def question_counts(config, inputs: dict) -> torch.Tensor:
     return (valid & ~visual & (order > last_visual[:, None])).sum(dim=1)
 
 
-def rater_attention(layer, layer_input: torch.Tensor, rope, keys: torch.Tensor, tokens: Tokens) -> torch.Tensor:
+def rater_attention(layer, layer_input: torch.Tensor, rope, keys: torch.Tensor, tokens: Tokens,
+                    layer_output: torch.Tensor | None = None) -> torch.Tensor:
     """(B, n) attention from the raters among the question tokens, averaged over heads and raters."""
     attention = layer.self_attn
     asks = question(tokens)
