@@ -85,6 +85,18 @@ def test_outputs_have_every_row_and_file(demo_run):
     assert {"router", "oracle", "fixed-0"} <= {row["method"] for row in variants}
     assert "held-out task variants" in markdown
     assert "Router at every τ on the test split, hard tasks" in markdown
+    from visor.flops import router_flops
+    from visor.policy import LabelTable, router_outcome
+    from visor.policy.api import full_model_flops
+    from visor.training.recipes import load_checkpoint
+
+    stage = results["stages"]["policy"]  # its validation figures are the router's at the saved τ on the saved labels
+    routed = load_checkpoint(output / "policy" / "model")
+    table = LabelTable.load(output / "policy" / "labels-validation.safetensors")
+    outcome = router_outcome(routed.router, table, stage["threshold"], router_flops(routed.config))
+    assert stage["validation_policy_accuracy"] == pytest.approx(outcome.accuracy)
+    assert stage["validation_policy_savings"] == pytest.approx(
+        float(full_model_flops(routed, table).double().sum() / outcome.flops.double().sum()))
     guarantee = results["stages"]["policy"]["guarantee"]  # certified on validation, against the full model's answers
     assert (guarantee["max_loss"], guarantee["samples"]) == (DemoPlan.quick().max_loss, 8 * len(tasks))
     assert guarantee["reference"] == "the full model" and guarantee["certified"] == (guarantee["threshold"] < 1)
@@ -111,6 +123,42 @@ def test_running_again_reuses_every_stage_with_the_same_numbers(demo_run, capsys
     printed = capsys.readouterr().out
     assert all(f"[{stage}] finished earlier, reused" in printed for stage in STAGES[:-1])
     assert json.loads((output / "report" / "results.json").read_text())["rows"] == before
+
+
+def test_trained_baselines_add_their_stage_and_rows_to_a_finished_run(demo_run, tmp_path, capsys):
+    """`--trained-baselines` on a finished run: every earlier stage reused; the full model fine-tuned, pooled +
+    fine-tuned at 2x and 4x, and M3-style, each for stage 1 + universal steps on the same data (no auxiliary loss,
+    universal's learning rate); scored, and the report redone with their rows, the others unchanged."""
+    from visor.demo.pipeline import M3_STRIDES
+
+    output = tmp_path / "demo"
+    shutil.copytree(demo_run[0], output)
+    before = json.loads((output / "report" / "results.json").read_text())["rows"]
+    assert cli.main(["demo", "--quick", "--output", str(output), "--no-progress", "--trained-baselines"]) == 0
+    printed = capsys.readouterr().out
+    assert all(f"[{stage}] finished earlier, reused" in printed for stage in STAGES[:-1])
+    plan = DemoPlan.quick()
+    steps = plan.stage1_steps + plan.universal_steps
+    pooled, visor = {}, json.loads((output / "universal" / "settings.json").read_text())
+    for name in ("full-fine-tuned", "pool-fine-tuned-2x", "pool-fine-tuned-4x", "m3"):
+        settings = json.loads((output / "trained" / name / "settings.json").read_text())
+        assert settings["recipe"] == "full" and settings["max_steps"] == steps
+        same = ("data", "seed", "batch_size", "learning_rate", "freeze_vision_tower")
+        assert {key: settings[key] for key in same} == {key: visor[key] for key in same}
+        assert settings["aux_weight"] == 0 and settings["learning_rate"] == 3e-4
+        pooled[name] = settings["pool_strides"]
+    assert pooled["full-fine-tuned"] is None and pooled["m3"] == list(M3_STRIDES)
+    assert 1 < pooled["pool-fine-tuned-2x"][0] < pooled["pool-fine-tuned-4x"][0]
+    results = json.loads((output / "report" / "results.json").read_text())
+    trained = {(row["method"], row["setting"]) for row in results["rows"]} - {(r["method"], r["setting"]) for r in before}
+    assert trained == {("full-fine-tuned", f"{steps} steps"), ("pool-fine-tuned", "2x"), ("pool-fine-tuned", "4x"),
+                       *(("m3", f"stride {stride:g}") for stride in M3_STRIDES)}
+    assert [row for row in results["rows"] if (row["method"], row["setting"]) not in trained] == before
+    savings = {row["setting"]: row["savings"] for row in results["groups"] if row["method"] == "m3"}
+    assert savings["stride 1"] == pytest.approx(1.0) and savings["stride 8"] > savings["stride 4"] > savings["stride 2"]
+    markdown = (output / "report" / "report.md").read_text()
+    assert "## Table 6: trained baselines (equal training budget)" in markdown
+    assert "Equal training budget, hard tasks: m3 at stride" in markdown
 
 
 def test_other_settings_or_foreign_folders_are_refused(demo_run, tmp_path, capsys):

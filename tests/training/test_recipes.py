@@ -167,3 +167,63 @@ def test_a_fixed_vision_tower_gets_no_gradient_and_everything_else_trains(tiny_f
     assert len(frozen) == sum(1 for name, _ in model.named_parameters() if ".vision_tower." in f".{name}")
     default = build_model(recipe, tiny_full_checkpoint, None, fast_settings(recipe))
     assert all(parameter.requires_grad for parameter in default.parameters())
+
+
+def _toy_batch(model, toy_path, size=4):
+    from visor.training.data import resolve_data
+
+    return resolve_data(toy_path, model.config, 0).train_batch(list(range(size)))
+
+
+def test_pooled_training_at_stride_1_is_the_plain_loss_and_labels_follow_the_tokens(tiny_full_checkpoint, toy_path):
+    """The pooled path repacks the prompt (fewer image slots, left padding): its labels move with their tokens,
+    so at stride 1 (nothing pooled) the loss is the plain one, and at stride 2 every answer token still counts."""
+    from visor.reduction.pool import pool
+    from visor.training.recipes import TrainingModule
+
+    model = build_model("full", tiny_full_checkpoint, None, fast_settings("full", aux_weight=0.0))
+    module = TrainingModule(model)
+    batch = _toy_batch(model, toy_path)
+    plain, _, _ = module(batch)
+    same, _, _ = module(batch, None, 1.0)
+    torch.testing.assert_close(same, plain, atol=1e-5, rtol=1e-5)
+    inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "pixel_values", "image_sizes", "labels")}
+    pooled = pool(model, 2.0).model_inputs(**inputs)
+    assert torch.equal((pooled["labels"] != -100).sum(dim=1), (batch["labels"] != -100).sum(dim=1))
+    assert pooled["inputs_embeds"].shape[1] < batch["input_ids"].shape[1]
+    loss, _, _ = module(batch, None, 2.0)
+    loss.backward()  # the projector and the vision tower learn from the pooled tokens too
+    projector = model.model.multi_modal_projector.linear_1.weight.grad
+    tower = next(p for name, p in model.named_parameters() if "vision_tower" in name and p.grad is not None)
+    assert projector is not None and projector.abs().sum() > 0 and tower.grad.abs().sum() > 0
+
+
+def test_pool_strides_are_drawn_per_step_logged_and_validated(tmp_path, tiny_full_checkpoint, toy_path):
+    from visor.training.recipes import pool_stride_for_step
+
+    settings = fast_settings("full", max_steps=6, pool_strides=[1, 2, 4], aux_weight=0.0)
+    draws = [pool_stride_for_step(settings, step) for step in range(300)]
+    assert draws == [pool_stride_for_step(settings, step) for step in range(300)]
+    assert all(70 < draws.count(stride) < 130 for stride in (1, 2, 4))
+    assert pool_stride_for_step(fast_settings("full"), 3) is None
+    train("full", toy_path, tmp_path, settings, init=tiny_full_checkpoint, progress=False)
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    strides = [record["pool_stride"] for record in logged if "pool_stride" in record]
+    assert strides == [pool_stride_for_step(settings, step) for step in range(1, 7)]
+    validation = json.loads((tmp_path / "validation.json").read_text())[-1]
+    assert set(validation["accuracy"]) == {"pool 1", "pool 2", "pool 4"}  # the model read as it was trained
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(pool_strides=[]), "non-empty list of strides >= 1"),
+    (dict(pool_strides=[0.5, 2]), "non-empty list of strides >= 1"),
+])
+def test_bad_pool_strides_are_refused(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        TrainingSettings(**overrides)
+
+
+def test_pool_strides_belong_to_the_full_recipe(tmp_path, tiny_full_checkpoint, toy_path):
+    with pytest.raises(ValueError, match="recipe 'full' only"):
+        train("visor-stage1", toy_path, tmp_path, fast_settings("visor-stage1", max_steps=1, pool_strides=[2]),
+              init=tiny_full_checkpoint, progress=False)

@@ -68,6 +68,9 @@ def register(subparsers) -> None:
     parser.add_argument("--confidence", type=float, default=DemoPlan.confidence, metavar="1-DELTA",
                         help="the probability, over the validation split's draw, that the loss stays within EPS "
                              "(default %(default)s)")
+    parser.add_argument("--trained-baselines", action="store_true",
+                        help="also train the equal-training-budget control (the full model fine-tuned for as many "
+                             "steps as VISOR's conversion, on the same data) and report it; adds to a finished run")
     parser.add_argument("--threads", type=int, default=DemoPlan.num_threads,
                         help=f"CPU threads (default {DemoPlan.num_threads}; use 1 when other jobs share the cores)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -83,7 +86,8 @@ def _main(args) -> int:
         cross_attention_key_value_heads=args.cross_attention_heads, novelty_quantile=args.novelty_quantile,
         router_mode=args.router_mode, confidence=args.confidence,
         **(SUITE_DEFAULTS.get(args.suite, {}) | {name: value for name, value in given.items() if value is not None}))
-    Demo(Path(args.output), plan, progress=not args.no_progress).run(fresh=args.fresh)
+    Demo(Path(args.output), plan, progress=not args.no_progress, trained_baselines=args.trained_baselines).run(
+        fresh=args.fresh)
     return 0
 
 

@@ -8,6 +8,9 @@
     policy     label every configuration on train/validation/test, train the router, calibrate τ on validation;
                the policy report on the test split and on held-out task variants (`DemoPlan.variants`)
     evaluate   every system on the test split: full, each fixed configuration, the policy, text-only, baselines
+    trained    only with `--trained-baselines`: the baselines given VISOR's training budget (stage 1 + universal
+               steps, same data and seed): the full model fine-tuned, pooling + fine-tuning at 2x and 4x, and
+               nested pooling (M3-style); each scored on the test split
     report     results.json, report.md, pareto.png and the printed summary
 
 `DONE.json` is written atomically after everything else a stage writes, so a run killed at any point (Ctrl-C
@@ -57,9 +60,13 @@ SUITE_DEFAULTS = {
 }
 SHIPPED_CHECKPOINTS = {"demo": CHECKPOINT, "two-hop": Path(__file__).parent / "checkpoint-two-hop"}
 STAGES = ("full", "stage1", "universal", "policy", "evaluate", "report")
+TRAINED_STAGE = "trained"  # before the report, when asked for (`Demo.trained_baselines`)
 DONE = "DONE.json"
 MARKER = ".visor-demo"  # identifies a folder `--fresh` may delete
 EVAL_BATCH = 32
+FINE_TUNED, POOL_FINE_TUNED, M3 = "full-fine-tuned", "pool-fine-tuned", "m3"  # the trained baselines' names
+M3_STRIDES = (1.0, 2.0, 4.0, 8.0)  # nested pooling scales of the M3-style baseline (about 1, 1/4, 1/16, 1/64)
+TRAINED_POOL_RATIOS = (2.0, 4.0)  # FLOPs ratios of pooling + fine-tuning
 
 
 @dataclass(frozen=True)
@@ -126,6 +133,7 @@ class Demo:
     plan: DemoPlan = field(default_factory=DemoPlan)
     progress: bool = True
     log: callable = print
+    trained_baselines: bool = False  # also run the `trained` stage (not part of the plan: it adds rows, changes none)
     _models: dict = field(default_factory=dict, repr=False)
 
     # ---- bookkeeping ------------------------------------------------------------------------------------
@@ -170,10 +178,12 @@ class Demo:
         self.prepare(fresh)
         if self.plan.num_threads:
             torch.set_num_threads(self.plan.num_threads)
-        for stage in STAGES:
+        for stage in self.stages:
             if self.finished(stage):
                 self.log(f"[{stage}] finished earlier, reused ({self.stage_dir(stage)})")
                 continue
+            if stage == TRAINED_STAGE:  # new rows: a report made without them is out of date
+                (self.stage_dir("report") / DONE).unlink(missing_ok=True)
             self.log(f"[{stage}] running")
             start = time.perf_counter()
             self.stage_dir(stage).mkdir(parents=True, exist_ok=True)
@@ -184,6 +194,10 @@ class Demo:
         results = json.loads((self.stage_dir("report") / "results.json").read_text())
         self.log(report.summary_text(results))
         return results
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        return (*STAGES[:-1], TRAINED_STAGE, STAGES[-1]) if self.trained_baselines else STAGES
 
     # ---- shared pieces ----------------------------------------------------------------------------------
     @cached_property
@@ -219,7 +233,7 @@ class Demo:
             self._models[stage] = load_checkpoint(self.stage_dir(stage) / "model", attn_implementation="eager").eval()
         return self._models[stage]
 
-    def _train(self, recipe: str, stage: str, init: str | Path, steps: int, **overrides) -> dict:
+    def _train(self, recipe: str, output: str | Path, init: str | Path, steps: int, **overrides) -> dict:
         from visor.training.engine import train
         from visor.training.settings import load_settings
 
@@ -228,7 +242,7 @@ class Demo:
             save_every=max(steps // 4, 1), samples_per_task=min(self.plan.test_per_task, 50),
             num_threads=self.plan.num_threads, attn_implementation="eager", **overrides,
         ))
-        summary = train(recipe, self.training_data, self.stage_dir(stage), settings, init=str(init), resume=True,
+        summary = train(recipe, self.training_data, self.output / output, settings, init=str(init), resume=True,
                         progress=self.progress)
         return dict(recipe=recipe, steps=steps, validation=summary.get("validation"))
 
@@ -303,9 +317,9 @@ class Demo:
         guarantee, _ = certify(model.router, tables["validation"], cost, self.plan.max_loss, self.plan.confidence)
         certified = guarantee.to_dict()
         for split in ("test", "variants"):
-            outcome = router_outcome(model.router, tables[split], guarantee.threshold, cost)
-            certified[split] = dict(realised(tables[split], outcome),
-                                    savings=float(full[split].double().sum() / outcome.flops.double().sum()))
+            guaranteed = router_outcome(model.router, tables[split], guarantee.threshold, cost)
+            certified[split] = dict(realised(tables[split], guaranteed),
+                                    savings=float(full[split].double().sum() / guaranteed.flops.double().sum()))
         return dict(threshold=threshold, novelty_threshold=model.config.router_novelty_threshold,
                     router_loss=[losses[0], losses[-1]], validation_samples=len(tables["validation"]),
                     validation_largest_accuracy=largest, validation_policy_accuracy=outcome.accuracy,
@@ -327,15 +341,63 @@ class Demo:
             write_json(path, dict(method=name, setting=setting, scores=asdict(scores)))
         return dict(systems=len(list(folder.glob("*.json"))))
 
+    def trained_systems(self) -> list[tuple[str, str, dict, list[tuple[str, float | None]]]]:
+        """(folder, method, its `full` training overrides, the (setting, pooling stride) it is scored at) of every
+        trained baseline: the full model fine-tuned; pooling + fine-tuning at each of `TRAINED_POOL_RATIOS` (the
+        stride matched as the untrained pooling baseline's); Matryoshka-style nested pooling (`M3_STRIDES`, one
+        scale per step), scored at every scale it was trained at."""
+        from visor import reduction
+
+        config = self.full_model().config
+        steps = self.plan.stage1_steps + self.plan.universal_steps
+        pooled = []
+        for ratio in TRAINED_POOL_RATIOS:
+            stride = reduction.reduction_for(config, "pool", ratio, self.reference_prompts).stride
+            pooled.append((f"{POOL_FINE_TUNED}-{ratio:g}x", POOL_FINE_TUNED, dict(pool_strides=[stride]),
+                           [(f"{ratio:g}x", stride)]))
+        return [(FINE_TUNED, FINE_TUNED, {}, [(f"{steps} steps", None)]), *pooled,
+                (M3, M3, dict(pool_strides=list(M3_STRIDES)), [(f"stride {stride:g}", stride) for stride in M3_STRIDES])]
+
+    def stage_trained(self) -> dict:
+        """Every trained baseline trained as long as VISOR's conversion (stage 1 + universal steps), on its data,
+        batch size and seed, at universal training's learning rate, without the shipped model's auxiliary loss
+        (VISOR gets none), then scored on the test split."""
+        from visor.reduction.pool import pool
+        from visor.training.recipes import load_checkpoint
+        from visor.training.settings import load_settings
+
+        steps = self.plan.stage1_steps + self.plan.universal_steps
+        rate = load_settings("visor-universal").learning_rate
+        trained = {}
+        for name, method, overrides, settings in self.trained_systems():
+            folder = Path(TRAINED_STAGE) / name
+            start = time.perf_counter()
+            self._train("full", folder, self.plan.checkpoint_path, steps, learning_rate=rate, aux_weight=0.0,
+                        freeze_vision_tower=self.plan.freeze_vision_tower, **overrides)
+            seconds = round(time.perf_counter() - start, 1)  # this run's share, if the stage was resumed
+            model = load_checkpoint(self.output / folder / "model", attn_implementation="eager").eval()
+            for setting, stride in settings:
+                trained[f"{method}@{setting}"] = dict(folder=str(folder), training_seconds=seconds, **overrides)
+                path = self.stage_dir(TRAINED_STAGE) / f"{method}@{setting}.json"
+                if path.exists():
+                    continue
+                system = _stock_system(model, self.plan.max_new_tokens) if stride is None else _system(
+                    pool(model, stride), self.plan.max_new_tokens, _reduced_cost(pool(model, stride)))
+                scores = score(self.data, self.data.eval_batches("test", self.plan.test_per_task, EVAL_BATCH), system,
+                               description=f"{method} {setting}", progress=self.progress)
+                write_json(path, dict(method=method, setting=setting, scores=asdict(scores)))
+        return dict(steps=steps, learning_rate=rate, trained=trained)
+
     def stage_report(self) -> dict:
         data = self.data
-        scored = [json.loads(path.read_text()) for path in sorted(self.stage_dir("evaluate").glob("*@*.json"))]
+        scored = [json.loads(path.read_text()) for stage in ("evaluate", TRAINED_STAGE)
+                  for path in sorted(self.stage_dir(stage).glob("*@*.json"))]
         systems = sorted(((item["method"], item["setting"], Scores(**item["scores"])) for item in scored),
                          key=lambda system: (system[0], report.setting_order(system[1])))
         groups = {task.name: task.group for task in data.suite.tasks}
         majority = data.majority_baseline("test", self.plan.test_per_task)
         stages = {stage: json.loads((self.stage_dir(stage) / DONE).read_text())
-                  for stage in STAGES[:-1] if self.finished(stage)}
+                  for stage in (*STAGES[:-1], TRAINED_STAGE) if self.finished(stage)}
         results = report.build_results(systems, groups, majority, self.plan.to_dict(), stages)
         report.write_outputs(results, self.stage_dir("report"))
         return dict(rows=len(results["rows"]))
@@ -445,7 +507,13 @@ def _reduced_system(demo: Demo, method: str, ratio: float) -> Generate:
         model = reduction.apply_reduction(base, method, ratio, inputs=demo.reference_prompts)
     for warning in caught:
         demo.log(f"  {method} {ratio:g}x: {warning.message}")
-    return _system(model, demo.plan.max_new_tokens, lambda inputs, _: (reduction.prefill_flops(model, inputs), None))
+    return _system(model, demo.plan.max_new_tokens, _reduced_cost(model))
+
+
+def _reduced_cost(model):
+    from visor import reduction
+
+    return lambda inputs, _: (reduction.prefill_flops(model, inputs), None)
 
 
 def demo_threshold(model, router, validation) -> tuple[float, "Outcome", float]:

@@ -19,6 +19,7 @@ ROUNDING = 1e-6  # gaps in answers smaller than this are float rounding, not a d
 
 FULL = ("full", "all tokens")
 POLICY = ("visor-policy", "auto")
+TRAINED = ("full-fine-tuned", "pool-fine-tuned", "m3")  # `visor demo --trained-baselines`: their own group
 TARGETS = {"accuracy_gap": 1.0, "hard_savings": 3.0, "easy_savings": 10.0,  # the demo's targets (docs/demo.md)
            "full_hard_task": 80.0, "full_easy_task": 95.0}  # the full model's, every task of the group
 
@@ -116,9 +117,11 @@ def verdicts(results: dict) -> list[str]:
         if policy.get(split) and policy.get(f"{split}_curves"):
             lines += router_curve_verdicts(policy[split], policy[f"{split}_curves"], title)
     lines += guarantee_verdicts(policy.get("guarantee"))
+    lines += trained_verdicts(results)
     hard_policy = _group(results, POLICY, "hard")
     if hard_policy is not None:
-        for method in sorted({r["method"] for r in results["groups"]} - {"full", "text-only", "visor", "visor-policy"}):
+        for method in sorted({r["method"] for r in results["groups"]} - {"full", "text-only", "visor", "visor-policy",
+                                                                         *TRAINED}):
             candidates = [r for r in results["groups"] if r["method"] == method and r["group"] == "hard"]
             # Ties (an in-LLM method stuck at its strongest reduction) go to the weakest setting asked for.
             nearest = min(candidates, key=lambda r: (abs(r["savings"] - hard_policy["savings"]),
@@ -161,6 +164,33 @@ def guarantee_verdicts(guarantee: dict | None) -> list[str]:
     return lines
 
 
+def trained_verdicts(results: dict) -> list[str]:
+    """Each trained baseline at the setting nearest the policy's FLOPs, against the policy (and the full model as
+    shipped, or the same method untrained), per task group."""
+    trained = results["stages"].get("trained")
+    if not trained:
+        return []
+    lines = []
+    for group in ("hard", "easy"):
+        full, policy = _group(results, FULL, group), _group(results, POLICY, group)
+        for method in TRAINED:
+            rows = [r for r in results["groups"] if r["method"] == method and r["group"] == group]
+            if not rows:
+                continue
+            row = min(rows, key=lambda r: abs(r["savings"] - policy["savings"]))
+            untrained = full if method == "full-fine-tuned" else _group(results, ("pool", row["setting"]), group)
+            compared = ("the full model as shipped" if method == "full-fine-tuned" else f"pool at {row['setting']} untrained"
+                        if untrained else None)
+            seconds = trained["trained"][f"{row['method']}@{row['setting']}"]["training_seconds"]
+            lines.append(
+                f"Equal training budget, {group} tasks: {method} at {row['setting']} ({row['savings']:.2f}x, "
+                f"{trained['steps']} steps, {seconds} s) {row['accuracy']:.1f}%"
+                + (f" ({compared}: {untrained['accuracy']:.1f}%)" if compared else "")
+                + f" vs VISOR's policy {policy['accuracy']:.1f}% at {policy['savings']:.2f}x — VISOR "
+                + ("beats it" if policy["accuracy"] > row["accuracy"] else "does NOT beat it") + ".")
+    return lines
+
+
 def guarantee_table(guarantee: dict | None) -> list[str]:
     """Markdown rows: the certified τ on the test split and the held-out variants."""
     if not guarantee:
@@ -178,6 +208,29 @@ def guarantee_table(guarantee: dict | None) -> list[str]:
         lines.append(f"| {title} | {'yes' if applies else 'no (not exchangeable)'} | {guarantee['threshold']:.6g} | "
                      f"{lost['savings']:.2f}x | {lost['reference_accuracy']:.1f} | {lost['accuracy']:.1f} | "
                      f"{100 * lost['loss']:.2f} | {'yes' if lost['loss'] <= guarantee['max_loss'] else 'NO'} |")
+    return lines
+
+
+def trained_table(results: dict) -> list[str]:
+    """Markdown rows: the trained baselines next to the full model and the policy, with their training cost."""
+    trained = results["stages"].get("trained")
+    if not trained:
+        return []
+    lines = ["", "## Table 6: trained baselines (equal training budget)", "",
+             f"Each trained with recipe `full` from the shipped full model for as many steps as VISOR's conversion "
+             f"({trained['steps']}: stage 1 + universal), on the same data, batch size and seed, at universal "
+             f"training's learning rate ({trained['learning_rate']:g}), without the shipped model's auxiliary loss "
+             "(`visor demo --trained-baselines`). pool-fine-tuned reads pooled images at one stride, m3 at one of "
+             "its nested strides per step (Matryoshka-style) and is scored at each.", "",
+             "| method | setting | hard acc % | hard savings | easy acc % | easy savings | training s |",
+             "|---|---|---|---|---|---|---|"]
+    keys = [FULL, *dict.fromkeys((r["method"], r["setting"]) for r in results["groups"] if r["method"] in TRAINED),
+            POLICY]
+    for key in keys:
+        hard, easy = _group(results, key, "hard"), _group(results, key, "easy")
+        cost = trained["trained"].get(f"{key[0]}@{key[1]}", {}).get("training_seconds", "—")
+        lines.append(f"| {key[0]} | {key[1]} | {hard['accuracy']:.1f} | {hard['savings']:.2f}x | {easy['accuracy']:.1f} | "
+                     f"{easy['savings']:.2f}x | {cost} |")
     return lines
 
 
@@ -319,6 +372,7 @@ def markdown(results: dict) -> str:
                       f"{_gflops(r['mean_llm_prefill_flops'])} | {r['savings']:.2f}x | {_histogram(r['histogram'])} |"
                       for r in rows]
     lines += guarantee_table(stages.get("policy", {}).get("guarantee"))
+    lines += trained_table(results)
     easy_vqa = [r for r in results["rows"] if r["task"] == "easy_vqa" and (r["method"], r["setting"]) in (FULL, POLICY)]
     if easy_vqa:
         lines += ["", "## easy-VQA (real images and questions)", "", "| method | accuracy % | savings |", "|---|---|---|"]

@@ -61,12 +61,29 @@ class PreLLMReduced:
     def config(self):
         return self.base.config
 
+    @property
+    def device(self) -> torch.device:
+        return self.base.device
+
+    @property
+    def training(self) -> bool:
+        return self.base.training
+
+    def train(self, mode: bool = True) -> PreLLMReduced:
+        """Train or eval mode, as a module's: the base model's (the reducer has no state)."""
+        self.base.train(mode)
+        return self
+
+    def eval(self) -> PreLLMReduced:
+        return self.train(False)
+
     def __repr__(self) -> str:
         return f"PreLLMReduced({type(self.base).__name__}, {self.reducer!r}, configuration={self.configuration})"
 
     # ---- the reduced prompt --------------------------------------------------------------------------------
-    def model_inputs(self, input_ids, attention_mask, pixel_values, image_sizes) -> dict:
-        """Arguments for the base model: the prompt with each image's placeholders cut to the kept count."""
+    def model_inputs(self, input_ids, attention_mask, pixel_values, image_sizes, labels=None) -> dict:
+        """Arguments for the base model: the prompt with each image's placeholders cut to the kept count (and
+        `labels`, when given, cut alike). Gradients reach the vision side only while the base model trains."""
         config = self.config
         image = input_ids == config.image_token_id
         if attention_mask is None:
@@ -77,20 +94,21 @@ class PreLLMReduced:
                 f"each sample must hold one image whose <image> tokens match its size: got "
                 f"{image.sum(dim=1).tolist()} tokens for images of {expected} tokens"
             )
-        with torch.no_grad():
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.base.training):
             features = self.reducer.features(self.base, pixel_values, image_sizes)
         counts = torch.tensor([len(image) for image in features], device=input_ids.device)
         # Keep the first `counts[b]` placeholders of sample b (they are all the same id) and every real text token.
         rank = image.long().cumsum(dim=1)
         keep = attention_mask.bool() & (~image | (rank <= counts[:, None]))
+        packed_labels = {} if labels is None else dict(labels=_left_pack(labels, keep, -100)[0])
         input_ids, attention_mask = _left_pack(input_ids, keep, config.text_config.pad_token_id)
         if self.is_visor:
             return dict(input_ids=input_ids, attention_mask=attention_mask, image_features=features,
-                        configuration=self.configuration)
+                        configuration=self.configuration, **packed_labels)
         embeds = self.base.get_input_embeddings()(input_ids)
         slots = (input_ids == config.image_token_id)[..., None]
         embeds = embeds.masked_scatter(slots, torch.cat(features).to(embeds.dtype))
-        return dict(inputs_embeds=embeds, attention_mask=attention_mask)
+        return dict(inputs_embeds=embeds, attention_mask=attention_mask, **packed_labels)
 
     def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, **options):
         """The base model's output on the reduced prompt (its logits are over the reduced positions)."""

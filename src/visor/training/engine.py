@@ -50,6 +50,7 @@ from visor.training.recipes import (
     check_recipe,
     configuration_for_step,
     is_visor,
+    pool_stride_for_step,
 )
 from visor.training.settings import TrainingSettings, load_settings
 
@@ -239,6 +240,11 @@ class Trainer:
                 record["accuracy"] = {str(index): evaluate(model, self.data, configuration=index, **options)
                                       for index in indices}
                 record["configurations"] = model.config.configurations
+            elif settings.pool_strides is not None:  # the model as it was trained to read: pooled
+                from visor.reduction.pool import pool
+
+                record["accuracy"] = {f"pool {stride:g}": evaluate(pool(model, stride), self.data, **options)
+                                      for stride in settings.pool_strides}
             else:
                 record["accuracy"] = {"full": evaluate(model, self.data, **options)}
             baseline = getattr(self.data, "majority_baseline", None)
@@ -279,6 +285,7 @@ class Trainer:
             configuration = configuration_for_step(self.recipe, self.model, settings, step)
             if configuration is not None:
                 self.visits[configuration] += 1
+            stride = pool_stride_for_step(settings, step)
             totals = torch.zeros(3, device=accelerator.device)
             for micro in range(accumulation):
                 indices = step_indices(step - 1, micro, accelerator.process_index, accelerator.num_processes,
@@ -286,7 +293,7 @@ class Trainer:
                 batch = _to_device(self.data.train_batch(indices), accelerator.device)
                 sync = micro == accumulation - 1
                 with (nullcontext() if sync else accelerator.no_sync(self.module)), accelerator.autocast():
-                    loss, answer_loss, aux_loss = self.module(batch, configuration)
+                    loss, answer_loss, aux_loss = self.module(batch, configuration, stride)
                 accelerator.backward(loss / accumulation)
                 totals += torch.stack([loss.detach(), answer_loss, aux_loss]).float() / accumulation
             grad_norm = None
@@ -319,6 +326,8 @@ class Trainer:
                 if configuration is not None:
                     record["configuration"] = configuration
                     record["visits"] = {str(k): v for k, v in sorted(self.visits.items())}
+                if stride is not None:
+                    record["pool_stride"] = stride
                 if main:
                     _append_jsonl(self.metrics_path, record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", sps=f"{record['samples_per_second']:.1f}")

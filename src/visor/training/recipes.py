@@ -128,6 +128,8 @@ def _trainable(model, settings):
 
 def check_configurations(model, recipe: str, settings) -> None:
     """Settings that refer to configurations must fit the model's config (before any training starts)."""
+    if settings.pool_strides is not None and recipe != "full":
+        raise ValueError("pool_strides trains the stock model reading pooled images: recipe 'full' only")
     if not is_visor(model):
         if settings.configuration_weights is not None and recipe != "full":
             raise ValueError("configuration_weights needs a VISOR model")
@@ -155,9 +157,19 @@ def configuration_for_step(recipe: str, model, settings, step: int) -> int | Non
         chosen = settings.stage1_configuration
         return model.config.largest_configuration if chosen is None else chosen
     count = len(model.config.configurations)
-    weights = torch.tensor(settings.configuration_weights or [1.0] * count, dtype=torch.float64)
-    generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
-    return int(torch.multinomial(weights, 1, generator=generator))
+    return _drawn(settings.seed, step, settings.configuration_weights or [1.0] * count)
+
+
+def pool_stride_for_step(settings, step: int) -> float | None:
+    """The pooling stride a `full` step trains with (`pool_strides`), drawn like universal's configurations."""
+    strides = settings.pool_strides
+    return None if strides is None else strides[_drawn(settings.seed, step, [1.0] * len(strides))]
+
+
+def _drawn(seed: int, step: int, weights: list[float]) -> int:
+    """An index drawn with `weights`, a pure function of (seed, step): the same on every process and on resume."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return int(torch.multinomial(torch.tensor(weights, dtype=torch.float64), 1, generator=generator))
 
 
 def sincos_2d(side: int, dim: int) -> torch.Tensor:
@@ -231,10 +243,16 @@ class TrainingModule(nn.Module):
         self._features = hidden_states[layer] if hidden_states is not None and isinstance(layer, int) \
             else output.last_hidden_state
 
-    def forward(self, batch: dict[str, torch.Tensor], configuration: int | None = None):
+    def forward(self, batch: dict[str, torch.Tensor], configuration: int | None = None,
+                pool_stride: float | None = None):
+        """The losses of one batch: in `configuration` (VISOR), or reading images pooled at `pool_stride`."""
         inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
         if configuration is not None:
             inputs["configuration"] = configuration
+        if pool_stride is not None:
+            from visor.reduction.pool import pool
+
+            inputs = pool(self.model, pool_stride).model_inputs(**inputs)
         self._features = None
         output = self.model(**inputs, use_cache=False)
         answer_loss = output.loss

@@ -56,6 +56,11 @@ class TrainingSettings:
     activation_checkpointing: bool = False
     """Recompute each decoder layer's (and each CA block's) activations in the backward pass instead of keeping
     them: less memory for about one more forward pass of compute (transformers' activation checkpointing)."""
+    pool_strides: list[float] | None = None
+    """Recipe `full` only: the model reads its images average-pooled before the LLM (`visor.reduction.pool`) at one
+    of these strides per step, drawn uniformly from (seed, step) as universal training draws configurations. One
+    stride is pooling + fine-tuning; several nested ones (1, 2, 4, 8) train one model for every scale
+    (Matryoshka-style, one scale per step). None: no pooling."""
     # ---- VISOR --------------------------------------------------------------------------------------------
     configuration_weights: list[float] | None = None
     """Sampling weights over `config.configurations` for `visor-universal` (None: uniform)."""
@@ -129,6 +134,10 @@ class TrainingSettings:
             raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', got {self.attn_implementation!r}")
         if self.cross_attention_init not in ("zero", "host"):
             raise ValueError(f"cross_attention_init must be 'zero' or 'host', got {self.cross_attention_init!r}")
+        if self.pool_strides is not None and (not self.pool_strides or any(
+                isinstance(stride, bool) or not stride >= 1 for stride in self.pool_strides)):
+            raise ValueError(f"pool_strides must be a non-empty list of strides >= 1 (1 = no pooling), "
+                             f"got {self.pool_strides}")
         if self.configuration_weights is not None:
             weights = self.configuration_weights
             if not weights or any(w < 0 for w in weights) or sum(weights) <= 0:
