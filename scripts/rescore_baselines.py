@@ -1,13 +1,16 @@
-"""Re-score token-reduction baselines of a committed demo run after their code changed, without retraining VISOR.
+"""Re-score token-reduction baselines of a committed demo run after their code changed, or add new ones, without
+retraining VISOR.
 
     python scripts/rescore_baselines.py docs/demo --methods visionzip,hired [--drop visor+visionzip]
+    python scripts/rescore_baselines.py docs/demo --methods random,dart,random-pre-llm      # not in the run yet: added
 
 The baselines applied to the stock model need only the run's shipped full model, so they can be scored again
 exactly as `visor demo` scores them (same plan, test prompts, FLOPs ratios and code path). The full model is
 scored again first, and nothing is written unless its rows equal the committed ones: the new rows must stand on
 the same ground as the old. `--drop` removes the rows of methods that need the run's own VISOR models (not kept
-in the repository), so that no row measured with the old code stays. results.json, report.md and pareto.png are
-rewritten in place, and results.json records what was re-scored.
+in the repository), so that no row measured with the old code stays. Methods the run does not have yet are added
+at the same ratios. results.json, report.md and pareto.png are rewritten in place, and results.json records what
+was re-scored and what was added (`stages.rescored`, `stages.added`, one record per addition).
 """
 
 from __future__ import annotations
@@ -61,13 +64,21 @@ def rescore(folder: Path, methods: list[str], dropped: list[str]) -> dict:
         if old_full != new_full:
             raise SystemExit(f"the full model's {part} differ from the committed run here; nothing written:\n"
                              f"committed {old_full}\nnow       {new_full}")
-    for part in ("rows", "groups"):  # each re-scored row takes the place of the row it replaces
+    present = {row["method"] for row in results["rows"]}
+    added = [method for method in methods if method not in present]
+    for part in ("rows", "groups"):  # each re-scored row takes the place of the row it replaces; added ones join
         rescored = {(row["method"], row["setting"], row["task"]): row for row in new[part] if row["method"] in methods}
-        results[part] = [rescored.get((row["method"], row["setting"], row["task"]), row) for row in results[part]
-                         if row["method"] not in dropped]
+        rows = [rescored.get((row["method"], row["setting"], row["task"]), row) for row in results[part]
+                if row["method"] not in dropped] + [row for row in new[part] if row["method"] in added]
+        results[part] = sorted(rows, key=lambda row: (row["method"], report.setting_order(row["setting"])))  # stable
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    results["stages"]["rescored"] = dict(methods=methods, dropped=dropped, commit=commit,
-                                         seconds=round(time.perf_counter() - start, 1))
+    seconds = round(time.perf_counter() - start, 1)
+    if set(methods) - set(added) or dropped:
+        results["stages"]["rescored"] = dict(methods=[m for m in methods if m not in added], dropped=dropped,
+                                             commit=commit, seconds=seconds)
+    if added:
+        results["stages"]["added"] = [*results["stages"].get("added", []), dict(methods=added, commit=commit,
+                                                                                seconds=seconds)]
     report.write_outputs(results, folder)
     return results
 

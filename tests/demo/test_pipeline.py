@@ -290,6 +290,14 @@ def test_rescoring_a_baseline_with_unchanged_code_reproduces_its_rows(demo_run, 
     (folder / "results.json").write_text(json.dumps(tampered))
     with pytest.raises(SystemExit, match="full model's rows differ"):
         rescore.rescore(folder, ["hired"], [])
+    older = tmp_path / "older"  # a run from before DART existed: its rows are added, as the demo makes them
+    shutil.copytree(output / "report", older)
+    without = {part: [row for row in before[part] if row["method"] != "dart"] for part in ("rows", "groups")}
+    (older / "results.json").write_text(json.dumps(dict(before, **without)))
+    added = rescore.rescore(older, ["dart"], [])
+    assert added["rows"] == before["rows"] and added["groups"] == before["groups"]
+    assert [record["methods"] for record in added["stages"]["added"]] == [["dart"]]
+    assert "rescored" not in added["stages"] and "rows of dart were added later" in (older / "report.md").read_text()
 
 
 def test_the_quick_demo_runs_on_a_qwen_vl_model(tmp_path, capsys):
@@ -306,7 +314,8 @@ def test_the_quick_demo_runs_on_a_qwen_vl_model(tmp_path, capsys):
                      "--no-progress"]) == 0
     results = json.loads((output / "report" / "results.json").read_text())
     methods = {row["method"] for row in results["rows"]}
-    assert methods == {"full", "text-only", "visor", "visor-policy", "fastv", "pyramiddrop", "sparsevlm", "shortv"}
+    assert methods == {"full", "text-only", "visor", "visor-policy", "fastv", "random", "dart", "pyramiddrop",
+                       "sparsevlm", "shortv"}
     assert json.loads((output / "universal" / "model" / "config.json").read_text())["model_type"] == "visor_qwen2_5_vl"
     visor_rows = [row for row in results["rows"] if row["method"] == "visor"]
     assert len({row["setting"] for row in visor_rows}) == 3 and all(row["savings"] > 1 for row in visor_rows)

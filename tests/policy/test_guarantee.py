@@ -121,3 +121,9 @@ def test_a_calibration_set_too_small_to_certify_anything_is_an_error_naming_the_
     lost = torch.zeros(40, 2, dtype=torch.bool)
     with pytest.raises(ValueError, match=r"40 calibration samples cannot certify .* at least 45 samples"):
         fixed_sequence_test(_points(lost, [0.0, 1.0]), torch.ones(40, dtype=torch.bool), EPSILON, 1 - DELTA, "r")
+
+
+def test_losses_read_in_points():
+    from visor.policy.guarantee import in_points
+
+    assert (in_points(0.01), in_points(0.02), in_points(0.005)) == ("1 point", "2 points", "0.5 points")

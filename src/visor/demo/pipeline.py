@@ -299,6 +299,7 @@ class Demo:
         # Held-out task variants: neither the model nor the router ever saw these knobs.
         tables["variants"] = label_synthetic(model, "test", self.plan.test_per_task, seed=self.plan.seed,
                                              suite=self.plan.variants, show_progress=self.progress, **reference)
+        tables["variants"].save(folder / "labels-variants.safetensors")
         full = {split: full_model_flops(model, table) for split, table in tables.items() if split != "train"}
         reports = {split: policy_report(model.router, tables[split], threshold, cost, full[split])
                    for split in ("test", "variants")}

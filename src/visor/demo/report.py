@@ -13,6 +13,7 @@ from pathlib import Path
 
 from visor.evaluation.scoring import Scores
 from visor.files import save_figure, write_json, write_text
+from visor.policy.guarantee import in_points
 from visor.policy.report import fixed_curve_accuracy
 
 ROUNDING = 1e-6  # gaps in answers smaller than this are float rounding, not a difference
@@ -144,7 +145,7 @@ def guarantee_verdicts(guarantee: dict | None) -> list[str]:
     """The budget with a guarantee: what was certified on validation and what it lost on test and variants."""
     if not guarantee:
         return []
-    promise = f"{100 * guarantee['max_loss']:g} points against {guarantee['reference']}"
+    promise = f"{in_points(guarantee['max_loss'])} against {guarantee['reference']}"
     lines = [f"Budget with a guarantee (lose at most {promise}, confidence {guarantee['confidence']:g}, "
              f"{guarantee['samples']} validation samples): "
              + (f"τ = {guarantee['threshold']:.6g} certified ({guarantee['losses']} validation samples lost, upper "
@@ -197,7 +198,7 @@ def guarantee_table(guarantee: dict | None) -> list[str]:
         return []
     lines = ["", "## Table 5: the budget with a guarantee", "",
              f"τ certified on the validation split ({guarantee['samples']} samples) to lose at most "
-             f"{100 * guarantee['max_loss']:g} points against {guarantee['reference']} with confidence "
+             f"{in_points(guarantee['max_loss'])} against {guarantee['reference']} with confidence "
              f"{guarantee['confidence']:g} (`visor.policy.guarantee`); loss: the share of samples the full model "
              "answers and the policy does not." + ("" if guarantee["certified"] else
                                                     " No τ was certified: τ = 1, the largest configuration."), "",
@@ -342,6 +343,10 @@ def markdown(results: dict) -> str:
                       "came out identical)" + (f"; the rows of {', '.join(rescored['dropped'])} were removed (measured "
                       "with code since changed, on this run's VISOR models, which are not kept)"
                                                if rescored["dropped"] else "") + ".")
+    for added in stages.get("added", []):
+        lines[-1] += (f" The rows of {', '.join(added['methods'])} were added later on the same full model (code at "
+                      f"commit {added['commit']}, `scripts/rescore_baselines.py`; the full model's rows came out "
+                      "identical).")
     lines += ["", "## Verdicts", ""]
     lines += [f"- {line}" for line in verdicts(results)]
     lines += ["", "## Table 1: accuracy and LLM-prefill FLOPs per task group (test split)", "",
@@ -398,7 +403,8 @@ def markdown(results: dict) -> str:
               "split id 0 and validation split id 1, so the streams are disjoint. easy-VQA uses the package's own "
               "test images (training and validation come from its training images). The held-out task variants "
               f"(`{plan.get('variants', 'demo-variants')}`) draw the test split's seeds with knobs no training stage uses.",
-              "- Stage times (s): " + ", ".join(f"{k} {v.get('seconds', '?')}" for k, v in stages.items()) + ".",
+              "- Stage times (s): " + ", ".join(f"{k} {v.get('seconds', '?')}" for k, v in stages.items()
+                                                  if isinstance(v, dict)) + ".",
               "- FLOPs: `visor.flops` (exact against torch's FlopCounterMode with eager attention); LLM prefill only.",
               "", "Commands: `make demo` (= `visor demo --output runs/demo`), `make demo-two-hop` (= `visor demo "
               "--suite two-hop --output runs/demo-two-hop`), `visor demo --quick` for a smoke run, `visor demo --fresh` "

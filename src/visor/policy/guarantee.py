@@ -51,12 +51,18 @@ class Guarantee:
     def describe(self) -> str:
         """One line for `visor generate` and the reports."""
         if not self.certified:
-            return (f"no τ is certified to lose at most {100 * self.max_loss:g} points against {self.reference} "
+            return (f"no τ is certified to lose at most {in_points(self.max_loss)} against {self.reference} "
                     f"with confidence {self.confidence:g} ({self.samples} calibration samples): the largest "
                     "configuration runs for every input")
-        return (f"τ = {self.threshold:.6g} is certified to lose at most {100 * self.max_loss:g} points of accuracy "
+        return (f"τ = {self.threshold:.6g} is certified to lose at most {in_points(self.max_loss)} of accuracy "
                 f"against {self.reference} with confidence {self.confidence:g} on data like its {self.samples} "
                 f"calibration samples ({self.losses} lost there; upper bound {100 * self.bound:.2f} points)")
+
+
+def in_points(fraction: float) -> str:
+    """An accuracy loss given as a fraction, in points: 0.01 is "1 point"."""
+    value = 100 * fraction
+    return f"{value:g} point{'' if value == 1 else 's'}"
 
 
 def check_risk(max_loss: float, confidence: float) -> None:

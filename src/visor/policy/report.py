@@ -16,7 +16,7 @@ import torch
 
 from visor.files import save_figure, write_json, write_text
 from visor.policy.calibration import Outcome, fixed_outcome, oracle_outcome, router_outcome, sweep
-from visor.policy.guarantee import Guarantee, realised
+from visor.policy.guarantee import Guarantee, in_points, realised
 from visor.policy.labels import LabelTable
 
 CURVE_POINTS = 200  # thresholds kept per router curve in the report (the sweep may try thousands)
@@ -154,7 +154,7 @@ def guarantee_lines(stored: dict | None) -> list[str]:
     return [f"Guarantee: {guarantee.describe()}.", "",
             f"On these {lost['samples']} samples the policy lost {100 * lost['loss']:.2f} points against "
             f"{stored['reference_on_this_table']} ({lost['accuracy']:.1f}% vs {lost['reference_accuracy']:.1f}%): "
-            f"{'within' if lost['loss'] <= guarantee.max_loss else 'BEYOND'} the {100 * guarantee.max_loss:g} points "
+            f"{'within' if lost['loss'] <= guarantee.max_loss else 'BEYOND'} the {in_points(guarantee.max_loss)} "
             "promised for data drawn like the calibration samples (elsewhere the guarantee does not apply).", ""]
 
 
