@@ -75,26 +75,31 @@ def llm_prefill_flops(
 def layerwise_prefill_flops(
     config,
     layer_tokens: Iterable[tuple[int, int]],
-    scoring: Iterable[tuple[int, int]] = (),
+    ranking_flops: int = 0,
     logits_tokens: int = 1,
 ) -> FlopCount:
     """LLM prefill FLOPs of the stock layers with a token count of their own each (token-reduction baselines).
 
     `layer_tokens[l] = (queries, keys)`: layer l runs q/o and the MLP on `queries` tokens, computes k/v for all
     `keys` tokens (a superset: e.g. frozen visual tokens that only serve as keys) and attention queries × keys.
-    `scoring`: extra attention-score rows a method computes to rank tokens, as (queries, keys): the q
-    projection of `queries` tokens and their scores against `keys` cached keys, in every head. With every layer
-    at (S, S) and no scoring this is `llm_prefill_flops(config, …, Schedule.full(config))`.
+    `ranking_flops`: what a method spends choosing and merging tokens (e.g. `attention_row_flops` per score row).
+    With every layer at (S, S) and no ranking this is `llm_prefill_flops(config, …, Schedule.full(config))`.
     """
     text_config = config.text_config
     width = text_config.hidden_size
-    heads, kv_heads, head_dim = _attention_shape(text_config)
+    _, kv_heads, head_dim = _attention_shape(text_config)
     layers = 0
     for queries, keys in layer_tokens:
         _check_counts(queries=queries, extra_keys=keys - queries)
         layers += _decoder_layer_flops(text_config, queries, keys) + 2 * linear_flops(keys - queries, width, kv_heads * head_dim)
-    score = sum(linear_flops(queries, width, heads * head_dim) + 2 * heads * queries * keys * head_dim for queries, keys in scoring)
-    return FlopCount({"layers": layers, "scoring": score, "lm_head": _lm_head_flops(text_config, logits_tokens)})
+    return FlopCount({"layers": layers, "ranking": ranking_flops, "lm_head": _lm_head_flops(text_config, logits_tokens)})
+
+
+def attention_row_flops(config, keys: int) -> int:
+    """One attention-score row a method computes to rank tokens: a token's q projection and its scores against
+    `keys` cached keys, in every head."""
+    heads, _, head_dim = _attention_shape(config.text_config)
+    return linear_flops(1, config.text_config.hidden_size, heads * head_dim) + 2 * heads * keys * head_dim
 
 
 def layerwise_decode_flops_per_token(config, layer_keys: Iterable[int]) -> FlopCount:

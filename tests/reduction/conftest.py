@@ -47,6 +47,48 @@ def flops_agree():
     return check
 
 
+@pytest.fixture(scope="package")
+def visor(stock):
+    """The stock model converted to VISOR (fresh CA blocks): the base of the `visor+…` and pre-LLM reductions."""
+    from visor import VisorForConditionalGeneration
+
+    return VisorForConditionalGeneration.from_stock(stock).eval()
+
+
+@pytest.fixture(scope="package")
+def decoding_agrees():
+    """check(model, prompt, replay=None): one token decoded through `model`'s cache equals the last logits of
+    `replay` (default `model`) run on prompt + that token in one prefill."""
+
+    @torch.no_grad()
+    def check(model, prompt: dict, replay=None) -> None:
+        output = model(**prompt, use_cache=True)
+        next_token = output.logits[:, -1].argmax(dim=-1, keepdim=True)
+        step = model(input_ids=next_token, past_key_values=output.past_key_values, use_cache=True).logits[:, -1]
+        extended = dict(prompt, input_ids=torch.cat([prompt["input_ids"], next_token], dim=1),
+                        attention_mask=torch.ones(1, prompt["input_ids"].shape[1] + 1, dtype=torch.long))
+        torch.testing.assert_close((replay or model)(**extended).logits[:, -1], step, atol=1e-5, rtol=0)
+
+    return check
+
+
+@pytest.fixture(scope="package")
+def prompt_only():
+    """scorer → the same scorer blind to the last token: a prefill of prompt + one token then ranks as the
+    prompt's own prefill did (the replay `decoding_agrees` needs for scorers that read the prompt's end)."""
+    from visor.reduction.pruned import Tokens
+
+    def wrap(scorer):
+        def without_last(layer, layer_input, rope, keys, tokens, layer_output):
+            shortened = Tokens(tokens.index, tokens.valid & (tokens.index < tokens.length - 1), tokens.length,
+                               tokens.visual)
+            return scorer(layer, layer_input, rope, keys, shortened, layer_output)
+
+        return without_last
+
+    return wrap
+
+
 def _single_prompt(stock, image_size=(128, 64), before: int = 3, after: int = 6) -> dict:
     """One unpadded prompt `[words] <image>×n [words]`, with the crops its image size needs."""
     generator = torch.Generator().manual_seed(7)

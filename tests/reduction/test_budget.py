@@ -7,15 +7,10 @@ import warnings
 import pytest
 import torch
 
-from visor import VisorForConditionalGeneration, reduction
+from visor import reduction
 from visor.config import Schedule
 from visor.flops import prompt_prefill_flops
 from visor.reduction.budget import reference_inputs
-
-
-@pytest.fixture(scope="module")
-def visor(stock):
-    return VisorForConditionalGeneration.from_stock(stock).eval()
 
 
 def model_for(method, stock, visor):

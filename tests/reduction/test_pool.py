@@ -13,11 +13,6 @@ from visor.reduction.pool import Pooling
 IMAGE = presets.TINY_IMAGE_TOKEN_ID
 
 
-@pytest.fixture(scope="module")
-def visor(stock):
-    return VisorForConditionalGeneration.from_stock(stock).eval()
-
-
 @torch.no_grad()
 def test_stride_one_is_the_stock_model_exactly(stock, batch):
     assert torch.equal(pool(stock, 1)(**batch).logits, stock(**batch).logits)

@@ -72,23 +72,10 @@ def test_each_sample_in_a_padded_batch_is_reduced_as_alone(stock, batch, build):
         torch.testing.assert_close(model(**alone, logits_to_keep=1).logits[0], together[row], atol=1e-5, rtol=0)
 
 
-@torch.no_grad()
-def test_cached_decoding_equals_a_prefill_that_reuses_the_pruned_set(stock, prompt):
+def test_cached_decoding_equals_a_prefill_that_reuses_the_pruned_set(stock, prompt, decoding_agrees, prompt_only):
     """One decoded token through the pruned cache = recomputing it on the kept tokens (scores from the prompt)."""
-    model = fastv(stock, 2, 0.4)
-    output = model(**prompt, use_cache=True)
-    next_token = output.logits[:, -1].argmax(dim=-1, keepdim=True)
-    step = model(input_ids=next_token, past_key_values=output.past_key_values, use_cache=True).logits[:, -1]
-    # The same prompt + token in one prefill whose scores are read at the prompt's last token, not the new one.
-    extended = dict(prompt, input_ids=torch.cat([prompt["input_ids"], next_token], dim=1),
-                    attention_mask=torch.ones(1, prompt["input_ids"].shape[1] + 1, dtype=torch.long))
-
-    def prompt_scorer(layer, layer_input, rope, keys, tokens, layer_output):
-        shortened = Tokens(tokens.index, tokens.valid & (tokens.index < tokens.length - 1), tokens.length, tokens.visual)
-        return last_token_attention(layer, layer_input, rope, keys, shortened)
-
-    replay = pruned(stock, PruningPlan({2: 0.4}, prompt_scorer))
-    torch.testing.assert_close(replay(**extended).logits[:, -1], step, atol=1e-5, rtol=0)
+    decoding_agrees(fastv(stock, 2, 0.4), prompt, replay=pruned(stock, PruningPlan({2: 0.4}, prompt_only(
+        last_token_attention))))
 
 
 def test_weights_are_shared_not_copied(stock):

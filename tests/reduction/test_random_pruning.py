@@ -5,17 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from visor import VisorForConditionalGeneration, presets
+from visor import presets
 from visor.reduction import random_pruning
 from visor.reduction.pruned import kept_count
 from visor.reduction.random_pruning import RandomSubset, seeded_scores
 
 IMAGE = presets.TINY_IMAGE_TOKEN_ID
-
-
-@pytest.fixture(scope="module")
-def visor(stock):
-    return VisorForConditionalGeneration.from_stock(stock).eval()
 
 
 @torch.no_grad()
@@ -56,16 +51,9 @@ def test_each_sample_keeps_a_seeded_subset_of_its_budget_in_any_batch(stock, bat
     assert not torch.equal(other_seed.keys[5], cache.keys[5])
 
 
-@torch.no_grad()
-def test_cached_decoding_equals_recomputing_the_prompt_and_token(stock, prompt):
+def test_cached_decoding_equals_recomputing_the_prompt_and_token(stock, prompt, decoding_agrees):
     """The subset depends on the visual tokens only, so a prefill of prompt + token prunes the same ones."""
-    model = random_pruning(stock, 0.4)
-    output = model(**prompt, use_cache=True)
-    next_token = output.logits[:, -1].argmax(dim=-1, keepdim=True)
-    step = model(input_ids=next_token, past_key_values=output.past_key_values, use_cache=True).logits[:, -1]
-    extended = dict(prompt, input_ids=torch.cat([prompt["input_ids"], next_token], dim=1),
-                    attention_mask=torch.ones(1, prompt["input_ids"].shape[1] + 1, dtype=torch.long))
-    torch.testing.assert_close(model(**extended).logits[:, -1], step, atol=1e-5, rtol=0)
+    decoding_agrees(random_pruning(stock, 0.4), prompt)
 
 
 def test_before_the_llm_each_image_keeps_its_budget_and_its_newlines(visor, batch):

@@ -5,17 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from visor import VisorForConditionalGeneration, presets
+from visor import presets
 from visor.reduction import visionzip
 from visor.reduction.vision_attention import captured_queries_keys, received_attention
 from visor.reduction.visionzip import VisionZip
 
 IMAGE = presets.TINY_IMAGE_TOKEN_ID
-
-
-@pytest.fixture(scope="module")
-def visor(stock):
-    return VisorForConditionalGeneration.from_stock(stock).eval()
 
 
 @torch.no_grad()

@@ -227,3 +227,15 @@ def test_pool_strides_belong_to_the_full_recipe(tmp_path, tiny_full_checkpoint, 
     with pytest.raises(ValueError, match="recipe 'full' only"):
         train("visor-stage1", toy_path, tmp_path, fast_settings("visor-stage1", max_steps=1, pool_strides=[2]),
               init=tiny_full_checkpoint, progress=False)
+
+
+def test_pool_strides_need_a_family_the_pooling_reads(tmp_path):
+    """Pooling reads LLaVA-OV's anyres grids: on a Qwen-VL model the setting is refused before any step."""
+    from visor import presets
+    from visor.backbones import backbone_for
+    from visor.training.recipes import check_configurations
+
+    config = presets.PRESETS["tiny-qwen2.5-vl"]()
+    model = backbone_for(config).stock_model_class(config)
+    with pytest.raises(ValueError, match="not ported to"):
+        check_configurations(model, "full", fast_settings("full", pool_strides=[2]))

@@ -25,7 +25,7 @@ from visor.evaluation.scoring import greedy, new_tokens, teacher_forced
 from visor.flops import llm_prefill_flops, router_flops
 from visor.modeling.choice import UNTRAINED_ROUTER
 from visor.modeling.router import check_threshold
-from visor.policy.guarantee import Guarantee
+from visor.policy.guarantee import Guarantee, guarantee_at
 from visor.policy.labels import prompt_tokens
 from visor.training.recipes import is_visor, load_checkpoint
 
@@ -97,10 +97,7 @@ class CheckpointRunner:
     @property
     def guarantee(self) -> Guarantee | None:
         """What the policy's τ is certified for, when it runs at the τ calibrated with a guarantee."""
-        stored = getattr(self.model.config, "router_guarantee", None)
-        if not self.routed or self.model.router is None or stored is None or self.tau not in (None, stored["threshold"]):
-            return None
-        return Guarantee(**stored)
+        return guarantee_at(self.model.config, self.tau) if self.routed else None
 
     def _options(self, configuration) -> dict:
         """Keyword arguments that select the configuration (none for a stock model)."""

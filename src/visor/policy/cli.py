@@ -160,15 +160,13 @@ def run_report(args) -> int:
     from visor.flops import router_flops
     from visor.modeling.router import check_threshold
     from visor.policy.api import full_model_flops
-    from visor.policy.guarantee import Guarantee
+    from visor.policy.guarantee import guarantee_at
     from visor.policy.report import markdown_table, policy_report, write_report
 
     model, table = _model_and_labels(args)
     threshold = check_threshold(args.tau) if args.tau is not None else model.router.threshold
-    stored = model.config.router_guarantee
-    guarantee = Guarantee(**stored) if stored is not None and threshold == stored["threshold"] else None
     report = policy_report(model.router, table, threshold, router_flops(model.config), full_model_flops(model, table),
-                           guarantee)
+                           guarantee_at(model.config, threshold))
     paths = write_report(report, args.output)
     print(markdown_table(report))
     print("wrote " + ", ".join(str(path) for path in paths))

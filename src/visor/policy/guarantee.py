@@ -59,6 +59,15 @@ class Guarantee:
                 f"calibration samples ({self.losses} lost there; upper bound {100 * self.bound:.2f} points)")
 
 
+def guarantee_at(config, threshold: float | None = None) -> Guarantee | None:
+    """The guarantee stored in a VISOR model's `config`, when the policy runs at the τ it certifies (`threshold`
+    None: the config's own τ); None otherwise, or for a stock model's config."""
+    stored = getattr(config, "router_guarantee", None)
+    if stored is None or threshold not in (None, stored["threshold"]):
+        return None
+    return Guarantee(**stored)
+
+
 def in_points(fraction: float) -> str:
     """An accuracy loss given as a fraction, in points: 0.01 is "1 point"."""
     value = 100 * fraction

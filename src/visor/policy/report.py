@@ -116,7 +116,7 @@ def policy_report(router, table: LabelTable, threshold: float, router_flops: int
         curves[subset] = [dict(threshold=t, accuracy=100.0 * float(o.correct[index].float().mean()),
                                mean_llm_prefill_flops=float(o.flops[index].double().mean())) for t, o in points]
     novelty = None if router.novelty is None else router.config.router_novelty_threshold
-    certified = None if guarantee is None else dict(guarantee.to_dict(), realised=realised(table, routed),
+    certified = None if guarantee is None else dict(certificate=guarantee.to_dict(), realised=realised(table, routed),
                                                     reference_on_this_table=table.reference_name)
     return dict(threshold=threshold, novelty_threshold=novelty, rows=rows, router_curves=curves, guarantee=certified)
 
@@ -149,7 +149,7 @@ def guarantee_lines(stored: dict | None) -> list[str]:
     """The guarantee τ was calibrated for and what the policy lost on this table (Markdown lines)."""
     if stored is None:
         return []
-    guarantee = Guarantee(**{key: value for key, value in stored.items() if key in Guarantee.__dataclass_fields__})
+    guarantee = Guarantee(**stored["certificate"])
     lost = stored["realised"]
     return [f"Guarantee: {guarantee.describe()}.", "",
             f"On these {lost['samples']} samples the policy lost {100 * lost['loss']:.2f} points against "

@@ -41,15 +41,20 @@ def _top_by(values: torch.Tensor, candidates: torch.Tensor, count: int) -> tuple
     return top.indices, top.values > float("-inf")
 
 
+def question_tokens(visual: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(B, n) bool: each sample's text tokens after its last visual token, where the text pivots come from."""
+    slots = torch.arange(visual.shape[1], device=visual.device).expand_as(visual)
+    last_visual = torch.where(visual & valid, slots, -1).max(dim=1, keepdim=True).values
+    return valid & ~visual & (slots > last_visual)
+
+
 def claimed_order(keys: torch.Tensor, states: torch.Tensor, tokens: Tokens, keep: float,
                   image_pivots: int = PIVOTS, text_pivots: int = PIVOTS) -> torch.Tensor:
     """(B, n) DART's choice as scores: kept visual tokens score by the order they were claimed in (pivots first,
     highest), every other slot 0. `keys` (B, H_kv, n, head_dim), `states` (B, n, d): layer K-1's."""
     visual = tokens.visual & tokens.valid
     norms = keys.transpose(1, 2).flatten(2).norm(dim=-1)  # L2 over all heads' key features: RoPE leaves it alone
-    slots = torch.arange(tokens.width, device=visual.device).expand_as(visual)
-    last_visual = torch.where(visual, slots, -1).max(dim=1, keepdim=True).values
-    question = tokens.valid & ~tokens.visual & (slots > last_visual)
+    question = question_tokens(tokens.visual, tokens.valid)
     budget = kept_count(visual.sum(dim=1), keep)
     visual_slots, visual_exists = _top_by(norms, visual, image_pivots)
     visual_exists &= torch.arange(visual_slots.shape[1], device=visual.device) < budget[:, None]
@@ -98,11 +103,8 @@ def dart_plan(config, layer: int = 2, keep: float = 0.5, image_pivots: int = PIV
         valid = torch.ones_like(ids, dtype=torch.bool) if inputs.get("attention_mask") is None \
             else inputs["attention_mask"].bool()
         visual = (ids == config.image_token_id) & valid
-        slots = torch.arange(ids.shape[1]).expand_as(ids)
-        last_visual = torch.where(visual, slots, -1).max(dim=1, keepdim=True).values
-        question = (valid & ~visual & (slots > last_visual)).sum(dim=1)
         budget = kept_count(visual.sum(dim=1), keep)
-        return budget.clamp(max=image_pivots) + question.clamp(max=text_pivots)
+        return budget.clamp(max=image_pivots) + question_tokens(visual, valid).sum(dim=1).clamp(max=text_pivots)
 
     return PruningPlan({layer: keep}, scorer, scoring_rows=pivots,
                        scoring_row_flops=lambda config, tokens: 2 * tokens * config.text_config.hidden_size,

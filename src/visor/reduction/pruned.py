@@ -29,7 +29,7 @@ from typing import Protocol
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from visor.flops import layerwise_prefill_flops, prompt_token_counts
+from visor.flops import attention_row_flops, layerwise_prefill_flops, prompt_token_counts
 from visor.modeling.cache import LayerLoopCache, _bytes, resolve_cache
 from visor.modeling.layers import read_visual_layer, run_layer, text_layer
 from visor.modeling.layout import Slots, TokenLayout, attention_bias
@@ -135,8 +135,8 @@ class PruningPlan:
     recycler: Recycler | None = None  # merges some dropped tokens into a few kept ones (SparseVLM)
     # (config, inputs) → (B,) query rows the scorer computes per sample; None: one (the last prompt token)
     scoring_rows: Callable[[object, dict], torch.Tensor] | None = None
-    # (config, tokens) → FLOPs of one score row over `tokens` tokens; None: an attention row (its q projection and
-    # its scores in every head), what attention-based scorers compute
+    # (config, tokens) → FLOPs of one score row over `tokens` tokens; None: `visor.flops.attention_row_flops`, what
+    # attention-based scorers compute
     scoring_row_flops: Callable[[object, int], int] | None = None
     name: str = "pruned"  # for printing, with `details`
     details: dict = field(default_factory=dict)
@@ -176,26 +176,23 @@ class PruningPlan:
         return torch.tensor(rows)
 
     def prefill_flops(self, config, inputs: dict) -> torch.Tensor:
-        """(B,) LLM prefill FLOPs: each layer at its own token count, plus the scoring row before each drop."""
+        """(B,) LLM prefill FLOPs: each layer at its own token count, plus the score rows before each drop and any
+        recycling."""
         _, text = prompt_token_counts(config, inputs)
         rows = torch.ones_like(text) if self.scoring_rows is None else self.scoring_rows(config, inputs)
+        row_flops = self.scoring_row_flops or attention_row_flops
+        width = config.text_config.hidden_size
         flops = []
         for text_tokens, visual, score_rows in zip(text.tolist(), self.visual_per_layer(config, inputs).tolist(),
                                                    rows.tolist()):
             tokens = [text_tokens if layer in self.blind else text_tokens + count for layer, count in enumerate(visual)]
             queries = [text_tokens if layer in self.frozen else n for layer, n in enumerate(tokens)]
-            scoring = [(score_rows, tokens[layer - 1]) for layer in sorted(self.drops)]
-            width = config.text_config.hidden_size
-            other_scoring = 0
-            if self.scoring_row_flops is not None:
-                other_scoring = sum(rows * self.scoring_row_flops(config, keys) for rows, keys in scoring)
-                scoring = []
+            scoring = sum(score_rows * row_flops(config, tokens[layer - 1]) for layer in self.drops)
             recycling = sum(
                 self.recycler.flops(visual[layer - 1] - kept_count(visual[layer - 1], keep), width)
                 for layer, keep in self.drops.items()
             ) if self.recycler else 0
-            flops.append(layerwise_prefill_flops(config, list(zip(queries, tokens)), scoring).total + recycling
-                         + other_scoring)
+            flops.append(layerwise_prefill_flops(config, list(zip(queries, tokens)), scoring + recycling).total)
         return torch.tensor(flops)
 
 

@@ -128,8 +128,12 @@ def _trainable(model, settings):
 
 def check_configurations(model, recipe: str, settings) -> None:
     """Settings that refer to configurations must fit the model's config (before any training starts)."""
-    if settings.pool_strides is not None and recipe != "full":
-        raise ValueError("pool_strides trains the stock model reading pooled images: recipe 'full' only")
+    if settings.pool_strides is not None:
+        if recipe != "full":
+            raise ValueError("pool_strides trains the stock model reading pooled images: recipe 'full' only")
+        from visor.reduction.prellm import check_backbone
+
+        check_backbone(model.config)
     if not is_visor(model):
         if settings.configuration_weights is not None and recipe != "full":
             raise ValueError("configuration_weights needs a VISOR model")
