@@ -177,22 +177,6 @@ class VisorProcessor:
         self.padding_side = padding_side
         self.image_token_id = image_token_id
 
-    def prompt_ids(self, question: str) -> list[int]:
-        """Token ids of the chat prompt for one question, with a single `<image>` id (expanded in `__call__`)."""
-        if not isinstance(question, str) or not question.strip():
-            raise ValueError(f"questions must be non-empty text, got {question!r}")
-        if IMAGE_TOKEN in question:
-            raise ValueError(f"questions must not contain {IMAGE_TOKEN}; the processor places the image")
-        messages = [{"role": "user", "content": f"{IMAGE_TOKEN}\n{question.strip()}"}]
-        prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-
-    def answer_ids(self, answer: str) -> list[int]:
-        """Token ids of an answer followed by end-of-sequence."""
-        if not isinstance(answer, str) or not answer.strip():
-            raise ValueError(f"answers must be non-empty text, got {answer!r}")
-        return self.tokenizer(answer.strip(), add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
-
     def __call__(self, images: ImageLike | Sequence[ImageLike], questions: str | Sequence[str],
                  answers: str | Sequence[str] | None = None,
                  class_maps: np.ndarray | Sequence[np.ndarray] | None = None) -> BatchFeature:
@@ -209,32 +193,124 @@ class VisorProcessor:
         for name, values in (("questions", questions), ("answers", answers), ("class_maps", class_maps)):
             if values is not None and len(values) != len(images):
                 raise ValueError(f"got {len(images)} images but {len(values)} {name}")
-        images = [load_image(image, min_side=self.images.min_side) for image in images]
-
-        sequences, label_rows = [], []
-        for row, (image, question) in enumerate(zip(images, questions)):
-            prompt = self.prompt_ids(question)
-            slot = prompt.index(self.image_token_id)
-            count = self.backbone.image_tokens((image.height, image.width)).visual_tokens
-            ids = prompt[:slot] + self.images.placeholder(self.image_token_id, count) + prompt[slot + 1:]
-            labels = [IGNORE_INDEX] * len(ids)
+        conversations = []
+        for row, question in enumerate(questions):
+            if not isinstance(question, str) or not question.strip():
+                raise ValueError(f"questions must be non-empty text, got {question!r}")
+            if IMAGE_TOKEN in question:
+                raise ValueError(f"questions must not contain {IMAGE_TOKEN}; the processor places the image")
+            messages = [{"role": "user", "content": f"{IMAGE_TOKEN}\n{question.strip()}"}]
             if answers is not None:
-                answer = self.answer_ids(answers[row])
-                ids, labels = ids + answer, labels + answer
+                if not isinstance(answers[row], str) or not answers[row].strip():
+                    raise ValueError(f"answers must be non-empty text, got {answers[row]!r}")
+                messages.append({"role": "assistant", "content": answers[row].strip()})
+            conversations.append(messages)
+        return self.conversations([[image] for image in images], conversations, prompt_only=answers is None,
+                                  class_maps=class_maps)
+
+    def conversations(self, images: Sequence[Sequence[ImageLike]], conversations: Sequence[Sequence[dict]],
+                      prompt_only: bool = False, max_length: int | None = None,
+                      class_maps: Sequence[np.ndarray | None] | None = None) -> BatchFeature:
+        """A padded batch of chat conversations, each with its images in the order of its `<image>` placeholders.
+
+        Messages are `{"role": "system" | "user" | "assistant", "content": text}`. Training rows (`prompt_only`
+        False) are labelled on every assistant turn (its text and the end-of-sequence token; -100 elsewhere).
+        `prompt_only`: the prompt that asks for the *last* assistant turn (left out), for generation.
+        `max_length` cuts a longer row from its end; a cut into an image's tokens is a ValueError.
+        """
+        if len(images) != len(conversations):
+            raise ValueError(f"got {len(images)} image lists but {len(conversations)} conversations")
+        if not conversations:
+            raise ValueError("the batch is empty")
+        loaded = [[load_image(image, min_side=self.images.min_side) for image in row] for row in images]
+        sequences, label_rows = [], []
+        for row, (row_images, messages) in enumerate(zip(loaded, conversations)):
+            ids, labels = self._conversation_ids(messages, prompt_only)
+            ids, labels, images_end = self._expand_images(ids, labels, row_images, row)
+            if max_length is not None and len(ids) > max_length:
+                if images_end > max_length:
+                    raise ValueError(f"conversation {row} needs {len(ids)} tokens and its images end at token "
+                                     f"{images_end}, after max_length {max_length}: raise it or use smaller images")
+                ids, labels = ids[:max_length], labels[:max_length]
             sequences.append(ids)
             label_rows.append(labels)
 
+        flat = [image for row in loaded for image in row]
         batch = {
             "input_ids": self._pad(sequences, self.tokenizer.pad_token_id),
             "attention_mask": self._pad([[1] * len(ids) for ids in sequences], 0),
-            **self.images(images),
+            **(self.images(flat) if flat else {}),
         }
         batch |= self.images.prompt_inputs(batch["input_ids"], self.image_token_id)
-        if answers is not None:
+        if not prompt_only:
             batch["labels"] = self._pad(label_rows, IGNORE_INDEX)
         if class_maps is not None:
-            batch["patch_targets"] = self.images.patch_targets(images, class_maps, batch)
+            batch["patch_targets"] = self.images.patch_targets(flat, class_maps, batch)
         return BatchFeature(batch)
+
+    def _render(self, messages: Sequence[dict], generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(list(messages), tokenize=False,
+                                                  add_generation_prompt=generation_prompt)
+
+    def _conversation_ids(self, messages: Sequence[dict], prompt_only: bool) -> tuple[list[int], list[int]]:
+        """Ids (one `<image>` id per image) and labels of a conversation, rendered by the chat template turn by
+        turn: each assistant turn is what the template adds to the conversation before it, closed by the
+        end-of-sequence token where the template does not write one (the model must learn to stop)."""
+        if prompt_only and messages and messages[-1].get("role") == "assistant":
+            messages = messages[:-1]  # the reference answer, left for the model to give
+        answers = [i for i, message in enumerate(messages) if message.get("role") == "assistant"]
+        if not prompt_only and not answers:
+            raise ValueError("a training conversation needs an assistant turn")
+        eos = self.tokenizer.eos_token_id
+        ids: list[int] = []
+        labels: list[int] = []
+        rendered = ""
+        for turn in answers:
+            context = self._render(messages[:turn], generation_prompt=True)
+            answered = self._render(messages[:turn + 1], generation_prompt=False)
+            prompt, answer = self._continuation(rendered, context), self._continuation(context, answered)
+            after = []  # template text after the end-of-sequence token (a newline, say): context, not answer
+            if eos in answer:
+                answer, after = answer[:answer.index(eos) + 1], answer[answer.index(eos) + 1:]
+            else:
+                answer = answer + [eos]
+            if turn == len(messages) - 1:
+                after = []  # nothing follows the conversation's last answer
+            ids += prompt + answer + after
+            labels += [IGNORE_INDEX] * len(prompt) + answer + [IGNORE_INDEX] * len(after)
+            rendered = answered
+        if prompt_only:
+            prompt = self._continuation(rendered, self._render(messages, generation_prompt=True))
+            ids += prompt
+            labels += [IGNORE_INDEX] * len(prompt)
+        return ids, labels
+
+    def _continuation(self, before: str, text: str) -> list[int]:
+        """Token ids of what `text` adds to `before`, which must be its beginning."""
+        if not text.startswith(before):
+            raise ValueError("the chat template does not render this conversation turn by turn (a later turn "
+                             "changes the text of an earlier one), so its turns cannot be labelled")
+        rest = text[len(before):]
+        return self.tokenizer(rest, add_special_tokens=False)["input_ids"] if rest else []
+
+    def _expand_images(self, ids: list[int], labels: list[int], images: list[Image.Image],
+                       row: int) -> tuple[list[int], list[int], int]:
+        """Each `<image>` id replaced by as many image-token ids as the model fills for that image (in order);
+        also where the last image's tokens end."""
+        slots = [i for i, token in enumerate(ids) if token == self.image_token_id]
+        if len(slots) != len(images):
+            raise ValueError(f"conversation {row} has {len(slots)} {IMAGE_TOKEN} placeholders but "
+                             f"{len(images)} images")
+        out_ids: list[int] = []
+        out_labels: list[int] = []
+        start = 0
+        for slot, image in zip(slots, images):
+            count = self.backbone.image_tokens((image.height, image.width)).visual_tokens
+            placeholder = self.images.placeholder(self.image_token_id, count)
+            out_ids += ids[start:slot] + placeholder
+            out_labels += labels[start:slot] + [IGNORE_INDEX] * len(placeholder)
+            start = slot + 1
+        return out_ids + ids[start:], out_labels + labels[start:], len(out_ids)
 
     def _pad(self, rows: list[list[int]], value: int) -> torch.Tensor:
         length = max(map(len, rows))

@@ -24,6 +24,9 @@ def _add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one training setting (repeatable), e.g. --set learning_rate=3e-4")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--image-root", metavar="DIR", default=None,
+                        help="--data llava:FILE.json: the folder its image paths are relative to (default: the "
+                             "file's folder)")
 
 
 def register(subparsers) -> None:
@@ -33,7 +36,8 @@ def register(subparsers) -> None:
     )
     train.add_argument("--recipe", required=True, help="full | visor-stage1 | visor-universal")
     train.add_argument("--data", required=True, help="'synthetic' (full difficulty), 'synthetic@demo' (the demo's suite), "
-                       "'synthetic:TASK,...' (some tasks) or 'module.path:factory'")
+                       "'synthetic:TASK,...' (some tasks), 'llava:FILE.json' (LLaVA-format conversations), "
+                       "'hf:DIR' (a datasets folder of chat messages and images) or 'module.path:factory'")
     source = train.add_mutually_exclusive_group(required=True)
     source.add_argument("--init", metavar="PATH", help="start from this checkpoint folder (save_pretrained output)")
     source.add_argument("--model", metavar="PRESET", help="start from scratch with a preset (e.g. tiny)")
@@ -65,11 +69,10 @@ def register(subparsers) -> None:
 
 
 def _settings(args, recipe: str, **explicit):
-
     from visor.training.settings import load_settings
 
-
-    return load_settings(recipe, args.config, args.overrides, seed=args.seed, **explicit)
+    return load_settings(recipe, args.config, args.overrides, seed=args.seed, image_root=args.image_root,
+                         **explicit)
 
 
 def run_train(args) -> int:
@@ -80,8 +83,8 @@ def run_train(args) -> int:
     settings = _settings(args, args.recipe, max_steps=args.max_steps, save_every=args.save_every)
     summary = train(args.recipe, args.data, args.output, settings, init=args.init, model_preset=args.model,
                     resume=args.resume, progress=not args.no_progress)
-    print(json.dumps({key: summary.get(key) for key in ("steps", "wall_seconds_this_run", "visits", "validation")},
-                     indent=2))
+    keys = ("steps", "wall_seconds_this_run", "visits", "validation", "skipped_records")
+    print(json.dumps({key: summary.get(key) for key in keys}, indent=2))
     return 0
 
 

@@ -10,6 +10,9 @@ Data specs (`--data`):
 
 - `synthetic` — the built-in task suite (`visor.data`) at full difficulty; `synthetic@SUITE` a named suite
   (`visor.data.suites`, e.g. `synthetic@demo`); `synthetic:TASK,TASK` or `synthetic@SUITE:TASK,...` keeps some tasks;
+- `llava:FILE.json` — LLaVA-format conversations (images under the `image_root` setting, by default the file's
+  folder); `hf:DIR` — a `datasets` folder of chat `messages` and images (`visor.data.conversations`, tokenised by
+  the model's own tokenizer and chat template: `visor.training.conversations`);
 - `module.path:factory` — any importable callable `factory(model_config, seed) -> DataSource`, for user data.
 """
 
@@ -64,15 +67,29 @@ def step_indices(step: int, micro_step: int, process_index: int, num_processes: 
     return list(range(start, start + micro_batch))
 
 
-def resolve_data(spec: str, model_config, seed: int) -> DataSource:
-    """The `DataSource` a `--data` spec names; a ValueError when it names nothing usable."""
+SPECS = "'synthetic', 'synthetic@SUITE', 'synthetic:TASK,...', 'llava:FILE.json', 'hf:DIR' or 'module.path:factory'"
+
+
+def resolve_data(spec: str, model_config, seed: int, settings=None, model_dir=None) -> DataSource:
+    """The `DataSource` a `--data` spec names; a ValueError when it names nothing usable. Conversation data reads
+    the tokenizer saved in `model_dir` and the data settings (`image_root`, `max_sequence_length`,
+    `skip_broken_records`) of `settings`."""
     if not spec or not isinstance(spec, str):
-        raise ValueError("--data is empty: use 'synthetic', 'synthetic@SUITE', 'synthetic:TASK,...' or 'module.path:factory'")
+        raise ValueError(f"--data is empty: use {SPECS}")
     name, _, argument = spec.partition(":")
     source, _, suite = name.partition("@")
     if source == "synthetic":
         tasks = [task for task in argument.split(",") if task] if argument else None
         return _synthetic(model_config, seed, tasks, suite or "standard")
+    if name in ("llava", "hf"):
+        from visor.training.conversations import ConversationSource
+
+        if not argument:
+            raise ValueError(f"data spec {spec!r} names no {'file' if name == 'llava' else 'folder'}")
+        options = {} if settings is None else dict(
+            image_root=settings.image_root, max_length=settings.max_sequence_length,
+            skip_broken=settings.skip_broken_records)
+        return ConversationSource(model_config, name, argument, model_dir, seed, **options)
     if name and argument:
         try:
             module = importlib.import_module(name)
@@ -89,9 +106,7 @@ def resolve_data(spec: str, model_config, seed: int) -> DataSource:
         if not source.tasks:
             raise ValueError(f"data spec {spec!r} gives no tasks")
         return source
-    raise ValueError(
-        f"data spec {spec!r} matches nothing: use 'synthetic', 'synthetic@SUITE', 'synthetic:TASK,...' or 'module.path:factory'"
-    )
+    raise ValueError(f"data spec {spec!r} matches nothing: use {SPECS}")
 
 
 def _synthetic(model_config, seed: int, tasks: list[str] | None, suite: str) -> DataSource:

@@ -160,7 +160,8 @@ class Trainer:
         check_configurations(model, recipe, settings)
         if settings.activation_checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=dict(use_reentrant=False))
-        self.data = data if not isinstance(data, str) else resolve_data(data, model.config, settings.seed)
+        self.data = data if not isinstance(data, str) else resolve_data(data, model.config, settings.seed,
+                                                                        settings, model_dir=init)
 
         # The aux head belongs to `full` runs (from scratch or continued from a checkpoint, with a fresh head).
         wants_aux = bool(state["aux_head"]) if state is not None else recipe == "full"
@@ -355,6 +356,7 @@ class Trainer:
             "num_processes": accelerator.num_processes,
             "visits": {str(k): v for k, v in sorted(self.visits.items())},
             "validation": self.validation[-1] if self.validation else None,
+            "skipped_records": len(getattr(self.data, "skipped", ())),
         }
         weights = self._model_state_dict()
         if main:

@@ -91,7 +91,8 @@ def search_configurations(
     model = load_checkpoint(model_dir, settings.attn_implementation)
     if not is_visor(model):
         raise ValueError(f"{model_dir} is a stock LLaVA-OV checkpoint: search needs a VISOR model (after stage 1)")
-    source = resolve_data(data, model.config, settings.seed) if isinstance(data, str) else data
+    source = resolve_data(data, model.config, settings.seed, settings, model_dir=model_dir) \
+        if isinstance(data, str) else data
     if settings.num_threads:
         torch.set_num_threads(settings.num_threads)
     config = model.config

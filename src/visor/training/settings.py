@@ -82,6 +82,15 @@ class TrainingSettings:
     samples_per_task: int = 100
     """Validation samples per task at each evaluation (and for `configurations search`)."""
     eval_batch_size: int = 32
+    image_root: str | None = None
+    """`--data llava:FILE.json`: the folder its image paths are relative to (None: the JSON file's folder).
+    `--image-root` sets it."""
+    max_sequence_length: int | None = None
+    """Conversation data: a longer sample is cut to this many tokens from its end (its last answers lose their
+    labels); one whose images alone end beyond it is an error. None: no limit."""
+    skip_broken_records: bool = False
+    """Conversation data: leave out broken records (no assistant turn, a missing image, placeholders that do not
+    match the images), counted in the run's summary, instead of stopping with an error naming the first."""
     max_new_tokens: int = 8
     """Greedy tokens generated per validation answer."""
     # ---- bookkeeping --------------------------------------------------------------------------------------
@@ -124,6 +133,9 @@ class TrainingSettings:
                      "num_threads", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_sequence_length is not None and self.max_sequence_length <= 0:
+            raise ValueError(f"max_sequence_length must be positive (or null for no limit), got "
+                             f"{self.max_sequence_length}")
         if self.embedding_std is not None and self.embedding_std <= 0:
             raise ValueError(f"embedding_std must be positive (or null for the default), got {self.embedding_std}")
         if self.keep_checkpoints < 1:
