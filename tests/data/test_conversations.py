@@ -75,7 +75,7 @@ def test_bad_files_are_clear_errors(tmp_path):
         read_conversations("hf", tmp_path)
 
 
-def _labelled_text(processor, batch, row):
+def _labelled_text(batch, row):
     labels = batch["labels"][row]
     pieces, current = [], []
     for token, label in zip(batch["input_ids"][row].tolist(), labels.tolist()):
@@ -92,7 +92,7 @@ def test_every_assistant_turn_is_labelled_and_nothing_else(stock_models, tokeniz
     record = read_conversations("llava", llava_file).splits["train"][0]
     batch = processor.conversations([list(record.images)], [record.messages])
     answers = [m["content"] for m in record.messages if m["role"] == "assistant"]
-    pieces = _labelled_text(processor, batch, 0)
+    pieces = _labelled_text(batch, 0)
     assert [tokenizer.decode(piece[:-1]) for piece in pieces] == answers
     assert all(piece[-1] == tokenizer.eos_token_id for piece in pieces)
     # The prompt for the last answer is the training row up to that answer.

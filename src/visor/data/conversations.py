@@ -30,7 +30,8 @@ from typing import Any
 
 import torch
 
-IMAGE_TOKEN = "<image>"
+from visor.data.processor import IMAGE_TOKEN
+
 SPLITS = ("train", "validation", "test")
 HELD_OUT_FRACTION = 0.05
 HELD_OUT_SEED = 0
