@@ -189,3 +189,133 @@ def test_a_qwen_vl_preset_benches_its_own_family(tmp_path):
             assert row["kv_bytes_visual"] == layers * 24 * per_token_layer
             schedule = Schedule.of(config, row["configuration"])
             assert row["llm_prefill_flops"] == llm_prefill_flops(config, 24, TEXT_TOKENS, schedule).total
+
+
+# ---- batched decoding ------------------------------------------------------------------------------------------------
+BATCH_SIZES = (1, 3)
+KV_BUDGET_GIB = 0.001
+
+
+@pytest.fixture(scope="module")
+def batched(tmp_path_factory):
+    output = tmp_path_factory.mktemp("bench-batched")
+    assert run_cli("--preset", "tiny", "--visual-tokens", str(VISUAL_TOKENS[-1]), "--text-tokens", str(TEXT_TOKENS),
+                   "--repeats", "1", "--decode-tokens", "2", "--configurations", "0,2", "--baselines", "2",
+                   "--batch-sizes", ",".join(map(str, BATCH_SIZES)), "--kv-budget", str(KV_BUDGET_GIB),
+                   "--output", str(output)) == 0
+    return output, json.loads((output / "bench.json").read_text())
+
+
+def test_every_row_decodes_at_every_batch_size(batched):
+    """B copies of the prompt hold B prompts' cache; tokens/s, bytes read and ratios follow from what was timed."""
+    output, rows = batched
+    plan = bench.BenchPlan("tiny")  # the bench's shapes and dtype
+    full_weights = bench.decode_weight_bytes(bench._build(plan.dense_config, plan))
+    visor_weights = bench.decode_weight_bytes(bench._build(plan.config, plan))
+    assert full_weights < visor_weights  # the CA blocks are read too
+    full = next(row for row in rows if row["method"] == "full")
+    for row in rows:
+        assert [batch["batch_size"] for batch in row["batched"]] == list(BATCH_SIZES)
+        on_visor = row["method"] == "visor" or row["method"].startswith("visor+")
+        prompt_bytes = row["kv_bytes_visual"] + row["kv_bytes_text"]
+        for batch, full_batch in zip(row["batched"], full["batched"]):
+            size = batch["batch_size"]
+            assert batch["prefill_s"] is None and batch["decode_s_per_step"] > 0
+            assert batch["kv_bytes"] == size * prompt_bytes
+            assert batch["decode_tokens_per_s"] == pytest.approx(size / batch["decode_s_per_step"])
+            weights = batch["bytes_read_per_step"] - batch["kv_bytes"]
+            assert weights == (visor_weights if on_visor else full_weights)
+            assert batch["decode_speedup"] == pytest.approx(full_batch["decode_s_per_step"] / batch["decode_s_per_step"])
+            assert batch["bytes_read_ratio"] == pytest.approx(full_batch["bytes_read_per_step"] / batch["bytes_read_per_step"])
+            assert batch["peak_memory_bytes"] > weights  # the process holds at least the weights (Linux: /proc)
+        assert row["requests_in_budget"] == int(KV_BUDGET_GIB * 2**30 // prompt_bytes)
+    ca_only = next(row for row in rows if row["method"] == "visor" and row["configuration"] == 0)
+    assert ca_only["requests_in_budget"] > full["requests_in_budget"]
+    with Image.open(output / "decode.png") as image:
+        image.verify()
+        assert image.format == "PNG"
+
+
+@pytest.mark.parametrize("method", ["full", "visor", "fastv"])
+def test_a_repeated_cache_decodes_as_a_batched_prefill_of_identical_prompts(method):
+    """What the bench times without --batched-prefill is what B prompts prefilled together would decode."""
+    import torch
+
+    from visor import reduction
+
+    plan = bench.BenchPlan("tiny", dtype="float32")
+    config = plan.dense_config if method != "visor" else plan.config
+    model = bench._build(config, plan)
+    if method == "fastv":
+        model = reduction.pruned(model, reduction.reduction_at(plan.config, "fastv", 0.5))
+    input_ids, text_ids, images = bench._prompt(model, plan, 24, seed=0)
+    inputs = dict(input_ids=input_ids, **images, use_cache=True, logits_to_keep=1)
+    if method == "visor":
+        inputs["configuration"] = 1
+    step = dict(input_ids=text_ids[:1].expand(3, 1), use_cache=True)
+    with torch.inference_mode():
+        repeated = model(**inputs).past_key_values
+        repeated.reorder_cache(torch.zeros(3, dtype=torch.long))
+        batched = model(**bench._repeated(inputs, 3)).past_key_values
+        assert repeated.nbytes() == batched.nbytes()
+        for _ in range(2):
+            expected = model(**step, past_key_values=batched).logits
+            torch.testing.assert_close(model(**step, past_key_values=repeated).logits, expected)
+
+
+def test_batched_prefill_is_timed_on_request(tmp_path):
+    assert run_cli("--preset", "tiny-qwen3-vl", "--visual-tokens", "24", "--text-tokens", str(TEXT_TOKENS),
+                   "--repeats", "1", "--decode-tokens", "1", "--configurations", "0", "--batch-sizes", "2",
+                   "--batched-prefill", "--output", str(tmp_path)) == 0
+    for row in json.loads((tmp_path / "bench.json").read_text()):
+        (batch,) = row["batched"]
+        assert batch["prefill_s"] > 0 and batch["kv_bytes"] == 2 * (row["kv_bytes_visual"] + row["kv_bytes_text"])
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(batch_sizes=(8, 0)), r"batch sizes must be at least 1, got \[8, 0\]"),
+        (dict(batched_prefill=True), "batched prefill needs batch sizes"),
+        (dict(kv_budget_gib=1e-6, visual_tokens=(729,)), "a KV budget of 1e-06 GiB holds no request: VISOR configuration 0"),
+        (dict(kv_budget_gib=-1.0), "holds no request"),
+    ],
+)
+def test_bad_batched_input_is_refused_before_any_model_is_built(options, message):
+    with pytest.raises(ValueError, match=message):
+        bench.BenchPlan(**{"preset": "tiny", **options})
+
+
+def test_cli_refuses_batch_size_zero(tmp_path, capsys):
+    assert run_cli("--preset", "tiny", "--batch-sizes", "0", "--output", str(tmp_path)) == 2
+    assert "bench: error: batch sizes must be at least 1" in capsys.readouterr().err
+
+
+# ---- end to end: the vision tower too --------------------------------------------------------------------------------
+def test_end_to_end_adds_the_vision_tower_to_time_to_first_token(tmp_path):
+    """Timed once per visual-token count (the same image for every method); the floor has no image."""
+    assert run_cli("--preset", "tiny", "--visual-tokens", "128,320", "--text-tokens", str(TEXT_TOKENS), "--repeats",
+                   "1", "--decode-tokens", "1", "--configurations", "0", "--baselines", "2", "--end-to-end",
+                   "--output", str(tmp_path)) == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())
+    for visual in (128, 320):
+        sweep = [row for row in rows if row["visual_tokens"] == visual]
+        full = next(row for row in sweep if row["method"] == "full")
+        assert len({row["vision_s"] for row in sweep if row["method"] != "text-only"}) == 1 and full["vision_s"] > 0
+        for row in sweep:
+            if row["method"] == "text-only":
+                assert row["vision_s"] is None and row["time_to_first_token_s"] is None
+                continue
+            assert row["time_to_first_token_s"] == pytest.approx(row["vision_s"] + row["prefill_s"])
+            assert row["time_to_first_token_speedup"] == pytest.approx(
+                full["time_to_first_token_s"] / row["time_to_first_token_s"])
+    with Image.open(tmp_path / "time-to-first-token.png") as image:
+        image.verify()
+        assert image.format == "PNG"
+
+
+def test_end_to_end_needs_an_image_of_that_many_tokens():
+    """The tiny LLaVA-OV model's anyres images run 2, 3 or 5 crops of 64 tokens: 24 tokens would be one crop."""
+    with pytest.raises(ValueError, match="no image runs exactly 1 crops"):
+        bench.BenchPlan("tiny", visual_tokens=(128, 24), end_to_end=True)
+    bench.BenchPlan("tiny-qwen3-vl", visual_tokens=(13, 24), end_to_end=True)  # any count is a grid there

@@ -14,6 +14,7 @@ from visor.config import Schedule
 from visor.flops import (
     decode_flops_per_token,
     image_tokens,
+    kv_cache_bytes,
     llm_prefill_flops,
     nominal_vision_flops,
     savings,
@@ -155,6 +156,22 @@ def test_decode_step_matches_flop_counter(seed):
     for index in range(len(visor.config.configurations)):
         for step, measured in enumerate(counted_decode_steps(visor, prompt, configuration=index)):
             assert_exact(measured, decode_flops_per_token(visor.config, visual, text, Schedule.of(visor.config, index), step).total)
+
+
+# ---- the KV cache's bytes against a real cache -------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 10, 12])  # 10 and 12: CA blocks with fewer K/V heads than their host
+def test_kv_cache_bytes_match_the_cache_a_prefill_leaves(seed):
+    """fp32 keys/values: the stock model's cache in total, VISOR's split into visual and text, per configuration
+    (random CA layers and CA key/value heads)."""
+    stock, visor, prompt, _, visual, text = build(seed)
+    with torch.no_grad():
+        stock_cache = stock(**prompt, use_cache=True, logits_to_keep=1).past_key_values
+        stock_bytes = sum(t.numel() * t.element_size() for layer in stock_cache.layers for t in (layer.keys, layer.values))
+        assert stock_bytes == sum(kv_cache_bytes(stock.config, visual, text, Schedule.full(stock.config), 4).values())
+        for index in range(len(visor.config.configurations)):
+            cache = visor(**prompt, configuration=index, use_cache=True, logits_to_keep=1).past_key_values
+            assert cache.nbytes() == kv_cache_bytes(visor.config, visual, text, Schedule.of(visor.config, index), 4)
+    assert kv_cache_bytes(visor.config, visual, text, Schedule.text_only(), 4)["visual"] == 0
 
 
 # ---- algebra at real shapes (nothing is built) --------------------------------------------------------------------------

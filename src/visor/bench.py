@@ -22,13 +22,30 @@ What is measured, and how:
   `visor+…`) on the largest visual-token count k that reaches the ratio (`llm_visual_tokens`); which k tokens
   they keep changes accuracy, not LLM cost. Their vision-side scoring (VisionZip, HiRED) is not in `vision_flops`.
   They exist for LLaVA-OV only (`reduction.methods_for`); on the other families the in-LLM methods run alone.
+- Batched decoding (`--batch-sizes 1,8,32`): for every row, B copies of its prompt decode together. Their cache is
+  the row's prefill cache repeated B times (what a batched prefill of B identical prompts leaves, tested), unless
+  `--batched-prefill` times that prefill itself (on a CPU it is B times the work of one; on a GPU it shows what
+  batching gains). Per batch size: decode seconds per step and tokens/s, the batch's KV bytes, the peak memory of
+  building the batch's cache and decoding it (an accelerator's allocator peak; on CPU the process's resident
+  memory sampled every 5 ms), and the bytes a decode step reads (every weight the step uses plus the batch's
+  cache): a decode step that is bound by memory traffic speeds up by that ratio, so the measured decode speed-up
+  over the full model is set against it.
+- End to end (`--end-to-end`): the vision tower and projector on the image `nominal_vision_flops` prices, from
+  random pixels (`Backbone.nominal_pixel_inputs`), timed once per visual-token count (it is the same for every
+  method), so that time to first token = vision + LLM prefill; the text-only floor has no image and no such time.
+- `--kv-budget GIB`: how many requests' caches (the prompt's, after prefill) fit in that much memory, per row:
+  what a serving engine's KV pool would hold after the weights.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
+import math
+import os
 import statistics
+import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
@@ -47,6 +64,7 @@ from visor.device import check_device, default_device
 from visor.files import save_figure, write_json
 from visor.flops import (
     decode_flops_per_token,
+    kv_cache_bytes,
     layerwise_decode_flops_per_token,
     llm_prefill_flops,
     nominal_vision_flops,
@@ -72,6 +90,10 @@ class BenchPlan:
     dtype: str = "bfloat16"
     baselines: tuple[float, ...] = ()  # target FLOPs ratios of the token-reduction baselines; () = none
     cross_attention_key_value_heads: int | None = None  # CA blocks' K/V heads; None = the host layer's
+    batch_sizes: tuple[int, ...] = ()  # batched decoding at these batch sizes; () = none
+    batched_prefill: bool = False  # time the prefill of B prompts too (else their cache is one prefill's, repeated)
+    kv_budget_gib: float | None = None  # memory for KV caches: how many requests each row fits
+    end_to_end: bool = False  # also time the vision tower: time to first token
 
     def __post_init__(self):
         config = self.config  # an unknown preset or a bad head count raises here
@@ -91,7 +113,29 @@ class BenchPlan:
             raise ValueError(f"baseline FLOPs ratios must be >= 1, got {list(self.baselines)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if any(size < 1 for size in self.batch_sizes):
+            raise ValueError(f"batch sizes must be at least 1, got {list(self.batch_sizes)}")
+        if self.batched_prefill and not self.batch_sizes:
+            raise ValueError("batched prefill needs batch sizes (--batch-sizes)")
+        if self.kv_budget_gib is not None:
+            self._check_kv_budget()
+        if self.end_to_end:
+            for visual in self.visual_tokens:  # raises where the family has no image of that many tokens
+                backbone_for(self.config).nominal_pixel_inputs(visual)
         check_device(self.device)
+
+    def _check_kv_budget(self) -> None:
+        """The budget must hold at least one request of the cheapest VISOR configuration benched."""
+        element_size = DTYPES[self.dtype].itemsize
+        cheapest = min(
+            (sum(kv_cache_bytes(self.config, min(self.visual_tokens), self.text_tokens, Schedule.of(self.config, index),
+                                element_size).values()), index)
+            for index in self.visor_configurations)
+        if not self.kv_budget_gib * 2**30 >= cheapest[0]:
+            raise ValueError(
+                f"a KV budget of {self.kv_budget_gib:g} GiB holds no request: VISOR configuration {cheapest[1]}, the "
+                f"cheapest here, needs {cheapest[0] / 2**20:.3g} MiB per request at {min(self.visual_tokens)} "
+                f"visual tokens")
 
     @cached_property
     def config(self):
@@ -114,6 +158,21 @@ class BenchPlan:
 
 
 @dataclass
+class BatchedDecoding:
+    """B copies of a row's prompt decoding together (see the module notes)."""
+
+    batch_size: int
+    prefill_s: float | None  # the batched prefill (`batched_prefill`); None: not timed
+    decode_s_per_step: float  # median of `decode_tokens` steps, each one token for all B prompts
+    decode_tokens_per_s: float
+    kv_bytes: int  # the batch's cache after prefill
+    bytes_read_per_step: int  # the weights a decode step uses + the batch's cache
+    peak_memory_bytes: int | None  # None: not measurable on this device
+    decode_speedup: float | None = None  # full model's decode seconds per step at this batch size / this row's
+    bytes_read_ratio: float | None = None  # full model's bytes read per step at this batch size / this row's
+
+
+@dataclass
 class BenchRow:
     method: str  # "full", "visor", "text-only" or a `visor.reduction` method
     configuration: int | None  # VISOR configuration index (None for full and text-only)
@@ -131,6 +190,11 @@ class BenchRow:
     speedup: float | None = None  # full model's measured prefill seconds / this row's
     setting: str | None = None  # a baseline's target FLOPs ratio, e.g. "4x"
     llm_visual_tokens: int | None = None  # visual tokens a pre-LLM baseline hands the language model
+    requests_in_budget: int | None = None  # prompts' caches that fit `kv_budget_gib`
+    vision_s: float | None = None  # `end_to_end`: the vision tower + projector on this row's image
+    time_to_first_token_s: float | None = None  # vision_s + prefill_s
+    time_to_first_token_speedup: float | None = None  # the full model's / this row's
+    batched: list[BatchedDecoding] = field(default_factory=list)
 
 
 def run_bench(plan: BenchPlan) -> list[BenchRow]:
@@ -149,6 +213,9 @@ def run_bench(plan: BenchPlan) -> list[BenchRow]:
         for model_config, specs, reduced in ((plan.dense_config, dense, on_full), (config, sparse, on_visor)):
             progress.set_postfix_str(f"building {plan.preset} ({'full' if specs is dense else 'VISOR'})")
             model = _build(model_config, plan)
+            if plan.end_to_end and specs is dense:
+                progress.set_postfix_str("vision tower")
+                vision_seconds = {visual: _vision_seconds(model, plan, visual) for visual in plan.visual_tokens}
             for method, index, visual in specs:
                 progress.set_postfix_str(f"{method} {'' if index is None else index} Nv={visual}")
                 rows.append(_measure(model, plan, method, index, visual))
@@ -166,6 +233,15 @@ def run_bench(plan: BenchPlan) -> list[BenchRow]:
         full = next(other for other in rows if other.method == "full" and other.visual_tokens == row.visual_tokens)
         row.flops_ratio = full.llm_prefill_flops / row.llm_prefill_flops
         row.speedup = full.prefill_s / row.prefill_s
+        for batch, full_batch in zip(row.batched, full.batched, strict=True):
+            batch.decode_speedup = full_batch.decode_s_per_step / batch.decode_s_per_step
+            batch.bytes_read_ratio = full_batch.bytes_read_per_step / batch.bytes_read_per_step
+        if plan.kv_budget_gib is not None:
+            row.requests_in_budget = math.floor(plan.kv_budget_gib * 2**30 / (row.kv_bytes_visual + row.kv_bytes_text))
+        if plan.end_to_end and row.method != "text-only":
+            row.vision_s = vision_seconds[row.visual_tokens]
+            row.time_to_first_token_s = row.vision_s + row.prefill_s
+            row.time_to_first_token_speedup = (vision_seconds[row.visual_tokens] + full.prefill_s) / row.time_to_first_token_s
     return rows
 
 
@@ -191,10 +267,10 @@ def _measure(model, plan: BenchPlan, method: str, configuration: int | None, vis
 
 def _row(plan: BenchPlan, method: str, visual: int, timings: tuple, **measured) -> BenchRow:
     """A row from what every method shares: the prompt's sizes, `_timings`' results, the vision side's cost."""
-    prefill_s, decode_s, kv_bytes = timings
+    prefill_s, decode_s, kv_bytes, batched = timings
     return BenchRow(method=method, visual_tokens=visual, text_tokens=plan.text_tokens, prefill_s=prefill_s,
                     decode_s_per_token=decode_s, kv_bytes_visual=kv_bytes["visual"], kv_bytes_text=kv_bytes["text"],
-                    **_vision_cost(plan.config, visual), **measured)
+                    batched=batched, **_vision_cost(plan.config, visual), **measured)
 
 
 def _vision_cost(config, visual: int) -> dict:
@@ -247,7 +323,8 @@ def _prompt(model, plan: BenchPlan, visual: int, seed: int):
 
 
 def _timings(model, plan: BenchPlan, inputs: dict, text_ids: torch.Tensor):
-    """(median prefill seconds, median decode seconds per token, KV bytes after prefill) of one prompt."""
+    """(median prefill seconds, median decode seconds per token, KV bytes after prefill, batched decoding at
+    `plan.batch_sizes`) of one prompt."""
     device = torch.device(plan.device)
     prefill_times = []
     for _ in range(plan.repeats + 1):  # the first run is the warm-up
@@ -255,13 +332,114 @@ def _timings(model, plan: BenchPlan, inputs: dict, text_ids: torch.Tensor):
         seconds, output = _timed(device, lambda: model(**inputs))
         prefill_times.append(seconds)
     cache = output.past_key_values
+    del output
     kv_bytes = cache.nbytes()
-
-    step = dict(input_ids=text_ids[:1][None].to(device), past_key_values=cache, use_cache=True)
-    decode_times = [_timed(device, lambda: model(**step))[0] for _ in range(plan.decode_tokens + 1)]
-    del cache, output
+    batched = [_batched_decoding(model, plan, inputs, cache, text_ids, size) for size in plan.batch_sizes]
+    decode_s = _decode_seconds(model, plan, cache, text_ids)
+    del cache
     gc.collect()
-    return statistics.median(prefill_times[1:]), statistics.median(decode_times[1:]), kv_bytes
+    return statistics.median(prefill_times[1:]), decode_s, kv_bytes, batched
+
+
+def _decode_seconds(model, plan: BenchPlan, cache, text_ids: torch.Tensor, batch: int = 1) -> float:
+    """Median seconds of `plan.decode_tokens` decode steps (one token for each of the cache's `batch` prompts) after
+    one warm-up step. The cache grows by the steps' tokens."""
+    device = torch.device(plan.device)
+    step = dict(input_ids=text_ids[:1].expand(batch, 1).to(device), past_key_values=cache, use_cache=True)
+    decode_times = [_timed(device, lambda: model(**step))[0] for _ in range(plan.decode_tokens + 1)]
+    return statistics.median(decode_times[1:])
+
+
+def _batched_decoding(model, plan: BenchPlan, inputs: dict, cache, text_ids: torch.Tensor, size: int) -> BatchedDecoding:
+    """`size` copies of the prompt decoding together, from `cache` (the prompt's, left unchanged) repeated or from a
+    timed batched prefill."""
+    device = torch.device(plan.device)
+    with PeakMemory(device) as peak:
+        if plan.batched_prefill:
+            prefill_s, output = _timed(device, lambda: model(**_repeated(inputs, size)))
+            batch_cache = output.past_key_values
+            del output
+        else:
+            prefill_s, batch_cache = None, copy.deepcopy(cache)
+            batch_cache.reorder_cache(torch.zeros(size, dtype=torch.long, device=device))
+        kv_bytes = sum(batch_cache.nbytes().values())
+        decode_s = _decode_seconds(model, plan, batch_cache, text_ids, size)
+        del batch_cache
+    return BatchedDecoding(batch_size=size, prefill_s=prefill_s, decode_s_per_step=decode_s,
+                           decode_tokens_per_s=size / decode_s, kv_bytes=kv_bytes,
+                           bytes_read_per_step=decode_weight_bytes(model) + kv_bytes, peak_memory_bytes=peak.bytes)
+
+
+def _repeated(inputs: dict, size: int) -> dict:
+    """A one-prompt model call's inputs for `size` copies of that prompt: tensors (input_ids, one row per image such
+    as image_grid_thw) and the list of image features repeated along the batch."""
+    repeated = {}
+    for name, value in inputs.items():
+        if isinstance(value, list):
+            value = value * size
+        elif isinstance(value, torch.Tensor) and value.dim() > 0:
+            value = value.repeat(size, *[1] * (value.dim() - 1))
+        repeated[name] = value
+    return repeated
+
+
+def decode_weight_bytes(model) -> int:
+    """Bytes of the weights a decode step uses: the language model's layers, its final norm and the lm_head, and the
+    CA blocks (whose key/value projections, cached at prefill, are counted though not run). Not the vision tower,
+    projector, CPE or router; the input embedding table only where it is the lm_head's weight."""
+    parts = [backbone_for(model.config).language_model(model), model.lm_head,
+             getattr(model, "cross_attention", torch.nn.Module())]
+    embedding = model.get_input_embeddings().weight
+    weights = {id(weight): weight for part in parts for weight in part.parameters()}
+    if embedding is not model.get_output_embeddings().weight:
+        weights.pop(id(embedding))
+    return sum(weight.numel() * weight.element_size() for weight in weights.values())
+
+
+class PeakMemory:
+    """Peak memory inside a `with` block, in bytes (`bytes`): an accelerator's allocator peak, or on CPU the
+    process's resident memory sampled every 5 ms from /proc (None where there is no /proc)."""
+
+    def __init__(self, device: torch.device, interval_s: float = 0.005):
+        self.device, self.interval_s, self.bytes = device, interval_s, None
+        self._done = threading.Event()
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.device.type == "cpu" and os.path.exists("/proc/self/statm"):
+            self.bytes = _resident_bytes()
+            self._sampler = threading.Thread(target=self._sample, daemon=True)
+            self._sampler.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._done.wait(self.interval_s):
+            self.bytes = max(self.bytes, _resident_bytes())
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.bytes = torch.cuda.max_memory_allocated(self.device)
+        elif self.bytes is not None:
+            self._done.set()
+            self._sampler.join()
+            self.bytes = max(self.bytes, _resident_bytes())
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@torch.inference_mode()
+def _vision_seconds(model, plan: BenchPlan, visual: int) -> float:
+    """Median seconds of the stock vision path (tower, projector, packing) on the image of `visual` tokens that
+    `nominal_vision_flops` prices, after one warm-up."""
+    device, backbone = torch.device(plan.device), backbone_for(model.config)
+    pixels = {name: value.to(device, model.dtype) if value.is_floating_point() else value.to(device)
+              for name, value in backbone.nominal_pixel_inputs(visual).items()}
+    times = [_timed(device, lambda: backbone.encode_images(model, visual, **pixels))[0] for _ in range(plan.repeats + 1)]
+    return statistics.median(times[1:])
 
 
 def _timed(device: torch.device, run):
@@ -285,7 +463,8 @@ def _label(row: BenchRow) -> str:
 
 
 def write_outputs(rows: list[BenchRow], output: str | Path) -> list[Path]:
-    """`bench.json`, `flops.png` and `speedup.png` in `output`; returns their paths."""
+    """`bench.json`, `flops.png`, `speedup.png` and, with batched decoding, `decode.png` in `output`; returns
+    their paths."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     paths = [output / "bench.json", output / "flops.png", output / "speedup.png"]
@@ -323,7 +502,43 @@ def write_outputs(rows: list[BenchRow], output: str | Path) -> list[Path]:
              ylabel="measured prefill speed-up (full / method)", title="Measured speed-up vs FLOPs ratio")
     axes.legend(fontsize="small")
     save_figure(figure, paths[2])
+    if rows[0].batched:
+        paths.append(save_figure(_decode_figure(lines, colors), output / "decode.png"))
+    if rows[0].vision_s is not None:
+        paths.append(save_figure(_time_to_first_token_figure(rows), output / "time-to-first-token.png"))
     return paths
+
+
+def _time_to_first_token_figure(rows: list[BenchRow]) -> Figure:
+    """Time to first token split into the vision side and the LLM prefill, one panel per visual-token count."""
+    visual_counts = sorted({row.visual_tokens for row in rows})
+    figure = Figure(figsize=(6 * len(visual_counts), 0.5 * len(rows) / len(visual_counts) + 2), layout="constrained")
+    for axes, visual in zip(figure.subplots(1, len(visual_counts), squeeze=False)[0], visual_counts):
+        shown = [row for row in rows if row.visual_tokens == visual and row.vision_s is not None][::-1]
+        labels = [_label(row) for row in shown]
+        axes.barh(labels, [row.vision_s for row in shown], color="grey", label="vision tower + projector")
+        axes.barh(labels, [row.prefill_s for row in shown], left=[row.vision_s for row in shown],
+                  color="tab:blue", label="LLM prefill")
+        axes.set(xlabel="seconds", title=f"Time to first token, {visual} visual tokens")
+        axes.legend(fontsize="small")
+    return figure
+
+
+def _decode_figure(lines: dict[str, list[BenchRow]], colors: dict) -> Figure:
+    """Decode tokens/s against batch size, one panel per visual-token count."""
+    visual_counts = sorted({row.visual_tokens for series in lines.values() for row in series})
+    figure = Figure(figsize=(5 * len(visual_counts), 4.5), layout="constrained")
+    for axes, visual in zip(figure.subplots(1, len(visual_counts), squeeze=False)[0], visual_counts):
+        for label, series in lines.items():
+            for row in series:
+                if row.visual_tokens == visual:
+                    axes.plot([batch.batch_size for batch in row.batched],
+                              [batch.decode_tokens_per_s for batch in row.batched],
+                              marker="o", label=label, color=colors[label])
+        axes.set(xscale="log", yscale="log", xlabel="requests decoding together (batch size)",
+                 ylabel="decode tokens/s", title=f"Batched decoding, {visual} visual tokens")
+        axes.legend(fontsize="small")
+    return figure
 
 
 # ---- command line ---------------------------------------------------------------------------------------------------
@@ -350,6 +565,16 @@ def register(subparsers) -> None:
     parser.add_argument("--cross-attention-heads", type=int, default=None, metavar="N",
                         help="key/value heads of VISOR's CA blocks (default: the host layer's; fewer project the "
                              "visual tokens more cheaply)")
+    parser.add_argument("--batch-sizes", type=comma_separated(), default=BenchPlan.batch_sizes,
+                        help="also decode this many copies of each prompt together, e.g. 1,8,32: tokens/s, KV "
+                             "bytes, peak memory and bytes read per step (default none)")
+    parser.add_argument("--batched-prefill", action="store_true",
+                        help="with --batch-sizes, time the prefill of the whole batch too (default: the batch's "
+                             "cache is one prompt's, repeated)")
+    parser.add_argument("--end-to-end", action="store_true",
+                        help="also time the vision tower on each image: time to first token = vision + LLM prefill")
+    parser.add_argument("--kv-budget", type=float, default=None, metavar="GIB",
+                        help="memory for KV caches in GiB: report how many requests each row fits")
     command(parser, _command, output="folder")
 
 
@@ -358,7 +583,8 @@ def _command(args: argparse.Namespace) -> int:
         preset=args.preset, visual_tokens=args.visual_tokens, text_tokens=args.text_tokens,
         repeats=args.repeats, decode_tokens=args.decode_tokens, configurations=args.configurations,
         device=args.device or default_device(), dtype=args.dtype, baselines=args.baselines,
-        cross_attention_key_value_heads=args.cross_attention_heads,
+        cross_attention_key_value_heads=args.cross_attention_heads, batch_sizes=args.batch_sizes,
+        batched_prefill=args.batched_prefill, kv_budget_gib=args.kv_budget, end_to_end=args.end_to_end,
     )
     rows = run_bench(plan)
     paths = write_outputs(rows, args.output)
@@ -368,12 +594,37 @@ def _command(args: argparse.Namespace) -> int:
 
 
 def _table(rows: list[BenchRow]) -> str:
+    budget = rows[0].requests_in_budget is not None
     lines = [f"{'method':<22}{'Nv':>6}{'GFLOPs':>10}{'ratio':>7}{'prefill s':>11}{'speed-up':>10}"
-             f"{'decode ms':>11}{'KV vis MB':>11}{'KV text MB':>12}"]
+             f"{'decode ms':>11}{'KV vis MB':>11}{'KV text MB':>12}" + (f"{'in budget':>11}" if budget else "")]
     for row in rows:
         lines.append(
             f"{_label(row):<22}{row.visual_tokens:>6}{row.llm_prefill_flops / 1e9:>10.4g}{row.flops_ratio:>7.2f}"
             f"{row.prefill_s:>11.3g}{row.speedup:>10.2f}{row.decode_s_per_token * 1e3:>11.3g}"
             f"{row.kv_bytes_visual / 2**20:>11.3g}{row.kv_bytes_text / 2**20:>12.3g}"
+            + (f"{row.requests_in_budget:>11}" if budget else "")
         )
+    if rows[0].batched:
+        lines += ["", f"{'method':<22}{'Nv':>6}{'batch':>6}{'prefill s':>11}{'step ms':>10}{'tokens/s':>10}"
+                      f"{'speed-up':>10}{'bytes ratio':>13}{'KV MB':>10}{'peak MB':>9}"]
+        for row in rows:
+            for batch in row.batched:
+                prefill = "-" if batch.prefill_s is None else f"{batch.prefill_s:.3g}"
+                peak = "-" if batch.peak_memory_bytes is None else f"{batch.peak_memory_bytes / 2**20:.0f}"
+                lines.append(
+                    f"{_label(row):<22}{row.visual_tokens:>6}{batch.batch_size:>6}{prefill:>11}"
+                    f"{batch.decode_s_per_step * 1e3:>10.4g}{batch.decode_tokens_per_s:>10.4g}"
+                    f"{batch.decode_speedup:>10.2f}{batch.bytes_read_ratio:>13.2f}{batch.kv_bytes / 2**20:>10.1f}{peak:>9}")
+    if rows[0].vision_s is not None:
+        lines += ["", f"{'method':<22}{'Nv':>6}{'vision s':>10}{'LLM s':>9}{'TTFT s':>9}{'speed-up':>10}"
+                      f"{'vision share':>14}{'FLOPs ratio':>13}"]
+        for row in rows:
+            if row.vision_s is None:
+                continue
+            full = next(other for other in rows if other.method == "full" and other.visual_tokens == row.visual_tokens)
+            flops_ratio = (full.llm_prefill_flops + full.vision_flops) / (row.llm_prefill_flops + row.vision_flops)
+            lines.append(
+                f"{_label(row):<22}{row.visual_tokens:>6}{row.vision_s:>10.3g}{row.prefill_s:>9.3g}"
+                f"{row.time_to_first_token_s:>9.3g}{row.time_to_first_token_speedup:>10.2f}"
+                f"{row.vision_s / row.time_to_first_token_s:>14.0%}{flops_ratio:>13.2f}")
     return "\n".join(lines)

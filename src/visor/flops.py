@@ -16,6 +16,9 @@ Per sample with N_v visual and N_t text tokens (S = N_v + N_t), a layer is one o
 `visor.config.Schedule`, which every count takes explicitly: SA = the stock layer over S tokens; text = the stock
 layer over N_t tokens; CA = a CA block, then a text layer. The vision side (how many crops and tokens an image
 becomes, what the vision tower costs) comes from the model family's backbone adapter (`visor.backbones`).
+
+The same arithmetic gives the bytes of the KV cache a prompt leaves (`kv_cache_bytes`): what a decode step reads
+besides the weights, and what limits how many requests a server holds.
 """
 
 from __future__ import annotations
@@ -153,6 +156,24 @@ def decode_flops_per_token(
         keys = visual + text_keys if layer in schedule.self_attention else text_keys
         layers += _decoder_layer_flops(text_config, 1, keys)
     return FlopCount({"layers": layers, "cross_attention": cross, "lm_head": _lm_head_flops(text_config, 1)})
+
+
+def kv_cache_bytes(config, visual_tokens: int, text_tokens: int, schedule: Schedule, element_size: int) -> dict[str, int]:
+    """Bytes of keys and values one prompt leaves in the cache: {"visual": …, "text": …}.
+
+    Every layer keeps its text tokens' keys/values; visual ones stay in the SA layers (the host layer's K/V heads)
+    and in the CA blocks (their own K/V heads, `cross_attention_key_value_heads`). Equals `VisorCache.nbytes()`
+    after prefill (tests/test_flops.py).
+    """
+    _check_counts(visual_tokens=visual_tokens, text_tokens=text_tokens)
+    visual = visual_tokens if schedule.visual else 0
+    text_config = config.text_config
+    _, kv_heads, head_dim = _attention_shape(text_config)
+    cross_heads = getattr(config, "cross_attention_key_value_heads", None) or kv_heads
+    per_token = 2 * head_dim * element_size  # one key and one value per head
+    layers = text_config.num_hidden_layers
+    visual_heads = len(schedule.self_attention) * kv_heads + len(schedule.cross_attention) * cross_heads
+    return {"visual": visual * visual_heads * per_token, "text": text_tokens * layers * kv_heads * per_token}
 
 
 def router_flops(config) -> int:

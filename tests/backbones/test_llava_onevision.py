@@ -40,6 +40,25 @@ def test_unpadding_shows_in_the_grid(stock):
     assert backbone.crop_grid((64, 128)) == (1, 2) and backbone.crops((64, 128)) == 3
 
 
+def test_a_nominal_image_in_pixels_is_the_vision_work_counted(stock):
+    """What `visor bench --end-to-end` times: ceil(N / tokens per crop) crops through the stock vision path."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from visor.flops import nominal_vision_flops
+
+    backbone = backbone_for(stock.config)
+    per_crop = backbone.tokens_per_crop()
+    for tokens in (2 * per_crop, 3 * per_crop - 5, 5 * per_crop):
+        pixels = backbone.nominal_pixel_inputs(tokens)
+        assert pixels["pixel_values"].shape[1] == backbone.crops(tuple(pixels["image_sizes"][0].tolist()))
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            backbone.encode_images(stock, tokens, **pixels)
+        assert counter.get_total_flops() == nominal_vision_flops(stock.config, tokens).total
+    with pytest.raises(ValueError, match="no image runs exactly 1 crops .* anyres images run 2, 3, 5 crops"):
+        backbone.nominal_pixel_inputs(per_crop)
+
+
 def test_stock_and_visor_configs_find_the_family_and_its_classes(stock):
     visor_config = VisorConfig.from_stock_config(stock.config)
     for config in (stock.config, visor_config):

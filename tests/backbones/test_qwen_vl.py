@@ -475,6 +475,16 @@ def test_a_nominal_image_has_exactly_its_tokens_in_a_near_square_grid(stock):
     assert backbone.nominal_image_inputs(7290)["image_grid_thw"].tolist() == [[1, 81 * merge, 90 * merge]]
 
 
+@pytest.mark.parametrize("tokens", [13, 64])
+def test_a_nominal_image_in_pixels_is_the_vision_work_counted(stock, tokens):
+    """What `visor bench --end-to-end` times: the stock vision path on the nominal image, N tokens, its FLOPs."""
+    backbone = backbone_for(stock.config)
+    features = []
+    measured = _counted(lambda: features.extend(backbone.encode_images(stock, tokens, **backbone.nominal_pixel_inputs(tokens))))
+    assert measured == nominal_vision_flops(stock.config, tokens).total
+    assert [image.shape[-2] for image in features] == [tokens]  # Qwen3-VL: (1 + DeepStack layers, N, d)
+
+
 def test_precomputed_features_with_their_grids_replace_the_images(sparse, batch):
     """Positions need the grids only: features computed once serve every configuration."""
     features = sparse.backbone.encode_images(sparse, 0, pixel_values=batch["pixel_values"],

@@ -61,10 +61,15 @@ def router_of(hidden_size: int, configurations: int, mode: str = "softmax", rout
 
 
 def _splitting_tau(model, inputs) -> float:
-    """A τ at which the (random) router sends some samples to configuration 0 and others elsewhere."""
+    """A τ at which the (random) router sends some samples to configuration 0 and others elsewhere: midway
+    between the two middle probabilities, so that no sample sits on the threshold (where the last bit of a batched
+    against a one-sample matmul would decide)."""
     with torch.no_grad():
         probability = model.router.probabilities(model.router(router_features(model, inputs)))[:, 0]
-    return float(probability.median())
+    ordered = probability.sort().values
+    middle = len(ordered) // 2
+    assert ordered[middle - 1] < ordered[middle], "the test needs distinct probabilities in the middle"
+    return float((ordered[middle - 1] + ordered[middle]) / 2)
 
 
 # ---- the decision rule ------------------------------------------------------------------------------------------

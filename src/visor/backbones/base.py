@@ -105,6 +105,11 @@ class Backbone:
         as precomputed features (what positions need; the same image as `nominal_vision_flops`)."""
         raise NotImplementedError
 
+    def nominal_pixel_inputs(self, visual_tokens: int) -> dict:
+        """Random pixels of that same image, as `encode_images` takes them: the vision work `nominal_vision_flops`
+        counts, to time it. A ValueError when the family has no such image."""
+        raise NotImplementedError
+
     def vision_tower(self, model) -> nn.Module:
         raise NotImplementedError
 

@@ -162,6 +162,20 @@ class LlavaOnevision(Backbone):
     def nominal_image_inputs(self, visual_tokens):
         return {}  # positions are 0 … S-1 whatever the image
 
+    def nominal_pixel_inputs(self, visual_tokens):
+        """ceil(N / tokens per crop) crops of random pixels, with an image size whose anyres grid makes exactly that
+        many crops (a grid pinpoint)."""
+        crops = math.ceil(visual_tokens / self.tokens_per_crop())
+        sizes = [tuple(pinpoint) for pinpoint in self.config.image_grid_pinpoints if self.crops(pinpoint) == crops]
+        if not sizes:
+            possible = sorted({self.crops(pinpoint) for pinpoint in self.config.image_grid_pinpoints})
+            raise ValueError(
+                f"no image runs exactly {crops} crops ({visual_tokens} visual tokens at {self.tokens_per_crop()} per "
+                f"crop) through this model's vision tower; anyres images run {', '.join(map(str, possible))} crops")
+        side = self.config.vision_config.image_size
+        pixels = torch.randn(1, crops, 3, side, side, generator=torch.Generator().manual_seed(0))
+        return {"pixel_values": pixels, "image_sizes": torch.tensor([sizes[0]])}
+
     def crop_flops(self, crops: int) -> dict[str, int]:
         """SigLIP (patch conv, every layer's q/k/v/o, attention, fc1/fc2) and the projector over `crops` crops; the
         projector runs on every crop patch before the unpadding, so the cost depends on crops, not tokens."""

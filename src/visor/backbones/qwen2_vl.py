@@ -132,6 +132,14 @@ class QwenVL(Backbone):
     def nominal_image_inputs(self, visual_tokens):
         return {"image_grid_thw": torch.tensor([[1, *self._nominal_patches(visual_tokens)]])}
 
+    def nominal_pixel_inputs(self, visual_tokens):
+        """Random patches of the `nominal_grid` image (one temporal patch of the processor's flattened layout)."""
+        vision = self.config.vision_config
+        grid = self.nominal_image_inputs(visual_tokens)["image_grid_thw"]
+        features = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+        pixels = torch.randn(int(grid.prod()), features, generator=torch.Generator().manual_seed(0))
+        return {"pixel_values": pixels, "image_grid_thw": grid}
+
     @staticmethod
     def nominal_grid(visual_tokens: int) -> tuple[int, int]:
         """rows × columns merged tokens, exactly N of them, as square as N's divisors allow (rows ≤ columns)."""
