@@ -267,9 +267,8 @@ class VisorModel:
             hidden, configuration = layout.merge(streams.visual, streams.text), streams.configuration
             if cache is not None:
                 cache.configuration = configuration
-        hidden = self.text_stack.norm(hidden)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden[:, keep])
+        logits = self.lm_head(self.text_stack.norm(hidden[:, keep]))  # the norm is per token: only the kept ones
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
