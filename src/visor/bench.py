@@ -509,11 +509,18 @@ def write_outputs(rows: list[BenchRow], output: str | Path) -> list[Path]:
     return paths
 
 
+def _panels_per_visual_count(rows: list[BenchRow], width: float, height: float) -> tuple[Figure, list]:
+    """A figure with one panel (width × height inches) per visual-token count of `rows`: (figure, [(axes, count)])."""
+    visual_counts = sorted({row.visual_tokens for row in rows})
+    figure = Figure(figsize=(width * len(visual_counts), height), layout="constrained")
+    return figure, list(zip(figure.subplots(1, len(visual_counts), squeeze=False)[0], visual_counts))
+
+
 def _time_to_first_token_figure(rows: list[BenchRow]) -> Figure:
     """Time to first token split into the vision side and the LLM prefill, one panel per visual-token count."""
-    visual_counts = sorted({row.visual_tokens for row in rows})
-    figure = Figure(figsize=(6 * len(visual_counts), 0.5 * len(rows) / len(visual_counts) + 2), layout="constrained")
-    for axes, visual in zip(figure.subplots(1, len(visual_counts), squeeze=False)[0], visual_counts):
+    per_panel = len(rows) / len({row.visual_tokens for row in rows})
+    figure, panels = _panels_per_visual_count(rows, width=6, height=0.5 * per_panel + 2)
+    for axes, visual in panels:
         shown = [row for row in rows if row.visual_tokens == visual and row.vision_s is not None][::-1]
         labels = [_label(row) for row in shown]
         axes.barh(labels, [row.vision_s for row in shown], color="grey", label="vision tower + projector")
@@ -526,9 +533,8 @@ def _time_to_first_token_figure(rows: list[BenchRow]) -> Figure:
 
 def _decode_figure(lines: dict[str, list[BenchRow]], colors: dict) -> Figure:
     """Decode tokens/s against batch size, one panel per visual-token count."""
-    visual_counts = sorted({row.visual_tokens for series in lines.values() for row in series})
-    figure = Figure(figsize=(5 * len(visual_counts), 4.5), layout="constrained")
-    for axes, visual in zip(figure.subplots(1, len(visual_counts), squeeze=False)[0], visual_counts):
+    figure, panels = _panels_per_visual_count([row for series in lines.values() for row in series], width=5, height=4.5)
+    for axes, visual in panels:
         for label, series in lines.items():
             for row in series:
                 if row.visual_tokens == visual:

@@ -155,14 +155,12 @@ class CrossAttentionBlock(nn.Module):
         if self.use_rope:
             query = _rotate(query, text_rope)
         sees_visual = allowed.any(dim=-1)  # (B, Nt)
+        # Rows with nothing to read attend everywhere (finite softmax) and are zeroed below: never NaN.
+        bias = attention_bias(allowed | ~sees_visual[..., None], query.dtype)
         # Fold each GQA group's queries into the query length: (B, H, Nt, D) -> (B, H_kv, groups * Nt, D).
         groups, kv_heads = self.query_groups, self.num_key_value_heads
         query = query.reshape(batch, kv_heads, groups * text_len, self.head_dim)
-        bias = None  # every text token reads every visual one (no padding): no (groups * Nt, Nv) mask to build
-        if not bool(allowed.all()):
-            # Rows with nothing to read attend everywhere (finite softmax) and are zeroed below: never NaN.
-            bias = attention_bias(allowed | ~sees_visual[..., None], query.dtype)
-            bias = bias[:, :, None].expand(-1, -1, groups, -1, -1).reshape(batch, 1, groups * text_len, -1)
+        bias = bias[:, :, None].expand(-1, -1, groups, -1, -1).reshape(batch, 1, groups * text_len, -1)
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         attended, _ = attend(self, query, keys, values, bias, dropout=0.0, scaling=self.scaling)
         # (B, groups * Nt, H_kv, D) -> (B, Nt, H_kv * groups * D), heads in the stock order (kv head, group).
