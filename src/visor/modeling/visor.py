@@ -231,7 +231,36 @@ class VisorModel:
         family's `Backbone.image_inputs` names; every family's are in this signature, because `generate` checks
         keyword arguments against it) and the other arguments are those of the stock model.
         """
-        if input_ids is None or inputs_embeds is not None:
+        if inputs_embeds is not None:
+            raise ValueError("VISOR needs input_ids (it finds the visual tokens by the <image> token id)")
+        hidden, configuration, cache = self.hidden_states(
+            input_ids, pixel_values, attention_mask, position_ids, past_key_values, use_cache, configuration,
+            image_features, router_threshold, image_sizes=image_sizes, batch_num_images=batch_num_images,
+            image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids, **kwargs)
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(self.text_stack.norm(hidden[:, keep]))  # the norm is per token: only the kept ones
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
+        return VisorOutput(loss=loss, logits=logits, past_key_values=cache, configuration=configuration)
+
+    def hidden_states(
+        self,
+        input_ids: torch.LongTensor | None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        use_cache: bool | None = None,
+        configuration: int | list[int] | torch.Tensor | str | None = None,
+        image_features: list[torch.Tensor] | None = None,
+        router_threshold: float | None = None,
+        **image_arguments,
+    ) -> tuple[torch.Tensor, torch.Tensor, VisorCache | None]:
+        """`forward` up to the final norm: the last layer's hidden states (a prompt: (B, S, d) in the original
+        order; new tokens after a prefilled cache: (B, n, d)), the configuration each sample ran, and the cache.
+        Serving engines that apply the head themselves call this (`visor.integrations.vllm`)."""
+        if input_ids is None:
             raise ValueError("VISOR needs input_ids (it finds the visual tokens by the <image> token id)")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, sequence), got {tuple(input_ids.shape)}")
@@ -242,9 +271,7 @@ class VisorModel:
         attention = self.config.text_config._attn_implementation
         if attention not in SUPPORTED_ATTENTION:
             raise ValueError(f"VISOR runs with attention {SUPPORTED_ATTENTION}, not {attention!r}")
-        image_inputs = self.backbone.select_image_inputs(
-            pixel_values=pixel_values, image_sizes=image_sizes, batch_num_images=batch_num_images,
-            image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids, **kwargs)
+        image_inputs = self.backbone.select_image_inputs(pixel_values=pixel_values, **image_arguments)
         cache = resolve_cache(past_key_values, use_cache, VisorCache, "VISOR")
         prefilled = cache is not None and cache.is_prefilled
         self._check_length(input_ids.shape[1] + (cache.get_seq_length() if prefilled else 0))
@@ -267,12 +294,7 @@ class VisorModel:
             hidden, configuration = layout.merge(streams.visual, streams.text), streams.configuration
             if cache is not None:
                 cache.configuration = configuration
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(self.text_stack.norm(hidden[:, keep]))  # the norm is per token: only the kept ones
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
-        return VisorOutput(loss=loss, logits=logits, past_key_values=cache, configuration=configuration)
+        return hidden, configuration, cache
 
     def generate(self, *args, configuration=None, **kwargs):
         """`GenerationMixin.generate` with `configuration=`; per-sample lists become a tensor so that beam

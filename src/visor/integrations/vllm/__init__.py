@@ -1,0 +1,52 @@
+"""Serving VISOR checkpoints with vLLM (an out-of-tree plugin: no fork, no vendored copy).
+
+`register` is the `vllm.general_plugins` entry point: every vLLM process calls it, and it registers
+`visor.integrations.vllm.model.VisorForVllm` under `ARCHITECTURE`. A VISOR folder is served with a few engine
+arguments that say how to read it (`engine_arguments`): vLLM treats it as an encoder-decoder model with M-RoPE
+positions (the model module says why) and runs one of its configurations. Only the model and processing modules
+import vLLM, which lives in its own environment (`make serve-setup`).
+"""
+
+from __future__ import annotations
+
+ARCHITECTURE = "VisorForVllm"
+CONFIGURATION_KEY = "visor_configuration"  # in vLLM's `additional_config`
+SERVED_MODEL_TYPES = ("visor",)  # VISOR on LLaVA-OneVision
+
+
+def register() -> None:
+    from vllm import ModelRegistry
+
+    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(ARCHITECTURE, "visor.integrations.vllm.model:VisorForVllm")
+
+
+def check_servable(model_type: str | None, configurations: list, configuration: int | None) -> int:
+    """The configuration index a server runs (None: the largest), for a checkpoint of `model_type` with these
+    configurations; a ValueError names what cannot be served."""
+    if model_type not in SERVED_MODEL_TYPES:
+        raise ValueError(f"vLLM serves VISOR checkpoints of LLaVA-OneVision (model type {', '.join(SERVED_MODEL_TYPES)});"
+                         f" this checkpoint is {model_type!r}" + (" (a stock model: `visor convert` makes a VISOR one)"
+                                                                   if model_type == "llava_onevision" else ""))
+    count = len(configurations)
+    index = count - 1 if configuration is None else configuration
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
+        raise ValueError(f"the configuration must be an index into the model's {count} configurations "
+                         f"{configurations}, got {configuration!r}")
+    return index
+
+
+def engine_arguments(model: str, configuration: int | None = None, dtype: str = "auto", **engine_options) -> dict:
+    """Keyword arguments of `vllm.LLM` / `EngineArgs` that serve the VISOR folder `model` with `configuration`
+    (an index into its configurations; default the largest), plus any other engine options."""
+    hf_overrides = {
+        "architectures": [ARCHITECTURE],
+        "is_encoder_decoder": True,
+        # Three equal rows of original-sequence positions (`VisorForVllm.get_mrope_input_positions`).
+        "rope_parameters": {"mrope_section": [1, 1, 1]},
+    }
+    arguments = dict(model=model, hf_overrides=hf_overrides, dtype=dtype, enforce_eager=True,
+                     limit_mm_per_prompt={"image": 1})
+    if configuration is not None:
+        arguments["additional_config"] = {CONFIGURATION_KEY: configuration}
+    return arguments | engine_options

@@ -1,0 +1,64 @@
+"""`visor serve`: vLLM's OpenAI-compatible server on a VISOR checkpoint, one configuration per server.
+
+    visor serve --model DIR                         # the largest configuration, on port 8000
+    visor serve --model DIR --configuration 0 --port 8001 -- --max-num-seqs 64   # options after -- go to vLLM
+
+Runs in the serving environment (`make serve-setup` builds .venv-serve: vLLM pins its own transformers), where
+`.venv-serve/bin/visor serve` replaces itself with `python -m vllm.entrypoints.openai.api_server` and the engine
+arguments `visor.integrations.vllm.engine_arguments` gives. Ask it as any OpenAI-compatible server:
+`POST /v1/chat/completions` with a user message holding one `image_url` part (an https or base64 data URL) and a
+text part. The checkpoint and the configuration are checked before vLLM starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+
+from visor.cli import command
+from visor.integrations.vllm import check_servable, engine_arguments
+from visor.modeling.visor import check_checkpoint_folder
+
+SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("serve", help="serve a VISOR checkpoint with vLLM (OpenAI-compatible API)",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, metavar="DIR", help="a VISOR checkpoint folder with its tokenizer")
+    parser.add_argument("--configuration", type=int, default=None, metavar="N",
+                        help="index of the configuration every request runs (default: the largest)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--dtype", default="auto", help="vLLM's --dtype (default auto: the checkpoint's)")
+    parser.add_argument("vllm_options", nargs=argparse.REMAINDER, metavar="-- VLLM_OPTIONS",
+                        help="further options of vLLM's server, after --")
+    command(parser, _main)
+
+
+def server_command(model: str, configuration: int | None = None, host: str = "127.0.0.1", port: int = 8000,
+                   dtype: str = "auto", vllm_options: list[str] = ()) -> list[str]:
+    """The argv of vLLM's server for `model` (checked first: a ValueError names what cannot be served)."""
+    config = check_checkpoint_folder(model)
+    configuration = check_servable(config.get("model_type"), config.get("configurations", []), configuration)
+    argv = [sys.executable, "-m", SERVER_MODULE, "--host", host, "--port", str(port)]
+    for key, value in engine_arguments(model, configuration, dtype).items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        else:
+            argv += [flag, json.dumps(value) if isinstance(value, (dict, list)) else str(value)]
+    return argv + [option for option in vllm_options if option != "--"]
+
+
+def _main(args) -> int:
+    argv = server_command(args.model, args.configuration, args.host, args.port, args.dtype, args.vllm_options)
+    if importlib.util.find_spec("vllm") is None:
+        raise ValueError("vLLM is not installed in this environment; `make serve-setup` builds one "
+                         "(.venv-serve/bin/visor serve runs there)")
+    print(" ".join(argv), flush=True)
+    os.execv(sys.executable, argv)
+    return 0

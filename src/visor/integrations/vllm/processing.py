@@ -1,0 +1,123 @@
+"""How vLLM turns a request's prompt and image into a VISOR model's inputs.
+
+vLLM serves VISOR as an encoder-decoder model (`visor.integrations.vllm.model` says why). The *encoder* prompt is
+the image's visual tokens alone (vLLM's scheduler runs encoder inputs that start the encoder prompt), which tells
+vLLM how many visual keys and values to make room for. The *decoder* prompt is the prompt's text without the
+`<image>`, whose tokens are the ones every layer caches. Where the image sat in the prompt travels with the image
+as `image_offset` (text tokens before it), which the model's positions are computed from. Pixels come from VISOR's
+own processor (`visor.data.processor`, no torchvision), so vLLM and `VisorForConditionalGeneration` see identical
+inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from functools import cached_property
+
+import torch
+from transformers import BatchFeature
+from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
+from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems, MultiModalDataItems
+from vllm.multimodal.processing import (
+    BaseDummyInputsBuilder, BaseProcessingInfo, EncDecMultiModalProcessor, PromptReplacement, PromptUpdate,
+)
+from vllm.multimodal.processing.inputs import ProcessorInputs
+
+from visor.backbones import backbone_for
+from visor.data.processor import IMAGE_TOKEN, AnyresImages, load_image
+from visor.data.processor import SIGLIP_MEAN, SIGLIP_STD
+
+IMAGES_PER_PROMPT = 1  # LLaVA-OneVision packs a prompt's several images differently (one crop each); not served yet
+
+
+class VisorProcessingInfo(BaseProcessingInfo):
+    @cached_property
+    def backbone(self):
+        return backbone_for(self.get_hf_config())
+
+    @cached_property
+    def images(self) -> AnyresImages:
+        return AnyresImages(self.backbone, SIGLIP_MEAN, SIGLIP_STD)
+
+    def get_supported_mm_limits(self) -> Mapping[str, int | None]:
+        return {"image": IMAGES_PER_PROMPT}
+
+    def visual_tokens(self, width: int, height: int) -> int:
+        return self.backbone.image_tokens((height, width)).visual_tokens
+
+    def largest_image(self) -> tuple[int, int]:
+        height, width = self.backbone.largest_image_size()
+        return width, height
+
+    def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
+        return {"image": self.visual_tokens(*self.largest_image())}
+
+
+class VisorDummyInputsBuilder(BaseDummyInputsBuilder[VisorProcessingInfo]):
+    """The largest image the processor makes, for vLLM's memory profiling."""
+
+    def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
+        return IMAGE_TOKEN * mm_counts.get("image", 0)
+
+    def get_dummy_mm_data(self, seq_len: int, mm_counts: Mapping[str, int], mm_options=None):
+        width, height = self.info.largest_image()
+        overrides = (mm_options or {}).get("image") if isinstance(mm_options, Mapping) else None
+        return {"image": self._get_dummy_images(width=width, height=height, num_images=mm_counts.get("image", 0),
+                                                overrides=overrides)}
+
+
+class VisorMultiModalProcessor(EncDecMultiModalProcessor[VisorProcessingInfo]):
+    skip_decoder_start_token = True  # the decoder prompt is the model's own prompt text, not a fresh sequence
+
+    @property
+    def image_token_id(self) -> int:
+        return self.info.get_hf_config().image_token_id
+
+    def apply(self, inputs: ProcessorInputs, timing_ctx):
+        offsets = [index - count for count, index in enumerate(
+            index for index, token in enumerate(inputs.prompt) if token == self.image_token_id)]
+        kwargs = {**inputs.hf_processor_mm_kwargs, "image_offsets": offsets}
+        return super().apply(replace(inputs, hf_processor_mm_kwargs=kwargs), timing_ctx)
+
+    def create_encoder_prompt(self, prompt: list[int], mm_items: MultiModalDataItems) -> list[int]:
+        return [self.image_token_id] * mm_items.get_count("image", strict=False)  # each becomes its visual tokens
+
+    def create_decoder_prompt(self, prompt: str | list[int], mm_items: MultiModalDataItems) -> list[int]:
+        if isinstance(prompt, str):
+            prompt = self.info.get_tokenizer().encode(prompt, add_special_tokens=False)
+        return [token for token in prompt if token != self.image_token_id]
+
+    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
+        images = [load_image(image, min_side=self.info.images.min_side) for image in hf_data.get("images", [])]
+        return BatchFeature(self.info.images(images) if images else {})
+
+    def _postprocess_hf_mm_data(self, mm_inputs: Mapping[str, object], hf_processor_mm_kwargs: Mapping[str, object],
+                                processed_data: BatchFeature) -> BatchFeature:
+        """Each image's place in the prompt, next to its pixels or its precomputed features (`image_embeds`)."""
+        images = processed_data.get("image_sizes", processed_data.get("image_embeds"))
+        offsets = hf_processor_mm_kwargs.get("image_offsets", [])
+        if images is not None:
+            if len(offsets) != len(images):
+                raise ValueError(f"the prompt has {len(offsets)} {IMAGE_TOKEN} placeholders for {len(images)} images")
+            processed_data["image_offset"] = torch.tensor(offsets)
+        return processed_data
+
+    def _get_mm_fields_config(self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
+                              ) -> Mapping[str, MultiModalFieldConfig]:
+        return dict(pixel_values=MultiModalFieldConfig.batched("image"),
+                    image_sizes=MultiModalFieldConfig.batched("image"),
+                    image_embeds=MultiModalFieldConfig.batched("image"),
+                    image_offset=MultiModalFieldConfig.batched("image"))
+
+    def _get_prompt_updates(self, mm_items: MultiModalDataItems, hf_processor_mm_kwargs: Mapping[str, object],
+                            out_mm_kwargs: MultiModalKwargsItems) -> Sequence[PromptUpdate]:
+        def visual_tokens(item: int) -> list[int]:
+            images = mm_items.get_items("image", (ImageEmbeddingItems, ImageProcessorItems))
+            if isinstance(images, ImageEmbeddingItems):
+                return [self.image_token_id] * images.get_feature_size(item)
+            size = images.get_image_size(item)
+            return [self.image_token_id] * self.info.visual_tokens(size.width, size.height)
+
+        return [PromptReplacement(modality="image", target=[self.image_token_id], replacement=visual_tokens)]
+
