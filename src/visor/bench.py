@@ -581,6 +581,10 @@ def register(subparsers) -> None:
                         help="also time the vision tower on each image: time to first token = vision + LLM prefill")
     parser.add_argument("--kv-budget", type=float, default=None, metavar="GIB",
                         help="memory for KV caches in GiB: report how many requests each row fits")
+    parser.add_argument("--engine", choices=("transformers", "vllm"), default="transformers",
+                        help="vllm: serve the full model and each VISOR configuration with vLLM and measure time to "
+                             "first token, decoding at --batch-sizes concurrent requests (default 1,8,32) and the KV "
+                             "pool each request takes (the serving environment: make serve-setup)")
     command(parser, _command, output="folder")
 
 
@@ -592,9 +596,16 @@ def _command(args: argparse.Namespace) -> int:
         cross_attention_key_value_heads=args.cross_attention_heads, batch_sizes=args.batch_sizes,
         batched_prefill=args.batched_prefill, kv_budget_gib=args.kv_budget, end_to_end=args.end_to_end,
     )
-    rows = run_bench(plan)
-    paths = write_outputs(rows, args.output)
-    print(_table(rows))
+    if args.engine == "vllm":
+        from visor.integrations.vllm.bench import engine_table, run_engine_bench, write_engine_outputs
+
+        rows = run_engine_bench(plan)
+        paths = write_engine_outputs(rows, args.output)
+        print(engine_table(rows))
+    else:
+        rows = run_bench(plan)
+        paths = write_outputs(rows, args.output)
+        print(_table(rows))
     print("wrote " + ", ".join(str(path) for path in paths))
     return 0
 

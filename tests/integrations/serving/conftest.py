@@ -23,26 +23,21 @@ IMAGE_SIZES = [(128, 128), (64, 128), (128, 64), (64, 64), (100, 60), (90, 128)]
 
 
 @pytest.fixture(scope="session")
-def served_folders(tmp_path_factory, open_visor_factory):
-    """{"visor": folder, "dense": folder, "stock": the shipped folder}, each with the shipped tokenizer."""
+def served_folders(open_visor_factory, saver):
+    """{"visor", "routed", "dense": folders, "stock": the shipped folder}, each with the shipped tokenizer; "routed"
+    is another conversion whose random router is marked as trained (for the mechanics of routing)."""
     from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
 
     from visor import VisorConfig, VisorForConditionalGeneration
 
     stock = LlavaOnevisionForConditionalGeneration.from_pretrained(SHIPPED).eval()
-    tokenizer = AutoTokenizer.from_pretrained(SHIPPED)
     model = open_visor_factory(stock)
     torch.manual_seed(0)
     with torch.no_grad():
         model.position_encoding.conv.weight.normal_(0, 0.05)
-    dense = VisorForConditionalGeneration.from_stock(stock, VisorConfig.dense(stock.config)).eval()
-    folders = {"stock": SHIPPED}
-    for name, converted in (("visor", model), ("dense", dense)):
-        folder = tmp_path_factory.mktemp(name)
-        converted.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        folders[name] = folder
-    return folders
+    converted = dict(visor=model, routed=open_visor_factory(stock, trust_router=True),
+                     dense=VisorForConditionalGeneration.from_stock(stock, VisorConfig.dense(stock.config)).eval())
+    return {"stock": SHIPPED, **saver(converted, AutoTokenizer.from_pretrained(SHIPPED))}
 
 
 @pytest.fixture(scope="session")

@@ -172,7 +172,7 @@ def test_as_many_requests_run_together_as_the_pool_holds(served_folders, image_q
 
 
 @pytest.mark.parametrize("checkpoint, configuration, message", [
-    ("visor", 3, "must be an index into the model's 3 configurations"),
+    ("visor", 3, "an index into the model's 3 configurations"),
     ("stock", None, "this checkpoint is 'llava_onevision'"),
 ])
 def test_engine_refuses_what_it_cannot_serve(served_folders, checkpoint, configuration, message):
@@ -189,5 +189,34 @@ def test_a_prompt_with_two_images_is_refused(served_folders, image_questions):
         with pytest.raises(Exception, match="At most 1 image"):
             llm.generate([two], SamplingParams(max_tokens=2))
         assert len(served_answers(llm, served_folders["visor"], image_questions[:1])[0]) > 0  # still serving
+    finally:
+        release(llm)
+
+
+def test_the_router_picks_per_request_as_generate_does(served_folders, image_questions, tmp_path):
+    """`configuration="auto"`: each request runs what the router picks for it, in a batch mixing configurations,
+    and decodes with that configuration's caches (every SA candidate keeps a visual cache). τ is set midway
+    between two samples' probabilities of the cheapest configuration, so the batch mixes (and no sample sits on τ)."""
+    folder = served_folders["routed"]
+    model = VisorForConditionalGeneration.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    inputs = VisorProcessor(model.config, tokenizer, padding_side="left")(
+        [sample.image for sample in image_questions], [sample.question for sample in image_questions])
+    logits = []
+    hook = model.router.register_forward_hook(lambda module, args, output: logits.append(output))
+    with torch.no_grad():
+        model(**inputs, configuration="auto")
+    hook.remove()
+    cheapest = sorted(model.router.decision_scores(logits[0])[:, 0].tolist())
+    model.configure_router(threshold=(cheapest[2] + cheapest[3]) / 2)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    with torch.no_grad():
+        chosen = model(**inputs, configuration="auto").configuration
+    assert len(set(chosen.tolist())) > 1, chosen  # the batch mixes configurations
+    expected = reference_answers(model, tmp_path, image_questions, configuration="auto")
+    llm = engine(tmp_path, "auto")
+    try:
+        assert served_answers(llm, tmp_path, image_questions) == expected
     finally:
         release(llm)

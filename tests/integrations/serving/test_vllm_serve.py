@@ -1,6 +1,7 @@
 """`visor serve`, as a user runs it: vLLM's OpenAI-compatible server on the tiny VISOR model, asked over HTTP with
-base64 images. Answers equal `generate()`'s; bad requests get clear errors and the server keeps serving; what cannot
-be served is refused before vLLM starts. Skipped without vLLM, never in CI (`make test-serve`)."""
+base64 images. Answers equal `generate()`'s; bad requests get clear errors and the server keeps serving (what cannot
+be served at all is refused before vLLM starts: tests/test_bad_input.py). Skipped without vLLM, never in CI
+(`make test-serve`)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,6 @@ if not os.environ.get("VISOR_REQUIRE_VLLM"):
 from transformers import AutoTokenizer  # noqa: E402
 
 from visor import VisorForConditionalGeneration  # noqa: E402
-from visor.cli import main  # noqa: E402
 from visor.data import VisorProcessor  # noqa: E402
 
 CONFIGURATION = 1
@@ -123,12 +123,3 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server, serv
 def test_a_question_without_an_image_is_answered(server, served_folders):
     status, body = chat(server, served_folders["visor"], [{"type": "text", "text": "what color dominates ?"}])
     assert status == 200, body
-
-
-@pytest.mark.parametrize("checkpoint, options, message", [
-    ("visor", ["--configuration", "7"], "must be an index into the model's 3 configurations"),
-    ("stock", [], "a stock model: `visor convert` makes a VISOR one"),
-])
-def test_serve_refuses_before_vllm_starts(served_folders, capsys, checkpoint, options, message):
-    assert main(["serve", "--model", str(served_folders[checkpoint]), *options]) == 2
-    assert message in capsys.readouterr().err

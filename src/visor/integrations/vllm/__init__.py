@@ -3,7 +3,7 @@
 `register` is the `vllm.general_plugins` entry point: every vLLM process calls it, and it registers
 `visor.integrations.vllm.model.VisorForVllm` under `ARCHITECTURE`. A VISOR folder is served with a few engine
 arguments that say how to read it (`engine_arguments`): vLLM treats it as an encoder-decoder model with M-RoPE
-positions (the model module says why) and runs one of its configurations. Only the model and processing modules
+positions (the model module says why) and runs one of its configurations, or lets its router choose per request. Only the model and processing modules
 import vLLM, which lives in its own environment (`make serve-setup`).
 """
 
@@ -21,24 +21,35 @@ def register() -> None:
         ModelRegistry.register_model(ARCHITECTURE, "visor.integrations.vllm.model:VisorForVllm")
 
 
-def check_servable(model_type: str | None, configurations: list, configuration: int | None) -> int:
-    """The configuration index a server runs (None: the largest), for a checkpoint of `model_type` with these
-    configurations; a ValueError names what cannot be served."""
+def check_servable(config: dict, configuration: int | str | None) -> int | str:
+    """The configuration a server runs (None: the largest; "auto": the router's choice per request) for a checkpoint
+    with this config (a dict, as in its config.json); a ValueError names what cannot be served."""
+    model_type = config.get("model_type")
     if model_type not in SERVED_MODEL_TYPES:
         raise ValueError(f"vLLM serves VISOR checkpoints of LLaVA-OneVision (model type {', '.join(SERVED_MODEL_TYPES)});"
                          f" this checkpoint is {model_type!r}" + (" (a stock model: `visor convert` makes a VISOR one)"
                                                                    if model_type == "llava_onevision" else ""))
+    configurations = config.get("configurations", [])
     count = len(configurations)
+    if configuration == "auto":
+        if count < 2 or config.get("router_layer") is None:
+            raise ValueError("configuration 'auto' needs a model with a router and several configurations")
+        if not config.get("router_training"):
+            raise ValueError("configuration 'auto' needs a trained router; this one was never trained "
+                             "(`visor policy train` trains it)")
+        return configuration
     index = count - 1 if configuration is None else configuration
     if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
-        raise ValueError(f"the configuration must be an index into the model's {count} configurations "
+        raise ValueError(f"the configuration must be 'auto' or an index into the model's {count} configurations "
                          f"{configurations}, got {configuration!r}")
     return index
 
 
-def engine_arguments(model: str, configuration: int | None = None, dtype: str = "auto", **engine_options) -> dict:
+def engine_arguments(model: str, configuration: int | str | None = None, dtype: str = "auto",
+                     **engine_options) -> dict:
     """Keyword arguments of `vllm.LLM` / `EngineArgs` that serve the VISOR folder `model` with `configuration`
-    (an index into its configurations; default the largest), plus any other engine options."""
+    (an index into its configurations, default the largest; or "auto": the router picks per request), plus any
+    other engine options."""
     hf_overrides = {
         "architectures": [ARCHITECTURE],
         "is_encoder_decoder": True,

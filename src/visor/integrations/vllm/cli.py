@@ -1,6 +1,7 @@
-"""`visor serve`: vLLM's OpenAI-compatible server on a VISOR checkpoint, one configuration per server.
+"""`visor serve`: vLLM's OpenAI-compatible server on a VISOR checkpoint: one configuration, or the router's choice.
 
     visor serve --model DIR                         # the largest configuration, on port 8000
+    visor serve --model DIR --configuration auto    # the router picks a configuration per request
     visor serve --model DIR --configuration 0 --port 8001 -- --max-num-seqs 64   # options after -- go to vLLM
 
 Runs in the serving environment (`make serve-setup` builds .venv-serve: vLLM pins its own transformers), where
@@ -29,8 +30,9 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("serve", help="serve a VISOR checkpoint with vLLM (OpenAI-compatible API)",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, metavar="DIR", help="a VISOR checkpoint folder with its tokenizer")
-    parser.add_argument("--configuration", type=int, default=None, metavar="N",
-                        help="index of the configuration every request runs (default: the largest)")
+    parser.add_argument("--configuration", type=configuration_choice, default=None, metavar="N|auto",
+                        help="index of the configuration every request runs (default: the largest), or auto: the "
+                             "router picks one per request (a trained router)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--dtype", default="auto", help="vLLM's --dtype (default auto: the checkpoint's)")
@@ -39,11 +41,20 @@ def register(subparsers) -> None:
     command(parser, _main)
 
 
-def server_command(model: str, configuration: int | None = None, host: str = "127.0.0.1", port: int = 8000,
+def configuration_choice(text: str) -> int | str:
+    """An argparse `type`: a configuration index or "auto"."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a configuration index or 'auto', got {text!r}") from None
+
+
+def server_command(model: str, configuration: int | str | None = None, host: str = "127.0.0.1", port: int = 8000,
                    dtype: str = "auto", vllm_options: list[str] = ()) -> list[str]:
     """The argv of vLLM's server for `model` (checked first: a ValueError names what cannot be served)."""
-    config = check_checkpoint_folder(model)
-    configuration = check_servable(config.get("model_type"), config.get("configurations", []), configuration)
+    configuration = check_servable(check_checkpoint_folder(model), configuration)
     argv = [sys.executable, "-m", SERVER_MODULE, "--host", host, "--port", str(port)]
     for key, value in engine_arguments(model, configuration, dtype).items():
         flag = "--" + key.replace("_", "-")

@@ -24,8 +24,11 @@ where the visual tokens sat). vLLM's M-RoPE hook (`get_mrope_input_positions`) c
 of original positions, and the image's length as the offset for decoding. A prompt's tokens whose position
 equals their index come before the image; that is how a prefill finds where to put the image back.
 
-One configuration per server (`additional_config={"visor_configuration": N}`): the SA layers of configuration N
-get visual caches, and every request runs N. Only the LLaVA-OneVision family is served; one image per prompt.
+The configuration (`additional_config={"visor_configuration": ...}`): an index N, which every request runs and
+whose SA layers get visual caches; or "auto", where the router picks per request at prefill (as in `generate`),
+every SA candidate gets a visual cache (vLLM allocates a request's blocks before its prompt runs), and each
+request's choice is kept by its first text block until it finishes. Only the LLaVA-OneVision family is served;
+one image per prompt.
 """
 
 from __future__ import annotations
@@ -46,11 +49,11 @@ from visor.integrations.vllm import CONFIGURATION_KEY, check_servable, paged
 from visor.integrations.vllm.processing import VisorDummyInputsBuilder, VisorMultiModalProcessor, VisorProcessingInfo
 from visor.modeling.cache import VisorCache
 
-def served_configuration(vllm_config: VllmConfig) -> int:
-    """The configuration index this server runs (`additional_config`), checked against the checkpoint."""
+def served_configuration(vllm_config: VllmConfig) -> int | str:
+    """The configuration this server runs (`additional_config`: an index or "auto"), checked against the
+    checkpoint."""
     config = vllm_config.model_config.hf_config
-    return check_servable(getattr(config, "model_type", None), getattr(config, "configurations", []),
-                          (vllm_config.additional_config or {}).get(CONFIGURATION_KEY))
+    return check_servable(config.to_dict(), (vllm_config.additional_config or {}).get(CONFIGURATION_KEY))
 
 
 @MULTIMODAL_REGISTRY.register_processor(VisorMultiModalProcessor, info=VisorProcessingInfo,
@@ -70,7 +73,12 @@ class VisorForVllm(nn.Module, SupportsMultiModal, SupportsMRoPE):
         self.device = vllm_config.device_config.device
         with torch.device("meta"):  # the structure only: `load_weights` reads the checkpoint
             self.visor = family(config).VISOR_MODEL(config)
-        self.sa_layers = list(config.configurations[self.configuration])
+        routed = self.configuration == "auto"
+        # Every SA candidate keeps a visual cache when the router chooses: vLLM allocates a request's blocks in
+        # every cache group before the prompt runs, so the choice cannot shrink what the request holds.
+        self.sa_layers = sorted({layer for layers in config.configurations for layer in layers} if routed
+                                else config.configurations[self.configuration])
+        self.routed: dict[int, int] = {}  # "auto": the configuration each live request ran, by its first text block
         text, cache_config = config.text_config, vllm_config.cache_config
         head_dim = self.visor.text_stack.layers[0].self_attn.head_dim
         scale = head_dim ** -0.5
@@ -157,6 +165,11 @@ class VisorForVllm(nn.Module, SupportsMultiModal, SupportsMRoPE):
         return self.visor.lm_head(hidden_states)
 
     # ---- the two kinds of step ----------------------------------------------------------------------------------
+    def _first_blocks(self, metadata: dict, rows: torch.Tensor) -> list[int]:
+        """Each request's first block of the first text cache: its own while it lives (it prefills again if vLLM
+        preempts it), so it keys what the router chose for it."""
+        return metadata[self.text_caches["0"].layer_name].block_table[rows, 0].tolist()
+
     def _visual_lengths(self, metadata: dict, requests: int) -> torch.Tensor:
         """Visual tokens per request (its encoder length), from any cross-attention layer's metadata."""
         layer = next(iter({**self.cross_caches, **self.visual_caches}.values()))
@@ -183,10 +196,13 @@ class VisorForVllm(nn.Module, SupportsMultiModal, SupportsMRoPE):
         mask = torch.stack([nn.functional.pad(torch.ones_like(prompt), (longest - len(prompt), 0))
                             for prompt in prompts])
         # Original-sequence positions of the left-padded prompts, as `generate` passes them (LLaVA-OV's are 1-D).
-        out, _, cache = self.visor.hidden_states(batch, attention_mask=mask, use_cache=True,
-                                                 position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                                                 image_features=list(encoder_outputs) or None,
-                                                 configuration=self.configuration)
+        out, configuration, cache = self.visor.hidden_states(batch, attention_mask=mask, use_cache=True,
+                                                             position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                                                             image_features=list(encoder_outputs) or None,
+                                                             configuration=self.configuration)
+        if self.configuration == "auto":
+            first_blocks = self._first_blocks(metadata, rows)
+            self.routed.update(zip(first_blocks, configuration.tolist()))
         text = mask.bool() & (batch != image_token)
         for index, row in enumerate(rows.tolist()):
             hidden[starts[row]:starts[row + 1]] = self.visor.text_stack.norm(out[index][text[index]])
@@ -202,18 +218,23 @@ class VisorForVllm(nn.Module, SupportsMultiModal, SupportsMRoPE):
                             keys[index][:, valid[index]].transpose(0, 1), values[index][:, valid[index]].transpose(0, 1))
         with_image = [index for index, row in enumerate(rows.tolist()) if visual[row] > 0]
         for layer, keeper in {**self.cross_caches, **self.visual_caches}.items():
-            keys, values, cache_rows = (
-                (cache.cross_keys[int(layer)], cache.cross_values[int(layer)], torch.arange(len(rows)))
-                if layer in self.cross_caches else
-                (cache.visual_keys[int(layer)], cache.visual_values[int(layer)], cache.visual_rows[int(layer)]))
+            if layer in self.cross_caches:
+                keys, values, cache_rows = cache.cross_keys[int(layer)], cache.cross_values[int(layer)], torch.arange(
+                    len(rows))
+            elif int(layer) in cache.visual_keys:
+                keys, values, cache_rows = (cache.visual_keys[int(layer)], cache.visual_values[int(layer)],
+                                            cache.visual_rows[int(layer)])
+            else:
+                continue  # no request of this step ran the SA layer
             slots = metadata[keeper.layer_name].slot_mapping
             start = 0
-            for index in with_image:
-                where = int((cache_rows == index).nonzero()[0])
+            for index in with_image:  # every request has blocks here; those that ran the layer fill them
                 seen = cache.visual_valid[index]
                 count = int(seen.sum())
-                paged.write(keeper.kv_cache, slots[start:start + count], keys[where][:, seen].transpose(0, 1),
-                            values[where][:, seen].transpose(0, 1))
+                if index in cache_rows:
+                    where = int((cache_rows == index).nonzero()[0])
+                    paged.write(keeper.kv_cache, slots[start:start + count], keys[where][:, seen].transpose(0, 1),
+                                values[where][:, seen].transpose(0, 1))
                 start += count
 
     def _decode(self, rows, starts, cached, visual, input_ids, positions, metadata, hidden):
@@ -225,16 +246,20 @@ class VisorForVllm(nn.Module, SupportsMultiModal, SupportsMRoPE):
                                              cached[rows])
             cache.text_keys[int(layer)], cache.text_values[int(layer)] = keys, values
         cache.text_valid = valid
-        for store_keys, store_values, caches in ((cache.cross_keys, cache.cross_values, self.cross_caches),
-                                                 (cache.visual_keys, cache.visual_values, self.visual_caches)):
-            for layer, keeper in caches.items():
-                block_table = metadata[keeper.layer_name].block_table[rows]
-                store_keys[int(layer)], store_values[int(layer)], cache.visual_valid = paged.read(
-                    keeper.kv_cache, block_table, visual[rows])
-        for layer in self.visual_caches:
-            cache.visual_rows[int(layer)] = torch.arange(len(rows))
-        cache.configuration = torch.full((len(rows),), self.configuration, dtype=torch.long)
+        cache.configuration = (torch.tensor([self.routed[block] for block in self._first_blocks(metadata, rows)])
+                               if self.configuration == "auto" else
+                               torch.full((len(rows),), self.configuration, dtype=torch.long))
         cache.sa_layers = self.visor.configuration_table()[cache.configuration]
+        longest = int(visual[rows].max())
+        cache.visual_valid = torch.arange(longest)[None, :] < visual[rows][:, None]
+        for layer, keeper in self.cross_caches.items():
+            cache.cross_keys[int(layer)], cache.cross_values[int(layer)], _ = paged.read(
+                keeper.kv_cache, metadata[keeper.layer_name].block_table[rows], visual[rows], longest)
+        for layer, keeper in self.visual_caches.items():  # the rows whose configuration ran the SA layer
+            ran = cache.sa_layers[:, int(layer)].nonzero().squeeze(1)
+            cache.visual_keys[int(layer)], cache.visual_values[int(layer)], _ = paged.read(
+                keeper.kv_cache, metadata[keeper.layer_name].block_table[rows[ran]], visual[rows[ran]], longest)
+            cache.visual_rows[int(layer)] = ran
         cache.seen_tokens = int((cached[rows] + visual[rows]).max())
         tokens = starts[rows]
         out, _, cache = self.visor.hidden_states(input_ids[tokens][:, None], past_key_values=cache, use_cache=True,

@@ -21,12 +21,14 @@ def write(kv_cache: torch.Tensor, slots: torch.Tensor, keys: torch.Tensor, value
     kv_cache[blocks, :, offsets, head_dim:] = values.to(kv_cache.dtype)
 
 
-def read(kv_cache: torch.Tensor, block_table: torch.Tensor, lengths: torch.Tensor
+def read(kv_cache: torch.Tensor, block_table: torch.Tensor, lengths: torch.Tensor, longest: int | None = None
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The first `lengths[r]` tokens of each row's blocks: keys and values (rows, heads, longest, head_dim),
-    zero past a row's length, and the (rows, longest) mask of the tokens that are there."""
+    zero past a row's length, and the (rows, longest) mask of the tokens that are there (`longest`: default the
+    longest row)."""
     block_size = kv_cache.shape[2]
-    longest = int(lengths.max()) if len(lengths) else 0
+    if longest is None:
+        longest = int(lengths.max()) if len(lengths) else 0
     order = torch.arange(longest, device=block_table.device)
     valid = order[None, :] < lengths[:, None].to(order.device)
     blocks = block_table.gather(1, (order // block_size)[None, :].expand(len(lengths), -1).clamp(
