@@ -234,8 +234,9 @@ def _concurrent_decoding(llm, request: dict, plan: BenchPlan, count: int) -> Con
     for _ in range(steps):
         tokens += step()
     seconds = time.perf_counter() - start
+    engine.abort_request(ids)  # the rest of their tokens would measure nothing
     while engine.has_unfinished_requests():
-        step()
+        engine.step()
     if tokens != count * steps:
         raise RuntimeError(f"the timed steps made {tokens} tokens, not one per request and step ({count} x {steps})")
     return ConcurrentDecoding(requests=count, decode_tokens_per_s=tokens / seconds, decode_s_per_step=seconds / steps)
