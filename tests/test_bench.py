@@ -216,8 +216,8 @@ def test_every_row_decodes_at_every_batch_size(batched):
     """B copies of the prompt hold B prompts' cache; tokens/s, bytes read and ratios follow from what was timed."""
     output, rows = batched
     plan = bench.BenchPlan("tiny")  # the bench's shapes and dtype
-    full_weights = bench.decode_weight_bytes(bench._build(plan.dense_config, plan))
-    visor_weights = bench.decode_weight_bytes(bench._build(plan.config, plan))
+    full_weights = bench.decode_weight_bytes(bench.build_model(plan.dense_config, plan))
+    visor_weights = bench.decode_weight_bytes(bench.build_model(plan.config, plan))
     assert full_weights < visor_weights  # the CA blocks are read too
     full = next(row for row in rows if row["method"] == "full")
     for row in rows:
@@ -251,7 +251,7 @@ def test_a_repeated_cache_decodes_as_a_batched_prefill_of_identical_prompts(meth
 
     plan = bench.BenchPlan("tiny", dtype="float32")
     config = plan.dense_config if method != "visor" else plan.config
-    model = bench._build(config, plan)
+    model = bench.build_model(config, plan)
     if method == "fastv":
         model = reduction.pruned(model, reduction.reduction_at(plan.config, "fastv", 0.5))
     input_ids, text_ids, images = bench._prompt(model, plan, 24, seed=0)

@@ -212,7 +212,7 @@ def run_bench(plan: BenchPlan) -> list[BenchRow]:
     with tqdm(total=len(dense) + len(sparse) + len(baselines), desc="visor bench", unit="row") as progress:
         for model_config, specs, reduced in ((plan.dense_config, dense, on_full), (config, sparse, on_visor)):
             progress.set_postfix_str(f"building {plan.preset} ({'full' if specs is dense else 'VISOR'})")
-            model = _build(model_config, plan)
+            model = build_model(model_config, plan)
             if plan.end_to_end and specs is dense:
                 progress.set_postfix_str("vision tower")
                 vision_seconds = {visual: _vision_seconds(model, plan, visual) for visual in plan.visual_tokens}
@@ -245,7 +245,8 @@ def run_bench(plan: BenchPlan) -> list[BenchRow]:
     return rows
 
 
-def _build(config, plan: BenchPlan):
+def build_model(config, plan: BenchPlan):
+    """A VISOR-class model of `config` with seeded random weights, in the plan's dtype, on its device."""
     torch.manual_seed(0)
     model = family(config).VISOR_MODEL._from_config(config, dtype=DTYPES[plan.dtype])
     return model.to(plan.device).eval()

@@ -44,6 +44,7 @@ from visor.modeling.router import ConfigurationRouter, check_threshold
 
 SUPPORTED_ATTENTION = ("eager", "sdpa")
 NEW_MODULES = ("cross_attention", "position_encoding", "router")  # what VISOR adds to the stock model
+NEEDS_INPUT_IDS = "VISOR needs input_ids (it finds the visual tokens by the <image> token id)"
 
 
 @dataclass
@@ -232,7 +233,7 @@ class VisorModel:
         keyword arguments against it) and the other arguments are those of the stock model.
         """
         if inputs_embeds is not None:
-            raise ValueError("VISOR needs input_ids (it finds the visual tokens by the <image> token id)")
+            raise ValueError(NEEDS_INPUT_IDS)
         hidden, configuration, cache = self.hidden_states(
             input_ids, pixel_values, attention_mask, position_ids, past_key_values, use_cache, configuration,
             image_features, router_threshold, image_sizes=image_sizes, batch_num_images=batch_num_images,
@@ -261,7 +262,7 @@ class VisorModel:
         order; new tokens after a prefilled cache: (B, n, d)), the configuration each sample ran, and the cache.
         Serving engines that apply the head themselves call this (`visor.integrations.vllm`)."""
         if input_ids is None:
-            raise ValueError("VISOR needs input_ids (it finds the visual tokens by the <image> token id)")
+            raise ValueError(NEEDS_INPUT_IDS)
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, sequence), got {tuple(input_ids.shape)}")
         if attention_mask is not None and past_key_values is None and attention_mask.shape != input_ids.shape:

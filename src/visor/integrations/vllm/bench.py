@@ -32,12 +32,12 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from visor.backbones import backbone_for
-from visor.bench import DTYPES, BenchPlan, _build
+from visor.bench import DTYPES, BenchPlan, build_model
 from visor.config import Schedule
 from visor.data import build_tokenizer
 from visor.data.processor import IMAGE_TOKEN
 from visor.files import save_figure, write_json
-from visor.flops import llm_prefill_flops
+from visor.flops import kv_cache_bytes, llm_prefill_flops
 
 ENGINE_BATCH_SIZES = (1, 8, 32)
 
@@ -89,10 +89,10 @@ def run_engine_bench(plan: BenchPlan) -> list[EngineRow]:
         for method, configuration in specs:
             progress.set_postfix_str(f"{method} {'' if configuration is None else configuration}: building")
             folder = _checkpoint(plan, method, Path(scratch), tokenizer)
-            llm = LLM(**engine_arguments(str(folder), configuration, dtype=plan.dtype, enable_mm_embeds=True, max_num_seqs=max(batch_sizes),
-                                         max_model_len=plan.text_tokens + max(batch_sizes) + plan.decode_tokens + 8,
-                                         max_num_batched_tokens=_batched_tokens(plan),
-                                         kv_cache_memory_bytes=_pool_bytes(plan, max(batch_sizes))))
+            llm = LLM(**engine_arguments(
+                str(folder), configuration, dtype=plan.dtype, enable_mm_embeds=True, max_num_seqs=max(batch_sizes),
+                max_model_len=plan.text_tokens + max(batch_sizes) + plan.decode_tokens + 8,
+                max_num_batched_tokens=_batched_tokens(plan), kv_cache_memory_bytes=_pool_bytes(plan, max(batch_sizes))))
             pool = kv_cache_config(llm)
             for visual in plan.visual_tokens:
                 progress.set_postfix_str(f"{method} {'' if configuration is None else configuration} Nv={visual}")
@@ -129,7 +129,7 @@ def _checkpoint(plan: BenchPlan, method: str, scratch: Path, tokenizer) -> Path:
     (the image token is the tokenizer's `<image>`: which embedding row it reads changes no cost)."""
     folder = scratch / method
     if not folder.exists():
-        model = _build(plan.dense_config if method == "full" else plan.config, replace(plan, device="cpu"))
+        model = build_model(plan.dense_config if method == "full" else plan.config, replace(plan, device="cpu"))
         model.config.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
@@ -149,8 +149,6 @@ def _batched_tokens(plan: BenchPlan) -> int:
 def _pool_bytes(plan: BenchPlan, requests: int) -> int:
     """A KV pool for `requests` requests of the full model at the largest visual-token count, with room for
     vLLM's block rounding and group padding."""
-    from visor.flops import kv_cache_bytes
-
     per_request = sum(kv_cache_bytes(plan.config, max(plan.visual_tokens), plan.text_tokens + plan.decode_tokens + 8,
                                      Schedule.full(plan.config), DTYPES[plan.dtype].itemsize).values())
     return int(2 * (requests + 2) * per_request) + 256 * 2**20

@@ -49,6 +49,7 @@ from visor.integrations.vllm import CONFIGURATION_KEY, check_servable, paged
 from visor.integrations.vllm.processing import VisorDummyInputsBuilder, VisorMultiModalProcessor, VisorProcessingInfo
 from visor.modeling.cache import VisorCache
 
+
 def served_configuration(vllm_config: VllmConfig) -> int | str:
     """The configuration this server runs (`additional_config`: an index or "auto"), checked against the
     checkpoint."""
