@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gc
 import importlib.util
+import itertools
 import os
 import statistics
 import tempfile
@@ -195,7 +196,7 @@ def _parameters(tokens: int):
     return SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True, detokenize=False)
 
 
-_counter = iter(range(10**9))
+_counter = itertools.count()  # request ids unique within this process
 
 
 def _time_to_first_token(llm, request: dict, plan: BenchPlan) -> float:

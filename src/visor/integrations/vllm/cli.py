@@ -7,8 +7,9 @@
 Runs in the serving environment (`make serve-setup` builds .venv-serve: vLLM pins its own transformers), where
 `.venv-serve/bin/visor serve` replaces itself with `python -m vllm.entrypoints.openai.api_server` and the engine
 arguments `visor.integrations.vllm.engine_arguments` gives. Ask it as any OpenAI-compatible server:
-`POST /v1/chat/completions` with a user message holding one `image_url` part (an https or base64 data URL) and a
-text part. The checkpoint and the configuration are checked before vLLM starts.
+`POST /v1/chat/completions` with a user message holding one `image_url` part (a base64 data URL, or a file://
+URL under vLLM's `--allowed-local-media-path`) and a text part. The checkpoint and the configuration are checked
+before vLLM starts.
 """
 
 from __future__ import annotations

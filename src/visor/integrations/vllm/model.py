@@ -110,8 +110,7 @@ class VisorForVllm(nn.Module, SupportsMultiModal, SupportsMRoPE):
         return {name for name, _ in self.named_parameters()}
 
     # ---- inputs -------------------------------------------------------------------------------------------------
-    def embed_multimodal(self, pixel_values=None, image_sizes=None, image_embeds=None, image_offset=None,
-                         **_) -> list[torch.Tensor]:
+    def embed_multimodal(self, pixel_values=None, image_sizes=None, image_embeds=None, **_) -> list[torch.Tensor]:
         """The encoder: each image's projected features (n, d), before the CPE (the model applies it), from its
         pixels or as given (`image_embeds`: precomputed features)."""
         if image_embeds is not None:
@@ -218,13 +217,13 @@ class VisorForVllm(nn.Module, SupportsMultiModal, SupportsMRoPE):
                 paged.write(keeper.kv_cache, slots[starts[row]:starts[row + 1]],
                             keys[index][:, valid[index]].transpose(0, 1), values[index][:, valid[index]].transpose(0, 1))
         with_image = [index for index, row in enumerate(rows.tolist()) if visual[row] > 0]
+        every_row = list(range(len(rows)))
         for layer, keeper in {**self.cross_caches, **self.visual_caches}.items():
             if layer in self.cross_caches:
-                keys, values, cache_rows = cache.cross_keys[int(layer)], cache.cross_values[int(layer)], torch.arange(
-                    len(rows))
-            elif int(layer) in cache.visual_keys:
-                keys, values, cache_rows = (cache.visual_keys[int(layer)], cache.visual_values[int(layer)],
-                                            cache.visual_rows[int(layer)])
+                keys, values, ran = cache.cross_keys[int(layer)], cache.cross_values[int(layer)], every_row
+            elif int(layer) in cache.visual_keys:  # an SA layer's keys are held for the rows that ran it
+                keys, values = cache.visual_keys[int(layer)], cache.visual_values[int(layer)]
+                ran = cache.visual_rows[int(layer)].tolist()
             else:
                 continue  # no request of this step ran the SA layer
             slots = metadata[keeper.layer_name].slot_mapping
@@ -232,8 +231,8 @@ class VisorForVllm(nn.Module, SupportsMultiModal, SupportsMRoPE):
             for index in with_image:  # every request has blocks here; those that ran the layer fill them
                 seen = cache.visual_valid[index]
                 count = int(seen.sum())
-                if index in cache_rows:
-                    where = int((cache_rows == index).nonzero()[0])
+                if index in ran:
+                    where = ran.index(index)
                     paged.write(keeper.kv_cache, slots[start:start + count], keys[where][:, seen].transpose(0, 1),
                                 values[where][:, seen].transpose(0, 1))
                 start += count

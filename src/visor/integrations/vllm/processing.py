@@ -83,9 +83,7 @@ class VisorMultiModalProcessor(EncDecMultiModalProcessor[VisorProcessingInfo]):
     def create_encoder_prompt(self, prompt: list[int], mm_items: MultiModalDataItems) -> list[int]:
         return [self.image_token_id] * mm_items.get_count("image", strict=False)  # each becomes its visual tokens
 
-    def create_decoder_prompt(self, prompt: str | list[int], mm_items: MultiModalDataItems) -> list[int]:
-        if isinstance(prompt, str):
-            prompt = self.info.get_tokenizer().encode(prompt, add_special_tokens=False)
+    def create_decoder_prompt(self, prompt: list[int], mm_items: MultiModalDataItems) -> list[int]:
         return [token for token in prompt if token != self.image_token_id]
 
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
