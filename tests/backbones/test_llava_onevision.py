@@ -55,6 +55,9 @@ def test_a_nominal_image_in_pixels_is_the_vision_work_counted(stock):
         with counter, torch.no_grad():
             backbone.encode_images(stock, tokens, **pixels)
         assert counter.get_total_flops() == nominal_vision_flops(stock.config, tokens).total
+        with torch.no_grad():
+            packed = backbone.encode_images(stock, tokens, **pixels)
+        assert [image.shape[0] for image in packed] == [backbone.nominal_visual_tokens(tokens)]
     with pytest.raises(ValueError, match="no image runs exactly 1 crops .* anyres images run 2, 3, 5 crops"):
         backbone.nominal_pixel_inputs(per_crop)
 

@@ -483,6 +483,7 @@ def test_a_nominal_image_in_pixels_is_the_vision_work_counted(stock, tokens):
     measured = _counted(lambda: features.extend(backbone.encode_images(stock, tokens, **backbone.nominal_pixel_inputs(tokens))))
     assert measured == nominal_vision_flops(stock.config, tokens).total
     assert [image.shape[-2] for image in features] == [tokens]  # Qwen3-VL: (1 + DeepStack layers, N, d)
+    assert backbone.nominal_visual_tokens(tokens) == tokens
 
 
 def test_precomputed_features_with_their_grids_replace_the_images(sparse, batch):

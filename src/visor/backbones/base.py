@@ -110,6 +110,11 @@ class Backbone:
         counts, to time it. A ValueError when the family has no such image."""
         raise NotImplementedError
 
+    def nominal_visual_tokens(self, visual_tokens: int) -> int:
+        """Visual tokens the language model sees for `nominal_pixel_inputs(visual_tokens)`: exactly N where the
+        family has an image of N tokens; a family whose packing changes the count says how."""
+        return visual_tokens
+
     def vision_tower(self, model) -> nn.Module:
         raise NotImplementedError
 

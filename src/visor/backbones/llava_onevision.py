@@ -176,6 +176,11 @@ class LlavaOnevision(Backbone):
         pixels = torch.randn(1, crops, 3, side, side, generator=torch.Generator().manual_seed(0))
         return {"pixel_values": pixels, "image_sizes": torch.tensor([sizes[0]])}
 
+    def nominal_visual_tokens(self, visual_tokens):
+        """The packed tokens (unpadded, with newlines) of the pinpoint image `nominal_pixel_inputs` makes."""
+        image_size = self.nominal_pixel_inputs(visual_tokens)["image_sizes"][0].tolist()
+        return self.image_tokens(image_size).visual_tokens
+
     def crop_flops(self, crops: int) -> dict[str, int]:
         """SigLIP (patch conv, every layer's q/k/v/o, attention, fc1/fc2) and the projector over `crops` crops; the
         projector runs on every crop patch before the unpadding, so the cost depends on crops, not tokens."""

@@ -259,6 +259,39 @@ class Trainer:
         return record
 
     # ---- the loop ---------------------------------------------------------------------------------------------
+    def step(self, step: int):
+        """One optimizer step (1-based): its micro-batches forward and backward, clipping, the update.
+        Returns (mean losses: total, answer, aux; the gradient norm before clipping or None; the configuration
+        and the pooling stride it trained, None where they do not apply)."""
+        accelerator, settings = self.accelerator, self.settings
+        configuration = configuration_for_step(self.recipe, self.model, settings, step)
+        if configuration is not None:
+            self.visits[configuration] += 1
+        stride = pool_stride_for_step(settings, step)
+        accumulation = settings.gradient_accumulation_steps
+        totals = torch.zeros(3, device=accelerator.device)
+        for micro in range(accumulation):
+            indices = step_indices(step - 1, micro, accelerator.process_index, accelerator.num_processes,
+                                   self.micro_batch, accumulation)
+            batch = _to_device(self.data.train_batch(indices), accelerator.device)
+            sync = micro == accumulation - 1
+            with (nullcontext() if sync else accelerator.no_sync(self.module)), accelerator.autocast():
+                loss, answer_loss, aux_loss = self.module(batch, configuration, stride)
+            accelerator.backward(loss / accumulation)
+            totals += torch.stack([loss.detach(), answer_loss, aux_loss]).float() / accumulation
+        grad_norm = None
+        if settings.max_grad_norm > 0:
+            grad_norm = accelerator.clip_grad_norm_(
+                [p for p in self.module.parameters() if p.requires_grad], settings.max_grad_norm
+            )
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        totals = accelerator.reduce(totals, reduction="mean")
+        if not all(math.isfinite(value) for value in totals.tolist()):
+            raise FloatingPointError(f"non-finite loss at step {step}: {totals.tolist()}")
+        return totals, grad_norm, configuration, stride
+
     def run(self) -> dict[str, Any]:
         accelerator, settings = self.accelerator, self.settings
         main = accelerator.is_main_process
@@ -275,7 +308,6 @@ class Trainer:
 
         bar = tqdm(total=settings.max_steps, initial=self.start_step, disable=not (main and self.progress),
                    desc=self.recipe, unit="step", dynamic_ncols=True)
-        accumulation = settings.gradient_accumulation_steps
         started = time.time()
         window_start, window_samples = time.time(), 0
         last_saved = self.start_step if self.resume_from is not None else None
@@ -283,31 +315,7 @@ class Trainer:
         step_delay = float(fault.split(":")[1]) if fault.startswith("step:") else 0.0
         step = self.start_step
         for step in range(self.start_step + 1, settings.max_steps + 1):
-            configuration = configuration_for_step(self.recipe, self.model, settings, step)
-            if configuration is not None:
-                self.visits[configuration] += 1
-            stride = pool_stride_for_step(settings, step)
-            totals = torch.zeros(3, device=accelerator.device)
-            for micro in range(accumulation):
-                indices = step_indices(step - 1, micro, accelerator.process_index, accelerator.num_processes,
-                                       self.micro_batch, accumulation)
-                batch = _to_device(self.data.train_batch(indices), accelerator.device)
-                sync = micro == accumulation - 1
-                with (nullcontext() if sync else accelerator.no_sync(self.module)), accelerator.autocast():
-                    loss, answer_loss, aux_loss = self.module(batch, configuration, stride)
-                accelerator.backward(loss / accumulation)
-                totals += torch.stack([loss.detach(), answer_loss, aux_loss]).float() / accumulation
-            grad_norm = None
-            if settings.max_grad_norm > 0:
-                grad_norm = accelerator.clip_grad_norm_(
-                    [p for p in self.module.parameters() if p.requires_grad], settings.max_grad_norm
-                )
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            totals = accelerator.reduce(totals, reduction="mean")
-            if not all(math.isfinite(value) for value in totals.tolist()):
-                raise FloatingPointError(f"non-finite loss at step {step}: {totals.tolist()}")
+            totals, grad_norm, configuration, stride = self.step(step)
             window_samples += settings.batch_size
             if step_delay:
                 time.sleep(step_delay)
