@@ -175,6 +175,32 @@ def _toy_batch(model, toy_path, size=4):
     return resolve_data(toy_path, model.config, 0).train_batch(list(range(size)))
 
 
+@pytest.mark.parametrize("recipe", ["full", "visor-universal"])
+def test_the_loss_on_labelled_positions_only_is_the_models_own_loss(recipe, tiny_full_checkpoint, toy_path):
+    """TrainingModule makes logits only where a labelled token is predicted; loss and gradients are those of the
+    model's own `labels=` loss over every position (a batch whose answers sit at different positions)."""
+    from visor.training.recipes import MODEL_INPUTS, TrainingModule, labelled_predictions
+
+    model = build_model(recipe, tiny_full_checkpoint, None, fast_settings(recipe, aux_weight=0.0))
+    batch = _toy_batch(model, toy_path)
+    predicting = labelled_predictions(batch["labels"])
+    assert 0 < len(predicting) < batch["input_ids"].shape[1] - 1  # image positions are left out
+    configuration = None if recipe == "full" else 1
+    inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
+    options = {} if configuration is None else dict(configuration=configuration)
+    own = model(**inputs, **options, use_cache=False).loss
+    own.backward()
+    own_gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    loss, answer_loss, _ = TrainingModule(model)(batch, configuration)
+    loss.backward()
+    torch.testing.assert_close(loss, own, atol=1e-6, rtol=1e-6)
+    assert set(own_gradients) == {name for name, p in model.named_parameters() if p.grad is not None}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, own_gradients[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_pooled_training_at_stride_1_is_the_plain_loss_and_labels_follow_the_tokens(tiny_full_checkpoint, toy_path):
     """The pooled path repacks the prompt (fewer image slots, left padding): its labels move with their tokens,
     so at stride 1 (nothing pooled) the loss is the plain one, and at stride 2 every answer token still counts."""

@@ -258,8 +258,11 @@ class TrainingModule(nn.Module):
 
             inputs = pool(self.model, pool_stride).model_inputs(**inputs)
         self._features = None
-        output = self.model(**inputs, use_cache=False)
-        answer_loss = output.loss
+        labels = inputs.pop("labels")
+        predicting = labelled_predictions(labels)
+        output = self.model(**inputs, use_cache=False, logits_to_keep=predicting)
+        answer_loss = nn.functional.cross_entropy(output.logits.float().flatten(0, 1),
+                                                  labels[:, predicting + 1].flatten(), ignore_index=-100)
         loss = answer_loss
         aux_loss = torch.zeros((), device=answer_loss.device)
         if self.aux_head is not None and "patch_targets" in batch:
@@ -273,6 +276,15 @@ class TrainingModule(nn.Module):
             loss = loss + self.aux_weight * aux_loss
         self._features = None
         return loss, answer_loss.detach(), aux_loss.detach()
+
+
+def labelled_predictions(labels: torch.Tensor) -> torch.Tensor:
+    """Positions whose logits the loss reads: those predicting a labelled next token in any sample of the batch.
+
+    The stock models' own loss makes logits for every position, image tokens included: at 7,290 visual tokens and a
+    152k vocabulary that is gigabytes of logits (and of their gradient) of which the answer needs a few dozen rows.
+    The same (position, label) pairs averaged the same way: the same loss as `labels=` gives the model."""
+    return (labels[:, 1:] != -100).any(0).nonzero().squeeze(1)
 
 
 def flatten_patch_targets(targets: torch.Tensor, image_sizes: torch.Tensor, config) -> torch.Tensor:
