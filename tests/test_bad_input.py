@@ -224,6 +224,10 @@ def _bench(w, *extra, output=None):
     return ["bench", "--preset", "tiny", "--repeats", "1", "--output", str(output or w.out), *extra]
 
 
+def _train_bench(w, *extra):
+    return ["bench", "--train", "--preset", "tiny", "--visual-tokens", "128", "--output", str(w.out), *extra]
+
+
 def _preview(w, *extra, output=None):
     return ["data", "preview", "--task", "bar_value", "--output", str(output or w.out / "sheet.png"), *extra]
 
@@ -470,6 +474,16 @@ CASES = [
          argv=lambda w: _bench(w, "--engine", "vllm", "--baselines", "2")),
     Case(MALFORMED, "bench --engine vllm on Qwen-VL", "serves LLaVA-OneVision presets",
          argv=lambda w: ["bench", "--preset", "tiny-qwen2.5-vl", "--engine", "vllm", "--output", str(w.out)]),
+    Case(MALFORMED, "bench --train --batch-sizes 4", "--batch-sizes belong to the inference bench",
+         argv=lambda w: _train_bench(w, "--batch-sizes", "4")),
+    Case(MALFORMED, "bench --recipes without --train", "--recipes belongs to --train",
+         argv=lambda w: _bench(w, "--recipes", "full")),
+    Case(MALFORMED, "bench --train --memory-limit 0", "memory limit must be positive",
+         argv=lambda w: _train_bench(w, "--memory-limit", "0")),
+    Case(MALFORMED, "bench --train --recipes bogus", "unknown recipe 'bogus'",
+         argv=lambda w: _train_bench(w, "--recipes", "bogus")),
+    Case(MALFORMED, "bench --train --visual-tokens 64 (one crop)", "no image runs exactly 1 crops",
+         argv=lambda w: _train_bench(w, "--visual-tokens", "64")),
     Case(MALFORMED, "serve --configuration 9", "an index into the model's",
          argv=lambda w: ["serve", "--model", w.visor, "--configuration", "9"]),
     Case(MALFORMED, "serve a stock model", "a stock model: `visor convert` makes a VISOR one",

@@ -330,7 +330,7 @@ def _timings(model, plan: BenchPlan, inputs: dict, text_ids: torch.Tensor):
     prefill_times = []
     for _ in range(plan.repeats + 1):  # the first run is the warm-up
         output = None  # free the previous run's cache first
-        seconds, output = _timed(device, lambda: model(**inputs))
+        seconds, output = timed(device, lambda: model(**inputs))
         prefill_times.append(seconds)
     cache = output.past_key_values
     del output
@@ -347,7 +347,7 @@ def _decode_seconds(model, plan: BenchPlan, cache, text_ids: torch.Tensor, batch
     one warm-up step. The cache grows by the steps' tokens."""
     device = torch.device(plan.device)
     step = dict(input_ids=text_ids[:1].expand(batch, 1).to(device), past_key_values=cache, use_cache=True)
-    decode_times = [_timed(device, lambda: model(**step))[0] for _ in range(plan.decode_tokens + 1)]
+    decode_times = [timed(device, lambda: model(**step))[0] for _ in range(plan.decode_tokens + 1)]
     return statistics.median(decode_times[1:])
 
 
@@ -357,7 +357,7 @@ def _batched_decoding(model, plan: BenchPlan, inputs: dict, cache, text_ids: tor
     device = torch.device(plan.device)
     with PeakMemory(device) as peak:
         if plan.batched_prefill:
-            prefill_s, output = _timed(device, lambda: model(**_repeated(inputs, size)))
+            prefill_s, output = timed(device, lambda: model(**_repeated(inputs, size)))
             batch_cache = output.past_key_values
             del output
         else:
@@ -439,11 +439,11 @@ def _vision_seconds(model, plan: BenchPlan, visual: int) -> float:
     device, backbone = torch.device(plan.device), backbone_for(model.config)
     pixels = {name: value.to(device, model.dtype) if value.is_floating_point() else value.to(device)
               for name, value in backbone.nominal_pixel_inputs(visual).items()}
-    times = [_timed(device, lambda: backbone.encode_images(model, visual, **pixels))[0] for _ in range(plan.repeats + 1)]
+    times = [timed(device, lambda: backbone.encode_images(model, visual, **pixels))[0] for _ in range(plan.repeats + 1)]
     return statistics.median(times[1:])
 
 
-def _timed(device: torch.device, run):
+def timed(device: torch.device, run):
     """(seconds, result) of `run()`, waiting for an accelerator to finish its queued work."""
     if device.type != "cpu":
         torch.accelerator.synchronize(device)
@@ -557,8 +557,9 @@ def register(subparsers) -> None:
         description=__doc__.split("\n\n")[0],
     )
     parser.add_argument("--preset", required=True, help="model shapes: one of " + ", ".join(PRESETS))
-    parser.add_argument("--visual-tokens", type=comma_separated(), default=BenchPlan.visual_tokens,
-                        help="comma-separated visual-token counts (default 729,2916,7290)")
+    parser.add_argument("--visual-tokens", type=comma_separated(), default=None,
+                        help="comma-separated visual-token counts (default 729,2916,7290; with --train "
+                             "1458,2916,7290)")
     parser.add_argument("--text-tokens", type=int, default=BenchPlan.text_tokens)
     parser.add_argument("--output", required=True, type=Path, help="folder for bench.json and the plots")
     parser.add_argument("--repeats", type=int, default=BenchPlan.repeats, help="timed prefill runs per row")
@@ -586,12 +587,37 @@ def register(subparsers) -> None:
                         help="vllm: serve the full model and each VISOR configuration with vLLM and measure time to "
                              "first token, decoding at --batch-sizes concurrent requests (default 1,8,32) and the KV "
                              "pool each request takes (the serving environment: make serve-setup)")
+    training = parser.add_argument_group(
+        "training (--train)", "memory and time of one optimizer step per training recipe, with and without activation "
+        "checkpointing (src/visor/training/bench.py); the options above about inference do not apply")
+    training.add_argument("--train", action="store_true",
+                          help="measure training steps instead of prefill and decoding: train.json, train.png")
+    training.add_argument("--recipes", type=comma_separated(str, "recipe names"), default=None,
+                          help="recipes to measure (default full,visor-stage1,visor-universal)")
+    training.add_argument("--memory-limit", type=float, default=None, metavar="GIB",
+                          help="rows whose extrapolated peak memory is above this are not run (default: the memory "
+                               "available when the bench starts)")
     command(parser, _command, output="folder")
 
 
+# What only inference benches use: (flag, whether the command line set it).
+def _inference_options(args: argparse.Namespace) -> dict[str, bool]:
+    return {"--repeats": args.repeats != BenchPlan.repeats, "--decode-tokens": args.decode_tokens != BenchPlan.decode_tokens,
+            "--configurations": args.configurations is not None, "--device": args.device is not None,
+            "--dtype": args.dtype != BenchPlan.dtype, "--baselines": bool(args.baselines),
+            "--cross-attention-heads": args.cross_attention_heads is not None, "--batch-sizes": bool(args.batch_sizes),
+            "--batched-prefill": args.batched_prefill, "--end-to-end": args.end_to_end,
+            "--kv-budget": args.kv_budget is not None, "--engine": args.engine != "transformers"}
+
+
 def _command(args: argparse.Namespace) -> int:
+    if args.train:
+        return _train_command(args)
+    for flag, given in {"--recipes": args.recipes is not None, "--memory-limit": args.memory_limit is not None}.items():
+        if given:
+            raise ValueError(f"{flag} belongs to --train")
     plan = BenchPlan(
-        preset=args.preset, visual_tokens=args.visual_tokens, text_tokens=args.text_tokens,
+        preset=args.preset, visual_tokens=args.visual_tokens or BenchPlan.visual_tokens, text_tokens=args.text_tokens,
         repeats=args.repeats, decode_tokens=args.decode_tokens, configurations=args.configurations,
         device=args.device or default_device(), dtype=args.dtype, baselines=args.baselines,
         cross_attention_key_value_heads=args.cross_attention_heads, batch_sizes=args.batch_sizes,
@@ -607,6 +633,23 @@ def _command(args: argparse.Namespace) -> int:
         rows = run_bench(plan)
         paths = write_outputs(rows, args.output)
         print(_table(rows))
+    print("wrote " + ", ".join(str(path) for path in paths))
+    return 0
+
+
+def _train_command(args: argparse.Namespace) -> int:
+    from visor.training.bench import TrainBenchPlan, run_train_bench, train_table, write_train_outputs
+
+    refused = [flag for flag, given in _inference_options(args).items() if given]
+    if refused:
+        raise ValueError(f"--train measures training steps; {', '.join(refused)} belong to the inference bench")
+    plan = TrainBenchPlan(preset=args.preset, visual_tokens=args.visual_tokens or TrainBenchPlan.visual_tokens,
+                          text_tokens=args.text_tokens, recipes=tuple(args.recipes or TrainBenchPlan.recipes),
+                          memory_limit_gib=args.memory_limit)
+    limit = plan.memory_limit_bytes()
+    rows = run_train_bench(plan, limit)
+    paths = write_train_outputs(rows, plan, limit, args.output)
+    print(train_table(rows))
     print("wrote " + ", ".join(str(path) for path in paths))
     return 0
 
