@@ -67,3 +67,40 @@ def test_readme_question_to_the_shipped_model_runs_as_written(tmp_path, monkeypa
     for command in commands:
         assert cli.main(command[1:]) == 0
     assert "answer:" in capsys.readouterr().out
+
+
+def test_readme_own_model_commands_run_as_written(tmp_path, monkeypatch, capsys):
+    """The "own model and data" block line by line through `visor`'s CLI, in a folder holding a tiny stock
+    checkpoint (`my-llava-ov`), the LLaVA-format fixture (`my-data`) and an image (`photo.png`); only the step
+    counts shrink."""
+    import shlex
+    import shutil
+    import sys
+
+    import torch
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from visor import cli, presets
+    from visor.data.tokenizer import build_tokenizer
+
+    sys.path.insert(0, str(ROOT / "tests" / "data"))
+    from conversation_fixture import fixture_records, write_llava_fixture
+
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("### On your own model and data"):]
+    block = block[block.index("```bash\n") + 8:block.index("```", block.index("```bash\n") + 8)]
+    commands = [shlex.split(line.replace("--max-steps 300", "--max-steps 3")) for line in block.splitlines() if line]
+    assert [command[:2] for command in commands] == [
+        ["visor", "convert"], ["visor", "train"], ["visor", "train"], ["visor", "evaluate"], ["visor", "generate"]]
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    LlavaOnevisionForConditionalGeneration(presets.tiny(2)).save_pretrained("my-llava-ov")
+    build_tokenizer().save_pretrained("my-llava-ov")
+    write_llava_fixture(tmp_path / "my-data")
+    shutil.copyfile(tmp_path / "my-data" / fixture_records()[0]["image"], "photo.png")
+    for command in commands:
+        assert cli.main(command[1:]) == 0, command
+    out = capsys.readouterr().out
+    assert "configuration" in out and "answer:" in out
+    assert (tmp_path / "runs" / "my-universal" / "model" / "config.json").is_file()
