@@ -185,8 +185,15 @@ def extrapolated_peak(measured: list[TrainBenchRow], llm_visual_tokens: int) -> 
 
 def _in_child(function, *args):
     """`function(*args)` in a fresh (spawned) process; BrokenProcessPool when that process dies."""
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_quiet) as pool:
         return pool.submit(function, *args).result()
+
+
+def _quiet() -> None:
+    """A child's transformers loading bars off, as `visor`'s commands turn them off: the bench has its own bar."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def save_random_stock(preset: str, folder: Path) -> None:
