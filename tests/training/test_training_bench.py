@@ -66,9 +66,28 @@ def test_the_peak_is_extrapolated_on_the_line_through_the_last_two_measured_rows
     assert extrapolated_peak([row(1, 0), row(10, 100), row(20, 150)], 40) == 250
 
 
-def test_a_child_that_dies_is_reported_not_hidden():
+def test_a_child_that_dies_is_a_broken_pool():
     with pytest.raises(BrokenProcessPool):
         _in_child(os._exit, 1)
+
+
+def test_a_killed_row_is_reported_and_its_series_stops(monkeypatch):
+    """Every measured step's process dies (as the kernel's OOM killer would end it): the first count of each series
+    says "killed", the larger ones are not run."""
+    from visor.training import bench
+
+    def dying(function, *args):
+        if function is measure_step:
+            raise BrokenProcessPool("killed")
+
+    monkeypatch.setattr(bench, "_in_child", dying)
+    plan = TrainBenchPlan("tiny", visual_tokens=(3 * PER_CROP, 2 * PER_CROP), recipes=("full", "visor-stage1"),
+                          checkpointing=(True,))
+    rows = bench.run_train_bench(plan, limit=2**40)
+    assert [(row.recipe, row.visual_tokens, row.outcome) for row in rows] == [
+        (recipe, count, outcome) for recipe in ("full", "visor-stage1")
+        for count, outcome in ((2 * PER_CROP, "killed"), (3 * PER_CROP, "not run: a smaller count was killed"))]
+    assert all(row.peak_memory_bytes is None and row.step_s is None for row in rows)
 
 
 def test_the_command_measures_each_series_and_predicts_what_it_does_not_run(tmp_path):

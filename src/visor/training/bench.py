@@ -37,8 +37,7 @@ from tqdm import tqdm
 
 from visor.backbones import backbone_for, family
 from visor.files import save_figure, write_json
-from visor.presets import PRESETS, preset_config
-from visor.training.data import EvalBatch
+from visor.presets import preset_config
 from visor.training.recipes import RECIPES, check_recipe
 
 DEFAULT_VISUAL_TOKENS = (1458, 2916, 7290)  # LLaVA-OV-0.5B: 2, 4 and 10 crops of 729 tokens
@@ -56,8 +55,7 @@ class TrainBenchPlan:
     memory_limit_gib: float | None = None  # rows predicted above it are not run; None: the memory available now
 
     def __post_init__(self):
-        if self.preset not in PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(sorted(PRESETS))}")
+        backbone = backbone_for(preset_config(self.preset))  # an unknown preset raises here
         if not self.visual_tokens or any(count <= 0 for count in self.visual_tokens):
             raise ValueError(f"visual tokens must be positive counts, got {list(self.visual_tokens)}")
         if self.text_tokens < 1:
@@ -70,7 +68,6 @@ class TrainBenchPlan:
             raise ValueError("checkpointing: give at least one of False, True")
         if self.memory_limit_gib is not None and not self.memory_limit_gib > 0:
             raise ValueError(f"the memory limit must be positive, got {self.memory_limit_gib} GiB")
-        backbone = backbone_for(preset_config(self.preset))
         for visual in self.visual_tokens:  # raises where the family has no image of that many tokens
             backbone.nominal_pixel_inputs(visual)
 
