@@ -21,9 +21,10 @@ from pathlib import Path
 from visor.cli import comma_separated, command, key_value_heads
 from visor.config import CROSS_ATTENTION_INITS
 
-# What a checkpoint folder holds besides the model and the tokenizer: the processor's own settings.
-PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
-                   "chat_template.json", "chat_template.jinja")
+# What a checkpoint folder holds besides the model: its tokenizer, chat template and processor settings.
+PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "preprocessor_config.json", "processor_config.json",
+                   "video_preprocessor_config.json", "chat_template.json", "chat_template.jinja")
 
 
 def register(subparsers) -> None:
@@ -82,16 +83,14 @@ def save_next_to_processor(model, output: str | Path, source: str | Path) -> Pat
 
 
 def copy_processor(source: str | Path, folder: str | Path) -> None:
-    """The tokenizer (with its chat template) and the processor settings saved next to `source`'s weights, saved
-    into `folder` too (nothing when `source` has none)."""
+    """The tokenizer, chat templates and processor settings next to `source`'s weights, copied into `folder` as
+    they are (nothing when `source` has none), so the model reads its inputs as the source model did."""
     source, folder = Path(source), Path(folder)
-    if (source / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
-
-        AutoTokenizer.from_pretrained(source).save_pretrained(folder)
     for name in PROCESSOR_FILES:
-        if (source / name).is_file() and not (folder / name).exists():
+        if (source / name).is_file():
             shutil.copyfile(source / name, folder / name)
+    if (source / "additional_chat_templates").is_dir():
+        shutil.copytree(source / "additional_chat_templates", folder / "additional_chat_templates")
 
 
 def _main(args) -> int:

@@ -70,12 +70,12 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_model(model, folder: str | os.PathLike, tokenizer=None, **options) -> Path:
-    """`model.save_pretrained(folder, **options)`, and the tokenizer's, as one atomic folder write."""
+def save_model(model, folder: str | os.PathLike, processor=None, **options) -> Path:
+    """`model.save_pretrained(folder, **options)`, and its tokenizer's or processor's, as one atomic folder write."""
     with atomic_folder(folder) as temporary:
         model.save_pretrained(temporary, **options)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(temporary)
+        if processor is not None:
+            processor.save_pretrained(temporary)
     return Path(folder)
 
 

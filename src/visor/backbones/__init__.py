@@ -35,4 +35,19 @@ def backbone_for(config) -> Backbone:
     return family(config).BACKBONE(config)
 
 
-__all__ = ["FAMILIES", "Backbone", "ImageTokens", "backbone_for", "family"]
+def checkpoint_config(path):
+    """The config of a local checkpoint folder (stock or VISOR) of a supported family; ValueError otherwise."""
+    from types import SimpleNamespace
+
+    from visor.modeling.visor import check_checkpoint_folder
+
+    model_type = check_checkpoint_folder(path).get("model_type")
+    try:
+        module = family(SimpleNamespace(model_type=model_type))
+    except ValueError as error:
+        raise ValueError(f"checkpoint {path}: {error}") from None
+    model_class = module.VISOR_MODEL if model_type.startswith("visor") else module.BACKBONE.stock_model_class
+    return model_class.config_class.from_pretrained(str(path), local_files_only=True)
+
+
+__all__ = ["FAMILIES", "Backbone", "ImageTokens", "backbone_for", "checkpoint_config", "family"]

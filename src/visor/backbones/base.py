@@ -31,6 +31,7 @@ class Backbone:
 
     stock_model_class: type  # the family's transformers class
     image_inputs: tuple[str, ...]  # the stock forward's image arguments besides `pixel_values`
+    image_processor_class: type  # the family's stock PIL image processor (`visor.data.processor` loads its settings)
 
     def __init__(self, config):
         self.config = config
@@ -82,8 +83,14 @@ class Backbone:
         ValueError names missing or malformed inputs (`num_image_tokens`: the prompt's, for the message)."""
         raise NotImplementedError
 
-    def image_tokens(self, image_size: tuple[int, int]) -> ImageTokens:
-        """Crops and visual tokens of one (height, width) image, as the stock model computes them."""
+    def default_image_processor(self):
+        """The family's stock image processor with the settings its released checkpoints use, for a model that
+        comes without a preprocessor config (its first docstring line says which settings)."""
+        raise NotImplementedError
+
+    def image_tokens(self, image_size: tuple[int, int], alone: bool = True) -> ImageTokens:
+        """Crops and visual tokens of one (height, width) image, as the stock model computes them (`alone`: the
+        only image of its prompt; LLaVA-OV tiles only those)."""
         raise NotImplementedError
 
     def largest_image_size(self) -> tuple[int, int]:

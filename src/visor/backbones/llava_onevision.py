@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 import torch
 from huggingface_hub.dataclasses import strict
-from transformers import AutoConfig, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+from transformers import (
+    AutoConfig, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionImageProcessorPil,
+)
 from transformers.models.llava_onevision.modeling_llava_onevision import (
     LlavaOnevisionModel,
     get_anyres_image_grid_shape,
@@ -70,9 +72,15 @@ class PackedGrid:
         return torch.cat([base, rows.flatten(0, 1)])
 
 
+# SigLIP's normalisation, as LLaVA-OneVision's released preprocessor configs use.
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+
+
 class LlavaOnevision(Backbone):
     stock_model_class = LlavaOnevisionForConditionalGeneration
     image_inputs = ("image_sizes", "batch_num_images")
+    image_processor_class = LlavaOnevisionImageProcessorPil
 
     # ---- the language model ------------------------------------------------------------------------------------
     def language_model(self, model):
@@ -98,8 +106,18 @@ class LlavaOnevision(Backbone):
             pixel_values, image_sizes, batch_num_images=batch_num_images, return_dict=True
         ).pooler_output
 
-    def crops(self, image_size) -> int:
-        """Crops of one (height, width) image through the vision tower: the anyres grid plus the base view."""
+    def default_image_processor(self):
+        """SigLIP's mean and std 0.5, crops of the vision tower's size, the config's anyres grid pinpoints."""
+        crop = {"height": self.config.vision_config.image_size, "width": self.config.vision_config.image_size}
+        return self.image_processor_class(size=crop, crop_size=crop, image_mean=list(SIGLIP_MEAN),
+                                          image_std=list(SIGLIP_STD),
+                                          image_grid_pinpoints=[list(p) for p in self.config.image_grid_pinpoints])
+
+    def crops(self, image_size, alone: bool = True) -> int:
+        """Crops of one (height, width) image through the vision tower: the anyres grid plus the base view (the
+        base view alone for an image that shares its prompt with others)."""
+        if not alone:
+            return 1
         return image_size_to_num_patches(list(image_size), self.config.image_grid_pinpoints,
                                          self.config.vision_config.image_size)
 
@@ -131,11 +149,11 @@ class LlavaOnevision(Backbone):
         )
         return packed
 
-    def image_tokens(self, image_size) -> ImageTokens:
+    def image_tokens(self, image_size, alone: bool = True) -> ImageTokens:
         height, width = image_size
         if height <= 0 or width <= 0:
             raise ValueError(f"image size must be positive (height, width), got {image_size}")
-        crops = self.crops((height, width))
+        crops = self.crops((height, width), alone)
         return ImageTokens(crops, self.pack_like(torch.zeros(crops, self.tokens_per_crop(), 1), (height, width)).shape[0])
 
     def packed_grid(self, image_size) -> PackedGrid:

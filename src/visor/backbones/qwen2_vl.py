@@ -28,9 +28,13 @@ class QwenVL(Backbone):
     """What the Qwen-VL families share; a subclass names the stock class."""
 
     image_inputs = ("image_grid_thw", "mm_token_type_ids")
+    image_processor_class = Qwen2VLImageProcessorPil
     # The stock image processor's pixel bounds (its defaults): how large an image becomes before patching.
     min_pixels = Qwen2VLImageProcessorPil.size["shortest_edge"]
     max_pixels = Qwen2VLImageProcessorPil.size["longest_edge"]
+    # Its normalisation (CLIP's), as Qwen2-VL's and Qwen2.5-VL's released preprocessor configs use.
+    image_mean = Qwen2VLImageProcessorPil.image_mean
+    image_std = Qwen2VLImageProcessorPil.image_std
 
     def __init__(self, config):
         super().__init__(config)
@@ -63,6 +67,14 @@ class QwenVL(Backbone):
         return position_ids[1:] if position_ids.dim() == 3 and position_ids.shape[0] == 4 else position_ids
 
     # ---- images -------------------------------------------------------------------------------------------------
+    def default_image_processor(self):
+        """The family's normalisation, transformers' default pixel bounds, the vision config's patch sizes."""
+        vision = self.config.vision_config
+        return self.image_processor_class(
+            patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
+            temporal_patch_size=vision.temporal_patch_size, min_pixels=self.min_pixels, max_pixels=self.max_pixels,
+            image_mean=list(self.image_mean), image_std=list(self.image_std))
+
     def encode_images(self, model, num_image_tokens, pixel_values=None, image_grid_thw=None, mm_token_type_ids=None):
         self._check_images(num_image_tokens, pixel_values, image_grid_thw)
         return model.model.get_image_features(pixel_values, image_grid_thw, return_dict=True).pooler_output
@@ -111,7 +123,7 @@ class QwenVL(Backbone):
             raise ValueError(f"image size must be positive (height, width), got {image_size}")
         return smart_resize(height, width, self.merged_patch, self.min_pixels, self.max_pixels)
 
-    def image_tokens(self, image_size) -> ImageTokens:
+    def image_tokens(self, image_size, alone: bool = True) -> ImageTokens:
         height, width = self.resized(image_size)
         return ImageTokens(1, (height // self.merged_patch) * (width // self.merged_patch))
 

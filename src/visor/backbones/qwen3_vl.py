@@ -34,6 +34,7 @@ AutoConfig.register("visor_qwen3_vl", VisorQwen3VLConfig)
 
 class Qwen3VL(QwenVL):
     stock_model_class = Qwen3VLForConditionalGeneration
+    image_mean = image_std = (0.5, 0.5, 0.5)  # as Qwen3-VL's released preprocessor configs normalise
 
     def mergers(self) -> int:
         """The output merger and one per DeepStack layer."""

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from visor.data.processor import IMAGE_TOKEN
+from visor.data.processor import IMAGE_PLACEHOLDER
 
 SPLITS = ("train", "validation", "test")
 HELD_OUT_FRACTION = 0.05
@@ -126,14 +126,14 @@ def _checked(images: list, messages: list, task: Any, where: str) -> Conversatio
             raise BrokenRecord(f"{where}: turn {turn} has role {message['role']!r}")
         if not isinstance(message["content"], str):
             raise BrokenRecord(f"{where}: turn {turn} has no text")
-        count = message["content"].count(IMAGE_TOKEN)
+        count = message["content"].count(IMAGE_PLACEHOLDER)
         if count and message["role"] == "assistant":
-            raise BrokenRecord(f"{where}: assistant turn {turn} holds an {IMAGE_TOKEN} placeholder")
+            raise BrokenRecord(f"{where}: assistant turn {turn} holds an {IMAGE_PLACEHOLDER} placeholder")
         placeholders += count
     if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
         raise BrokenRecord(f"{where}: no assistant turn with text")
     if placeholders != len(images):
-        raise BrokenRecord(f"{where}: {placeholders} {IMAGE_TOKEN} placeholders but {len(images)} images")
+        raise BrokenRecord(f"{where}: {placeholders} {IMAGE_PLACEHOLDER} placeholders but {len(images)} images")
     for image in images:
         if isinstance(image, Path) and not image.is_file():
             raise BrokenRecord(f"{where}: image {image} does not exist")
@@ -237,7 +237,7 @@ def _chat_messages(messages: Any, where: str) -> list[dict]:
             for part in content:
                 kind = part.get("type") if isinstance(part, dict) else None
                 if kind == "image":
-                    parts.append(IMAGE_TOKEN)
+                    parts.append(IMAGE_PLACEHOLDER)
                 elif kind == "text" and isinstance(part.get("text"), str):
                     parts.append(part["text"])
                 else:

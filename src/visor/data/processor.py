@@ -1,19 +1,35 @@
-"""(image, question[, answer]) -> model inputs for a supported model family, configured from the model config.
+"""(images, conversation) -> model inputs for a supported model family, with the checkpoint's own processor pieces.
 
-Pixels come from transformers' own PIL image processors (no torchvision needed): `LlavaOnevisionImageProcessorPil`
-(anyres crops, `image_sizes`) or, for the Qwen-VL families, `Qwen2VLImageProcessorPil` (flattened patches,
-`image_grid_thw`). The families' full processors cannot be built without torchvision, so the `<image>` expansion
-is done here: the prompt is rendered with the tokenizer's chat template around a single `<image>`, which is
-replaced by as many `<image>` ids as the backbone adapter says the model will fill for that image size (for
-Qwen-VL between its vision start and end tokens, as its processor writes them).
+What the stock processor of a family would give, piece by piece (`VisorProcessor.from_pretrained(folder)`):
 
-Training rows: `labels` are -100 except on the answer tokens and the end-of-sequence token after them. Pass
-per-pixel `class_maps` to also get `patch_targets` (batch, max_crops, patches per crop), aligned with
-`pixel_values`' crops, -100 where there is no target.
+- **pixels** from the family's stock PIL image processor (no torchvision needed), loaded from the folder's
+  `preprocessor_config.json`: `LlavaOnevisionImageProcessorPil` (anyres crops, `image_sizes`, `batch_num_images`)
+  or `Qwen2VLImageProcessorPil` (flattened patches, `image_grid_thw`). A folder without one gets the family's
+  defaults (`Backbone.default_image_processor`), with a warning.
+- **the image token** the model config names (`image_token_id`), as the tokenizer spells it (`<image>`,
+  `<|image_pad|>` …), expanded to as many copies as the stock processor writes for that image: LLaVA-OV's packed
+  token count (`Backbone.image_tokens`), Qwen-VL's merged patches of the grid.
+- **the chat template** of the folder (its `chat_template.json`, else `chat_template.jinja`, else the tokenizer's).
+  A template that renders typed content parts (`{"type": "image"}`, `{"type": "text"}`, as the released
+  multimodal templates do) gets them; one that renders text only gets the text with the image token in place.
+  Qwen-VL's image tokens always sit between the vision start and end tokens (added when a template does not write
+  them).
+
+The families' full processors cannot be built without torchvision (their video half), which is why the pieces are
+put together here; the tests check the result equals the stock processor's, byte for byte.
+
+VISOR adds only the training side: `labels` are -100 except on every assistant turn (its tokens and the
+end-of-sequence token after them). Pass per-pixel `class_maps` to also get `patch_targets` (batch, max_crops,
+patches per crop), aligned with `pixel_values`' crops, -100 where there is no target.
+
+In text, `IMAGE_PLACEHOLDER` (`<image>`, LLaVA's data convention) marks where an image goes, whatever the
+tokenizer calls its image token.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,17 +37,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
-from transformers import BatchFeature, LlavaOnevisionImageProcessorPil, PreTrainedTokenizerBase
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers import BatchFeature, PreTrainedTokenizerBase
 
 from visor.backbones import backbone_for
 from visor.data.crops import CropLayout
 from visor.data.render import IGNORE_INDEX
 
-# SigLIP's normalisation, as LLaVA-OneVision's released preprocessor configs use.
-SIGLIP_MEAN = (0.5, 0.5, 0.5)
-SIGLIP_STD = (0.5, 0.5, 0.5)
-IMAGE_TOKEN = "<image>"
+IMAGE_PLACEHOLDER = "<image>"
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+# A folder's chat template, in the order the stock processors read them (the first one found is used).
+CHAT_TEMPLATE_FILES = ("chat_template.json", "chat_template.jinja")
 # Decoding is bounded: a header may claim any size (a "decompression bomb"); every processor downscales far below.
 MAX_IMAGE_PIXELS = 64_000_000
 
@@ -84,25 +99,30 @@ def load_image(image: ImageLike, min_side: int = 1) -> Image.Image:
 
 
 class AnyresImages:
-    """LLaVA-OneVision's image inputs: anyres crops of the config's crop size, and patch targets per crop."""
+    """LLaVA-OneVision's image inputs: anyres crops (one crop per image when a prompt holds several, as the stock
+    model takes them), and patch targets per crop."""
 
     has_patch_targets = True
 
-    def __init__(self, backbone, image_mean, image_std):
+    def __init__(self, backbone, image_processor, source: str):
+        self.backbone, self.image_processor = backbone, image_processor
         self.layout = CropLayout.from_config(backbone.config)
         self.min_side = self.layout.patch
-        crop = {"height": self.layout.crop, "width": self.layout.crop}
-        self.image_processor = LlavaOnevisionImageProcessorPil(
-            size=crop, crop_size=crop, image_grid_pinpoints=[list(p) for p in self.layout.pinpoints],
-            image_mean=list(image_mean), image_std=list(image_std),
-        )
+        crop = self.layout.crop
+        size = {key: image_processor.size.get(key) for key in ("height", "width")}
+        _check_setting(source, "size", size, {"height": crop, "width": crop})
+        _check_setting(source, "image_grid_pinpoints", [list(p) for p in image_processor.image_grid_pinpoints],
+                       [list(p) for p in self.layout.pinpoints])
 
-    def placeholder(self, image_token_id: int, count: int) -> list[int]:
+    def placeholder(self, image_token_id: int, count: int, framed: bool) -> list[int]:
         return [image_token_id] * count
 
-    def __call__(self, images: list[Image.Image]) -> dict:
-        pixels = self.image_processor(images, return_tensors="pt")
-        return {"pixel_values": pixels["pixel_values"], "image_sizes": pixels["image_sizes"]}
+    def token_count(self, image: Image.Image, images_in_prompt: int) -> int:
+        return self.backbone.image_tokens((image.height, image.width), alone=images_in_prompt == 1).visual_tokens
+
+    def __call__(self, rows: list[list[Image.Image]]) -> dict:
+        pixels = self.image_processor([row for row in rows if row], return_tensors="pt")
+        return {name: pixels[name] for name in ("pixel_values", "image_sizes", "batch_num_images")}
 
     def prompt_inputs(self, input_ids: torch.Tensor, image_token_id: int) -> dict:
         return {}
@@ -127,22 +147,27 @@ class GridImages:
 
     has_patch_targets = False
 
-    def __init__(self, backbone, image_mean, image_std):
+    def __init__(self, backbone, image_processor, source: str):
         config = backbone.config
         vision = config.vision_config
+        self.image_processor = image_processor
         self.min_side = vision.patch_size
         self.start, self.end = config.vision_start_token_id, config.vision_end_token_id
-        self.image_processor = Qwen2VLImageProcessorPil(
-            patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
-            temporal_patch_size=vision.temporal_patch_size, min_pixels=backbone.min_pixels,
-            max_pixels=backbone.max_pixels, image_mean=list(image_mean), image_std=list(image_std),
-        )
+        for field, expected in (("patch_size", vision.patch_size), ("merge_size", vision.spatial_merge_size),
+                                ("temporal_patch_size", vision.temporal_patch_size)):
+            _check_setting(source, field, getattr(image_processor, field), expected)
 
-    def placeholder(self, image_token_id: int, count: int) -> list[int]:
-        return [self.start] + [image_token_id] * count + [self.end]
+    def placeholder(self, image_token_id: int, count: int, framed: bool) -> list[int]:
+        """The image's tokens, between the start and end tokens unless the chat template wrote them (`framed`)."""
+        tokens = [image_token_id] * count
+        return tokens if framed else [self.start, *tokens, self.end]
 
-    def __call__(self, images: list[Image.Image]) -> dict:
-        pixels = self.image_processor(images, return_tensors="pt")
+    def token_count(self, image: Image.Image, images_in_prompt: int) -> int:
+        grid = self.image_processor([image], return_tensors="pt")["image_grid_thw"][0]
+        return int(grid.prod()) // self.image_processor.merge_size**2
+
+    def __call__(self, rows: list[list[Image.Image]]) -> dict:
+        pixels = self.image_processor([image for row in rows for image in row], return_tensors="pt")
         return {"pixel_values": pixels["pixel_values"], "image_grid_thw": pixels["image_grid_thw"]}
 
     def prompt_inputs(self, input_ids: torch.Tensor, image_token_id: int) -> dict:
@@ -153,37 +178,121 @@ class GridImages:
         raise ValueError("patch targets (class_maps) follow LLaVA-OneVision's crops; this model family has none")
 
 
-class VisorProcessor:
-    """Turns images and questions (and answers, for training) into inputs of `config`'s family that agree with it."""
+def load_image_processor(folder: str | Path, backbone):
+    """The family's stock PIL image processor with the settings of `folder`'s preprocessor config, or the family's
+    defaults (a warning says so) when it has none; a ValueError names a config of another family or a broken
+    field."""
+    path = Path(folder) / PREPROCESSOR_CONFIG
+    processor_class = backbone.image_processor_class
+    if not path.is_file():
+        default = backbone.default_image_processor()
+        logging.getLogger(__name__).warning(
+            "%s has no %s: images get %s's defaults (normalised with mean %s, std %s)", folder, PREPROCESSOR_CONFIG,
+            type(backbone).__name__, list(default.image_mean), list(default.image_std))
+        return default
+    try:
+        settings = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    kind = settings.get("image_processor_type")
+    family_kind = processor_class.__name__.removesuffix("Pil")
+    if kind is not None and kind.removesuffix("Fast").removesuffix("Pil") != family_kind:
+        raise ValueError(f"{path}: image_processor_type is {kind!r}, but this {type(backbone).__name__} model's "
+                         f"images are processed by {family_kind}")
+    for field in ("image_mean", "image_std"):
+        value = settings.get(field)
+        if value is not None and (not isinstance(value, list) or len(value) != 3
+                                  or not all(isinstance(v, (int, float)) for v in value)):
+            raise ValueError(f"{path}: {field} must be 3 numbers (one per RGB channel), got {value!r}")
+    try:
+        return processor_class.from_pretrained(str(folder), local_files_only=True)
+    except (TypeError, ValueError, KeyError) as error:
+        raise ValueError(f"{path} holds settings {processor_class.__name__} cannot take: {error}") from error
 
-    def __init__(self, config, tokenizer: PreTrainedTokenizerBase,
-                 padding_side: str = "right", image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD):
+
+def load_chat_template(folder: str | Path, tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """The folder's processor chat template (`CHAT_TEMPLATE_FILES`), else the tokenizer's."""
+    for name in CHAT_TEMPLATE_FILES:
+        path = Path(folder) / name
+        if path.is_file():
+            if name.endswith(".jinja"):
+                return path.read_text()
+            try:
+                return json.loads(path.read_text())["chat_template"]
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+                raise ValueError(f"{path} must be a JSON object with a 'chat_template' string: {error}") from error
+    return tokenizer.chat_template
+
+
+def _check_setting(source: str, field: str, value, expected) -> None:
+    if value != expected:
+        raise ValueError(f"{source}: {field} is {value!r}, but the model config expects {expected!r}")
+
+
+class VisorProcessor:
+    """Turns images and conversations (with answers, for training) into inputs of `config`'s family.
+
+    `VisorProcessor.from_pretrained(folder)` takes everything from a checkpoint folder; the constructor takes a
+    config and a tokenizer (the chat template: `chat_template`, else the tokenizer's) and, optionally, a stock image
+    processor (default: the family's defaults, `Backbone.default_image_processor`)."""
+
+    def __init__(self, config, tokenizer: PreTrainedTokenizerBase, padding_side: str = "right",
+                 image_processor=None, chat_template: str | None = None, folder: str | Path | None = None):
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' (generation) or 'right' (training), got {padding_side!r}")
-        image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        if image_token_id != config.image_token_id:
-            raise ValueError(
-                f"the tokenizer's {IMAGE_TOKEN} id is {image_token_id} but the model config expects "
-                f"{config.image_token_id}; set config.image_token_id (and resize embeddings) to match"
-            )
+        # Where the pieces came from, for error messages.
+        settings = None if folder is None else Path(folder) / PREPROCESSOR_CONFIG
+        tokenizer_source = "the tokenizer" if folder is None else f"{folder}'s tokenizer"
+        self.image_token_id = config.image_token_id
+        self.image_token = _image_token(tokenizer, self.image_token_id, tokenizer_source)
         if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
-            raise ValueError("the tokenizer needs a pad token and an end-of-sequence token")
-        if not tokenizer.chat_template:
-            raise ValueError("the tokenizer has no chat template to render prompts with")
+            raise ValueError(f"{tokenizer_source} needs a pad token and an end-of-sequence token")
+        self.chat_template = chat_template or tokenizer.chat_template
+        if not self.chat_template:
+            raise ValueError(f"{tokenizer_source} has no chat template to render prompts with")
         self.backbone = backbone_for(config)
-        self.images = (GridImages if "image_grid_thw" in self.backbone.image_inputs else AnyresImages)(
-            self.backbone, image_mean, image_std)
+        if image_processor is None:
+            image_processor = self.backbone.default_image_processor()
+        images_source = str(settings) if settings is not None and settings.is_file() else "the image processor"
+        image_side = GridImages if "image_grid_thw" in self.backbone.image_inputs else AnyresImages
+        self.images = image_side(self.backbone, image_processor, images_source)
         self.tokenizer = tokenizer
         self.padding_side = padding_side
-        self.image_token_id = image_token_id
+        self.typed_content = self._renders_typed_content()
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, config=None, padding_side: str = "right") -> VisorProcessor:
+        """The processor of a local checkpoint folder (stock or VISOR): its tokenizer, chat template and image
+        processor settings; `config` defaults to the folder's own."""
+        from transformers import AutoTokenizer
+
+        from visor.backbones import checkpoint_config
+
+        folder = Path(folder)
+        if config is None:
+            config = checkpoint_config(folder)
+        if not (folder / "tokenizer_config.json").is_file():
+            raise ValueError(f"{folder} has no tokenizer (tokenizer_config.json); save one next to the weights")
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        return cls(config, tokenizer, padding_side, image_processor=load_image_processor(folder, backbone_for(config)),
+                   chat_template=load_chat_template(folder, tokenizer), folder=folder)
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """The tokenizer, chat template and image processor settings into `folder`, as `from_pretrained` reads
+        them back."""
+        self.tokenizer.save_pretrained(folder)
+        self.images.image_processor.save_pretrained(folder)
+        (Path(folder) / CHAT_TEMPLATE_FILES[-1]).write_text(self.chat_template)
 
     def __call__(self, images: ImageLike | Sequence[ImageLike], questions: str | Sequence[str],
                  answers: str | Sequence[str] | None = None,
                  class_maps: np.ndarray | Sequence[np.ndarray] | None = None) -> BatchFeature:
-        """A padded batch: input_ids, attention_mask and the family's image inputs (LLaVA-OV: pixel_values
-        (B, max_crops, 3, crop, crop) and image_sizes; Qwen-VL: pixel_values (patches, features), image_grid_thw
-        and mm_token_type_ids), plus labels when `answers` are given and patch_targets when `class_maps` are. A
-        single image and question make a batch of one."""
+        """A padded batch of one image and one question per row: input_ids, attention_mask and the family's image
+        inputs (LLaVA-OV: pixel_values (B, max_crops, 3, crop, crop), image_sizes, batch_num_images; Qwen-VL:
+        pixel_values (patches, features), image_grid_thw and mm_token_type_ids), plus labels when `answers` are
+        given and patch_targets when `class_maps` are. A single image and question make a batch of one."""
         images = _as_list(images, (Image.Image, str, Path, np.ndarray))
         questions = _as_list(questions, str)
         answers = None if answers is None else _as_list(answers, str)
@@ -197,9 +306,10 @@ class VisorProcessor:
         for row, question in enumerate(questions):
             if not isinstance(question, str) or not question.strip():
                 raise ValueError(f"questions must be non-empty text, got {question!r}")
-            if IMAGE_TOKEN in question:
-                raise ValueError(f"questions must not contain {IMAGE_TOKEN}; the processor places the image")
-            messages = [{"role": "user", "content": f"{IMAGE_TOKEN}\n{question.strip()}"}]
+            for marker in {IMAGE_PLACEHOLDER, self.image_token}:
+                if marker in question:
+                    raise ValueError(f"questions must not contain {marker}; the processor places the image")
+            messages = [{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{question.strip()}"}]
             if answers is not None:
                 if not isinstance(answers[row], str) or not answers[row].strip():
                     raise ValueError(f"answers must be non-empty text, got {answers[row]!r}")
@@ -211,12 +321,14 @@ class VisorProcessor:
     def conversations(self, images: Sequence[Sequence[ImageLike]], conversations: Sequence[Sequence[dict]],
                       prompt_only: bool = False, max_length: int | None = None,
                       class_maps: Sequence[np.ndarray | None] | None = None) -> BatchFeature:
-        """A padded batch of chat conversations, each with its images in the order of its `<image>` placeholders.
+        """A padded batch of chat conversations, each with its images in the order of its placeholders.
 
-        Messages are `{"role": "system" | "user" | "assistant", "content": text}`. Training rows (`prompt_only`
-        False) are labelled on every assistant turn (its text and the end-of-sequence token; -100 elsewhere).
-        `prompt_only`: the prompt that asks for the *last* assistant turn (left out), for generation.
-        `max_length` cuts a longer row from its end; a cut into an image's tokens is a ValueError.
+        Messages are `{"role": "system" | "user" | "assistant", "content": ...}`, the content text with an
+        `IMAGE_PLACEHOLDER` where each image goes, or a list of `{"type": "image"}` / `{"type": "text", "text"}`
+        parts. Training rows (`prompt_only` False) are labelled on every assistant turn (its text and the
+        end-of-sequence token; -100 elsewhere). `prompt_only`: the prompt that asks for the *last* assistant turn
+        (left out), for generation. `max_length` cuts a longer row from its end; a cut into an image's tokens is a
+        ValueError.
         """
         if len(images) != len(conversations):
             raise ValueError(f"got {len(images)} image lists but {len(conversations)} conversations")
@@ -225,7 +337,7 @@ class VisorProcessor:
         loaded = [[load_image(image, min_side=self.images.min_side) for image in row] for row in images]
         sequences, label_rows = [], []
         for row, (row_images, messages) in enumerate(zip(loaded, conversations)):
-            ids, labels = self._conversation_ids(messages, prompt_only)
+            ids, labels = self._conversation_ids([self._message(message) for message in messages], prompt_only)
             ids, labels, images_end = self._expand_images(ids, labels, row_images, row)
             if max_length is not None and len(ids) > max_length:
                 if images_end > max_length:
@@ -235,25 +347,64 @@ class VisorProcessor:
             sequences.append(ids)
             label_rows.append(labels)
 
-        flat = [image for row in loaded for image in row]
         batch = {
             "input_ids": self._pad(sequences, self.tokenizer.pad_token_id),
             "attention_mask": self._pad([[1] * len(ids) for ids in sequences], 0),
-            **(self.images(flat) if flat else {}),
+            **(self.images(loaded) if any(loaded) else {}),
         }
         batch |= self.images.prompt_inputs(batch["input_ids"], self.image_token_id)
         if not prompt_only:
             batch["labels"] = self._pad(label_rows, IGNORE_INDEX)
         if class_maps is not None:
-            batch["patch_targets"] = self.images.patch_targets(flat, class_maps, batch)
+            batch["patch_targets"] = self.images.patch_targets([image for row in loaded for image in row],
+                                                               class_maps, batch)
         return BatchFeature(batch)
 
+    # ---- rendering ------------------------------------------------------------------------------------------
+    def _renders_typed_content(self) -> bool:
+        """Whether the chat template renders typed content parts: an image part becomes the image token."""
+        probe = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "probe"}]}]
+        try:
+            text = self._render(probe, generation_prompt=True)
+        except Exception:  # a template written for text content may fail on parts in any way
+            return False
+        return text.count(self.image_token) == 1 and "probe" in text and "'type'" not in text
+
+    def _message(self, message: dict) -> dict:
+        """A message as this chat template takes it: typed parts, or text with the image token in place."""
+        content = message.get("content")
+        if isinstance(content, list):
+            parts = content
+        elif isinstance(content, str):
+            if not self.typed_content:
+                return {**message, "content": content.replace(IMAGE_PLACEHOLDER, self.image_token)}
+            parts = []
+            for index, piece in enumerate(content.split(IMAGE_PLACEHOLDER)):
+                if index:
+                    parts.append({"type": "image"})
+                # LLaVA's data writes "<image>\n" before the text; the templates place their own separators.
+                piece = piece.removeprefix("\n") if index else piece
+                piece = piece.removesuffix("\n") if index < content.count(IMAGE_PLACEHOLDER) else piece
+                if piece:
+                    parts.append({"type": "text", "text": piece})
+        else:
+            raise ValueError(f"message content must be text or a list of parts, got {type(content).__name__}")
+        for part in parts:
+            if not isinstance(part, dict) or part.get("type") not in ("image", "text") or (
+                    part["type"] == "text" and not isinstance(part.get("text"), str)):
+                raise ValueError(f"content parts must be {{'type': 'image'}} or {{'type': 'text', 'text': ...}}, "
+                                 f"got {part!r}")
+        if self.typed_content:
+            return {**message, "content": parts}
+        text = "\n".join(self.image_token if part["type"] == "image" else part["text"] for part in parts)
+        return {**message, "content": text}
+
     def _render(self, messages: Sequence[dict], generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(list(messages), tokenize=False,
+        return self.tokenizer.apply_chat_template(list(messages), chat_template=self.chat_template, tokenize=False,
                                                   add_generation_prompt=generation_prompt)
 
     def _conversation_ids(self, messages: Sequence[dict], prompt_only: bool) -> tuple[list[int], list[int]]:
-        """Ids (one `<image>` id per image) and labels of a conversation, rendered by the chat template turn by
+        """Ids (one image-token id per image) and labels of a conversation, rendered by the chat template turn by
         turn: each assistant turn is what the template adds to the conversation before it, closed by the
         end-of-sequence token where the template does not write one (the model must learn to stop)."""
         if prompt_only and messages and messages[-1].get("role") == "assistant":
@@ -295,18 +446,19 @@ class VisorProcessor:
 
     def _expand_images(self, ids: list[int], labels: list[int], images: list[Image.Image],
                        row: int) -> tuple[list[int], list[int], int]:
-        """Each `<image>` id replaced by as many image-token ids as the model fills for that image (in order);
-        also where the last image's tokens end."""
+        """Each image-token id replaced by as many as the stock processor writes for that image (in order); also
+        where the last image's tokens end."""
         slots = [i for i, token in enumerate(ids) if token == self.image_token_id]
         if len(slots) != len(images):
-            raise ValueError(f"conversation {row} has {len(slots)} {IMAGE_TOKEN} placeholders but "
-                             f"{len(images)} images")
+            raise ValueError(f"conversation {row} has {len(slots)} image placeholders but {len(images)} images")
         out_ids: list[int] = []
         out_labels: list[int] = []
         start = 0
         for slot, image in zip(slots, images):
-            count = self.backbone.image_tokens((image.height, image.width)).visual_tokens
-            placeholder = self.images.placeholder(self.image_token_id, count)
+            framed = 0 < slot < len(ids) - 1 and (ids[slot - 1], ids[slot + 1]) == (
+                getattr(self.images, "start", None), getattr(self.images, "end", None))
+            placeholder = self.images.placeholder(self.image_token_id, self.images.token_count(image, len(images)),
+                                                  framed)
             out_ids += ids[start:slot] + placeholder
             out_labels += labels[start:slot] + [IGNORE_INDEX] * len(placeholder)
             start = slot + 1
@@ -328,6 +480,17 @@ class VisorProcessor:
         if self.tokenizer.eos_token_id in ids:
             ids = ids[: ids.index(self.tokenizer.eos_token_id)]
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def _image_token(tokenizer: PreTrainedTokenizerBase, image_token_id: int, source: str) -> str:
+    """The tokenizer's spelling of the config's image token; a ValueError when it has no such special token."""
+    token = tokenizer.convert_ids_to_tokens(image_token_id) if 0 <= image_token_id < len(tokenizer) else None
+    if token is None or image_token_id not in tokenizer.added_tokens_decoder or (
+            tokenizer.convert_tokens_to_ids(token) != image_token_id):
+        raise ValueError(f"{source} has no special token with the id {image_token_id} that the model config's "
+                         "image_token_id names: the tokenizer and the model do not belong together (add the image "
+                         "token to the tokenizer, or set image_token_id and resize the embeddings)")
+    return token
 
 
 @contextmanager

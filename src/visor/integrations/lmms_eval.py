@@ -22,7 +22,7 @@ from lmms_eval.api.model import lmms
 from loguru import logger
 from PIL import Image
 
-from visor.data.processor import IMAGE_TOKEN
+from visor.data.processor import IMAGE_PLACEHOLDER
 from visor.flops import savings
 from visor.integrations.runner import CheckpointRunner
 
@@ -123,7 +123,7 @@ class VisorLmms(lmms):
                     f"{[type(visual).__name__ for visual in visuals]}"
                 )
             images.append(visuals[0])
-            questions.append(context.replace(IMAGE_TOKEN, " ").strip())
+            questions.append(context.replace(IMAGE_PLACEHOLDER, " ").strip())
         return images, questions
 
     def _log_summary(self, answers) -> None:

@@ -4,8 +4,8 @@ This is what an evaluation harness needs from a model, without the harness: `vis
 translates lmms-eval's requests into these calls, so everything here is tested without lmms-eval installed.
 
 The checkpoint is a VISOR one (a fixed configuration, or the policy with threshold τ) or a stock LLaVA-OV one
-(the full model, the row every VISOR number is compared with). Prompts go through `VisorProcessor` with the
-tokenizer saved next to the weights, exactly as `visor generate` answers one question; each answer records the
+(the full model, the row every VISOR number is compared with). Prompts go through the checkpoint's own processor
+(`VisorProcessor.from_pretrained`: its tokenizer, chat template and image settings), exactly as `visor generate` answers one question; each answer records the
 configuration that ran and its LLM prefill FLOPs by the one counter (`visor.flops`).
 """
 
@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
-
 from visor.config import Schedule
 from visor.data.processor import VisorProcessor
 from visor.device import check_device, default_device
@@ -66,10 +64,9 @@ class CheckpointRunner:
         folder = Path(pretrained)
         self.device = check_device(device or default_device())
         self.model = load_checkpoint(folder).eval().to(self.device)
-        if not (folder / "tokenizer_config.json").is_file():
-            raise ValueError(f"{folder} has no tokenizer (tokenizer_config.json); save one next to the weights")
-        tokenizer = AutoTokenizer.from_pretrained(folder)
         config = self.model.config
+        # Left padding for both: generation needs it, and it puts every continuation at the end of its row.
+        self.processor = VisorProcessor.from_pretrained(folder, config, padding_side="left")
         self.is_visor = is_visor(self.model)
         self.tau = None if tau is None else check_threshold(tau)
         if not self.is_visor:
@@ -87,8 +84,6 @@ class CheckpointRunner:
                 if tau is not None:
                     raise ValueError("τ (tau) sets the policy's budget: it applies to configuration 'auto' only")
         self.configuration = configuration
-        # Left padding for both: generation needs it, and it puts every continuation at the end of its row.
-        self.processor = VisorProcessor(config, tokenizer, padding_side="left")
 
     @property
     def routed(self) -> bool:

@@ -81,10 +81,13 @@ class PreLLMReduced:
         return f"PreLLMReduced({type(self.base).__name__}, {self.reducer!r}, configuration={self.configuration})"
 
     # ---- the reduced prompt --------------------------------------------------------------------------------
-    def model_inputs(self, input_ids, attention_mask, pixel_values, image_sizes, labels=None) -> dict:
+    def model_inputs(self, input_ids, attention_mask, pixel_values, image_sizes, labels=None,
+                     batch_num_images=None) -> dict:
         """Arguments for the base model: the prompt with each image's placeholders cut to the kept count (and
         `labels`, when given, cut alike). Gradients reach the vision side only while the base model trains."""
         config = self.config
+        if batch_num_images is not None and bool((batch_num_images != 1).any()):
+            raise ValueError(f"pre-LLM reductions read one image per sample; got {batch_num_images.tolist()} images")
         image = input_ids == config.image_token_id
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -110,13 +113,17 @@ class PreLLMReduced:
         embeds = embeds.masked_scatter(slots, torch.cat(features).to(embeds.dtype))
         return dict(inputs_embeds=embeds, attention_mask=attention_mask, **packed_labels)
 
-    def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, **options):
+    def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, batch_num_images=None,
+                 **options):
         """The base model's output on the reduced prompt (its logits are over the reduced positions)."""
-        return self.base(**self.model_inputs(input_ids, attention_mask, pixel_values, image_sizes), **options)
+        return self.base(**self.model_inputs(input_ids, attention_mask, pixel_values, image_sizes,
+                                             batch_num_images=batch_num_images), **options)
 
-    def generate(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, **options):
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, batch_num_images=None,
+                 **options):
         """The base model's `generate` on the reduced prompt; sequences start with the original `input_ids`."""
-        inputs = self.model_inputs(input_ids, attention_mask, pixel_values, image_sizes)
+        inputs = self.model_inputs(input_ids, attention_mask, pixel_values, image_sizes,
+                                   batch_num_images=batch_num_images)
         output = self.base.generate(**inputs, **options)
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
         returned_prompt = inputs["input_ids"].shape[1] if "input_ids" in inputs else 0

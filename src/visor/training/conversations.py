@@ -1,10 +1,11 @@
 """`--data llava:FILE.json` and `--data hf:DIR`: conversation data on disk (`visor.data.conversations`) as a
 training `DataSource`.
 
-Samples are tokenised by the model's own tokenizer and chat template (saved next to the `--init` checkpoint),
-through `VisorProcessor.conversations`: every assistant turn is labelled, nothing else. Training sample i is
-record `perm_e[i % N]` of the training split, `perm_e` a permutation drawn from (seed, epoch e = i // N): a pure
-function of seed and i, so batches are deterministic and resumable like the synthetic suite's. Evaluation asks
+Samples are processed by the model's own processor (the tokenizer, chat template and image settings saved next to
+the `--init` checkpoint: `VisorProcessor.from_pretrained`), through `VisorProcessor.conversations`: every
+assistant turn is labelled, nothing else. Training sample i is record `perm_e[i % N]` of the training split,
+`perm_e` a permutation drawn from (seed, epoch e = i // N): a pure function of seed and i, so batches are
+deterministic and resumable like the synthetic suite's. Evaluation asks
 for each held-out record's last assistant turn and judges the greedy answer by exact match.
 """
 
@@ -24,8 +25,6 @@ class ConversationSource:
 
     def __init__(self, model_config, kind: str, path: str | Path, tokenizer_dir: str | Path | None, seed: int = 0,
                  image_root: str | Path | None = None, max_length: int | None = None, skip_broken: bool = False):
-        from transformers import AutoTokenizer
-
         from visor.data.processor import VisorProcessor
 
         if tokenizer_dir is None or not (Path(tokenizer_dir) / "tokenizer_config.json").is_file():
@@ -33,9 +32,9 @@ class ConversationSource:
                              f"template, and {tokenizer_dir or 'a model preset'} has none: start from a checkpoint "
                              "folder that holds one (--init; `visor convert` copies it from the stock model)")
         self.data = read_conversations(kind, path, image_root, skip_broken)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-        self._train = VisorProcessor(model_config, self.tokenizer, padding_side="right")
-        self._prompt = VisorProcessor(model_config, self.tokenizer, padding_side="left")
+        self._train = VisorProcessor.from_pretrained(tokenizer_dir, model_config, padding_side="right")
+        self._prompt = VisorProcessor.from_pretrained(tokenizer_dir, model_config, padding_side="left")
+        self.processor = self._prompt  # the checkpoint's, saved with the trained model
         self.seed = seed
         self.max_length = max_length
         tasks = dict.fromkeys(r.task for split in self.data.splits.values() for r in split)

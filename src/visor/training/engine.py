@@ -368,8 +368,8 @@ class Trainer:
         }
         weights = self._model_state_dict()
         if main:
-            # With its tokenizer, when the data has one, the folder answers questions on its own (`visor generate`).
-            save_model(self.model, self.output_dir / FINAL_MODEL_DIR, getattr(self.data, "tokenizer", None),
+            # With its processor, when the data has one, the folder answers questions on its own (`visor generate`).
+            save_model(self.model, self.output_dir / FINAL_MODEL_DIR, getattr(self.data, "processor", None),
                        state_dict=weights, safe_serialization=True)
             write_json(self.output_dir / SUMMARY_FILE, summary)
         accelerator.wait_for_everyone()

@@ -40,6 +40,7 @@ class SyntheticSource:
             raise ValueError(f"the suite's tokenizer has {len(self.tokenizer)} ids but the model's vocabulary {vocab}")
         self._train = VisorProcessor(model_config, self.tokenizer, padding_side="right")
         self._prompt = VisorProcessor(model_config, self.tokenizer, padding_side="left")
+        self.processor = self._prompt  # saved with the trained model, so its folder answers questions on its own
         # Per-patch targets (the auxiliary loss) follow LLaVA-OV's crops; the Qwen-VL families train without.
         self.num_patch_classes = len(PATCH_CLASSES) if self._train.images.has_patch_targets else 0
 

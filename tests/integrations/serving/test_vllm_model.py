@@ -21,7 +21,7 @@ from vllm import LLM, SamplingParams  # noqa: E402
 from visor import VisorForConditionalGeneration  # noqa: E402
 from visor.config import Schedule  # noqa: E402
 from visor.data import VisorProcessor  # noqa: E402
-from visor.data.processor import IMAGE_TOKEN  # noqa: E402
+from visor.data.processor import IMAGE_PLACEHOLDER  # noqa: E402
 from visor.flops import kv_cache_bytes  # noqa: E402
 from visor.integrations.vllm import engine_arguments  # noqa: E402
 from visor.integrations.vllm.engine import footprint, kv_cache_config, requests_that_fit  # noqa: E402
@@ -41,7 +41,7 @@ def release(llm: LLM) -> None:
 
 def prompt_ids(tokenizer, question: str) -> list[int]:
     """The prompt `VisorProcessor` renders for one image and question, with a single `<image>` id (vLLM expands it)."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": f"{IMAGE_TOKEN}\n{question}"}],
+    text = tokenizer.apply_chat_template([{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{question}"}],
                                          tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 

@@ -36,7 +36,7 @@ from visor.backbones import backbone_for
 from visor.bench import DTYPES, BenchPlan, build_model
 from visor.config import Schedule
 from visor.data import build_tokenizer
-from visor.data.processor import IMAGE_TOKEN
+from visor.data.processor import IMAGE_PLACEHOLDER
 from visor.files import save_figure, write_json
 from visor.flops import kv_cache_bytes, llm_prefill_flops
 
@@ -82,7 +82,7 @@ def run_engine_bench(plan: BenchPlan) -> list[EngineRow]:
 
     batch_sizes = plan.batch_sizes or ENGINE_BATCH_SIZES
     tokenizer = build_tokenizer()  # vLLM needs one; prompts are token ids and outputs stay ids (random weights)
-    image_token = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    image_token = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
     specs = [("full", None)] + [("visor", index) for index in plan.visor_configurations]
     rows = []
     with tempfile.TemporaryDirectory(prefix="visor-bench-") as scratch, \
@@ -131,7 +131,7 @@ def _checkpoint(plan: BenchPlan, method: str, scratch: Path, tokenizer) -> Path:
     folder = scratch / method
     if not folder.exists():
         model = build_model(plan.dense_config if method == "full" else plan.config, replace(plan, device="cpu"))
-        model.config.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        model.config.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         del model

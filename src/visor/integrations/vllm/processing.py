@@ -25,8 +25,7 @@ from vllm.multimodal.processing import (
 from vllm.multimodal.processing.inputs import ProcessorInputs
 
 from visor.backbones import backbone_for
-from visor.data.processor import IMAGE_TOKEN, AnyresImages, load_image
-from visor.data.processor import SIGLIP_MEAN, SIGLIP_STD
+from visor.data.processor import IMAGE_PLACEHOLDER, AnyresImages, load_image
 
 IMAGES_PER_PROMPT = 1  # LLaVA-OneVision packs a prompt's several images differently (one crop each); not served yet
 
@@ -38,7 +37,7 @@ class VisorProcessingInfo(BaseProcessingInfo):
 
     @cached_property
     def images(self) -> AnyresImages:
-        return AnyresImages(self.backbone, SIGLIP_MEAN, SIGLIP_STD)
+        return AnyresImages(self.backbone, self.backbone.default_image_processor(), "the image processor")
 
     def get_supported_mm_limits(self) -> Mapping[str, int | None]:
         return {"image": IMAGES_PER_PROMPT}
@@ -58,7 +57,7 @@ class VisorDummyInputsBuilder(BaseDummyInputsBuilder[VisorProcessingInfo]):
     """The largest image the processor makes, for vLLM's memory profiling."""
 
     def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
-        return IMAGE_TOKEN * mm_counts.get("image", 0)
+        return IMAGE_PLACEHOLDER * mm_counts.get("image", 0)
 
     def get_dummy_mm_data(self, seq_len: int, mm_counts: Mapping[str, int], mm_options=None):
         width, height = self.info.largest_image()
@@ -97,7 +96,7 @@ class VisorMultiModalProcessor(EncDecMultiModalProcessor[VisorProcessingInfo]):
         offsets = hf_processor_mm_kwargs.get("image_offsets", [])
         if images is not None:
             if len(offsets) != len(images):
-                raise ValueError(f"the prompt has {len(offsets)} {IMAGE_TOKEN} placeholders for {len(images)} images")
+                raise ValueError(f"the prompt has {len(offsets)} {IMAGE_PLACEHOLDER} placeholders for {len(images)} images")
             processed_data["image_offset"] = torch.tensor(offsets)
         return processed_data
 
