@@ -104,3 +104,31 @@ def test_readme_own_model_commands_run_as_written(tmp_path, monkeypatch, capsys)
     out = capsys.readouterr().out
     assert "configuration" in out and "answer:" in out
     assert (tmp_path / "runs" / "my-universal" / "model" / "config.json").is_file()
+
+
+def test_readme_qwen_commands_run_as_written(tmp_path, monkeypatch, capsys):
+    """The Qwen2.5-VL block through `visor`'s CLI, on a tiny folder laid out as Qwen2.5-VL is released."""
+    import shlex
+    import shutil
+    import sys
+
+    from visor import cli
+
+    sys.path.insert(0, str(ROOT / "tests" / "data"))
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conversation_fixture import fixture_records, write_llava_fixture
+    from released_checkpoints import write_released_checkpoint
+
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("A Qwen2.5-VL folder as released"):]
+    block = block[block.index("```bash\n") + 8:block.index("```", block.index("```bash\n") + 8)]
+    commands = [shlex.split(line.replace("--max-steps 300", "--max-steps 2")) for line in block.splitlines() if line]
+    assert [command[:2] for command in commands] == [["visor", "convert"], ["visor", "train"], ["visor", "generate"]]
+
+    monkeypatch.chdir(tmp_path)
+    write_released_checkpoint("qwen2.5-vl", tmp_path / "my-qwen2.5-vl")
+    write_llava_fixture(tmp_path / "my-data")
+    shutil.copyfile(tmp_path / "my-data" / fixture_records()[0]["image"], "photo.png")
+    for command in commands:
+        assert cli.main(command[1:]) == 0, command
+    assert "answer:" in capsys.readouterr().out
