@@ -52,6 +52,34 @@ def test_simple_evaluate_scores_what_the_runner_answers(checkpoints, task_folder
         sum(utils.process_results(doc, [got.text])["exact_match"] for doc, got in zip(docs, expected)) / len(docs))
 
 
+@pytest.fixture(scope="module", params=["llava-onevision", "qwen2-vl", "qwen2.5-vl", "qwen3-vl"])
+def released_visor(request, tmp_path_factory):
+    """Each family's checkpoint as released (tests/released_checkpoints.py), converted to VISOR."""
+    from pathlib import Path
+
+    from visor.convert import convert
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from released_checkpoints import write_released_checkpoint
+
+    root = tmp_path_factory.mktemp(request.param)
+    return convert(write_released_checkpoint(request.param, root / "stock"), root / "visor")
+
+
+def test_every_family_as_released_is_scored_as_the_runner_answers(released_visor, task_folder, docs):
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(task_folder), include_defaults=False)
+    output = simple_evaluate(model="visor", model_args=f"pretrained={released_visor},configuration=0",
+                             tasks=["visor_synthetic"], batch_size=4, device="cpu", task_manager=manager)
+    runner = CheckpointRunner(released_visor, 0)
+    expected = runner.generate([doc["image"] for doc in docs], [doc["question"] for doc in docs], max_new_tokens=8,
+                               until=["\n"])
+    logged = {sample["doc_id"]: sample for sample in output["samples"]["visor_synthetic"]}
+    assert [logged[index]["filtered_resps"][0] for index in range(len(docs))] == [got.text for got in expected]
+
+
 def test_multiple_choice_requests_built_by_lmms_eval_score_by_likelihood(checkpoints, task_folder, docs):
     """The choice task's requests, built and scored by lmms-eval's own task code around our `loglikelihood`.
 

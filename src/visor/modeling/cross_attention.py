@@ -108,28 +108,53 @@ class CrossAttentionBlock(nn.Module):
     def visual_keys_values(
         self,
         visual: torch.Tensor,
-        visual_rope: tuple[torch.Tensor, torch.Tensor],
+        visual_rope: tuple[torch.Tensor, torch.Tensor] | None,
         visual_unit: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values over the visual tokens (B, H_kv, Nv, head_dim): computed once, cached for decoding.
+        """Keys and values over the visual tokens (B, H_kv, Nv, head_dim): computed once, cached for decoding
+        (RoPE at the visual positions when the block uses it and `visual_rope` is given: (cos, sin)).
 
         `visual_unit` = `rms_unit(visual)` may be passed in: it is the same for every CA block until an SA
         layer changes the visual tokens, and the norm's weight folds into the projections, so the thousands of
         visual tokens are normalised once rather than once per block.
         """
-        batch, length, _ = visual.shape
+        keys, values = self.project_visual(visual, visual_unit)
+        keys, values = keys.transpose(1, 2), values.transpose(1, 2)
+        if self.use_rope and visual_rope is not None:
+            keys = _rotate(keys, visual_rope)
+        return keys, values
+
+    def project_visual(self, visual: torch.Tensor, visual_unit: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of visual tokens (..., N, d) before RoPE: (..., N, H_kv, head_dim)."""
         if visual_unit is None:
             visual_unit = rms_unit(visual, self.visual_norm.variance_epsilon)
         scale = self.visual_norm.weight.to(visual_unit.dtype)[None, :]
-        shape = (batch, length, self.num_key_value_heads, self.head_dim)  # explicit: length may be 0
+        shape = (*visual.shape[:-1], self.num_key_value_heads, self.head_dim)  # explicit: N may be 0
         keys = nn.functional.linear(visual_unit, self.k_proj.weight * scale, self.k_proj.bias).view(shape)
         values = nn.functional.linear(visual_unit, self.v_proj.weight * scale, self.v_proj.bias).view(shape)
         if self.k_norm is not None:
             keys = self.k_norm(keys)
-        keys, values = keys.transpose(1, 2), values.transpose(1, 2)
-        if self.use_rope:
-            keys = _rotate(keys, visual_rope)
         return keys, values
+
+    def project_queries(self, text: torch.Tensor) -> torch.Tensor:
+        """Queries of text tokens (..., N, d) before RoPE: (..., N, H, head_dim)."""
+        query = self.q_proj(self.text_norm(text)).view(*text.shape[:-1], self.num_heads, self.head_dim)
+        return query if self.q_norm is None else self.q_norm(query)
+
+    def add(self, text: torch.Tensor, attended: torch.Tensor | None, sees_visual: torch.Tensor | None = None
+            ) -> torch.Tensor:
+        """The block's output on `text` given what its queries read (..., N, H * head_dim; None: nothing to read;
+        `sees_visual` (..., N): False where a row read nothing, whose output is exactly zero): the gated projection
+        of it and the gated MLP, added to the text stream."""
+        if attended is not None:
+            update = self.o_proj(attended)
+            if sees_visual is not None:
+                update = update * sees_visual[..., None].to(update.dtype)
+            text = text + _gated(update, self.attention_gate)
+        if self.mlp is not None:
+            text = text + _gated(self.mlp(text), self.mlp_gate)
+        return text
 
     def forward(
         self,
@@ -140,18 +165,13 @@ class CrossAttentionBlock(nn.Module):
         text_rope: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
         """text (B, Nt, d), visual keys/values from `visual_keys_values`, allowed (B, Nt, Nv) bool → new text."""
-        if keys.shape[2] > 0:
-            text = text + _gated(self._attend(text, keys, values, allowed, text_rope), self.attention_gate)
-        if self.mlp is not None:
-            text = text + _gated(self.mlp(text), self.mlp_gate)
-        return text
+        if keys.shape[2] == 0:
+            return self.add(text, None)
+        return self.add(text, self._attend(text, keys, values, allowed, text_rope), allowed.any(dim=-1))
 
     def _attend(self, text, keys, values, allowed, text_rope) -> torch.Tensor:
         batch, text_len, _ = text.shape
-        query = self.q_proj(self.text_norm(text)).view(batch, text_len, self.num_heads, self.head_dim)
-        if self.q_norm is not None:
-            query = self.q_norm(query)
-        query = query.transpose(1, 2)
+        query = self.project_queries(text).transpose(1, 2)
         if self.use_rope:
             query = _rotate(query, text_rope)
         sees_visual = allowed.any(dim=-1)  # (B, Nt)
@@ -165,8 +185,7 @@ class CrossAttentionBlock(nn.Module):
         attended, _ = attend(self, query, keys, values, bias, dropout=0.0, scaling=self.scaling)
         # (B, groups * Nt, H_kv, D) -> (B, Nt, H_kv * groups * D), heads in the stock order (kv head, group).
         attended = attended.reshape(batch, groups, text_len, kv_heads, self.head_dim).permute(0, 2, 3, 1, 4)
-        attended = self.o_proj(attended.reshape(batch, text_len, -1))
-        return attended * sees_visual[..., None].to(attended.dtype)
+        return attended.reshape(batch, text_len, -1)
 
 
 def rms_unit(hidden: torch.Tensor, eps: float) -> torch.Tensor:

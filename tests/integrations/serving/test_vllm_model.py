@@ -121,9 +121,11 @@ def test_visual_caches_sit_where_visor_keeps_them(served_folders, image_question
         cache = kv_cache_config(llm)
     finally:
         release(llm)
-    layers = {kind: sorted(int(name.rsplit(".", 1)[1]) for group in cache.kv_cache_groups
-                           for name in group.layer_names if f".{kind}." in name)
-              for kind in ("text_caches", "cross_caches", "visual_caches")}
+    names = [name for group in cache.kv_cache_groups for name in group.layer_names]
+    layers = {kind: sorted(int(name.rsplit(".", 1)[1]) for name in names if f".{kind}." in name)
+              for kind in ("cross_caches", "visual_caches")}
+    layers["text_caches"] = sorted(int(name.split(".layers.")[1].split(".")[0]) for name in names
+                                   if name.endswith(".self_attn.attn"))
     assert layers == {"text_caches": list(range(config.num_layers)),
                       "cross_caches": sorted(config.cross_attention_layers),
                       "visual_caches": sorted(config.configurations[configuration])}

@@ -25,7 +25,7 @@ from vllm.multimodal.processing import (
 from vllm.multimodal.processing.inputs import ProcessorInputs
 
 from visor.backbones import backbone_for
-from visor.data.processor import IMAGE_PLACEHOLDER, AnyresImages, load_image
+from visor.data.processor import IMAGE_PLACEHOLDER, AnyresImages, load_image, load_image_processor
 
 IMAGES_PER_PROMPT = 1  # LLaVA-OneVision packs a prompt's several images differently (one crop each); not served yet
 
@@ -37,7 +37,8 @@ class VisorProcessingInfo(BaseProcessingInfo):
 
     @cached_property
     def images(self) -> AnyresImages:
-        return AnyresImages(self.backbone, self.backbone.default_image_processor(), "the image processor")
+        folder = self.ctx.model_config.model
+        return AnyresImages(self.backbone, load_image_processor(folder, self.backbone), str(folder))
 
     def get_supported_mm_limits(self) -> Mapping[str, int | None]:
         return {"image": IMAGES_PER_PROMPT}
