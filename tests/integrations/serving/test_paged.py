@@ -1,56 +1,79 @@
-"""The SA layers' caches in vLLM's blocks (`visor.integrations.vllm.paged`): what is filed at slots is gathered back
-per request, in order, zero past each request's length whatever the blocks held before, and one query attends to
-several such parts as one softmax. Plain torch: runs anywhere."""
+"""An SA layer's joint sequence in vLLM's paged memory (`visor.integrations.vllm.paged`): tokens filed in the
+original order across a request's visual blocks and text blocks, read by vLLM's own CPU kernel in one call, equal
+plain causal attention over the same tokens, for a prefill whose text comes before and after the image, for
+decoding, and for a request that reads its text blocks alone. The caches overlay one allocation as vLLM 0.32
+lays them out."""
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 
-from visor.integrations.vllm import paged
+if not os.environ.get("VISOR_REQUIRE_VLLM"):
+    pytest.importorskip("vllm")
 
-BLOCKS, HEADS, BLOCK_SIZE, HEAD_DIM = 12, 2, 4, 3
+from visor.integrations.vllm.paged import JointCache  # noqa: E402
 
-
-def _filed(block_table: torch.Tensor, lengths: torch.Tensor, kv_cache: torch.Tensor) -> list:
-    stored = []
-    for row, length in enumerate(lengths.tolist()):
-        keys, values = torch.randn(length, HEADS, HEAD_DIM), torch.randn(length, HEADS, HEAD_DIM)
-        order = torch.arange(length)
-        paged.write(kv_cache, block_table[row][order // BLOCK_SIZE] * BLOCK_SIZE + order % BLOCK_SIZE, keys, values)
-        stored.append((keys, values))
-    return stored
+HEADS, QUERY_HEADS, BLOCK, HEAD_DIM, BLOCKS = 2, 4, 32, 32, 8
 
 
-def test_filed_tokens_gather_back_per_request_in_order():
+def _caches(dtype):
+    """Two layers' caches over one allocation, as vLLM 0.32 makes them (a text group's and a visual group's)."""
+    page = HEADS * BLOCK * 2 * HEAD_DIM
+    memory = torch.zeros(2 * BLOCKS * page, dtype=dtype)
+    view = lambda layer: memory[layer * BLOCKS * page:(layer + 1) * BLOCKS * page].view(BLOCKS, HEADS, BLOCK,
+                                                                                           2 * HEAD_DIM)
+    return view(1), view(0)
+
+
+def _reference(query, keys, values, scale):
+    keys, values = keys.float().repeat_interleave(2, 1), values.float().repeat_interleave(2, 1)
+    scores = torch.einsum("qhd,khd->hqk", query.float(), keys) * scale
+    length = len(keys)
+    scores = scores.masked_fill(torch.arange(length)[None] > torch.arange(length - len(query), length)[:, None],
+                                float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), values)
+
+
+@pytest.mark.parametrize("dtype,isa,tolerance", [(torch.float32, "vec", 1e-5), (torch.bfloat16, "amx", 2e-2)])
+def test_one_kernel_call_attends_to_visual_and_text_keys_as_one_softmax(dtype, isa, tolerance):
+    if isa == "amx" and not torch.cpu._is_amx_tile_supported():
+        pytest.skip("no AMX on this CPU")
     torch.manual_seed(0)
-    kv_cache = torch.full((BLOCKS, HEADS, BLOCK_SIZE, 2 * HEAD_DIM), float("nan"))  # never written: garbage
-    block_table = torch.tensor([[7, 2, 9], [4, 11, 0]])
-    lengths = torch.tensor([10, 5])
-    stored = _filed(block_table, lengths, kv_cache)
-    states, valid = paged.gather(kv_cache, block_table, lengths)
-    assert states.shape == (2, HEADS, 12, 2 * HEAD_DIM)
-    assert valid.tolist() == [[True] * 10 + [False] * 2, [True] * 5 + [False] * 7]
-    for row, (keys, values) in enumerate(stored):
-        assert torch.equal(states[row, :, :len(keys), :HEAD_DIM], keys.transpose(0, 1))
-        assert torch.equal(states[row, :, :len(keys), HEAD_DIM:], values.transpose(0, 1))
-    assert torch.equal(states[1, :, 5:], torch.zeros(HEADS, 7, 2 * HEAD_DIM))  # past the end: zeros, not NaN
+    (torch.randn(32, 32, dtype=dtype) @ torch.randn(32, 32, dtype=dtype)).sum()  # AMX tiles: enabled by a matmul
+    visual_cache, text_cache = _caches(dtype)
+    cache = JointCache.of(visual_cache, text_cache)
+    # Request 0: 5 text tokens, a 40-token image, 7 text tokens; request 1: text only (reads its text blocks).
+    visual_table, text_table = torch.tensor([[6, 2], [0, 0]]), torch.tensor([[3, 7], [5, 1]])
+    visual, joint = torch.tensor([40, 0]), torch.tensor([True, False])
+    text_tokens = torch.tensor([12, 20])
+    table = cache.block_table(visual_table, visual, text_table, text_tokens, joint)
+    lengths = text_tokens + visual * joint
+    scale = HEAD_DIM ** -0.5
+    stored = [[], []]
+    for step in range(4):  # the prompts, then three decoding steps
+        counts = lengths.tolist() if step == 0 else [1, 1]
+        query = torch.randn(sum(counts), QUERY_HEADS, HEAD_DIM, dtype=dtype)
+        keys, values = (torch.randn(sum(counts), HEADS, HEAD_DIM, dtype=dtype) for _ in range(2))
+        rows = torch.repeat_interleave(torch.arange(2), torch.tensor(counts))
+        positions = torch.cat([torch.arange(length - count, length) for length, count in zip(lengths.tolist(),
+                                                                                              counts)])
+        cache.write(keys, values, table, rows, positions, isa)
+        start = torch.tensor([0, *counts]).cumsum(0)
+        out = cache.attend(query, start, lengths, table, scale, isa)
+        for request in range(2):
+            part = slice(int(start[request]), int(start[request + 1]))
+            stored[request].append((keys[part], values[part]))
+            expected = _reference(query[part], torch.cat([k for k, _ in stored[request]]),
+                                  torch.cat([v for _, v in stored[request]]), scale)
+            torch.testing.assert_close(out[part].float(), expected, atol=tolerance, rtol=tolerance)
+        text_tokens = text_tokens + 1
+        table = cache.block_table(visual_table, visual, text_table, text_tokens, joint)
+        lengths = text_tokens + visual * joint
 
 
-def test_one_query_attends_to_two_caches_as_one_softmax():
-    """A query over a visual and a text cache equals plain attention over both caches' tokens together (GQA: 4
-    query heads on 2 key/value heads), whatever the blocks held before."""
-    torch.manual_seed(1)
-    visual_cache = torch.full((BLOCKS, HEADS, BLOCK_SIZE, 2 * HEAD_DIM), float("nan"))
-    text_cache = torch.full((BLOCKS, HEADS, BLOCK_SIZE, 2 * HEAD_DIM), float("nan"))
-    visual_table, text_table = torch.tensor([[3, 5, 8], [1, 6, 10]]), torch.tensor([[2, 0], [9, 4]])
-    visual_lengths, text_lengths = torch.tensor([9, 0]), torch.tensor([6, 3])
-    visual, text = _filed(visual_table, visual_lengths, visual_cache), _filed(text_table, text_lengths, text_cache)
-    query = torch.randn(2, 2 * HEADS, HEAD_DIM)
-    out = paged.attend(query, [paged.gather(visual_cache, visual_table, visual_lengths),
-                               paged.gather(text_cache, text_table, text_lengths)], scale=0.5)
-    for row in range(2):
-        keys = torch.cat([visual[row][0], text[row][0]]).transpose(0, 1).repeat_interleave(2, dim=0)
-        values = torch.cat([visual[row][1], text[row][1]]).transpose(0, 1).repeat_interleave(2, dim=0)
-        weights = torch.softmax((query[row][:, None] @ keys.transpose(1, 2))[:, 0] * 0.5, dim=-1)
-        expected = (weights[:, None] @ values)[:, 0]
-        torch.testing.assert_close(out[row], expected)
+def test_caches_that_do_not_share_an_allocation_are_refused():
+    with pytest.raises(RuntimeError, match="do not share one allocation"):
+        JointCache.of(torch.zeros(BLOCKS, HEADS, BLOCK, 2 * HEAD_DIM), torch.zeros(BLOCKS, HEADS, BLOCK, 2 * HEAD_DIM))

@@ -20,9 +20,10 @@ vLLM's). Every layer is the stock vLLM decoder layer:
   when decoding; while prefilling, where a text token may read only the images before it, its rows are computed
   in torch with that mask (the kernel files the visual keys either way);
 - an **SA** layer runs over the text tokens and, for prompts being prefilled, their visual tokens, in the
-  original order. Its attention is one softmax over the layer's visual and text keys, which vLLM's CPU kernel
-  cannot merge (it attends to one cache per call and returns no log-sum-exp), so the layer's `attn` is replaced
-  by `BlockAttention`: torch over that layer's blocks alone (`visor.integrations.vllm.paged`).
+  original order. Its attention is one softmax over the layer's visual and text keys; vLLM's CPU kernel attends
+  to one cache per call and returns no log-sum-exp, so the layer's `attn` is `JointAttention`, which stores the
+  layer's tokens in the original order across its visual and text blocks and runs the kernel once over both
+  (`visor.integrations.vllm.paged`).
 
 Positions. The decoder stream lacks the image, yet text after it keeps the original positions. vLLM's M-RoPE hook
 (`get_mrope_input_positions`) carries them, computed by the family's own position code over the prompt with its
@@ -106,14 +107,13 @@ class _StepContext:
     step: Step | None = None
     sa_rows: torch.Tensor | None = None  # (R,) whether each request runs the current layer as SA
     prefill_orders: dict[int, torch.Tensor] | None = None  # request -> its SA layer tokens in the original order
-    visual_slots: dict[str, torch.Tensor] | None = None  # SA layer -> its prefilling requests' visual slots
-    visual_tokens: dict[int, slice] | None = None  # request -> its visual tokens after the text ones, this layer
 
 
-class BlockAttention(nn.Module):
-    """The `attn` of an SA layer (see the module docstring): files the layer's new keys in its text cache (and, at
-    prefill, its visual cache) in `paged`'s layout, and attends in torch over that layer's blocks. It takes the
-    place of the layer's `Attention`, whose cache it uses (vLLM allocated it by that layer's name)."""
+class JointAttention(nn.Module):
+    """The `attn` of an SA layer (see the module docstring): files the layer's new keys and attends with vLLM's
+    kernel over the layer's joint sequence, visual and text keys in one softmax (`paged.JointCache`). It takes the
+    place of the layer's `Attention`, whose cache it uses (vLLM allocated it by that layer's name); rows that run
+    the layer as a text layer read their text keys alone."""
 
     def __init__(self, text_cache, visual_cache, context: _StepContext):
         super().__init__()
@@ -125,35 +125,47 @@ class BlockAttention(nn.Module):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         text_cache, visual_cache = self._caches
         context, step = self.context, self.context.step
+        metadata = get_forward_context().attn_metadata
+        # Layers of one kind may sit in several of vLLM's cache groups: each layer's own block tables.
+        text_metadata, visual_metadata = metadata[text_cache.layer_name], metadata[visual_cache.layer_name]
+        cache = paged.JointCache.of(visual_cache.kv_cache, text_cache.kv_cache)
+        requests = step.requests
+        joint = context.sa_rows & (step.visual > 0)
+        text_tokens = step.cached + step.lengths
+        table = cache.block_table(visual_metadata.block_table[:requests], step.visual,
+                                  text_metadata.block_table[:requests], text_tokens, joint)
+        lengths = text_tokens + step.visual * joint
+        rows, positions, query_start = self._rows(step, joint, lengths)
+        table_rows = torch.repeat_interleave(torch.arange(requests), query_start.diff())
         query = query.view(len(query), self.num_heads, self.head_size)
         key = key.view(len(key), self.num_kv_heads, self.head_size)
         value = value.view(len(value), self.num_kv_heads, self.head_size)
-        texts = int(step.starts[-1])
-        # Layers of one kind may sit in several of vLLM's cache groups: each layer's own slots and block table.
-        metadata = get_forward_context().attn_metadata
-        text_metadata = metadata[text_cache.layer_name]
-        paged.write(text_cache.kv_cache, text_metadata.slot_mapping[:texts], key[:texts], value[:texts])
-        if len(key) > texts:
-            slots = context.visual_slots[visual_cache.layer_name]
-            paged.write(visual_cache.kv_cache, slots, key[texts:], value[texts:])
+        isa = text_cache.isa
+        cache.write(key[rows], value[rows], table, table_rows, positions, isa)
         output = torch.empty_like(query)
-        rows = step.decode
-        if len(rows):
-            parts = [paged.gather(text_cache.kv_cache, text_metadata.block_table[rows], step.cached[rows] + 1)]
-            reads_visual = context.sa_rows[rows] & (step.visual[rows] > 0)
-            if bool(reads_visual.any()):
-                parts.append(paged.gather(visual_cache.kv_cache, metadata[visual_cache.layer_name].block_table[rows],
-                                          step.visual[rows] * reads_visual))
-            output[step.starts[rows]] = paged.attend(query[step.starts[rows]], parts, self.scale).to(output.dtype)
-        for request in step.prefill.tolist():  # whole prompts: one causal attention each, in the original order
-            order = context.prefill_orders.get(request)
-            if order is None or not bool(context.sa_rows[request]):
-                order = torch.arange(step.starts[request], step.starts[request + 1])
-            attended = nn.functional.scaled_dot_product_attention(
-                query[order].transpose(0, 1)[None], key[order].transpose(0, 1)[None],
-                value[order].transpose(0, 1)[None], is_causal=True, scale=self.scale, enable_gqa=True)
-            output[order] = attended[0].transpose(0, 1)
+        output[rows] = cache.attend(query[rows].contiguous(), query_start, lengths, table, self.scale, isa)
         return output.view(len(output), -1)
+
+    def _rows(self, step: Step, joint: torch.Tensor, lengths: torch.Tensor):
+        """The kernel's rows, request after request, each in its sequence's order: which flat tokens they are,
+        their positions in the sequence, and where each request's rows start."""
+        if not len(step.prefill):  # decoding only: one token per request, the last of its sequence
+            return step.starts[:-1], lengths - 1, torch.arange(step.requests + 1)
+        rows, positions, counts = [], [], []
+        for request in range(step.requests):
+            if step.cached[request] > 0:
+                order = step.starts[request:request + 1]
+                where = lengths[request:request + 1] - 1
+            else:
+                order = self.context.prefill_orders.get(request) if bool(joint[request]) else None
+                if order is None:
+                    order = torch.arange(int(step.starts[request]), int(step.starts[request + 1]))
+                where = torch.arange(len(order))
+            rows.append(order)
+            positions.append(where)
+            counts.append(len(order))
+        query_start = torch.tensor([0, *counts]).cumsum(0)
+        return torch.cat(rows), torch.cat(positions), query_start
 
 
 @MULTIMODAL_REGISTRY.register_processor(VisorMultiModalProcessor, info=VisorProcessingInfo,
@@ -209,7 +221,7 @@ class VisorForVllm(nn.Module, SupportsMultiModal, SupportsMRoPE):
         self.context = _StepContext()
         for layer in self.sa_layers:
             host = layers[layer].self_attn
-            host.attn = BlockAttention(host.attn, self.visual_caches[str(layer)], self.context)
+            host.attn = JointAttention(host.attn, self.visual_caches[str(layer)], self.context)
 
     # ---- weights ----------------------------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
@@ -309,7 +321,7 @@ class VisorForVllm(nn.Module, SupportsMultiModal, SupportsMRoPE):
         layers = self.language_model.layers
         metadata = get_forward_context().attn_metadata
         first = layers[0].self_attn.attn
-        name = first._caches[0].layer_name if isinstance(first, BlockAttention) else first.layer_name
+        name = first._caches[0].layer_name if isinstance(first, JointAttention) else first.layer_name
         if not isinstance(metadata, dict) or metadata.get(name) is None:
             # vLLM's warm-up and profiling runs: no requests, no caches
             return torch.zeros(len(input_ids), self.config.text_config.hidden_size, dtype=self.dtype,
@@ -334,8 +346,7 @@ class VisorForVllm(nn.Module, SupportsMultiModal, SupportsMRoPE):
             if block is not None:
                 hidden = self._cross_attention(index, block, step, hidden, text_positions, prompts)
             if index in self.sa_layers:
-                hidden = self._self_attention(index, layer, step, hidden, text_positions, prompts, configuration,
-                                              metadata)
+                hidden = self._self_attention(index, layer, step, hidden, text_positions, prompts, configuration)
             else:
                 out, residual = layer(text_positions, hidden, None)
                 hidden = out + residual
@@ -448,18 +459,16 @@ class VisorForVllm(nn.Module, SupportsMultiModal, SupportsMRoPE):
     def _visual_positions(self, prompt: dict) -> torch.Tensor:
         return prompt["visual_positions"] if self.multi_axis else prompt["visual_positions"][0]
 
-    def _self_attention(self, index, layer, step: Step, hidden, text_positions, prompts, configuration,
-                        metadata) -> torch.Tensor:
+    def _self_attention(self, index, layer, step: Step, hidden, text_positions, prompts, configuration
+                        ) -> torch.Tensor:
         """An SA layer: the stock layer over the text tokens and the visual tokens of the prompts being prefilled
-        that run it as SA, in their original order (`BlockAttention`), visual tokens updated."""
+        that run it as SA, in their original order (`JointAttention`), visual tokens updated."""
         context = self.context
         context.sa_rows = self.table[configuration, index]
         running = [request for request in prompts if bool(context.sa_rows[request])]
         tokens, token_positions = [hidden], [text_positions]
-        context.prefill_orders, context.visual_slots = {}, {}
-        visual_metadata = metadata[self.visual_caches[str(index)].layer_name]
-        slots, start = [], len(hidden)
-        slot_starts = self._visual_slot_starts(step)
+        context.prefill_orders = {}
+        start = len(hidden)
         for request in running:
             prompt = prompts[request]
             count = len(prompt["visual"])
@@ -469,10 +478,7 @@ class VisorForVllm(nn.Module, SupportsMultiModal, SupportsMRoPE):
             order[prompt["is_text"]] = torch.arange(int(step.starts[request]), int(step.starts[request + 1]))
             order[~prompt["is_text"]] = torch.arange(start, start + count)
             context.prefill_orders[request] = order
-            slots.append(visual_metadata.slot_mapping[slot_starts[request]:slot_starts[request] + count])
             start += count
-        if slots:
-            context.visual_slots[self.visual_caches[str(index)].layer_name] = torch.cat(slots)
         out, residual = layer(torch.cat(token_positions, dim=-1), torch.cat(tokens), None)
         out = out + residual
         start = len(hidden)
@@ -481,14 +487,3 @@ class VisorForVllm(nn.Module, SupportsMultiModal, SupportsMRoPE):
             prompts[request]["visual"] = out[start:start + count]
             start += count
         return out[:len(hidden)]
-
-    @staticmethod
-    def _visual_slot_starts(step: Step) -> dict[int, int]:
-        """Where each prefilling request's visual tokens start in a cross-attention layer's slot mapping (vLLM
-        lists the slots of the requests it prefills, in batch order)."""
-        starts, start = {}, 0
-        for request in step.prefill.tolist():
-            starts[request] = start
-            start += int(step.visual[request])
-        return starts
-
