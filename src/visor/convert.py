@@ -20,10 +20,7 @@ from pathlib import Path
 
 from visor.cli import comma_separated, command, key_value_heads
 from visor.config import CROSS_ATTENTION_INITS
-
-# What a checkpoint folder holds besides the model and the tokenizer: the processor's own settings.
-PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
-                   "chat_template.json", "chat_template.jinja")
+from visor.files import PROCESSOR_FILES, atomic_folder
 
 
 def register(subparsers) -> None:
@@ -43,7 +40,7 @@ def register(subparsers) -> None:
                              "layers' attention")
     parser.add_argument("--dense", action="store_true",
                         help="every layer SA and no CA block: the configuration that equals the stock model")
-    command(parser, _main, output="model")
+    command(parser, _main, output="model", reads=("model",))
 
 
 def convert(model_dir: str | Path, output: str | Path, cross_attention_layers=None, self_attention_layers=None,
@@ -72,10 +69,8 @@ def convert(model_dir: str | Path, output: str | Path, cross_attention_layers=No
 
 def save_next_to_processor(model, output: str | Path, source: str | Path) -> Path:
     """`model` saved to `output` (atomically) with the tokenizer, chat template and processor settings that sit
-    next to `source`'s weights, so the folder answers questions on its own."""
-    from visor.files import atomic_folder
-
-    with atomic_folder(output) as folder:
+    next to `source`'s weights, so the folder answers questions on its own. `output` never replaces `source`."""
+    with atomic_folder(output, reads=(source,)) as folder:
         model.save_pretrained(folder)
         copy_processor(source, folder)
     return Path(output)

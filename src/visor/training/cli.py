@@ -47,7 +47,7 @@ def register(subparsers) -> None:
     train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --output")
     train.add_argument("--no-progress", action="store_true", help="no progress bar (metrics.jsonl is still written)")
     _add_settings_arguments(train)
-    command(train, run_train, output="folder")
+    command(train, run_train, output="folder", reads=("init",))
 
     configurations = subparsers.add_parser("configurations", help="feasible VISOR configurations")
     actions = configurations.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -65,7 +65,7 @@ def register(subparsers) -> None:
     search.add_argument("--max-exhaustive", type=int, default=6,
                         help="search every subset when there are at most this many SA candidates, else greedily")
     _add_settings_arguments(search)
-    command(search, run_search, output="model")
+    command(search, run_search, output="model", reads=("model",))
 
 
 def _settings(args, recipe: str, **explicit):
