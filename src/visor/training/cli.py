@@ -27,6 +27,9 @@ def _add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-root", metavar="DIR", default=None,
                         help="--data llava:FILE.json: the folder its image paths are relative to (default: the "
                              "file's folder)")
+    parser.add_argument("--images-outside-root", action="store_const", const=True, default=None,
+                        help="--data llava:FILE.json: let image paths lead out of the image root (.., absolute "
+                             "paths, symbolic links); by default a record whose image does is broken")
 
 
 def register(subparsers) -> None:
@@ -72,7 +75,7 @@ def _settings(args, recipe: str, **explicit):
     from visor.training.settings import load_settings
 
     return load_settings(recipe, args.config, args.overrides, seed=args.seed, image_root=args.image_root,
-                         **explicit)
+                         images_outside_root=args.images_outside_root, **explicit)
 
 
 def run_train(args) -> int:

@@ -85,12 +85,17 @@ class TrainingSettings:
     image_root: str | None = None
     """`--data llava:FILE.json`: the folder its image paths are relative to (None: the JSON file's folder).
     `--image-root` sets it."""
+    images_outside_root: bool = False
+    """`--data llava:FILE.json`: let image paths lead out of `image_root` (through `..`, an absolute path or a
+    symbolic link). By default a record whose image resolves outside it is broken: a data file names no file
+    elsewhere on the machine. `--images-outside-root` sets it."""
     max_sequence_length: int | None = None
     """Conversation data: a longer sample is cut to this many tokens from its end (its last answers lose their
     labels); one whose images alone end beyond it is an error. None: no limit."""
     skip_broken_records: bool = False
-    """Conversation data: leave out broken records (no assistant turn, a missing image, placeholders that do not
-    match the images), counted in the run's summary, instead of stopping with an error naming the first."""
+    """Conversation data: leave out broken records (no assistant turn or an empty one, a missing, unreadable or too
+    small image, placeholders that do not match the images), counted in the run's summary, instead of stopping
+    with an error naming the first."""
     max_new_tokens: int = 8
     """Greedy tokens generated per validation answer."""
     # ---- bookkeeping --------------------------------------------------------------------------------------
