@@ -8,6 +8,7 @@ keys and values of the wrong type are errors, reported before any model is built
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, fields
 from typing import Any
@@ -127,6 +128,11 @@ class TrainingSettings:
         self.validate()
 
     def validate(self) -> None:
+        for name, value in vars(self).items():  # NaN passes every comparison below, and inf most
+            if any(isinstance(number, float) and not math.isfinite(number)
+                   for number in (value if isinstance(value, list) else [value])):
+                raise ValueError(f"{name} must be finite, got {value}")
+
         def positive(name):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
