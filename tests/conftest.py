@@ -7,6 +7,9 @@ models it needs (Qwen2 or Llama text model, eager or SDPA attention) once, in a 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -20,6 +23,7 @@ from visor import presets
 PAD = presets.TINY_PAD_TOKEN_ID
 IMAGE = presets.TINY_IMAGE_TOKEN_ID
 BOS = 1
+SRC = Path(__file__).parents[1] / "src"
 # Text ids drawn for prompts stay clear of the special ids (0..4) of the tiny presets.
 FIRST_WORD_ID = 5
 
@@ -200,3 +204,31 @@ def smollm2_llava_factory():
 @pytest.fixture(scope="session")
 def left_pad():
     return pad_left
+
+
+# A process that takes a run folder's lock (visor.training.lock), says so, and holds it until it is killed.
+_HOLD_LOCK = """import sys, time
+from visor.training.lock import RunLock
+RunLock(sys.argv[1])
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.fixture(scope="session")
+def lock_holder():
+    """hold(folder) -> the process (another one) that holds `folder`'s run lock from now until the session ends."""
+    processes = []
+
+    def hold(folder) -> subprocess.Popen:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+        process = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(folder)], env=env, stdout=subprocess.PIPE,
+                                   text=True)
+        processes.append(process)
+        assert process.stdout.readline().strip() == "held", "the lock holder did not start"
+        return process
+
+    yield hold
+    for process in processes:
+        process.kill()
+        process.wait()

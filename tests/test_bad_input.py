@@ -10,6 +10,7 @@ input.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 import zlib
@@ -24,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
 
 from visor import VisorConfig, VisorForConditionalGeneration, cli
+from visor.data.conversations import hold_out
 from visor.data.processor import load_image
 from visor.integrations.runner import CheckpointRunner
 from visor.modeling import load_stock
@@ -47,7 +49,7 @@ class Case:
 class World:
     """The folders and models every case reads: made once, never changed by a case."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, hold_lock):
         self.root = root
         self.stock = root / "stock"
         shutil.copytree(SHIPPED, self.stock)
@@ -84,6 +86,19 @@ class World:
         self.truncated_image = root / "truncated.png"
         self.truncated_image.write_bytes(self.image.read_bytes()[:60])
         self.broken = {name: self._broken(name, edit) for name, edit in BROKEN.items()}
+        self.stock_link = root / "stock-link"  # the stock folder by another name
+        self.stock_link.symlink_to(self.stock)
+        self.readme_model = root / "readme-model"  # another model's folder: a checkpoint and its README
+        shutil.copytree(self.visor, self.readme_model)
+        (self.readme_model / "README.md").write_text("# someone's model\n")
+        self.labelled = root / "labelled"  # a checkpoint with its label table inside
+        shutil.copytree(self.visor, self.labelled)
+        shutil.copyfile(self.labels, self.labelled / "labels.safetensors")
+        self.nan_config = root / "nan.yaml"
+        self.nan_config.write_text("adam_epsilon: .nan\n")
+        self.conversations = self._conversations()
+        self.locked = root / "locked"  # a run folder another process is training into
+        hold_lock(self.locked)
 
     def _save(self, name: str, model) -> Path:
         model.save_pretrained(self.root / name)
@@ -95,6 +110,28 @@ class World:
         shutil.copytree(self.visor, folder)
         edit(folder)
         return folder
+
+    def _conversations(self) -> dict[str, Path]:
+        """A LLaVA-format data file per entry of `CONVERSATIONS` (four one-image records, one of them broken that
+        way), with their images under conversations/images; the image root is the files' folder."""
+        folder = self.root / "conversations"
+        images = folder / "images"
+        images.mkdir(parents=True)
+        for index in range(4):
+            Image.new("RGB", (64, 64), (60 * index, 30, 30)).save(images / f"{index}.png")
+        (images / "corrupt.png").write_bytes(b"\x89PNG but nothing an image holds")
+        (images / "empty.png").write_bytes(b"")
+        (images / "truncated.png").write_bytes(self.truncated_image.read_bytes())
+        (images / "bomb.png").write_bytes(self.bomb.read_bytes())
+        Image.new("RGB", (1, 1)).save(images / "dot.png")
+        (images / "link.png").symlink_to(self.image)  # a link out of the image root
+        files = {}
+        for name, edit in CONVERSATIONS.items():
+            records = [_conversation(index) for index in range(4)]
+            edit(self, records)
+            files[name] = folder / f"{name}.json"
+            files[name].write_text(json.dumps(records))
+        return files
 
     def snapshot(self) -> list:
         return sorted((str(path.relative_to(self.root)), path.stat().st_size, path.stat().st_mtime_ns)
@@ -161,6 +198,34 @@ BROKEN = {
 }
 
 
+def _conversation(index: int) -> dict:
+    return {"id": f"r{index}", "image": f"images/{index}.png", "conversations": [
+        {"from": "human", "value": "<image>\nwhat color ?"}, {"from": "gpt", "value": "red"}]}
+
+
+HELD_OUT = hold_out(list(range(4)))["validation"][0]  # the validation record of a four-record file
+
+
+def _image(name, record=1):
+    """An edit that gives record `record` the image `name` (relative to the image root, or a World -> path)."""
+    return lambda w, records: records[record].update(image=name if isinstance(name, str) else str(name(w)))
+
+
+CONVERSATIONS = {
+    "good": lambda w, records: None,
+    "parent": _image("images/../../red.png"),
+    "absolute": _image(lambda w: w.image),
+    "symlink": _image("images/link.png"),
+    "empty-answer": lambda w, records: records[1]["conversations"][1].update(value=" "),
+    "corrupt": _image("images/corrupt.png"),
+    "empty-file": _image("images/empty.png"),
+    "truncated": _image("images/truncated.png"),
+    "bomb": _image("images/bomb.png"),
+    "dot": _image("images/dot.png"),
+    "corrupt-held-out": _image("images/corrupt.png", record=HELD_OUT),
+}
+
+
 # ---- the table ------------------------------------------------------------------------------------------------------
 def _generate(w, model, *extra, image=None):
     return ["generate", "--model", str(model), "--image", str(image or w.image), "--question", "what color ?", *extra]
@@ -169,6 +234,16 @@ def _generate(w, model, *extra, image=None):
 def _train(w, *extra, output=None, recipe="full", source=("--model", "tiny")):
     return ["train", "--recipe", recipe, "--data", "synthetic@demo", *source, "--output", str(output or w.out),
             "--max-steps", "1", *extra]
+
+
+def _train_on(w, data, *extra, output=None):
+    """Stage 1 from the stock checkpoint on the conversation file `data` (a name in `CONVERSATIONS`)."""
+    return ["train", "--recipe", "visor-stage1", "--data", f"llava:{w.conversations[data]}", "--init", str(w.stock),
+            "--output", str(output or w.out), "--max-steps", "1", *extra]
+
+
+def _convert(w, output):
+    return ["convert", "--model", str(w.stock), "--output", str(output)]
 
 
 def _resume(*changes, output=None):
@@ -316,10 +391,22 @@ CASES = [
     Case(RUNS, "configurations search --output a folder of other files", "holds files but no checkpoint",
          argv=lambda w: ["configurations", "search", "--model", str(w.visor), "--data", "synthetic@demo", "--output",
                          str(w.misc)]),
+    Case(RUNS, "configurations search --output its model", "is the input",
+         argv=lambda w: ["configurations", "search", "--model", str(w.visor), "--data", "synthetic@demo", "--output",
+                         str(w.visor)]),
+    Case(RUNS, "train --output its --init", "is the input",
+         argv=lambda w: _train(w, recipe="visor-stage1", source=("--init", str(w.stock)), output=w.stock)),
+    Case(RUNS, "train into a folder another run trains into", "is in use: another run (pid ",
+         argv=lambda w: _train(w, output=w.locked)),
+    Case(RUNS, "train --resume into a folder another run trains into", "is in use: another run (pid ",
+         argv=lambda w: _train(w, "--resume", output=w.locked)),
     # 4. the policy commands
     Case(POLICY, "policy train --output a file", "is a file, not a folder", argv=lambda w: _policy_train(w, output=w.file)),
     Case(POLICY, "policy train --output a folder of other files", "holds files but no checkpoint",
          argv=lambda w: _policy_train(w, output=w.misc)),
+    Case(POLICY, "policy train --output its model", "is the input", argv=lambda w: _policy_train(w, output=w.visor)),
+    Case(POLICY, "policy train --output a folder holding its labels", "labelled/labels.safetensors: writing there",
+         argv=lambda w: _policy_train(w, labels=w.labelled / "labels.safetensors", output=w.labelled)),
     Case(POLICY, "policy train --steps 0", "steps must be positive",
          argv=lambda w: [*_policy_train(w)[:-2], "--steps", "0"]),
     Case(POLICY, "policy train on a stock model", "is a stock model", argv=lambda w: _policy_train(w, model=w.stock)),
@@ -395,6 +482,14 @@ CASES = [
          call=lambda w: _forward(w, configuration=[0, 1])),
     Case(OPTIONS, "generate() configuration 1.5", "configuration 1.5 does not exist",
          call=lambda w: w.visor_model.generate(input_ids=torch.tensor([[1, 5]]), configuration=1.5, max_new_tokens=2)),
+    Case(OPTIONS, "generate() configurations [0, 'a']", "configuration 'a' does not exist",
+         call=lambda w: w.visor_model.generate(input_ids=torch.tensor([[1, 5], [1, 6]]), configuration=[0, "a"],
+                                               max_new_tokens=2)),
+    Case(OPTIONS, "generate() configurations [0, True]", "configuration True does not exist",
+         call=lambda w: w.visor_model.generate(input_ids=torch.tensor([[1, 5], [1, 6]]), configuration=(0, True),
+                                               max_new_tokens=2)),
+    Case(OPTIONS, "configurations [0, 'a']", "configuration 'a' does not exist",
+         call=lambda w: _forward(w, input_ids=torch.tensor([[1, 5], [1, 6]]), configuration=[0, "a"])),
     Case(OPTIONS, "NaN pixel values", "pixel_values hold NaN",
          call=lambda w: _with_image(w, pixel_values=torch.full((1, 5, 3, 64, 64), float("nan")))),
     Case(OPTIONS, "infinite image features", "image_features hold NaN or infinite",
@@ -430,6 +525,16 @@ CASES = [
          argv=lambda w: _preview(w, output=w.file / "sheet.png")),
     Case(OUTPUTS, "policy train --output under a file", "cannot be created",
          argv=lambda w: _policy_train(w, output=w.file / "policy")),
+    Case(OUTPUTS, "convert --output its --model", "is the input", argv=lambda w: _convert(w, w.stock)),
+    Case(OUTPUTS, "convert --output its --model as DIR/./", "is the input",
+         argv=lambda w: _convert(w, f"{w.stock}/./")),
+    Case(OUTPUTS, "convert --output a link to its --model", "is the input", argv=lambda w: _convert(w, w.stock_link)),
+    Case(OUTPUTS, "convert --output its --model by a relative path", "is the input",
+         argv=lambda w: _convert(w, os.path.relpath(w.stock))),
+    Case(OUTPUTS, "convert --output a folder holding its --model", "holds the input",
+         argv=lambda w: _convert(w, w.root)),
+    Case(OUTPUTS, "convert --output another model's folder", "holds a checkpoint and other things (README.md)",
+         argv=lambda w: _convert(w, w.readme_model)),
     # 7. malformed input
     Case(MALFORMED, "decompression bomb", "too large to decode", argv=lambda w: _generate(w, w.policy, image=w.bomb)),
     Case(MALFORMED, "not an image", "not an image file Pillow can read",
@@ -451,9 +556,40 @@ CASES = [
     Case(MALFORMED, "preview --count 0", "--count must be at least 1", argv=lambda w: _preview(w, "--count", "0")),
     Case(MALFORMED, "bench --device cuda:7", "device 'cuda:7'", argv=lambda w: _bench(w, "--device", "cuda:7")),
     Case(MALFORMED, "bench --visual-tokens 0", "must be positive", argv=lambda w: _bench(w, "--visual-tokens", "0")),
+    Case(MALFORMED, "bench --visual-tokens 1000000000", "1000000000 visual tokens the bench needs at least",
+         argv=lambda w: _bench(w, "--visual-tokens", "1000000000")),
+    Case(MALFORMED, "bench --batch-sizes 100000000", "ask for fewer visual tokens or smaller batches",
+         argv=lambda w: _bench(w, "--visual-tokens", "64", "--batch-sizes", "100000000")),
     Case(MALFORMED, "bench --dtype bogus", "invalid choice: 'bogus'", argv=lambda w: _bench(w, "--dtype", "bogus")),
     Case(MALFORMED, "bench --preset bogus", "bogus", argv=lambda w: ["bench", "--preset", "bogus", "--output", str(w.out)]),
     Case(MALFORMED, "train --set learning_rate=abc", "cannot use 'abc'", argv=lambda w: _train(w, "--set", "learning_rate=abc")),
+    Case(MALFORMED, "train --set max_grad_norm=nan", "max_grad_norm must be finite, got nan",
+         argv=lambda w: _train(w, "--set", "max_grad_norm=nan")),
+    Case(MALFORMED, "train --set learning_rate=inf", "learning_rate must be finite, got inf",
+         argv=lambda w: _train(w, "--set", "learning_rate=inf")),
+    Case(MALFORMED, "train --set configuration_weights=[1, .nan]", "configuration_weights must be finite",
+         argv=lambda w: _train(w, "--set", "configuration_weights=[1, .nan]")),
+    Case(MALFORMED, "train --config holding a NaN", "adam_epsilon must be finite, got nan",
+         argv=lambda w: _train(w, "--config", w.nan_config)),
+    Case(MALFORMED, "llava image through ..", "images/../../red.png lies outside the image root",
+         argv=lambda w: _train_on(w, "parent")),
+    Case(MALFORMED, "llava image by an absolute path", "red.png lies outside the image root",
+         argv=lambda w: _train_on(w, "absolute")),
+    Case(MALFORMED, "llava image through a symbolic link", "images/link.png lies outside the image root",
+         argv=lambda w: _train_on(w, "symlink")),
+    Case(MALFORMED, "llava record with an empty answer", "record 1 (id r1): assistant turn 1 is empty",
+         argv=lambda w: _train_on(w, "empty-answer")),
+    Case(MALFORMED, "llava corrupt image", "corrupt.png is not an image file Pillow can read",
+         argv=lambda w: _train_on(w, "corrupt")),
+    Case(MALFORMED, "llava 0-byte image", "empty.png is not an image file Pillow can read",
+         argv=lambda w: _train_on(w, "empty-file")),
+    Case(MALFORMED, "llava truncated image", "truncated.png is truncated or corrupt",
+         argv=lambda w: _train_on(w, "truncated")),
+    Case(MALFORMED, "llava decompression bomb", "bomb.png is too large to decode", argv=lambda w: _train_on(w, "bomb")),
+    Case(MALFORMED, "llava 1x1 image", "dot.png is 1x1 px, smaller than one 8x8 vision patch",
+         argv=lambda w: _train_on(w, "dot")),
+    Case(MALFORMED, "llava corrupt held-out image", f"record {HELD_OUT} (id r{HELD_OUT}): image 0: ",
+         argv=lambda w: _train_on(w, "corrupt-held-out")),
     Case(MALFORMED, "train --set num_threads=-1", "num_threads", argv=lambda w: _train(w, "--set", "num_threads=-1")),
     Case(MALFORMED, "train --set an unknown key", "speed", argv=lambda w: _train(w, "--set", "speed=3")),
     Case(MALFORMED, "train --max-steps -1", "max_steps must be positive", argv=lambda w: _train(w, "--max-steps", "-1")),
@@ -502,8 +638,8 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return World(tmp_path_factory.mktemp("bad-input"))
+def world(tmp_path_factory, lock_holder):
+    return World(tmp_path_factory.mktemp("bad-input"), lock_holder)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{case.kind}: {case.name}" for case in CASES])
@@ -542,5 +678,11 @@ def test_the_same_commands_work_on_good_input(world, tmp_path):
     assert (tmp_path / "policy" / "tokenizer_config.json").is_file()  # so `visor generate --model` takes it as is
     assert cli.main(_generate(world, tmp_path / "policy")) == 0
     assert cli.main(_preview(world, output=tmp_path / "sheet.png")) == 0
+    quick = ["--set", "batch_size=1", "--set", "samples_per_task=1", "--set", "mixed_precision=no", "--no-progress"]
+    assert cli.main(_train_on(world, "corrupt", *quick, "--set", "skip_broken_records=true",
+                              output=tmp_path / "skipped")) == 0
+    assert json.loads((tmp_path / "skipped" / "training_summary.json").read_text())["skipped_records"] == 1
+    assert cli.main(_train_on(world, "symlink", *quick, "--images-outside-root", output=tmp_path / "outside")) == 0
+    assert not (tmp_path / "outside" / ".lock").exists()
     model = VisorForConditionalGeneration.from_pretrained(world.policy)
     assert model.router.trained and model.config.router_training["samples"] == len(LabelTable.load(world.labels))

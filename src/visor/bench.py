@@ -60,7 +60,7 @@ from visor import reduction
 from visor.backbones import backbone_for, family
 from visor.cli import comma_separated, command
 from visor.config import Schedule
-from visor.device import check_device, default_device
+from visor.device import available_memory_bytes, check_device, default_device
 from visor.files import save_figure, write_json
 from visor.flops import (
     decode_flops_per_token,
@@ -119,10 +119,34 @@ class BenchPlan:
             raise ValueError("batched prefill needs batch sizes (--batch-sizes)")
         if self.kv_budget_gib is not None:
             self._check_kv_budget()
+        check_device(self.device)
+        self._check_memory()
         if self.end_to_end:
             for visual in self.visual_tokens:  # raises where the family has no image of that many tokens
                 backbone_for(self.config).nominal_pixel_inputs(visual)
-        check_device(self.device)
+
+    def _check_memory(self) -> None:
+        """Refuse a plan whose largest prompt cannot fit in the device's free memory: found here, it is an error
+        naming the sizes; found by the allocator, a traceback after minutes of benchmarking. The estimate is a
+        floor (the weights and the allocator's slack come on top): the prompt's image features and one decoder
+        layer's activations over it (hidden states, q/k/v/o, the MLP's three), for each prompt of a batched
+        prefill, and the full model's KV cache of the prompt and its decoded tokens, once more per prompt of the
+        largest batch."""
+        element = DTYPES[self.dtype].itemsize
+        text_config = self.config.text_config
+        visual, batch = max(self.visual_tokens), max(self.batch_sizes, default=0)
+        prompts = batch if self.batched_prefill else 1
+        prompt = prompts * (visual * text_config.hidden_size + (visual + self.text_tokens) * (
+            5 * text_config.hidden_size + 3 * text_config.intermediate_size)) * element
+        cache = sum(kv_cache_bytes(self.config, visual, self.text_tokens + self.decode_tokens + 1,
+                                   Schedule.full(self.config), element).values())
+        needed, available = prompt + (1 + batch) * cache, available_memory_bytes(self.device)
+        if needed > available:
+            batches, smaller = (f" and batches of {batch}", " or smaller batches") if batch else ("", "")
+            raise ValueError(
+                f"at {visual} visual tokens{batches} the bench needs at least {needed / 2**30:,.1f} GiB (image "
+                f"features, a layer's activations, KV caches; weights not counted) but {self.device} has "
+                f"{available / 2**30:,.1f} GiB free: ask for fewer visual tokens{smaller}")
 
     def _check_kv_budget(self) -> None:
         """The budget must hold at least one request of the cheapest VISOR configuration benched."""

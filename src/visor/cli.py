@@ -59,11 +59,12 @@ def key_value_heads(value: str) -> int | None:
     return heads
 
 
-def command(parser: argparse.ArgumentParser, run, output: str | None = None) -> None:
+def command(parser: argparse.ArgumentParser, run, output: str | None = None, reads: tuple[str, ...] = ()) -> None:
     """Make `run(args)` what `parser`'s (sub)command does; `run_command` turns its errors into one line.
     `output` ("folder", "file" or "model"): what `--output` names, checked (`visor.files.check_output`) before
-    `run` starts."""
-    parser.set_defaults(func=run, prog=parser.prog, output_kind=output)
+    `run` starts, and never one of the paths the options `reads` names (argument names, e.g. "model") nor a
+    folder that holds one."""
+    parser.set_defaults(func=run, prog=parser.prog, output_kind=output, output_reads=reads)
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -74,7 +75,7 @@ def run_command(args: argparse.Namespace) -> int:
     hf_logging.disable_progress_bar()
     try:
         if args.output_kind is not None:
-            check_output(args.output, args.output_kind)
+            check_output(args.output, args.output_kind, reads=[getattr(args, name) for name in args.output_reads])
         return int(args.func(args) or 0)
     except (ValueError, OSError) as error:
         print(f"{args.prog}: error: {error}", file=sys.stderr)

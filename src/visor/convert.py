@@ -20,11 +20,7 @@ from pathlib import Path
 
 from visor.cli import comma_separated, command, key_value_heads
 from visor.config import CROSS_ATTENTION_INITS
-
-# What a checkpoint folder holds besides the model: its tokenizer, chat template and processor settings.
-PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "merges.txt", "tokenizer.model", "preprocessor_config.json", "processor_config.json",
-                   "video_preprocessor_config.json", "chat_template.json", "chat_template.jinja")
+from visor.files import PROCESSOR_FILES, TOKENIZER_FILES, atomic_folder
 
 
 def register(subparsers) -> None:
@@ -44,7 +40,7 @@ def register(subparsers) -> None:
                              "layers' attention")
     parser.add_argument("--dense", action="store_true",
                         help="every layer SA and no CA block: the configuration that equals the stock model")
-    command(parser, _main, output="model")
+    command(parser, _main, output="model", reads=("model",))
 
 
 def convert(model_dir: str | Path, output: str | Path, cross_attention_layers=None, self_attention_layers=None,
@@ -73,10 +69,8 @@ def convert(model_dir: str | Path, output: str | Path, cross_attention_layers=No
 
 def save_next_to_processor(model, output: str | Path, source: str | Path) -> Path:
     """`model` saved to `output` (atomically) with the tokenizer, chat template and processor settings that sit
-    next to `source`'s weights, so the folder answers questions on its own."""
-    from visor.files import atomic_folder
-
-    with atomic_folder(output) as folder:
+    next to `source`'s weights, so the folder answers questions on its own. `output` never replaces `source`."""
+    with atomic_folder(output, reads=(source,)) as folder:
         model.save_pretrained(folder)
         copy_processor(source, folder)
     return Path(output)
@@ -86,11 +80,9 @@ def copy_processor(source: str | Path, folder: str | Path) -> None:
     """The tokenizer, chat templates and processor settings next to `source`'s weights, copied into `folder` as
     they are (nothing when `source` has none), so the model reads its inputs as the source model did."""
     source, folder = Path(source), Path(folder)
-    for name in PROCESSOR_FILES:
+    for name in (*TOKENIZER_FILES, *PROCESSOR_FILES):
         if (source / name).is_file():
             shutil.copyfile(source / name, folder / name)
-    if (source / "additional_chat_templates").is_dir():
-        shutil.copytree(source / "additional_chat_templates", folder / "additional_chat_templates")
 
 
 def _main(args) -> int:

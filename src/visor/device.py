@@ -1,4 +1,5 @@
-"""Which device to run on: the accelerator when there is one, and a clear error for one that is not there."""
+"""Which device to run on: the accelerator when there is one, a clear error for one that is not there, and how
+much memory it has left."""
 
 from __future__ import annotations
 
@@ -22,3 +23,14 @@ def check_device(name: str | torch.device) -> torch.device:
     elif device.type != "cpu" and not torch.accelerator.is_available():
         raise ValueError(f"device {name!r} is not there: this machine has no {device.type} accelerator")
     return device
+
+
+def available_memory_bytes(device: str | torch.device) -> int:
+    """Free memory on `device`: an accelerator's, or on a CPU the kernel's MemAvailable (what a new process can
+    still take)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as meminfo:
+        fields = dict(line.split(":", 1) for line in meminfo)
+    return int(fields["MemAvailable"].split()[0]) * 1024

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from PIL import Image
 
 from visor.data.conversations import read_conversations
 from visor.data.processor import VisorProcessor
@@ -46,21 +47,68 @@ def test_both_formats_read_the_same_records_and_hold_out_the_same_ones(llava_fil
     assert roles == ["user", "assistant", "user", "assistant"]
 
 
+def _image_file(name: str, write):
+    """A mend that gives the record the image `name` (under the image root), written by `write(path)`."""
+    def mend(record, root):
+        write(root / name)
+        record.update(image=name)
+    return mend
+
+
+def _truncated(path):
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(path)
+    path.write_bytes(path.read_bytes()[:60])
+
+
 @pytest.mark.parametrize("mend, message", [
-    (lambda r: r.update(image="nowhere.png"), "nowhere.png does not exist"),
-    (lambda r: r["conversations"][0].update(value="no placeholder"), "0 <image> placeholders but 1 images"),
-    (lambda r: r.update(conversations=r["conversations"][:1]), "no assistant turn"),
-    (lambda r: r["conversations"][0].update({"from": "robot"}), "turn 0 must have 'from'"),
+    (lambda r, root: r.update(image="nowhere.png"), "nowhere.png does not exist"),
+    (lambda r, root: r["conversations"][0].update(value="no placeholder"), "0 <image> placeholders but 1 images"),
+    (lambda r, root: r.update(conversations=r["conversations"][:1]), "no assistant turn"),
+    (lambda r, root: r["conversations"][0].update({"from": "robot"}), "turn 0 must have 'from'"),
+    (lambda r, root: r["conversations"][3].update(value=""), "assistant turn 3 is empty"),  # the first one answers
+    (lambda r, root: r.update(image="images/../../elsewhere.png"), "lies outside the image root"),
+    (_image_file("images/corrupt.png", lambda path: path.write_bytes(b"GIF89a, then nothing")),
+     "corrupt.png is not an image file Pillow can read"),
+    (_image_file("images/empty.png", lambda path: path.write_bytes(b"")), "empty.png is not an image file"),
+    (_image_file("images/cut.png", _truncated), "cut.png is truncated or corrupt"),
+    (_image_file("images/dot.png", lambda path: Image.new("RGB", (1, 1)).save(path)),
+     "dot.png is 1x1 px, smaller than one 8x8 vision patch"),
 ])
 def test_a_broken_record_is_named_or_skipped_and_counted(tmp_path, mend, message):
     records = fixture_records(images=6)
-    mend(records[3])
+    (tmp_path / "images").mkdir()
+    mend(records[3], tmp_path)
     path = write_llava_fixture(tmp_path, records)
     with pytest.raises(ValueError, match=rf"data.json record 3 \(id easy-3\): .*{message}"):
-        read_conversations("llava", path)
-    data = read_conversations("llava", path, skip_broken=True)
+        read_conversations("llava", path, min_image_side=8)
+    data = read_conversations("llava", path, skip_broken=True, min_image_side=8)
     assert len(data.skipped) == 1 and message in data.skipped[0]
     assert sum(len(records) for records in data.splits.values()) == len(records) - 1
+
+
+def test_images_outside_the_root_are_read_only_when_asked(tmp_path):
+    records = fixture_records(images=6)
+    path = write_llava_fixture(tmp_path / "data", records)
+    outside = tmp_path / "outside.png"
+    (path.parent / records[3]["image"]).rename(outside)
+    (path.parent / records[3]["image"]).symlink_to(outside)  # inside the root by name, outside by its target
+    with pytest.raises(ValueError, match="record 3 .* lies outside the image root"):
+        read_conversations("llava", path)
+    data = read_conversations("llava", path, images_outside_root=True)
+    assert sum(len(records) for records in data.splits.values()) == len(records)
+
+
+def test_a_stored_image_pillow_cannot_read_is_a_broken_record(tmp_path, hf_folder):
+    import datasets
+
+    stored = datasets.Sequence(datasets.Image(decode=False))
+    dataset = datasets.load_from_disk(str(hf_folder)).cast_column("images", stored)
+    rows = dataset.to_list()
+    rows[2]["images"] = [{"bytes": b"not an image", "path": None}]
+    datasets.Dataset.from_list(rows, features=dataset.features).save_to_disk(str(tmp_path / "hf"))
+    with pytest.raises(ValueError, match=r"row 2: image 0: its stored bytes are not an image Pillow can read"):
+        read_conversations("hf", tmp_path / "hf")
+    assert len(read_conversations("hf", tmp_path / "hf", skip_broken=True).skipped) == 1
 
 
 def test_bad_files_are_clear_errors(tmp_path):

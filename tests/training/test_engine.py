@@ -9,10 +9,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from visor import presets
 from visor.training import checkpoint as ckpt
+from visor.training import train
 
-from training_helpers import TOY, model_weights, run, set_flags, subprocess_env, train_command
+from training_helpers import TOY, fast_settings, model_weights, run, set_flags, subprocess_env, train_command
 
 STEPS, SAVE_EVERY = 8, 3
 CONFIGS = Path(__file__).parents[2] / "configs" / "accelerate"
@@ -112,6 +115,49 @@ def test_a_folder_holds_one_run_even_from_before_its_data_was_recorded(tmp_path,
     assert rewritten["batch_size"] == 4 and rewritten["data"] == TOY and rewritten["log_every"] == 1
     assert main(_command(output)[3:]) == 2  # a fresh run into it
     assert "already holds a training run" in capsys.readouterr().err
+
+
+def test_a_second_run_into_a_running_folder_is_refused(tmp_path, reference, capsys):
+    """Two runs into one --output: the second (here resuming; a fresh one is refused the same way, see
+    tests/test_bad_input.py) is refused naming the first's pid, and the first run's files are its own."""
+    from visor.training.cli import main
+
+    output = tmp_path / "run"
+    first = subprocess.Popen(_command(output), env=subprocess_env(VISOR_FAULT_INJECTION="step:0.4"),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 90
+    while not (output / "metrics.jsonl").is_file():
+        assert first.poll() is None and time.time() < deadline, first.stderr.read()[-2000:]
+        time.sleep(0.05)
+    assert main(_command(output, "--resume")[3:]) == 2
+    assert f"another run (pid {first.pid}) holds its lock" in capsys.readouterr().err
+    assert first.wait(timeout=90) == 0, first.stderr.read()[-2000:]
+    lines = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss" in r] == list(range(1, STEPS + 1))
+    _assert_same_weights(output, reference)
+    assert not (output / ".lock").exists()  # released at the end
+
+
+def test_the_final_weights_are_saved_before_the_final_validation(tmp_path, toy_path):
+    """A final validation that fails (a corrupt held-out image, say) loses no training: the last checkpoint and
+    the model are written first, and resuming runs the validation alone."""
+    import toy_data
+
+    def corrupt(*args, **kwargs):
+        raise ValueError("a corrupt held-out image")
+
+    settings = fast_settings(max_steps=2)
+    broken = toy_data.ToyData(presets.tiny(2))
+    broken.eval_batches = corrupt
+    with pytest.raises(ValueError, match="a corrupt held-out image"):
+        train("full", broken, tmp_path, settings, model_preset="tiny", progress=False)
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-000002"
+    trained = model_weights(tmp_path)
+    assert not (tmp_path / "training_summary.json").exists()
+    summary = train("full", toy_data.ToyData(presets.tiny(2)), tmp_path, settings, model_preset="tiny", resume=True,
+                    progress=False)
+    assert summary["steps"] == 2 and summary["validation"]["final"]
+    assert all(torch.equal(weights, trained[name]) for name, weights in model_weights(tmp_path).items())
 
 
 def test_activation_checkpointing_trains_the_same_run(tmp_path, reference):

@@ -36,6 +36,8 @@ def test_precedence_recipe_yaml_flags_explicit(tmp_path):
         (["self_attention_layers=[1.5]"], "self_attention_layers"),
         (["cross_attention_layers=3"], "cross_attention_layers"),
         (["no_equals_sign"], "key=value"),
+        (["max_grad_norm=nan"], "max_grad_norm must be finite, got nan"),
+        (["pool_strides=[1, .inf]"], "pool_strides must be finite"),
     ],
 )
 def test_bad_settings_are_clear_errors(overrides, message):
@@ -65,3 +67,8 @@ def test_auto_precision_is_bf16_only_where_the_device_computes_it_natively(monke
     assert TrainingSettings().precision_on("cpu") == ("bf16" if native else "no")
     assert TrainingSettings(mixed_precision="no").precision_on("cpu") == "no"
     assert TrainingSettings(mixed_precision="bf16").precision_on("cuda") == "bf16"
+
+
+def test_settings_made_in_python_refuse_non_finite_numbers_too():
+    with pytest.raises(ValueError, match="weight_decay must be finite, got nan"):
+        TrainingSettings(weight_decay=float("nan"))

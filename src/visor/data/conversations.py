@@ -10,9 +10,13 @@ Two formats, read into one record type (`Conversation`: images, chat messages, a
   text with `<image>` placeholders, or a list of `{"type": "image"}` / `{"type": "text", "text": ...}` parts).
 
 A record may carry a `task` (key or column) that evaluation reports accuracy by; otherwise its task is
-"conversation". A broken record (no assistant turn, a missing image file, placeholders that do not match its
-images, a role or content of the wrong kind) is an error naming the file and record, or, with
-`skip_broken=True`, left out and counted in `ConversationData.skipped`.
+"conversation". A broken record is an error naming the file and record, or, with `skip_broken=True`, left out and
+counted in `ConversationData.skipped`: no assistant turn, or an empty one (it would train "answer nothing");
+placeholders that do not match its images; a role or content of the wrong kind; an image that is missing, does
+not decode whole (header, size, every pixel, mode: `load_image`) or is smaller than the model's vision patch;
+and, in LLaVA JSON, an image path that resolves (`..`, an absolute path, symbolic links followed) outside the
+image folder, unless `images_outside_root=True`. Every image is decoded once here, before training writes
+anything, so that a broken one is found up front rather than when its batch is built.
 
 Splits: a `datasets.DatasetDict` folder keeps its `train` / `validation` / `test` splits. A single file or
 dataset holds out records for evaluation: a fixed permutation (seed 0, whatever the training seed, so every run
@@ -29,8 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image, UnidentifiedImageError
 
-from visor.data.processor import IMAGE_PLACEHOLDER
+from visor.data.processor import IMAGE_PLACEHOLDER, load_image
 
 SPLITS = ("train", "validation", "test")
 HELD_OUT_FRACTION = 0.05
@@ -64,36 +69,43 @@ class BrokenRecord(ValueError):
 
 
 def read_conversations(kind: str, path: str | Path, image_root: str | Path | None = None,
-                       skip_broken: bool = False) -> ConversationData:
-    """The records of a `llava` JSON file or an `hf` datasets folder, split as the module docstring says."""
+                       skip_broken: bool = False, images_outside_root: bool = False,
+                       min_image_side: int = 1) -> ConversationData:
+    """The records of a `llava` JSON file or an `hf` datasets folder, checked and split as the module docstring
+    says; `min_image_side`: the model's vision patch, in pixels."""
     path = Path(path)
     if kind == "llava":
         if not path.is_file():
             raise ValueError(f"LLaVA data file {path} does not exist")
         if image_root is not None and not Path(image_root).is_dir():
             raise ValueError(f"image root {image_root} is not a folder")
-        records = _llava_records(path, Path(image_root) if image_root is not None else path.parent)
-        return _collect({None: records}, skip_broken)
+        records = _llava_records(path, Path(image_root) if image_root is not None else path.parent,
+                                 images_outside_root)
+        return _collect({None: records}, skip_broken, min_image_side)
     if kind == "hf":
-        if image_root is not None:
-            raise ValueError("image_root is for LLaVA JSON data; a datasets folder holds its images")
-        return _collect(_hf_records(path), skip_broken)
+        if image_root is not None or images_outside_root:
+            raise ValueError("image_root and images_outside_root are for LLaVA JSON data; a datasets folder holds "
+                             "its images")
+        return _collect(_hf_records(path), skip_broken, min_image_side)
     raise ValueError(f"unknown conversation format {kind!r}: use 'llava' or 'hf'")
 
 
-def _collect(by_split: dict[str | None, list], skip_broken: bool) -> ConversationData:
-    """Records (or the BrokenRecord each raised) checked, broken ones raised or counted, and split."""
+def _collect(by_split: dict[str | None, list], skip_broken: bool, min_image_side: int) -> ConversationData:
+    """Records (or the BrokenRecord each raised) with their images decoded, broken ones raised or counted, and
+    split."""
     splits: dict[str, list[Conversation]] = {}
     skipped = []
     for split, records in by_split.items():
         kept = []
         for record in records:
-            if isinstance(record, BrokenRecord):
+            try:
+                if isinstance(record, BrokenRecord):
+                    raise record
+                kept.append(_with_decodable_images(record, min_image_side))
+            except BrokenRecord as broken:
                 if not skip_broken:
-                    raise ValueError(f"{record} (skip_broken_records=true leaves such records out, counted)")
-                skipped.append(str(record))
-            else:
-                kept.append(record)
+                    raise ValueError(f"{broken} (skip_broken_records=true leaves such records out, counted)") from None
+                skipped.append(str(broken))
         splits[split] = kept
     if None in splits:
         splits = hold_out(splits.pop(None))
@@ -116,6 +128,16 @@ def hold_out(records: list[Conversation]) -> dict[str, list[Conversation]]:
             "validation": [records[i] for i in validation], "test": [records[i] for i in test]}
 
 
+def _with_decodable_images(record: Conversation, min_side: int) -> Conversation:
+    """`record` if every image of it decodes whole and is at least `min_side` px a side; else a BrokenRecord."""
+    for number, image in enumerate(record.images):
+        try:
+            load_image(open_image(image), min_side=min_side)
+        except ValueError as error:
+            raise BrokenRecord(f"{record.where}: image {number}: {error}") from None
+    return record
+
+
 def _checked(images: list, messages: list, task: Any, where: str) -> Conversation:
     """A Conversation, or a BrokenRecord saying what is wrong with it."""
     if not isinstance(task, str) or not task:
@@ -127,20 +149,21 @@ def _checked(images: list, messages: list, task: Any, where: str) -> Conversatio
         if not isinstance(message["content"], str):
             raise BrokenRecord(f"{where}: turn {turn} has no text")
         count = message["content"].count(IMAGE_PLACEHOLDER)
-        if count and message["role"] == "assistant":
-            raise BrokenRecord(f"{where}: assistant turn {turn} holds an {IMAGE_PLACEHOLDER} placeholder")
+        if message["role"] == "assistant":
+            if count:
+                raise BrokenRecord(f"{where}: assistant turn {turn} holds an {IMAGE_PLACEHOLDER} placeholder")
+            if not message["content"].strip():
+                raise BrokenRecord(f"{where}: assistant turn {turn} is empty (it would train the model to answer "
+                                   "nothing)")
         placeholders += count
-    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
-        raise BrokenRecord(f"{where}: no assistant turn with text")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise BrokenRecord(f"{where}: no assistant turn")
     if placeholders != len(images):
         raise BrokenRecord(f"{where}: {placeholders} {IMAGE_PLACEHOLDER} placeholders but {len(images)} images")
-    for image in images:
-        if isinstance(image, Path) and not image.is_file():
-            raise BrokenRecord(f"{where}: image {image} does not exist")
     return Conversation(tuple(images), tuple(messages), task, where)
 
 
-def _llava_records(path: Path, image_root: Path) -> list:
+def _llava_records(path: Path, image_root: Path, outside_root: bool) -> list:
     try:
         records = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -163,11 +186,20 @@ def _llava_records(path: Path, image_root: Path) -> list:
                 if not isinstance(message, dict) or message.get("from") not in LLAVA_ROLES:
                     raise BrokenRecord(f"{where}: turn {turn} must have 'from' in {sorted(LLAVA_ROLES)}")
                 messages.append({"role": LLAVA_ROLES[message["from"]], "content": message.get("value")})
-            out.append(_checked([image_root / name for name in names], messages,
+            out.append(_checked([_image_path(image_root, name, outside_root, where) for name in names], messages,
                                 record.get("task", DEFAULT_TASK), where))
         except BrokenRecord as broken:
             out.append(broken)
     return out
+
+
+def _image_path(image_root: Path, name: str, outside_root: bool, where: str) -> Path:
+    """`name` under `image_root`; a BrokenRecord where it resolves outside it (unless `outside_root`)."""
+    path = image_root / name
+    if not outside_root and not path.resolve().is_relative_to(image_root.resolve()):
+        raise BrokenRecord(f"{where}: image {name} lies outside the image root {image_root} (images_outside_root "
+                           "/ --images-outside-root lets a data file name images elsewhere)")
+    return path
 
 
 def _hf_records(path: Path) -> dict[str, list]:
@@ -248,11 +280,15 @@ def _chat_messages(messages: Any, where: str) -> list[dict]:
 
 
 def open_image(image):
-    """A record's image as the processor takes it (a path, or a PIL image from stored bytes)."""
+    """A record's image as the processor takes it: a path, or a PIL image of its stored bytes (a ValueError where
+    Pillow cannot read them; `load_image` says the same of a file)."""
     if isinstance(image, dict):
-        from PIL import Image
-
-        return Image.open(io.BytesIO(image["bytes"]))
+        try:
+            return Image.open(io.BytesIO(image["bytes"]))
+        except UnidentifiedImageError as error:
+            raise ValueError("its stored bytes are not an image Pillow can read") from error
+        except Image.DecompressionBombError as error:
+            raise ValueError(f"its stored image is too large to decode: {error}") from error
     return image
 
 

@@ -44,12 +44,19 @@ class ConfigurationChoice:
         if configuration is None:
             indices = [config.largest_configuration] * batch_size
         elif isinstance(configuration, torch.Tensor) and configuration.dim() == 0:
-            indices = [configuration.item()] * batch_size
+            indices = [config.check_configuration(configuration.item())] * batch_size
         elif isinstance(configuration, (torch.Tensor, list, tuple)):
-            indices = configuration.tolist() if isinstance(configuration, torch.Tensor) else list(configuration)
+            indices = per_sample_indices(config, configuration)
             if len(indices) != batch_size:
                 raise ValueError(f"configuration has {len(indices)} entries for a batch of {batch_size}")
         else:
-            indices = [configuration] * batch_size
-        return cls(torch.tensor([config.check_configuration(index) for index in indices], dtype=torch.long,
-                                device=device))
+            indices = [config.check_configuration(configuration)] * batch_size
+        return cls(torch.tensor(indices, dtype=torch.long, device=device))
+
+
+def per_sample_indices(config, configuration: torch.Tensor | list | tuple) -> list[int]:
+    """One configuration index per sample, each checked: an entry that is no index (1.5, True, "a") is an error
+    naming `configuration`, before anything turns the list into a tensor (which would refuse "a" in its own words
+    and read True as 1)."""
+    indices = configuration.tolist() if isinstance(configuration, torch.Tensor) else list(configuration)
+    return [config.check_configuration(index) for index in indices]

@@ -35,7 +35,7 @@ from transformers.utils import logging as hf_logging
 
 from visor.config import ROUTER_MODES
 from visor.modeling.cache import LayerCacheView, VisorCache, resolve_cache
-from visor.modeling.choice import ConfigurationChoice
+from visor.modeling.choice import ConfigurationChoice, per_sample_indices
 from visor.modeling.cross_attention import CrossAttentionBlock, rms_unit
 from visor.modeling.layers import run_layer, split_rope
 from visor.modeling.layout import TokenLayout, attention_bias
@@ -298,8 +298,10 @@ class VisorModel:
         return hidden, configuration, cache
 
     def generate(self, *args, configuration=None, **kwargs):
-        """`GenerationMixin.generate` with `configuration=`; per-sample lists become a tensor so that beam
-        search and `num_return_sequences` expand them with the batch."""
+        """`GenerationMixin.generate` with `configuration=`; per-sample lists are checked, then become a tensor so
+        that beam search and `num_return_sequences` expand them with the batch."""
+        if isinstance(configuration, (list, tuple)):
+            configuration = per_sample_indices(self.config, configuration)
         if configuration is not None and not isinstance(configuration, (int, str)):
             configuration = torch.as_tensor(configuration)
         return super().generate(*args, configuration=configuration, **kwargs)

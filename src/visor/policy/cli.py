@@ -57,7 +57,7 @@ def register(subparsers) -> None:
     train.add_argument("--steps", type=int, default=500)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--output", required=True, metavar="DIR")
-    command(train, run_train, output="model")
+    command(train, run_train, output="model", reads=("model", "labels"))
 
     calibrate = actions.add_parser("calibrate", help="pick τ on held-out labels for a FLOPs or accuracy target")
     calibrate.add_argument("--model", required=True, metavar="DIR", help="model with a trained router (updated in place)")

@@ -36,6 +36,7 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from visor.backbones import backbone_for, family
+from visor.device import available_memory_bytes, default_device
 from visor.files import save_figure, write_json
 from visor.presets import preset_config
 from visor.training.recipes import RECIPES, check_recipe
@@ -74,16 +75,7 @@ class TrainBenchPlan:
     def memory_limit_bytes(self) -> int:
         if self.memory_limit_gib is not None:
             return int(self.memory_limit_gib * 2**30)
-        return available_memory_bytes()
-
-
-def available_memory_bytes() -> int:
-    """Free accelerator memory, or on a CPU the kernel's MemAvailable (what a new process can still take)."""
-    if torch.cuda.is_available():
-        return torch.cuda.mem_get_info()[0]
-    with open("/proc/meminfo") as meminfo:
-        fields = dict(line.split(":", 1) for line in meminfo)
-    return int(fields["MemAvailable"].split()[0]) * 1024
+        return available_memory_bytes(default_device())  # where `visor train` runs: the accelerator if any
 
 
 @dataclass

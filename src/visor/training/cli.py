@@ -27,6 +27,9 @@ def _add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-root", metavar="DIR", default=None,
                         help="--data llava:FILE.json: the folder its image paths are relative to (default: the "
                              "file's folder)")
+    parser.add_argument("--images-outside-root", action="store_const", const=True, default=None,
+                        help="--data llava:FILE.json: let image paths lead out of the image root (.., absolute "
+                             "paths, symbolic links); by default a record whose image does is broken")
 
 
 def register(subparsers) -> None:
@@ -47,7 +50,7 @@ def register(subparsers) -> None:
     train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --output")
     train.add_argument("--no-progress", action="store_true", help="no progress bar (metrics.jsonl is still written)")
     _add_settings_arguments(train)
-    command(train, run_train, output="folder")
+    command(train, run_train, output="folder", reads=("init",))
 
     configurations = subparsers.add_parser("configurations", help="feasible VISOR configurations")
     actions = configurations.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -65,14 +68,14 @@ def register(subparsers) -> None:
     search.add_argument("--max-exhaustive", type=int, default=6,
                         help="search every subset when there are at most this many SA candidates, else greedily")
     _add_settings_arguments(search)
-    command(search, run_search, output="model")
+    command(search, run_search, output="model", reads=("model",))
 
 
 def _settings(args, recipe: str, **explicit):
     from visor.training.settings import load_settings
 
     return load_settings(recipe, args.config, args.overrides, seed=args.seed, image_root=args.image_root,
-                         **explicit)
+                         images_outside_root=args.images_outside_root, **explicit)
 
 
 def run_train(args) -> int:

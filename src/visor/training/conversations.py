@@ -24,17 +24,19 @@ class ConversationSource:
     num_patch_classes = 0
 
     def __init__(self, model_config, kind: str, path: str | Path, tokenizer_dir: str | Path | None, seed: int = 0,
-                 image_root: str | Path | None = None, max_length: int | None = None, skip_broken: bool = False):
+                 image_root: str | Path | None = None, max_length: int | None = None, skip_broken: bool = False,
+                 images_outside_root: bool = False):
         from visor.data.processor import VisorProcessor
 
         if tokenizer_dir is None or not (Path(tokenizer_dir) / "tokenizer_config.json").is_file():
             raise ValueError(f"--data {kind}: conversation data is tokenised by the model's own tokenizer and chat "
                              f"template, and {tokenizer_dir or 'a model preset'} has none: start from a checkpoint "
                              "folder that holds one (--init; `visor convert` copies it from the stock model)")
-        self.data = read_conversations(kind, path, image_root, skip_broken)
         self._train = VisorProcessor.from_pretrained(tokenizer_dir, model_config, padding_side="right")
         self._prompt = VisorProcessor.from_pretrained(tokenizer_dir, model_config, padding_side="left")
         self.processor = self._prompt  # the checkpoint's, saved with the trained model
+        self.data = read_conversations(kind, path, image_root, skip_broken, images_outside_root,
+                                       min_image_side=self._train.images.min_side)
         self.seed = seed
         self.max_length = max_length
         tasks = dict.fromkeys(r.task for split in self.data.splits.values() for r in split)

@@ -72,8 +72,8 @@ SPECS = "'synthetic', 'synthetic@SUITE', 'synthetic:TASK,...', 'llava:FILE.json'
 
 def resolve_data(spec: str, model_config, seed: int, settings=None, model_dir=None) -> DataSource:
     """The `DataSource` a `--data` spec names; a ValueError when it names nothing usable. Conversation data reads
-    the tokenizer saved in `model_dir` and the data settings (`image_root`, `max_sequence_length`,
-    `skip_broken_records`) of `settings`."""
+    the tokenizer saved in `model_dir` and the data settings (`image_root`, `images_outside_root`,
+    `max_sequence_length`, `skip_broken_records`) of `settings`."""
     if not spec or not isinstance(spec, str):
         raise ValueError(f"--data is empty: use {SPECS}")
     name, _, argument = spec.partition(":")
@@ -87,8 +87,8 @@ def resolve_data(spec: str, model_config, seed: int, settings=None, model_dir=No
         if not argument:
             raise ValueError(f"data spec {spec!r} names no {'file' if name == 'llava' else 'folder'}")
         options = {} if settings is None else dict(
-            image_root=settings.image_root, max_length=settings.max_sequence_length,
-            skip_broken=settings.skip_broken_records)
+            image_root=settings.image_root, images_outside_root=settings.images_outside_root,
+            max_length=settings.max_sequence_length, skip_broken=settings.skip_broken_records)
         return ConversationSource(model_config, name, argument, model_dir, seed, **options)
     if name and argument:
         try:

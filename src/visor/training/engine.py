@@ -9,10 +9,12 @@
     clip the global gradient norm, AdamW step, cosine-with-warm-up schedule step (once per optimizer step,
     whatever the number of processes: the scheduler is not handed to accelerate, which would step it N times)
 
-with a tqdm bar (loss, samples/s, ETA) on the main process, `metrics.jsonl` lines, validation accuracy per task
-at `eval_every` and at the end (`validation.json`), and atomic checkpoints (`checkpoint.py`) every `save_every`
-steps and at the end; `resume=True` continues from the newest complete one and reproduces the uninterrupted
-run (no data-loader state: the batch at step k is recomputed from k).
+with a tqdm bar (loss, samples/s, ETA) on the main process, `metrics.jsonl` lines, atomic checkpoints
+(`checkpoint.py`) every `save_every` steps and at the end (then the final model), and validation accuracy per
+task at `eval_every` and at the end (`validation.json`), each after that step's weights are saved, so a
+validation that fails loses no training; `resume=True` continues from the newest complete checkpoint and
+reproduces the uninterrupted run (no data-loader state: the batch at step k is recomputed from k). The folder
+is locked for the whole run (`lock.py`): a second run into it is refused.
 
 Testing aid: `VISOR_FAULT_INJECTION=step:SECONDS` sleeps after every optimizer step (so a test can SIGKILL a run
 mid-training); `checkpoint:STEP:SECONDS` is described in `checkpoint.py`.
@@ -42,6 +44,7 @@ from visor.evaluation.scoring import evaluate
 from visor.files import check_output, save_model, write_json, write_text
 from visor.training import checkpoint as ckpt
 from visor.training.data import DataSource, resolve_data, step_indices
+from visor.training.lock import RunLock
 from visor.training.recipes import (
     PatchAuxiliaryHead,
     TrainingModule,
@@ -146,7 +149,18 @@ class Trainer:
 
         self.start_step = 0
         self.fingerprint = run_fingerprint(recipe, data, init, model_preset, settings)
-        check_run_folder(self.output_dir, self.fingerprint, resume)
+        check_run_folder(self.output_dir, self.fingerprint, resume)  # before the lock writes anything there
+        self.lock = RunLock(self.output_dir) if PartialState(cpu=use_cpu).is_main_process else None
+        try:
+            check_run_folder(self.output_dir, self.fingerprint, resume)  # a run that held it meanwhile has ended
+            self._prepare(data, init, model_preset, resume, use_cpu)
+        except BaseException:
+            self.release()
+            raise
+
+    def _prepare(self, data, init, model_preset, resume: bool, use_cpu: bool) -> None:
+        """The model, data, optimizer and (resuming) their state: every input checked before the first step."""
+        recipe, settings = self.recipe, self.settings
         self.resume_from = ckpt.latest_checkpoint(self.output_dir) if resume else None
         state = ckpt.load_training_state(self.resume_from) if self.resume_from is not None else None
         if state is not None:
@@ -174,12 +188,19 @@ class Trainer:
         self.optimizer = _optimizer(self.module, settings)
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, settings.warmup_steps, settings.max_steps)
         self.visits: Counter[int] = Counter()
-        self._resumed_validation: list[dict[str, Any]] = []
+        # Validations of the steps the run resumes after (validation.json may hold later ones a killed run wrote).
+        self.validation: list[dict[str, Any]] = []
         if state is not None:
             self._load_state(state)
+            self.validation = [record for record in read_validation(self.output_dir)
+                               if record["step"] <= self.start_step]
         self.module, self.optimizer = self.accelerator.prepare(self.module, self.optimizer)
         self.metrics_path = self.output_dir / METRICS_FILE
-        self.validation: list[dict[str, Any]] = []
+
+    def release(self) -> None:
+        """Give the folder's lock back (`run` does when it ends; a Trainer that never runs holds it until then)."""
+        if self.lock is not None:
+            self.lock.release()
 
     # ---- state ------------------------------------------------------------------------------------------------
     @property
@@ -199,7 +220,6 @@ class Trainer:
             "aux_head": module.aux_head.state_dict() if module.aux_head is not None else {},
             "rng": ckpt.rng_state(),
             "visits": {str(index): count for index, count in sorted(self.visits.items())},
-            "validation": json.dumps(self.validation),
         }
 
     def _load_state(self, state: dict[str, Any]) -> None:
@@ -210,7 +230,6 @@ class Trainer:
         ckpt.set_rng_state(state["rng"])
         self.visits = Counter({int(index): int(count) for index, count in state["visits"].items()})
         self.start_step = int(state["step"])
-        self._resumed_validation = json.loads(state.get("validation", "[]"))
 
     def _model_state_dict(self) -> dict[str, torch.Tensor]:
         """The model's full weights (gathered by accelerate under FSDP / ZeRO-3; call on every process)."""
@@ -293,6 +312,13 @@ class Trainer:
         return totals, grad_norm, configuration, stride
 
     def run(self) -> dict[str, Any]:
+        """Train to `max_steps`, save, validate; returns the summary. The folder's lock goes back however it ends."""
+        try:
+            return self._run()
+        finally:
+            self.release()
+
+    def _run(self) -> dict[str, Any]:
         accelerator, settings = self.accelerator, self.settings
         main = accelerator.is_main_process
         if main:
@@ -300,7 +326,6 @@ class Trainer:
             ckpt.remove_partial_checkpoints(self.output_dir)
             if self.resume_from is not None:
                 _truncate_metrics(self.metrics_path, self.start_step)
-                self.validation = [r for r in self._resumed_validation if r["step"] <= self.start_step]
             elif self.metrics_path.exists():
                 self.metrics_path.unlink()
             write_json(self.output_dir / SETTINGS_FILE, self.fingerprint)
@@ -343,19 +368,25 @@ class Trainer:
                 window_start, window_samples = time.time(), 0
             bar.update(1)
 
-            if settings.eval_every and step % settings.eval_every == 0 and step != settings.max_steps:
-                self.validate(step)
             if settings.save_every and step % settings.save_every == 0 and step != settings.max_steps:
                 self.save(step)
                 last_saved = step
+            if settings.eval_every and step % settings.eval_every == 0 and step != settings.max_steps:
+                self.validate(step)
         bar.close()
         wall = time.time() - started
 
+        # Weights are saved before they are validated: a validation that fails loses no training.
         final_step = max(step, self.start_step)
-        if final_step > self.start_step or not self.validation or not self.validation[-1].get("final"):
-            self.validate(final_step, final=True)
         if last_saved != final_step:
             self.save(final_step)
+        weights = self._model_state_dict()
+        if main:
+            # With its processor, when the data has one, the folder answers questions on its own (`visor generate`).
+            save_model(self.model, self.output_dir / FINAL_MODEL_DIR, getattr(self.data, "processor", None),
+                       state_dict=weights, safe_serialization=True)
+        if final_step > self.start_step or not self.validation or not self.validation[-1].get("final"):
+            self.validate(final_step, final=True)
         summary = {
             "recipe": self.recipe,
             "steps": final_step,
@@ -366,14 +397,21 @@ class Trainer:
             "validation": self.validation[-1] if self.validation else None,
             "skipped_records": len(getattr(self.data, "skipped", ())),
         }
-        weights = self._model_state_dict()
         if main:
-            # With its processor, when the data has one, the folder answers questions on its own (`visor generate`).
-            save_model(self.model, self.output_dir / FINAL_MODEL_DIR, getattr(self.data, "processor", None),
-                       state_dict=weights, safe_serialization=True)
             write_json(self.output_dir / SUMMARY_FILE, summary)
         accelerator.wait_for_everyone()
         return summary
+
+
+def read_validation(output_dir: Path) -> list[dict[str, Any]]:
+    """The validation records a run folder holds (validation.json; none before the first validation)."""
+    path = output_dir / VALIDATION_FILE
+    if not path.is_file():
+        return []
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is corrupt: {error}") from error
 
 
 def run_fingerprint(recipe: str, data: str | DataSource, init, model_preset: str | None,

@@ -151,7 +151,7 @@ def search_configurations(
         "evaluated": sorted(results, key=lambda r: (r["cost"], r["layers"])),
         "samples_per_task": settings.samples_per_task,
     }
-    with atomic_folder(output_dir) as folder:  # the model and its search report, together or not at all
+    with atomic_folder(output_dir, reads=(model_dir,)) as folder:  # the model and its report, or nothing
         searched.save_pretrained(folder, safe_serialization=True)
         write_json(folder / "search.json", report)
     return report

@@ -8,6 +8,7 @@ keys and values of the wrong type are errors, reported before any model is built
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, fields
 from typing import Any
@@ -85,12 +86,17 @@ class TrainingSettings:
     image_root: str | None = None
     """`--data llava:FILE.json`: the folder its image paths are relative to (None: the JSON file's folder).
     `--image-root` sets it."""
+    images_outside_root: bool = False
+    """`--data llava:FILE.json`: let image paths lead out of `image_root` (through `..`, an absolute path or a
+    symbolic link). By default a record whose image resolves outside it is broken: a data file names no file
+    elsewhere on the machine. `--images-outside-root` sets it."""
     max_sequence_length: int | None = None
     """Conversation data: a longer sample is cut to this many tokens from its end (its last answers lose their
     labels); one whose images alone end beyond it is an error. None: no limit."""
     skip_broken_records: bool = False
-    """Conversation data: leave out broken records (no assistant turn, a missing image, placeholders that do not
-    match the images), counted in the run's summary, instead of stopping with an error naming the first."""
+    """Conversation data: leave out broken records (no assistant turn or an empty one, a missing, unreadable or too
+    small image, placeholders that do not match the images), counted in the run's summary, instead of stopping
+    with an error naming the first."""
     max_new_tokens: int = 8
     """Greedy tokens generated per validation answer."""
     # ---- bookkeeping --------------------------------------------------------------------------------------
@@ -122,6 +128,11 @@ class TrainingSettings:
         self.validate()
 
     def validate(self) -> None:
+        for name, value in vars(self).items():  # NaN passes every comparison below, and inf most
+            if any(isinstance(number, float) and not math.isfinite(number)
+                   for number in (value if isinstance(value, list) else [value])):
+                raise ValueError(f"{name} must be finite, got {value}")
+
         def positive(name):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
