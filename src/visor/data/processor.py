@@ -117,8 +117,12 @@ class AnyresImages:
     def placeholder(self, image_token_id: int, count: int, framed: bool) -> list[int]:
         return [image_token_id] * count
 
-    def token_count(self, image: Image.Image, images_in_prompt: int) -> int:
-        return self.backbone.image_tokens((image.height, image.width), alone=images_in_prompt == 1).visual_tokens
+    def token_count(self, image_size: tuple[int, int], images_in_prompt: int) -> int:
+        """Visual tokens of a (height, width) image in a prompt of `images_in_prompt` images."""
+        return self.backbone.image_tokens(image_size, alone=images_in_prompt == 1).visual_tokens
+
+    def largest_image_size(self) -> tuple[int, int]:
+        return self.backbone.largest_image_size()
 
     def __call__(self, rows: list[list[Image.Image]]) -> dict:
         pixels = self.image_processor([row for row in rows if row], return_tensors="pt")
@@ -162,9 +166,15 @@ class GridImages:
         tokens = [image_token_id] * count
         return tokens if framed else [self.start, *tokens, self.end]
 
-    def token_count(self, image: Image.Image, images_in_prompt: int) -> int:
-        grid = self.image_processor([image], return_tensors="pt")["image_grid_thw"][0]
-        return int(grid.prod()) // self.image_processor.merge_size**2
+    def token_count(self, image_size: tuple[int, int], images_in_prompt: int) -> int:
+        """Visual tokens of a (height, width) image: its merged patches at the processor's pixel bounds."""
+        return self.image_processor.get_number_of_image_patches(*image_size) // self.image_processor.merge_size**2
+
+    def largest_image_size(self) -> tuple[int, int]:
+        """The largest square the processor keeps whole: its pixel bound, rounded down to whole merged patches."""
+        merged = self.image_processor.patch_size * self.image_processor.merge_size
+        side = int(self.image_processor.size["longest_edge"] ** 0.5) // merged * merged
+        return side, side
 
     def __call__(self, rows: list[list[Image.Image]]) -> dict:
         pixels = self.image_processor([image for row in rows for image in row], return_tensors="pt")
@@ -360,6 +370,11 @@ class VisorProcessor:
                                                                class_maps, batch)
         return BatchFeature(batch)
 
+    def prompt_ids(self, messages: Sequence[dict]) -> list[int]:
+        """The token ids of the prompt that asks for the conversation's next assistant turn, with one image token
+        per image (what a serving engine takes, expanding each image itself)."""
+        return self._conversation_ids([self._message(message) for message in messages], prompt_only=True)[0]
+
     # ---- rendering ------------------------------------------------------------------------------------------
     def _renders_typed_content(self) -> bool:
         """Whether the chat template renders typed content parts: an image part becomes the image token."""
@@ -457,8 +472,8 @@ class VisorProcessor:
         for slot, image in zip(slots, images):
             framed = 0 < slot < len(ids) - 1 and (ids[slot - 1], ids[slot + 1]) == (
                 getattr(self.images, "start", None), getattr(self.images, "end", None))
-            placeholder = self.images.placeholder(self.image_token_id, self.images.token_count(image, len(images)),
-                                                  framed)
+            count = self.images.token_count((image.height, image.width), len(images))
+            placeholder = self.images.placeholder(self.image_token_id, count, framed)
             out_ids += ids[start:slot] + placeholder
             out_labels += labels[start:slot] + [IGNORE_INDEX] * len(placeholder)
             start = slot + 1

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 ARCHITECTURE = "VisorForVllm"
 CONFIGURATION_KEY = "visor_configuration"  # in vLLM's `additional_config`
-SERVED_MODEL_TYPES = ("visor",)  # VISOR on LLaVA-OneVision
+SERVED_MODEL_TYPES = ("visor", "visor_qwen2_vl", "visor_qwen2_5_vl", "visor_qwen3_vl")
 
 
 def register() -> None:
@@ -27,9 +27,10 @@ def check_servable(config: dict, configuration: int | str | None) -> int | str:
     with this config (a dict, as in its config.json); a ValueError names what cannot be served."""
     model_type = config.get("model_type")
     if model_type not in SERVED_MODEL_TYPES:
-        raise ValueError(f"vLLM serves VISOR checkpoints of LLaVA-OneVision (model type {', '.join(SERVED_MODEL_TYPES)});"
-                         f" this checkpoint is {model_type!r}" + (" (a stock model: `visor convert` makes a VISOR one)"
-                                                                   if model_type == "llava_onevision" else ""))
+        stock = f"visor_{model_type}" in SERVED_MODEL_TYPES or model_type == "llava_onevision"
+        raise ValueError(f"vLLM serves VISOR checkpoints (model types {', '.join(SERVED_MODEL_TYPES)}); this "
+                         f"checkpoint is {model_type!r}" + (" (a stock model: `visor convert` makes a VISOR one)"
+                                                            if stock else ""))
     configurations = config.get("configurations", [])
     count = len(configurations)
     if configuration == "auto":
@@ -51,12 +52,21 @@ def engine_arguments(model: str, configuration: int | str | None = None, dtype: 
     """Keyword arguments of `vllm.LLM` / `EngineArgs` that serve the VISOR folder `model` with `configuration`
     (an index into its configurations, default the largest; or "auto": the router picks per request), plus any
     other engine options."""
-    hf_overrides = {
-        "architectures": [ARCHITECTURE],
-        "is_encoder_decoder": True,
-        # Three equal rows of original-sequence positions (`VisorForVllm.get_mrope_input_positions`).
-        "rope_parameters": {"mrope_section": [1, 1, 1]},
-    }
+    import json
+    from pathlib import Path
+
+    config = json.loads((Path(model) / "config.json").read_text())
+    # vLLM asks an encoder-decoder model for a decoder start token even when it starts none (the decoder prompt is
+    # the model's own prompt): any id will do, the end-of-sequence one is always there.
+    hf_overrides = {"architectures": [ARCHITECTURE], "is_encoder_decoder": True,
+                    "decoder_start_token_id": config.get("text_config", {}).get("eos_token_id")}
+    if config.get("model_type") == "visor":
+        # LLaVA-OV's 1-D positions as three equal rows, so vLLM asks `VisorForVllm.get_mrope_input_positions`
+        # (the Qwen-VL families' configs declare M-RoPE themselves).
+        hf_overrides["rope_parameters"] = {"mrope_section": [1, 1, 1]}
+    # One image per prompt: vLLM 0.32 schedules an encoder-decoder model's encoder inputs only where they start
+    # within the decoder tokens of the step (`Scheduler._try_schedule_encoder_inputs`), so a second image, which
+    # starts after the first image's tokens in the encoder prompt, would never be encoded.
     arguments = dict(model=model, hf_overrides=hf_overrides, dtype=dtype, enforce_eager=True,
                      limit_mm_per_prompt={"image": 1})
     if configuration is not None:

@@ -63,6 +63,9 @@ from visor.integrations.vllm.step import ImageSlot, Step, tag
 # vLLM's implementation of each text model VISOR's families use (keyed by the text config's model type).
 TEXT_MODELS = {"qwen2": Qwen2Model, "llama": LlamaModel, "qwen2_vl_text": Qwen2Model,
                "qwen2_5_vl_text": Qwen2Model, "qwen3_vl_text": Qwen3Model}
+# Text models whose M-RoPE interleaves its axes (transformers' Qwen3-VL does so always and keeps no flag; vLLM's
+# rotary embedding reads it from the rope parameters).
+INTERLEAVED_ROPE = ("qwen3_vl_text",)
 TEXT_WEIGHTS = "model.language_model."  # where a VISOR checkpoint keeps the text model's tensors
 
 
@@ -185,6 +188,8 @@ class VisorForVllm(nn.Module, SupportsMultiModal, SupportsMRoPE):
         text = config.text_config
         if text.model_type not in TEXT_MODELS:
             raise ValueError(f"vLLM serves VISOR on the text models {sorted(TEXT_MODELS)}, not {text.model_type!r}")
+        if text.model_type in INTERLEAVED_ROPE:
+            text.rope_parameters = {**text.rope_parameters, "mrope_interleaved": True}
         self.visor, self._rename = visor_modules(config)
         self.backbone = self.visor.backbone
         self.language_model = TEXT_MODELS[text.model_type](vllm_config=vllm_config,
@@ -257,29 +262,28 @@ class VisorForVllm(nn.Module, SupportsMultiModal, SupportsMRoPE):
         return loaded
 
     # ---- inputs -------------------------------------------------------------------------------------------------
-    def embed_multimodal(self, image_offset=None, image_embeds=None, **image_inputs) -> list[torch.Tensor]:
+    def embed_multimodal(self, image_offset=None, images_in_prompt=None, image_embeds=None, pixel_values=None,
+                         image_sizes=None, image_grid_thw=None, **_) -> list[torch.Tensor]:
         """The encoder: each image's projected features (n, d) before the CPE (the model applies it), from its
-        pixels or as given (`image_embeds`: precomputed features), tagged with where it sits (`step.tag`)."""
-        names = ("pixel_values", *self.backbone.image_inputs)
-        per_image = {name: image_inputs[name] for name in names if image_inputs.get(name) is not None}
+        pixels or as given (`image_embeds`: precomputed features), tagged with where it sits (`step.tag`).
+        DeepStack's (1 + K, n, d) travels as (n, (1 + K) d): vLLM takes 2-D encoder outputs only."""
+        if image_offset is None:
+            return []
         if image_embeds is not None:
             features = [image.to(self.dtype) for image in image_embeds]
-        elif "pixel_values" in per_image:
+        elif image_grid_thw is not None:  # Qwen-VL: every image's patches in one flat tensor
+            pixels = torch.cat(list(pixel_values)) if isinstance(pixel_values, (list, tuple)) else pixel_values
+            features = self.backbone.encode_images(self.visor, 0, pixel_values=pixels, image_grid_thw=image_grid_thw)
+        else:  # LLaVA-OV: one image at a time (its crops); a prompt's several images are read one crop each
             features = []
-            for index in range(len(image_offset)):
-                single = {name: value[index] if name == "pixel_values" and value[index].dim() == 2
-                          else value[index][None] for name, value in per_image.items()}
-                with torch.no_grad():
-                    # DeepStack's (1 + K, n, d) travels as (n, (1 + K) d): vLLM takes 2-D encoder outputs only
-                    features += [image.transpose(0, 1).flatten(1) if image.dim() == 3 else image
-                                 for image in self.backbone.encode_images(self.visor, 0, **single)]
-        else:
-            return []
-        slots = []
-        for index, offset in enumerate(image_offset):
-            inputs = {name: value[index] for name, value in per_image.items() if name != "pixel_values"}
-            slots.append(ImageSlot(int(offset), inputs))
-        return [tag(image, slot) for image, slot in zip(features, slots)]
+            for pixels, size, count in zip(pixel_values, image_sizes, images_in_prompt):
+                features += self.backbone.encode_images(self.visor, 0, pixel_values=pixels[None],
+                                                        image_sizes=size.reshape(1, 2),
+                                                        batch_num_images=count.reshape(1))
+        grids = image_grid_thw if image_grid_thw is not None else [None] * len(features)
+        return [tag(image.transpose(0, 1).flatten(1) if image.dim() == 3 else image,
+                    ImageSlot(int(offset), {} if grid is None else {"image_grid_thw": grid}))
+                for image, offset, grid in zip(features, image_offset, grids)]
 
     def embed_input_ids(self, input_ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return self.language_model.embed_input_ids(input_ids)
@@ -287,9 +291,8 @@ class VisorForVllm(nn.Module, SupportsMultiModal, SupportsMRoPE):
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features) -> tuple[torch.Tensor, int]:
         """The text tokens' positions in the original prompt (3 rows), and the offset decoding adds to a new
         token's index."""
-        slots = [ImageSlot(int(feature.data["image_offset"].data), {
-            name: feature.data[name].data for name in self.backbone.image_inputs if name in feature.data})
-            for feature in mm_features]
+        slots = [ImageSlot(int(feature.data["image_offset"].data), {} if "image_grid_thw" not in feature.data
+                           else {"image_grid_thw": feature.data["image_grid_thw"].data}) for feature in mm_features]
         lengths = [feature.mm_position.length for feature in mm_features]
         positions, text = self._prompt_positions(torch.tensor(input_tokens), slots, lengths)
         text_positions = positions[:, text]
@@ -422,7 +425,9 @@ class VisorForVllm(nn.Module, SupportsMultiModal, SupportsMRoPE):
     # ---- the layer kinds -------------------------------------------------------------------------------------
     def _rotate(self, index: int, positions: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         """RoPE of layer `index` on (N, heads, head_dim) states at `positions`."""
-        rotated, _ = self.language_model.layers[index].self_attn.rotary_emb(positions, states.flatten(1).clone())
+        flat = states.flatten(1)
+        # M-RoPE takes a query and a key; the key is a scratch copy here (the rotary kernels work in place).
+        rotated, _ = self.language_model.layers[index].self_attn.rotary_emb(positions, flat.clone(), flat.clone())
         return rotated.view(states.shape)
 
     def _cross_attention(self, index, block, step: Step, hidden, text_positions, prompts) -> torch.Tensor:

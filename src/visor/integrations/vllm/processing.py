@@ -1,12 +1,12 @@
-"""How vLLM turns a request's prompt and image into a VISOR model's inputs.
+"""How vLLM turns a request's prompt and images into a VISOR model's inputs.
 
 vLLM serves VISOR as an encoder-decoder model (`visor.integrations.vllm.model` says why). The *encoder* prompt is
-the image's visual tokens alone (vLLM's scheduler runs encoder inputs that start the encoder prompt), which tells
-vLLM how many visual keys and values to make room for. The *decoder* prompt is the prompt's text without the
-`<image>`, whose tokens are the ones every layer caches. Where the image sat in the prompt travels with the image
-as `image_offset` (text tokens before it), which the model's positions are computed from. Pixels come from VISOR's
-own processor (`visor.data.processor`, no torchvision), so vLLM and `VisorForConditionalGeneration` see identical
-inputs.
+the images' visual tokens alone (vLLM's scheduler runs encoder inputs that start the encoder prompt), which tells
+vLLM how many visual keys and values to make room for. The *decoder* prompt is the prompt's text without its
+image tokens (Qwen-VL's vision start and end tokens stay), whose tokens are the ones every layer caches. Where each
+image sat in the prompt travels with it as `image_offset` (text tokens before it), which the model's positions are
+computed from. Pixels come from the checkpoint's own image processor, as `VisorProcessor` makes them
+(`visor.data.processor`, no torchvision), so vLLM and `VisorForConditionalGeneration` see identical inputs.
 """
 
 from __future__ import annotations
@@ -25,10 +25,7 @@ from vllm.multimodal.processing import (
 from vllm.multimodal.processing.inputs import ProcessorInputs
 
 from visor.backbones import backbone_for
-from visor.data.processor import IMAGE_PLACEHOLDER, AnyresImages, load_image, load_image_processor
-
-IMAGES_PER_PROMPT = 1  # LLaVA-OneVision packs a prompt's several images differently (one crop each); not served yet
-
+from visor.data.processor import AnyresImages, GridImages, load_image, load_image_processor
 
 class VisorProcessingInfo(BaseProcessingInfo):
     @cached_property
@@ -36,18 +33,20 @@ class VisorProcessingInfo(BaseProcessingInfo):
         return backbone_for(self.get_hf_config())
 
     @cached_property
-    def images(self) -> AnyresImages:
+    def images(self) -> AnyresImages | GridImages:
+        """The checkpoint's own image processor, as `VisorProcessor` uses it."""
         folder = self.ctx.model_config.model
-        return AnyresImages(self.backbone, load_image_processor(folder, self.backbone), str(folder))
+        side = GridImages if "image_grid_thw" in self.backbone.image_inputs else AnyresImages
+        return side(self.backbone, load_image_processor(folder, self.backbone), str(folder))
 
     def get_supported_mm_limits(self) -> Mapping[str, int | None]:
-        return {"image": IMAGES_PER_PROMPT}
+        return {"image": None}
 
-    def visual_tokens(self, width: int, height: int) -> int:
-        return self.backbone.image_tokens((height, width)).visual_tokens
+    def visual_tokens(self, width: int, height: int, images_in_prompt: int = 1) -> int:
+        return self.images.token_count((height, width), images_in_prompt)
 
     def largest_image(self) -> tuple[int, int]:
-        height, width = self.backbone.largest_image_size()
+        height, width = self.images.largest_image_size()
         return width, height
 
     def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
@@ -58,7 +57,8 @@ class VisorDummyInputsBuilder(BaseDummyInputsBuilder[VisorProcessingInfo]):
     """The largest image the processor makes, for vLLM's memory profiling."""
 
     def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
-        return IMAGE_PLACEHOLDER * mm_counts.get("image", 0)
+        tokenizer = self.info.get_tokenizer()
+        return tokenizer.convert_ids_to_tokens(self.info.get_hf_config().image_token_id) * mm_counts.get("image", 0)
 
     def get_dummy_mm_data(self, seq_len: int, mm_counts: Mapping[str, int], mm_options=None):
         width, height = self.info.largest_image()
@@ -88,25 +88,35 @@ class VisorMultiModalProcessor(EncDecMultiModalProcessor[VisorProcessingInfo]):
 
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
         images = [load_image(image, min_side=self.info.images.min_side) for image in hf_data.get("images", [])]
-        return BatchFeature(self.info.images(images) if images else {})
+        return BatchFeature(self.info.images([images]) if images else {})
 
     def _postprocess_hf_mm_data(self, mm_inputs: Mapping[str, object], hf_processor_mm_kwargs: Mapping[str, object],
                                 processed_data: BatchFeature) -> BatchFeature:
         """Each image's place in the prompt, next to its pixels or its precomputed features (`image_embeds`)."""
-        images = processed_data.get("image_sizes", processed_data.get("image_embeds"))
+        images = next((processed_data[name] for name in ("image_sizes", "image_grid_thw", "image_embeds")
+                       if name in processed_data), None)
         offsets = hf_processor_mm_kwargs.get("image_offsets", [])
         if images is not None:
             if len(offsets) != len(images):
-                raise ValueError(f"the prompt has {len(offsets)} {IMAGE_PLACEHOLDER} placeholders for {len(images)} images")
+                raise ValueError(f"the prompt has {len(offsets)} image placeholders for {len(images)} images")
             processed_data["image_offset"] = torch.tensor(offsets)
+            processed_data["images_in_prompt"] = torch.full((len(offsets),), len(offsets))
+            processed_data.pop("batch_num_images", None)  # per prompt; vLLM's fields are per image
         return processed_data
 
     def _get_mm_fields_config(self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
                               ) -> Mapping[str, MultiModalFieldConfig]:
-        return dict(pixel_values=MultiModalFieldConfig.batched("image"),
-                    image_sizes=MultiModalFieldConfig.batched("image"),
-                    image_embeds=MultiModalFieldConfig.batched("image"),
-                    image_offset=MultiModalFieldConfig.batched("image"))
+        fields = dict(image_sizes=MultiModalFieldConfig.batched("image"),
+                      image_embeds=MultiModalFieldConfig.batched("image"),
+                      image_offset=MultiModalFieldConfig.batched("image"),
+                      images_in_prompt=MultiModalFieldConfig.batched("image"))
+        if "image_grid_thw" in hf_inputs:  # Qwen-VL: every image's patches in one flat tensor
+            patches = hf_inputs["image_grid_thw"].prod(-1)
+            fields |= dict(pixel_values=MultiModalFieldConfig.flat_from_sizes("image", patches),
+                           image_grid_thw=MultiModalFieldConfig.batched("image"))
+        else:
+            fields["pixel_values"] = MultiModalFieldConfig.batched("image")
+        return fields
 
     def _get_prompt_updates(self, mm_items: MultiModalDataItems, hf_processor_mm_kwargs: Mapping[str, object],
                             out_mm_kwargs: MultiModalKwargsItems) -> Sequence[PromptUpdate]:
@@ -115,7 +125,6 @@ class VisorMultiModalProcessor(EncDecMultiModalProcessor[VisorProcessingInfo]):
             if isinstance(images, ImageEmbeddingItems):
                 return [self.image_token_id] * images.get_feature_size(item)
             size = images.get_image_size(item)
-            return [self.image_token_id] * self.info.visual_tokens(size.width, size.height)
+            return [self.image_token_id] * self.info.visual_tokens(size.width, size.height, images.get_count())
 
         return [PromptReplacement(modality="image", target=[self.image_token_id], replacement=visual_tokens)]
-
