@@ -93,3 +93,31 @@ def test_greedy_outputs_equal_generate_in_every_configuration(served):
         for row, output in enumerate(outputs):  # not only the argmax: the distribution, as fp32 computes it
             for token, logprob in output.outputs[0].logprobs[0].items():
                 assert logprob.logprob == pytest.approx(float(first[row, token]), abs=1e-4), (configuration, row)
+
+
+@pytest.mark.parametrize("served", ["llava-onevision", "qwen2-vl", "qwen2.5-vl"], indirect=True)
+def test_precomputed_features_answer_as_the_pixels_do(served):
+    """An image given as its projected features (with its patch grid, for Qwen-VL: positions depend on it) gives
+    the answer its pixels give (vLLM's `enable_mm_embeds`)."""
+    folder, model = served
+    processor = VisorProcessor.from_pretrained(folder, padding_side="left")
+    rows, conversations = [_images(1, seed) for seed in range(2)], _conversations(1)[:2]
+    expected, _ = _reference(model, processor, rows, conversations, 0)
+    requests = []
+    for row, messages in zip(rows, conversations):
+        inputs = processor.conversations([row], [messages], prompt_only=True)
+        image_inputs = {name: inputs[name] for name in ("pixel_values", *model.backbone.image_inputs)
+                        if name in inputs and name != "mm_token_type_ids"}
+        with torch.no_grad():
+            (features,) = model.backbone.encode_images(model, 0, **image_inputs)
+        image = ({"image_embeds": features, "image_grid_thw": inputs["image_grid_thw"]}
+                 if "image_grid_thw" in inputs else features[None])
+        requests.append({"prompt_token_ids": processor.prompt_ids(messages), "multi_modal_data": {"image": image}})
+    llm = LLM(**engine_arguments(str(folder), 0, dtype="float32", max_num_seqs=4, max_model_len=2048,
+                                 kv_cache_memory_bytes=64 * 2**20, enable_mm_embeds=True))
+    try:
+        outputs = llm.generate(requests, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0))
+    finally:
+        del llm
+        gc.collect()
+    assert [list(output.outputs[0].token_ids) for output in outputs] == expected

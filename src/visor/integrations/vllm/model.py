@@ -270,6 +270,9 @@ class VisorForVllm(nn.Module, SupportsMultiModal, SupportsMRoPE):
         if image_offset is None:
             return []
         if image_embeds is not None:
+            if image_grid_thw is not None and isinstance(image_embeds, torch.Tensor):  # flat, as the grids say
+                merge = self.config.vision_config.spatial_merge_size
+                image_embeds = image_embeds.split((image_grid_thw.prod(-1) // merge**2).tolist())
             features = [image.to(self.dtype) for image in image_embeds]
         elif image_grid_thw is not None:  # Qwen-VL: every image's patches in one flat tensor
             pixels = torch.cat(list(pixel_values)) if isinstance(pixel_values, (list, tuple)) else pixel_values

@@ -18,7 +18,9 @@ from functools import cached_property
 import torch
 from transformers import BatchFeature
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
-from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems, MultiModalDataItems
+from vllm.multimodal.parse import (
+    DictEmbeddingItems, ImageEmbeddingItems, ImageProcessorItems, MultiModalDataItems, MultiModalDataParser,
+)
 from vllm.multimodal.processing import (
     BaseDummyInputsBuilder, BaseProcessingInfo, EncDecMultiModalProcessor, PromptReplacement, PromptUpdate,
 )
@@ -27,10 +29,39 @@ from vllm.multimodal.processing.inputs import ProcessorInputs
 from visor.backbones import backbone_for
 from visor.data.processor import AnyresImages, GridImages, load_image, load_image_processor
 
+class GridEmbeddingsParser(MultiModalDataParser):
+    """Precomputed features of a Qwen-VL image come with its patch grid (`{"image_embeds": (n, d),
+    "image_grid_thw": (1, 3)}`): its positions depend on the grid, not only on the token count."""
+
+    def __init__(self, merge_size: int, **kwargs):
+        super().__init__(**kwargs)
+        self.merge_size = merge_size
+
+    def _parse_image_data(self, data):
+        if not isinstance(data, dict):
+            return super()._parse_image_data(data)
+
+        def fields(inputs):
+            tokens = inputs["image_grid_thw"].prod(-1) // self.merge_size**2
+            return dict(image_embeds=MultiModalFieldConfig.flat_from_sizes("image", tokens),
+                        image_grid_thw=MultiModalFieldConfig.batched("image"))
+
+        return DictEmbeddingItems(data, modality="image", required_fields={"image_embeds", "image_grid_thw"},
+                                  fields_factory=fields)
+
+
 class VisorProcessingInfo(BaseProcessingInfo):
     @cached_property
     def backbone(self):
         return backbone_for(self.get_hf_config())
+
+    def get_data_parser(self) -> MultiModalDataParser:
+        config = self.get_hf_config()
+        if "image_grid_thw" not in self.backbone.image_inputs:
+            return super().get_data_parser()
+        return GridEmbeddingsParser(config.vision_config.spatial_merge_size,
+                                    expected_hidden_size=self._get_expected_hidden_size(),
+                                    allow_missing_mm_embeddings=self.allow_missing_mm_embeddings)
 
     @cached_property
     def images(self) -> AnyresImages | GridImages:
@@ -110,9 +141,11 @@ class VisorMultiModalProcessor(EncDecMultiModalProcessor[VisorProcessingInfo]):
                       image_embeds=MultiModalFieldConfig.batched("image"),
                       image_offset=MultiModalFieldConfig.batched("image"),
                       images_in_prompt=MultiModalFieldConfig.batched("image"))
-        if "image_grid_thw" in hf_inputs:  # Qwen-VL: every image's patches in one flat tensor
+        if "image_grid_thw" in hf_inputs:  # Qwen-VL: every image's patches (or features) in one flat tensor
             patches = hf_inputs["image_grid_thw"].prod(-1)
+            tokens = patches // self.info.images.image_processor.merge_size**2
             fields |= dict(pixel_values=MultiModalFieldConfig.flat_from_sizes("image", patches),
+                           image_embeds=MultiModalFieldConfig.flat_from_sizes("image", tokens),
                            image_grid_thw=MultiModalFieldConfig.batched("image"))
         else:
             fields["pixel_values"] = MultiModalFieldConfig.batched("image")
@@ -121,7 +154,10 @@ class VisorMultiModalProcessor(EncDecMultiModalProcessor[VisorProcessingInfo]):
     def _get_prompt_updates(self, mm_items: MultiModalDataItems, hf_processor_mm_kwargs: Mapping[str, object],
                             out_mm_kwargs: MultiModalKwargsItems) -> Sequence[PromptUpdate]:
         def visual_tokens(item: int) -> list[int]:
-            images = mm_items.get_items("image", (ImageEmbeddingItems, ImageProcessorItems))
+            images = mm_items.get_items("image", (ImageEmbeddingItems, DictEmbeddingItems, ImageProcessorItems))
+            if isinstance(images, DictEmbeddingItems):
+                grid = images.get(item)["image_grid_thw"].reshape(-1, 3)[0]
+                return [self.image_token_id] * (int(grid.prod()) // self.info.images.image_processor.merge_size**2)
             if isinstance(images, ImageEmbeddingItems):
                 return [self.image_token_id] * images.get_feature_size(item)
             size = images.get_image_size(item)
