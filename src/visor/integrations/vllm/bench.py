@@ -1,10 +1,20 @@
-"""`visor bench --engine vllm`: the full model and VISOR configurations served by vLLM, at a preset's shapes.
+"""`visor bench --engine vllm`: the stock model served natively, the full model and VISOR configurations served by
+vLLM through the plugin, at a preset's shapes.
 
-Each row is one engine (in this process, the plan's dtype, random weights saved to a temporary folder): the full
-model is the dense conversion (every layer SA: vLLM caches every layer's visual keys), a VISOR row serves one
-configuration; vLLM's platform decides the device. At each visual-token count the requests carry one image as
-precomputed random features of N_v tokens (the vision tower is the same work for every row; `visor bench
---end-to-end` times it) and the plan's text:
+Each row is one engine (in this process, the plan's dtype, random weights saved to a temporary folder):
+
+- "native": the stock model's language model served by vLLM's own model class for it (Qwen2, Llama, Qwen3), with
+  vLLM's defaults (its compilation included), each request's prompt given as its embeddings: the image's features
+  in place, then the text, as the stock vision-language model feeds its language model. The anchor every speed-up
+  is against: what a user serves without VISOR. (vLLM's own vision-language classes need torchvision, which does
+  not import beside the CPU torch build; the vision tower is outside every row anyway.)
+- "full": the dense conversion served through the plugin (every layer SA: vLLM caches every layer's visual keys):
+  its distance to "native" is the plugin's own overhead.
+- a VISOR row serves one configuration.
+
+vLLM's platform decides the device. At each visual-token count every request carries one image of N_v tokens as
+precomputed random features (Qwen-VL: with the nominal patch grid of that count), a different one per request,
+and the plan's text:
 
 - time to first token: one request alone, from submission to its first token (median of `repeats`, after a
   warm-up), the LLM prefill and vLLM's scheduling together;
@@ -48,12 +58,12 @@ class ConcurrentDecoding:
     requests: int
     decode_tokens_per_s: float
     decode_s_per_step: float
-    decode_speedup: float | None = None  # the full model's step time at this concurrency / this row's
+    decode_speedup: float | None = None  # the native stock model's step time at this concurrency / this row's
 
 
 @dataclass
 class EngineRow:
-    method: str  # "full" or "visor"
+    method: str  # "native" (the stock model by vLLM's own class), "full" (the dense conversion) or "visor"
     configuration: int | None
     visual_tokens: int
     text_tokens: int
@@ -67,76 +77,111 @@ class EngineRow:
     requests_in_budget: int | None = None
     flops_ratio: float | None = None
     time_to_first_token_speedup: float | None = None
-    kv_ratio: float | None = None  # the full model's reserved bytes / this row's
+    kv_ratio: float | None = None  # the native stock model's reserved bytes / this row's
     concurrent: list[ConcurrentDecoding] = field(default_factory=list)
 
 
 def run_engine_bench(plan: BenchPlan) -> list[EngineRow]:
-    """Measure the full model and every VISOR configuration of `plan` in vLLM; rows sorted by visual tokens."""
+    """Measure the stock model served natively, the full model and every VISOR configuration of `plan` in vLLM;
+    rows sorted by visual tokens, speed-ups against the native row."""
     check_engine_plan(plan)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process: its pool and steps are read here
     from vllm import LLM
 
-    from visor.integrations.vllm import engine_arguments
     from visor.integrations.vllm.engine import kv_cache_config
 
     batch_sizes = plan.batch_sizes or ENGINE_BATCH_SIZES
     tokenizer = build_tokenizer()  # vLLM needs one; prompts are token ids and outputs stay ids (random weights)
-    image_token = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
-    specs = [("full", None)] + [("visor", index) for index in plan.visor_configurations]
+    specs = [("native", None), ("full", None)] + [("visor", index) for index in plan.visor_configurations]
     rows = []
     with tempfile.TemporaryDirectory(prefix="visor-bench-") as scratch, \
             tqdm(total=len(specs) * len(plan.visual_tokens), desc="visor bench (vllm)", unit="row") as progress:
         for method, configuration in specs:
             progress.set_postfix_str(f"{method} {'' if configuration is None else configuration}: building")
             folder = _checkpoint(plan, method, Path(scratch), tokenizer)
-            llm = LLM(**engine_arguments(
-                str(folder), configuration, dtype=plan.dtype, enable_mm_embeds=True, max_num_seqs=max(batch_sizes),
-                max_model_len=plan.text_tokens + max(batch_sizes) + plan.decode_tokens + 8,
-                max_num_batched_tokens=_batched_tokens(plan), kv_cache_memory_bytes=_pool_bytes(plan, max(batch_sizes))))
+            llm = LLM(**_engine_options(plan, method, configuration, folder, max(batch_sizes)))
             pool = kv_cache_config(llm)
             for visual in plan.visual_tokens:
                 progress.set_postfix_str(f"{method} {'' if configuration is None else configuration} Nv={visual}")
-                rows.append(_measure(llm, pool, plan, method, configuration, visual, batch_sizes, image_token))
+                rows.append(_measure(llm, pool, plan, method, configuration, visual, batch_sizes))
                 progress.update()
             del llm
             gc.collect()
     for row in rows:
-        full = next(other for other in rows if other.method == "full" and other.visual_tokens == row.visual_tokens)
-        row.flops_ratio = full.llm_prefill_flops / row.llm_prefill_flops
-        row.time_to_first_token_speedup = full.time_to_first_token_s / row.time_to_first_token_s
-        row.kv_ratio = full.kv_reserved_bytes / row.kv_reserved_bytes
-        for decoding, full_decoding in zip(row.concurrent, full.concurrent, strict=True):
-            decoding.decode_speedup = full_decoding.decode_s_per_step / decoding.decode_s_per_step
-    return sorted(rows, key=lambda row: (row.visual_tokens, row.method != "full", row.configuration or 0))
+        native = next(other for other in rows if other.method == "native" and other.visual_tokens == row.visual_tokens)
+        row.flops_ratio = native.llm_prefill_flops / row.llm_prefill_flops
+        row.time_to_first_token_speedup = native.time_to_first_token_s / row.time_to_first_token_s
+        row.kv_ratio = native.kv_reserved_bytes / row.kv_reserved_bytes
+        for decoding, native_decoding in zip(row.concurrent, native.concurrent, strict=True):
+            decoding.decode_speedup = native_decoding.decode_s_per_step / decoding.decode_s_per_step
+    order = {"native": 0, "full": 1, "visor": 2}
+    return sorted(rows, key=lambda row: (row.visual_tokens, order[row.method], row.configuration or 0))
 
 
 def check_engine_plan(plan: BenchPlan) -> None:
     """What `--engine vllm` measures differently, refused before any model is built."""
+    from visor.integrations.vllm import SERVED_MODEL_TYPES
+
     unsupported = [name for name, given in (("--baselines", plan.baselines), ("--batched-prefill", plan.batched_prefill),
                                             ("--end-to-end", plan.end_to_end)) if given]
     if unsupported:
-        raise ValueError(f"--engine vllm measures the full model and VISOR configurations only: "
+        raise ValueError(f"--engine vllm measures the stock model, the full model and VISOR configurations only: "
                          f"{', '.join(unsupported)} run with the default engine")
-    if plan.config.model_type != "visor":
-        raise ValueError(f"--engine vllm serves LLaVA-OneVision presets; {plan.preset!r} is {plan.config.model_type!r}")
+    if plan.config.model_type not in SERVED_MODEL_TYPES:
+        raise ValueError(f"--engine vllm serves {', '.join(SERVED_MODEL_TYPES)} models; {plan.preset!r} is "
+                         f"{plan.config.model_type!r}")
     if importlib.util.find_spec("vllm") is None:
         raise ValueError("--engine vllm needs vLLM, which lives in its own environment: `make serve-setup` builds "
                          ".venv-serve (run .venv-serve/bin/visor bench there)")
 
 
+def native_text_config(config):
+    """The stock model's language model as the plain causal LM vLLM serves with its own class: the same shapes
+    and weights layout; M-RoPE becomes 1-D RoPE (its three rows cost what one does)."""
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+
+    kinds = {"qwen2": Qwen2Config, "qwen2_vl_text": Qwen2Config, "qwen2_5_vl_text": Qwen2Config,
+             "llama": LlamaConfig, "qwen3_vl_text": Qwen3Config}
+    text = config.text_config
+    settings = {key: value for key, value in text.to_dict().items() if key not in ("model_type", "architectures")}
+    settings["rope_parameters"] = {key: value for key, value in (text.rope_parameters or {}).items()
+                                   if not key.startswith("mrope")}
+    return kinds[text.model_type](**settings)
+
+
 def _checkpoint(plan: BenchPlan, method: str, scratch: Path, tokenizer) -> Path:
     """Random weights of the row's model at the preset's shapes, saved with `tokenizer` where vLLM loads them from
     (the image token is the tokenizer's `<image>`: which embedding row it reads changes no cost)."""
+    from transformers import AutoModelForCausalLM
+
     folder = scratch / method
     if not folder.exists():
-        model = build_model(plan.dense_config if method == "full" else plan.config, replace(plan, device="cpu"))
-        model.config.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+        if method == "native":
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(native_text_config(plan.config), dtype=DTYPES[plan.dtype])
+        else:
+            model = build_model(plan.dense_config if method == "full" else plan.config, replace(plan, device="cpu"))
+            model.config.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         del model
         gc.collect()
     return folder
+
+
+def _engine_options(plan: BenchPlan, method: str, configuration: int | None, folder: Path, requests: int) -> dict:
+    """vLLM's engine arguments for the row: the plugin's for the full model and VISOR, vLLM's defaults for the
+    native one (prefix caching off: every request's prompt is its own anyway)."""
+    from visor.integrations.vllm import engine_arguments
+
+    shared = dict(dtype=plan.dtype, max_num_seqs=requests, kv_cache_memory_bytes=_pool_bytes(plan, requests))
+    text = plan.text_tokens + requests + plan.decode_tokens + 8
+    if method == "native":
+        return dict(model=str(folder), enable_prompt_embeds=True, enable_prefix_caching=False,
+                    max_model_len=max(plan.visual_tokens) + text,
+                    max_num_batched_tokens=max(plan.visual_tokens) + plan.text_tokens, **shared)
+    return engine_arguments(str(folder), configuration, enable_mm_embeds=True, max_model_len=text,
+                            max_num_batched_tokens=_batched_tokens(plan), **shared)
 
 
 def _batched_tokens(plan: BenchPlan) -> int:
@@ -156,15 +201,16 @@ def _pool_bytes(plan: BenchPlan, requests: int) -> int:
 
 
 def _measure(llm, pool, plan: BenchPlan, method: str, configuration: int | None, visual: int,
-             batch_sizes: tuple[int, ...], image_token: int) -> EngineRow:
+             batch_sizes: tuple[int, ...]) -> EngineRow:
     from visor.integrations.vllm.engine import footprint, requests_that_fit
 
     config = plan.config
-    schedule = Schedule.full(config) if method == "full" else Schedule.of(config, configuration)
-    request = _request(plan, visual, image_token)
-    ttft = [_time_to_first_token(llm, request, plan) for _ in range(plan.repeats + 1)]
+    schedule = Schedule.of(config, configuration) if method == "visor" else Schedule.full(config)
+    requests = _Requests(plan, method, visual)
+    ttft = [_time_to_first_token(llm, requests) for _ in range(plan.repeats + 1)]
     text = plan.text_tokens + 1 + plan.decode_tokens  # prompt, first token, decoded tokens
-    size = footprint(pool, text, visual)
+    # The native model caches the image's tokens as text tokens, in every layer.
+    size = footprint(pool, text + visual, 0) if method == "native" else footprint(pool, text, visual)
     row = EngineRow(method=method, configuration=configuration, visual_tokens=visual, text_tokens=plan.text_tokens,
                     self_attention_layers=sorted(schedule.self_attention),
                     llm_prefill_flops=llm_prefill_flops(config, visual, plan.text_tokens, schedule,
@@ -175,19 +221,35 @@ def _measure(llm, pool, plan: BenchPlan, method: str, configuration: int | None,
     if plan.kv_budget_gib is not None:
         block_bytes = size.reserved_bytes // size.blocks
         budget_blocks = int(plan.kv_budget_gib * 2**30) // block_bytes
-        row.requests_in_budget = requests_that_fit(replace(pool, num_blocks=budget_blocks), text, visual)
-    row.concurrent = [_concurrent_decoding(llm, request, plan, count) for count in batch_sizes]
+        row.requests_in_budget = (requests_that_fit(replace(pool, num_blocks=budget_blocks), text + visual, 0)
+                                  if method == "native" else
+                                  requests_that_fit(replace(pool, num_blocks=budget_blocks), text, visual))
+    row.concurrent = [_concurrent_decoding(llm, requests, plan, count) for count in batch_sizes]
     return row
 
 
-def _request(plan: BenchPlan, visual: int, image_token: int) -> dict:
-    """The image (random features of `visual` tokens) followed by random text, as token ids."""
-    config = plan.config
-    generator = torch.Generator().manual_seed(visual)
-    text = torch.randint(0, config.text_config.vocab_size, (plan.text_tokens,), generator=generator)
-    text[text == image_token] = 0
-    features = torch.randn(visual, config.text_config.hidden_size, generator=generator).to(DTYPES[plan.dtype])
-    return {"prompt_token_ids": [image_token] + text.tolist(), "multi_modal_data": {"image": features[None]}}
+class _Requests:
+    """The row's requests at one visual-token count, a different random image (and text) each: for the plugin,
+    token ids and the image's features (Qwen-VL: with the nominal grid of that count); for the native model, the
+    prompt's embeddings."""
+
+    def __init__(self, plan: BenchPlan, method: str, visual: int):
+        self.plan, self.method, self.visual = plan, method, visual
+        self.count = itertools.count()
+        self.image_token = build_tokenizer().convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+        self.grid = backbone_for(plan.config).nominal_image_inputs(visual).get("image_grid_thw")
+
+    def __call__(self) -> dict:
+        plan, config = self.plan, self.plan.config
+        generator = torch.Generator().manual_seed(next(self.count))
+        hidden, dtype = config.text_config.hidden_size, DTYPES[plan.dtype]
+        if self.method == "native":
+            return {"prompt_embeds": torch.randn(self.visual + plan.text_tokens, hidden, generator=generator).to(dtype)}
+        text = torch.randint(0, config.text_config.vocab_size, (plan.text_tokens,), generator=generator)
+        text[text == self.image_token] = 0
+        features = torch.randn(self.visual, hidden, generator=generator).to(dtype)
+        image = features[None] if self.grid is None else {"image_embeds": features, "image_grid_thw": self.grid}
+        return {"prompt_token_ids": [self.image_token] + text.tolist(), "multi_modal_data": {"image": image}}
 
 
 def _parameters(tokens: int):
@@ -199,8 +261,9 @@ def _parameters(tokens: int):
 _counter = itertools.count()  # request ids unique within this process
 
 
-def _time_to_first_token(llm, request: dict, plan: BenchPlan) -> float:
+def _time_to_first_token(llm, requests: _Requests) -> float:
     engine = llm.llm_engine
+    request = requests()
     start = time.perf_counter()
     engine.add_request(f"ttft-{next(_counter)}", request, _parameters(1))
     while engine.has_unfinished_requests():
@@ -208,15 +271,15 @@ def _time_to_first_token(llm, request: dict, plan: BenchPlan) -> float:
     return time.perf_counter() - start
 
 
-def _concurrent_decoding(llm, request: dict, plan: BenchPlan, count: int) -> ConcurrentDecoding:
+def _concurrent_decoding(llm, requests: _Requests, plan: BenchPlan, count: int) -> ConcurrentDecoding:
     """`count` requests together: prefill them all, then time `decode_tokens` steps of all of them decoding. vLLM
-    prefills one image per step and decodes the requests already prefilled meanwhile, so the first request has made
-    up to `count` tokens before the last one's first: each may make `count` + `decode_tokens` + a few."""
+    prefills some prompts per step and decodes the requests already prefilled meanwhile, so the first request has
+    made up to `count` tokens before the last one's first: each may make `count` + `decode_tokens` + a few."""
     engine = llm.llm_engine
     steps = plan.decode_tokens
     ids = [f"decode-{next(_counter)}" for _ in range(count)]
     for request_id in ids:
-        engine.add_request(request_id, request, _parameters(count + steps + 4))
+        engine.add_request(request_id, requests(), _parameters(count + steps + 4))
     produced = dict.fromkeys(ids, 0)
 
     def step() -> int:
@@ -243,7 +306,9 @@ def _concurrent_decoding(llm, request: dict, plan: BenchPlan, count: int) -> Con
 
 # ---- outputs -----------------------------------------------------------------------------------------------------
 def _label(row: EngineRow) -> str:
-    return "full" if row.method == "full" else f"VISOR {row.configuration} ({len(row.self_attention_layers)} SA)"
+    if row.method != "visor":
+        return {"native": "stock (vLLM's own)", "full": "full (plugin)"}[row.method]
+    return f"VISOR {row.configuration} ({len(row.self_attention_layers)} SA)"
 
 
 def write_engine_outputs(rows: list[EngineRow], output: str | Path) -> list[Path]:
@@ -258,7 +323,7 @@ def write_engine_outputs(rows: list[EngineRow], output: str | Path) -> list[Path
             if row.visual_tokens == visual:
                 axes.plot([item.requests for item in row.concurrent],
                           [item.decode_tokens_per_s for item in row.concurrent], marker="o", label=_label(row),
-                          color="black" if row.method == "full" else None)
+                          color={"native": "black", "full": "grey"}.get(row.method))
         axes.set(xscale="log", yscale="log", xlabel="concurrent requests", ylabel="decode tokens/s",
                  title=f"vLLM, {visual} visual tokens")
         axes.legend(fontsize="small")
