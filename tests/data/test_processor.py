@@ -196,3 +196,16 @@ def test_decode_stops_at_eos(tokenizer):
     processor = VisorProcessor(presets.tiny(), tokenizer)
     ids = tokenizer("blue", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id, 9, 9]
     assert processor.decode(torch.tensor(ids)) == "blue"
+
+
+def test_the_released_llava_ov_crop_of_patches_that_do_not_tile_it_is_processed(tokenizer):
+    """LLaVA-OneVision's real crops (384 px) are not whole 14-px patches (SigLIP reads 27 x 27 of them): the
+    processor takes them (only patch targets need whole patches, and say so)."""
+    config = presets.llava_ov_0_5b()
+    config.image_token_id = presets.TINY_IMAGE_TOKEN_ID
+    processor = VisorProcessor(config, tokenizer, padding_side="left")
+    batch = processor(_images([(300, 500)]), ["what is it ?"])
+    count = int((batch["input_ids"] == presets.TINY_IMAGE_TOKEN_ID).sum())
+    assert count == image_tokens(config, (300, 500)).visual_tokens and batch["pixel_values"].shape[-1] == 384
+    with pytest.raises(ValueError, match="not a multiple of patch size"):
+        processor(_images([(300, 500)]), ["what ?"], class_maps=[np.zeros((300, 500), dtype=np.int64)])

@@ -32,6 +32,7 @@ import json
 import logging
 from collections.abc import Sequence
 from contextlib import contextmanager
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -106,13 +107,19 @@ class AnyresImages:
 
     def __init__(self, backbone, image_processor, source: str):
         self.backbone, self.image_processor = backbone, image_processor
-        self.layout = CropLayout.from_config(backbone.config)
-        self.min_side = self.layout.patch
-        crop = self.layout.crop
+        config = backbone.config
+        self.min_side = config.vision_config.patch_size
+        crop = config.vision_config.image_size
         size = {key: image_processor.size.get(key) for key in ("height", "width")}
         _check_setting(source, "size", size, {"height": crop, "width": crop})
         _check_setting(source, "image_grid_pinpoints", [list(p) for p in image_processor.image_grid_pinpoints],
-                       [list(p) for p in self.layout.pinpoints])
+                       [list(p) for p in config.image_grid_pinpoints])
+
+    @cached_property
+    def layout(self) -> CropLayout:
+        """Where each crop pixel comes from, for patch targets (it needs crops of whole patches: LLaVA-OV's
+        released 384-pixel crops of 14-pixel patches have none, and need none)."""
+        return CropLayout.from_config(self.backbone.config)
 
     def placeholder(self, image_token_id: int, count: int, framed: bool) -> list[int]:
         return [image_token_id] * count
