@@ -184,6 +184,26 @@ def write_released_checkpoint(family: str, folder: str | Path, seed: int = 0) ->
     return folder
 
 
+def write_open_visor_checkpoint(family: str, root: str | Path):
+    """`family`'s released folder (ROOT/stock) converted to VISOR in ROOT/visor with open CA gates and a random CPE,
+    so the image matters; returns (that folder, the model)."""
+    from visor.backbones import checkpoint_config
+    from visor.backbones import family as family_of
+    from visor.convert import copy_processor
+
+    root = Path(root)
+    stock = write_released_checkpoint(family, root / "stock")
+    model = family_of(checkpoint_config(stock)).VISOR_MODEL.from_stock(stock).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for block in model.cross_attention.values():
+            block.attention_gate.fill_(0.8)
+        model.position_encoding.conv.weight.normal_(0, 0.05)
+    model.save_pretrained(root / "visor")
+    copy_processor(stock, root / "visor")
+    return root / "visor", model
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print(__doc__.strip().splitlines()[-1].strip())

@@ -25,13 +25,31 @@ def exists(reference: str, citing: Path) -> bool:
     return (ROOT / reference).exists() or (citing.parent / reference).exists()
 
 
+def citing_files() -> list[Path]:
+    """The code, the tests, the scripts and the documents a user reads."""
+    code = [path for folder in ("src", "tests", "scripts") for path in (ROOT / folder).rglob("*")
+            if path.suffix in (".py", ".md", ".yaml", ".sh") and path.is_file() and path != Path(__file__)]
+    documents = [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), ROOT / "benchmarks" / "README.md"]
+    return code + documents
+
+
 def test_every_cited_document_exists():
-    files = [path for folder in ("src", "tests") for path in (ROOT / folder).rglob("*")
-             if path.suffix in (".py", ".md", ".yaml", ".sh") and path.is_file() and path != Path(__file__)]
+    files = citing_files()
     assert len(files) > 50
     missing = [f"{path.relative_to(ROOT)}:{number}: {reference}" for path in files
                for number, reference in citations(path) if not exists(reference, path)]
     assert not missing, "cited but not in the repository:\n" + "\n".join(missing)
+
+
+# An issue tracker's thread: a clone does not have it.
+ISSUE = re.compile(r"\bissues? ?#?\d+|\bthe [\w-]+ issue\b|(?<![\w&])#\d+\b", re.IGNORECASE)
+
+
+def test_no_file_cites_an_issue():
+    cited = [f"{path.relative_to(ROOT)}:{number}: {match.group(0)}" for path in citing_files()
+             for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1)
+             for match in ISSUE.finditer(line)]
+    assert not cited, "cites an issue a clone does not have:\n" + "\n".join(cited)
 
 
 def test_the_check_finds_a_missing_document(tmp_path):
@@ -43,3 +61,5 @@ def test_the_check_finds_a_missing_document(tmp_path):
     sample = tmp_path / "sample.py"
     sample.write_text(f'"""See {absent_document} 2.3, {absent_note} and docs/architecture.md."""\n')
     assert [reference for _, reference in citations(sample)] == [absent_document, absent_note, "docs/architecture.md"]
+    assert ISSUE.search("as issue " + "26 asks") and ISSUE.search("see " + "#41") and ISSUE.search("the serving " + "issue")
+    assert not ISSUE.search("color #ff0000, an issue of memory")

@@ -17,13 +17,11 @@ if not os.environ.get("VISOR_REQUIRE_VLLM"):
 
 from vllm import LLM, SamplingParams  # noqa: E402
 
-from visor.backbones import checkpoint_config, family  # noqa: E402
-from visor.convert import copy_processor  # noqa: E402
 from visor.data import VisorProcessor  # noqa: E402
 from visor.integrations.vllm import engine_arguments  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from released_checkpoints import FAMILIES, write_released_checkpoint  # noqa: E402
+from released_checkpoints import FAMILIES, write_open_visor_checkpoint  # noqa: E402
 
 NEW_TOKENS = 6
 QUESTIONS = ["what color is it ?", "how many shapes are there ?", "what shape is in the image ?"]
@@ -32,17 +30,7 @@ QUESTIONS = ["what color is it ?", "how many shapes are there ?", "what shape is
 @pytest.fixture(scope="module", params=FAMILIES)
 def served(request, tmp_path_factory):
     """A family's released folder converted to VISOR with open CA gates and a random CPE (so the image matters)."""
-    root = tmp_path_factory.mktemp(request.param)
-    stock = write_released_checkpoint(request.param, root / "stock")
-    model = family(checkpoint_config(stock)).VISOR_MODEL.from_stock(stock).eval()
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for block in model.cross_attention.values():
-            block.attention_gate.fill_(0.8)
-        model.position_encoding.conv.weight.normal_(0, 0.05)
-    model.save_pretrained(root / "visor")
-    copy_processor(stock, root / "visor")
-    return root / "visor", model
+    return write_open_visor_checkpoint(request.param, tmp_path_factory.mktemp(request.param))
 
 
 def _images(count, seed=0):

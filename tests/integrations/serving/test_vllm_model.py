@@ -1,6 +1,7 @@
 """The vLLM model (`visor.integrations.vllm.model`) in a real vLLM engine: greedy outputs equal
 `VisorForConditionalGeneration.generate`'s for every configuration (and the dense conversion equals the stock
-model), the engine declares visual caches exactly where VISOR keeps them, and what cannot be served is refused.
+model, in transformers and served by vLLM's own class), the engine declares visual caches exactly where VISOR
+keeps them, and what cannot be served is refused.
 Skipped where vLLM is not installed (the main environment), but never in CI: `make test-serve` sets
 VISOR_REQUIRE_VLLM=1, which turns a missing vLLM into a failure."""
 
@@ -15,10 +16,10 @@ import torch
 if not os.environ.get("VISOR_REQUIRE_VLLM"):
     pytest.importorskip("vllm")
 
-from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaOnevisionForConditionalGeneration  # noqa: E402
 from vllm import LLM, SamplingParams  # noqa: E402
 
-from visor import VisorForConditionalGeneration  # noqa: E402
+from visor import VisorConfig, VisorForConditionalGeneration  # noqa: E402
 from visor.config import Schedule  # noqa: E402
 from visor.data import VisorProcessor  # noqa: E402
 from visor.data.processor import IMAGE_PLACEHOLDER  # noqa: E402
@@ -109,6 +110,47 @@ def test_dense_conversion_equals_the_stock_model(served_folders, image_questions
         release(llm)
 
 
+def native_prompt_embeddings(stock, folder, samples) -> list[torch.Tensor]:
+    """What the stock model feeds its language model for each sample: the prompt's embeddings, image features in
+    place (read where the language model receives them)."""
+    processor = VisorProcessor(stock.config, AutoTokenizer.from_pretrained(folder))
+    captured = []
+    hook = stock.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: captured.append(kwargs["inputs_embeds"][0]), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for sample in samples:
+                stock(**processor([sample.image], [sample.question]))
+    finally:
+        hook.remove()
+    return captured
+
+
+def test_dense_conversion_equals_the_stock_model_served_natively(served_folders, image_questions, tmp_path):
+    """The stock model's language model served by vLLM's own class (Qwen2ForCausalLM) on the stock model's prompt
+    embeddings answers as the dense conversion served through the plugin."""
+    stock = LlavaOnevisionForConditionalGeneration.from_pretrained(served_folders["stock"]).eval()
+    native = AutoModelForCausalLM.from_config(stock.config.text_config)
+    native.model.load_state_dict(stock.model.language_model.state_dict())
+    native.lm_head.load_state_dict(stock.lm_head.state_dict())
+    native.save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(served_folders["stock"]).save_pretrained(tmp_path)
+    embeddings = native_prompt_embeddings(stock, served_folders["stock"], image_questions)
+    llm = LLM(model=str(tmp_path), dtype="float32", enable_prompt_embeds=True, max_num_seqs=8,
+              kv_cache_memory_bytes=64 * 2**20)
+    try:
+        outputs = llm.generate([{"prompt_embeds": embedding} for embedding in embeddings],
+                               SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0))
+        expected = [list(output.outputs[0].token_ids) for output in outputs]
+    finally:
+        release(llm)
+    llm = engine(served_folders["dense"])
+    try:
+        assert served_answers(llm, served_folders["dense"], image_questions) == expected
+    finally:
+        release(llm)
+
+
 @pytest.mark.parametrize("configuration", [0, 2])
 def test_visual_caches_sit_where_visor_keeps_them(served_folders, image_questions, configuration):
     """Text caches in every layer; visual ones for the CA blocks and the served configuration's SA layers, with the
@@ -180,6 +222,21 @@ def test_as_many_requests_run_together_as_the_pool_holds(served_folders, image_q
 def test_engine_refuses_what_it_cannot_serve(served_folders, checkpoint, configuration, message):
     with pytest.raises(Exception, match=message):
         engine(served_folders[checkpoint], configuration)
+
+
+@pytest.mark.parametrize("tensor, pipeline", [(2, 1), (1, 2)])
+def test_model_parallelism_is_refused(served_folders, tensor, pipeline):
+    """Before any module is built (a real second rank is more than this machine runs)."""
+    from types import SimpleNamespace
+
+    from visor.integrations.vllm.model import VisorForVllm
+
+    config = SimpleNamespace(
+        model_config=SimpleNamespace(hf_config=VisorConfig.from_pretrained(served_folders["visor"])),
+        additional_config=None,
+        parallel_config=SimpleNamespace(tensor_parallel_size=tensor, pipeline_parallel_size=pipeline))
+    with pytest.raises(ValueError, match="serve it on one rank"):
+        VisorForVllm(vllm_config=config)
 
 
 def test_a_prompt_with_two_images_is_refused(served_folders, image_questions):

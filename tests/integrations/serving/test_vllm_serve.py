@@ -1,11 +1,12 @@
-"""`visor serve`, as a user runs it: vLLM's OpenAI-compatible server on the tiny VISOR model, asked over HTTP with
-base64 images. Answers equal `generate()`'s; bad requests get clear errors and the server keeps serving (what cannot
+"""`visor serve`, as a user runs it: vLLM's OpenAI-compatible server on the tiny VISOR model (and on a Qwen2.5-VL
+checkpoint as released), asked over HTTP with base64 images. Answers equal `generate()`'s; bad requests get clear errors and the server keeps serving (what cannot
 be served at all is refused before vLLM starts: tests/test_bad_input.py). Skipped without vLLM, never in CI
 (`make test-serve`)."""
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -19,6 +20,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 if not os.environ.get("VISOR_REQUIRE_VLLM"):
     pytest.importorskip("vllm")
@@ -27,6 +29,9 @@ from transformers import AutoTokenizer  # noqa: E402
 
 from visor import VisorForConditionalGeneration  # noqa: E402
 from visor.data import VisorProcessor  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from released_checkpoints import write_open_visor_checkpoint  # noqa: E402
 
 CONFIGURATION = 1
 STARTUP_S = 300
@@ -38,19 +43,27 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def data_image():
+    """A random 64 x 96 RGB image."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    return Image.fromarray(torch.randint(0, 256, (64, 96, 3), generator=generator, dtype=torch.uint8).numpy())
+
+
 def data_url(image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-@pytest.fixture(scope="module")
-def server(served_folders, tmp_path_factory):
-    """The base URL of `visor serve` on the tiny VISOR model (configuration 1), started as a user starts it."""
-    port, log = free_port(), tmp_path_factory.mktemp("server") / "server.log"
+@contextlib.contextmanager
+def running_server(folder, log: Path, configuration: int):
+    """The base URL of `visor serve` on `folder`, started as a user starts it; stopped on exit."""
+    port = free_port()
     environment = {key: value for key, value in os.environ.items() if key != "VLLM_ENABLE_V1_MULTIPROCESSING"}
-    command = [str(Path(sys.executable).parent / "visor"), "serve", "--model", str(served_folders["visor"]),
-               "--configuration", str(CONFIGURATION), "--port", str(port), "--dtype", "float32", "--",
+    command = [str(Path(sys.executable).parent / "visor"), "serve", "--model", str(folder),
+               "--configuration", str(configuration), "--port", str(port), "--dtype", "float32", "--",
                "--max-num-seqs", "4", "--kv-cache-memory-bytes", str(64 * 2**20)]
     with open(log, "w") as output:
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=environment,
@@ -74,6 +87,14 @@ def server(served_folders, tmp_path_factory):
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def server(served_folders, tmp_path_factory):
+    """`visor serve` on the tiny VISOR model (configuration 1)."""
+    with running_server(served_folders["visor"], tmp_path_factory.mktemp("server") / "server.log",
+                        CONFIGURATION) as url:
+        yield url
 
 
 def chat(url: str, folder, content: list[dict]) -> tuple[int, dict]:
@@ -123,3 +144,21 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server, serv
 def test_a_question_without_an_image_is_answered(server, served_folders):
     status, body = chat(server, served_folders["visor"], [{"type": "text", "text": "what color dominates ?"}])
     assert status == 200, body
+
+
+def test_a_qwen_checkpoint_as_released_is_served_over_http(tmp_path):
+    """Qwen2.5-VL's chat template writes its own image tokens from typed content (the server renders the request
+    with it): the answer over HTTP is the one `generate()` gives on the checkpoint's own processor."""
+    folder, model = write_open_visor_checkpoint("qwen2.5-vl", tmp_path)
+    processor = VisorProcessor.from_pretrained(folder, padding_side="left")
+    image, question = data_image(), "what color is it ?"
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    inputs = processor.conversations([[image]], [messages], prompt_only=True)
+    expected = processor.decode(model.generate(**inputs, configuration=0, max_new_tokens=8, do_sample=False,
+                                               pad_token_id=processor.tokenizer.pad_token_id
+                                               )[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    with running_server(folder, tmp_path / "server.log", 0) as url:
+        status, body = chat(url, folder, [{"type": "image_url", "image_url": {"url": data_url(image)}},
+                                          {"type": "text", "text": question}])
+    assert status == 200, body
+    assert body["choices"][0]["message"]["content"].strip() == expected.strip()

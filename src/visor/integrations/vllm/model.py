@@ -183,6 +183,11 @@ class VisorForVllm(nn.Module, SupportsMultiModal, SupportsMRoPE):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         self.configuration = served_configuration(vllm_config)
+        parallel = vllm_config.parallel_config
+        if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1:
+            raise ValueError("VISOR's own modules (vision tower, CA blocks, router) are not sharded: serve it on one "
+                             f"rank (tensor_parallel_size={parallel.tensor_parallel_size}, "
+                             f"pipeline_parallel_size={parallel.pipeline_parallel_size} given)")
         config = vllm_config.model_config.hf_config
         self.config, self.dtype = config, vllm_config.model_config.dtype
         text = config.text_config

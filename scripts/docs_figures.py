@@ -1,0 +1,127 @@
+"""The tables the docs quote, rendered from the committed result files.
+
+    .venv/bin/python scripts/docs_figures.py          # rewrite every generated block in place
+    .venv/bin/python scripts/docs_figures.py --check  # change nothing; list the blocks that differ (exit 1)
+
+A generated block in README.md, docs/*.md or benchmarks/README.md reads
+
+    <!-- results: RENDERER FILE [ARGUMENT] -->
+    ...what RENDERER writes from FILE (a path from the repository root)...
+    <!-- /results -->
+
+and nothing between its markers is typed by hand: a later run that replaces FILE changes the block the next time
+this script runs, and tests/test_docs_figures.py fails until it has. Renderers (`RENDERERS`):
+
+- `prefill FILE VISUAL`: `visor bench` rows at VISUAL visual tokens: FLOPs ratio, measured prefill speed-up,
+  visual KV cache against the full model's;
+- `engine FILE`: `visor bench --engine vllm` rows: time to first token, KV pool per request, requests in the KV
+  budget, decode tokens/s and speed-up against the stock model served natively at every concurrency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from visor.files import write_text
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCUMENTS = ("README.md", "docs/*.md", "benchmarks/README.md")
+BLOCK = re.compile(r"(<!-- results: (?P<spec>[^>]*?) -->\n)(?P<body>.*?)(<!-- /results -->)", re.DOTALL)
+
+
+def _number(value: float) -> str:
+    """Three significant figures, thousands separated (1,023; 28.1; 0.425)."""
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.3g}"
+
+
+def _configuration_label(row: dict) -> str:
+    layers = len(row["self_attention_layers"])
+    return "CA only" if layers == 0 else f"{layers} SA layer{'s' if layers > 1 else ''}"
+
+
+def render_prefill(root: Path, path: str, visual: str) -> str:
+    rows = [row for row in json.loads((root / path).read_text()) if row["visual_tokens"] == int(visual)]
+    if not rows:
+        raise ValueError(f"{path} has no row at {visual} visual tokens")
+    full = next(row for row in rows if row["method"] == "full")
+    lines = ["| configuration | FLOPs ratio | measured prefill speed-up | visual KV cache |", "|---|---|---|---|"]
+    for row in rows:
+        if row["method"] == "visor":
+            smaller = full["kv_bytes_visual"] / row["kv_bytes_visual"]
+            lines.append(f"| {_configuration_label(row)} (configuration {row['configuration']}) | "
+                         f"{_number(row['flops_ratio'])}x | {_number(row['speedup'])}x | {smaller:.1f}x smaller |")
+    lines.append(f"| full model | 1 | 1 ({_number(full['prefill_s'])} s) | {_number(full['kv_bytes_visual'] / 2**20)} MiB |")
+    return "\n".join(lines) + "\n"
+
+
+def render_engine(root: Path, path: str) -> str:
+    rows = json.loads((root / path).read_text())
+    counts = [item["requests"] for item in rows[0]["concurrent"]]
+    at = " / ".join(str(count) for count in counts)
+    lines = [f"| row | TTFT (speed-up) | KV per request (x less) | requests in the budget | decode tokens/s at {at} "
+             f"requests | speed-up at {at} |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        label = {"native": "stock (vLLM's own)", "full": "full (plugin)"}.get(row["method"])
+        label = label or f"VISOR {row['configuration']}: {_configuration_label(row)}"
+        ttft = f"{_number(row['time_to_first_token_s'])} s"
+        kv = f"{_number(row['kv_reserved_bytes'] / 2**20)} MiB"
+        if row["method"] != "native":
+            ttft += f" ({_number(row['time_to_first_token_speedup'])}x)"
+            kv += f" ({row['kv_ratio']:.2f}x)"
+        rates = " / ".join(_number(item["decode_tokens_per_s"]) for item in row["concurrent"])
+        speedups = " / ".join(f"{item['decode_speedup']:.2f}" for item in row["concurrent"])
+        budget = "-" if row["requests_in_budget"] is None else f"{row['requests_in_budget']:,}"
+        lines.append(f"| {label} | {ttft} | {kv} | {budget} | {rates} | {speedups} |")
+    return "\n".join(lines) + "\n"
+
+
+RENDERERS: dict[str, Callable[..., str]] = {"prefill": render_prefill, "engine": render_engine}
+
+
+def documents(root: Path) -> list[Path]:
+    return sorted({path for pattern in DOCUMENTS for path in root.glob(pattern)})
+
+
+def render(text: str, root: Path, where: str = "") -> str:
+    """`text` with every generated block rewritten from its file."""
+
+    def block(match: re.Match) -> str:
+        name, *arguments = match["spec"].split()
+        if name not in RENDERERS:
+            raise ValueError(f"{where}: unknown renderer {name!r} (known: {', '.join(RENDERERS)})")
+        return match.group(1) + RENDERERS[name](root, *arguments) + match.group(4)
+
+    return BLOCK.sub(block, text)
+
+
+def stale_documents(root: Path = ROOT) -> list[str]:
+    """The documents under `root` whose generated blocks differ from what their files give."""
+    return [str(path.relative_to(root)) for path in documents(root)
+            if render(path.read_text(), root, str(path)) != path.read_text()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a block differs")
+    args = parser.parse_args(argv)
+    stale = stale_documents()
+    if args.check:
+        for name in stale:
+            print(f"{name}: a generated block differs from its results (run scripts/docs_figures.py)")
+        return 1 if stale else 0
+    for name in stale:
+        path = ROOT / name
+        write_text(path, render(path.read_text(), ROOT, name))
+        print(f"rewrote {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""The docs' generated tables are what scripts/docs_figures.py writes from the committed result files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from docs_figures import BLOCK, documents, render, stale_documents  # noqa: E402
+
+
+def blocks(root: Path) -> list[tuple[Path, str]]:
+    return [(path, match["spec"]) for path in documents(root) for match in BLOCK.finditer(path.read_text())]
+
+
+def test_every_generated_block_is_what_its_results_give():
+    assert len(blocks(ROOT)) >= 3  # README's speed table and the engine benches: the check checks something
+    assert stale_documents() == [], "run .venv/bin/python scripts/docs_figures.py"
+
+
+def test_changing_one_committed_number_makes_the_check_fail(tmp_path):
+    path, spec = next((path, spec) for path, spec in blocks(ROOT) if spec.startswith("engine"))
+    results = spec.split()[1]
+    for name in (path.relative_to(ROOT), Path(results)):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, tmp_path / name)
+    assert stale_documents(tmp_path) == []
+    rows = json.loads((tmp_path / results).read_text())
+    rows[-1]["concurrent"][-1]["decode_tokens_per_s"] *= 1.5
+    (tmp_path / results).write_text(json.dumps(rows))
+    assert stale_documents(tmp_path) == [str(path.relative_to(ROOT))]
+    document = tmp_path / path.relative_to(ROOT)
+    document.write_text(render(document.read_text(), tmp_path))
+    assert stale_documents(tmp_path) == []
+
+
+def test_an_unknown_renderer_is_named():
+    with pytest.raises(ValueError, match="unknown renderer 'plots'"):
+        render("<!-- results: plots x.json -->\n<!-- /results -->", ROOT, "doc.md")
