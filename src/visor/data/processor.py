@@ -229,8 +229,8 @@ def load_image_processor(folder: str | Path, backbone):
         raise ValueError(f"{path} holds settings {processor_class.__name__} cannot take: {error}") from error
 
 
-def load_chat_template(folder: str | Path, tokenizer: PreTrainedTokenizerBase) -> str | None:
-    """The folder's processor chat template (`CHAT_TEMPLATE_FILES`), else the tokenizer's."""
+def folder_chat_template(folder: str | Path) -> str | None:
+    """The chat template a folder keeps beside its tokenizer (`CHAT_TEMPLATE_FILES`, as processors save it), if any."""
     for name in CHAT_TEMPLATE_FILES:
         path = Path(folder) / name
         if path.is_file():
@@ -240,7 +240,12 @@ def load_chat_template(folder: str | Path, tokenizer: PreTrainedTokenizerBase) -
                 return json.loads(path.read_text())["chat_template"]
             except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
                 raise ValueError(f"{path} must be a JSON object with a 'chat_template' string: {error}") from error
-    return tokenizer.chat_template
+    return None
+
+
+def load_chat_template(folder: str | Path, tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """The folder's processor chat template, else the tokenizer's."""
+    return folder_chat_template(folder) or tokenizer.chat_template
 
 
 def _check_setting(source: str, field: str, value, expected) -> None:

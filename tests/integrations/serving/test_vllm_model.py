@@ -126,6 +126,18 @@ def native_prompt_embeddings(stock, folder, samples) -> list[torch.Tensor]:
     return captured
 
 
+def natively_served_answers(folder, embeddings) -> list[list[int]]:
+    """Greedy answers of a causal LM served by vLLM's own class, prompts given as embeddings (the engine is gone
+    when this returns: a second engine must not start beside it)."""
+    llm = LLM(model=str(folder), dtype="float32", enable_prompt_embeds=True, max_num_seqs=8,
+              kv_cache_memory_bytes=64 * 2**20)
+    outputs = llm.generate([{"prompt_embeds": embedding} for embedding in embeddings],
+                           SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0))
+    del llm
+    gc.collect()
+    return [list(output.outputs[0].token_ids) for output in outputs]
+
+
 def test_dense_conversion_equals_the_stock_model_served_natively(served_folders, image_questions, tmp_path):
     """The stock model's language model served by vLLM's own class (Qwen2ForCausalLM) on the stock model's prompt
     embeddings answers as the dense conversion served through the plugin."""
@@ -135,15 +147,8 @@ def test_dense_conversion_equals_the_stock_model_served_natively(served_folders,
     native.lm_head.load_state_dict(stock.lm_head.state_dict())
     native.save_pretrained(tmp_path)
     AutoTokenizer.from_pretrained(served_folders["stock"]).save_pretrained(tmp_path)
-    embeddings = native_prompt_embeddings(stock, served_folders["stock"], image_questions)
-    llm = LLM(model=str(tmp_path), dtype="float32", enable_prompt_embeds=True, max_num_seqs=8,
-              kv_cache_memory_bytes=64 * 2**20)
-    try:
-        outputs = llm.generate([{"prompt_embeds": embedding} for embedding in embeddings],
-                               SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0))
-        expected = [list(output.outputs[0].token_ids) for output in outputs]
-    finally:
-        release(llm)
+    expected = natively_served_answers(tmp_path, native_prompt_embeddings(stock, served_folders["stock"],
+                                                                          image_questions))
     llm = engine(served_folders["dense"])
     try:
         assert served_answers(llm, served_folders["dense"], image_questions) == expected

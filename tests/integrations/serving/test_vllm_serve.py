@@ -58,13 +58,13 @@ def data_url(image) -> str:
 
 
 @contextlib.contextmanager
-def running_server(folder, log: Path, configuration: int):
+def running_server(folder, log: Path, configuration: int, *options: str):
     """The base URL of `visor serve` on `folder`, started as a user starts it; stopped on exit."""
     port = free_port()
     environment = {key: value for key, value in os.environ.items() if key != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     command = [str(Path(sys.executable).parent / "visor"), "serve", "--model", str(folder),
                "--configuration", str(configuration), "--port", str(port), "--dtype", "float32", "--",
-               "--max-num-seqs", "4", "--kv-cache-memory-bytes", str(64 * 2**20)]
+               "--max-num-seqs", "4", "--kv-cache-memory-bytes", str(64 * 2**20), *options]
     with open(log, "w") as output:
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=environment,
                                    start_new_session=True)
@@ -156,9 +156,9 @@ def test_a_qwen_checkpoint_as_released_is_served_over_http(tmp_path):
     inputs = processor.conversations([[image]], [messages], prompt_only=True)
     expected = processor.decode(model.generate(**inputs, configuration=0, max_new_tokens=8, do_sample=False,
                                                pad_token_id=processor.tokenizer.pad_token_id
-                                               )[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-    with running_server(folder, tmp_path / "server.log", 0) as url:
+                                               )[0, inputs["input_ids"].shape[1]:])
+    with running_server(folder, tmp_path / "server.log", 0, "--max-model-len", "2048") as url:
         status, body = chat(url, folder, [{"type": "image_url", "image_url": {"url": data_url(image)}},
                                           {"type": "text", "text": question}])
     assert status == 200, body
-    assert body["choices"][0]["message"]["content"].strip() == expected.strip()
+    assert body["choices"][0]["message"]["content"].strip() == expected

@@ -1,7 +1,7 @@
 """Serving VISOR checkpoints with vLLM (an out-of-tree plugin: no fork, no vendored copy).
 
 `register` is the `vllm.general_plugins` entry point: every vLLM process calls it, and it registers
-`visor.integrations.vllm.model.VisorForVllm` under `ARCHITECTURE`. A VISOR folder is served with a few engine
+`visor.integrations.vllm.model.VisorForVllm` under `ARCHITECTURE` (and every served family's VISOR config). A VISOR folder is served with a few engine
 arguments that say how to read it (`engine_arguments`): vLLM treats it as an encoder-decoder model with M-RoPE
 positions (the model module says why) and runs one of its configurations, or lets its router choose per request.
 Only the model, processing, engine and bench modules import vLLM, which lives in its own environment
@@ -16,8 +16,14 @@ SERVED_MODEL_TYPES = ("visor", "visor_qwen2_vl", "visor_qwen2_5_vl", "visor_qwen
 
 
 def register() -> None:
+    from importlib import import_module
+
     from vllm import ModelRegistry
 
+    from visor.backbones import FAMILIES
+
+    for model_type in SERVED_MODEL_TYPES:  # each family's module registers its VISOR config with AutoConfig,
+        import_module(FAMILIES[model_type])  # through which vLLM reads the folder's config.json
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, "visor.integrations.vllm.model:VisorForVllm")
 

@@ -21,6 +21,7 @@ import os
 import sys
 
 from visor.cli import command
+from visor.data.processor import folder_chat_template
 from visor.integrations.vllm import check_servable, engine_arguments
 from visor.modeling.visor import check_checkpoint_folder
 
@@ -63,7 +64,13 @@ def server_command(model: str, configuration: int | str | None = None, host: str
             argv.append(flag)
         else:
             argv += [flag, json.dumps(value) if isinstance(value, (dict, list)) else str(value)]
-    return argv + [option for option in vllm_options if option != "--"]
+    options = [option for option in vllm_options if option != "--"]
+    # vLLM reads a chat template from the tokenizer or from a processor class it knows, neither of which holds the
+    # template a released folder keeps in chat_template.json (or .jinja): that one is handed over.
+    template = folder_chat_template(model)
+    if template is not None and not any(option.split("=")[0] == "--chat-template" for option in options):
+        argv += ["--chat-template", template]
+    return argv + options
 
 
 def _main(args) -> int:
@@ -71,6 +78,8 @@ def _main(args) -> int:
     if importlib.util.find_spec("vllm") is None:
         raise ValueError("vLLM is not installed in this environment; `make serve-setup` builds one "
                          "(.venv-serve/bin/visor serve runs there)")
-    print(" ".join(argv), flush=True)
+    shown = ["'<the folder's chat template>'" if flag == "--chat-template" and "\n" in option else option
+             for flag, option in zip(["", *argv], argv)]
+    print(" ".join(shown), flush=True)
     os.execv(sys.executable, argv)
     return 0

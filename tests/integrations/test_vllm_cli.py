@@ -1,0 +1,24 @@
+"""`visor serve`'s command line for vLLM (`visor.integrations.vllm.cli.server_command`), which needs no vLLM."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from released_checkpoints import write_open_visor_checkpoint  # noqa: E402
+
+from visor.data.processor import folder_chat_template  # noqa: E402
+from visor.integrations.vllm.cli import server_command  # noqa: E402
+
+
+def test_the_folder_chat_template_is_handed_to_vllm(tmp_path):
+    """vLLM reads no chat_template.json of a model type it does not know: the server gets it on its command line,
+    unless the user gives one."""
+    folder, _ = write_open_visor_checkpoint("qwen2.5-vl", tmp_path)
+    template = folder_chat_template(folder)
+    assert template and "<|vision_start|>" in template
+    argv = server_command(str(folder), 0, vllm_options=["--", "--max-num-seqs", "4"])
+    assert argv[argv.index("--chat-template") + 1] == template and argv[-2:] == ["--max-num-seqs", "4"]
+    own = server_command(str(folder), 0, vllm_options=["--", "--chat-template=mine.jinja"])
+    assert own.count("--chat-template") == 0 and own[-1] == "--chat-template=mine.jinja"
