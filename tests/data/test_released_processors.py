@@ -87,11 +87,14 @@ def _assert_same(ours, stock):
         assert torch.equal(ours[key].to(stock[key].dtype), stock[key]), key
 
 
+def both_processors(folder: Path, family: str):
+    """(the stock processor, VisorProcessor) of a released folder, left-padding batches."""
+    return stock_processor(family, folder), VisorProcessor.from_pretrained(folder, padding_side="left")
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_one_image_per_prompt_equals_the_stock_processor(released, family):
-    folder = released[family]
-    stock = stock_processor(family, folder)
-    ours = VisorProcessor.from_pretrained(folder, padding_side="left")
+    stock, ours = both_processors(released[family], family)
     images = sample_images()
     for kind, image in images.items():  # one prompt at a time, as a generation call makes it
         messages = _messages(1, f"what color is the {kind} image ?")
@@ -109,9 +112,7 @@ def test_one_image_per_prompt_equals_the_stock_processor(released, family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_several_images_per_prompt_equal_the_stock_processor(released, family):
-    folder = released[family]
-    stock = stock_processor(family, folder)
-    ours = VisorProcessor.from_pretrained(folder, padding_side="left")
+    stock, ours = both_processors(released[family], family)
     images = sample_images()
     rows = [[images["portrait"], images["rgba"]], [images["panorama"]], [images["tiny"], images["grayscale"],
                                                                           images["huge"]]]
