@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo demo-trained demo-two-hop test lmms test-lmms serve-setup test-serve test-wheel demo-checkpoint clean
+.PHONY: setup demo demo-trained demo-two-hop test docs-figures lmms test-lmms serve-setup test-serve test-wheel demo-checkpoint clean
 
 setup: $(STAMP)
 
@@ -28,12 +28,16 @@ demo: setup
 demo-trained: setup
 	$(BIN)/visor demo --output runs/demo --trained-baselines
 
-# The policy where it has something to choose: the suite with key_digit (about 11 min; docs/two-hop).
+# The policy where it has something to choose: the suite with key_digit (stage times: docs/two-hop/report.md).
 demo-two-hop: setup
 	$(BIN)/visor demo --suite two-hop --output runs/demo-two-hop
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The docs' tables, rendered again from the committed result files (tests/test_docs_figures.py checks them).
+docs-figures: setup
+	$(BIN)/python scripts/docs_figures.py
 
 # Optional: lmms-eval with the `visor` model plugin (see pyproject.toml's `lmms` extra for why torchvision goes).
 # timm goes too: lmms-eval pulls it in, it imports torchvision, and `accelerate launch` imports timm when present.

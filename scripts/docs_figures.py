@@ -15,7 +15,9 @@ this script runs, and tests/test_docs_figures.py fails until it has. Renderers (
 - `prefill FILE VISUAL`: `visor bench` rows at VISUAL visual tokens: FLOPs ratio, measured prefill speed-up,
   visual KV cache against the full model's;
 - `engine FILE`: `visor bench --engine vllm` rows: time to first token, KV pool per request, requests in the KV
-  budget, decode tokens/s and speed-up against the stock model served natively at every concurrency.
+  budget, decode tokens/s and speed-up against the stock model served natively at every concurrency;
+- `demo FILE`: a `visor demo` run's results.json by task group (accuracy, savings);
+- `stages FILE`: the seconds each stage of that run took, as it recorded them.
 """
 
 from __future__ import annotations
@@ -82,7 +84,51 @@ def render_engine(root: Path, path: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-RENDERERS: dict[str, Callable[..., str]] = {"prefill": render_prefill, "engine": render_engine}
+def render_demo(root: Path, path: str) -> str:
+    """The demo's systems by task group: the full model, text-only, every VISOR row and the policy, and each
+    baseline at its weakest setting and its strongest (with the savings it reaches: some cannot reach their
+    target)."""
+    results = json.loads((root / path).read_text())
+    groups = sorted({row["group"] for row in results["groups"]}, reverse=True)  # hard, then easy
+    by_key: dict[tuple[str, str], dict[str, dict]] = {}
+    for row in results["groups"]:
+        by_key.setdefault((row["method"], row["setting"]), {})[row["group"]] = row
+    first = ("full", "text-only", "visor", "visor-policy")
+    ordered = sorted(by_key, key=lambda key: (first.index(key[0]) if key[0] in first else len(first), key[0]))
+    lines = ["| method | setting | " + " | ".join(f"{group} acc % | {group} savings" for group in groups) + " |",
+             "|---|---|" + "---|---|" * len(groups)]
+    for method in dict.fromkeys(key[0] for key in ordered):
+        settings = [key for key in ordered if key[0] == method]
+        if method not in first:  # a baseline: its weakest and its strongest setting
+            settings = list(dict.fromkeys([settings[0], max(settings, key=lambda key: by_key[key][groups[0]]["savings"])]))
+        for key in settings:
+            rows = by_key[key]
+            label, reached = key[1], rows[groups[0]]["savings"]
+            if method == "visor-policy":
+                label += f" (τ = {results['stages']['policy']['threshold']:g})"
+            elif label == "SA []":
+                label += " (CA only)"
+            elif method not in first and label.endswith("x") and abs(reached / float(label[:-1]) - 1) > 0.1:
+                label += f" (reaches {reached:.1f}x)"
+            name = f"**{method}**" if method.startswith("visor") else method
+            cells = " | ".join(f"{rows[group]['accuracy']:.1f} | {rows[group]['savings']:.2f}x" for group in groups)
+            lines.append(f"| {name} | {label} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+def render_stages(root: Path, path: str) -> str:
+    """How long a run's stages took, as its results file recorded them."""
+    stages = json.loads((root / path).read_text())["stages"]
+    timed = [(name, stage["seconds"]) for name, stage in stages.items()
+             if isinstance(stage, dict) and stage.get("seconds")]
+    timed += [(f"added ({', '.join(stage['methods'])})", stage["seconds"]) for stage in stages.get("added", [])]
+    total = sum(seconds for _, seconds in timed)
+    return (f"- `{path}`: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timed)
+            + f"; {total / 60:.1f} min in all.\n")
+
+
+RENDERERS: dict[str, Callable[..., str]] = {"prefill": render_prefill, "engine": render_engine, "demo": render_demo,
+                                           "stages": render_stages}
 
 
 def documents(root: Path) -> list[Path]:

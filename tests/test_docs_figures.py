@@ -1,4 +1,5 @@
-"""The docs' generated tables are what scripts/docs_figures.py writes from the committed result files."""
+"""The docs' generated tables are what scripts/docs_figures.py writes from the committed result files, and each
+committed demo report is what its results give."""
 
 from __future__ import annotations
 
@@ -43,3 +44,14 @@ def test_changing_one_committed_number_makes_the_check_fail(tmp_path):
 def test_an_unknown_renderer_is_named():
     with pytest.raises(ValueError, match="unknown renderer 'plots'"):
         render("<!-- results: plots x.json -->\n<!-- /results -->", ROOT, "doc.md")
+
+
+@pytest.mark.parametrize("run", sorted(path.parent.name for path in (ROOT / "docs").glob("*/results.json")))
+def test_every_committed_demo_report_is_what_its_results_give(run):
+    """A demo run's report.md is rendered from its results.json (`visor.demo.report.markdown`): a change of the
+    report's wording, or of a committed number, shows here."""
+    from visor.demo.report import markdown
+
+    folder = ROOT / "docs" / run
+    assert (folder / "report.md").read_text() == markdown(json.loads((folder / "results.json").read_text())), \
+        f"regenerate docs/{run}/report.md from its results.json"

@@ -158,8 +158,10 @@ def guarantee_verdicts(guarantee: dict | None) -> list[str]:
             f"Guaranteed budget on the {title} ("
             + ("drawn like the validation split: the guarantee applies" if applies else
                "not drawn like the validation split: the guarantee does NOT apply, shown anyway")
-            + f"): lost {100 * lost['loss']:.2f} points ({lost['accuracy']:.1f}% vs {lost['reference_accuracy']:.1f}% "
-            f"for the full model), {'within' if within else 'BEYOND'} {100 * guarantee['max_loss']:g}; "
+            + f"): lost {100 * lost['loss']:.2f} points (the share of samples the full model answers and it does "
+            f"not), {'within' if within else 'BEYOND'} {100 * guarantee['max_loss']:g}; accuracy "
+            f"{lost['accuracy']:.1f}% vs {lost['reference_accuracy']:.1f}% for the full model "
+            f"({abs(lost['accuracy_drop']):.2f} points {'lower' if lost['accuracy_drop'] >= 0 else 'higher'}); "
             f"{lost['savings']:.2f}x LLM-prefill savings."
         )
     return lines
