@@ -14,6 +14,8 @@ this script runs, and tests/test_docs_figures.py fails until it has. Renderers (
 
 - `prefill FILE VISUAL`: `visor bench` rows at VISUAL visual tokens: FLOPs ratio, measured prefill speed-up,
   visual KV cache against the full model's;
+- `batched FILE VISUAL`: `visor bench --batch-sizes ... --end-to-end` rows: time to first token with the vision
+  tower, decode speed-up against the full model at every batch size, requests in the KV budget;
 - `engine FILE`: `visor bench --engine vllm` rows: time to first token, KV pool per request, requests in the KV
   budget, decode tokens/s and speed-up against the stock model served natively at every concurrency;
 - `demo FILE`: a `visor demo` run's results.json by task group (accuracy, savings);
@@ -61,6 +63,26 @@ def render_prefill(root: Path, path: str, visual: str) -> str:
                          f"{_number(row['flops_ratio'])}x | {_number(row['speedup'])}x | {smaller:.1f}x smaller |")
     lines.append(f"| full model | 1 | 1 ({_number(full['prefill_s'])} s) | {_number(full['kv_bytes_visual'] / 2**20)} MiB |")
     return "\n".join(lines) + "\n"
+
+
+def render_batched(root: Path, path: str, visual: str) -> str:
+    """`visor bench --batch-sizes ... --end-to-end --kv-budget ...` rows at VISUAL visual tokens: time to first
+    token with the vision tower, decode speed-up against the full model at every batch size, requests in the
+    budget."""
+    rows = [row for row in json.loads((root / path).read_text())
+            if row["visual_tokens"] == int(visual) and row["method"] != "text-only"]
+    if not rows:
+        raise ValueError(f"{path} has no row at {visual} visual tokens")
+    sizes = " / ".join(str(batch["batch_size"]) for batch in rows[0]["batched"])
+    lines = [f"| configuration | time to first token, vision tower included (speed-up) | decode speed-up at {sizes} "
+             "requests | requests in the KV budget |", "|---|---|---|---|"]
+    for row in rows:
+        label = "full model" if row["method"] == "full" else _configuration_label(row)
+        ttft = f"{_number(row['time_to_first_token_s'])} s ({row['time_to_first_token_speedup']:.2f}x)"
+        speedups = " / ".join(f"{batch['decode_speedup']:.2f}" for batch in row["batched"])
+        lines.append(f"| {label} | {ttft} | {speedups} | {row['requests_in_budget']:,} |")
+    tower = rows[0]["vision_s"]
+    return "\n".join(lines) + f"\n\nThe vision tower alone: {_number(tower)} s of every row's time to first token.\n"
 
 
 def render_engine(root: Path, path: str) -> str:
@@ -127,8 +149,8 @@ def render_stages(root: Path, path: str) -> str:
             + f"; {total / 60:.1f} min in all.\n")
 
 
-RENDERERS: dict[str, Callable[..., str]] = {"prefill": render_prefill, "engine": render_engine, "demo": render_demo,
-                                           "stages": render_stages}
+RENDERERS: dict[str, Callable[..., str]] = {"prefill": render_prefill, "batched": render_batched,
+                                           "engine": render_engine, "demo": render_demo, "stages": render_stages}
 
 
 def documents(root: Path) -> list[Path]:
