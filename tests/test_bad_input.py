@@ -620,7 +620,7 @@ CASES = [
          argv=lambda w: _train_bench(w, "--recipes", "bogus")),
     Case(MALFORMED, "bench --train --visual-tokens 64 (one crop)", "no image runs exactly 1 crops",
          argv=lambda w: _train_bench(w, "--visual-tokens", "64")),
-    Case(MALFORMED, "serve --configuration 9", "an index into the model's",
+    Case(MALFORMED, "serve --configuration 9", "configuration 9 does not exist: this model has configurations",
          argv=lambda w: ["serve", "--model", w.visor, "--configuration", "9"]),
     Case(MALFORMED, "serve a stock model", "a stock model: `visor convert` makes a VISOR one",
          argv=lambda w: ["serve", "--model", w.stock]),

@@ -13,6 +13,10 @@ from dataclasses import dataclass, fields
 from difflib import get_close_matches
 from typing import Literal
 
+UNTRAINED_ROUTER = ('configuration="auto" needs a trained router, and this model\'s router was never trained (its '
+                    "choices would be random): train it with `visor policy label` and `visor policy train`, or pass "
+                    "a configuration index")
+
 ROUTER_MODES = ("softmax", "multilabel")
 CROSS_ATTENTION_INITS = ("zero", "host")
 
@@ -196,6 +200,27 @@ class VisorConfigMixin:
         """The router's training and τ's guarantee no longer hold (the weights it reads changed, or the router)."""
         self.router_training = None
         self.router_guarantee = None
+
+    @property
+    def has_router(self) -> bool:
+        """Whether models of this config have a router: several configurations and a layer to route at."""
+        return len(self.configurations) > 1 and self.router_layer is not None
+
+    def check_choice(self, configuration, router_trained: bool) -> int | str:
+        """A request for one configuration for a whole batch, as a model of this config runs it: an index (None:
+        the largest) or "auto" (the router chooses, which needs a router, trained: `router_trained`). Every entry
+        point (forward and generate, `visor generate` and the lmms-eval runner, the vLLM plugin) checks its request
+        here; a ValueError names the problem."""
+        if isinstance(configuration, str):
+            if configuration != "auto":
+                raise ValueError(f'configuration must be an index, one index per sample, or "auto"; '
+                                 f"got {configuration!r}")
+            if not self.has_router:
+                raise ValueError('configuration="auto" needs a router: this model has a single configuration')
+            if not router_trained:
+                raise ValueError(UNTRAINED_ROUTER)
+            return configuration
+        return self.largest_configuration if configuration is None else self.check_configuration(configuration)
 
     def check_configuration(self, index) -> int:
         """`index` as a configuration index of this config; a ValueError naming the valid ones otherwise."""

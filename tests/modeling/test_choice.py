@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -51,5 +53,7 @@ def test_a_threshold_needs_auto_and_auto_needs_a_router(config):
         resolved(config, 1, threshold=0.5)
     with pytest.raises(ValueError, match="τ must lie in"):
         resolved(config, "auto", threshold=1.5)
+    single = copy.deepcopy(config)
+    single.configurations = single.configurations[:1]
     with pytest.raises(ValueError, match="needs a router"):
-        ConfigurationChoice.resolve(config, "auto", 1, "cpu", has_router=False)
+        ConfigurationChoice.resolve(single, "auto", 1, "cpu")

@@ -21,7 +21,6 @@ from visor.data.processor import VisorProcessor
 from visor.device import check_device, default_device
 from visor.evaluation.scoring import greedy, new_tokens, teacher_forced
 from visor.flops import llm_prefill_flops, router_flops
-from visor.modeling.choice import UNTRAINED_ROUTER
 from visor.modeling.router import check_threshold
 from visor.policy.guarantee import Guarantee, guarantee_at
 from visor.policy.labels import prompt_tokens
@@ -75,14 +74,15 @@ class CheckpointRunner:
             configuration = "full"
         else:
             configuration = parse_configuration(configuration)
-            if configuration == "auto" and self.model.router is None:
+            if configuration == "auto" and self.model.router is None:  # the policy of a single configuration
                 configuration = config.largest_configuration
-            if configuration == "auto" and not self.model.router.trained:
-                raise ValueError(f"{folder}: {UNTRAINED_ROUTER}")
-            if configuration != "auto":
-                config.check_configuration(configuration)
-                if tau is not None:
-                    raise ValueError("τ (tau) sets the policy's budget: it applies to configuration 'auto' only")
+            try:
+                configuration = config.check_choice(configuration, self.model.router is not None
+                                                    and self.model.router.trained)
+            except ValueError as error:
+                raise ValueError(f"{folder}: {error}") from None
+            if configuration != "auto" and tau is not None:
+                raise ValueError("τ (tau) sets the policy's budget: it applies to configuration 'auto' only")
         self.configuration = configuration
 
     @property

@@ -11,11 +11,6 @@ import torch
 from visor.modeling.router import check_threshold
 
 
-UNTRAINED_ROUTER = ('configuration="auto" needs a trained router, and this model\'s router was never trained (its '
-                    "choices would be random): train it with `visor policy label` and `visor policy train`, or pass "
-                    "a configuration index")
-
-
 @dataclass(frozen=True)
 class ConfigurationChoice:
     indices: torch.Tensor | None = None  # (B,) fixed per sample; None: the router decides
@@ -27,30 +22,21 @@ class ConfigurationChoice:
 
     @classmethod
     def resolve(cls, config, configuration, batch_size: int, device, threshold: float | None = None,
-                has_router: bool = True, router_trained: bool = True) -> ConfigurationChoice:
+                router_trained: bool = True) -> ConfigurationChoice:
         """The choice `configuration` asks for; a ValueError naming the problem for anything else."""
-        if isinstance(configuration, str):
-            if configuration != "auto":
-                raise ValueError(f'configuration must be an index, one index per sample, or "auto"; '
-                                 f"got {configuration!r}")
-            if not has_router:
-                raise ValueError('configuration="auto" needs a router: this model has a single configuration')
-            threshold = None if threshold is None else check_threshold(threshold)
-            if not router_trained:
-                raise ValueError(UNTRAINED_ROUTER)
-            return cls(threshold=threshold)
-        if threshold is not None:
-            raise ValueError('router_threshold (τ) applies to configuration="auto" only')
-        if configuration is None:
-            indices = [config.largest_configuration] * batch_size
-        elif isinstance(configuration, torch.Tensor) and configuration.dim() == 0:
-            indices = [config.check_configuration(configuration.item())] * batch_size
-        elif isinstance(configuration, (torch.Tensor, list, tuple)):
+        if isinstance(configuration, torch.Tensor) and configuration.dim() == 0:
+            configuration = configuration.item()
+        if isinstance(configuration, (torch.Tensor, list, tuple)):
             indices = per_sample_indices(config, configuration)
             if len(indices) != batch_size:
                 raise ValueError(f"configuration has {len(indices)} entries for a batch of {batch_size}")
         else:
-            indices = [config.check_configuration(configuration)] * batch_size
+            configuration = config.check_choice(configuration, router_trained)
+            if configuration == "auto":
+                return cls(threshold=None if threshold is None else check_threshold(threshold))
+            indices = [configuration] * batch_size
+        if threshold is not None:
+            raise ValueError('router_threshold (τ) applies to configuration="auto" only')
         return cls(torch.tensor(indices, dtype=torch.long, device=device))
 
 

@@ -79,8 +79,7 @@ class VisorModel:
         self.position_encoding = (ConditionalPositionEncoding(config.text_config.hidden_size,
                                                               config.position_encoding_kernel)
                                   if config.position_encoding else None)
-        has_router = len(config.configurations) > 1 and config.router_layer is not None
-        self.router = ConfigurationRouter(config) if has_router else None
+        self.router = ConfigurationRouter(config) if config.has_router else None
         self.post_init()
 
     @property
@@ -286,7 +285,7 @@ class VisorModel:
             configuration = cache.configuration
         else:
             choice = ConfigurationChoice.resolve(self.config, configuration, input_ids.shape[0], input_ids.device,
-                                                 router_threshold, has_router=self.router is not None,
+                                                 router_threshold,
                                                  router_trained=self.router is not None and self.router.trained)
             hidden, visual_mask, additions = self.embed_multimodal(input_ids, image_features, **image_inputs)
             layout = TokenLayout.build(visual_mask, attention_mask)

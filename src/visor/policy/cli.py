@@ -83,7 +83,7 @@ def register(subparsers) -> None:
 
 def _model_and_labels(args, trained: bool = True):
     """The model and a label table made for it; `trained`: the router must have been trained already."""
-    from visor.modeling.choice import UNTRAINED_ROUTER
+    from visor.config import UNTRAINED_ROUTER
     from visor.policy.api import load_labels_for, load_model
 
     model = load_model(args.model)

@@ -221,7 +221,7 @@ def test_as_many_requests_run_together_as_the_pool_holds(served_folders, image_q
 
 
 @pytest.mark.parametrize("checkpoint, configuration, message", [
-    ("visor", 3, "an index into the model's 3 configurations"),
+    ("visor", 3, "configuration 3 does not exist: this model has configurations 0..2"),
     ("stock", None, "this checkpoint is 'llava_onevision'"),
 ])
 def test_engine_refuses_what_it_cannot_serve(served_folders, checkpoint, configuration, message):

@@ -28,29 +28,16 @@ def register() -> None:
         ModelRegistry.register_model(ARCHITECTURE, "visor.integrations.vllm.model:VisorForVllm")
 
 
-def check_servable(config: dict, configuration: int | str | None) -> int | str:
+def check_servable(config, configuration: int | str | None) -> int | str:
     """The configuration a server runs (None: the largest; "auto": the router's choice per request) for a checkpoint
-    with this config (a dict, as in its config.json); a ValueError names what cannot be served."""
-    model_type = config.get("model_type")
+    with this config; a ValueError names what cannot be served."""
+    model_type = config.model_type
     if model_type not in SERVED_MODEL_TYPES:
         stock = f"visor_{model_type}" in SERVED_MODEL_TYPES or model_type == "llava_onevision"
         raise ValueError(f"vLLM serves VISOR checkpoints (model types {', '.join(SERVED_MODEL_TYPES)}); this "
                          f"checkpoint is {model_type!r}" + (" (a stock model: `visor convert` makes a VISOR one)"
                                                             if stock else ""))
-    configurations = config.get("configurations", [])
-    count = len(configurations)
-    if configuration == "auto":
-        if count < 2 or config.get("router_layer") is None:
-            raise ValueError("configuration 'auto' needs a model with a router and several configurations")
-        if not config.get("router_training"):
-            raise ValueError("configuration 'auto' needs a trained router; this one was never trained "
-                             "(`visor policy train` trains it)")
-        return configuration
-    index = count - 1 if configuration is None else configuration
-    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
-        raise ValueError(f"the configuration must be 'auto' or an index into the model's {count} configurations "
-                         f"{configurations}, got {configuration!r}")
-    return index
+    return config.check_choice(configuration, router_trained=bool(config.router_training))
 
 
 def engine_arguments(model: str, configuration: int | str | None = None, dtype: str = "auto",

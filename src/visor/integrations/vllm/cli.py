@@ -20,10 +20,10 @@ import json
 import os
 import sys
 
+from visor.backbones import checkpoint_config
 from visor.cli import command
 from visor.data.processor import folder_chat_template
 from visor.integrations.vllm import check_servable, engine_arguments
-from visor.modeling.visor import check_checkpoint_folder
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 
@@ -56,7 +56,7 @@ def configuration_choice(text: str) -> int | str:
 def server_command(model: str, configuration: int | str | None = None, host: str = "127.0.0.1", port: int = 8000,
                    dtype: str = "auto", vllm_options: list[str] = ()) -> list[str]:
     """The argv of vLLM's server for `model` (checked first: a ValueError names what cannot be served)."""
-    configuration = check_servable(check_checkpoint_folder(model), configuration)
+    configuration = check_servable(checkpoint_config(model), configuration)
     argv = [sys.executable, "-m", SERVER_MODULE, "--host", host, "--port", str(port)]
     for key, value in engine_arguments(model, configuration, dtype).items():
         flag = "--" + key.replace("_", "-")

@@ -73,7 +73,7 @@ def served_configuration(vllm_config: VllmConfig) -> int | str:
     """The configuration this server runs (`additional_config`: an index or "auto"), checked against the
     checkpoint."""
     config = vllm_config.model_config.hf_config
-    return check_servable(config.to_dict(), (vllm_config.additional_config or {}).get(CONFIGURATION_KEY))
+    return check_servable(config, (vllm_config.additional_config or {}).get(CONFIGURATION_KEY))
 
 
 def visor_modules(config) -> tuple[nn.Module, Callable[[str], str]]:
