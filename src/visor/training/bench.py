@@ -196,7 +196,7 @@ def measure_step(preset: str, recipe: str, checkpointing: bool, stock: Path, fol
                  text: int) -> dict:
     """Two optimizer steps of `recipe` from `stock` (the preset's checkpoint): step 2's seconds and the peak memory
     of both."""
-    from visor.bench import PeakMemory, timed
+    from visor.benchmarking import PeakMemory, timed
     from visor.training.engine import Trainer
     from visor.training.settings import load_settings
 

@@ -11,7 +11,7 @@ import pytest
 if not os.environ.get("VISOR_REQUIRE_VLLM"):
     pytest.importorskip("vllm")
 
-from visor.bench import BenchPlan  # noqa: E402
+from visor.benchmarking import BenchPlan  # noqa: E402
 from visor.config import Schedule  # noqa: E402
 from visor.flops import kv_cache_bytes  # noqa: E402
 from visor.integrations.vllm.bench import engine_table, run_engine_bench, write_engine_outputs  # noqa: E402

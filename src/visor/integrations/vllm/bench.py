@@ -43,7 +43,7 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from visor.backbones import backbone_for
-from visor.bench import DTYPES, BenchPlan, build_model
+from visor.benchmarking import DTYPES, BenchPlan, build_model
 from visor.config import Schedule
 from visor.data import build_tokenizer
 from visor.data.processor import IMAGE_PLACEHOLDER
