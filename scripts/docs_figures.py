@@ -19,7 +19,8 @@ this script runs, and tests/test_docs_figures.py fails until it has. Renderers (
 - `engine FILE`: `visor bench --engine vllm` rows: time to first token, KV pool per request, requests in the KV
   budget, decode tokens/s and speed-up against the stock model served natively at every concurrency;
 - `demo FILE`: a `visor demo` run's results.json by task group (accuracy, savings);
-- `stages FILE`: the seconds each stage of that run took, as it recorded them.
+- `stages FILE`: the seconds each stage of that run took, as it recorded them;
+- `ca-positions FILE`: scripts/qwen_ca_positions.sh's test accuracy per variant and configuration.
 """
 
 from __future__ import annotations
@@ -83,6 +84,24 @@ def render_batched(root: Path, path: str, visual: str) -> str:
         lines.append(f"| {label} | {ttft} | {speedups} | {row['requests_in_budget']:,} |")
     tower = rows[0]["vision_s"]
     return "\n".join(lines) + f"\n\nThe vision tower alone: {_number(tower)} s of every row's time to first token.\n"
+
+
+def render_ca_positions(root: Path, path: str) -> str:
+    """scripts/qwen_ca_positions.sh's test accuracy: the full model, then every configuration of each variant."""
+    results = json.loads((root / path).read_text())
+    tasks = [task for task in results["full"] if task != "mean"]
+    lines = ["| model | configuration | " + " | ".join(tasks) + " | mean |", "|---|---|" + "---|" * (len(tasks) + 1)]
+
+    def cells(accuracy: dict) -> str:
+        return " | ".join(f"{accuracy[task]:.1f}" for task in [*tasks, "mean"])
+
+    lines.append(f"| full | | {cells(results['full'])} |")
+    for variant in results["variants"]:
+        for index, configuration in enumerate(variant["configurations"]):
+            layers = configuration["self_attention_layers"]
+            label = f"SA {layers}" if layers else "CA only"
+            lines.append(f"| {variant['label'] if index == 0 else ''} | {label} | {cells(configuration['accuracy'])} |")
+    return "\n".join(lines) + "\n"
 
 
 def render_engine(root: Path, path: str) -> str:
@@ -150,7 +169,8 @@ def render_stages(root: Path, path: str) -> str:
 
 
 RENDERERS: dict[str, Callable[..., str]] = {"prefill": render_prefill, "batched": render_batched,
-                                           "engine": render_engine, "demo": render_demo, "stages": render_stages}
+                                           "engine": render_engine, "demo": render_demo, "stages": render_stages,
+                                           "ca-positions": render_ca_positions}
 
 
 def documents(root: Path) -> list[Path]:

@@ -3,7 +3,7 @@
 # from scratch, converted three ways (M-RoPE on the visual keys and text queries + CPE, the default; no rotary in
 # the CA blocks + CPE; M-RoPE without CPE), each trained by stage 1 and universal training on the same data and
 # seed; then the full model and every configuration of each variant answer 200 test prompts per task
-# (OUT/test_accuracy.json). docs/qwen-vl.md has the numbers. About 15 min on 2 CPU cores (fp32).
+# (OUT/test_accuracy.json; the committed run: docs/qwen-ca-positions/). About 7 min on 2 CPU cores (fp32).
 #
 # Usage: scripts/qwen_ca_positions.sh OUT   (FULL_STEPS, S1, U override the step counts: 1500, 200, 400)
 set -euo pipefail
@@ -45,7 +45,8 @@ PY
   "$V/visor" train --recipe visor-universal --data "$DATA" --init "s1-$variant/model" --output "u-$variant" \
     --max-steps "$U" --set batch_size=32 $COMMON > "u-$variant.log" 2>&1
 done
-# Test accuracy (200 prompts per task) of the full model and of every configuration of each variant.
+# Test accuracy (200 prompts per task) of the full model and of every configuration of each variant, with the
+# configuration's SA layers (docs/qwen-vl.md's table is rendered from this file: scripts/docs_figures.py).
 "$V/python" - <<'PY'
 import json
 
@@ -57,16 +58,17 @@ from visor.training.recipes import load_checkpoint
 
 torch.set_num_threads(2)
 DATA = "synthetic@demo-train:read_cell*3,bar_value,count_marks*2,dominant_color,easy_vqa_balanced*4"
+VARIANTS = {"rope": "M-RoPE + CPE (default)", "norope": "no rotary in CA + CPE", "nocpe": "M-RoPE, no CPE"}
 full = load_checkpoint("full/model", attn_implementation="eager")
 data = resolve_data(DATA, full.config, seed=0)
-results = {"full": evaluate(full, data, split="test", per_task=200, batch_size=64)}
-for variant in ("rope", "norope", "nocpe"):
+results = {"full": evaluate(full, data, split="test", per_task=200, batch_size=64), "variants": []}
+for variant, label in VARIANTS.items():
     model = load_checkpoint(f"u-{variant}/model", attn_implementation="eager")
-    for configuration in range(len(model.config.configurations)):
-        results[f"{variant}/{configuration}"] = evaluate(model, data, split="test", per_task=200, batch_size=64,
-                                                         configuration=configuration)
+    results["variants"].append({"name": variant, "label": label, "configurations": [
+        {"self_attention_layers": layers,
+         "accuracy": evaluate(model, data, split="test", per_task=200, batch_size=64, configuration=index)}
+        for index, layers in enumerate(model.config.configurations)]})
 with open("test_accuracy.json", "w") as file:
     json.dump(results, file, indent=1)
-for name, accuracy in results.items():
-    print(f"{name:10}", "  ".join(f"{task} {value:.1f}" for task, value in accuracy.items()))
+print("wrote", "test_accuracy.json")
 PY
