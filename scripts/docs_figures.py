@@ -51,10 +51,17 @@ def _configuration_label(row: dict) -> str:
     return "CA only" if layers == 0 else f"{layers} SA layer{'s' if layers > 1 else ''}"
 
 
-def render_prefill(root: Path, path: str, visual: str) -> str:
-    rows = [row for row in json.loads((root / path).read_text()) if row["visual_tokens"] == int(visual)]
+def _bench_rows(root: Path, path: str, visual: str) -> list[dict]:
+    """`visor bench`'s rows in `path` at `visual` visual tokens (the text-only floor left out)."""
+    rows = [row for row in json.loads((root / path).read_text())
+            if row["visual_tokens"] == int(visual) and row["method"] != "text-only"]
     if not rows:
         raise ValueError(f"{path} has no row at {visual} visual tokens")
+    return rows
+
+
+def render_prefill(root: Path, path: str, visual: str) -> str:
+    rows = _bench_rows(root, path, visual)
     full = next(row for row in rows if row["method"] == "full")
     lines = ["| configuration | FLOPs ratio | measured prefill speed-up | visual KV cache |", "|---|---|---|---|"]
     for row in rows:
@@ -70,10 +77,7 @@ def render_batched(root: Path, path: str, visual: str) -> str:
     """`visor bench --batch-sizes ... --end-to-end --kv-budget ...` rows at VISUAL visual tokens: time to first
     token with the vision tower, decode speed-up against the full model at every batch size, requests in the
     budget."""
-    rows = [row for row in json.loads((root / path).read_text())
-            if row["visual_tokens"] == int(visual) and row["method"] != "text-only"]
-    if not rows:
-        raise ValueError(f"{path} has no row at {visual} visual tokens")
+    rows = _bench_rows(root, path, visual)
     sizes = " / ".join(str(batch["batch_size"]) for batch in rows[0]["batched"])
     lines = [f"| configuration | time to first token, vision tower included (speed-up) | decode speed-up at {sizes} "
              "requests | requests in the KV budget |", "|---|---|---|---|"]
@@ -189,10 +193,16 @@ def render(text: str, root: Path, where: str = "") -> str:
     return BLOCK.sub(block, text)
 
 
-def stale_documents(root: Path = ROOT) -> list[str]:
-    """The documents under `root` whose generated blocks differ from what their files give."""
-    return [str(path.relative_to(root)) for path in documents(root)
-            if render(path.read_text(), root, str(path)) != path.read_text()]
+def stale_documents(root: Path = ROOT) -> dict[str, str]:
+    """The documents under `root` whose generated blocks differ from what their files give: name -> its text with
+    every block rendered again."""
+    stale = {}
+    for path in documents(root):
+        text = path.read_text()
+        rendered = render(text, root, str(path))
+        if rendered != text:
+            stale[str(path.relative_to(root))] = rendered
+    return stale
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,9 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in stale:
             print(f"{name}: a generated block differs from its results (run scripts/docs_figures.py)")
         return 1 if stale else 0
-    for name in stale:
-        path = ROOT / name
-        write_text(path, render(path.read_text(), ROOT, name))
+    for name, rendered in stale.items():
+        write_text(ROOT / name, rendered)
         print(f"rewrote {name}")
     return 0
 

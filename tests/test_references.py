@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from docs_figures import documents  # noqa: E402  (the documents a user reads: README.md, docs/, benchmarks/)
+
 # A cited document: a path into one of the repository's folders (or a folder it does not have, such as notes), or
 # a Markdown file named in capitals (README.md, TRAINING.md); lower-case names such as report.md are files the
 # code writes, not documents.
@@ -29,8 +33,7 @@ def citing_files() -> list[Path]:
     """The code, the tests, the scripts and the documents a user reads."""
     code = [path for folder in ("src", "tests", "scripts") for path in (ROOT / folder).rglob("*")
             if path.suffix in (".py", ".md", ".yaml", ".sh") and path.is_file() and path != Path(__file__)]
-    documents = [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), ROOT / "benchmarks" / "README.md"]
-    return code + documents
+    return code + documents(ROOT)
 
 
 def test_every_cited_document_exists():

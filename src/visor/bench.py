@@ -54,9 +54,9 @@ from tqdm import tqdm
 
 from visor import reduction
 from visor.backbones import backbone_for
+from visor.benchmarking import DTYPES, BenchPlan, PeakMemory, build_model, timed
 from visor.cli import comma_separated, command
 from visor.config import Schedule
-from visor.benchmarking import DTYPES, BenchPlan, PeakMemory, build_model, timed
 from visor.device import default_device
 from visor.files import save_figure, write_json
 from visor.flops import (

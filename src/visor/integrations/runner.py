@@ -77,8 +77,7 @@ class CheckpointRunner:
             if configuration == "auto" and self.model.router is None:  # the policy of a single configuration
                 configuration = config.largest_configuration
             try:
-                configuration = config.check_choice(configuration, self.model.router is not None
-                                                    and self.model.router.trained)
+                configuration = config.check_choice(configuration, self.model.router_trained)
             except ValueError as error:
                 raise ValueError(f"{folder}: {error}") from None
             if configuration != "auto" and tau is not None:

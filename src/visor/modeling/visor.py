@@ -146,6 +146,11 @@ class VisorModel:
         elif module is getattr(getattr(self, "position_encoding", None), "conv", None):
             self.position_encoding.reset_parameters()
 
+    @property
+    def router_trained(self) -> bool:
+        """Whether configuration "auto" may run: the model has a router, and it was trained (or is labelling)."""
+        return self.router is not None and self.router.trained
+
     def configure_router(self, mode: str | None = None, threshold: float | None = None,
                          guarantee: dict | None = None) -> None:
         """Set the router's mode and τ (kept in the config, so a saved model routes the same way). A new τ drops
@@ -285,8 +290,7 @@ class VisorModel:
             configuration = cache.configuration
         else:
             choice = ConfigurationChoice.resolve(self.config, configuration, input_ids.shape[0], input_ids.device,
-                                                 router_threshold,
-                                                 router_trained=self.router is not None and self.router.trained)
+                                                 router_threshold, router_trained=self.router_trained)
             hidden, visual_mask, additions = self.embed_multimodal(input_ids, image_features, **image_inputs)
             layout = TokenLayout.build(visual_mask, attention_mask)
             streams = _Prefill(self, hidden, layout, position_ids, choice, cache, additions)

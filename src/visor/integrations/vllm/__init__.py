@@ -1,9 +1,10 @@
 """Serving VISOR checkpoints with vLLM (an out-of-tree plugin: no fork, no vendored copy).
 
 `register` is the `vllm.general_plugins` entry point: every vLLM process calls it, and it registers
-`visor.integrations.vllm.model.VisorForVllm` under `ARCHITECTURE` (and every served family's VISOR config). A VISOR folder is served with a few engine
-arguments that say how to read it (`engine_arguments`): vLLM treats it as an encoder-decoder model with M-RoPE
-positions (the model module says why) and runs one of its configurations, or lets its router choose per request.
+`visor.integrations.vllm.model.VisorForVllm` under `ARCHITECTURE` (and every served family's VISOR config). A VISOR
+folder is served with a few engine arguments that say how to read it (`engine_arguments`): vLLM treats it as an
+encoder-decoder model with M-RoPE positions (the model module says why) and runs one of its configurations, or
+lets its router choose per request.
 Only the model, processing, engine and bench modules import vLLM, which lives in its own environment
 (`make serve-setup`).
 """
