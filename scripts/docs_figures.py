@@ -21,6 +21,17 @@ this script runs, and tests/test_docs_figures.py fails until it has. Renderers (
 - `demo FILE`: a `visor demo` run's results.json by task group (accuracy, savings);
 - `stages FILE`: the seconds each stage of that run took, as it recorded them;
 - `ca-positions FILE`: scripts/qwen_ca_positions.sh's test accuracy per variant and configuration.
+
+A number in a sentence is a generated value, rendered in place the same way:
+
+    <!-- value: FILE EXPRESSION | FORMAT -->28.1x<!-- /value -->
+
+EXPRESSION is arithmetic (` + `, ` - `, ` * `, ` / `, `( ... )`, spaces around each) of numbers and paths into
+FILE's JSON (keys and list indices joined by dots; `[key=value;...]` picks the one row of a list whose fields
+have those values); FORMAT is a Python format string (`{:.1f}x`, `{:.0f} min`). Outside generated blocks and values a document
+carries no measured figure (a decimal number, a percentage, a duration, a number of points): `untraced_figures`
+finds those. Three documents still carry figures typed by hand, counted in `UNTRACED`: a document may not gain
+one (tests/test_docs_figures.py), and its count goes down as its figures are rendered from their files.
 """
 
 from __future__ import annotations
@@ -37,6 +48,8 @@ from visor.files import write_text
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTS = ("README.md", "docs/*.md", "benchmarks/README.md")
 BLOCK = re.compile(r"(<!-- results: (?P<spec>[^>]*?) -->\n)(?P<body>.*?)(<!-- /results -->)", re.DOTALL)
+VALUE = re.compile(r"(<!-- value: (?P<spec>[^>]*?) -->)(?P<body>[^<]*)(<!-- /value -->)")
+OPERATORS = {"/": lambda a, b: a / b, "*": lambda a, b: a * b, "+": lambda a, b: a + b, "-": lambda a, b: a - b}
 
 
 def _number(value: float) -> str:
@@ -177,6 +190,79 @@ RENDERERS: dict[str, Callable[..., str]] = {"prefill": render_prefill, "batched"
                                            "ca-positions": render_ca_positions}
 
 
+def _lookup(data, path: str, where: str):
+    """The value at `path` in `data`: keys and list indices joined by dots, `[key=value;...]` for the one row of a
+    list with those fields (values compared as text)."""
+    for part in re.findall(r"\[[^\[\]]*(?:\[[^\[\]]*\][^\[\]]*)*\]|[^.\[]+", path):
+        if part.startswith("["):
+            wanted = dict(item.split("=", 1) for item in part[1:-1].split(";"))
+            rows = [row for row in data if all(str(row.get(key)) == value for key, value in wanted.items())]
+            if len(rows) != 1:
+                raise ValueError(f"{where}: {len(rows)} rows match {part} (one wanted)")
+            data = rows[0]
+        elif isinstance(data, list):
+            if not part.isdigit() or int(part) >= len(data):
+                raise ValueError(f"{where}: {part!r} in {path} is no index of a list of {len(data)}")
+            data = data[int(part)]
+        elif part in data:
+            data = data[part]
+        else:
+            raise ValueError(f"{where}: no {part!r} in {path} (keys: {', '.join(map(str, data))})")
+    return data
+
+
+def render_value(root: Path, spec: str, where: str = "") -> str:
+    """One `<!-- value: FILE EXPRESSION | FORMAT -->`: an arithmetic expression of FILE's values, formatted."""
+    expression, _, form = spec.partition(" | ")
+    path, expression = expression.split(" ", 1)
+    data = json.loads((root / path).read_text())
+    tokens = [token.strip() for token in re.split(r"(?:^|\s)([-+*/()])(?=\s|$)", expression) if token.strip()]
+
+    def atom() -> float:
+        token = tokens.pop(0)
+        if token == "(":
+            value = total()
+            tokens.pop(0)  # ")"
+            return value
+        return float(token) if re.fullmatch(r"-?\d+(?:\.\d+)?(?:e-?\d+)?", token) else _lookup(data, token, f"{where} {path}")
+
+    def product() -> float:
+        value = atom()
+        while tokens and tokens[0] in "*/":
+            value = OPERATORS[tokens.pop(0)](value, atom())
+        return value
+
+    def total() -> float:
+        value = product()
+        while tokens and tokens[0] in "+-":
+            value = OPERATORS[tokens.pop(0)](value, product())
+        return value
+
+    value = total()
+    return form.format(value) if form else _number(value)
+
+
+FIGURE = re.compile(r"(?<![\w.\-/+])(?:\d[\d,]*\.\d+x?|\d[\d,]*(?:\.\d+)?\s?(?:%|min\b|minutes?\b|s\b|seconds?\b"
+                    r"|ms\b|hours?\b|h\b|points?\b))(?![\w.\-/])")
+# Figures typed by hand that each document still carries (--check lists them); every other document has none.
+UNTRACED = {"benchmarks/README.md": 562, "docs/demo.md": 411, "docs/policy.md": 85}
+VERSION = re.compile(r"(?:Python|vLLM|transformers|torch|lmms-eval|accelerate|version)\s+(?:[<>=]=?\s*)?$")
+
+
+def untraced_figures(text: str) -> list[str]:
+    """The measured-looking figures of a document that no generated block or value wrote: decimals, percentages,
+    durations and points, outside code (versions after a package's name are not figures)."""
+    text = VALUE.sub("", BLOCK.sub("", text))
+    text = re.sub(r"```.*?```|`[^`\n]*`|<!--.*?-->", "", text, flags=re.DOTALL)
+    return [match[0] for match in FIGURE.finditer(text) if not VERSION.search(text[max(0, match.start() - 20):match.start()])]
+
+
+def result_files(text: str) -> set[str]:
+    """The result files a document's generated blocks and values read."""
+    return {match["spec"].split()[1] for match in BLOCK.finditer(text)} | {
+        match["spec"].split()[0] for match in VALUE.finditer(text)}
+
+
 def documents(root: Path) -> list[Path]:
     return sorted({path for pattern in DOCUMENTS for path in root.glob(pattern)})
 
@@ -190,7 +276,10 @@ def render(text: str, root: Path, where: str = "") -> str:
             raise ValueError(f"{where}: unknown renderer {name!r} (known: {', '.join(RENDERERS)})")
         return match.group(1) + RENDERERS[name](root, *arguments) + match.group(4)
 
-    return BLOCK.sub(block, text)
+    def value(match: re.Match) -> str:
+        return match.group(1) + render_value(root, match["spec"], where) + match.group(4)
+
+    return VALUE.sub(value, BLOCK.sub(block, text))
 
 
 def stale_documents(root: Path = ROOT) -> dict[str, str]:
@@ -213,7 +302,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         for name in stale:
             print(f"{name}: a generated block differs from its results (run scripts/docs_figures.py)")
-        return 1 if stale else 0
+        untraced = {str(path.relative_to(ROOT)): untraced_figures(path.read_text()) for path in documents(ROOT)}
+        for name, figures in untraced.items():
+            if figures:
+                print(f"{name}: {len(figures)} figures no result file wrote (UNTRACED allows "
+                      f"{UNTRACED.get(name, 0)}): {' '.join(figures)}")
+        grown = [name for name, figures in untraced.items() if len(figures) > UNTRACED.get(name, 0)]
+        return 1 if stale or grown else 0
     for name, rendered in stale.items():
         write_text(ROOT / name, rendered)
         print(f"rewrote {name}")
