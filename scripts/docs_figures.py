@@ -13,9 +13,11 @@ and nothing between its markers is typed by hand: a later run that replaces FILE
 this script runs, and tests/test_docs_figures.py fails until it has. Renderers (`RENDERERS`):
 
 - `prefill FILE VISUAL`: `visor bench` rows at VISUAL visual tokens: FLOPs ratio, measured prefill speed-up,
-  visual KV cache against the full model's;
+  visual KV cache against the full model's, the text-only floor;
 - `batched FILE VISUAL`: `visor bench --batch-sizes ... --end-to-end` rows: time to first token with the vision
   tower, decode speed-up against the full model at every batch size, requests in the KV budget;
+- `decode FILE VISUAL`: the same file's decode tokens/s at every batch size, speed-up and bytes-read ratio against
+  the full model, peak memory;
 - `engine FILE`: `visor bench --engine vllm` rows: time to first token, KV pool per request, requests in the KV
   budget, decode tokens/s and speed-up against the stock model served natively at every concurrency;
 - `demo FILE`: a `visor demo` run's results.json by task group (accuracy, savings);
@@ -74,15 +76,25 @@ def _bench_rows(root: Path, path: str, visual: str) -> list[dict]:
 
 
 def render_prefill(root: Path, path: str, visual: str) -> str:
+    """`visor bench` rows at VISUAL visual tokens: FLOPs ratio, measured prefill speed-up (and how much of the FLOPs
+    ratio it is), visual KV cache against the full model's; the text-only floor last, where the file has it."""
     rows = _bench_rows(root, path, visual)
     full = next(row for row in rows if row["method"] == "full")
-    lines = ["| configuration | FLOPs ratio | measured prefill speed-up | visual KV cache |", "|---|---|---|---|"]
+    floor = [row for row in json.loads((root / path).read_text())
+             if row["visual_tokens"] == int(visual) and row["method"] == "text-only"]
+    lines = ["| configuration | FLOPs ratio | measured prefill speed-up | speed-up / FLOPs ratio | visual KV cache |",
+             "|---|---|---|---|---|"]
     for row in rows:
         if row["method"] == "visor":
             smaller = full["kv_bytes_visual"] / row["kv_bytes_visual"]
             lines.append(f"| {_configuration_label(row)} (configuration {row['configuration']}) | "
-                         f"{_number(row['flops_ratio'])}x | {_number(row['speedup'])}x | {smaller:.1f}x smaller |")
-    lines.append(f"| full model | 1 | 1 ({_number(full['prefill_s'])} s) | {_number(full['kv_bytes_visual'] / 2**20)} MiB |")
+                         f"{_number(row['flops_ratio'])}x | {_number(row['speedup'])}x | "
+                         f"{row['speedup'] / row['flops_ratio']:.0%} | {smaller:.1f}x smaller |")
+    lines.append(f"| full model | 1 | 1 ({_number(full['prefill_s'])} s) | | "
+                 f"{_number(full['kv_bytes_visual'] / 2**20)} MiB |")
+    for row in floor:
+        lines.append(f"| text-only floor | {_number(row['flops_ratio'])}x | {_number(row['speedup'])}x "
+                     f"({_number(row['prefill_s'])} s) | {row['speedup'] / row['flops_ratio']:.0%} | 0 |")
     return "\n".join(lines) + "\n"
 
 
@@ -101,6 +113,28 @@ def render_batched(root: Path, path: str, visual: str) -> str:
         lines.append(f"| {label} | {ttft} | {speedups} | {row['requests_in_budget']:,} |")
     tower = rows[0]["vision_s"]
     return "\n".join(lines) + f"\n\nThe vision tower alone: {_number(tower)} s of every row's time to first token.\n"
+
+
+def render_decode(root: Path, path: str, visual: str) -> str:
+    """`visor bench --batch-sizes ...` decoding at VISUAL visual tokens: tokens/s at every batch size (in brackets
+    the speed-up over the full model and, from 16 requests on, full / this row's bytes read per step), the text-only
+    floor included, and the peak memory at the largest batch."""
+    rows = [row for row in json.loads((root / path).read_text()) if row["visual_tokens"] == int(visual)]
+    sizes = [batch["batch_size"] for batch in rows[0]["batched"]]
+    lines = ["| configuration | " + " | ".join(f"B = {size}" for size in sizes) + f" | peak memory at B = {sizes[-1]} |",
+             "|---|" + "---|" * (len(sizes) + 1)]
+    for row in rows:
+        label = {"full": "full model", "text-only": "text-only floor"}.get(row["method"]) or _configuration_label(row)
+        cells = []
+        for batch in row["batched"]:
+            cell = _number(batch["decode_tokens_per_s"])
+            if row["method"] == "visor":
+                bytes_ratio = f" / {batch['bytes_read_ratio']:.2f}" if batch["batch_size"] >= 16 else ""
+                cell += f" ({batch['decode_speedup']:.2f}x{bytes_ratio})"
+            cells.append(cell)
+        peak = row["batched"][-1]["peak_memory_bytes"] / 2**30
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {_number(peak)} GiB |")
+    return "\n".join(lines) + "\n"
 
 
 def render_ca_positions(root: Path, path: str) -> str:
@@ -185,9 +219,10 @@ def render_stages(root: Path, path: str) -> str:
             + f"; {total / 60:.1f} min in all.\n")
 
 
-RENDERERS: dict[str, Callable[..., str]] = {"prefill": render_prefill, "batched": render_batched,
-                                           "engine": render_engine, "demo": render_demo, "stages": render_stages,
-                                           "ca-positions": render_ca_positions}
+RENDERERS: dict[str, Callable[..., str]] = {
+    "prefill": render_prefill, "batched": render_batched, "decode": render_decode, "engine": render_engine,
+    "demo": render_demo, "stages": render_stages, "ca-positions": render_ca_positions,
+}
 
 
 def _lookup(data, path: str, where: str):
@@ -245,7 +280,7 @@ def render_value(root: Path, spec: str, where: str = "") -> str:
 FIGURE = re.compile(r"(?<![\w.\-/+])(?:\d[\d,]*\.\d+x?|\d[\d,]*(?:\.\d+)?\s?(?:%|min\b|minutes?\b|s\b|seconds?\b"
                     r"|ms\b|hours?\b|h\b|points?\b))(?![\w.\-/])")
 # Figures typed by hand that each document still carries (--check lists them); every other document has none.
-UNTRACED = {"benchmarks/README.md": 562, "docs/demo.md": 411, "docs/policy.md": 85}
+UNTRACED = {"benchmarks/README.md": 319, "docs/demo.md": 411, "docs/policy.md": 85}
 VERSION = re.compile(r"(?:Python|vLLM|transformers|torch|lmms-eval|accelerate|version)\s+(?:[<>=]=?\s*)?$")
 
 
