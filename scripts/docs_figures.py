@@ -21,6 +21,7 @@ this script runs, and tests/test_docs_figures.py fails until it has. Renderers (
 - `engine FILE`: `visor bench --engine vllm` rows: time to first token, KV pool per request, requests in the KV
   budget, decode tokens/s and speed-up against the stock model served natively at every concurrency;
 - `demo FILE`: a `visor demo` run's results.json by task group (accuracy, savings);
+- `accuracy FILE SETTINGS METHODS`: that file's hard / easy accuracy of some methods at some target ratios;
 - `stages FILE`: the seconds each stage of that run took, as it recorded them;
 - `ca-positions FILE`: scripts/qwen_ca_positions.sh's test accuracy per variant and configuration.
 
@@ -208,6 +209,24 @@ def render_demo(root: Path, path: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_accuracy(root: Path, path: str, settings: str, methods: str) -> str:
+    """A demo run's hard / easy accuracy of each of METHODS (comma-separated) at each of SETTINGS (its target
+    ratios, comma-separated), with the savings reached where a method falls short of its target by more than 10%."""
+    rows = {(row["method"], row["setting"], row["group"]): row for row in json.loads((root / path).read_text())["groups"]}
+    settings = settings.split(",")
+    lines = ["| method | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
+    for method in methods.split(","):
+        cells = []
+        for setting in settings:
+            hard, easy = rows[method, setting, "hard"], rows[method, setting, "easy"]
+            cell = f"{hard['accuracy']:.1f} / {easy['accuracy']:.1f}"
+            if abs(hard["savings"] / float(setting.rstrip("x")) - 1) > 0.1:
+                cell += f" (reaches {hard['savings']:.1f}x)"
+            cells.append(cell)
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def render_stages(root: Path, path: str) -> str:
     """How long a run's stages took, as its results file recorded them."""
     stages = json.loads((root / path).read_text())["stages"]
@@ -221,7 +240,7 @@ def render_stages(root: Path, path: str) -> str:
 
 RENDERERS: dict[str, Callable[..., str]] = {
     "prefill": render_prefill, "batched": render_batched, "decode": render_decode, "engine": render_engine,
-    "demo": render_demo, "stages": render_stages, "ca-positions": render_ca_positions,
+    "demo": render_demo, "accuracy": render_accuracy, "stages": render_stages, "ca-positions": render_ca_positions,
 }
 
 
@@ -280,7 +299,7 @@ def render_value(root: Path, spec: str, where: str = "") -> str:
 FIGURE = re.compile(r"(?<![\w.\-/+])(?:\d[\d,]*\.\d+x?|\d[\d,]*(?:\.\d+)?\s?(?:%|min\b|minutes?\b|s\b|seconds?\b"
                     r"|ms\b|hours?\b|h\b|points?\b))(?![\w.\-/])")
 # Figures typed by hand that each document still carries (--check lists them); every other document has none.
-UNTRACED = {"benchmarks/README.md": 319, "docs/demo.md": 411, "docs/policy.md": 85}
+UNTRACED = {"benchmarks/README.md": 319, "docs/demo.md": 340, "docs/policy.md": 85}
 VERSION = re.compile(r"(?:Python|vLLM|transformers|torch|lmms-eval|accelerate|version)\s+(?:[<>=]=?\s*)?$")
 
 
