@@ -22,6 +22,8 @@ this script runs, and tests/test_docs_figures.py fails until it has. Renderers (
   budget, decode tokens/s and speed-up against the stock model served natively at every concurrency;
 - `demo FILE`: a `visor demo` run's results.json by task group (accuracy, savings);
 - `accuracy FILE SETTINGS METHODS`: that file's hard / easy accuracy of some methods at some target ratios;
+- `router-curves FILE`: that run's router at every τ against the fixed curve (its report's lines);
+- `trained FILE`: that run's trained baselines (its report's Table 6);
 - `stages FILE`: the seconds each stage of that run took, as it recorded them;
 - `ca-positions FILE`: scripts/qwen_ca_positions.sh's test accuracy per variant and configuration.
 
@@ -33,7 +35,7 @@ EXPRESSION is arithmetic (` + `, ` - `, ` * `, ` / `, `( ... )`, spaces around e
 FILE's JSON (keys and list indices joined by dots; `[key=value;...]` picks the one row of a list whose fields
 have those values); FORMAT is a Python format string (`{:.1f}x`, `{:.0f} min`). Outside generated blocks and values a document
 carries no measured figure (a decimal number, a percentage, a duration, a number of points): `untraced_figures`
-finds those. Three documents still carry figures typed by hand, counted in `UNTRACED`: a document may not gain
+finds those. Two documents still carry figures typed by hand, counted in `UNTRACED`: a document may not gain
 one (tests/test_docs_figures.py), and its count goes down as its figures are rendered from their files.
 """
 
@@ -227,6 +229,25 @@ def render_accuracy(root: Path, path: str, settings: str, methods: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_router_curves(root: Path, path: str) -> str:
+    """A demo run's router at every τ of its sweep against the fixed curve, per split and task group: the lines its
+    report.md gives (`visor.demo.report.router_curve_verdicts`)."""
+    from visor.demo.report import router_curve_verdicts
+
+    policy = json.loads((root / path).read_text())["stages"]["policy"]
+    lines = [line for split, title in (("test", "test split"), ("variants", "held-out task variants"))
+             for line in router_curve_verdicts(policy[split], policy[f"{split}_curves"], title)]
+    return "".join(f"- {line}\n" for line in lines)
+
+
+def render_trained(root: Path, path: str) -> str:
+    """A demo run's trained baselines next to the full model and the policy: its report's Table 6
+    (`visor.demo.report.trained_table`)."""
+    from visor.demo.report import trained_table
+
+    return "".join(f"{line}\n" for line in trained_table(json.loads((root / path).read_text())) if line.startswith("|"))
+
+
 def render_stages(root: Path, path: str) -> str:
     """How long a run's stages took, as its results file recorded them."""
     stages = json.loads((root / path).read_text())["stages"]
@@ -240,7 +261,8 @@ def render_stages(root: Path, path: str) -> str:
 
 RENDERERS: dict[str, Callable[..., str]] = {
     "prefill": render_prefill, "batched": render_batched, "decode": render_decode, "engine": render_engine,
-    "demo": render_demo, "accuracy": render_accuracy, "stages": render_stages, "ca-positions": render_ca_positions,
+    "demo": render_demo, "accuracy": render_accuracy, "router-curves": render_router_curves,
+    "trained": render_trained, "stages": render_stages, "ca-positions": render_ca_positions,
 }
 
 
@@ -299,7 +321,7 @@ def render_value(root: Path, spec: str, where: str = "") -> str:
 FIGURE = re.compile(r"(?<![\w.\-/+])(?:\d[\d,]*\.\d+x?|\d[\d,]*(?:\.\d+)?\s?(?:%|min\b|minutes?\b|s\b|seconds?\b"
                     r"|ms\b|hours?\b|h\b|points?\b))(?![\w.\-/])")
 # Figures typed by hand that each document still carries (--check lists them); every other document has none.
-UNTRACED = {"benchmarks/README.md": 319, "docs/demo.md": 340, "docs/policy.md": 85}
+UNTRACED = {"benchmarks/README.md": 319, "docs/policy.md": 79}
 VERSION = re.compile(r"(?:Python|vLLM|transformers|torch|lmms-eval|accelerate|version)\s+(?:[<>=]=?\s*)?$")
 
 
