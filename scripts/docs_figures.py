@@ -18,8 +18,15 @@ this script runs, and tests/test_docs_figures.py fails until it has. Renderers (
   tower, decode speed-up against the full model at every batch size, requests in the KV budget;
 - `decode FILE VISUAL`: the same file's decode tokens/s at every batch size, speed-up and bytes-read ratio against
   the full model, peak memory;
+- `baselines FILE BATCH`: `visor bench --baselines ...` rows: each method's prefill speed-up against its FLOPs
+  ratio, decode at BATCH requests, visual KV cache;
+- `train FILE VISUAL`: `visor bench --train` rows at VISUAL visual tokens: peak memory and step time per recipe,
+  with and without activation checkpointing;
+- `convert FILE`: scripts/convert_memory.py's peak memory of each conversion;
 - `engine FILE`: `visor bench --engine vllm` rows: time to first token, KV pool per request, requests in the KV
   budget, decode tokens/s and speed-up against the stock model served natively at every concurrency;
+- `decode-bound FILE PRESET DTYPE`: those rows' decode speed-ups beside the bound that the bytes a step reads set
+  (weights counted on the preset's models);
 - `demo FILE`: a `visor demo` run's results.json by task group (accuracy, savings);
 - `accuracy FILE SETTINGS METHODS`: that file's hard / easy accuracy of some methods at some target ratios;
 - `router-curves FILE`: that run's router at every τ against the fixed curve (its report's lines);
@@ -35,7 +42,7 @@ EXPRESSION is arithmetic (` + `, ` - `, ` * `, ` / `, `( ... )`, spaces around e
 FILE's JSON (keys and list indices joined by dots; `[key=value;...]` picks the one row of a list whose fields
 have those values); FORMAT is a Python format string (`{:.1f}x`, `{:.0f} min`). Outside generated blocks and values a document
 carries no measured figure (a decimal number, a percentage, a duration, a number of points): `untraced_figures`
-finds those. Two documents still carry figures typed by hand, counted in `UNTRACED`: a document may not gain
+finds those. One document still carries figures typed by hand, counted in `UNTRACED`: a document may not gain
 one (tests/test_docs_figures.py), and its count goes down as its figures are rendered from their files.
 """
 
@@ -137,6 +144,96 @@ def render_decode(root: Path, path: str, visual: str) -> str:
             cells.append(cell)
         peak = row["batched"][-1]["peak_memory_bytes"] / 2**30
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {_number(peak)} GiB |")
+    return "\n".join(lines) + "\n"
+
+
+def render_decode_bound(root: Path, path: str, preset: str, dtype: str) -> str:
+    """`visor bench --engine vllm` decoding against its byte bound: a step reads the weights once (counted by
+    `visor.bench.decode_weight_bytes` on the preset's models, built on the meta device in DTYPE) plus every request's
+    keys and values (the file's KV pool per request), so if time followed bytes alone a row would decode
+    (native bytes / its bytes) times as fast as the stock model; the measured speed-up beside that bound."""
+    import torch
+
+    from visor.bench import decode_weight_bytes
+    from visor.benchmarking import DTYPES
+    from visor.backbones import family
+    from visor.presets import preset_config
+
+    stock = preset_config(preset)
+    model_class = family(stock).VISOR_MODEL
+    with torch.device("meta"):
+        weights = {dense: decode_weight_bytes(model_class._from_config(config, dtype=DTYPES[dtype])) for dense, config in
+                   ((True, model_class.config_class.dense(stock, position_encoding=False)),
+                    (False, model_class.config_class.from_stock_config(stock)))}
+    rows = json.loads((root / path).read_text())
+    native = next(row for row in rows if row["method"] == "native")
+    counts = [item["requests"] for item in native["concurrent"]]
+    at = " / ".join(map(str, counts))
+    lines = [f"| row | weights read per step | KV per request | byte bound at {at} requests | measured | "
+             "KV-only ceiling |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        read = weights[row["method"] != "visor"]
+        bounds = [(weights[True] + count * native["kv_reserved_bytes"]) / (read + count * row["kv_reserved_bytes"])
+                  for count in counts]
+        label = {"native": "stock (vLLM's own)", "full": "full (plugin)"}.get(row["method"]) or (
+            f"VISOR {row['configuration']}: {_configuration_label(row)}")
+        measured = " / ".join(f"{item['decode_speedup']:.2f}" for item in row["concurrent"])
+        lines.append(f"| {label} | {read / 1e9:.2f} GB | {_number(row['kv_reserved_bytes'] / 1e6)} MB | "
+                     + " / ".join(f"{bound:.2f}" for bound in bounds) + f" | {measured} | "
+                     f"{native['kv_reserved_bytes'] / row['kv_reserved_bytes']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def render_baselines(root: Path, path: str, batch: str) -> str:
+    """`visor bench --baselines RATIO --batch-sizes ...` rows: each method's FLOPs ratio, measured prefill speed-up
+    (and how much of its FLOPs ratio that is), decode tokens/s at BATCH requests against the full model, visual KV
+    cache (the text-only floor left out)."""
+    rows = [row for row in json.loads((root / path).read_text()) if row["method"] != "text-only"]
+    lines = [f"| method | FLOPs ratio | measured prefill speed-up | of its FLOPs ratio | decode tokens/s at B = {batch} "
+             "(speed-up) | visual KV cache |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        label = "full model" if row["method"] == "full" else (
+            f"VISOR {_configuration_label(row)}" if row["method"] == "visor" else row["method"])
+        decode = next(item for item in row["batched"] if item["batch_size"] == int(batch))
+        speedup = (f"1 ({_number(row['prefill_s'])} s)" if row["method"] == "full"
+                   else f"{_number(row['speedup'])}x | {row['speedup'] / row['flops_ratio']:.0%}")
+        lines.append(f"| {label} | {_number(row['flops_ratio'])}x | {speedup}{' |' if row['method'] == 'full' else ''} | "
+                     f"{_number(decode['decode_tokens_per_s'])} ({decode['decode_speedup']:.2f}x) | "
+                     f"{_number(row['kv_bytes_visual'] / 2**20)} MiB |")
+    return "\n".join(lines) + "\n"
+
+
+def render_train(root: Path, path: str, visual: str) -> str:
+    """`visor bench --train` at VISUAL visual tokens: each recipe's trainable parameters, peak memory and step time
+    without and with activation checkpointing (a peak predicted above the memory limit says so, with the largest
+    image measured)."""
+    rows = json.loads((root / path).read_text())["rows"]
+    at = {(row["recipe"], row["activation_checkpointing"], row["visual_tokens"]): row for row in rows}
+
+    def cell(recipe: str, checkpointing: bool) -> str:
+        row = at[recipe, checkpointing, int(visual)]
+        if row["outcome"] == "measured":
+            return f"{_number(row['peak_memory_bytes'] / 2**30)} GiB / {_number(row['step_s'])} s"
+        measured = max((other for other in rows if other["recipe"] == recipe and other["outcome"] == "measured"
+                        and other["activation_checkpointing"] == checkpointing), key=lambda other: other["visual_tokens"])
+        return (f"{_number(row['predicted_peak_bytes'] / 2**30)} GiB predicted (not run; "
+                f"{_number(measured['peak_memory_bytes'] / 2**30)} GiB at {measured['visual_tokens']:,} tokens)")
+
+    lines = ["| recipe | trainable | activation checkpointing off: peak / step | on: peak / step |", "|---|---|---|---|"]
+    for recipe in dict.fromkeys(row["recipe"] for row in rows):
+        trainable = next(row["trainable_parameters"] for row in rows if row["recipe"] == recipe and row["trainable_parameters"])
+        lines.append(f"| {recipe} | {_number(trainable / 1e6)} M | {cell(recipe, False)} | {cell(recipe, True)} |")
+    return "\n".join(lines) + "\n"
+
+
+def render_convert(root: Path, path: str) -> str:
+    """scripts/convert_memory.py's rows: each conversion's peak memory against the checkpoint's size on disk."""
+    results = json.loads((root / path).read_text())
+    lines = ["| conversion | peak memory | / size on disk | above the import baseline / size | time |",
+             "|---|---|---|---|---|"]
+    for row in results["rows"]:
+        lines.append(f"| {row['conversion']} | {_number(row['peak_bytes'] / 2**30)} GiB | {row['peak_over_size']:.2f}x | "
+                     f"{row['above_baseline_over_size']:.2f}x | {row['seconds']:.0f} s |")
     return "\n".join(lines) + "\n"
 
 
@@ -260,7 +357,9 @@ def render_stages(root: Path, path: str) -> str:
 
 
 RENDERERS: dict[str, Callable[..., str]] = {
-    "prefill": render_prefill, "batched": render_batched, "decode": render_decode, "engine": render_engine,
+    "prefill": render_prefill, "batched": render_batched, "decode": render_decode, "train": render_train,
+    "baselines": render_baselines, "convert": render_convert,
+    "engine": render_engine, "decode-bound": render_decode_bound,
     "demo": render_demo, "accuracy": render_accuracy, "router-curves": render_router_curves,
     "trained": render_trained, "stages": render_stages, "ca-positions": render_ca_positions,
 }
@@ -321,7 +420,7 @@ def render_value(root: Path, spec: str, where: str = "") -> str:
 FIGURE = re.compile(r"(?<![\w.\-/+])(?:\d[\d,]*\.\d+x?|\d[\d,]*(?:\.\d+)?\s?(?:%|min\b|minutes?\b|s\b|seconds?\b"
                     r"|ms\b|hours?\b|h\b|points?\b))(?![\w.\-/])")
 # Figures typed by hand that each document still carries (--check lists them); every other document has none.
-UNTRACED = {"benchmarks/README.md": 319, "docs/policy.md": 79}
+UNTRACED = {"docs/policy.md": 79}
 VERSION = re.compile(r"(?:Python|vLLM|transformers|torch|lmms-eval|accelerate|version)\s+(?:[<>=]=?\s*)?$")
 
 
