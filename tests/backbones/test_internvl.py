@@ -342,6 +342,22 @@ def test_prefill_flops_of_every_configuration_equal_the_flop_counter(sparse):
         assert measured == vision + llm_prefill_flops(sparse.config, visual, text, schedule).total
 
 
+def test_the_internvl3_1b_preset_counts_its_vision_side_as_the_flop_counter_does():
+    """The released shapes (`visor bench --preset internvl3-1b`), on the meta device: 256 tokens per 448-pixel tile,
+    and the vision FLOPs of a 2×2-tile image (4 tiles and the thumbnail) are what FlopCounterMode counts."""
+    from visor.bench import BenchPlan
+
+    config = presets.PRESETS["internvl3-1b"]()
+    config._attn_implementation = "eager"
+    assert BenchPlan("internvl3-1b").config.model_type == "visor_internvl"
+    backbone = backbone_for(config)
+    assert backbone.tokens_per_tile() == 256 and backbone.image_tokens((896, 896)) == (5, 5 * 256)
+    with torch.device("meta"):
+        model = family(config).BACKBONE.stock_model_class(config).eval()
+    measured = _counted(lambda: model.model.get_image_features(torch.empty(5, 3, 448, 448, device="meta")))
+    assert measured == vision_flops(config, (896, 896)).total
+
+
 @pytest.mark.parametrize("tokens", [16, 40, 16 * 13])
 def test_a_nominal_image_in_pixels_is_the_vision_work_counted(stock, tokens):
     """What `visor bench --end-to-end` times: ceil(N / tokens per tile) tiles through the stock vision path."""
