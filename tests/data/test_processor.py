@@ -76,6 +76,9 @@ def test_internvl_inputs_are_what_the_stock_model_reads(tokenizer):
     counts = (batch["input_ids"] == presets.TINY_IMAGE_TOKEN_ID).sum(1).tolist()
     assert counts == [image_tokens(config, size).visual_tokens for size in ODD_SIZES] and len(set(counts)) > 3
     assert batch["pixel_values"].shape == (sum(counts) // 16, 3, 64, 64)
+    largest = processor.images.largest_image_size()  # 4 x 3 tiles and the thumbnail
+    assert largest == backbone_for(config).largest_image_size() == (256, 192)
+    assert processor.images.token_count(largest, 1) == 13 * 16
     with torch.no_grad():  # the stock model raises when image tokens and features disagree
         output = model(**batch)
     assert torch.isfinite(output.loss)

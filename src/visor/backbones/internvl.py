@@ -118,7 +118,14 @@ class InternVL(Backbone):
         return ImageTokens(tiles, tiles * self.tokens_per_tile())
 
     def largest_image_size(self) -> tuple[int, int]:
-        return largest_tiled_image(self.tile_side, self.min_tiles, self.max_tiles)
+        return self.largest_image_within(self.min_tiles, self.max_tiles)
+
+    def largest_image_within(self, min_tiles: int, max_tiles: int) -> tuple[int, int]:
+        """The (height, width) of an image cut into the most tiles these bounds allow, in the squarest such grid:
+        rows × columns whole tiles (the stock processor picks that grid for it, an exact aspect-ratio match)."""
+        columns, rows = max(get_all_supported_aspect_ratios(min_tiles, max_tiles),
+                            key=lambda grid: (grid[0] * grid[1], -abs(grid[0] - grid[1])))
+        return rows * self.tile_side, columns * self.tile_side
 
     # ---- the vision side's cost ---------------------------------------------------------------------------------
     def vision_flops(self, image_size):
@@ -178,14 +185,6 @@ class InternVL(Backbone):
         feature = self.config.vision_feature_layer
         feature = feature if isinstance(feature, int) else feature[-1]
         return feature % (self.config.vision_config.num_hidden_layers + 1) - 1
-
-
-def largest_tiled_image(side: int, min_tiles: int, max_tiles: int) -> tuple[int, int]:
-    """The (height, width) of an image cut into the most tiles the bounds allow, in the squarest such grid: rows ×
-    columns whole tiles of `side` pixels (the stock processor picks that grid for it, an exact aspect-ratio match)."""
-    columns, rows = max(get_all_supported_aspect_ratios(min_tiles, max_tiles),
-                        key=lambda grid: (grid[0] * grid[1], -abs(grid[0] - grid[1])))
-    return rows * side, columns * side
 
 
 class VisorInternVLForConditionalGeneration(VisorModel, InternVLForConditionalGeneration):

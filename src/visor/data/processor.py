@@ -42,7 +42,6 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from transformers import BatchFeature, PreTrainedTokenizerBase
 
 from visor.backbones import backbone_for
-from visor.backbones.internvl import largest_tiled_image
 from visor.data.crops import CropLayout
 from visor.data.render import IGNORE_INDEX
 
@@ -221,8 +220,8 @@ class TiledImages(FramedImages):
         side = backbone.tile_side
         _check_setting(source, "size", {key: image_processor.size.get(key) for key in ("height", "width")},
                        {"height": side, "width": side})
-        self.start = getattr(tokenizer, "start_image_token_id", None)
-        self.end = getattr(tokenizer, "end_image_token_id", None) if self.start is not None else None
+        start, end = (getattr(tokenizer, f"{name}_image_token_id", None) for name in ("start", "end"))
+        self.start, self.end = (start, end) if start is not None and end is not None else (None, None)
 
     def token_count(self, image_size: tuple[int, int], images_in_prompt: int) -> int:
         """Visual tokens of a (height, width) image: its tiles at the processor's tile bounds, every image tiled."""
@@ -230,8 +229,7 @@ class TiledImages(FramedImages):
         return tiles * self.backbone.tokens_per_tile()
 
     def largest_image_size(self) -> tuple[int, int]:
-        return largest_tiled_image(self.backbone.tile_side, self.image_processor.min_patches,
-                                   self.image_processor.max_patches)
+        return self.backbone.largest_image_within(self.image_processor.min_patches, self.image_processor.max_patches)
 
     def __call__(self, rows: list[list[Image.Image]]) -> dict:
         pixels = self.image_processor([image for row in rows for image in row], crop_to_patches=True,
