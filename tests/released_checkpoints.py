@@ -42,7 +42,8 @@ QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_
                        "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
                        "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 LLAVA_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
-# InternVL3's tokenizer: Qwen2.5's special tokens, then InternVL's; the image and video ones are named for its processor.
+# InternVL3's tokenizer: Qwen2.5's special tokens, then InternVL's; the image and video ones are named for its
+# processor.
 INTERNVL_MARKERS = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
                     "video_token": "<video>"}
 INTERNVL_SPECIAL_TOKENS = QWEN_SPECIAL_TOKENS + ["<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>",

@@ -43,8 +43,8 @@ def _tiles(backbone, images) -> list[list[int]]:
 
 
 def build_batch(stock, images=IMAGES, padding: str = "left", seed: int = 1) -> dict[str, torch.Tensor]:
-    """Prompts `[BOS, words…] (<img> <image>×n </img> words…)…`, n the tokens of the tiles the stock processor cuts
-    each image size into (random pixels), padded on `padding`'s side."""
+    """Prompts `[BOS, words…] (<img> <image>×n </img> words…)…`, n the tokens of the tiles the stock processor
+    cuts each image size into (random pixels), padded on `padding`'s side."""
     backbone = backbone_for(stock.config)
     generator = torch.Generator().manual_seed(seed)
     vocab = stock.config.text_config.vocab_size
@@ -388,7 +388,8 @@ BAD_INPUTS = {
     "missing-pixel-values": (lambda b: dict(b, pixel_values=None), "pixel_values are missing"),
     "wrong-token-count": (_drop_one_image_token, "image-token count does not match"),
     "one-tile-too-few": (lambda b: dict(b, pixel_values=b["pixel_values"][1:]), "image-token count does not match"),
-    "pixel-values-5d": (lambda b: dict(b, pixel_values=b["pixel_values"][None]), r"pixel_values must be \(tiles, 3, 64, 64\)"),
+    "pixel-values-5d": (lambda b: dict(b, pixel_values=b["pixel_values"][None]),
+                        r"pixel_values must be \(tiles, 3, 64, 64\)"),
     "other-tile-size": (lambda b: dict(b, pixel_values=b["pixel_values"][..., :32, :32]), "pixel_values must be"),
     "image-sizes": (lambda b: dict(b, image_sizes=torch.tensor([[64, 64]] * 4)), "take no image_sizes"),
     "image-grid-thw": (lambda b: dict(b, image_grid_thw=torch.tensor([[1, 8, 8]])), "take no image_grid_thw"),

@@ -26,7 +26,9 @@ from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import (
     get_optimal_tiled_canvas,
 )
 
-from visor.backbones.base import Backbone, ImageTokens, linear_flops
+from visor.backbones.base import (
+    Backbone, ImageTokens, linear_flops, selected_layer, sequential_positions, vit_layer_flops,
+)
 from visor.config import VisorConfigMixin
 from visor.modeling.visor import VisorModel
 from visor.reduction.pruned import PrunedModel
@@ -67,8 +69,7 @@ class InternVL(Backbone):
         return model.model.language_model
 
     def prompt_positions(self, model, input_ids, attention_mask, **image_inputs):
-        """One position per token (the stock model ignores padding here too)."""
-        return torch.arange(input_ids.shape[1], device=input_ids.device).expand(*input_ids.shape)
+        return sequential_positions(input_ids)
 
     # ---- images -------------------------------------------------------------------------------------------------
     def encode_images(self, model, num_image_tokens, pixel_values=None):
@@ -144,8 +145,9 @@ class InternVL(Backbone):
         possible = [1, *range(max(self.min_tiles, 2) + 1, self.max_tiles + 2)]
         if tiles not in possible:
             raise ValueError(
-                f"no image is cut into exactly {tiles} tiles ({visual_tokens} visual tokens at {self.tokens_per_tile()} "
-                f"per tile); images are cut into 1 or {possible[1]} to {possible[-1]} tiles (a grid and its thumbnail)")
+                f"no image is cut into exactly {tiles} tiles ({visual_tokens} visual tokens at "
+                f"{self.tokens_per_tile()} per tile); images are cut into 1 or {possible[1]} to {possible[-1]} tiles "
+                "(a grid and its thumbnail)")
         side = self.tile_side
         return {"pixel_values": torch.randn(tiles, 3, side, side, generator=torch.Generator().manual_seed(0))}
 
@@ -163,11 +165,7 @@ class InternVL(Backbone):
         patches = self.patch_grid() ** 2
         tokens, width = patches + 1, vision.hidden_size
         patch_embedding = 2 * patches * width * vision.num_channels * vision.patch_size[0] * vision.patch_size[1]
-        per_layer = (
-            4 * linear_flops(tokens, width, width)  # q, k, v, projection_layer
-            + 2 * 2 * tokens * tokens * width  # scores and values over all heads (heads × head_dim = width)
-            + 2 * linear_flops(tokens, width, vision.intermediate_size)  # fc1, fc2
-        )
+        per_layer = vit_layer_flops(tokens, width, vision.intermediate_size)  # projection_layer is the o
         projected, text_width = self.tokens_per_tile(), config.text_config.hidden_size
         projector = (linear_flops(projected, width * patches // projected, text_width)
                      + linear_flops(projected, text_width, text_width))
@@ -182,9 +180,7 @@ class InternVL(Backbone):
         return self.vision_tower(model).encoder.layer
 
     def feature_layer(self) -> int:
-        feature = self.config.vision_feature_layer
-        feature = feature if isinstance(feature, int) else feature[-1]
-        return feature % (self.config.vision_config.num_hidden_layers + 1) - 1
+        return selected_layer(self.config.vision_feature_layer, self.config.vision_config.num_hidden_layers)
 
 
 class VisorInternVLForConditionalGeneration(VisorModel, InternVLForConditionalGeneration):
