@@ -13,11 +13,11 @@ from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2Im
 
 from visor import presets
 from visor.backbones import backbone_for, family
-from visor.backbones.internvl import InternVL, PrunedInternVL, VisorInternVLForConditionalGeneration
+from visor.backbones.internvl import InternVL, VisorInternVLForConditionalGeneration
 from visor.config import Schedule
 from visor.flops import llm_prefill_flops, nominal_vision_flops, vision_flops
 from visor.reduction import fastv, pyramiddrop, shortv, sparsevlm
-from visor.reduction.pruned import PruningPlan, pruned
+from visor.reduction.pruned import PruningPlan, pruned, pruned_class
 from visor.reduction.fastv import last_token_attention
 
 IMAGE = presets.TINY_IMAGE_TOKEN_ID
@@ -232,7 +232,7 @@ IN_LLM = {"fastv": lambda model: fastv(model, 2, 0.4), "pyramiddrop": lambda mod
 @pytest.mark.parametrize("method", sorted(IN_LLM))
 def test_in_llm_baselines_reduce_each_sample_as_alone(stock, batch, method):
     model = IN_LLM[method](stock)
-    assert isinstance(model, PrunedInternVL)
+    assert isinstance(model, pruned_class(InternVL))
     together = logits(model, batch, logits_to_keep=1)
     for row in range(len(batch["input_ids"])):
         torch.testing.assert_close(logits(model, _alone(stock, batch, row), logits_to_keep=1)[0], together[row],

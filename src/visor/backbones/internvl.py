@@ -1,6 +1,6 @@
 """InternVL3 (InternViT vision tower over 448-pixel tiles, pixel shuffle, an MLP projector, a Qwen2 text model): the
-adapter, and the family's `VisorInternVLConfig` (model type `visor_internvl`), `VisorInternVLForConditionalGeneration`
-and `PrunedInternVL`.
+adapter, and the family's `VisorInternVLConfig` (model type `visor_internvl`) and
+`VisorInternVLForConditionalGeneration`.
 
 The adapter answers from transformers' own code: tiles go through the stock `get_image_features` (the CLS token
 dropped, the patch grid pixel-shuffled by `downsample_ratio`, projected), tile counts come from the stock image
@@ -31,7 +31,6 @@ from visor.backbones.base import (
 )
 from visor.config import VisorConfigMixin
 from visor.modeling.visor import VisorModel
-from visor.reduction.pruned import PrunedModel
 
 
 @strict
@@ -190,10 +189,4 @@ class VisorInternVLForConditionalGeneration(VisorModel, InternVLForConditionalGe
     backbone_class = InternVL
 
 
-class PrunedInternVL(PrunedModel, InternVLForConditionalGeneration):
-    """InternVL under an in-LLM token-reduction plan (`visor.reduction.pruned.PrunedModel`)."""
-
-    backbone_class = InternVL
-
-
-BACKBONE, VISOR_MODEL, PRUNED_MODEL = InternVL, VisorInternVLForConditionalGeneration, PrunedInternVL
+BACKBONE, VISOR_MODEL = InternVL, VisorInternVLForConditionalGeneration

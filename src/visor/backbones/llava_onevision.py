@@ -1,5 +1,5 @@
 """LLaVA-OneVision (SigLIP vision tower, 2-layer MLP projector, anyres packing with `image_newline`): the adapter,
-and the family's `VisorConfig` (model type `visor`), `VisorForConditionalGeneration` and `PrunedLlava`.
+and the family's `VisorConfig` (model type `visor`) and `VisorForConditionalGeneration`.
 
 The adapter answers from transformers' own code: images go through the stock `get_image_features`, token counts
 come from running the stock `pack_image_features` on marker features, positions are the stock model's.
@@ -29,7 +29,6 @@ from visor.backbones.base import (
 )
 from visor.config import VisorConfigMixin
 from visor.modeling.visor import VisorModel
-from visor.reduction.pruned import PrunedModel
 
 
 @strict
@@ -233,10 +232,4 @@ class VisorForConditionalGeneration(VisorModel, LlavaOnevisionForConditionalGene
     backbone_class = LlavaOnevision
 
 
-class PrunedLlava(PrunedModel, LlavaOnevisionForConditionalGeneration):
-    """LLaVA-OneVision under an in-LLM token-reduction plan (`visor.reduction.pruned.PrunedModel`)."""
-
-    backbone_class = LlavaOnevision
-
-
-BACKBONE, VISOR_MODEL, PRUNED_MODEL = LlavaOnevision, VisorForConditionalGeneration, PrunedLlava
+BACKBONE, VISOR_MODEL = LlavaOnevision, VisorForConditionalGeneration

@@ -27,7 +27,7 @@ from visor.backbones import backbone_for, family
 from visor.backbones.base import IMAGE_ARGUMENTS
 from visor.modeling import VisorModel, load_stock
 from visor.modeling.visor import check_checkpoint_folder
-from visor.modeling.freezing import freeze_base, freeze_vision_tower, unfreeze_all
+from visor.modeling.freezing import freeze_base, unfreeze_all
 
 RECIPES = ("full", "visor-stage1", "visor-universal")
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", *IMAGE_ARGUMENTS)
@@ -122,8 +122,12 @@ def build_model(recipe: str, init: str | os.PathLike | None, preset: str | None,
 
 
 def _trainable(model, settings):
-    """Every parameter trainable, but for the vision tower when the settings keep it fixed."""
-    return freeze_vision_tower(model) if settings.freeze_vision_tower else model
+    """Every parameter trainable, but for the vision tower when the settings keep it fixed (as LLaVA recipes keep a
+    pretrained encoder), so that whatever a task needs beyond the tower's features is computed by the language
+    model."""
+    if settings.freeze_vision_tower:
+        backbone_for(model.config).vision_tower(model).requires_grad_(False)
+    return model
 
 
 def check_configurations(model, recipe: str, settings) -> None:
