@@ -72,16 +72,17 @@ def _target_index(frame, target) -> int:
     return next(i for i, (kind, _, color) in enumerate(frame) if (color, kind) == target)
 
 
-def _changes_only(a, b, box) -> bool:
-    """Whether two frames differ, and only inside `box` (frame fractions; a pixel of rounding either side), and the
-    box covers less than 3% of the frame: what the answer hangs on is a small region."""
-    ys, xs = np.nonzero(np.any(np.asarray(a) != np.asarray(b), axis=-1))
-    x0, y0, x1, y1 = box[0] * a.width, box[1] * a.height, box[2] * a.width, box[3] * a.height
-    if not len(xs):
-        return False
-    inside = xs.min() >= np.floor(x0) and ys.min() >= np.floor(y0) and xs.max() <= np.ceil(x1) \
-        and ys.max() <= np.ceil(y1)
-    return inside and (box[2] - box[0]) * (box[3] - box[1]) < 0.03
+def _changes_only(a, b, boxes) -> bool:
+    """Whether two frames differ, and only inside `boxes` (frame fractions; a pixel of rounding either side), each
+    less than 3% of the frame: what the answer hangs on is small regions."""
+    changed = np.any(np.asarray(a) != np.asarray(b), axis=-1)
+    allowed = np.zeros_like(changed)
+    for x0, y0, x1, y1 in boxes:
+        if (x1 - x0) * (y1 - y0) >= 0.03:
+            return False
+        allowed[int(np.floor(y0 * a.height)):int(np.ceil(y1 * a.height)) + 1,
+                int(np.floor(x0 * a.width)):int(np.ceil(x1 * a.width)) + 1] = True
+    return changed.any() and not (changed & ~allowed).any()
 
 
 @pytest.mark.parametrize("index", range(6))
@@ -99,35 +100,45 @@ def test_which_frame_answer_moves_with_the_target_frame_not_with_any_frame_conte
     frames, target = list(scene.frames), _target_index(scene.frames[shown], scene.target)
     frames[shown] = tuple(s for i, s in enumerate(frames[shown]) if i != target)
     removed = dataclasses.replace(scene, frames=tuple(frames))
-    assert _changes_only(scene.render()[shown], removed.render()[shown], scene.frames[shown][target][1])
+    assert _changes_only(scene.render()[shown], removed.render()[shown], [scene.frames[shown][target][1]])
     assert _frame_bytes(removed)[:shown] == _frame_bytes(scene)[:shown]
     with pytest.raises(ValueError, match="exactly one frame"):
         removed.answer
 
 
-def test_which_frame_lures_share_the_targets_colour_or_kind_and_every_frame_holds_as_many_shapes():
+@pytest.mark.parametrize("task", ["which_frame", "count_frames"])
+def test_every_frame_holds_one_shape_of_the_targets_colour_and_one_of_its_kind(task):
+    """So no count of shapes, colours or kinds finds the frames that show it: only binding the two does."""
     for index in range(20):
-        scene = _scene("which_frame", index)
+        scene = _scene(task, index)
         color, kind = scene.target
-        assert len({len(frame) for frame in scene.frames}) == 1  # counting shapes does not find the frame
-        for frame in scene.frames:
-            for shape, _, ink in frame:
-                assert (shape == kind) != (ink == color) or (ink, shape) == scene.target
+        assert len({len(frame) for frame in scene.frames}) == 1
+        for frame in range(len(scene.frames)):
+            inks = [i for i, (_, _, ink) in enumerate(scene.frames[frame]) if ink == color]
+            shapes = [i for i, (shape, _, _) in enumerate(scene.frames[frame]) if shape == kind]
+            assert len(inks) == len(shapes) == 1 and (inks == shapes) == scene.shows(frame)
 
 
 # --- count_frames: every frame adds its one bit, and only together do they count ------------------------------
 
 
 def _toggled(scene, frame: int):
-    """`scene` with the target's presence in `frame` flipped: a shape replaced at its own place."""
-    color, kind = scene.target
-    frames = [list(f) for f in scene.frames]
+    """`scene` with the target's presence in `frame` flipped as the task draws frames, shapes recoloured in place:
+    the target and a shape sharing neither its colour nor its kind become its two lures, or back."""
+    (color, kind), shapes = scene.target, list(scene.frames[frame])
+    other_color = next(c for c in COLORS if c != color and all(c != ink for _, _, ink in shapes))
+    other_kind = next(k for k in SHAPES if k != kind)
     if scene.shows(frame):
-        i = _target_index(frames[frame], scene.target)
-        frames[frame][i] = (kind, frames[frame][i][1], COLORS[(COLORS.index(color) + 1) % len(COLORS)])
+        t = _target_index(shapes, scene.target)
+        n = next(i for i, (shape, _, ink) in enumerate(shapes) if shape != kind and ink != color)
+        shapes[t], shapes[n] = (other_kind, shapes[t][1], color), (kind, shapes[n][1], other_color)
     else:
-        frames[frame][0] = (kind, frames[frame][0][1], color)
-    return dataclasses.replace(scene, frames=tuple(map(tuple, frames)))
+        c = next(i for i, (_, _, ink) in enumerate(shapes) if ink == color)
+        k = next(i for i, (shape, _, _) in enumerate(shapes) if shape == kind)
+        shapes[c], shapes[k] = (kind, shapes[c][1], color), (other_kind, shapes[k][1], other_color)
+    frames = list(scene.frames)
+    frames[frame] = tuple(shapes)
+    return dataclasses.replace(scene, frames=tuple(frames))
 
 
 @pytest.mark.parametrize("index", range(6))
@@ -142,9 +153,9 @@ def test_count_frames_no_single_frame_determines_the_count(index):
         assert _frame_bytes(edited)[frame] == _frame_bytes(scene)[frame]
         assert int(edited.answer) == count + (-1 if scene.shows(other) else 1)
         assert edited.question == scene.question
-        # What changed is one small shape in the flipped frame.
-        (box,) = {old[1] for old, new in zip(scene.frames[other], edited.frames[other]) if old != new}
-        assert _changes_only(scene.render()[other], edited.render()[other], box)
+        # What changed is two small shapes in the flipped frame.
+        boxes = [old[1] for old, new in zip(scene.frames[other], edited.frames[other]) if old != new]
+        assert len(boxes) == 2 and _changes_only(scene.render()[other], edited.render()[other], boxes)
 
 
 # --- what_changed: first against last frame ------------------------------------------------------------------
@@ -208,8 +219,8 @@ def test_bad_frames_knobs_tasks_and_sizes_raise_clear_errors():
         get_video_task("which_frame", fps=4)
     with pytest.raises(ValueError, match="shapes must be in 2..3"):
         get_video_task("what_changed", shapes=4)
-    with pytest.raises(ValueError, match="shapes must be at least 1"):
-        get_video_task("count_frames", shapes=0)
+    with pytest.raises(ValueError, match="shapes must be at least 2"):
+        get_video_task("count_frames", shapes=1)
     with pytest.raises(ValueError, match="do not fit"):
         make_video_sample(get_video_task("which_frame", shapes=40), "train", 0)
     with pytest.raises(ValueError, match="32 to 4096 px a side"):

@@ -30,7 +30,7 @@ same distribution everywhere. These are built in:
   forms. The comparison they ask for ("is there a red shape?") is learned only when it is most of a batch.
 - `video`, `video-variants`: the video tasks (`visor.data.video_tasks`), clips of 8 frames of 64x64 px (one
   tiny-preset crop each): the frame a small shape is in, how many frames show it, which shape changed colour, and
-  the main colour (the easy one). The variants set their knobs where `video` never does (more lures per frame,
+  the main colour (the easy one). The variants set their knobs where `video` never does (more shapes per frame,
   faster motion, more distractor shapes). Their samples are `VideoSample`s, which the image data sources refuse.
 """
 

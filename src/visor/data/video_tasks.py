@@ -126,12 +126,9 @@ class CountFramesClip(TargetClip):
         return str(sum(self.shows(frame) for frame in range(len(self.frames))))
 
 
-def _lure(rng: np.random.Generator, target: tuple[str, str]) -> tuple[str, str]:
-    """A shape sharing the target's colour or its kind, never both: finding the target means binding the two."""
-    color, kind = target
-    if rng.random() < 0.5:
-        return color, SHAPES[(SHAPES.index(kind) + 1 + rng.integers(len(SHAPES) - 1)) % len(SHAPES)]
-    return COLORS[(COLORS.index(color) + 1 + rng.integers(len(COLORS) - 1)) % len(COLORS)], kind
+def _other(rng: np.random.Generator, options: tuple[str, ...], value: str) -> str:
+    """One of `options` other than `value`, uniformly."""
+    return options[(options.index(value) + 1 + int(rng.integers(len(options) - 1))) % len(options)]
 
 
 def _layout(rng: np.random.Generator, count: int, side: float, height: int, width: int) -> list:
@@ -149,30 +146,34 @@ def _layout(rng: np.random.Generator, count: int, side: float, height: int, widt
 
 @dataclass(frozen=True)
 class TargetTask(VideoTask):
-    """Frames of `shapes` small shapes each, freshly placed; in the frames that show the target it is one of them,
-    the rest are lures (its colour or its kind). Every frame holds as many shapes, so counting them tells nothing."""
+    """Frames of `shapes` small shapes each, freshly placed. Every frame holds one shape of the target's colour and
+    one of its kind: the same shape (the target) in the frames that show it, two lures in the others; the rest
+    share neither. Counting shapes, or shapes of its colour, or of its kind, tells nothing: only one shape's colour
+    and kind together do."""
 
     min_frames: ClassVar[int] = 2
     max_frames: ClassVar[int] = 9
     frames_reason: ClassVar[str] = "frames with and without the target; answers are one digit"
 
     frames: int = 8
-    shapes: int = 4  # per frame, the target included where it is shown
+    shapes: int = 4  # per frame: the target or its two lures, and shapes sharing neither its colour nor its kind
     object_size: float = 0.16  # shape side / short frame side (10 px at 64 px: 2.5% of the frame)
 
     def __post_init__(self):
         super().__post_init__()
-        if self.shapes < 1:
-            raise ValueError(f"{self.name}: shapes must be at least 1 (the target), got {self.shapes}")
+        if self.shapes < 2:
+            raise ValueError(f"{self.name}: shapes must be at least 2 (the target's two lures), got {self.shapes}")
 
     def clip_frames(self, rng, height, width, target, showing) -> tuple[tuple[Shape, ...], ...]:
-        side = self.object_size * min(height, width)
+        side, (color, kind) = self.object_size * min(height, width), target
         frames = []
         for frame in range(self.frames):
-            objects = [_lure(rng, target) for _ in range(self.shapes - 1)]
-            objects.append(target if frame in showing else _lure(rng, target))
+            objects = [target] if frame in showing else [(color, _other(rng, SHAPES, kind)),
+                                                         (_other(rng, COLORS, color), kind)]
+            while len(objects) < self.shapes:
+                objects.append((_other(rng, COLORS, color), _other(rng, SHAPES, kind)))
             boxes = _layout(rng, len(objects), side, height, width)
-            frames.append(tuple((kind, box, color) for (color, kind), box in zip(objects, boxes)))
+            frames.append(tuple((shape, box, ink) for (ink, shape), box in zip(objects, boxes)))
         return tuple(frames)
 
     @staticmethod
@@ -182,12 +183,12 @@ class TargetTask(VideoTask):
 
 @dataclass(frozen=True)
 class WhichFrame(TargetTask):
-    """Temporal grounding: the one frame (1..N) in which a named small shape appears, among lures in every frame."""
+    """Temporal grounding: the one frame (1..N) in which a named small shape appears, its lures in the others."""
 
     name: ClassVar[str] = "which_frame"
     group: ClassVar[str] = "hard"
     answers: ClassVar[tuple[str, ...]] = DIGITS[1:]
-    description: ClassVar[str] = "video: the frame (1-N) showing a named small shape, lures in every frame"
+    description: ClassVar[str] = "video: the frame (1-N) showing a named small shape, its lures in the others"
 
     def make_scene(self, rng, height, width) -> WhichFrameClip:
         target = self.draw_target(rng)
