@@ -47,7 +47,7 @@ class VideoTask(Task):
 
     min_frames: ClassVar[int] = 1
     max_frames: ClassVar[int] = MAX_FRAMES
-    frames_reason: ClassVar[str] = "at least one to show anything"
+    frames_reason: ClassVar[str] = "at least one; the cap bounds the memory a sample takes"
     frames: int
 
     def __post_init__(self):
