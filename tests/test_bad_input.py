@@ -27,6 +27,7 @@ from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
 from visor import VisorConfig, VisorForConditionalGeneration, cli
 from visor.data.conversations import hold_out
 from visor.data.processor import load_image
+from visor.integrations.lmms_tasks import write_task
 from visor.integrations.runner import CheckpointRunner
 from visor.modeling import load_stock
 from visor.policy.api import label_synthetic
@@ -603,6 +604,8 @@ CASES = [
     Case(MALFORMED, "train unknown data", "matches nothing", argv=lambda w: [*_train(w)[:4], "nonsense", *_train(w)[5:]]),
     Case(MALFORMED, "train on the video suite", "suite 'video' holds video tasks",
          argv=lambda w: [*_train(w)[:4], "synthetic@video", *_train(w)[5:]]),
+    Case(MALFORMED, "lmms-eval task of the video suite", "suite 'video' holds video tasks",
+         call=lambda w: write_task(w.out / "lmms", suite="video")),
     Case(MALFORMED, "train unknown preset", "unknown preset 'bogus'", argv=lambda w: _train(w, source=("--model", "bogus"))),
     Case(MALFORMED, "analyze --per-task 0", "per_task must be at least 1", argv=lambda w: _analyze(w, "--per-task", "0")),
     Case(MALFORMED, "analyze --span-lengths 99", "span lengths [99] out of range 1..6",
