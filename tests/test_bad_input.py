@@ -27,6 +27,7 @@ from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
 from visor import VisorConfig, VisorForConditionalGeneration, cli
 from visor.data.conversations import hold_out
 from visor.data.processor import load_image
+from visor.integrations.lmms_tasks import write_task
 from visor.integrations.runner import CheckpointRunner
 from visor.modeling import load_stock
 from visor.policy.api import label_synthetic
@@ -554,6 +555,11 @@ CASES = [
     Case(MALFORMED, "preview --size 100000 100000", "32 to 4096 px a side",
          argv=lambda w: _preview(w, "--size", "100000", "100000")),
     Case(MALFORMED, "preview --count 0", "--count must be at least 1", argv=lambda w: _preview(w, "--count", "0")),
+    Case(MALFORMED, "preview --frames of an image task", "--frames is for video tasks",
+         argv=lambda w: _preview(w, "--frames", "4")),
+    Case(MALFORMED, "preview which_frame --frames 1", "which_frame: frames must be in 2..9",
+         argv=lambda w: ["data", "preview", "--task", "which_frame", "--output", str(w.out / "strip.png"),
+                         "--frames", "1"]),
     Case(MALFORMED, "bench --device cuda:7", "device 'cuda:7'", argv=lambda w: _bench(w, "--device", "cuda:7")),
     Case(MALFORMED, "bench --visual-tokens 0", "must be positive", argv=lambda w: _bench(w, "--visual-tokens", "0")),
     Case(MALFORMED, "bench --visual-tokens 1000000000", "1000000000 visual tokens the bench needs at least",
@@ -596,6 +602,10 @@ CASES = [
     Case(MALFORMED, "train --config missing", "nope.yaml", argv=lambda w: _train(w, "--config", str(w.root / "nope.yaml"))),
     Case(MALFORMED, "train unknown recipe", "unknown recipe 'bogus'", argv=lambda w: _train(w, recipe="bogus")),
     Case(MALFORMED, "train unknown data", "matches nothing", argv=lambda w: [*_train(w)[:4], "nonsense", *_train(w)[5:]]),
+    Case(MALFORMED, "train on the video suite", "suite 'video' holds video tasks",
+         argv=lambda w: [*_train(w)[:4], "synthetic@video", *_train(w)[5:]]),
+    Case(MALFORMED, "lmms-eval task of the video suite", "suite 'video' holds video tasks",
+         call=lambda w: write_task(w.out / "lmms", suite="video")),
     Case(MALFORMED, "train unknown preset", "unknown preset 'bogus'", argv=lambda w: _train(w, source=("--model", "bogus"))),
     Case(MALFORMED, "analyze --per-task 0", "per_task must be at least 1", argv=lambda w: _analyze(w, "--per-task", "0")),
     Case(MALFORMED, "analyze --span-lengths 99", "span lengths [99] out of range 1..6",

@@ -3,7 +3,8 @@
 import pytest
 
 from visor.data.suites import SUITES, get_suite
-from visor.data.tasks import TASKS, make_sample
+from visor.data.tasks import SPLITS, TASKS, make_sample
+from visor.data.video_tasks import VIDEO_TASKS, VideoSample
 
 
 def test_standard_suite_is_the_registry_at_default_size():
@@ -53,3 +54,15 @@ def test_two_hop_suites_are_the_demo_suites_plus_key_digit():
         assert suite.tasks[:-1] == demo.tasks
     trained, held_out = (get_suite(name).select(["key_digit"])[0] for name in ("two-hop-train", "two-hop-variants"))
     assert trained == get_suite("two-hop").select(["key_digit"])[0] and held_out != trained
+
+
+def test_video_suites_hold_the_video_tasks_and_their_held_out_variants():
+    video, variants = get_suite("video"), get_suite("video-variants")
+    assert video.task_names == variants.task_names == tuple(VIDEO_TASKS) and video.size == variants.size == (64, 64)
+    assert video.video and variants.video and not any(SUITES[name].video for name in SUITES if "video" not in name)
+    for task, held_out in zip(video.tasks, variants.tasks):
+        assert held_out != task, f"{task.name} is not a variant: its knobs equal the video suite's"
+        for split in SPLITS:
+            sample = make_sample(held_out, split, 0, size=variants.size)
+            assert isinstance(sample, VideoSample) and sample.answer in held_out.answers
+            assert len(sample.frames) == 8 and {frame.size for frame in sample.frames} == {(64, 64)}

@@ -8,7 +8,8 @@ import pytest
 
 from visor import presets
 from visor.data.tasks import TASKS, generate_split
-from visor.data.tokenizer import EASY_VQA_WORDS, build_tokenizer, smollm2_tokenizer, words
+from visor.data.tokenizer import EASY_VQA_WORDS, build_tokenizer, smollm2_tokenizer, suite_vocabulary, words
+from visor.data.video_tasks import VIDEO_TASKS, generate_video_split
 
 
 def test_special_ids_are_the_presets_and_the_vocabulary_is_tiny(tokenizer):
@@ -29,9 +30,20 @@ def test_every_question_and_answer_tokenizes_without_unknowns(tokenizer):
     for sample in generate_split("train", 100):
         ids = tokenizer(f"{sample.question} {sample.answer}", add_special_tokens=False)["input_ids"]
         assert tokenizer.unk_token_id not in ids, sample.question
-    for task in TASKS.values():
+    for sample in generate_video_split("train", 40):
+        ids = tokenizer(f"{sample.question} {sample.answer}", add_special_tokens=False)["input_ids"]
+        assert tokenizer.unk_token_id not in ids, sample.question
+    for task in (*TASKS.values(), *VIDEO_TASKS.values()):
         for answer in task.answers:
             assert len(tokenizer(answer, add_special_tokens=False)["input_ids"]) == 1
+
+
+def test_video_words_come_after_the_image_suites_so_no_image_word_moved(tokenizer):
+    images = build_tokenizer(suite_vocabulary()).get_vocab()
+    vocab = tokenizer.get_vocab()
+    assert {word: vocab[word] for word in images} == images
+    added = sorted(set(vocab) - set(images), key=vocab.get)
+    assert added and added == sorted(added) and min(vocab[word] for word in added) == len(images)
 
 
 def test_easy_vqa_words_are_complete():

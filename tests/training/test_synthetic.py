@@ -69,6 +69,8 @@ def test_a_named_suite_sets_image_size_and_knobs():
     assert batch["image_sizes"].tolist() == [[64, 64], [64, 64]]
     with pytest.raises(ValueError, match="unknown suite"):
         resolve_data("synthetic@nope", presets.tiny(2), seed=0)
+    with pytest.raises(ValueError, match="holds video tasks"):
+        resolve_data("synthetic@video", presets.tiny(2), seed=0)
 
 
 def test_easy_vqa_rows_train_without_patch_targets():

@@ -28,6 +28,10 @@ same distribution everywhere. These are built in:
   checkpoint's TRAINING.md, which also says what the easy-VQA step does and does not teach).
 - `yes-no`, `yes-no-negated`: only easy-VQA's balanced yes/no questions, first without and then with the negated
   forms. The comparison they ask for ("is there a red shape?") is learned only when it is most of a batch.
+- `video`, `video-variants`: the video tasks (`visor.data.video_tasks`), clips of 8 frames of 64x64 px (one
+  tiny-preset crop each): the frame a small shape is in, how many frames show it, which shape changed colour, and
+  the main colour (the easy one). The variants set their knobs where `video` never does (more shapes per frame,
+  faster motion, more distractor shapes). Their samples are `VideoSample`s, which the image data sources refuse.
 """
 
 from __future__ import annotations
@@ -36,18 +40,24 @@ from dataclasses import dataclass
 
 from visor.data.easy_vqa import EasyVQA, EasyVQABalanced, EasyVQAColorYesNo, EasyVQAYesNo
 from visor.data.tasks import DEFAULT_SIZE, TASKS, Task, get_task
+from visor.data.video_tasks import VIDEO_SIZE, VIDEO_TASKS, VideoTask, get_video_task
 
 
 @dataclass(frozen=True)
 class Suite:
     name: str
-    size: tuple[int, int]  # (height, width) of every image
+    size: tuple[int, int]  # (height, width) of every image, or every frame of a video suite
     tasks: tuple[Task, ...]
     description: str
 
     @property
     def task_names(self) -> tuple[str, ...]:
         return tuple(task.name for task in self.tasks)
+
+    @property
+    def video(self) -> bool:
+        """Whether the suite holds video tasks (its samples are `VideoSample`s, not images)."""
+        return any(isinstance(task, VideoTask) for task in self.tasks)
 
     def select(self, names) -> tuple[Task, ...]:
         """The suite's tasks named in `names` (in the given order); a ValueError for names it lacks."""
@@ -74,6 +84,12 @@ DEMO_VARIANT_TASKS = (
     get_task("dominant_color", distractors=5),
 )
 KEY_DIGIT = get_task("key_digit", rows=3, cols=3, glyph_scale=0.7, inks=3)
+VIDEO_VARIANT_TASKS = (
+    get_video_task("which_frame", shapes=6),
+    get_video_task("count_frames", shapes=6),
+    get_video_task("what_changed", motion=1.0),
+    get_video_task("dominant_color_video", distractors=5),
+)
 
 SUITES: dict[str, Suite] = {
     "standard": Suite("standard", DEFAULT_SIZE, tuple(TASKS.values()),
@@ -102,6 +118,10 @@ SUITES: dict[str, Suite] = {
                     "easy-VQA's positive yes/no forms only, balanced: where the comparison is learned"),
     "yes-no-negated": Suite("yes-no-negated", (64, 64), (EasyVQABalanced(yes_no_only=True),),
                             "easy-VQA's yes/no forms, positive and negated, balanced"),
+    "video": Suite("video", VIDEO_SIZE, tuple(VIDEO_TASKS.values()),
+                   "the video tasks at their default knobs: 8 frames of 64x64 px"),
+    "video-variants": Suite("video-variants", VIDEO_SIZE, VIDEO_VARIANT_TASKS,
+                            "the video tasks at knobs `video` never uses: held-out variants"),
 }
 
 

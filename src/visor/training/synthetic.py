@@ -26,6 +26,8 @@ class SyntheticSource:
         from visor.data.tokenizer import build_tokenizer
 
         self.suite = get_suite(suite)
+        if self.suite.video:
+            raise ValueError(f"suite {suite!r} holds video tasks; the synthetic data source reads images only")
         names, weights = _weighted(tasks) if tasks else (list(self.suite.task_names), [1] * len(self.suite.tasks))
         self._task_objects = {task.name: task for task in self.suite.select(names)}
         self.tasks = tuple(self._task_objects)

@@ -31,6 +31,8 @@ def write_task(folder: str | Path, suite: str = "demo", split: str = "test", per
     if per_task < 1:
         raise ValueError(f"per_task must be positive, got {per_task}")
     chosen = get_suite(suite)
+    if chosen.video:
+        raise ValueError(f"suite {suite!r} holds video tasks; the lmms-eval task reads images only")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     samples, choices = [], []
