@@ -33,6 +33,8 @@ class Backbone:
     stock_model_class: type  # the family's transformers class
     image_inputs: tuple[str, ...]  # the stock forward's image arguments besides `pixel_values`
     video_inputs: tuple[str, ...] = ()  # the stock forward's video arguments the adapter reads (none: video refused)
+    video_processor_name: str  # where video is read: the stock video processor, whose settings files name it
+    default_video_frames: int  # frames a video keeps when the checkpoint's video settings do not say
     image_processor_class: type  # the family's stock PIL image processor (`visor.data.processor` loads its settings)
 
     def __init__(self, config):

@@ -83,6 +83,8 @@ class LlavaOnevision(Backbone):
     stock_model_class = LlavaOnevisionForConditionalGeneration
     image_inputs = ("image_sizes", "batch_num_images")
     video_inputs = ("pixel_values_videos",)
+    video_processor_name = "LlavaOnevisionVideoProcessor"
+    default_video_frames = 32  # LLaVA-OneVision's video setting: 32 frames of ceil(27 / 2)² = 196 tokens
     image_processor_class = LlavaOnevisionImageProcessorPil
 
     # ---- the language model ------------------------------------------------------------------------------------
