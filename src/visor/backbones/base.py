@@ -117,6 +117,16 @@ class Backbone:
         conventions)."""
         raise NotImplementedError
 
+    def video_tokens(self, frames: int) -> ImageTokens:
+        """Frames through the vision tower and visual tokens of one video of `frames` frames, as the stock model
+        computes them (a family with `video_inputs`)."""
+        raise NotImplementedError
+
+    def video_vision_flops(self, frames: int) -> dict[str, int]:
+        """FLOPs of the vision tower and the projector on one video of `frames` frames, by part (a family with
+        `video_inputs`)."""
+        raise NotImplementedError
+
     def nominal_vision_flops(self, visual_tokens: int) -> dict[str, int]:
         """`vision_flops` of an image known only by its visual-token count (a benchmark's sweep): the family
         says which image that stands for."""

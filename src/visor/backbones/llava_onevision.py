@@ -203,6 +203,11 @@ class LlavaOnevision(Backbone):
         """SigLIP and the projector over every crop of the image (see `crop_flops`)."""
         return self.crop_flops(self.crops(image_size))
 
+    def video_vision_flops(self, frames):
+        """SigLIP and the projector over every frame, each a crop (`crop_flops`); the pooling after the projector
+        is an interpolation, not counted."""
+        return self.crop_flops(frames)
+
     def nominal_vision_flops(self, visual_tokens):
         """ceil(N / tokens per crop) crops: the fewest crops that hold N tokens before anyres packing."""
         return self.crop_flops(math.ceil(visual_tokens / self.tokens_per_crop()))
