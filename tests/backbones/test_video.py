@@ -12,7 +12,7 @@ import torch
 from transformers import LlavaOnevisionForConditionalGeneration
 
 from visor import VisorConfig, VisorForConditionalGeneration, presets
-from visor.backbones import backbone_for
+from visor.backbones import backbone_for, family
 
 IMAGE, VIDEO, PAD, BOS = presets.TINY_IMAGE_TOKEN_ID, presets.TINY_VIDEO_TOKEN_ID, presets.TINY_PAD_TOKEN_ID, 1
 FRAMES = 3
@@ -103,7 +103,7 @@ def mixed(stock):
     return video_batch(stock, MIXED)
 
 
-# ---- the geometry ------------------------------------------------------------------------------------------------
+# ---- the geometry --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("frames", [1, 2, 5])
 def test_video_token_count_is_the_stock_model_s(stock, frames):
     """Each frame's 8x8 patch grid pooled to 4x4, then one newline per video, as the stock model's features."""
@@ -166,7 +166,7 @@ def test_dense_generation_equals_stock_on_video_prompts(stock, mixed):
     assert torch.equal(dense.generate(**batch, use_cache=False, **options), expected)
 
 
-# ---- the sparse model reads video tokens as it reads image tokens ------------------------------------------------------
+# ---- the sparse model reads video tokens as it reads image tokens --------------------------------------------------
 def as_image_features(model, batch, kinds):
     """The batch with every video's tokens relabelled as image tokens, and `image_features` holding each row's
     images and videos in prompt order (the videos' from the stock video path)."""
@@ -236,7 +236,7 @@ def test_cached_decoding_of_video_prompts_equals_recomputation(sparse, mixed, co
     assert torch.equal(cached, recompute_greedy(sparse, batch, configuration))
 
 
-# ---- in-LLM pruning ranks video tokens as visual tokens ---------------------------------------------------------------
+# ---- in-LLM pruning ranks video tokens as visual tokens ------------------------------------------------------------
 def test_pruning_keeps_its_share_of_video_tokens(stock, mixed):
     """The no-drop plan is the stock model on video prompts; FastV keeps its fraction of image + video tokens."""
     from visor.reduction.fastv import fastv
@@ -254,7 +254,7 @@ def test_pruning_keeps_its_share_of_video_tokens(stock, mixed):
     assert torch.equal(cache.valid[2].sum(dim=1), text + kept_count(visual.sum(dim=1), 0.5))
 
 
-# ---- bad input ---------------------------------------------------------------------------------------------------
+# ---- bad input -----------------------------------------------------------------------------------------------------
 def test_bad_video_inputs_are_named(sparse, stock):
     batch, _ = video_batch(stock, VIDEO_ONLY)
     pixels = batch["pixel_values_videos"]
@@ -263,6 +263,8 @@ def test_bad_video_inputs_are_named(sparse, stock):
         (dict(batch, pixel_values_videos=pixels[:, :, :, :32]), r"must be \(videos, frames, 3, 64, 64\)"),
         (dict(batch, pixel_values_videos=pixels[:2]), "video-token count does not match the videos"),
         (dict(batch, pixel_values_videos=pixels.clone().fill_(float("nan"))), "pixel_values_videos hold NaN"),
+        (dict(batch, input_ids=batch["input_ids"].masked_fill(batch["input_ids"] == VIDEO, 7)),
+         "pixel_values_videos given, but input_ids hold no video tokens"),
     ]
     for inputs, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -273,7 +275,7 @@ def test_bad_video_inputs_are_named(sparse, stock):
         sparse(input_ids=torch.full((3, 1), VIDEO), past_key_values=cache, use_cache=True)
 
 
-@pytest.mark.parametrize("preset", ["tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl"])
+@pytest.mark.parametrize("preset", ["tiny-qwen2-vl", "tiny-qwen3-vl"])
 def test_families_without_video_refuse_it_by_name(preset):
     backbone = backbone_for(presets.PRESETS[preset](2))
     assert backbone.video_inputs == ()
@@ -282,3 +284,154 @@ def test_families_without_video_refuse_it_by_name(preset):
             backbone.select_image_inputs(pixel_values=None, **{name: torch.ones(1, 3)})
     ids = torch.tensor([[IMAGE, VIDEO, 7]])
     assert backbone.visual_token_mask(ids).tolist() == [[True, False, False]]
+
+
+# ---- Qwen2.5-VL: video patches, temporal M-RoPE -----------------------------------------------------------------
+QWEN_START, QWEN_END = presets.TINY_VISION_START_TOKEN_ID, presets.TINY_VISION_END_TOKEN_ID
+# Each row's parts: words, an image of (height, width), or a video of (frames, height, width).
+QWEN_VIDEO_ONLY = [[3, ("video", (4, 64, 64)), 4], [2, ("video", (2, 32, 64)), 7], [5, ("video", (6, 32, 32)), 1]]
+QWEN_MIXED = [[2, ("image", (64, 96)), 2, ("video", (4, 64, 64)), 3], [3, ("video", (2, 32, 64)), 2,
+              ("image", (32, 32)), 2], [4, ("video", (4, 32, 32)), 5], [2, ("image", (64, 64)), 6]]
+
+
+def build_qwen(attention="eager", num_layers=4, seed=0):
+    config = presets.tiny_qwen2_5_vl(num_layers)
+    config._attn_implementation = attention
+    torch.manual_seed(seed)
+    return backbone_for(config).stock_model_class(config).eval()
+
+
+def qwen_video_batch(stock, rows, padding="left", seed=1) -> dict:
+    """Padded prompts of `rows` (see QWEN_MIXED): each image or video between the vision start and end tokens, as
+    many tokens as its grid (t = frames / temporal patch) merges to, random patches, `mm_token_type_ids` 1 at image
+    and 2 at video tokens, and each video's seconds per temporal patch."""
+    vision = stock.config.vision_config
+    generator = torch.Generator().manual_seed(seed)
+    features = 3 * vision.temporal_patch_size * vision.patch_size**2
+    grids = {"image": [], "video": []}
+    prompts = []
+    for row in rows:
+        prompt = [BOS]
+        for part in row:
+            if isinstance(part, int):
+                vocab = stock.config.text_config.vocab_size
+                prompt += torch.randint(5, vocab - 2, (part,), generator=generator).tolist()
+                continue
+            kind, shape = part
+            frames, height, width = (vision.temporal_patch_size, *shape) if kind == "image" else shape
+            grid = (frames // vision.temporal_patch_size, height // vision.patch_size, width // vision.patch_size)
+            grids[kind].append(grid)
+            count = grid[0] * grid[1] * grid[2] // vision.spatial_merge_size**2
+            prompt += [QWEN_START] + [IMAGE if kind == "image" else VIDEO] * count + [QWEN_END]
+        prompts.append(prompt)
+    length = max(map(len, prompts))
+    input_ids = torch.full((len(rows), length), PAD)
+    attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        place = slice(length - len(prompt), None) if padding == "left" else slice(0, len(prompt))
+        input_ids[row, place], attention_mask[row, place] = torch.tensor(prompt), 1
+    batch = dict(input_ids=input_ids, attention_mask=attention_mask,
+                 mm_token_type_ids=(input_ids == IMAGE).int() + 2 * (input_ids == VIDEO).int())
+    for kind, pixels_name, grid_name in (("image", "pixel_values", "image_grid_thw"),
+                                         ("video", "pixel_values_videos", "video_grid_thw")):
+        if grids[kind]:
+            grid = torch.tensor(grids[kind])
+            batch[grid_name] = grid
+            batch[pixels_name] = torch.randn(int(grid.prod(dim=-1).sum()), features, generator=generator)
+    if grids["video"]:
+        batch["second_per_grid_ts"] = torch.tensor([0.5 + index for index in range(len(grids["video"]))])
+    return batch
+
+
+def qwen_dense_of(stock):
+    module = family(stock.config)
+    return module.VISOR_MODEL.from_stock(stock, module.VISOR_MODEL.config_class.dense(stock.config)).eval()
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return build_qwen(num_layers=6)
+
+
+@pytest.fixture(scope="module")
+def qwen_sparse(qwen):
+    torch.manual_seed(3)
+    model = family(qwen.config).VISOR_MODEL.from_stock(qwen).eval()
+    with torch.no_grad():
+        for block in model.cross_attention.values():
+            block.attention_gate.fill_(0.7)
+        model.position_encoding.conv.weight.normal_(0, 0.1)
+    return model
+
+
+def test_qwen_video_positions_are_the_stock_temporal_m_rope(qwen):
+    """Each temporal patch of a video moves the time row by tokens_per_second · seconds per patch (the stock
+    `get_rope_index`, given the grids and the seconds), not by one."""
+    batch = qwen_video_batch(qwen, QWEN_MIXED)
+    video_inputs = {name: batch[name] for name in ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")}
+    positions = backbone_for(qwen.config).prompt_positions(qwen, batch["input_ids"], batch["attention_mask"],
+                                                           image_grid_thw=batch["image_grid_thw"], **video_inputs)
+    expected, _ = qwen.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"],
+                                            image_grid_thw=batch["image_grid_thw"],
+                                            video_grid_thw=batch["video_grid_thw"],
+                                            second_per_grid_ts=batch["second_per_grid_ts"],
+                                            attention_mask=batch["attention_mask"])
+    assert torch.equal(positions, expected)
+    times = positions[0, 0][batch["input_ids"][0] == VIDEO].unique()
+    assert len(times) == 2 and int(times[1] - times[0]) > 1  # two temporal patches, spaced by the video's time
+
+
+@pytest.mark.parametrize("rows", [QWEN_VIDEO_ONLY, QWEN_MIXED], ids=["video-only", "image-and-video"])
+@pytest.mark.parametrize("padding", ["left", "right"])
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_qwen_dense_logits_equal_stock_on_video_prompts(attention, padding, rows):
+    stock = build_qwen(attention)
+    batch = qwen_video_batch(stock, rows, padding)
+    valid = batch["attention_mask"].bool()
+    assert (~valid).any()
+    torch.testing.assert_close(logits(qwen_dense_of(stock), batch)[valid], logits(stock, batch)[valid], atol=ATOL,
+                               rtol=0)
+
+
+def test_qwen_dense_generation_equals_stock_on_video_prompts(qwen):
+    batch = qwen_video_batch(qwen, QWEN_MIXED)
+    options = dict(max_new_tokens=5, do_sample=False, pad_token_id=PAD)
+    assert torch.equal(qwen_dense_of(qwen).generate(**batch, **options), qwen.generate(**batch, **options))
+
+
+def test_qwen_video_reaches_every_configuration_and_decoding_continues_its_positions(qwen_sparse, qwen):
+    batch = qwen_video_batch(qwen, QWEN_VIDEO_ONLY)
+    other = dict(batch, pixel_values_videos=batch["pixel_values_videos"] + 1.0)
+    text = batch["attention_mask"].bool() & (batch["input_ids"] != VIDEO)
+    for configuration in range(len(qwen_sparse.config.configurations)):
+        change = logits(qwen_sparse, batch, configuration=configuration) - logits(qwen_sparse, other,
+                                                                                  configuration=configuration)
+        assert change[text].abs().max() > 1e-3, configuration
+        with torch.no_grad():
+            cache = qwen_sparse(**batch, configuration=configuration, use_cache=True, logits_to_keep=1).past_key_values
+        assert cache.visual_valid.sum(dim=1).tolist() == (batch["input_ids"] == VIDEO).sum(dim=1).tolist()
+    mixed = [0, 2, 1]
+    generated = qwen_sparse.generate(**batch, configuration=mixed, max_new_tokens=4, do_sample=False, pad_token_id=PAD)
+    with torch.no_grad():
+        output = qwen_sparse(**batch, configuration=mixed, use_cache=True)
+        cache, mask, tokens = output.past_key_values, batch["attention_mask"], []
+        for _ in range(4):
+            tokens.append(output.logits[:, -1].argmax(dim=-1, keepdim=True))
+            mask = torch.cat([mask, torch.ones_like(tokens[-1])], dim=1)
+            output = qwen_sparse(input_ids=tokens[-1], attention_mask=mask, past_key_values=cache, use_cache=True)
+    assert torch.equal(torch.cat(tokens, dim=1), generated[:, batch["input_ids"].shape[1]:])
+
+
+def test_qwen_bad_video_inputs_are_named(qwen_sparse, qwen):
+    batch = qwen_video_batch(qwen, QWEN_VIDEO_ONLY)
+    cases = [
+        (dict(batch, video_grid_thw=None), "video tokens but video_grid_thw is missing"),
+        (dict(batch, pixel_values_videos=None), "video tokens but pixel_values_videos are missing"),
+        (dict(batch, pixel_values_videos=batch["pixel_values_videos"][1:]), "pixel_values_videos must be"),
+        (dict(batch, second_per_grid_ts=batch["second_per_grid_ts"][:1]), "one value per video"),
+        (dict(batch, video_grid_thw=batch["video_grid_thw"][:, 1:]), r"video_grid_thw must be \(num_videos, 3\)"),
+        (dict(batch, video_grid_thw=batch["video_grid_thw"].flip(0)), "video-token count does not match"),
+    ]
+    for inputs, message in cases:
+        with torch.no_grad(), pytest.raises(ValueError, match=message):
+            qwen_sparse(**inputs)

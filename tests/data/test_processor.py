@@ -287,6 +287,8 @@ def test_families_and_tokenizers_without_video_refuse_videos(tokenizer, tmp_path
     gif = _gif(tmp_path / "clip.gif", 2)
     with pytest.raises(ValueError, match="Qwen2VL models take no video"):
         VisorProcessor(presets.tiny_qwen2_vl(), tokenizer)(None, "what ?", videos=gif)
+    with pytest.raises(ValueError, match="prepares no video for Qwen2_5_VL models yet"):
+        VisorProcessor(presets.tiny_qwen2_5_vl(), tokenizer)(None, "what ?", videos=gif)
     config = presets.tiny()
     config.video_token_id = 9  # a word of the tokenizer, not its <video> token
     processor = VisorProcessor(config, tokenizer)

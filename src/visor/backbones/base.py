@@ -14,7 +14,7 @@ from torch import nn
 
 # Every family's image and video arguments of `forward` (`visor.modeling.visor.VisorModel.forward` names them all).
 IMAGE_ARGUMENTS = ("pixel_values", "image_sizes", "batch_num_images", "image_grid_thw", "mm_token_type_ids",
-                   "pixel_values_videos")
+                   "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 
 
 def linear_flops(tokens: int, in_features: int, out_features: int) -> int:
@@ -33,8 +33,10 @@ class Backbone:
     stock_model_class: type  # the family's transformers class
     image_inputs: tuple[str, ...]  # the stock forward's image arguments besides `pixel_values`
     video_inputs: tuple[str, ...] = ()  # the stock forward's video arguments the adapter reads (none: video refused)
-    video_processor_name: str  # where video is read: the stock video processor, whose settings files name it
-    default_video_frames: int  # frames a video keeps when the checkpoint's video settings do not say
+    # The stock video processor whose settings `visor.data.processor` reads to prepare frames as it does (None:
+    # the processor prepares no video for the family), and the frames a video keeps when those settings do not say.
+    video_processor_name: str | None = None
+    default_video_frames: int
     image_processor_class: type  # the family's stock PIL image processor (`visor.data.processor` loads its settings)
 
     def __init__(self, config):

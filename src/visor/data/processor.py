@@ -279,7 +279,10 @@ class VisorProcessor:
         self.images = image_side(self.backbone, image_processor, images_source)
         # `videos=` needs a family that reads video and a tokenizer that spells its video token; else it is refused.
         self.videos, self.no_video = None, f"{type(self.backbone).__name__} models take no video"
-        if self.backbone.video_inputs:
+        if self.backbone.video_inputs and self.backbone.video_processor_name is None:
+            self.no_video = (f"the processor prepares no video for {type(self.backbone).__name__} models yet (the "
+                             "model takes the stock video processor's inputs)")
+        elif self.backbone.video_inputs:
             try:
                 self.video_token = _image_token(tokenizer, config.video_token_id, tokenizer_source, "video")
             except ValueError as error:

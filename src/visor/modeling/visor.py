@@ -227,6 +227,8 @@ class VisorModel:
         image_grid_thw: torch.Tensor | None = None,
         mm_token_type_ids: torch.Tensor | None = None,
         pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
+        second_per_grid_ts: torch.Tensor | None = None,
         **kwargs,
     ) -> VisorOutput:
         """Logits (and the loss on `labels`) with each sample's configuration of SA layers.
@@ -245,7 +247,8 @@ class VisorModel:
             input_ids, pixel_values, attention_mask, position_ids, past_key_values, use_cache, configuration,
             image_features, router_threshold, image_sizes=image_sizes, batch_num_images=batch_num_images,
             image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids,
-            pixel_values_videos=pixel_values_videos, **kwargs)
+            pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
+            second_per_grid_ts=second_per_grid_ts, **kwargs)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(self.text_stack.norm(hidden[:, keep]))  # the norm is per token: only the kept ones
         loss = None
@@ -496,6 +499,8 @@ def embed_with_images(model, input_ids: torch.Tensor, image_features: list[torch
     if video_mask.any():
         videos = backbone.encode_videos(model, int(video_mask.sum()), **video_inputs)
         embeds = _fill_slots(embeds, video_mask, videos, position_encoding, "video")
+    elif video_inputs.get("pixel_values_videos") is not None:
+        raise ValueError("pixel_values_videos given, but input_ids hold no video tokens")
     return embeds, visual_mask, additions
 
 

@@ -224,7 +224,8 @@ class PrunedModel:
     def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
                 past_key_values=None, inputs_embeds=None, use_cache=None, logits_to_keep=0,
                 image_features: list[torch.Tensor] | None = None, image_sizes=None, batch_num_images=None,
-                image_grid_thw=None, mm_token_type_ids=None, pixel_values_videos=None, **kwargs):
+                image_grid_thw=None, mm_token_type_ids=None, pixel_values_videos=None, video_grid_thw=None,
+                second_per_grid_ts=None, **kwargs):
         """Logits as the stock model's; tokens dropped inside the stack keep the hidden state they had then.
 
         `image_features` (per image, as `visor.modeling.visor.embed_with_images` takes them) may replace the
@@ -236,7 +237,8 @@ class PrunedModel:
         image_inputs = self.backbone.select_image_inputs(
             pixel_values=pixel_values, image_sizes=image_sizes, batch_num_images=batch_num_images,
             image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids,
-            pixel_values_videos=pixel_values_videos, **kwargs)
+            pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
+            second_per_grid_ts=second_per_grid_ts, **kwargs)
         cache = resolve_cache(past_key_values, use_cache, PrunedCache, "in-LLM pruning")
         length = input_ids.shape[1]
         position_ids = self.backbone.positions(self, input_ids, attention_mask, cache, position_ids, **image_inputs)
