@@ -241,6 +241,7 @@ def test_pruning_keeps_its_share_of_video_tokens(stock, mixed):
     """The no-drop plan is the stock model on video prompts; FastV keeps its fraction of image + video tokens."""
     from visor.reduction.fastv import fastv
     from visor.reduction.pruned import PruningPlan, kept_count, pruned
+    from visor.reduction.sparsevlm import question_counts
 
     batch, _ = mixed
     valid = batch["attention_mask"].bool()
@@ -252,6 +253,11 @@ def test_pruning_keeps_its_share_of_video_tokens(stock, mixed):
     text = (valid & ~visual).sum(dim=1)
     assert torch.equal(cache.valid[1].sum(dim=1), text + visual.sum(dim=1))
     assert torch.equal(cache.valid[2].sum(dim=1), text + kept_count(visual.sum(dim=1), 0.5))
+    # SparseVLM's raters (the score rows the counter prices) are the text after the last image or video.
+    order = torch.arange(visual.shape[1]).expand_as(visual)
+    last_visual = torch.where(visual, order, -1).max(dim=1).values
+    raters = (valid & ~visual & (order > last_visual[:, None])).sum(dim=1)
+    assert torch.equal(question_counts(stock.config, batch), raters) and bool((raters < text).all())
 
 
 # ---- bad input -----------------------------------------------------------------------------------------------------
