@@ -6,7 +6,9 @@ family, scaled down, so the code that reads real checkpoints is tested on the re
     config.json, generation_config.json, model.safetensors   the stock model (the family's tiny preset)
     tokenizer.json, tokenizer_config.json                    a byte-level BPE tokenizer ("Qwen2Tokenizer") with the
                                                              family's special tokens (<|im_start|>, <|im_end|>, and
-                                                             <image> / <video>, or <|vision_start|> <|image_pad|> …)
+                                                             <image> / <video>, or <|vision_start|> <|image_pad|> …,
+                                                             or InternVL's <img> <IMG_CONTEXT> </img>, named in
+                                                             tokenizer_config.json's extra_special_tokens)
     chat_template.json                                       the family's multimodal chat template (typed parts)
     preprocessor_config.json (+ processor_config.json, video_preprocessor_config.json where the family ships one)
                                                              the image processor's settings, normalisation included
@@ -30,15 +32,22 @@ from transformers import PreTrainedTokenizerFast
 from visor import presets
 from visor.data.tokenizer import suite_vocabulary
 
-FAMILIES = ("llava-onevision", "qwen2-vl", "qwen2.5-vl", "qwen3-vl")
+FAMILIES = ("llava-onevision", "qwen2-vl", "qwen2.5-vl", "qwen3-vl", "internvl3")
 
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 HALF = [0.5, 0.5, 0.5]
 
 QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
                        "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
                        "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 LLAVA_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+# InternVL3's tokenizer: Qwen2.5's special tokens, then InternVL's; the image and video ones are named for its
+# processor.
+INTERNVL_MARKERS = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+                    "video_token": "<video>"}
+INTERNVL_SPECIAL_TOKENS = QWEN_SPECIAL_TOKENS + ["<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>",
+                                                 "</ref>", "<box>", "</box>", "<video>"]
 
 # llava-hf's LLaVA-OneVision template: a turn's images first (each "<image>\n"), then its text.
 LLAVA_ONEVISION_TEMPLATE = (
@@ -88,6 +97,23 @@ QWEN3_VL_TEMPLATE = (
 )
 
 
+# InternVL3's (-hf) template: parts in their order, each image as "<IMG_CONTEXT>\n" (the processor writes the
+# tiles' tokens between <img> and </img>), plain-text content allowed.
+INTERNVL3_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{{ '<IMG_CONTEXT>\n' }}"
+    "{% elif part['type'] == 'video' %}{{ '<video>\n' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
 def build_tokenizer(special_tokens: list[str]) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer (Qwen2's kind) trained on the suite's words, with `special_tokens` after it."""
     words = suite_vocabulary() + ["You", "are", "a", "helpful", "assistant", ".", "system", "user"]
@@ -113,6 +139,9 @@ def _model_config(family: str, tokenizer):
     if family == "llava-onevision":
         config = presets.tiny()
         config.image_token_id, config.video_token_id = _ids(tokenizer, "<image>", "<video>")
+    elif family == "internvl3":
+        config = presets.tiny_internvl3()
+        (config.image_token_id,) = _ids(tokenizer, "<IMG_CONTEXT>")
     else:
         config = presets.PRESETS[f"tiny-{family}"]()
         (config.image_token_id, config.video_token_id, config.vision_start_token_id,
@@ -138,6 +167,19 @@ def _processor_files(family: str, config) -> dict[str, dict]:
                 "image_token": "<image>", "num_image_tokens": (vision.image_size // vision.patch_size) ** 2,
                 "processor_class": "LlavaOnevisionProcessor", "video_token": "<video>",
                 "vision_feature_select_strategy": config.vision_feature_select_strategy},
+        }
+    if family == "internvl3":
+        tile = {"height": vision.image_size[0], "width": vision.image_size[1]}
+        # InternVL3's releases: 1 to 12 tiles (and a thumbnail), tiled by the processor (its crop_to_patches), not by
+        # the image processor's own setting.
+        return {
+            "preprocessor_config.json": {
+                "crop_to_patches": False, "do_convert_rgb": True, "do_normalize": True, "do_rescale": True,
+                "do_resize": True, "image_mean": IMAGENET_MEAN, "image_processor_type": "GotOcr2ImageProcessorFast",
+                "image_std": IMAGENET_STD, "max_patches": 12, "min_patches": 1, "processor_class": "InternVLProcessor",
+                "resample": 3, "rescale_factor": 1 / 255, "size": tile},
+            "processor_config.json": {"image_seq_length": config.image_seq_length,
+                                      "processor_class": "InternVLProcessor"},
         }
     token_area = (vision.patch_size * vision.spatial_merge_size) ** 2  # pixels per visual token
     patches = dict(patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
@@ -165,7 +207,8 @@ def write_released_checkpoint(family: str, folder: str | Path, seed: int = 0) ->
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
     folder = Path(folder)
-    tokenizer = build_tokenizer(LLAVA_SPECIAL_TOKENS if family == "llava-onevision" else QWEN_SPECIAL_TOKENS)
+    tokenizer = build_tokenizer({"llava-onevision": LLAVA_SPECIAL_TOKENS, "internvl3": INTERNVL_SPECIAL_TOKENS}.get(
+        family, QWEN_SPECIAL_TOKENS))
     config = _model_config(family, tokenizer)
     torch.manual_seed(seed)
     model = backbone_for(config).stock_model_class(config).eval()
@@ -174,10 +217,12 @@ def write_released_checkpoint(family: str, folder: str | Path, seed: int = 0) ->
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     settings = json.loads((folder / "tokenizer_config.json").read_text())
-    (folder / "tokenizer_config.json").write_text(json.dumps({**settings, "tokenizer_class": "Qwen2Tokenizer"},
-                                                             indent=2))
-    template = {"llava-onevision": LLAVA_ONEVISION_TEMPLATE, "qwen3-vl": QWEN3_VL_TEMPLATE}.get(family,
-                                                                                              QWEN2_VL_TEMPLATE)
+    settings["tokenizer_class"] = "Qwen2Tokenizer"
+    if family == "internvl3":
+        settings["extra_special_tokens"] = INTERNVL_MARKERS
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings, indent=2))
+    template = {"llava-onevision": LLAVA_ONEVISION_TEMPLATE, "qwen3-vl": QWEN3_VL_TEMPLATE,
+                "internvl3": INTERNVL3_TEMPLATE}.get(family, QWEN2_VL_TEMPLATE)
     (folder / "chat_template.json").write_text(json.dumps({"chat_template": template}, indent=2))
     for name, content in _processor_files(family, config).items():
         (folder / name).write_text(json.dumps(content, indent=2))

@@ -17,7 +17,7 @@ from visor import VisorForConditionalGeneration, cli, presets
 from visor.backbones import family
 from visor.data import build_tokenizer
 
-SHAPES = ("tiny", "tiny-qwen2.5-vl")
+SHAPES = ("tiny", "tiny-qwen2.5-vl", "tiny-internvl3")
 SCRIPTS = Path(__file__).parents[1] / "scripts"
 
 

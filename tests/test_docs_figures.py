@@ -12,7 +12,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from docs_figures import BLOCK, documents, render, stale_documents  # noqa: E402
+from docs_figures import (  # noqa: E402
+    BLOCK, UNTRACED, documents, render, render_value, result_files, stale_documents, untraced_figures,
+)
 
 
 def blocks(root: Path) -> list[tuple[Path, str]]:
@@ -27,8 +29,7 @@ def test_every_generated_block_is_what_its_results_give():
 def test_changing_one_committed_number_makes_the_check_fail(tmp_path):
     path, spec = next((path, spec) for path, spec in blocks(ROOT) if spec.startswith("engine"))
     results = spec.split()[1]
-    named = [other.split()[1] for document, other in blocks(ROOT) if document == path]  # every file it renders
-    for name in (path.relative_to(ROOT), *named):
+    for name in (path.relative_to(ROOT), *result_files(path.read_text())):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, tmp_path / name)
     assert list(stale_documents(tmp_path)) == []
@@ -55,3 +56,32 @@ def test_every_committed_demo_report_is_what_its_results_give(run):
     folder = ROOT / "docs" / run
     assert (folder / "report.md").read_text() == markdown(json.loads((folder / "results.json").read_text())), \
         f"regenerate docs/{run}/report.md from its results.json"
+
+
+def test_no_document_gains_a_figure_no_result_file_wrote():
+    """Outside generated blocks and values, only the documents in `UNTRACED` carry figures typed by hand, exactly
+    as many as counted there (a figure rendered from its file lowers the count, and the ledger with it)."""
+    counts = {str(path.relative_to(ROOT)): len(untraced_figures(path.read_text())) for path in documents(ROOT)}
+    assert {name: count for name, count in counts.items() if count} == UNTRACED
+
+
+def test_untraced_figures_finds_measured_numbers_and_leaves_the_rest():
+    text = ("CA only ran 12.9x faster, 98.3% hard, in 7 min or 45 s, 1.5 points up; 4x is a setting, 24 layers a "
+            "shape, Python 3.11 and transformers < 5.20 versions, `0.5` code, "
+            "<!-- value: f.json a | {:.1f}x -->3.1x<!-- /value --> rendered.\n"
+            "<!-- results: demo f.json -->\n| 96.5 |\n<!-- /results -->\n```\n1.25 s\n```\n")
+    assert untraced_figures(text) == ["12.9x", "98.3", "7 min", "45 s", "1.5"]
+
+
+def test_a_value_is_arithmetic_of_its_file(tmp_path):
+    (tmp_path / "r.json").write_text(json.dumps({"rows": [{"method": "full", "setting": "SA [1]", "s": 8.0},
+                                                          {"method": "visor", "setting": "SA [1]", "s": 2.0}],
+                                                 "stages": {"train": {"seconds": 90}}}))
+    full, visor = "rows[method=full;setting=SA [1]].s", "rows[method=visor].s"
+    assert render_value(tmp_path, f"r.json {full} / {visor} | {{:.1f}}x") == "4.0x"
+    assert render_value(tmp_path, f"r.json ( {full} + {visor} ) / 2 - 1") == "4"
+    assert render_value(tmp_path, "r.json stages.train.seconds / 60 | {:.1f} min") == "1.5 min"
+    with pytest.raises(ValueError, match="0 rows match"):
+        render_value(tmp_path, "r.json rows[method=pool].s")
+    with pytest.raises(ValueError, match="no 'test'"):
+        render_value(tmp_path, "r.json stages.test")

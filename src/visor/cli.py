@@ -13,7 +13,7 @@ _SUBCOMMAND_MODULES = (
     "visor.demo",
     "visor.convert",
     "visor.generate",
-    "visor.evaluation.cli",
+    "visor.evaluate",
     "visor.analysis.cli",
     "visor.bench",
     "visor.training.cli",

@@ -5,7 +5,7 @@
     visor generate --model DIR --image FILE --question TEXT --tau 0.8               # the policy, another budget
 
 The model folder holds a stock or VISOR checkpoint of a supported family (LLaVA-OV, Qwen2-VL, Qwen2.5-VL,
-Qwen3-VL) plus its tokenizer (the demo and `visor train` save both).
+Qwen3-VL, InternVL3) plus its tokenizer (the demo and `visor train` save both).
 """
 
 from __future__ import annotations

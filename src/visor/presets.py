@@ -2,13 +2,15 @@
 
 `tiny` is the demo's from-scratch LLaVA-OneVision model; `tiny-llama` is the same with a Llama text model;
 `tiny-qwen2-vl`, `tiny-qwen2.5-vl` and `tiny-qwen3-vl` are the Qwen-VL families at the same text size (patch 8, so a
-16-pixel merged patch per visual token); `llava-ov-0.5b`, `qwen2.5-vl-3b` and `qwen3-vl-2b` have the real models'
-shapes for FLOP counting and benchmarks with random weights.
+16-pixel merged patch per visual token); `tiny-internvl3` is InternVL3 at that size (64-pixel tiles of 16 tokens);
+`llava-ov-0.5b`, `qwen2.5-vl-3b`, `qwen3-vl-2b` and `internvl3-1b` have the real models' shapes for FLOP counting and
+benchmarks with random weights.
 """
 
 from __future__ import annotations
 
 from transformers import (
+    InternVLConfig,
     LlamaConfig,
     LlavaOnevisionConfig,
     Qwen2_5_VLConfig,
@@ -123,6 +125,16 @@ def tiny_qwen3_vl(num_layers: int = 6) -> Qwen3VLConfig:
     return Qwen3VLConfig(vision_config=vision, text_config=text, **_tiny_qwen_vl_ids())
 
 
+def tiny_internvl3(num_layers: int = 6) -> InternVLConfig:
+    """Tiny InternVL3: a 2-layer InternViT (width 64, 64-pixel tiles of 8x8 patches, pixel shuffle to 4x4 = 16
+    tokens per tile) and the tiny Qwen2 text model."""
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                  attention_bias=True, image_size=TINY_CROP, patch_size=TINY_PATCH)
+    return InternVLConfig(vision_config=vision, text_config=Qwen2Config(**_tiny_text_kwargs(num_layers)),
+                          image_token_id=TINY_IMAGE_TOKEN_ID, image_seq_length=16, downsample_ratio=0.5,
+                          vision_feature_select_strategy="default", vision_feature_layer=-1, tie_word_embeddings=True)
+
+
 def llava_ov_0_5b() -> LlavaOnevisionConfig:
     """LLaVA-OneVision-0.5B shapes: SigLIP-400M as LLaVA-OV uses it (26 layers, d=1152, 384 px, patch 14) + Qwen2-0.5B (24 layers)."""
     vision = SiglipVisionConfig(
@@ -188,9 +200,26 @@ def qwen3_vl_2b() -> Qwen3VLConfig:
     return Qwen3VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=True, **_QWEN_VL_IDS)
 
 
+def internvl3_1b() -> InternVLConfig:
+    """InternVL3-1B shapes. Vision: InternViT-300M-448px (24 layers, d=1024, 16 heads, MLP 4096, 448-pixel tiles of
+    14-pixel patches, q/k/v biases), which are `InternVLVisionConfig`'s defaults (its docstring names
+    OpenGVLab/InternVL3-1B-hf), biases from the released checkpoint's attention; pixel shuffle 0.5 (256 tokens per
+    tile), GELU projector and image token 151667: `InternVLConfig`'s defaults. Text: Qwen2.5-0.5B (24 layers, d=896,
+    14 heads, 2 K/V heads, MLP 4864, rope theta 1e6, 32k context, tied embeddings), with the vocabulary of
+    InternVL3's tokenizer (151,674: Qwen2.5's and InternVL's added tokens), from the released config."""
+    vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                  attention_bias=True, image_size=448, patch_size=14)
+    text = Qwen2Config(vocab_size=151674, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                       num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                       rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, tie_word_embeddings=True)
+    return InternVLConfig(vision_config=vision, text_config=text, image_token_id=151667, image_seq_length=256,
+                          downsample_ratio=0.5, vision_feature_select_strategy="default", vision_feature_layer=-1,
+                          tie_word_embeddings=True)
+
+
 PRESETS = {"tiny": tiny, "tiny-llama": tiny_llama, "tiny-qwen2-vl": tiny_qwen2_vl, "tiny-qwen2.5-vl": tiny_qwen2_5_vl,
-           "tiny-qwen3-vl": tiny_qwen3_vl, "llava-ov-0.5b": llava_ov_0_5b, "qwen2.5-vl-3b": qwen2_5_vl_3b,
-           "qwen3-vl-2b": qwen3_vl_2b}
+           "tiny-qwen3-vl": tiny_qwen3_vl, "tiny-internvl3": tiny_internvl3, "llava-ov-0.5b": llava_ov_0_5b,
+           "qwen2.5-vl-3b": qwen2_5_vl_3b, "qwen3-vl-2b": qwen3_vl_2b, "internvl3-1b": internvl3_1b}
 
 
 def preset_config(name: str):

@@ -7,7 +7,7 @@ import torch
 
 from visor import VisorConfig, VisorForConditionalGeneration, presets
 from visor.backbones import backbone_for, family
-from visor.backbones.llava_onevision import LlavaOnevision, PackedGrid, PrunedLlava
+from visor.backbones.llava_onevision import LlavaOnevision, PackedGrid
 
 SIZES = [(64, 64), (64, 128), (128, 64), (128, 128), (50, 120), (300, 90)]
 
@@ -67,7 +67,7 @@ def test_stock_and_visor_configs_find_the_family_and_its_classes(stock):
     for config in (stock.config, visor_config):
         assert isinstance(backbone_for(config), LlavaOnevision)
         module = family(config)
-        assert module.VISOR_MODEL is VisorForConditionalGeneration and module.PRUNED_MODEL is PrunedLlava
+        assert module.VISOR_MODEL is VisorForConditionalGeneration and module.BACKBONE is LlavaOnevision
     assert backbone_for(stock.config).language_model(stock) is stock.model.language_model
     assert backbone_for(stock.config).vision_layers(stock) is stock.model.vision_tower.encoder.layers
     assert backbone_for(stock.config).largest_image_size() == (128, 128)

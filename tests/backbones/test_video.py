@@ -281,7 +281,7 @@ def test_bad_video_inputs_are_named(sparse, stock):
         sparse(input_ids=torch.full((3, 1), VIDEO), past_key_values=cache, use_cache=True)
 
 
-@pytest.mark.parametrize("preset", ["tiny-qwen2-vl", "tiny-qwen3-vl"])
+@pytest.mark.parametrize("preset", ["tiny-qwen2-vl", "tiny-qwen3-vl", "tiny-internvl3"])
 def test_families_without_video_refuse_it_by_name(preset):
     backbone = backbone_for(presets.PRESETS[preset](2))
     assert backbone.video_inputs == ()

@@ -63,6 +63,29 @@ def test_qwen_vl_inputs_are_what_the_stock_model_reads(tokenizer, preset):
         processor(_images([(64, 64)]), ["what ?"], class_maps=[np.zeros((64, 64), dtype=np.int64)])
 
 
+def test_internvl_inputs_are_what_the_stock_model_reads(tokenizer):
+    """Every image tiled, its tiles' tokens alone (the word tokenizer names no <img> / </img> markers)."""
+    from visor.backbones import backbone_for
+
+    config = presets.tiny_internvl3(num_layers=1)
+    torch.manual_seed(0)
+    model = backbone_for(config).stock_model_class(config).eval()
+    processor = VisorProcessor(config, tokenizer, padding_side="left")
+    batch = processor(_images(ODD_SIZES), ["what is it ?"] * len(ODD_SIZES), answers=["red"] * len(ODD_SIZES))
+    assert set(batch) == {"input_ids", "attention_mask", "pixel_values", "labels"}
+    counts = (batch["input_ids"] == presets.TINY_IMAGE_TOKEN_ID).sum(1).tolist()
+    assert counts == [image_tokens(config, size).visual_tokens for size in ODD_SIZES] and len(set(counts)) > 3
+    assert batch["pixel_values"].shape == (sum(counts) // 16, 3, 64, 64)
+    largest = processor.images.largest_image_size()  # 4 x 3 tiles and the thumbnail
+    assert largest == backbone_for(config).largest_image_size() == (256, 192)
+    assert processor.images.token_count(largest, 1) == 13 * 16
+    with torch.no_grad():  # the stock model raises when image tokens and features disagree
+        output = model(**batch)
+    assert torch.isfinite(output.loss)
+    with pytest.raises(ValueError, match="patch targets"):
+        processor(_images([(64, 64)]), ["what ?"], class_maps=[np.zeros((64, 64), dtype=np.int64)])
+
+
 def test_anyres_max_shrink_and_larger_pinpoint_lists_match_the_stock_model(tokenizer):
     from transformers import LlavaOnevisionForConditionalGeneration
 

@@ -19,7 +19,8 @@ import pytest
 import torch
 from PIL import Image
 from transformers import (
-    AutoTokenizer, BatchFeature, LlavaOnevisionProcessor, Qwen2_5_VLProcessor, Qwen2VLProcessor, Qwen3VLProcessor,
+    AutoTokenizer, BatchFeature, InternVLProcessor, LlavaOnevisionProcessor, Qwen2_5_VLProcessor, Qwen2VLProcessor,
+    Qwen3VLProcessor,
 )
 
 from visor.backbones import backbone_for, checkpoint_config
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from released_checkpoints import FAMILIES, write_released_checkpoint  # noqa: E402
 
 STOCK_PROCESSORS = {"llava-onevision": LlavaOnevisionProcessor, "qwen2-vl": Qwen2VLProcessor,
-                    "qwen2.5-vl": Qwen2_5_VLProcessor, "qwen3-vl": Qwen3VLProcessor}
+                    "qwen2.5-vl": Qwen2_5_VLProcessor, "qwen3-vl": Qwen3VLProcessor, "internvl3": InternVLProcessor}
 
 
 @pytest.fixture(scope="module")
@@ -239,3 +240,24 @@ def test_a_folder_without_processor_config_gets_the_family_defaults_and_says_so(
         processor = VisorProcessor.from_pretrained(folder)
     assert "has no preprocessor_config.json" in caplog.text and "0.48145466" in caplog.text
     assert list(processor.images.image_processor.image_mean) == [0.48145466, 0.4578275, 0.40821073]
+
+
+def test_an_internvl_folder_without_processor_config_gets_the_released_tiling_and_says_so(released, tmp_path, caplog):
+    folder = _copy(released["internvl3"], tmp_path)
+    (folder / "preprocessor_config.json").unlink()
+    with caplog.at_level("WARNING"):
+        ours = VisorProcessor.from_pretrained(folder, padding_side="left")
+    assert "has no preprocessor_config.json" in caplog.text and "0.485" in caplog.text
+    stock = stock_processor("internvl3", released["internvl3"])
+    image = sample_images()["panorama"]
+    messages = _messages(1, "what is it ?")
+    expected = stock(images=[[image]], text=[stock.apply_chat_template(messages, add_generation_prompt=True)],
+                     return_tensors="pt")
+    _assert_same(ours.conversations([[image]], [messages], prompt_only=True), expected)
+
+
+def test_an_internvl_tile_size_the_model_cannot_read_is_refused(released, tmp_path):
+    folder = _copy(released["internvl3"], tmp_path)
+    _edit_json(folder / "preprocessor_config.json", size={"height": 448, "width": 448})
+    with pytest.raises(ValueError, match="preprocessor_config.json: size is .* but the model config expects"):
+        VisorProcessor.from_pretrained(folder)

@@ -8,6 +8,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from released_checkpoints import write_open_visor_checkpoint  # noqa: E402
 
+import pytest  # noqa: E402
+
 from visor.data.processor import folder_chat_template  # noqa: E402
 from visor.integrations.vllm.cli import server_command  # noqa: E402
 
@@ -22,3 +24,10 @@ def test_the_folder_chat_template_is_handed_to_vllm(tmp_path):
     assert argv[argv.index("--chat-template") + 1] == template and argv[-2:] == ["--max-num-seqs", "4"]
     own = server_command(str(folder), 0, vllm_options=["--", "--chat-template=mine.jinja"])
     assert own.count("--chat-template") == 0 and own[-1] == "--chat-template=mine.jinja"
+
+
+def test_a_family_the_plugin_does_not_serve_is_refused_by_name(tmp_path):
+    """InternVL3 has a VISOR model, but no vLLM port: `visor serve` says so before starting anything."""
+    folder, _ = write_open_visor_checkpoint("internvl3", tmp_path)
+    with pytest.raises(ValueError, match="vLLM serves VISOR checkpoints .*; this checkpoint is 'visor_internvl'"):
+        server_command(str(folder), 0)

@@ -159,6 +159,15 @@ def test_from_scratch_full_model_starts_with_2d_positions_and_scaled_embeddings(
         TrainingSettings(embedding_std=0.0)
 
 
+def test_a_from_scratch_internvit_starts_with_2d_patch_positions_and_its_cls_position_untouched():
+    from visor.training.recipes import sincos_2d
+
+    model = build_model("full", None, "tiny-internvl3", TrainingSettings(model_layers=2))
+    positions = model.model.vision_tower.embeddings.position_embeddings[0]
+    assert torch.equal(positions[1:], sincos_2d(8, positions.shape[1]))
+    assert not positions[0].any()  # the stock initialisation's
+
+
 @pytest.mark.parametrize("recipe", ["full", "visor-universal"])
 def test_a_fixed_vision_tower_gets_no_gradient_and_everything_else_trains(tiny_full_checkpoint, recipe):
     model = build_model(recipe, tiny_full_checkpoint, None, fast_settings(recipe, freeze_vision_tower=True))

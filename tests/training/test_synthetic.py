@@ -91,8 +91,8 @@ def test_task_weights_set_the_mix_without_repeating_samples():
             resolve_data(bad, presets.tiny(2), seed=0)
 
 
-@pytest.mark.parametrize("preset", ["tiny-qwen2.5-vl", "tiny-qwen3-vl"])
-def test_every_recipe_runs_on_a_qwen_vl_backbone_and_the_loss_falls(tmp_path, preset):
+@pytest.mark.parametrize("preset", ["tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-internvl3"])
+def test_every_recipe_runs_on_the_qwen_vl_and_internvl_backbones_and_the_loss_falls(tmp_path, preset):
     """From scratch (no patch targets on this family: no aux loss), then VISOR's stage 1 and universal training."""
     data = "synthetic@demo:read_cell,dominant_color"
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from visor.training.data import EvalBatch
+from visor.training.batches import EvalBatch
 
 BOS, EOS, PAD, IMAGE = 1, 2, 0, 3
 QUESTION = {"colour": 10, "where": 11}

@@ -12,7 +12,8 @@ import torch
 
 from visor.analysis.probe import probe
 from visor.evaluation.scoring import Scores, greedy, new_tokens, score
-from visor.training.data import DataSource, EvalBatch
+from visor.training.batches import EvalBatch
+from visor.training.data import DataSource
 
 
 @torch.no_grad()

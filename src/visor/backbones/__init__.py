@@ -18,6 +18,8 @@ FAMILIES = {
     "visor_qwen2_5_vl": "visor.backbones.qwen2_5_vl",
     "qwen3_vl": "visor.backbones.qwen3_vl",
     "visor_qwen3_vl": "visor.backbones.qwen3_vl",
+    "internvl": "visor.backbones.internvl",
+    "visor_internvl": "visor.backbones.internvl",
 }
 
 

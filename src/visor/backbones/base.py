@@ -22,6 +22,25 @@ def linear_flops(tokens: int, in_features: int, out_features: int) -> int:
     return 2 * tokens * in_features * out_features
 
 
+def vit_layer_flops(tokens: int, width: int, intermediate_size: int) -> int:
+    """One ViT encoder layer (SigLIP's, InternViT's) over `tokens` tokens: q, k, v, o, attention scores and values
+    over all heads (heads × head_dim = width), and the fc1 / fc2 MLP."""
+    return (4 * linear_flops(tokens, width, width) + 2 * 2 * tokens * tokens * width
+            + 2 * linear_flops(tokens, width, intermediate_size))
+
+
+def sequential_positions(input_ids: torch.Tensor) -> torch.Tensor:
+    """One rotary position per token, (B, S), as the stock 1-D families compute them (they ignore padding here too)."""
+    return torch.arange(input_ids.shape[1], device=input_ids.device).expand(*input_ids.shape)
+
+
+def selected_layer(vision_feature_layer: int | list[int], num_hidden_layers: int) -> int:
+    """Index into the vision layers of the one whose output `vision_feature_layer` selects (the last, if several)
+    from the tower's hidden states, whose first is the embeddings' output."""
+    feature = vision_feature_layer if isinstance(vision_feature_layer, int) else vision_feature_layer[-1]
+    return feature % (num_hidden_layers + 1) - 1
+
+
 class ImageTokens(NamedTuple):
     crops: int  # image pieces through the vision tower
     visual_tokens: int  # tokens the language model sees for the image

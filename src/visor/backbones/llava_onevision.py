@@ -1,5 +1,5 @@
 """LLaVA-OneVision (SigLIP vision tower, 2-layer MLP projector, anyres packing with `image_newline`): the adapter,
-and the family's `VisorConfig` (model type `visor`), `VisorForConditionalGeneration` and `PrunedLlava`.
+and the family's `VisorConfig` (model type `visor`) and `VisorForConditionalGeneration`.
 
 The adapter answers from transformers' own code: images go through the stock `get_image_features` and videos
 through the stock `get_video_features` (each frame a base-view crop, its patch grid pooled 2x2 by `apply_pooling`,
@@ -26,10 +26,11 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
     image_size_to_num_patches,
 )
 
-from visor.backbones.base import Backbone, ImageTokens, linear_flops
+from visor.backbones.base import (
+    Backbone, ImageTokens, linear_flops, selected_layer, sequential_positions, vit_layer_flops,
+)
 from visor.config import VisorConfigMixin
 from visor.modeling.visor import VisorModel
-from visor.reduction.pruned import PrunedModel
 
 
 @strict
@@ -92,8 +93,7 @@ class LlavaOnevision(Backbone):
         return model.model.language_model
 
     def prompt_positions(self, model, input_ids, attention_mask, **image_inputs):
-        """One position per token (the stock model ignores padding here too)."""
-        return torch.arange(input_ids.shape[1], device=input_ids.device).expand(*input_ids.shape)
+        return sequential_positions(input_ids)
 
     # ---- images -------------------------------------------------------------------------------------------------
     def encode_images(self, model, num_image_tokens, pixel_values=None, image_sizes=None, batch_num_images=None):
@@ -241,11 +241,7 @@ class LlavaOnevision(Backbone):
         patches = (vision.image_size // vision.patch_size) ** 2
         width = vision.hidden_size
         patch_embedding = 2 * patches * width * vision.num_channels * vision.patch_size**2
-        per_layer = (
-            4 * linear_flops(patches, width, width)  # q, k, v, o
-            + 2 * 2 * patches * patches * width  # scores and values over all heads (heads × head_dim = width)
-            + 2 * linear_flops(patches, width, vision.intermediate_size)  # fc1, fc2
-        )
+        per_layer = vit_layer_flops(patches, width, vision.intermediate_size)
         feature_layers = 1 if isinstance(config.vision_feature_layer, int) else len(config.vision_feature_layer)
         text_width, tokens = config.text_config.hidden_size, self.tokens_per_crop()
         projector = (linear_flops(tokens, width * feature_layers, text_width)
@@ -261,9 +257,7 @@ class LlavaOnevision(Backbone):
         return self.vision_tower(model).encoder.layers
 
     def feature_layer(self) -> int:
-        feature = self.config.vision_feature_layer
-        feature = feature if isinstance(feature, int) else feature[-1]
-        return feature % (self.config.vision_config.num_hidden_layers + 1) - 1
+        return selected_layer(self.config.vision_feature_layer, self.config.vision_config.num_hidden_layers)
 
 
 class VisorForConditionalGeneration(VisorModel, LlavaOnevisionForConditionalGeneration):
@@ -273,10 +267,4 @@ class VisorForConditionalGeneration(VisorModel, LlavaOnevisionForConditionalGene
     backbone_class = LlavaOnevision
 
 
-class PrunedLlava(PrunedModel, LlavaOnevisionForConditionalGeneration):
-    """LLaVA-OneVision under an in-LLM token-reduction plan (`visor.reduction.pruned.PrunedModel`)."""
-
-    backbone_class = LlavaOnevision
-
-
-BACKBONE, VISOR_MODEL, PRUNED_MODEL = LlavaOnevision, VisorForConditionalGeneration, PrunedLlava
+BACKBONE, VISOR_MODEL = LlavaOnevision, VisorForConditionalGeneration

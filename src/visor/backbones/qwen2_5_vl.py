@@ -1,8 +1,7 @@
 """Qwen2.5-VL: Qwen2-VL's adapter (`visor.backbones.qwen2_vl.QwenVL`: positions, image tokens, the vision tower)
 on the Qwen2.5-VL classes (windowed attention and a SwiGLU MLP in the vision tower; the same M-RoPE, merger and
 token layout), with video (the stock video features and temporal positions), and the family's
-`VisorQwen2_5_VLConfig` (model type `visor_qwen2_5_vl`), `VisorQwen2_5_VLForConditionalGeneration` and
-`PrunedQwen2_5_VL`.
+`VisorQwen2_5_VLConfig` (model type `visor_qwen2_5_vl`) and `VisorQwen2_5_VLForConditionalGeneration`.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ from visor.backbones.base import linear_flops
 from visor.backbones.qwen2_vl import QwenVL
 from visor.config import VisorConfigMixin
 from visor.modeling.visor import VisorModel
-from visor.reduction.pruned import PrunedModel
 
 
 @strict
@@ -58,10 +56,4 @@ class VisorQwen2_5_VLForConditionalGeneration(VisorModel, Qwen2_5_VLForCondition
     backbone_class = Qwen2_5_VL
 
 
-class PrunedQwen2_5_VL(PrunedModel, Qwen2_5_VLForConditionalGeneration):
-    """Qwen2.5-VL under an in-LLM token-reduction plan (`visor.reduction.pruned.PrunedModel`)."""
-
-    backbone_class = Qwen2_5_VL
-
-
-BACKBONE, VISOR_MODEL, PRUNED_MODEL = Qwen2_5_VL, VisorQwen2_5_VLForConditionalGeneration, PrunedQwen2_5_VL
+BACKBONE, VISOR_MODEL = Qwen2_5_VL, VisorQwen2_5_VLForConditionalGeneration

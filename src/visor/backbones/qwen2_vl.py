@@ -1,5 +1,5 @@
 """Qwen2-VL (a ViT over variable-size patch grids, a 2×2 patch merger, M-RoPE): the adapter, and the family's
-`VisorQwen2VLConfig` (model type `visor_qwen2_vl`), `VisorQwen2VLForConditionalGeneration` and `PrunedQwen2VL`.
+`VisorQwen2VLConfig` (model type `visor_qwen2_vl`) and `VisorQwen2VLForConditionalGeneration`.
 
 The adapter answers from transformers' own code: images go through the stock `get_image_features`, positions
 come from the stock `get_rope_index` over the whole prompt (3 rows: time, height, width; an image advances the
@@ -21,7 +21,6 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from visor.backbones.base import Backbone, ImageTokens, linear_flops
 from visor.config import VisorConfigMixin
 from visor.modeling.visor import VisorModel
-from visor.reduction.pruned import PrunedModel
 
 
 class QwenVL(Backbone):
@@ -269,10 +268,4 @@ class VisorQwen2VLForConditionalGeneration(VisorModel, Qwen2VLForConditionalGene
     backbone_class = Qwen2VL
 
 
-class PrunedQwen2VL(PrunedModel, Qwen2VLForConditionalGeneration):
-    """Qwen2-VL under an in-LLM token-reduction plan (`visor.reduction.pruned.PrunedModel`)."""
-
-    backbone_class = Qwen2VL
-
-
-BACKBONE, VISOR_MODEL, PRUNED_MODEL = Qwen2VL, VisorQwen2VLForConditionalGeneration, PrunedQwen2VL
+BACKBONE, VISOR_MODEL = Qwen2VL, VisorQwen2VLForConditionalGeneration

@@ -1,6 +1,5 @@
 """Qwen3-VL: Qwen2-VL's adapter (`visor.backbones.qwen2_vl.QwenVL`) on the Qwen3-VL classes, plus DeepStack, and the
-family's `VisorQwen3VLConfig` (model type `visor_qwen3_vl`), `VisorQwen3VLForConditionalGeneration` and
-`PrunedQwen3VL`.
+family's `VisorQwen3VLConfig` (model type `visor_qwen3_vl`) and `VisorQwen3VLForConditionalGeneration`.
 
 What differs from Qwen2.5-VL is inside stock modules VISOR calls as they are (the text model's q/k norms, the
 interleaved M-RoPE, the vision tower's learned positions), except DeepStack: the vision tower also hands out
@@ -19,7 +18,6 @@ from transformers import AutoConfig, Qwen3VLConfig, Qwen3VLForConditionalGenerat
 from visor.backbones.qwen2_vl import QwenVL
 from visor.config import VisorConfigMixin
 from visor.modeling.visor import VisorModel
-from visor.reduction.pruned import PrunedModel
 
 
 @strict
@@ -55,10 +53,4 @@ class VisorQwen3VLForConditionalGeneration(VisorModel, Qwen3VLForConditionalGene
     backbone_class = Qwen3VL
 
 
-class PrunedQwen3VL(PrunedModel, Qwen3VLForConditionalGeneration):
-    """Qwen3-VL under an in-LLM token-reduction plan (`visor.reduction.pruned.PrunedModel`)."""
-
-    backbone_class = Qwen3VL
-
-
-BACKBONE, VISOR_MODEL, PRUNED_MODEL = Qwen3VL, VisorQwen3VLForConditionalGeneration, PrunedQwen3VL
+BACKBONE, VISOR_MODEL = Qwen3VL, VisorQwen3VLForConditionalGeneration

@@ -3,17 +3,18 @@
 What the stock processor of a family would give, piece by piece (`VisorProcessor.from_pretrained(folder)`):
 
 - **pixels** from the family's stock PIL image processor (no torchvision needed), loaded from the folder's
-  `preprocessor_config.json`: `LlavaOnevisionImageProcessorPil` (anyres crops, `image_sizes`, `batch_num_images`)
-  or `Qwen2VLImageProcessorPil` (flattened patches, `image_grid_thw`). A folder without one gets the family's
-  defaults (`Backbone.default_image_processor`), with a warning.
+  `preprocessor_config.json`: `LlavaOnevisionImageProcessorPil` (anyres crops, `image_sizes`, `batch_num_images`),
+  `Qwen2VLImageProcessorPil` (flattened patches, `image_grid_thw`) or `GotOcr2ImageProcessorPil` (InternVL's
+  tiles). A folder without one gets the family's defaults (`Backbone.default_image_processor`), with a warning.
 - **the image token** the model config names (`image_token_id`), as the tokenizer spells it (`<image>`,
-  `<|image_pad|>` …), expanded to as many copies as the stock processor writes for that image: LLaVA-OV's packed
-  token count (`Backbone.image_tokens`), Qwen-VL's merged patches of the grid.
+  `<|image_pad|>`, `<IMG_CONTEXT>` …), expanded to as many copies as the stock processor writes for that image:
+  LLaVA-OV's packed token count (`Backbone.image_tokens`), Qwen-VL's merged patches of the grid, InternVL's tiles
+  times its tokens per tile.
 - **the chat template** of the folder (its `chat_template.json`, else `chat_template.jinja`, else the tokenizer's).
   A template that renders typed content parts (`{"type": "image"}`, `{"type": "text"}`, as the released
   multimodal templates do) gets them; one that renders text only gets the text with the image token in place.
-  Qwen-VL's image tokens always sit between the vision start and end tokens (added when a template does not write
-  them).
+  Qwen-VL's image tokens always sit between the vision start and end tokens, InternVL's between the tokenizer's
+  `<img>` and `</img>` (added when a template does not write them).
 - **videos** (LLaVA-OV; the other families refuse them): frames read with Pillow and sampled uniformly
   (`visor.data.frames`), each prepared with the folder's `video_preprocessor_config.json` (else the image
   normalisation at the crop size, with a warning) into `pixel_values_videos`; the video token expanded to as many
@@ -66,7 +67,7 @@ class AnyresImages:
 
     has_patch_targets = True
 
-    def __init__(self, backbone, image_processor, source: str):
+    def __init__(self, backbone, image_processor, source: str, tokenizer=None):
         self.backbone, self.image_processor = backbone, image_processor
         config = backbone.config
         self.min_side = config.vision_config.patch_size
@@ -113,13 +114,32 @@ class AnyresImages:
         return out
 
 
-class GridImages:
+class FramedImages:
+    """What the families that frame an image's tokens between a start and an end token share (Qwen-VL, InternVL):
+    the placeholder, and no patch targets."""
+
+    has_patch_targets = False
+    start: int | None
+    end: int | None
+
+    def placeholder(self, image_token_id: int, count: int, framed: bool) -> list[int]:
+        """The image's tokens, between the start and end tokens unless the chat template wrote them (`framed`) or
+        there are none."""
+        tokens = [image_token_id] * count
+        return tokens if framed or self.start is None else [self.start, *tokens, self.end]
+
+    def prompt_inputs(self, input_ids: torch.Tensor, image_token_id: int) -> dict:
+        return {}
+
+    def patch_targets(self, images, class_maps, inputs):
+        raise ValueError("patch targets (class_maps) follow LLaVA-OneVision's crops; this model family has none")
+
+
+class GridImages(FramedImages):
     """The Qwen-VL families' image inputs: each image resized to whole merged patches and flattened into patches,
     with its (t, h, w) patch grid; its tokens sit between the vision start and end tokens."""
 
-    has_patch_targets = False
-
-    def __init__(self, backbone, image_processor, source: str):
+    def __init__(self, backbone, image_processor, source: str, tokenizer=None):
         config = backbone.config
         vision = config.vision_config
         self.image_processor = image_processor
@@ -128,11 +148,6 @@ class GridImages:
         for field, expected in (("patch_size", vision.patch_size), ("merge_size", vision.spatial_merge_size),
                                 ("temporal_patch_size", vision.temporal_patch_size)):
             _check_setting(source, field, getattr(image_processor, field), expected)
-
-    def placeholder(self, image_token_id: int, count: int, framed: bool) -> list[int]:
-        """The image's tokens, between the start and end tokens unless the chat template wrote them (`framed`)."""
-        tokens = [image_token_id] * count
-        return tokens if framed else [self.start, *tokens, self.end]
 
     def token_count(self, image_size: tuple[int, int], images_in_prompt: int) -> int:
         """Visual tokens of a (height, width) image: its merged patches at the processor's pixel bounds."""
@@ -152,8 +167,42 @@ class GridImages:
         """The token types (1 at image tokens) that the stock models compute their positions from."""
         return {"mm_token_type_ids": (input_ids == image_token_id).int()}
 
-    def patch_targets(self, images, class_maps, inputs):
-        raise ValueError("patch targets (class_maps) follow LLaVA-OneVision's crops; this model family has none")
+
+class TiledImages(FramedImages):
+    """InternVL's image inputs: each image cut into square tiles (the grid closest to its aspect ratio within the
+    processor's tile bounds, then a thumbnail), all images' tiles in one (tiles, 3, side, side) tensor, as the stock
+    processor cuts them whatever its `crop_to_patches` says; an image's tokens sit between the tokenizer's start and
+    end image tokens (`<img>`, `</img>`; a tokenizer that names none, such as the presets' word tokenizer, gets
+    the image tokens alone)."""
+
+    def __init__(self, backbone, image_processor, source: str, tokenizer=None):
+        self.backbone, self.image_processor = backbone, image_processor
+        self.min_side = backbone.config.vision_config.patch_size[0]
+        side = backbone.tile_side
+        _check_setting(source, "size", {key: image_processor.size.get(key) for key in ("height", "width")},
+                       {"height": side, "width": side})
+        start, end = (getattr(tokenizer, f"{name}_image_token_id", None) for name in ("start", "end"))
+        self.start, self.end = (start, end) if start is not None and end is not None else (None, None)
+
+    def token_count(self, image_size: tuple[int, int], images_in_prompt: int) -> int:
+        """Visual tokens of a (height, width) image: its tiles at the processor's tile bounds, every image tiled."""
+        tiles = self.image_processor.get_number_of_image_patches(*image_size, {"crop_to_patches": True})
+        return tiles * self.backbone.tokens_per_tile()
+
+    def largest_image_size(self) -> tuple[int, int]:
+        return self.backbone.largest_image_within(self.image_processor.min_patches, self.image_processor.max_patches)
+
+    def __call__(self, rows: list[list[Image.Image]]) -> dict:
+        pixels = self.image_processor([image for row in rows for image in row], crop_to_patches=True,
+                                      return_tensors="pt")
+        return {"pixel_values": pixels["pixel_values"]}
+
+
+def image_side(backbone) -> type:
+    """The class that makes `backbone`'s family's image inputs."""
+    if "image_grid_thw" in backbone.image_inputs:
+        return GridImages
+    return TiledImages if hasattr(type(backbone), "tile_side") else AnyresImages
 
 
 class VideoFrames:
@@ -275,8 +324,7 @@ class VisorProcessor:
         if image_processor is None:
             image_processor = self.backbone.default_image_processor()
         images_source = str(settings) if settings is not None and settings.is_file() else "the image processor"
-        image_side = GridImages if "image_grid_thw" in self.backbone.image_inputs else AnyresImages
-        self.images = image_side(self.backbone, image_processor, images_source)
+        self.images = image_side(self.backbone)(self.backbone, image_processor, images_source, tokenizer)
         # `videos=` needs a family that reads video and a tokenizer that spells its video token; else it is refused.
         self.videos, self.no_video = None, f"{type(self.backbone).__name__} models take no video"
         if self.backbone.video_inputs and self.backbone.video_processor_name is None:

@@ -4,14 +4,13 @@ Each model family's concrete classes live in its backbone adapter (`visor.backbo
 """
 
 from visor.modeling.freezing import (
-    freeze_base, freeze_vision_tower, trainable_parameter_names, trainable_parameters, unfreeze_all,
+    freeze_base, trainable_parameter_names, trainable_parameters, unfreeze_all,
 )
 from visor.modeling.visor import VisorModel, load_stock
 
 __all__ = [
     "VisorModel",
     "freeze_base",
-    "freeze_vision_tower",
     "load_stock",
     "trainable_parameter_names",
     "trainable_parameters",

@@ -45,15 +45,6 @@ def unfreeze_all(model: nn.Module) -> nn.Module:
     return model
 
 
-def freeze_vision_tower(model: nn.Module) -> nn.Module:
-    """Fix the vision tower's weights (as LLaVA recipes keep a pretrained encoder), so that whatever a task needs
-    beyond the tower's features has to be computed by the language model."""
-    from visor.backbones import backbone_for
-
-    backbone_for(model.config).vision_tower(model).requires_grad_(False)
-    return model
-
-
 def trainable_parameter_names(model: nn.Module) -> list[str]:
     """Names of the parameters that currently require gradients, in `named_parameters` order."""
     return [name for name, parameter in model.named_parameters() if parameter.requires_grad]

@@ -1,7 +1,8 @@
 """In-LLM token reduction: the stock decoder layers over a per-sample set of tokens that shrinks with depth.
 
-`PrunedModel` is the mixin of each family's pruned class (`PrunedLlava` for LLaVA-OV): it shares the weights of
-the model it is built from (`pruned(model, plan)`) and owns the decoder loop (hooks cannot change which tokens a
+`PrunedModel` is the mixin of each family's pruned class (`pruned_class`: the mixin on the family's stock class,
+built here, so the families need not know of pruning): it shares the weights of the model it is built from
+(`pruned(model, plan)`) and owns the decoder loop (hooks cannot change which tokens a
 layer sees). A `PruningPlan` says, per layer, what fraction of the visual tokens still present survive into it,
 and how they are ranked (a `Scorer` reading the layer before), whether some dropped tokens are merged into a few
 kept ones (a `Recycler`: SparseVLM), and in which layers visual tokens skip the layer: *read* layers (ShortV's
@@ -20,6 +21,8 @@ rest of the stack runs on the model's fast attention.
 """
 
 from __future__ import annotations
+
+import functools
 
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -198,7 +201,7 @@ class PruningPlan:
 
 # ---- the model -------------------------------------------------------------------------------------------------
 class PrunedModel:
-    """A family's model whose language model runs `plan`; the family's class sets `backbone_class`."""
+    """A family's model whose language model runs `plan`; `pruned_class` sets `backbone_class`."""
 
     backbone_class: type
     _supports_flash_attn = False  # masks are explicit (B, 1, Q, K) tensors
@@ -341,6 +344,16 @@ def _after_layer(hidden: torch.Tensor, tokens: Tokens, additions: list[torch.Ten
     return hidden + tokens.gather(additions[index]) if index < len(additions) else hidden
 
 
+@functools.cache
+def pruned_class(backbone_class: type) -> type:
+    """The family's pruned model class: `PrunedModel` on the family's stock model class
+    (`PrunedLlavaOnevisionForConditionalGeneration` for LLaVA-OV), built once per family."""
+    stock = backbone_class.stock_model_class
+    return type(f"Pruned{stock.__name__}", (PrunedModel, stock),
+                {"backbone_class": backbone_class, "__module__": __name__,
+                 "__doc__": f"{stock.__name__} under an in-LLM token-reduction plan (`PrunedModel`)."})
+
+
 def pruned(model, plan: PruningPlan, on_weights: Callable[[int, torch.Tensor], None] | None = None):
     """`model` (a stock model, or a VISOR one with every layer SA) running `plan`, on `model`'s own parameter and
     buffer tensors (nothing is copied)."""
@@ -350,7 +363,7 @@ def pruned(model, plan: PruningPlan, on_weights: Callable[[int, torch.Tensor], N
     if attention not in ("eager", "sdpa"):
         raise ValueError(f"in-LLM pruning runs with eager or sdpa attention, not {attention!r}")
     with torch.device("meta"):
-        result = family(model.config).PRUNED_MODEL(model.config, plan, on_weights)
+        result = pruned_class(family(model.config).BACKBONE)(model.config, plan, on_weights)
     result.load_state_dict(model.state_dict(), strict=True, assign=True)
     for name, buffer in model.named_buffers():
         owner, _, attribute = name.rpartition(".")

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from visor.data.conversations import Conversation, open_image, prompt_and_answer, read_conversations
-from visor.training.data import EvalBatch
+from visor.training.batches import EvalBatch
 
 
 class ConversationSource:

@@ -20,19 +20,11 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
 
-
-@dataclass
-class EvalBatch:
-    """Prompts without answers (left-padded, ready for `generate`), their tasks and reference answers."""
-
-    tasks: list[str]
-    inputs: dict[str, torch.Tensor]
-    answers: list[str]
+from visor.training.batches import EvalBatch
 
 
 @runtime_checkable

@@ -27,7 +27,7 @@ from visor.backbones import backbone_for, family
 from visor.backbones.base import IMAGE_ARGUMENTS
 from visor.modeling import VisorModel, load_stock
 from visor.modeling.visor import check_checkpoint_folder
-from visor.modeling.freezing import freeze_base, freeze_vision_tower, unfreeze_all
+from visor.modeling.freezing import freeze_base, unfreeze_all
 
 RECIPES = ("full", "visor-stage1", "visor-universal")
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", *IMAGE_ARGUMENTS)
@@ -86,7 +86,7 @@ def build_model(recipe: str, init: str | os.PathLike | None, preset: str | None,
             torch.manual_seed(settings.seed)
             backbone = backbone_for(config)
             model = backbone.stock_model_class(config)
-            if hasattr(backbone.vision_tower(model), "embeddings"):  # SigLIP's learned positions (not Qwen-VL's)
+            if hasattr(backbone.vision_tower(model), "embeddings"):  # SigLIP's, InternViT's learned positions
                 init_patch_positions_2d(backbone.vision_tower(model))
             if settings.embedding_std is not None:
                 with torch.no_grad():
@@ -122,8 +122,12 @@ def build_model(recipe: str, init: str | os.PathLike | None, preset: str | None,
 
 
 def _trainable(model, settings):
-    """Every parameter trainable, but for the vision tower when the settings keep it fixed."""
-    return freeze_vision_tower(model) if settings.freeze_vision_tower else model
+    """Every parameter trainable, but for the vision tower when the settings keep it fixed (as LLaVA recipes keep a
+    pretrained encoder), so that whatever a task needs beyond the tower's features is computed by the language
+    model."""
+    if settings.freeze_vision_tower:
+        backbone_for(model.config).vision_tower(model).requires_grad_(False)
+    return model
 
 
 def check_configurations(model, recipe: str, settings) -> None:
@@ -198,16 +202,21 @@ def sincos_2d(side: int, dim: int) -> torch.Tensor:
 
 @torch.no_grad()
 def init_patch_positions_2d(vision_tower) -> None:
-    """Start a from-scratch SigLIP tower's learned patch positions at 2-D sine-cosine codes.
+    """Start a from-scratch SigLIP or InternViT tower's learned patch positions at 2-D sine-cosine codes (InternViT's
+    CLS position stays as it was).
 
-    A pretrained encoder hands the LLM patches that know where they are; random positions make every
-    question about *where* (which cell, which bar) wait for the positions to be learned first. The codes stay
-    trainable."""
-    embedding = vision_tower.embeddings.position_embedding
-    side = int(round(embedding.num_embeddings ** 0.5))
-    if side * side != embedding.num_embeddings:
-        raise ValueError(f"patch positions do not form a square grid ({embedding.num_embeddings})")
-    embedding.weight.copy_(sincos_2d(side, embedding.embedding_dim))
+    A pretrained encoder hands the LLM patches that know where they are; random (or, InternViT's, zero) positions
+    make every question about *where* (which cell, which bar) wait for the positions to be learned first. The codes
+    stay trainable."""
+    embeddings = vision_tower.embeddings
+    if hasattr(embeddings, "position_embedding"):  # SigLIP: one embedding per patch
+        weight = embeddings.position_embedding.weight
+    else:  # InternViT: a (1, 1 + patches, d) parameter, the CLS token's position first
+        weight = embeddings.position_embeddings[0, 1:]
+    side = int(round(len(weight) ** 0.5))
+    if side * side != len(weight):
+        raise ValueError(f"patch positions do not form a square grid ({len(weight)})")
+    weight.copy_(sincos_2d(side, weight.shape[1]))
 
 
 # ---- the module that trains ------------------------------------------------------------------------------------

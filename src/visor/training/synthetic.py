@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from visor.training.data import EvalBatch
+from visor.training.batches import EvalBatch
 
 
 class SyntheticSource:

@@ -27,7 +27,7 @@ from vllm.multimodal.processing import (
 from vllm.multimodal.processing.inputs import ProcessorInputs
 
 from visor.backbones import backbone_for
-from visor.data.processor import AnyresImages, GridImages, load_image, load_image_processor
+from visor.data.processor import AnyresImages, GridImages, image_side, load_image, load_image_processor
 
 class GridEmbeddingsParser(MultiModalDataParser):
     """Precomputed features of a Qwen-VL image come with its patch grid (`{"image_embeds": (n, d),
@@ -67,8 +67,7 @@ class VisorProcessingInfo(BaseProcessingInfo):
     def images(self) -> AnyresImages | GridImages:
         """The checkpoint's own image processor, as `VisorProcessor` uses it."""
         folder = self.ctx.model_config.model
-        side = GridImages if "image_grid_thw" in self.backbone.image_inputs else AnyresImages
-        return side(self.backbone, load_image_processor(folder, self.backbone), str(folder))
+        return image_side(self.backbone)(self.backbone, load_image_processor(folder, self.backbone), str(folder))
 
     def get_supported_mm_limits(self) -> Mapping[str, int | None]:
         return {"image": None}

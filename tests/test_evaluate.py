@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 
 from visor import cli
-from visor.evaluation.cli import evaluate_checkpoint
+from visor.evaluate import evaluate_checkpoint
 from visor.evaluation.scoring import evaluate
 from visor.training.data import resolve_data
 from visor.training.recipes import load_checkpoint
 
-SHIPPED = Path(__file__).resolve().parents[2] / "src" / "visor" / "demo" / "checkpoint"
+SHIPPED = Path(__file__).resolve().parents[1] / "src" / "visor" / "demo" / "checkpoint"
 DATA = "synthetic@demo:dominant_color,count_marks"
 
 
