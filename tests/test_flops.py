@@ -17,7 +17,10 @@ from visor.flops import (
     kv_cache_bytes,
     llm_prefill_flops,
     nominal_vision_flops,
+    prompt_token_counts,
     savings,
+    video_tokens,
+    video_vision_flops,
     vision_flops,
 )
 
@@ -134,6 +137,49 @@ def test_image_tokens_match_the_vision_path():
         assert visual == features[0].shape[0]
     with pytest.raises(ValueError, match="positive"):
         image_tokens(stock.config, (0, 64))
+
+
+# ---- video prompts against FlopCounterMode ----------------------------------------------------------------------------
+def build_video(seed: int):
+    """`build`'s models and a prompt with a video of 1-4 frames, after an image on every other seed."""
+    stock, visor, prompt, image_size, visual, text = build(seed)
+    rng = random.Random(seed)
+    frames, with_image = rng.randint(1, 4), seed % 2 == 0
+    video_count = video_tokens(stock.config, frames).visual_tokens
+    ids = prompt["input_ids"][0].tolist()
+    if not with_image:
+        ids = [token for token in ids if token != presets.TINY_IMAGE_TOKEN_ID]
+        prompt = dict(input_ids=prompt["input_ids"])
+        visual = 0
+    ids += [presets.TINY_VIDEO_TOKEN_ID] * video_count + [rng.randrange(5, 500) for _ in range(3)]
+    prompt = dict(prompt, input_ids=torch.tensor([ids]), pixel_values_videos=torch.randn(1, frames, 3, 64, 64))
+    vision = video_vision_flops(stock.config, frames).total + (vision_flops(stock.config, image_size).total
+                                                                if with_image else 0)
+    return stock, visor, prompt, vision, visual + video_count, text + 3
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_video_prefill_matches_flop_counter(seed):
+    """A video's vision work (every frame through SigLIP and the projector) and its tokens (frames × pooled tokens
+    + one newline, visual like an image's) are counted exactly, stock and in every VISOR configuration."""
+    stock, visor, prompt, vision, visual, text = build_video(seed)
+    assert prompt_token_counts(stock.config, prompt) == (torch.tensor([visual]), torch.tensor([text]))
+    full = llm_prefill_flops(stock.config, visual, text, Schedule.full(stock.config), visual + text)
+    assert_exact(counted(lambda: stock(**prompt)), vision + full.total)
+    for index in range(len(visor.config.configurations)):
+        analytic = llm_prefill_flops(visor.config, visual, text, Schedule.of(visor.config, index), logits_tokens=1)
+        assert_exact(counted(lambda: visor(**prompt, configuration=index, logits_to_keep=1)), vision + analytic.total)
+
+
+def test_video_tokens_match_the_video_path():
+    stock = LlavaOnevisionForConditionalGeneration(presets.tiny(2)).eval()
+    for frames in (1, 3, 8):
+        counted_frames, visual = video_tokens(stock.config, frames)
+        with torch.no_grad():
+            features = stock.model.get_video_features(torch.randn(1, frames, 3, 64, 64), return_dict=True)
+        assert (counted_frames, visual) == (frames, features.pooler_output.shape[1])
+        per_crop = vision_flops(stock.config, (64, 64)).total // image_tokens(stock.config, (64, 64)).crops
+        assert video_vision_flops(stock.config, frames).total == frames * per_crop  # a frame costs one crop
 
 
 # ---- decoding against FlopCounterMode ---------------------------------------------------------------------------------

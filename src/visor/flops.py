@@ -8,9 +8,10 @@ Conventions:
 - Counted: every linear layer (GQA shapes: q and o are H·head_dim wide, k and v H_kv·head_dim; SwiGLU's three
   matrices), attention scores and value products as computed (the full rectangle, no halving for the causal
   mask, per query head), the CA blocks, the CPE convolution, the projector, the vision tower, the lm_head.
-- Ignored: norms, activations, softmax, RoPE, residual adds, gates, biases, embedding lookups and anyres
-  packing. They are element-wise and small, and `torch.utils.flop_counter.FlopCounterMode` ignores them too:
-  with eager attention it agrees with this module exactly (tests/test_flops.py).
+- Ignored: norms, activations, softmax, RoPE, residual adds, gates, biases, embedding lookups, anyres
+  packing and video pooling (an interpolation). They are element-wise and small, and
+  `torch.utils.flop_counter.FlopCounterMode` ignores them too: with eager attention it agrees with this module
+  exactly (tests/test_flops.py).
 
 Per sample with N_v visual and N_t text tokens (S = N_v + N_t), a layer is one of the kinds of a
 `visor.config.Schedule`, which every count takes explicitly: SA = the stock layer over S tokens; text = the stock
@@ -118,11 +119,12 @@ def layerwise_decode_flops_per_token(config, layer_keys: Iterable[int]) -> FlopC
 
 def prompt_token_counts(config, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(visual, text) token counts per sample of a prompt batch (`input_ids`, optional `attention_mask`),
-    padding excluded: what every per-sample FLOPs figure of a batch is computed from."""
+    padding excluded: what every per-sample FLOPs figure of a batch is computed from. Visual tokens are the image
+    tokens and, in a family that reads video, the video tokens."""
     ids = inputs["input_ids"]
     mask = inputs.get("attention_mask")
     valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-    visual = ((ids == config.image_token_id) & valid).sum(dim=1)
+    visual = (backbone_for(config).visual_token_mask(ids) & valid).sum(dim=1)
     return visual, valid.sum(dim=1) - visual
 
 
@@ -208,6 +210,17 @@ def image_tokens(config, image_size: tuple[int, int]) -> ImageTokens:
 def vision_flops(config, image_size: tuple[int, int]) -> FlopCount:
     """The vision tower and projector on one (height, width) image (the family's `Backbone.vision_flops`)."""
     return FlopCount(backbone_for(config).vision_flops(tuple(image_size)))
+
+
+def video_tokens(config, frames: int) -> ImageTokens:
+    """Frames (each through the vision tower) and visual tokens of one video, as the family's stock code computes
+    them (`Backbone.video_tokens`)."""
+    return backbone_for(config).video_tokens(frames)
+
+
+def video_vision_flops(config, frames: int) -> FlopCount:
+    """The vision tower and projector on one video of `frames` frames (`Backbone.video_vision_flops`)."""
+    return FlopCount(backbone_for(config).video_vision_flops(frames))
 
 
 def nominal_vision_flops(config, visual_tokens: int) -> FlopCount:

@@ -80,6 +80,7 @@ def test_an_unknown_family_is_named(stock):
 
 def test_image_inputs_the_family_does_not_read_are_refused(stock):
     backbone = backbone_for(stock.config)
-    assert set(backbone.select_image_inputs(pixel_values=None)) == {"pixel_values", "image_sizes", "batch_num_images"}
+    assert set(backbone.select_image_inputs(pixel_values=None)) == {"pixel_values", "image_sizes", "batch_num_images",
+                                                                    "pixel_values_videos"}
     with pytest.raises(ValueError, match="take no image_grid_thw"):
         backbone.select_image_inputs(image_grid_thw=torch.ones(1, 3))

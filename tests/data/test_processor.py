@@ -232,3 +232,89 @@ def test_the_released_llava_ov_crop_of_patches_that_do_not_tile_it_is_processed(
     assert count == image_tokens(config, (300, 500)).visual_tokens and batch["pixel_values"].shape[-1] == 384
     with pytest.raises(ValueError, match="not a multiple of patch size"):
         processor(_images([(300, 500)]), ["what ?"], class_maps=[np.zeros((300, 500), dtype=np.int64)])
+
+
+# ---- videos ------------------------------------------------------------------------------------------------------
+def _gif(path, frames: int, size=(40, 30), seed=0):
+    first, *rest = _images([size[::-1]] * frames, seed)
+    first.save(path, save_all=True, append_images=rest, duration=100, loop=0)
+    return path
+
+
+def _videos(tmp_path):
+    """Three videos read three ways: an animated GIF of 9 frames, a folder of 6 frames, a list of 4 frames."""
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for index, frame in enumerate(_images([(50, 70)] * 6, seed=1)):
+        frame.save(folder / f"{index:02d}.png")
+    return [_gif(tmp_path / "clip.gif", 9), folder, _images([(64, 64)] * 4, seed=2)]
+
+
+@pytest.mark.parametrize("with_images", [False, True], ids=["videos", "images-and-videos"])
+def test_video_prompts_are_what_the_stock_model_reads(stock_models, tokenizer, tmp_path, with_images):
+    """Each video sampled to 4 frames and expanded to the stock model's own count of its features; the stock model
+    (which raises on a mismatch) and dense VISOR read the batch alike."""
+    from visor import VisorConfig, VisorForConditionalGeneration
+
+    model = stock_models["tiny"]
+    processor = VisorProcessor(model.config, tokenizer, padding_side="left")
+    images = _images([(64, 128), (50, 120), (128, 128)]) if with_images else None
+    batch = processor(images, ["what happens ?", "what moves ?", "how many ?"], videos=_videos(tmp_path),
+                      num_frames=4)
+    assert batch["pixel_values_videos"].shape == (3, 4, 3, 64, 64)
+    assert ("pixel_values" in batch) == with_images
+    with torch.no_grad():
+        features = model.model.get_video_features(batch["pixel_values_videos"], return_dict=True).pooler_output
+        expected = model(**batch).logits
+        dense = VisorForConditionalGeneration.from_stock(model, VisorConfig.dense(model.config)).eval()
+        actual = dense(**batch).logits
+    assert (batch["input_ids"] == presets.TINY_VIDEO_TOKEN_ID).sum(1).tolist() == [features.shape[1]] * 3
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(actual[valid], expected[valid], atol=1e-5, rtol=0)
+
+
+def test_videos_keep_the_checkpoint_s_frame_count_and_refuse_uneven_ones(tokenizer, tmp_path):
+    from visor.data.frames import VideoSettings, load_video_settings
+
+    settings = VideoSettings(size=(64, 64), image_mean=(0.5,) * 3, image_std=(0.5,) * 3, num_frames=3)
+    processor = VisorProcessor(presets.tiny(), tokenizer, video_settings=settings)
+    gif = _gif(tmp_path / "clip.gif", 9)
+    assert processor(None, "what ?", videos=gif)["pixel_values_videos"].shape == (1, 3, 3, 64, 64)
+    assert processor(None, "what ?", videos=gif, num_frames=5)["pixel_values_videos"].shape[1] == 5
+    with pytest.raises(ValueError, match=r"same number of frames, got \[2, 3\]"):
+        processor(None, ["a ?", "b ?"], videos=[gif, _images([(64, 64)] * 2)])
+    processor.save_pretrained(tmp_path / "saved")
+    saved = load_video_settings(tmp_path / "saved", processor.backbone, processor.images.image_processor)
+    assert saved == settings
+
+
+def test_conversations_place_videos_where_their_parts_are(tokenizer, tmp_path):
+    """A video part or `<video>` placeholder in any turn, beside images, in prompt order."""
+    processor = VisorProcessor(presets.tiny(), tokenizer, padding_side="right")
+    gif = _gif(tmp_path / "clip.gif", 2)
+    messages = [{"role": "user", "content": "<video>\nfirst ? <image>\nthen"}, {"role": "assistant", "content": "red"}]
+    batch = processor.conversations([[Image.new("RGB", (64, 64))]], [messages], videos=[[gif]])
+    ids = batch["input_ids"][0].tolist()
+    video, image = ids.index(presets.TINY_VIDEO_TOKEN_ID), ids.index(presets.TINY_IMAGE_TOKEN_ID)
+    assert video < image and ids.count(presets.TINY_VIDEO_TOKEN_ID) == 2 * 16 + 1
+    assert (batch["labels"][0] != -100).sum() == 2  # "red" and the end of the sequence
+    with pytest.raises(ValueError, match="has 1 video placeholders but 0 videos"):
+        processor.conversations([[Image.new("RGB", (64, 64))]], [messages])
+    with pytest.raises(ValueError, match="must not contain <video>"):
+        processor(None, "<video> what ?", videos=gif)
+    with pytest.raises(ValueError, match="each row needs an image or a video"):
+        processor(None, "what ?")
+
+
+def test_families_and_tokenizers_without_video_refuse_videos(tokenizer, tmp_path):
+    gif = _gif(tmp_path / "clip.gif", 2)
+    with pytest.raises(ValueError, match="Qwen2VL models take no video"):
+        VisorProcessor(presets.tiny_qwen2_vl(), tokenizer)(None, "what ?", videos=gif)
+    with pytest.raises(ValueError, match="prepares no video for Qwen2_5_VL models yet"):
+        VisorProcessor(presets.tiny_qwen2_5_vl(), tokenizer)(None, "what ?", videos=gif)
+    config = presets.tiny()
+    config.video_token_id = 9  # a word of the tokenizer, not its <video> token
+    processor = VisorProcessor(config, tokenizer)
+    assert processor(Image.new("RGB", (64, 64)), "what ?")["input_ids"].shape[0] == 1  # images still work
+    with pytest.raises(ValueError, match="video_token_id names"):
+        processor(None, "what ?", videos=gif)

@@ -19,7 +19,8 @@ import pytest
 import torch
 from PIL import Image
 from transformers import (
-    AutoTokenizer, InternVLProcessor, LlavaOnevisionProcessor, Qwen2_5_VLProcessor, Qwen2VLProcessor, Qwen3VLProcessor,
+    AutoTokenizer, BatchFeature, InternVLProcessor, LlavaOnevisionProcessor, Qwen2_5_VLProcessor, Qwen2VLProcessor,
+    Qwen3VLProcessor,
 )
 
 from visor.backbones import backbone_for, checkpoint_config
@@ -133,6 +134,41 @@ def test_llava_style_text_with_placeholders_renders_as_typed_parts(released, fam
     asked = ours([image], ["what shape is it ?"])
     for batch in (placeholder, asked):
         assert torch.equal(batch["input_ids"], typed["input_ids"])
+
+
+class FramesAsPrepared:
+    """The stock processor's video half, which needs torchvision: here the frames `ours` prepares, so that the
+    stock processor's own video-token expansion, rendering and padding are what is compared."""
+
+    def __init__(self, ours):
+        self.settings = ours.videos.settings
+
+    def __call__(self, videos, **kwargs):
+        pixels = np.stack([self.settings.pixels(video) for video in videos])
+        return BatchFeature({"pixel_values_videos": torch.from_numpy(pixels)})
+
+
+def test_video_prompts_equal_the_stock_processor(released, tmp_path):
+    """LLaVA-OV's `<video>` expansion (the stock processor's formula; ours counts the model's features), in
+    prompts with a video, with a video and an image, left-padded; a GIF, a folder and a list read alike."""
+    folder = released["llava-onevision"]
+    stock, ours = both_processors(folder, "llava-onevision")
+    stock.video_processor = FramesAsPrepared(ours)
+    images = sample_images()
+    clip = [images[kind].convert("RGB").resize((70, 50)) for kind in ("portrait", "panorama", "tiny", "huge")]
+    clip[0].save(tmp_path / "clip.gif", save_all=True, append_images=clip[1:], duration=100)
+    rows = [[], [images["rgba"]], []]
+    conversations = [[{"role": "user", "content": [{"type": "image"}] * len(row) + [{"type": "video"}, {
+        "type": "text", "text": "what moves ?"}]}] for row in rows]
+    texts = [stock.apply_chat_template(messages, add_generation_prompt=True) for messages in conversations]
+    frames = ours.videos.load(tmp_path / "clip.gif")
+    assert len(frames) == len(clip)
+    expected = stock(images=[images["rgba"]], videos=[frames] * 3, text=texts, return_tensors="pt", padding=True,
+                     padding_side="left")
+    _assert_same(ours.conversations(rows, conversations, prompt_only=True, videos=[[tmp_path / "clip.gif"]] * 3),
+                 expected)
+    asked = ours([images["rgba"]], ["what moves ?"], videos=[clip])  # the question API asks the same
+    assert torch.equal(asked["input_ids"][0], expected["input_ids"][1][expected["attention_mask"][1].bool()])
 
 
 @pytest.mark.parametrize("family", FAMILIES)

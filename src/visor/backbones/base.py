@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 
-# Every family's image arguments of `forward` (`visor.modeling.visor.VisorModel.forward` names them all).
-IMAGE_ARGUMENTS = ("pixel_values", "image_sizes", "batch_num_images", "image_grid_thw", "mm_token_type_ids")
+# Every family's image and video arguments of `forward` (`visor.modeling.visor.VisorModel.forward` names them all).
+IMAGE_ARGUMENTS = ("pixel_values", "image_sizes", "batch_num_images", "image_grid_thw", "mm_token_type_ids",
+                   "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 
 
 def linear_flops(tokens: int, in_features: int, out_features: int) -> int:
@@ -59,6 +60,11 @@ class Backbone:
 
     stock_model_class: type  # the family's transformers class
     image_inputs: tuple[str, ...]  # the stock forward's image arguments besides `pixel_values`
+    video_inputs: tuple[str, ...] = ()  # the stock forward's video arguments the adapter reads (none: video refused)
+    # The stock video processor whose settings `visor.data.processor` reads to prepare frames as it does (None:
+    # the processor prepares no video for the family), and the frames a video keeps when those settings do not say.
+    video_processor_name: str | None = None
+    default_video_frames: int
     image_processor_class: type  # the family's stock PIL image processor (`visor.data.processor` loads its settings)
 
     def __init__(self, config):
@@ -140,19 +146,30 @@ class Backbone:
         return position_ids
 
     def select_image_inputs(self, **arguments) -> dict:
-        """The image arguments of a forward call that this family reads (`pixel_values` and `image_inputs`),
-        from the call's keyword arguments; an image argument it does not read, given anyway, is an error rather
-        than silently ignored (video among them: images only)."""
-        names = ("pixel_values", *self.image_inputs)
+        """The image and video arguments of a forward call that this family reads (`pixel_values`, `image_inputs`
+        and `video_inputs`), from the call's keyword arguments; an image or video argument it does not read, given
+        anyway, is an error rather than silently ignored."""
+        names = ("pixel_values", *self.image_inputs, *self.video_inputs)
         stray = sorted(name for name, value in arguments.items() if value is not None and name not in names
                        and (name in IMAGE_ARGUMENTS or "video" in name))
         if stray:
             raise ValueError(f"{type(self).__name__} models take no {', '.join(stray)}")
         return {name: arguments.get(name) for name in names}
 
+    def visual_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, S) bool: the slots that hold visual features, the image token's and, in a family that reads video,
+        the video token's. Every stream, mask and cache treats both alike."""
+        ids = [self.config.image_token_id] + ([self.config.video_token_id] if self.video_inputs else [])
+        return torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))
+
     def encode_images(self, model, num_image_tokens: int, **image_inputs) -> list[torch.Tensor]:
         """The stock vision tower, projector and packing: one (n_i, d) tensor per image, in prompt order; a
         ValueError names missing or malformed inputs (`num_image_tokens`: the prompt's, for the message)."""
+        raise NotImplementedError
+
+    def encode_videos(self, model, num_video_tokens: int, **video_inputs) -> list[torch.Tensor]:
+        """The stock video path (a family with `video_inputs`): one (n_v, d) tensor per video, in prompt order,
+        for the video token's slots; a ValueError names missing or malformed inputs."""
         raise NotImplementedError
 
     def default_image_processor(self):
@@ -172,6 +189,16 @@ class Backbone:
     def vision_flops(self, image_size: tuple[int, int]) -> dict[str, int]:
         """FLOPs of the vision tower and the projector on one (height, width) image, by part (`visor.flops`
         conventions)."""
+        raise NotImplementedError
+
+    def video_tokens(self, frames: int) -> ImageTokens:
+        """Frames through the vision tower and visual tokens of one video of `frames` frames, as the stock model
+        computes them (a family with `video_inputs`)."""
+        raise NotImplementedError
+
+    def video_vision_flops(self, frames: int) -> dict[str, int]:
+        """FLOPs of the vision tower and the projector on one video of `frames` frames, by part (a family with
+        `video_inputs`)."""
         raise NotImplementedError
 
     def nominal_vision_flops(self, visual_tokens: int) -> dict[str, int]:

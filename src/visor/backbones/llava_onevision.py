@@ -1,8 +1,10 @@
 """LLaVA-OneVision (SigLIP vision tower, 2-layer MLP projector, anyres packing with `image_newline`): the adapter,
 and the family's `VisorConfig` (model type `visor`) and `VisorForConditionalGeneration`.
 
-The adapter answers from transformers' own code: images go through the stock `get_image_features`, token counts
-come from running the stock `pack_image_features` on marker features, positions are the stock model's.
+The adapter answers from transformers' own code: images go through the stock `get_image_features` and videos
+through the stock `get_video_features` (each frame a base-view crop, its patch grid pooled 2x2 by `apply_pooling`,
+one `image_newline` after the video's last frame); token counts come from running the stock `pack_image_features`
+and `apply_pooling` on marker features, positions are the stock model's.
 `PackedGrid` says where one image's packed tokens sit: [base view grid (h × w, row-major)] + [hi-res grid (H × W),
 the anyres crops stitched, unpadded and possibly down-sized, with an `image_newline` token after every row].
 """
@@ -81,6 +83,9 @@ SIGLIP_STD = (0.5, 0.5, 0.5)
 class LlavaOnevision(Backbone):
     stock_model_class = LlavaOnevisionForConditionalGeneration
     image_inputs = ("image_sizes", "batch_num_images")
+    video_inputs = ("pixel_values_videos",)
+    video_processor_name = "LlavaOnevisionVideoProcessor"
+    default_video_frames = 32  # LLaVA-OneVision's video setting: 32 frames of ceil(27 / 2)² = 196 tokens
     image_processor_class = LlavaOnevisionImageProcessorPil
 
     # ---- the language model ------------------------------------------------------------------------------------
@@ -105,6 +110,31 @@ class LlavaOnevision(Backbone):
         return model.model.get_image_features(
             pixel_values, image_sizes, batch_num_images=batch_num_images, return_dict=True
         ).pooler_output
+
+    def encode_videos(self, model, num_video_tokens, pixel_values_videos=None):
+        if pixel_values_videos is None:
+            raise ValueError(f"input_ids contain {num_video_tokens} video tokens but pixel_values_videos are missing")
+        side = self.config.vision_config.image_size
+        if pixel_values_videos.dim() != 5 or tuple(pixel_values_videos.shape[2:]) != (3, side, side):
+            raise ValueError(f"pixel_values_videos must be (videos, frames, 3, {side}, {side}), got "
+                             f"{tuple(pixel_values_videos.shape)}")
+        self.frame_tokens()  # refuses a patch grid the stock pooling cannot take, before the vision tower runs
+        return list(model.model.get_video_features(pixel_values_videos, return_dict=True).pooler_output)
+
+    def frame_tokens(self) -> int:
+        """Visual tokens of one video frame: its projected patch grid after the stock 2x2 `apply_pooling`."""
+        if self.config.vision_feature_select_strategy != "full":
+            raise ValueError("LLaVA-OneVision video needs vision_feature_select_strategy='full' (the stock pooling "
+                             "reshapes the whole patch grid of each frame)")
+        pooler = types.SimpleNamespace(config=self.config)  # apply_pooling reads nothing but self.config
+        return LlavaOnevisionModel.apply_pooling(pooler, torch.zeros(1, self.tokens_per_crop(), 1)).shape[1]
+
+    def video_tokens(self, frames: int) -> ImageTokens:
+        """Crops (one per frame) and visual tokens of a video of `frames` frames: every frame's pooled tokens, then
+        one `image_newline`."""
+        if frames <= 0:
+            raise ValueError(f"a video needs at least one frame, got {frames}")
+        return ImageTokens(frames, frames * self.frame_tokens() + 1)
 
     def default_image_processor(self):
         """SigLIP's mean and std 0.5, crops of the vision tower's size, the config's anyres grid pinpoints."""
@@ -172,6 +202,11 @@ class LlavaOnevision(Backbone):
     def vision_flops(self, image_size):
         """SigLIP and the projector over every crop of the image (see `crop_flops`)."""
         return self.crop_flops(self.crops(image_size))
+
+    def video_vision_flops(self, frames):
+        """SigLIP and the projector over every frame, each a crop (`crop_flops`); the pooling after the projector
+        is an interpolation, not counted."""
+        return self.crop_flops(frames)
 
     def nominal_vision_flops(self, visual_tokens):
         """ceil(N / tokens per crop) crops: the fewest crops that hold N tokens before anyres packing."""

@@ -1,7 +1,7 @@
 """Qwen2.5-VL: Qwen2-VL's adapter (`visor.backbones.qwen2_vl.QwenVL`: positions, image tokens, the vision tower)
 on the Qwen2.5-VL classes (windowed attention and a SwiGLU MLP in the vision tower; the same M-RoPE, merger and
-token layout), and the family's `VisorQwen2_5_VLConfig` (model type `visor_qwen2_5_vl`) and
-`VisorQwen2_5_VLForConditionalGeneration`.
+token layout), with video (the stock video features and temporal positions), and the family's
+`VisorQwen2_5_VLConfig` (model type `visor_qwen2_5_vl`) and `VisorQwen2_5_VLForConditionalGeneration`.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ AutoConfig.register("visor_qwen2_5_vl", VisorQwen2_5_VLConfig)
 
 class Qwen2_5_VL(QwenVL):
     stock_model_class = Qwen2_5_VLForConditionalGeneration
+    # Video through the stock `get_video_features`, its temporal M-RoPE positions through the stock `get_rope_index`.
+    video_inputs = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 
     def vision_mlp_flops(self, patches: int) -> int:
         vision = self.config.vision_config

@@ -40,20 +40,29 @@ class QwenVL(Backbone):
         return model.model.language_model
 
     def prompt_positions(self, model, input_ids, attention_mask, pixel_values=None, image_grid_thw=None,
-                         mm_token_type_ids=None):
-        """M-RoPE positions (3, B, S) from the stock `get_rope_index`, padding excluded; with no image, one
-        position per token as the stock model then takes. `mm_token_type_ids` (1 at image tokens) is derived
-        from `input_ids` when not given. Only the grids are read: the images may come as precomputed features."""
+                         mm_token_type_ids=None, pixel_values_videos=None, video_grid_thw=None,
+                         second_per_grid_ts=None):
+        """M-RoPE positions (3, B, S) from the stock `get_rope_index`, padding excluded; with no image or video,
+        one position per token as the stock model then takes. `mm_token_type_ids` (1 at image tokens, 2 at video
+        tokens) is derived from `input_ids` when not given. Only the grids (and a video's seconds per temporal
+        patch) are read: the images may come as precomputed features."""
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         is_image = input_ids == self.config.image_token_id
-        image_slots = is_image if attention_mask is None else is_image & attention_mask.bool()
-        if not image_slots.any():
+        is_video = self.visual_token_mask(input_ids) & ~is_image
+        if not ((is_image | is_video) & valid).any():
             return torch.arange(input_ids.shape[1], device=input_ids.device).expand(3, *input_ids.shape)
-        self._check_grids(int(image_slots.sum()), image_grid_thw)
-        self._check_image_runs(image_slots, image_grid_thw)
+        if (is_image & valid).any():
+            self._check_grids(int((is_image & valid).sum()), image_grid_thw)
+            self._check_runs(is_image & valid, image_grid_thw, "image")
+        videos = {}
+        if (is_video & valid).any():
+            self._check_video_grids(int((is_video & valid).sum()), video_grid_thw, second_per_grid_ts)
+            self._check_runs(is_video & valid, video_grid_thw, "video")
+            videos = dict(video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts)
         if mm_token_type_ids is None:
-            mm_token_type_ids = is_image.int()
+            mm_token_type_ids = is_image.int() + 2 * is_video.int()
         positions, _ = model.model.get_rope_index(input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw,
-                                                  attention_mask=attention_mask)
+                                                  attention_mask=attention_mask, **videos)
         return positions
 
     def caller_positions(self, position_ids):
@@ -73,14 +82,26 @@ class QwenVL(Backbone):
         self._check_images(num_image_tokens, pixel_values, image_grid_thw)
         return model.model.get_image_features(pixel_values, image_grid_thw, return_dict=True).pooler_output
 
+    def encode_videos(self, model, num_video_tokens, pixel_values_videos=None, video_grid_thw=None,
+                      second_per_grid_ts=None):
+        """The stock `get_video_features`: each video's (t/temporal patch) × (h/merge) × (w/merge) tokens."""
+        if pixel_values_videos is None:
+            raise ValueError(f"input_ids contain {num_video_tokens} video tokens but pixel_values_videos are missing")
+        self._check_video_grids(num_video_tokens, video_grid_thw, second_per_grid_ts)
+        self._check_patches("pixel_values_videos", pixel_values_videos, video_grid_thw)
+        return list(model.model.get_video_features(pixel_values_videos, video_grid_thw, return_dict=True).pooler_output)
+
     def _check_images(self, num_image_tokens, pixel_values, image_grid_thw) -> None:
         if pixel_values is None:
             raise ValueError(f"input_ids contain {num_image_tokens} image tokens but pixel_values are missing")
         self._check_grids(num_image_tokens, image_grid_thw)
-        patches = int(image_grid_thw.prod(dim=-1).sum())
-        if pixel_values.dim() != 2 or pixel_values.shape[0] != patches:
-            raise ValueError(f"pixel_values must be (patches, features) with {patches} patches for image_grid_thw "
-                             f"{image_grid_thw.tolist()}, got {tuple(pixel_values.shape)}")
+        self._check_patches("pixel_values", pixel_values, image_grid_thw)
+
+    def _check_patches(self, name, pixels, grid_thw) -> None:
+        patches = int(grid_thw.prod(dim=-1).sum())
+        if pixels.dim() != 2 or pixels.shape[0] != patches:
+            raise ValueError(f"{name} must be (patches, features) with {patches} patches for the grids "
+                             f"{grid_thw.tolist()}, got {tuple(pixels.shape)}")
 
     def _check_grids(self, num_image_tokens, image_grid_thw) -> None:
         if image_grid_thw is None:
@@ -88,21 +109,32 @@ class QwenVL(Backbone):
         if image_grid_thw.dim() != 2 or image_grid_thw.shape[-1] != 3:
             raise ValueError(f"image_grid_thw must be (num_images, 3) as (t, h, w), got {tuple(image_grid_thw.shape)}")
         if bool((image_grid_thw[:, 0] != 1).any()):
+            where = ("videos go in pixel_values_videos with video_grid_thw" if self.video_inputs
+                     else "video input is not supported")
             raise ValueError(f"images have one temporal patch (t = 1); got t = {image_grid_thw[:, 0].tolist()}: "
-                             "video input is not supported")
+                             f"{where}")
 
-    def _check_image_runs(self, image_slots, image_grid_thw) -> None:
-        """Each unbroken run of image tokens is one image, in order (as the stock `get_rope_index` reads them):
-        its length must be its grid's token count."""
-        expected = (image_grid_thw.prod(dim=-1) // self.config.vision_config.spatial_merge_size**2).tolist()
+    def _check_video_grids(self, num_video_tokens, video_grid_thw, second_per_grid_ts) -> None:
+        if video_grid_thw is None:
+            raise ValueError(f"input_ids contain {num_video_tokens} video tokens but video_grid_thw is missing")
+        if video_grid_thw.dim() != 2 or video_grid_thw.shape[-1] != 3:
+            raise ValueError(f"video_grid_thw must be (num_videos, 3) as (t, h, w), got {tuple(video_grid_thw.shape)}")
+        if second_per_grid_ts is not None and len(second_per_grid_ts) != len(video_grid_thw):
+            raise ValueError(f"second_per_grid_ts must hold one value per video ({len(video_grid_thw)}), got "
+                             f"{len(second_per_grid_ts)}")
+
+    def _check_runs(self, slots, grid_thw, kind: str) -> None:
+        """Each unbroken run of image (video) tokens is one image (video), in order (as the stock `get_rope_index`
+        reads them): its length must be its grid's token count."""
+        expected = (grid_thw.prod(dim=-1) // self.config.vision_config.spatial_merge_size**2).tolist()
         found = []
-        for row in image_slots.int():
+        for row in slots.int():
             edges = torch.diff(row, prepend=row.new_zeros(1), append=row.new_zeros(1))
             starts, ends = (edges == 1).nonzero().squeeze(1), (edges == -1).nonzero().squeeze(1)
             found += (ends - starts).tolist()
         if found != expected:
-            raise ValueError(f"image-token count does not match the images: the prompts hold runs of {found} image "
-                             f"tokens, image_grid_thw gives {expected}")
+            raise ValueError(f"{kind}-token count does not match the {kind}s: the prompts hold runs of {found} {kind} "
+                             f"tokens, {kind}_grid_thw gives {expected}")
 
     @property
     def merged_patch(self) -> int:

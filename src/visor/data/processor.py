@@ -15,89 +15,50 @@ What the stock processor of a family would give, piece by piece (`VisorProcessor
   multimodal templates do) gets them; one that renders text only gets the text with the image token in place.
   Qwen-VL's image tokens always sit between the vision start and end tokens, InternVL's between the tokenizer's
   `<img>` and `</img>` (added when a template does not write them).
+- **videos** (LLaVA-OV; the other families refuse them): frames read with Pillow and sampled uniformly
+  (`visor.data.frames`), each prepared with the folder's `video_preprocessor_config.json` (else the image
+  normalisation at the crop size, with a warning) into `pixel_values_videos`; the video token expanded to as many
+  copies as the model computes for that many frames (`Backbone.video_tokens`).
 
 The families' full processors cannot be built without torchvision (their video half), which is why the pieces are
-put together here; the tests check the result equals the stock processor's, byte for byte.
+put together here; the tests check the result equals the stock processor's, byte for byte (for videos, the stock
+processor's expansion of frames prepared here: its video half needs torchvision).
 
 VISOR adds only the training side: `labels` are -100 except on every assistant turn (its tokens and the
 end-of-sequence token after them). Pass per-pixel `class_maps` to also get `patch_targets` (batch, max_crops,
 patches per crop), aligned with `pixel_values`' crops, -100 where there is no target.
 
 In text, `IMAGE_PLACEHOLDER` (`<image>`, LLaVA's data convention) marks where an image goes, whatever the
-tokenizer calls its image token.
+tokenizer calls its image token; `VIDEO_PLACEHOLDER` (`<video>`) where a video goes.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Sequence
-from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image
 from transformers import BatchFeature, PreTrainedTokenizerBase
 
 from visor.backbones import backbone_for
 from visor.data.crops import CropLayout
+from visor.data.frames import (
+    VIDEO_PREPROCESSOR_CONFIG, VideoLike, VideoSettings, load_frames, load_video_settings, sample_frames,
+)
+from visor.data.images import ImageLike, load_image
 from visor.data.render import IGNORE_INDEX
 
 IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 # A folder's chat template, in the order the stock processors read them (the first one found is used).
 CHAT_TEMPLATE_FILES = ("chat_template.json", "chat_template.jinja")
-# Decoding is bounded: a header may claim any size (a "decompression bomb"); every processor downscales far below.
-MAX_IMAGE_PIXELS = 64_000_000
-
-ImageLike = Image.Image | str | Path | np.ndarray
-
-
-def load_image(image: ImageLike, min_side: int = 1) -> Image.Image:
-    """An RGB PIL image from a PIL image, a file path or an (H, W[, C]) uint8 array; ValueError on bad input.
-
-    Transparent images are composited on white (not on black, which a plain RGB conversion would give);
-    grayscale, palette and 16-bit images are converted to RGB.
-    """
-    source = "image"
-    if isinstance(image, (str, Path)):
-        source = str(image)
-        if not Path(image).is_file():
-            raise ValueError(f"image file {source} does not exist")
-        try:
-            image = Image.open(image)
-        except UnidentifiedImageError as error:
-            raise ValueError(f"{source} is not an image file Pillow can read") from error
-        except Image.DecompressionBombError as error:
-            raise ValueError(f"{source} is too large to decode: {error}") from error
-    elif isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim not in (2, 3):
-            raise ValueError(f"image arrays must be (H, W) or (H, W, C) uint8, got {image.dtype} {image.shape}")
-        image = Image.fromarray(image)
-    elif not isinstance(image, Image.Image):
-        raise ValueError(f"expected a PIL image, a path or a uint8 array, got {type(image).__name__}")
-    if image.width * image.height > MAX_IMAGE_PIXELS:  # checked on the header, before decoding
-        raise ValueError(f"{source} is {image.width}x{image.height} px, more than the {MAX_IMAGE_PIXELS:,} pixels "
-                         "an image may have; downscale it first")
-    try:
-        with _strict_decoding():
-            image.load()
-    except (OSError, SyntaxError) as error:
-        raise ValueError(f"{source} is truncated or corrupt: {error}") from error
-    if image.mode in ("I", "I;16", "I;16B", "F"):
-        values = np.asarray(image, dtype=np.float64)
-        image = Image.fromarray((values * (255.0 / max(values.max(), 1.0))).clip(0, 255).astype(np.uint8))
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    image = image.convert("RGB")
-    if min(image.size) < min_side:
-        raise ValueError(
-            f"{source} is {image.width}x{image.height} px, smaller than one {min_side}x{min_side} vision patch"
-        )
-    return image
 
 
 class AnyresImages:
@@ -244,6 +205,40 @@ def image_side(backbone) -> type:
     return TiledImages if hasattr(type(backbone), "tile_side") else AnyresImages
 
 
+class VideoFrames:
+    """A family's video inputs (LLaVA-OneVision): each video's frames sampled to the checkpoint's count and
+    prepared with its video settings (`visor.data.frames`), all videos in one (videos, frames, 3, H, W) tensor;
+    a video's tokens are as many as the model side computes for its frames (`Backbone.video_tokens`)."""
+
+    def __init__(self, backbone, settings: VideoSettings):
+        self.backbone, self.settings = backbone, settings
+        self.min_side = backbone.config.vision_config.patch_size
+
+    def load(self, video: VideoLike, num_frames: int | None = None) -> list[Image.Image]:
+        return sample_frames(load_frames(video, self.min_side), num_frames or self.settings.num_frames)
+
+    def token_count(self, frames: list[Image.Image]) -> int:
+        return self.backbone.video_tokens(len(frames)).visual_tokens
+
+    def __call__(self, rows: list[list[list[Image.Image]]]) -> dict:
+        videos = [video for row in rows for video in row]
+        counts = sorted({len(video) for video in videos})
+        if len(counts) > 1:
+            raise ValueError(f"the videos of a batch must keep the same number of frames, got {counts} (a video "
+                             "shorter than num_frames keeps all its frames): pass num_frames at most the shortest")
+        return {"pixel_values_videos": torch.from_numpy(np.stack([self.settings.pixels(video) for video in videos]))}
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        settings = self.settings
+        content = {"video_processor_type": self.backbone.video_processor_name, "do_sample_frames": True,
+                   "num_frames": settings.num_frames, "size": dict(zip(("height", "width"), settings.size)),
+                   "image_mean": list(settings.image_mean), "image_std": list(settings.image_std),
+                   "rescale_factor": settings.rescale_factor, "resample": settings.resample,
+                   "do_resize": settings.do_resize, "do_rescale": settings.do_rescale,
+                   "do_normalize": settings.do_normalize}
+        (Path(folder) / VIDEO_PREPROCESSOR_CONFIG).write_text(json.dumps(content, indent=2))
+
+
 def load_image_processor(folder: str | Path, backbone):
     """The family's stock PIL image processor with the settings of `folder`'s preprocessor config, or the family's
     defaults (a warning says so) when it has none; a ValueError names a config of another family or a broken
@@ -307,10 +302,12 @@ class VisorProcessor:
 
     `VisorProcessor.from_pretrained(folder)` takes everything from a checkpoint folder; the constructor takes a
     config and a tokenizer (the chat template: `chat_template`, else the tokenizer's) and, optionally, a stock image
-    processor (default: the family's defaults, `Backbone.default_image_processor`)."""
+    processor (default: the family's defaults, `Backbone.default_image_processor`) and, for a family that reads
+    video, `VideoSettings` (default: `visor.data.frames.load_video_settings`'s defaults)."""
 
     def __init__(self, config, tokenizer: PreTrainedTokenizerBase, padding_side: str = "right",
-                 image_processor=None, chat_template: str | None = None, folder: str | Path | None = None):
+                 image_processor=None, chat_template: str | None = None, folder: str | Path | None = None,
+                 video_settings: VideoSettings | None = None):
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' (generation) or 'right' (training), got {padding_side!r}")
         # Where the pieces came from, for error messages.
@@ -328,14 +325,31 @@ class VisorProcessor:
             image_processor = self.backbone.default_image_processor()
         images_source = str(settings) if settings is not None and settings.is_file() else "the image processor"
         self.images = image_side(self.backbone)(self.backbone, image_processor, images_source, tokenizer)
+        # `videos=` needs a family that reads video and a tokenizer that spells its video token; else it is refused.
+        self.videos, self.no_video = None, f"{type(self.backbone).__name__} models take no video"
+        if self.backbone.video_inputs and self.backbone.video_processor_name is None:
+            self.no_video = (f"the processor prepares no video for {type(self.backbone).__name__} models yet (the "
+                             "model takes the stock video processor's inputs)")
+        elif self.backbone.video_inputs:
+            try:
+                self.video_token = _image_token(tokenizer, config.video_token_id, tokenizer_source, "video")
+            except ValueError as error:
+                self.no_video = str(error)
+            else:
+                self.video_token_id = config.video_token_id
+                self.videos = VideoFrames(self.backbone, video_settings or load_video_settings(
+                    folder, self.backbone, image_processor))
+        if video_settings is not None and self.videos is None:
+            raise ValueError(f"video_settings given, but {self.no_video}")
         self.tokenizer = tokenizer
         self.padding_side = padding_side
         self.typed_content = self._renders_typed_content()
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, config=None, padding_side: str = "right") -> VisorProcessor:
-        """The processor of a local checkpoint folder (stock or VISOR): its tokenizer, chat template and image
-        processor settings; `config` defaults to the folder's own."""
+        """The processor of a local checkpoint folder (stock or VISOR): its tokenizer, chat template, image
+        processor settings and video settings (`video_preprocessor_config.json`); `config` defaults to the folder's
+        own."""
         from transformers import AutoTokenizer
 
         from visor.backbones import checkpoint_config
@@ -350,65 +364,91 @@ class VisorProcessor:
                    chat_template=load_chat_template(folder, tokenizer), folder=folder)
 
     def save_pretrained(self, folder: str | Path) -> None:
-        """The tokenizer, chat template and image processor settings into `folder`, as `from_pretrained` reads
-        them back."""
+        """The tokenizer, chat template, image processor and video settings into `folder`, as `from_pretrained`
+        reads them back."""
         self.tokenizer.save_pretrained(folder)
         self.images.image_processor.save_pretrained(folder)
+        if self.videos is not None:
+            self.videos.save_pretrained(folder)
         (Path(folder) / CHAT_TEMPLATE_FILES[-1]).write_text(self.chat_template)
 
-    def __call__(self, images: ImageLike | Sequence[ImageLike], questions: str | Sequence[str],
+    def __call__(self, images: ImageLike | Sequence[ImageLike] | None, questions: str | Sequence[str],
                  answers: str | Sequence[str] | None = None,
-                 class_maps: np.ndarray | Sequence[np.ndarray] | None = None) -> BatchFeature:
+                 class_maps: np.ndarray | Sequence[np.ndarray] | None = None,
+                 videos: VideoLike | Sequence[VideoLike] | None = None,
+                 num_frames: int | None = None) -> BatchFeature:
         """A padded batch of one image and one question per row: input_ids, attention_mask and the family's image
         inputs (LLaVA-OV: pixel_values (B, max_crops, 3, crop, crop), image_sizes, batch_num_images; Qwen-VL:
         pixel_values (patches, features), image_grid_thw and mm_token_type_ids), plus labels when `answers` are
-        given and patch_targets when `class_maps` are. A single image and question make a batch of one."""
-        images = _as_list(images, (Image.Image, str, Path, np.ndarray))
+        given and patch_targets when `class_maps` are. A single image and question make a batch of one.
+
+        `videos`: one video per row (a path to a folder of frames or an animated GIF / WebP, or a list of frames;
+        see `visor.data.frames.load_frames`), after the row's image or instead of it (`images=None`), sampled to
+        `num_frames` (default: the checkpoint's); the family's video inputs join the batch (LLaVA-OV:
+        pixel_values_videos (videos, frames, 3, crop, crop))."""
         questions = _as_list(questions, str)
+        images = None if images is None else _as_list(images, (Image.Image, str, Path, np.ndarray))
+        videos = None if videos is None else _as_list(videos, (str, Path))
         answers = None if answers is None else _as_list(answers, str)
         class_maps = None if class_maps is None else _as_list(class_maps, np.ndarray)  # entries may be None
-        if not images:
+        if not questions:
             raise ValueError("the batch is empty")
-        for name, values in (("questions", questions), ("answers", answers), ("class_maps", class_maps)):
-            if values is not None and len(values) != len(images):
-                raise ValueError(f"got {len(images)} images but {len(values)} {name}")
+        if images is None and videos is None:
+            raise ValueError("each row needs an image or a video: pass images, videos or both")
+        for name, values in (("images", images), ("videos", videos), ("answers", answers),
+                             ("class_maps", class_maps)):
+            if values is not None and len(values) != len(questions):
+                raise ValueError(f"got {len(questions)} questions but {len(values)} {name}")
         conversations = []
         for row, question in enumerate(questions):
             if not isinstance(question, str) or not question.strip():
                 raise ValueError(f"questions must be non-empty text, got {question!r}")
-            for marker in {IMAGE_PLACEHOLDER, self.image_token}:
+            for marker in {IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, *self._visual_tokens().values()}:
                 if marker in question:
-                    raise ValueError(f"questions must not contain {marker}; the processor places the image")
-            messages = [{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{question.strip()}"}]
+                    raise ValueError(f"questions must not contain {marker}; the processor places the image and video")
+            places = (f"{IMAGE_PLACEHOLDER}\n" if images is not None else "") + (
+                f"{VIDEO_PLACEHOLDER}\n" if videos is not None else "")
+            messages = [{"role": "user", "content": f"{places}{question.strip()}"}]
             if answers is not None:
                 if not isinstance(answers[row], str) or not answers[row].strip():
                     raise ValueError(f"answers must be non-empty text, got {answers[row]!r}")
                 messages.append({"role": "assistant", "content": answers[row].strip()})
             conversations.append(messages)
-        return self.conversations([[image] for image in images], conversations, prompt_only=answers is None,
-                                  class_maps=class_maps)
+        image_rows = [[] for _ in questions] if images is None else [[image] for image in images]
+        video_rows = None if videos is None else [[video] for video in videos]
+        return self.conversations(image_rows, conversations, prompt_only=answers is None, class_maps=class_maps,
+                                  videos=video_rows, num_frames=num_frames)
 
     def conversations(self, images: Sequence[Sequence[ImageLike]], conversations: Sequence[Sequence[dict]],
                       prompt_only: bool = False, max_length: int | None = None,
-                      class_maps: Sequence[np.ndarray | None] | None = None) -> BatchFeature:
-        """A padded batch of chat conversations, each with its images in the order of its placeholders.
+                      class_maps: Sequence[np.ndarray | None] | None = None,
+                      videos: Sequence[Sequence[VideoLike]] | None = None,
+                      num_frames: int | None = None) -> BatchFeature:
+        """A padded batch of chat conversations, each with its images (and videos) in the order of their
+        placeholders.
 
         Messages are `{"role": "system" | "user" | "assistant", "content": ...}`, the content text with an
-        `IMAGE_PLACEHOLDER` where each image goes, or a list of `{"type": "image"}` / `{"type": "text", "text"}`
-        parts. Training rows (`prompt_only` False) are labelled on every assistant turn (its text and the
-        end-of-sequence token; -100 elsewhere). `prompt_only`: the prompt that asks for the *last* assistant turn
-        (left out), for generation. `max_length` cuts a longer row from its end; a cut into an image's tokens is a
-        ValueError.
+        `IMAGE_PLACEHOLDER` where each image goes (`VIDEO_PLACEHOLDER` for each video), or a list of
+        `{"type": "image"}` / `{"type": "video"}` / `{"type": "text", "text"}` parts. `videos`: each conversation's
+        videos, sampled to `num_frames` (default: the checkpoint's). Training rows (`prompt_only` False) are
+        labelled on every assistant turn (its text and the end-of-sequence token; -100 elsewhere). `prompt_only`:
+        the prompt that asks for the *last* assistant turn (left out), for generation. `max_length` cuts a longer
+        row from its end; a cut into an image's or a video's tokens is a ValueError.
         """
         if len(images) != len(conversations):
             raise ValueError(f"got {len(images)} image lists but {len(conversations)} conversations")
         if not conversations:
             raise ValueError("the batch is empty")
+        if videos is not None and self.videos is None:
+            raise ValueError(self.no_video)
+        if videos is not None and len(videos) != len(conversations):
+            raise ValueError(f"got {len(videos)} video lists but {len(conversations)} conversations")
         loaded = [[load_image(image, min_side=self.images.min_side) for image in row] for row in images]
+        clips = [[self.videos.load(video, num_frames) for video in row] for row in videos or [[] for _ in images]]
         sequences, label_rows = [], []
-        for row, (row_images, messages) in enumerate(zip(loaded, conversations)):
+        for row, (row_images, row_videos, messages) in enumerate(zip(loaded, clips, conversations)):
             ids, labels = self._conversation_ids([self._message(message) for message in messages], prompt_only)
-            ids, labels, images_end = self._expand_images(ids, labels, row_images, row)
+            ids, labels, images_end = self._expand_images(ids, labels, row_images, row_videos, row)
             if max_length is not None and len(ids) > max_length:
                 if images_end > max_length:
                     raise ValueError(f"conversation {row} needs {len(ids)} tokens and its images end at token "
@@ -421,6 +461,7 @@ class VisorProcessor:
             "input_ids": self._pad(sequences, self.tokenizer.pad_token_id),
             "attention_mask": self._pad([[1] * len(ids) for ids in sequences], 0),
             **(self.images(loaded) if any(loaded) else {}),
+            **(self.videos(clips) if any(clips) else {}),
         }
         batch |= self.images.prompt_inputs(batch["input_ids"], self.image_token_id)
         if not prompt_only:
@@ -445,33 +486,44 @@ class VisorProcessor:
             return False
         return text.count(self.image_token) == 1 and "probe" in text and "'type'" not in text
 
+    def _visual_tokens(self) -> dict[str, str]:
+        """{part type: token} of the visual kinds this family reads: the image, and the video where it takes one."""
+        return {"image": self.image_token, **({"video": self.video_token} if self.videos is not None else {})}
+
     def _message(self, message: dict) -> dict:
-        """A message as this chat template takes it: typed parts, or text with the image token in place."""
+        """A message as this chat template takes it: typed parts, or text with the image (video) token in place."""
         content = message.get("content")
+        tokens = self._visual_tokens()
+        placeholders = {"image": IMAGE_PLACEHOLDER, "video": VIDEO_PLACEHOLDER}
         if isinstance(content, list):
             parts = content
         elif isinstance(content, str):
             if not self.typed_content:
-                return {**message, "content": content.replace(IMAGE_PLACEHOLDER, self.image_token)}
+                for kind, token in tokens.items():
+                    content = content.replace(placeholders[kind], token)
+                return {**message, "content": content}
+            kinds = {placeholders[kind]: kind for kind in tokens}
+            pieces = re.split("(" + "|".join(map(re.escape, kinds)) + ")", content)
             parts = []
-            for index, piece in enumerate(content.split(IMAGE_PLACEHOLDER)):
-                if index:
-                    parts.append({"type": "image"})
+            for index, piece in enumerate(pieces):
+                if index % 2:  # a placeholder
+                    parts.append({"type": kinds[piece]})
+                    continue
                 # LLaVA's data writes "<image>\n" before the text; the templates place their own separators.
                 piece = piece.removeprefix("\n") if index else piece
-                piece = piece.removesuffix("\n") if index < content.count(IMAGE_PLACEHOLDER) else piece
+                piece = piece.removesuffix("\n") if index < len(pieces) - 1 else piece
                 if piece:
                     parts.append({"type": "text", "text": piece})
         else:
             raise ValueError(f"message content must be text or a list of parts, got {type(content).__name__}")
         for part in parts:
-            if not isinstance(part, dict) or part.get("type") not in ("image", "text") or (
+            if not isinstance(part, dict) or part.get("type") not in (*tokens, "text") or (
                     part["type"] == "text" and not isinstance(part.get("text"), str)):
-                raise ValueError(f"content parts must be {{'type': 'image'}} or {{'type': 'text', 'text': ...}}, "
-                                 f"got {part!r}")
+                kinds = " or ".join(f"{{'type': '{kind}'}}" for kind in tokens)
+                raise ValueError(f"content parts must be {kinds} or {{'type': 'text', 'text': ...}}, got {part!r}")
         if self.typed_content:
             return {**message, "content": parts}
-        text = "\n".join(self.image_token if part["type"] == "image" else part["text"] for part in parts)
+        text = "\n".join(part["text"] if part["type"] == "text" else tokens[part["type"]] for part in parts)
         return {**message, "content": text}
 
     def _render(self, messages: Sequence[dict], generation_prompt: bool) -> str:
@@ -520,20 +572,28 @@ class VisorProcessor:
         return self.tokenizer(rest, add_special_tokens=False)["input_ids"] if rest else []
 
     def _expand_images(self, ids: list[int], labels: list[int], images: list[Image.Image],
-                       row: int) -> tuple[list[int], list[int], int]:
-        """Each image-token id replaced by as many as the stock processor writes for that image (in order); also
-        where the last image's tokens end."""
-        slots = [i for i, token in enumerate(ids) if token == self.image_token_id]
-        if len(slots) != len(images):
-            raise ValueError(f"conversation {row} has {len(slots)} image placeholders but {len(images)} images")
+                       videos: list[list[Image.Image]], row: int) -> tuple[list[int], list[int], int]:
+        """Each image-token id replaced by as many as the stock processor writes for that image, each video-token
+        id by as many as the model computes for that video's frames (in order); also where the last one ends."""
+        video_id = self.video_token_id if self.videos is not None else None
+        slots = [i for i, token in enumerate(ids) if token in (self.image_token_id, video_id)]
+        for kind, token, items in (("image", self.image_token_id, images), ("video", video_id, videos)):
+            found = sum(ids[slot] == token for slot in slots)
+            if found != len(items):
+                raise ValueError(f"conversation {row} has {found} {kind} placeholders but {len(items)} {kind}s")
+        image_count, images, videos = len(images), iter(images), iter(videos)
         out_ids: list[int] = []
         out_labels: list[int] = []
         start = 0
-        for slot, image in zip(slots, images):
-            framed = 0 < slot < len(ids) - 1 and (ids[slot - 1], ids[slot + 1]) == (
-                getattr(self.images, "start", None), getattr(self.images, "end", None))
-            count = self.images.token_count((image.height, image.width), len(images))
-            placeholder = self.images.placeholder(self.image_token_id, count, framed)
+        for slot in slots:
+            if ids[slot] == video_id:
+                placeholder = [video_id] * self.videos.token_count(next(videos))
+            else:
+                image = next(images)
+                framed = 0 < slot < len(ids) - 1 and (ids[slot - 1], ids[slot + 1]) == (
+                    getattr(self.images, "start", None), getattr(self.images, "end", None))
+                count = self.images.token_count((image.height, image.width), image_count)
+                placeholder = self.images.placeholder(self.image_token_id, count, framed)
             out_ids += ids[start:slot] + placeholder
             out_labels += labels[start:slot] + [IGNORE_INDEX] * len(placeholder)
             start = slot + 1
@@ -557,27 +617,16 @@ class VisorProcessor:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
-def _image_token(tokenizer: PreTrainedTokenizerBase, image_token_id: int, source: str) -> str:
-    """The tokenizer's spelling of the config's image token; a ValueError when it has no such special token."""
-    token = tokenizer.convert_ids_to_tokens(image_token_id) if 0 <= image_token_id < len(tokenizer) else None
-    if token is None or image_token_id not in tokenizer.added_tokens_decoder or (
-            tokenizer.convert_tokens_to_ids(token) != image_token_id):
-        raise ValueError(f"{source} has no special token with the id {image_token_id} that the model config's "
-                         "image_token_id names: the tokenizer and the model do not belong together (add the image "
-                         "token to the tokenizer, or set image_token_id and resize the embeddings)")
+def _image_token(tokenizer: PreTrainedTokenizerBase, token_id: int, source: str, kind: str = "image") -> str:
+    """The tokenizer's spelling of the config's image (or video) token; a ValueError when it has no such special
+    token."""
+    token = tokenizer.convert_ids_to_tokens(token_id) if 0 <= token_id < len(tokenizer) else None
+    if token is None or token_id not in tokenizer.added_tokens_decoder or (
+            tokenizer.convert_tokens_to_ids(token) != token_id):
+        raise ValueError(f"{source} has no special token with the id {token_id} that the model config's "
+                         f"{kind}_token_id names: the tokenizer and the model do not belong together (add the {kind} "
+                         f"token to the tokenizer, or set {kind}_token_id and resize the embeddings)")
     return token
-
-
-@contextmanager
-def _strict_decoding():
-    """Pillow refusing truncated files, whatever a library set globally (lmms-eval's task module sets
-    `ImageFile.LOAD_TRUNCATED_IMAGES = True`, which would pad a cut-off image with grey)."""
-    lenient = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    try:
-        yield
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = lenient
 
 
 def _as_list(values, single_types) -> list:

@@ -44,7 +44,8 @@ from visor.modeling.router import ConfigurationRouter, check_threshold
 
 SUPPORTED_ATTENTION = ("eager", "sdpa")
 NEW_MODULES = ("cross_attention", "position_encoding", "router")  # what VISOR adds to the stock model
-NEEDS_INPUT_IDS = "VISOR needs input_ids (it finds the visual tokens by the <image> token id)"
+NEEDS_INPUT_IDS = "VISOR needs input_ids (it finds the visual tokens by the <image> and <video> token ids)"
+NEW_TOKENS_ARE_TEXT = "new tokens after the prompt must be text: images and videos go in the first (prefill) call"
 
 
 @dataclass
@@ -226,6 +227,9 @@ class VisorModel:
         batch_num_images: torch.Tensor | None = None,
         image_grid_thw: torch.Tensor | None = None,
         mm_token_type_ids: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
+        second_per_grid_ts: torch.Tensor | None = None,
         **kwargs,
     ) -> VisorOutput:
         """Logits (and the loss on `labels`) with each sample's configuration of SA layers.
@@ -235,14 +239,17 @@ class VisorModel:
         `config.router_threshold`). The output's `configuration` says which ran. `image_features`: precomputed
         projected features per image, instead of the images. The image inputs (`pixel_values` and those the
         family's `Backbone.image_inputs` names; every family's are in this signature, because `generate` checks
-        keyword arguments against it) and the other arguments are those of the stock model.
+        keyword arguments against it), the video inputs (`Backbone.video_inputs`: video tokens are visual tokens
+        like any image's) and the other arguments are those of the stock model.
         """
         if inputs_embeds is not None:
             raise ValueError(NEEDS_INPUT_IDS)
         hidden, configuration, cache = self.hidden_states(
             input_ids, pixel_values, attention_mask, position_ids, past_key_values, use_cache, configuration,
             image_features, router_threshold, image_sizes=image_sizes, batch_num_images=batch_num_images,
-            image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids, **kwargs)
+            image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids,
+            pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
+            second_per_grid_ts=second_per_grid_ts, **kwargs)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(self.text_stack.norm(hidden[:, keep]))  # the norm is per token: only the kept ones
         loss = None
@@ -281,7 +288,8 @@ class VisorModel:
         cache = resolve_cache(past_key_values, use_cache, VisorCache, "VISOR")
         prefilled = cache is not None and cache.is_prefilled
         self._check_length(input_ids.shape[1] + (cache.get_seq_length() if prefilled else 0))
-        for name, value in (("pixel_values", pixel_values), ("image_features", image_features)):
+        for name, value in (("pixel_values", pixel_values), ("image_features", image_features),
+                            ("pixel_values_videos", image_inputs.get("pixel_values_videos"))):
             parts = [value] if isinstance(value, torch.Tensor) else value or []
             if not prefilled and not all(bool(part.isfinite().all()) for part in parts):
                 raise ValueError(f"{name} hold NaN or infinite values")
@@ -319,8 +327,8 @@ class VisorModel:
     def _decode(self, input_ids, attention_mask, position_ids, cache: VisorCache) -> torch.Tensor:
         """Hidden states of new text tokens appended to a prefilled cache."""
         _check_ids(input_ids, self.config.text_config.vocab_size)
-        if bool((input_ids == self.config.image_token_id).any()):
-            raise ValueError("new tokens after the prompt must be text: images go in the first (prefill) call")
+        if bool(self.backbone.visual_token_mask(input_ids).any()):
+            raise ValueError(NEW_TOKENS_ARE_TEXT)
         if input_ids.shape[0] != cache.sa_layers.shape[0]:
             raise ValueError(f"batch of {input_ids.shape[0]} does not match the cache's {cache.sa_layers.shape[0]}")
         count = input_ids.shape[1]
@@ -458,42 +466,60 @@ def _put(value: torch.Tensor, rows: torch.Tensor, update: torch.Tensor) -> torch
 def embed_with_images(model, input_ids: torch.Tensor, image_features: list[torch.Tensor] | None = None,
                       position_encoding: nn.Module | None = None,
                       **image_inputs) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """Token embeddings of `model` with the images' features (after `position_encoding`, if any) in the `<image>`
-    slots, the image mask, and DeepStack's additions: (B, S, d) per early layer, zero but at the image slots.
+    """Token embeddings of `model` with the images' features in the `<image>` slots and the videos' in the
+    `<video>` slots (each after `position_encoding`, if any), the visual mask (both kinds of slot), and DeepStack's
+    additions: (B, S, d) per early layer, zero but at the image slots.
 
-    `image_inputs` are the family's (`pixel_values` and `Backbone.image_inputs`); `image_features` replaces the
-    vision tower (e.g. to reuse features across configurations or to time the language model alone): one projected
-    (n_i, d) tensor per image, or (1 + K, n_i, d) for a family with DeepStack (the features, then what the stock
-    model adds to the image's tokens after each of the first K layers), as `Backbone.encode_images` returns."""
+    `image_inputs` are the family's (`pixel_values`, `Backbone.image_inputs` and `Backbone.video_inputs`);
+    `image_features` replaces the vision tower for the images (e.g. to reuse features across configurations or to
+    time the language model alone): one projected (n_i, d) tensor per image, or (1 + K, n_i, d) for a family with
+    DeepStack (the features, then what the stock model adds to the image's tokens after each of the first K layers),
+    as `Backbone.encode_images` returns. Videos always come as pixels (`Backbone.encode_videos`)."""
     _check_ids(input_ids, model.config.text_config.vocab_size)
-    visual_mask = input_ids == model.config.image_token_id
+    backbone = model.backbone
+    video_inputs = {name: image_inputs.pop(name, None) for name in backbone.video_inputs}
+    visual_mask = backbone.visual_token_mask(input_ids)
     embeds = model.get_input_embeddings()(input_ids)
-    tokens_per_sample = visual_mask.sum(dim=1)
-    if not visual_mask.any():
-        return embeds, visual_mask, []
-    if image_features is None:
-        image_features = model.backbone.encode_images(model, int(tokens_per_sample.sum()), **image_inputs)
-    features = list(image_features)
-    if len({image.dim() for image in features}) > 1 or features[0].dim() not in (2, 3):
-        raise ValueError(f"image features must all be (n, d) or all (1 + K, n, d), got "
-                         f"{[tuple(image.shape) for image in features]}")
+    image_mask = input_ids == model.config.image_token_id
     additions = []
-    if features[0].dim() == 3:
-        additions = [torch.cat([image[layer] for image in features]) for layer in range(1, features[0].shape[0])]
-        features = [image[0] for image in features]
+    if image_mask.any():
+        if image_features is None:
+            image_features = backbone.encode_images(model, int(image_mask.sum()), **image_inputs)
+        features = list(image_features)
+        if len({image.dim() for image in features}) > 1 or features[0].dim() not in (2, 3):
+            raise ValueError(f"image features must all be (n, d) or all (1 + K, n, d), got "
+                             f"{[tuple(image.shape) for image in features]}")
+        if features[0].dim() == 3:
+            additions = [torch.cat([image[layer] for image in features]) for layer in range(1, features[0].shape[0])]
+            features = [image[0] for image in features]
+        embeds = _fill_slots(embeds, image_mask, features, position_encoding, "image")
+        slots = image_mask[..., None]
+        additions = [torch.zeros_like(embeds).masked_scatter(slots, addition.to(embeds.dtype))
+                     for addition in additions]
+    video_mask = visual_mask & ~image_mask
+    if video_mask.any():
+        videos = backbone.encode_videos(model, int(video_mask.sum()), **video_inputs)
+        embeds = _fill_slots(embeds, video_mask, videos, position_encoding, "video")
+    elif video_inputs.get("pixel_values_videos") is not None:
+        raise ValueError("pixel_values_videos given, but input_ids hold no video tokens")
+    return embeds, visual_mask, additions
+
+
+def _fill_slots(embeds: torch.Tensor, slots: torch.Tensor, features: list[torch.Tensor],
+                position_encoding: nn.Module | None, kind: str) -> torch.Tensor:
+    """`embeds` with the (n_i, d) `features` of each image (or video), after `position_encoding`, in its `slots`
+    (B, S) in prompt order; each sample's slots must end where one of its images ends."""
     if position_encoding is not None:
-        features = [position_encoding(image) for image in features]
-    # Images fill the <image> slots in prompt order, so each sample's slots must end where one of its images ends.
-    image_ends = torch.tensor([0] + [image.shape[0] for image in features]).cumsum(0)
+        features = [position_encoding(item) for item in features]
+    ends = torch.tensor([0] + [item.shape[0] for item in features]).cumsum(0)
+    tokens_per_sample = slots.sum(dim=1)
     sample_ends = tokens_per_sample.cpu().cumsum(0)
-    if image_ends[-1] != sample_ends[-1] or not torch.isin(sample_ends, image_ends).all():
+    if ends[-1] != sample_ends[-1] or not torch.isin(sample_ends, ends).all():
         raise ValueError(
-            f"image-token count does not match the images: input_ids hold {tokens_per_sample.tolist()} <image> "
-            f"tokens per sample, the images give {[image.shape[0] for image in features]} features each"
+            f"{kind}-token count does not match the {kind}s: input_ids hold {tokens_per_sample.tolist()} <{kind}> "
+            f"tokens per sample, the {kind}s give {[item.shape[0] for item in features]} features each"
         )
-    slots = visual_mask[..., None]
-    additions = [torch.zeros_like(embeds).masked_scatter(slots, addition.to(embeds.dtype)) for addition in additions]
-    return embeds.masked_scatter(slots, torch.cat(features).to(embeds.dtype)), visual_mask, additions
+    return embeds.masked_scatter(slots[..., None], torch.cat(features).to(embeds.dtype))
 
 
 def _check_ids(input_ids: torch.Tensor, vocab_size: int) -> None:

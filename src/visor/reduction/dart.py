@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional
 
+from visor.backbones import backbone_for
 from visor.reduction.pruned import PruningPlan, Tokens, check_keep, check_layer, kept_count, pruned
 
 PIVOTS = 4  # visual and text pivots each, as the paper's default
@@ -102,7 +103,7 @@ def dart_plan(config, layer: int = 2, keep: float = 0.5, image_pivots: int = PIV
         ids = inputs["input_ids"]
         valid = torch.ones_like(ids, dtype=torch.bool) if inputs.get("attention_mask") is None \
             else inputs["attention_mask"].bool()
-        visual = (ids == config.image_token_id) & valid
+        visual = backbone_for(config).visual_token_mask(ids) & valid
         budget = kept_count(visual.sum(dim=1), keep)
         return budget.clamp(max=image_pivots) + question_tokens(visual, valid).sum(dim=1).clamp(max=text_pivots)
 

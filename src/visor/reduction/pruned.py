@@ -36,7 +36,7 @@ from visor.flops import attention_row_flops, layerwise_prefill_flops, prompt_tok
 from visor.modeling.cache import LayerLoopCache, _bytes, resolve_cache
 from visor.modeling.layers import read_visual_layer, run_layer, text_layer
 from visor.modeling.layout import Slots, TokenLayout, attention_bias
-from visor.modeling.visor import embed_with_images
+from visor.modeling.visor import NEW_TOKENS_ARE_TEXT, embed_with_images
 
 
 def kept_count(count, keep: float):
@@ -228,17 +228,21 @@ class PrunedModel:
     def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
                 past_key_values=None, inputs_embeds=None, use_cache=None, logits_to_keep=0,
                 image_features: list[torch.Tensor] | None = None, image_sizes=None, batch_num_images=None,
-                image_grid_thw=None, mm_token_type_ids=None, **kwargs):
+                image_grid_thw=None, mm_token_type_ids=None, pixel_values_videos=None, video_grid_thw=None,
+                second_per_grid_ts=None, **kwargs):
         """Logits as the stock model's; tokens dropped inside the stack keep the hidden state they had then.
 
         `image_features` (per image, as `visor.modeling.visor.embed_with_images` takes them) may replace the
         images, e.g. to time the language model alone.
         """
         if input_ids is None or inputs_embeds is not None:
-            raise ValueError("in-LLM pruning needs input_ids (it finds the visual tokens by the <image> token id)")
+            raise ValueError("in-LLM pruning needs input_ids (it finds the visual tokens by the <image> and <video> "
+                             "token ids)")
         image_inputs = self.backbone.select_image_inputs(
             pixel_values=pixel_values, image_sizes=image_sizes, batch_num_images=batch_num_images,
-            image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids, **kwargs)
+            image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids,
+            pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
+            second_per_grid_ts=second_per_grid_ts, **kwargs)
         cache = resolve_cache(past_key_values, use_cache, PrunedCache, "in-LLM pruning")
         length = input_ids.shape[1]
         position_ids = self.backbone.positions(self, input_ids, attention_mask, cache, position_ids, **image_inputs)
@@ -294,8 +298,8 @@ class PrunedModel:
 
     def _decode_layers(self, input_ids, new_valid, position_ids, cache: PrunedCache) -> torch.Tensor:
         """New text tokens through every layer against the pruned cache."""
-        if bool((input_ids == self.config.image_token_id).any()):
-            raise ValueError("new tokens after the prompt must be text: images go in the first (prefill) call")
+        if bool(self.backbone.visual_token_mask(input_ids).any()):
+            raise ValueError(NEW_TOKENS_ARE_TEXT)
         hidden = self.get_input_embeddings()(input_ids)
         rope = self.text_stack.rotary_emb(hidden, position_ids)
         count = input_ids.shape[1]

@@ -35,6 +35,7 @@ import torch
 from torch.nn import functional
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
+from visor.backbones import backbone_for
 from visor.modeling.layers import head_states
 from visor.reduction.pruned import PruningPlan, Tokens, check_keep, check_layer, pruned
 
@@ -56,7 +57,7 @@ def question_counts(config, inputs: dict) -> torch.Tensor:
     """(B,) question tokens per sample of a prompt batch (the score rows SparseVLM computes)."""
     ids, mask = inputs["input_ids"], inputs.get("attention_mask")
     valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-    visual = ids == config.image_token_id
+    visual = backbone_for(config).visual_token_mask(ids)
     order = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
     last_visual = torch.where(visual, order, -1).max(dim=1).values
     return (valid & ~visual & (order > last_visual[:, None])).sum(dim=1)

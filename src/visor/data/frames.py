@@ -1,0 +1,170 @@
+"""Video frames without a video decoder: what `VisorProcessor(videos=...)` reads, samples and normalises.
+
+transformers' video processors need torchvision (and a decoder such as PyAV for video files); here a video is
+what Pillow reads: a list of frames (PIL images, image files or uint8 arrays), a folder of frame images (in name
+order), or an animated GIF or WebP. `sample_frames` keeps a uniform subset with transformers' own
+`default_sample_indices_fn`, as the stock processors sample. `VideoSettings` prepares each frame as the family's
+stock video processor does (resize to its size, rescale, normalise), with transformers' PIL image functions: the
+checkpoint's `video_preprocessor_config.json` when the folder has one, else the family's image settings at the
+vision tower's crop size (the frames go through the same vision tower as the images).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageSequence, UnidentifiedImageError
+from transformers.image_transforms import normalize, rescale, resize
+from transformers.image_utils import ChannelDimension, PILImageResampling
+from transformers.video_utils import VideoMetadata, default_sample_indices_fn
+
+from visor.data.images import MAX_IMAGE_PIXELS, ImageLike, load_image
+
+VIDEO_PREPROCESSOR_CONFIG = "video_preprocessor_config.json"
+FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+ANIMATED_SUFFIXES = (".gif", ".webp")
+
+VideoLike = str | Path | Sequence[ImageLike]
+
+
+def load_frames(video: VideoLike, min_side: int = 1) -> list[Image.Image]:
+    """The RGB frames of a video: a list of frames (each as `load_image` takes it), a folder of frame images (name
+    order), or an animated GIF / WebP file; a ValueError names an empty video, an unreadable frame or frames of
+    different sizes."""
+    source = str(video) if isinstance(video, (str, Path)) else "video"
+    if isinstance(video, (str, Path)):
+        path = Path(video)
+        if path.is_dir():
+            files = sorted(item for item in path.iterdir() if item.suffix.lower() in FRAME_SUFFIXES)
+            frames = [load_image(item, min_side) for item in files]
+        elif path.is_file() and path.suffix.lower() in ANIMATED_SUFFIXES:
+            frames = _animation_frames(path, min_side)
+        elif path.is_file():
+            raise ValueError(f"{source} is not a folder of frames or an animated GIF / WebP (video files need a "
+                             "decoder: extract their frames first)")
+        else:
+            raise ValueError(f"video {source} does not exist")
+    elif isinstance(video, (Image.Image, np.ndarray)) or not isinstance(video, Sequence):
+        raise ValueError(f"a video is a list of frames, a folder of frames or an animated GIF / WebP, got "
+                         f"{type(video).__name__}")
+    else:
+        frames = [load_image(frame, min_side) for frame in video]
+    if not frames:
+        raise ValueError(f"{source} holds no frames")
+    sizes = sorted({frame.size for frame in frames})
+    if len(sizes) > 1:
+        raise ValueError(f"{source}'s frames differ in size: {', '.join(f'{w}x{h}' for w, h in sizes)} px")
+    return frames
+
+
+def _animation_frames(path: Path, min_side: int) -> list[Image.Image]:
+    try:
+        animation = Image.open(path)
+    except UnidentifiedImageError as error:
+        raise ValueError(f"{path} is not an image file Pillow can read") from error
+    if animation.width * animation.height > MAX_IMAGE_PIXELS:
+        raise ValueError(f"{path} is {animation.width}x{animation.height} px, more than the {MAX_IMAGE_PIXELS:,} "
+                         "pixels a frame may have")
+    try:
+        return [load_image(frame.copy(), min_side) for frame in ImageSequence.Iterator(animation)]
+    except (OSError, SyntaxError) as error:
+        raise ValueError(f"{path} is truncated or corrupt: {error}") from error
+
+
+def sample_frames(frames: list, num_frames: int) -> list:
+    """`num_frames` frames spread uniformly over the video (transformers' `default_sample_indices_fn`); a shorter
+    video keeps all its frames."""
+    if num_frames <= 0:
+        raise ValueError(f"num_frames must be positive, got {num_frames}")
+    if len(frames) <= num_frames:
+        return list(frames)
+    indices = default_sample_indices_fn(VideoMetadata(total_num_frames=len(frames)), num_frames=num_frames)
+    return [frames[index] for index in indices]
+
+
+@dataclass(frozen=True)
+class VideoSettings:
+    """How the family's stock video processor prepares a frame, and how many frames a video keeps."""
+
+    size: tuple[int, int]  # (height, width) every frame is resized to
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+    num_frames: int
+    rescale_factor: float = 1 / 255
+    resample: int = PILImageResampling.BICUBIC
+    do_resize: bool = True
+    do_rescale: bool = True
+    do_normalize: bool = True
+
+    def pixels(self, frames: list[Image.Image]) -> np.ndarray:
+        """(frames, 3, height, width) float32: each RGB frame resized, rescaled and normalised."""
+        out = []
+        for frame in frames:
+            array = np.asarray(frame.convert("RGB"))
+            if self.do_resize:
+                array = resize(array, self.size, resample=self.resample, input_data_format=ChannelDimension.LAST)
+            array = array.astype(np.float32)
+            if self.do_rescale:
+                array = rescale(array, self.rescale_factor, input_data_format=ChannelDimension.LAST)
+            if self.do_normalize:
+                array = normalize(array, self.image_mean, self.image_std, input_data_format=ChannelDimension.LAST)
+            out.append(array.transpose(2, 0, 1))
+        if {array.shape[1:] for array in out} != {self.size}:
+            raise ValueError(f"frames must be {self.size[0]}x{self.size[1]} px without resizing (do_resize is off)")
+        return np.stack(out).astype(np.float32)
+
+
+def load_video_settings(folder: str | Path | None, backbone, image_processor) -> VideoSettings:
+    """The video settings of `folder`'s `video_preprocessor_config.json`, else (a warning says so) the family's
+    defaults: `image_processor`'s resampling and normalisation at the vision tower's crop size, and
+    `backbone.default_video_frames` frames. A ValueError names a config of another family or a broken field."""
+    side = backbone.config.vision_config.image_size
+    defaults = dict(size=(side, side), image_mean=tuple(image_processor.image_mean),
+                    image_std=tuple(image_processor.image_std), num_frames=backbone.default_video_frames,
+                    rescale_factor=image_processor.rescale_factor, resample=int(image_processor.resample))
+    path = None if folder is None else Path(folder) / VIDEO_PREPROCESSOR_CONFIG
+    if path is None or not path.is_file():
+        if folder is not None:
+            logging.getLogger(__name__).warning(
+                "%s has no %s: video frames get the image normalisation (mean %s, std %s) at %dx%d px, %d frames",
+                folder, VIDEO_PREPROCESSOR_CONFIG, list(defaults["image_mean"]), list(defaults["image_std"]), side,
+                side, defaults["num_frames"])
+        return VideoSettings(**defaults)
+    try:
+        settings = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    kind = settings.get("video_processor_type")
+    if kind is not None and kind != backbone.video_processor_name:
+        raise ValueError(f"{path}: video_processor_type is {kind!r}, but this {type(backbone).__name__} model's "
+                         f"videos are processed by {backbone.video_processor_name}")
+    chosen = dict(defaults)
+    for field in ("image_mean", "image_std"):
+        value = settings.get(field)
+        if value is not None:
+            if not isinstance(value, list) or len(value) != 3 or not all(isinstance(v, (int, float)) for v in value):
+                raise ValueError(f"{path}: {field} must be 3 numbers (one per RGB channel), got {value!r}")
+            chosen[field] = tuple(value)
+    size = settings.get("size")
+    if size is not None:
+        if not isinstance(size, dict) or set(size) != {"height", "width"}:
+            raise ValueError(f"{path}: size must be {{'height': …, 'width': …}}, got {size!r}")
+        chosen["size"] = (size["height"], size["width"])
+    if chosen["size"] != (side, side):
+        raise ValueError(f"{path}: size is {chosen['size']}, but the model's vision tower takes {side}x{side} frames")
+    if settings.get("fps") is not None and settings.get("num_frames") is None:
+        raise ValueError(f"{path}: sampling by fps needs frame times, which frames read with Pillow lack; set "
+                         "num_frames instead")
+    for field in ("num_frames", "rescale_factor", "resample", "do_resize", "do_rescale", "do_normalize"):
+        if settings.get(field) is not None:
+            chosen[field] = settings[field]
+    if not isinstance(chosen["num_frames"], int) or chosen["num_frames"] <= 0:
+        raise ValueError(f"{path}: num_frames must be a positive integer, got {chosen['num_frames']!r}")
+    return VideoSettings(**chosen)
