@@ -86,3 +86,53 @@ def test_model_folder_without_tokenizer_is_a_clear_error(saved, tmp_path):
     LlavaOnevisionForConditionalGeneration(presets.tiny(2)).save_pretrained(bare)
     with pytest.raises(ValueError, match="no tokenizer"):
         answer(bare, image, "what ?")
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    """An animated GIF of 6 frames, each a different colour."""
+    path = tmp_path_factory.mktemp("video") / "clip.gif"
+    frames = [Image.new("RGB", (64, 64), (40 * index, 200 - 30 * index, 90)) for index in range(6)]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return path
+
+
+def test_a_video_is_answered_with_its_visual_tokens_and_flops(saved, clip):
+    from visor.backbones import backbone_for
+
+    folders, config, image = saved
+    frames = 4
+    tokens = backbone_for(config).video_tokens(frames).visual_tokens
+    alone = answer(folders["visor"], None, "what color dominates the image ?", configuration=0, max_new_tokens=2,
+                   video=clip, frames=frames)
+    assert alone["visual_tokens"] == tokens
+    assert alone["llm_prefill_flops"] == llm_prefill_flops(config, tokens, alone["text_tokens"], Schedule.of(config, 0)).total
+    both = answer(folders["visor"], image, "what color dominates the image ?", configuration=0, max_new_tokens=2,
+                  video=clip, frames=frames)
+    image_only = answer(folders["visor"], image, "what color dominates the image ?", configuration=0, max_new_tokens=2)
+    assert both["visual_tokens"] == image_only["visual_tokens"] + tokens
+    stock = answer(folders["stock"], None, "what color dominates the image ?", max_new_tokens=2, video=clip,
+                   frames=frames)
+    assert stock["configuration"] == "full" and stock["visual_tokens"] == tokens
+
+
+def test_cli_answers_a_video(saved, clip, capsys):
+    folders, _, _ = saved
+    assert cli.main(["generate", "--model", str(folders["visor"]), "--video", str(clip), "--frames", "3",
+                     "--question", "what color dominates the image ?", "--configuration", "0",
+                     "--max-new-tokens", "2"]) == 0
+    assert "answer:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "give an image (--image), a video (--video) or both"),
+    (["--image", "IMAGE", "--frames", "4"], "--frames samples a video"),
+    (["--video", "CLIP", "--frames", "0"], "--frames must be at least 1"),
+])
+def test_video_options_are_clear_errors(saved, clip, tmp_path, capsys, argv, message):
+    folders, _, image = saved
+    path = tmp_path / "image.png"
+    image.save(path)
+    argv = [{"IMAGE": str(path), "CLIP": str(clip)}.get(item, item) for item in argv]
+    assert cli.main(["generate", "--model", str(folders["visor"]), "--question", "what ?", *argv]) == 2
+    assert message in capsys.readouterr().err

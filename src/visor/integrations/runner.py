@@ -101,14 +101,16 @@ class CheckpointRunner:
             return dict(configuration=configuration, router_threshold=self.tau)
         return dict(configuration=configuration)
 
-    def _inputs(self, images, questions, answers=None) -> dict:
-        return {key: value.to(self.device) for key, value in self.processor(images, questions, answers).items()}
+    def _inputs(self, images, questions, answers=None, videos=None, num_frames=None) -> dict:
+        inputs = self.processor(images, questions, answers, videos=videos, num_frames=num_frames)
+        return {key: value.to(self.device) for key, value in inputs.items()}
 
     @torch.no_grad()
-    def generate(self, images: Sequence, questions: Sequence[str], max_new_tokens: int = 16,
-                 until: Sequence[str] = ()) -> list[Answer]:
-        """Greedy answers, cut at the end-of-sequence token and before the first of the `until` strings."""
-        inputs = self._inputs(images, questions)
+    def generate(self, images: Sequence | None, questions: Sequence[str], max_new_tokens: int = 16,
+                 until: Sequence[str] = (), videos: Sequence | None = None, num_frames: int | None = None) -> list[Answer]:
+        """Greedy answers, cut at the end-of-sequence token and before the first of the `until` strings; `videos`
+        (one per row, after the row's image or instead of it, `VisorProcessor`'s) for a family that reads video."""
+        inputs = self._inputs(images, questions, videos=videos, num_frames=num_frames)
         output = greedy(self.model, inputs, max_new_tokens, **self._options(self.configuration))
         answer_tokens = new_tokens(output, inputs)
         ran = output.past_key_values.configuration.tolist() if self.is_visor else ["full"] * len(answer_tokens)
