@@ -4,7 +4,9 @@ Training sample i comes from slot `i % S` of a schedule that lists each task as 
 (`read_cell*3` in a data spec: three times as many read_cell samples), and is a pure function of seed and i; a
 task's slots walk through its samples 0, 1, 2, ... without repeats, and every batch mixes the tasks in those
 proportions. Prompts go through the suite's offline tokenizer and `VisorProcessor`
-(right-padded with labels and per-patch targets for training; left-padded prompts for generation).
+(right-padded with labels and per-patch targets for training; left-padded prompts for generation). A video suite
+(`synthetic@video`) gives each prompt its clip instead of an image, every frame kept (the answers count frames),
+for a family whose processor prepares video; its samples carry no per-patch targets.
 """
 
 from __future__ import annotations
@@ -26,10 +28,13 @@ class SyntheticSource:
         from visor.data.tokenizer import build_tokenizer
 
         self.suite = get_suite(suite)
-        if self.suite.video:
-            raise ValueError(f"suite {suite!r} holds video tasks; the synthetic data source reads images only")
         names, weights = _weighted(tasks) if tasks else (list(self.suite.task_names), [1] * len(self.suite.tasks))
         self._task_objects = {task.name: task for task in self.suite.select(names)}
+        frames = sorted({task.frames for task in self._task_objects.values()}) if self.suite.video else []
+        if len(frames) > 1:
+            raise ValueError(f"the video tasks {list(self._task_objects)} draw clips of {frames} frames; a batch's "
+                             "clips must have one length")
+        self.frames = frames[0] if frames else None
         self.tasks = tuple(self._task_objects)
         # (task, k, weight) slots: the k-th of a task's `weight` slots per cycle takes its samples k, k+weight, ...
         self.schedule = tuple((name, k, weight) for name, weight in zip(names, weights) for k in range(weight))
@@ -43,11 +48,20 @@ class SyntheticSource:
         self._train = VisorProcessor(model_config, self.tokenizer, padding_side="right")
         self._prompt = VisorProcessor(model_config, self.tokenizer, padding_side="left")
         self.processor = self._prompt  # saved with the trained model, so its folder answers questions on its own
+        if self.frames and self._train.videos is None:
+            raise ValueError(f"suite {suite!r} holds video tasks, but {self._train.no_video}")
         # Per-patch targets (the auxiliary loss) follow LLaVA-OV's crops; the Qwen-VL families train without.
-        self.num_patch_classes = len(PATCH_CLASSES) if self._train.images.has_patch_targets else 0
+        self.num_patch_classes = (len(PATCH_CLASSES) if self._train.images.has_patch_targets and not self.frames
+                                  else 0)
 
     def _sample(self, split: str, task: str, index: int):
         return self._make_sample(self._task_objects[task], split, index, self.seed, self.size)
+
+    def _visual(self, samples) -> dict:
+        """The processor's visual arguments for `samples`: their images, or their clips with every frame."""
+        if self.frames:
+            return dict(images=None, videos=[list(sample.frames) for sample in samples], num_frames=self.frames)
+        return dict(images=[sample.image for sample in samples])
 
     def train_batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         samples = []
@@ -55,8 +69,8 @@ class SyntheticSource:
             name, k, weight = self.schedule[i % len(self.schedule)]
             samples.append(self._sample("train", name, (i // len(self.schedule)) * weight + k))
         batch = self._train(
-            [s.image for s in samples], [s.question for s in samples], [s.answer for s in samples],
-            class_maps=[s.class_map for s in samples] if self.num_patch_classes else None,
+            questions=[s.question for s in samples], answers=[s.answer for s in samples],
+            class_maps=[s.class_map for s in samples] if self.num_patch_classes else None, **self._visual(samples),
         )
         return dict(batch)
 
@@ -67,7 +81,7 @@ class SyntheticSource:
         samples = self._eval_samples(split, per_task)
         for start in range(0, len(samples), batch_size):
             chunk = samples[start:start + batch_size]
-            inputs = self._prompt([s.image for s in chunk], [s.question for s in chunk])
+            inputs = self._prompt(questions=[s.question for s in chunk], **self._visual(chunk))
             yield EvalBatch([s.task for s in chunk], dict(inputs), [s.answer for s in chunk])
 
     def label_batches(self, split: str, per_task: int, batch_size: int) -> Iterator[tuple[list, list, dict]]:
@@ -75,7 +89,8 @@ class SyntheticSource:
         samples = self._eval_samples(split, per_task)
         for start in range(0, len(samples), batch_size):
             chunk = samples[start:start + batch_size]
-            inputs = self._train([s.image for s in chunk], [s.question for s in chunk], [s.answer for s in chunk])
+            inputs = self._train(questions=[s.question for s in chunk], answers=[s.answer for s in chunk],
+                                 **self._visual(chunk))
             yield [s.task for s in chunk], [s.group for s in chunk], dict(inputs)
 
     def decode(self, token_ids) -> str:
