@@ -492,3 +492,26 @@ def _an_image(folder):
     path = folder / "red.png"
     Image.new("RGB", (32, 32), (200, 30, 30)).save(path)
     return path
+
+
+def test_the_router_chooses_per_video_prompt_as_it_does_per_image(model):
+    """Labels on the video suite: each clip's visual tokens and FLOPs per configuration, and the decisions the
+    table's features give equal the model's own `auto` decisions on the same clips."""
+    from visor.backbones import backbone_for
+    from visor.policy.labels import prompt_only
+    from visor.training.synthetic import SyntheticSource
+
+    table = label_synthetic(model, "train", per_task=2, batch_size=4, suite="video", show_progress=False)
+    tokens = backbone_for(model.config).video_tokens(8).visual_tokens
+    assert len(table) == 8 and (table.tokens[:, 0] == tokens).all()
+    visual, text = table.tokens[0].tolist()
+    assert table.flops[0].tolist() == [llm_prefill_flops(model.config, visual, text, Schedule.of(model.config, c)).total
+                                       for c in range(3)]
+    decisions = []
+    for _, _, inputs in SyntheticSource(model.config, suite="video").label_batches("train", 2, batch_size=4):
+        with torch.no_grad():
+            decisions += model(**prompt_only(inputs), configuration="auto").configuration.tolist()
+    with torch.no_grad():
+        tau = float(model.router.probabilities(model.router(table.features))[:, 0].median())
+    assert router_outcome(model.router, table, 0.5, 0).choice.tolist() == decisions
+    assert len(set(router_outcome(model.router, table, tau, 0).choice.tolist())) > 1  # it does choose per clip
