@@ -46,8 +46,17 @@ class ImageTokens(NamedTuple):
     visual_tokens: int  # tokens the language model sees for the image
 
 
+# What a stock decoder layer may hold: VISOR's engine runs its attention and MLP itself, around these two norms.
+DECODER_LAYER_PARTS = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
+
+
 class Backbone:
-    """One model family; a subclass defines every method below."""
+    """One model family; a subclass defines every method below.
+
+    The text-model contract (docs/architecture.md, "The text-model contract"), which VISOR's layer engine, the CA
+    blocks and the in-LLM reductions rely on, is checked for every family: from the config when the adapter is
+    built (`check_text_config`), on the modules when a VISOR or pruned model is (`check_text_model`).
+    """
 
     stock_model_class: type  # the family's transformers class
     image_inputs: tuple[str, ...]  # the stock forward's image arguments besides `pixel_values`
@@ -60,6 +69,50 @@ class Backbone:
 
     def __init__(self, config):
         self.config = config
+        self.check_text_config()
+
+    def check_text_config(self) -> None:
+        """Every layer full causal attention (no sliding window, no per-layer attention types) and one rotary
+        embedding over the whole head; a ValueError names what differs."""
+        text = self.config.text_config
+        if getattr(text, "use_sliding_window", False):
+            raise ValueError("VISOR does not support sliding-window attention in the text model (use_sliding_window)")
+        kinds = sorted(set(getattr(text, "layer_types", None) or ["full_attention"]) - {"full_attention"})
+        if kinds:
+            raise ValueError(f"VISOR runs full causal attention in every text layer; this text model has {kinds} "
+                             "layers (layer_types)")
+        rope = getattr(text, "rope_parameters", None) or {}
+        partial = rope.get("partial_rotary_factor", getattr(text, "partial_rotary_factor", 1.0))
+        if partial != 1.0:
+            raise ValueError(f"VISOR rotates the whole attention head; this text model rotates {partial} of it "
+                             "(partial_rotary_factor)")
+
+    def check_text_model(self, model) -> None:
+        """The text stack's modules as the engine runs them: a `rotary_emb`, and decoder layers of q/k/v/o
+        projections (heads x head_dim wide), an MLP and two RMSNorms with `variance_epsilon` and a multiplicative
+        `weight` (`input_layernorm`, `post_attention_layernorm`), nothing else; a ValueError names what differs."""
+        stack = self.language_model(model)
+        if not hasattr(stack, "rotary_emb"):
+            raise ValueError(f"{type(stack).__name__} has no rotary_emb: VISOR needs one rotary embedding for all layers")
+        for index, layer in enumerate(stack.layers):
+            where = f"text layer {index} ({type(layer).__name__})"
+            extra = sorted(name for name, _ in layer.named_children() if name not in DECODER_LAYER_PARTS)
+            if extra:
+                raise ValueError(f"{where} holds {extra} besides {sorted(DECODER_LAYER_PARTS)}: VISOR's engine "
+                                 "would skip them")
+            attention = layer.self_attn
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                if not isinstance(getattr(attention, name, None), nn.Linear):
+                    raise ValueError(f"{where}: its attention has no linear {name}")
+            if attention.q_proj.out_features % attention.head_dim:
+                raise ValueError(f"{where}: q_proj's {attention.q_proj.out_features} outputs are not whole heads of "
+                                 f"{attention.head_dim}")
+            for name in ("input_layernorm", "post_attention_layernorm"):
+                norm = getattr(layer, name)
+                if not (type(norm).__name__.endswith("RMSNorm") and hasattr(norm, "variance_epsilon")
+                        and isinstance(getattr(norm, "weight", None), nn.Parameter)):
+                    raise ValueError(f"{where}: {name} is a {type(norm).__name__}, not an RMSNorm with "
+                                     "variance_epsilon and a multiplicative weight")
 
     def language_model(self, model) -> nn.Module:
         """The text stack: `embed_tokens`, `layers` (the stock decoder layers), `rotary_emb` and `norm`."""

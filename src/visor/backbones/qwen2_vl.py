@@ -35,11 +35,6 @@ class QwenVL(Backbone):
     image_mean = Qwen2VLImageProcessorPil.image_mean
     image_std = Qwen2VLImageProcessorPil.image_std
 
-    def __init__(self, config):
-        super().__init__(config)
-        if getattr(config.text_config, "use_sliding_window", False):
-            raise ValueError("VISOR does not support sliding-window attention in the text model (use_sliding_window)")
-
     # ---- the language model ------------------------------------------------------------------------------------
     def language_model(self, model):
         return model.model.language_model

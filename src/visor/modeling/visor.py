@@ -70,6 +70,7 @@ class VisorModel:
     def __init__(self, config):
         super().__init__(config)
         self.backbone = self.backbone_class(config)
+        self.backbone.check_text_model(self)
         layers = self.text_stack.layers
         self.cross_attention = nn.ModuleDict({
             str(layer): CrossAttentionBlock(layers[layer], config.text_config, gate=config.cross_attention_gate,

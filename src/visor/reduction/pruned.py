@@ -215,6 +215,7 @@ class PrunedModel:
             raise ValueError("measured layers need an on_weights callback")
         self.plan, self.on_weights = plan, on_weights
         self.backbone = self.backbone_class(config)
+        self.backbone.check_text_model(self)
 
     @property
     def text_stack(self):
