@@ -12,12 +12,15 @@ A generated block in README.md, docs/*.md or benchmarks/README.md reads
 and nothing between its markers is typed by hand: a later run that replaces FILE changes the block the next time
 this script runs, and tests/test_docs_figures.py fails until it has. Renderers (`RENDERERS`):
 
-- `prefill FILE VISUAL`: `visor bench` rows at VISUAL visual tokens: FLOPs ratio, measured prefill speed-up,
-  visual KV cache against the full model's, the text-only floor;
+- `prefill FILE VISUAL`: `visor bench` rows at VISUAL visual tokens (or, in a `--video-frames` run, `frames=N`: the
+  rows whose video has N frames; so for every renderer of `visor bench` rows): FLOPs ratio, measured prefill
+  speed-up, visual KV cache against the full model's, the text-only floor;
 - `batched FILE VISUAL`: `visor bench --batch-sizes ... --end-to-end` rows: time to first token with the vision
   tower, decode speed-up against the full model at every batch size, requests in the KV budget;
 - `decode FILE VISUAL`: the same file's decode tokens/s at every batch size, speed-up and bytes-read ratio against
   the full model, peak memory;
+- `first-token FILE VISUAL`: `visor bench --end-to-end` rows: the vision tower's time, the LLM prefill's, time to
+  first token and its speed-up, the vision tower's share of it;
 - `baselines FILE BATCH`: `visor bench --baselines ...` rows: each method's prefill speed-up against its FLOPs
   ratio, decode at BATCH requests, visual KV cache;
 - `train FILE VISUAL`: `visor bench --train` rows at VISUAL visual tokens: peak memory and step time per recipe,
@@ -78,13 +81,18 @@ def _configuration_label(row: dict) -> str:
     return "CA only" if layers == 0 else f"{layers} SA layer{'s' if layers > 1 else ''}"
 
 
-def _bench_rows(root: Path, path: str, visual: str) -> list[dict]:
-    """`visor bench`'s rows in `path` at `visual` visual tokens (the text-only floor left out)."""
-    rows = [row for row in json.loads((root / path).read_text())
-            if row["visual_tokens"] == int(visual) and row["method"] != "text-only"]
+def _sweep_rows(root: Path, path: str, sweep: str) -> list[dict]:
+    """`visor bench`'s rows in `path` at SWEEP: a visual-token count, or `frames=N` (a video of N frames)."""
+    key, value = ("video_frames", sweep.removeprefix("frames=")) if sweep.startswith("frames=") else ("visual_tokens", sweep)
+    rows = [row for row in json.loads((root / path).read_text()) if row.get(key) == int(value)]
     if not rows:
-        raise ValueError(f"{path} has no row at {visual} visual tokens")
+        raise ValueError(f"{path} has no row at {value} {'frames' if key == 'video_frames' else 'visual tokens'}")
     return rows
+
+
+def _bench_rows(root: Path, path: str, visual: str) -> list[dict]:
+    """`visor bench`'s rows in `path` at `visual` (see `_sweep_rows`), the text-only floor left out."""
+    return [row for row in _sweep_rows(root, path, visual) if row["method"] != "text-only"]
 
 
 def render_prefill(root: Path, path: str, visual: str) -> str:
@@ -92,8 +100,7 @@ def render_prefill(root: Path, path: str, visual: str) -> str:
     ratio it is), visual KV cache against the full model's; the text-only floor last, where the file has it."""
     rows = _bench_rows(root, path, visual)
     full = next(row for row in rows if row["method"] == "full")
-    floor = [row for row in json.loads((root / path).read_text())
-             if row["visual_tokens"] == int(visual) and row["method"] == "text-only"]
+    floor = [row for row in _sweep_rows(root, path, visual) if row["method"] == "text-only"]
     lines = ["| configuration | FLOPs ratio | measured prefill speed-up | speed-up / FLOPs ratio | visual KV cache |",
              "|---|---|---|---|---|"]
     for row in rows:
@@ -131,7 +138,7 @@ def render_decode(root: Path, path: str, visual: str) -> str:
     """`visor bench --batch-sizes ...` decoding at VISUAL visual tokens: tokens/s at every batch size (in brackets
     the speed-up over the full model and, from 16 requests on, full / this row's bytes read per step), the text-only
     floor included, and the peak memory at the largest batch."""
-    rows = [row for row in json.loads((root / path).read_text()) if row["visual_tokens"] == int(visual)]
+    rows = _sweep_rows(root, path, visual)
     sizes = [batch["batch_size"] for batch in rows[0]["batched"]]
     lines = ["| configuration | " + " | ".join(f"B = {size}" for size in sizes) + f" | peak memory at B = {sizes[-1]} |",
              "|---|" + "---|" * (len(sizes) + 1)]
@@ -146,6 +153,19 @@ def render_decode(root: Path, path: str, visual: str) -> str:
             cells.append(cell)
         peak = row["batched"][-1]["peak_memory_bytes"] / 2**30
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {_number(peak)} GiB |")
+    return "\n".join(lines) + "\n"
+
+
+def render_first_token(root: Path, path: str, visual: str) -> str:
+    """`visor bench --end-to-end` rows at VISUAL: the vision tower's seconds (the same in every row), the LLM
+    prefill's, time to first token with its speed-up over the full model, and the vision tower's share of it."""
+    lines = ["| configuration | vision tower | LLM prefill | time to first token (speed-up) | vision tower's share |",
+             "|---|---|---|---|---|"]
+    for row in _bench_rows(root, path, visual):
+        label = "full model" if row["method"] == "full" else _configuration_label(row)
+        lines.append(f"| {label} | {_number(row['vision_s'])} s | {_number(row['prefill_s'])} s | "
+                     f"{_number(row['time_to_first_token_s'])} s ({row['time_to_first_token_speedup']:.2f}x) | "
+                     f"{row['vision_s'] / row['time_to_first_token_s']:.0%} |")
     return "\n".join(lines) + "\n"
 
 
@@ -359,7 +379,8 @@ def render_stages(root: Path, path: str) -> str:
 
 
 RENDERERS: dict[str, Callable[..., str]] = {
-    "prefill": render_prefill, "batched": render_batched, "decode": render_decode, "train": render_train,
+    "prefill": render_prefill, "batched": render_batched, "decode": render_decode, "first-token": render_first_token,
+    "train": render_train,
     "baselines": render_baselines, "convert": render_convert,
     "engine": render_engine, "decode-bound": render_decode_bound,
     "demo": render_demo, "accuracy": render_accuracy, "router-curves": render_router_curves,

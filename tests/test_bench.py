@@ -1,4 +1,5 @@
-"""`visor bench` end to end on the tiny preset: rows, FLOPs from the counter, the KV-cache split, plots, bad input."""
+"""`visor bench` end to end on the tiny preset: rows, FLOPs from the counter, the KV-cache split, plots, bad input,
+and the video bench (one video of N frames per prompt)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,15 @@ import argparse
 import json
 
 import pytest
+import torch
 from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import LlavaOnevisionForConditionalGeneration
 
-from visor import bench, cli
+from visor import bench, cli, presets
 from visor.config import Schedule
 from visor.reduction.pruned import PruningPlan
-from visor.flops import llm_prefill_flops
+from visor.flops import llm_prefill_flops, prompt_prefill_flops, video_vision_flops
 
 REQUIRED_KEYS = {
     "method", "configuration", "visual_tokens", "text_tokens", "llm_prefill_flops",
@@ -82,6 +86,13 @@ def test_ratios_are_relative_to_the_full_model(result):
             assert row["flops_ratio"] > 1
 
 
+def test_image_rows_keep_their_fields_and_table(result):
+    """An image run's bench.json and table are what they were before video: no `video_frames`, no frames column."""
+    _, rows = result
+    assert all(set(row) == set(rows[0]) and "video_frames" not in row for row in rows)
+    assert bench._table([bench.BenchRow(**row) for row in rows]).split("\n")[0].split()[:3] == ["method", "Nv", "GFLOPs"]
+
+
 def test_plots_are_valid_images(result):
     output, _ = result
     for name in ("flops.png", "speedup.png"):
@@ -106,6 +117,14 @@ def test_plots_are_valid_images(result):
         (dict(kv_budget_gib=-1.0), "holds no request"),
         # The tiny LLaVA-OV model's anyres images run 2, 3 or 5 crops of 64 tokens: 24 tokens would be one crop.
         (dict(visual_tokens=(128, 24), end_to_end=True), "no image runs exactly 1 crops"),
+        (dict(video_frames=(8, 0)), r"video frames must be positive counts, got \[8, 0\]"),
+        (dict(video_frames=(2,), visual_tokens=(64,)), "one image of --visual-tokens or one video of --video-frames"),
+        (dict(video_frames=(2,), baselines=(2.0,)), "the token-reduction baselines bench images only"),
+        (dict(video_frames=(10**7,)), r"at 10000000 frames \(160000001 visual tokens\).* ask for fewer frames"),
+        (dict(preset="tiny-qwen2-vl", video_frames=(2,)), "Qwen2VL takes no video"),
+        (dict(preset="tiny-qwen3-vl", video_frames=(2,)), "Qwen3VL takes no video"),
+        (dict(preset="tiny-internvl3", video_frames=(2,)), "InternVL takes no video"),
+        (dict(preset="tiny-qwen2.5-vl", video_frames=(2,)), "Qwen2_5_VL reads video but its adapter has no video geometry"),
     ],
 )
 def test_bad_input_is_refused_before_any_model_is_built(options, message):
@@ -309,3 +328,84 @@ def test_end_to_end_adds_the_vision_tower_to_time_to_first_token(tmp_path):
 def test_end_to_end_takes_any_token_count_on_qwen_vl():
     """A Qwen-VL image of N tokens is a grid (`nominal_grid`), for any N; LLaVA-OV's refusal is in the bad-input test."""
     bench.BenchPlan("tiny-qwen3-vl", visual_tokens=(13, 24), end_to_end=True)
+
+
+# ---- video: one video of N frames per prompt -------------------------------------------------------------------------
+FRAMES = (1, 3)
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory):
+    output = tmp_path_factory.mktemp("bench-video")
+    assert run_cli("--preset", "tiny", "--video-frames", ",".join(map(str, FRAMES)), "--text-tokens", str(TEXT_TOKENS),
+                   "--repeats", "1", "--decode-tokens", "1", "--configurations", "0,2", "--batch-sizes", "2",
+                   "--end-to-end", "--output", str(output)) == 0
+    return output, json.loads((output / "bench.json").read_text())
+
+
+def test_a_video_prompt_holds_the_stock_model_s_tokens_for_its_frames(video):
+    """Each row's visual tokens are the stock video path's for its frames (each frame's patch grid pooled, one
+    newline), its vision FLOPs the counter's for those frames, and every method's rows are there."""
+    _, rows = video
+    config = bench.BenchPlan("tiny").config
+    stock = LlavaOnevisionForConditionalGeneration(presets.tiny(2)).eval()
+    expected = {("full", None), ("text-only", None), ("visor", 0), ("visor", 2)}
+    for frames in FRAMES:
+        pixels = torch.randn(1, frames, 3, presets.TINY_CROP, presets.TINY_CROP)
+        with torch.no_grad():
+            tokens = stock.model.get_video_features(pixels, return_dict=True).pooler_output.shape[1]
+        sweep = [row for row in rows if row["video_frames"] == frames]
+        assert {(row["method"], row["configuration"]) for row in sweep} == expected and len(sweep) == len(expected)
+        assert {row["visual_tokens"] for row in sweep} == {tokens}
+        assert {row["vision_flops"] for row in sweep} == {video_vision_flops(config, frames).total}
+
+
+def test_video_rows_count_flops_and_cache_as_the_counter_does(video):
+    _, rows = video
+    config = bench.BenchPlan("tiny").config
+    per_token_layer = 2 * config.text_config.num_key_value_heads * (
+        config.text_config.hidden_size // config.text_config.num_attention_heads) * 2  # bf16 K and V
+    for row in rows:
+        schedule = {"visor": lambda: Schedule.of(config, row["configuration"]), "full": lambda: Schedule.full(config),
+                    "text-only": Schedule.text_only}[row["method"]]()
+        counted = llm_prefill_flops(config, row["visual_tokens"], TEXT_TOKENS, schedule, logits_tokens=1)
+        assert row["llm_prefill_flops"] == counted.total
+        layers = len(schedule.self_attention) + len(schedule.cross_attention) if schedule.visual else 0
+        assert row["kv_bytes_visual"] == layers * row["visual_tokens"] * per_token_layer
+        assert [batch["batch_size"] for batch in row["batched"]] == [2]
+        if row["method"] == "text-only":
+            assert row["vision_s"] is None
+        else:
+            assert row["vision_s"] > 0 and row["time_to_first_token_s"] == pytest.approx(row["vision_s"] + row["prefill_s"])
+
+
+@pytest.mark.parametrize("dense", [True, False], ids=["full", "visor"])
+def test_the_bench_s_video_prompt_runs_the_flops_its_rows_count(dense):
+    """FlopCounterMode (eager attention) on the model the bench times, with the bench's own video prompt: exactly
+    the counter's LLM prefill FLOPs for its video tokens, which `prompt_prefill_flops` reads off the prompt too."""
+    plan = bench.BenchPlan("tiny", video_frames=(3,), text_tokens=TEXT_TOKENS, dtype="float32")
+    model = bench.build_model(plan.dense_config if dense else plan.config, plan)
+    model.set_attn_implementation("eager")
+    (visual,) = plan.visual_tokens
+    input_ids, _, videos = bench._prompt(model, plan, visual, seed=visual)
+    assert int((input_ids == presets.TINY_VIDEO_TOKEN_ID).sum()) == visual and set(videos) == {"video_features"}
+    for index in [None] if dense else range(len(plan.config.configurations)):
+        schedule = Schedule.full(plan.config) if dense else Schedule.of(plan.config, index)
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            model(input_ids=input_ids, **videos, configuration=index, logits_to_keep=1)
+        analytic = llm_prefill_flops(plan.config, visual, TEXT_TOKENS, schedule, logits_tokens=1).total
+        assert counter.get_total_flops() == analytic
+        assert prompt_prefill_flops(plan.config, dict(input_ids=input_ids), schedule).tolist() == [analytic]
+
+
+def test_video_outputs_are_labelled_with_frames(video):
+    output, rows = video
+    table = bench._table([bench.BenchRow(**{**row, "batched": []}) for row in rows]).split("\n")
+    assert table[0].split()[:3] == ["method", "frames", "Nv"]
+    for line, row in zip(table[1:], rows):
+        assert line.split()[-9:-7] == [str(row["video_frames"]), str(row["visual_tokens"])]
+    for name in ("flops.png", "speedup.png", "decode.png", "time-to-first-token.png"):
+        with Image.open(output / name) as image:
+            image.verify()
+            assert image.format == "PNG"

@@ -33,6 +33,12 @@ What is measured, and how:
 - End to end (`--end-to-end`): the vision tower and projector on the image `nominal_vision_flops` prices, from
   random pixels (`Backbone.nominal_pixel_inputs`), timed once per visual-token count (it is the same for every
   method), so that time to first token = vision + LLM prefill; the text-only floor has no image and no such time.
+- Video (`--video-frames 8,32`): instead of the image, each prompt holds one video of N frames at the family's
+  default frame resolution (LLaVA-OV: every frame one crop of the vision tower's size, its patch grid pooled 2x2,
+  one newline after the last frame), as random precomputed video features in the video token's slots; its visual
+  tokens are what the adapter's video geometry gives (`Backbone.video_tokens`), its vision FLOPs
+  `video_vision_flops`, and `--end-to-end` times the stock video path on N frames of random pixels
+  (`Backbone.nominal_video_pixel_inputs`). Its rows carry `video_frames`; the baselines bench images only.
 - `--kv-budget GIB`: how many requests' caches (the prompt's, after prefill) fit in that much memory, per row:
   what a serving engine's KV pool would hold after the weights.
 """
@@ -64,6 +70,7 @@ from visor.flops import (
     layerwise_decode_flops_per_token,
     llm_prefill_flops,
     nominal_vision_flops,
+    video_vision_flops,
 )
 from visor.presets import PRESETS
 from visor.reduction.budget import solve_strength
@@ -100,7 +107,7 @@ class BenchRow:
     kv_bytes_text: int
     self_attention_layers: list[int]  # the layers that run over [visual; text]
     decode_flops_per_token: int  # analytic, first generated token
-    vision_flops: int  # vision tower + projector on an image of visual_tokens tokens (the same for every method)
+    vision_flops: int  # vision tower + projector on the prompt's image or video (the same for every method)
     flops_ratio: float | None = None  # full model's LLM prefill FLOPs / this row's
     speedup: float | None = None  # full model's measured prefill seconds / this row's
     setting: str | None = None  # a baseline's target FLOPs ratio, e.g. "4x"
@@ -110,6 +117,7 @@ class BenchRow:
     time_to_first_token_s: float | None = None  # vision_s + prefill_s
     time_to_first_token_speedup: float | None = None  # the full model's / this row's
     batched: list[BatchedDecoding] = field(default_factory=list)
+    video_frames: int | None = None  # a video plan's: the prompt's video has this many frames (None: an image)
 
 
 def run_bench(plan: BenchPlan) -> list[BenchRow]:
@@ -179,12 +187,16 @@ def _row(plan: BenchPlan, method: str, visual: int, timings: tuple, **measured) 
     prefill_s, decode_s, kv_bytes, batched = timings
     return BenchRow(method=method, visual_tokens=visual, text_tokens=plan.text_tokens, prefill_s=prefill_s,
                     decode_s_per_token=decode_s, kv_bytes_visual=kv_bytes["visual"], kv_bytes_text=kv_bytes["text"],
-                    batched=batched, **_vision_cost(plan.config, visual), **measured)
+                    batched=batched, **_vision_cost(plan, visual), **measured)
 
 
-def _vision_cost(config, visual: int) -> dict:
-    """The vision side of a prompt with `visual` tokens: the same for every method (see the module notes)."""
-    return dict(vision_flops=nominal_vision_flops(config, visual).total)
+def _vision_cost(plan: BenchPlan, visual: int) -> dict:
+    """The vision side of a prompt with `visual` tokens (its video's, in a video plan): the same for every method
+    (see the module notes)."""
+    frames = plan.frames_at(visual)
+    if frames is None:
+        return dict(vision_flops=nominal_vision_flops(plan.config, visual).total)
+    return dict(vision_flops=video_vision_flops(plan.config, frames).total, video_frames=frames)
 
 
 @torch.inference_mode()
@@ -213,22 +225,27 @@ def _measure_baseline(model, plan: BenchPlan, method: str, ratio: float, visual:
 
     kept = kept_count(visual, solve_strength(config, cost, ratio, inputs=counted))
     return replace(_measure(model, plan, base, configuration, kept), method=method, visual_tokens=visual,
-                   setting=setting, llm_visual_tokens=kept, **_vision_cost(config, visual))
+                   setting=setting, llm_visual_tokens=kept, **_vision_cost(plan, visual))
 
 
 def _prompt(model, plan: BenchPlan, visual: int, seed: int):
-    """(input_ids (1, N_v + N_t), text ids, the image's arguments: random features (N_v, d) and what positions need):
-    the image, then the text."""
-    config, device = plan.config, torch.device(plan.device)
+    """(input_ids (1, N_v + N_t), text ids, the image's (or video's) arguments: random features (N_v, d) and what
+    positions need): the image (video), then the text."""
+    config, device, backbone = plan.config, torch.device(plan.device), backbone_for(plan.config)
     generator = torch.Generator().manual_seed(seed)
     text_ids = torch.randint(0, config.text_config.vocab_size, (plan.text_tokens,), generator=generator)
-    text_ids[text_ids == config.image_token_id] = 0
-    input_ids = torch.cat([torch.full((visual,), config.image_token_id), text_ids])[None].to(device)
+    text_ids[backbone.visual_token_mask(text_ids)] = 0
+    frames = plan.frames_at(visual) if visual else None
+    token = config.image_token_id if frames is None else config.video_token_id
+    input_ids = torch.cat([torch.full((visual,), token), text_ids])[None].to(device)
     if not visual:
         return input_ids, text_ids, {}
     features = torch.randn(visual, config.text_config.hidden_size, generator=generator).to(device, model.dtype)
-    extra = {name: value.to(device) for name, value in backbone_for(config).nominal_image_inputs(visual).items()}
-    return input_ids, text_ids, dict(image_features=[features], **extra)
+    if frames is None:
+        extra, name = backbone.nominal_image_inputs(visual), "image_features"
+    else:
+        extra, name = backbone.nominal_video_inputs(frames), "video_features"
+    return input_ids, text_ids, {name: [features], **{key: value.to(device) for key, value in extra.items()}}
 
 
 def _timings(model, plan: BenchPlan, inputs: dict, text_ids: torch.Tensor):
@@ -307,12 +324,15 @@ def decode_weight_bytes(model) -> int:
 
 @torch.inference_mode()
 def _vision_seconds(model, plan: BenchPlan, visual: int) -> float:
-    """Median seconds of the stock vision path (tower, projector, packing) on the image of `visual` tokens that
-    `nominal_vision_flops` prices, after one warm-up."""
-    device, backbone = torch.device(plan.device), backbone_for(model.config)
+    """Median seconds of the stock vision path (tower, projector, packing or pooling) on the image of `visual`
+    tokens that `nominal_vision_flops` prices, or in a video plan on the video `video_vision_flops` prices, after
+    one warm-up."""
+    device, backbone, frames = torch.device(plan.device), backbone_for(model.config), plan.frames_at(visual)
+    inputs, encode = ((backbone.nominal_pixel_inputs(visual), backbone.encode_images) if frames is None else
+                      (backbone.nominal_video_pixel_inputs(frames), backbone.encode_videos))
     pixels = {name: value.to(device, model.dtype) if value.is_floating_point() else value.to(device)
-              for name, value in backbone.nominal_pixel_inputs(visual).items()}
-    times = [timed(device, lambda: backbone.encode_images(model, visual, **pixels))[0] for _ in range(plan.repeats + 1)]
+              for name, value in inputs.items()}
+    times = [timed(device, lambda: encode(model, visual, **pixels))[0] for _ in range(plan.repeats + 1)]
     return statistics.median(times[1:])
 
 
@@ -325,13 +345,28 @@ def _label(row: BenchRow) -> str:
     return row.method
 
 
+def _record(row: BenchRow) -> dict:
+    """A row as bench.json holds it: an image row without `video_frames` (image runs' files keep their fields)."""
+    record = asdict(row)
+    if row.video_frames is None:
+        del record["video_frames"]
+    return record
+
+
+def _sweep(row: BenchRow) -> str:
+    """What a row's prompt holds, for titles: "N visual tokens", or "F frames (N visual tokens)" for a video."""
+    if row.video_frames is None:
+        return f"{row.visual_tokens} visual tokens"
+    return f"{row.video_frames} frames ({row.visual_tokens} visual tokens)"
+
+
 def write_outputs(rows: list[BenchRow], output: str | Path) -> list[Path]:
     """`bench.json`, `flops.png`, `speedup.png` and, with batched decoding, `decode.png` in `output`; returns
     their paths."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     paths = [output / "bench.json", output / "flops.png", output / "speedup.png"]
-    write_json(paths[0], [asdict(row) for row in rows])
+    write_json(paths[0], [_record(row) for row in rows])
 
     lines: dict[str, list[BenchRow]] = {}
     for row in rows:
@@ -348,7 +383,9 @@ def write_outputs(rows: list[BenchRow], output: str | Path) -> list[Path]:
     for label, series in lines.items():
         axes.plot([row.visual_tokens for row in series], [row.llm_prefill_flops for row in series],
                   marker="o", label=label, color=colors[label])
-    axes.set(xlabel="visual tokens", ylabel="LLM prefill FLOPs", yscale="log",
+    video = "" if rows[0].video_frames is None else " of one video (" + ", ".join(
+        f"{frames} frames" for frames in sorted({row.video_frames for row in rows})) + ")"
+    axes.set(xlabel="visual tokens" + video, ylabel="LLM prefill FLOPs", yscale="log",
              title=f"LLM prefill FLOPs ({rows[0].text_tokens} text tokens)")
     axes.legend(fontsize="small")
     save_figure(figure, paths[1])
@@ -373,23 +410,24 @@ def write_outputs(rows: list[BenchRow], output: str | Path) -> list[Path]:
 
 
 def _panels_per_visual_count(rows: list[BenchRow], width: float, height: float) -> tuple[Figure, list]:
-    """A figure with one panel (width × height inches) per visual-token count of `rows`: (figure, [(axes, count)])."""
-    visual_counts = sorted({row.visual_tokens for row in rows})
-    figure = Figure(figsize=(width * len(visual_counts), height), layout="constrained")
-    return figure, list(zip(figure.subplots(1, len(visual_counts), squeeze=False)[0], visual_counts))
+    """A figure with one panel (width × height inches) per visual-token count of `rows`: (figure, [(axes, count,
+    what the prompt holds)])."""
+    sweeps = sorted({(row.visual_tokens, _sweep(row)) for row in rows})
+    figure = Figure(figsize=(width * len(sweeps), height), layout="constrained")
+    return figure, [(axes, *sweep) for axes, sweep in zip(figure.subplots(1, len(sweeps), squeeze=False)[0], sweeps)]
 
 
 def _time_to_first_token_figure(rows: list[BenchRow]) -> Figure:
     """Time to first token split into the vision side and the LLM prefill, one panel per visual-token count."""
     per_panel = len(rows) / len({row.visual_tokens for row in rows})
     figure, panels = _panels_per_visual_count(rows, width=6, height=0.5 * per_panel + 2)
-    for axes, visual in panels:
+    for axes, visual, sweep in panels:
         shown = [row for row in rows if row.visual_tokens == visual and row.vision_s is not None][::-1]
         labels = [_label(row) for row in shown]
         axes.barh(labels, [row.vision_s for row in shown], color="grey", label="vision tower + projector")
         axes.barh(labels, [row.prefill_s for row in shown], left=[row.vision_s for row in shown],
                   color="tab:blue", label="LLM prefill")
-        axes.set(xlabel="seconds", title=f"Time to first token, {visual} visual tokens")
+        axes.set(xlabel="seconds", title=f"Time to first token, {sweep}")
         axes.legend(fontsize="small")
     return figure
 
@@ -397,7 +435,7 @@ def _time_to_first_token_figure(rows: list[BenchRow]) -> Figure:
 def _decode_figure(lines: dict[str, list[BenchRow]], colors: dict) -> Figure:
     """Decode tokens/s against batch size, one panel per visual-token count."""
     figure, panels = _panels_per_visual_count([row for series in lines.values() for row in series], width=5, height=4.5)
-    for axes, visual in panels:
+    for axes, visual, sweep in panels:
         for label, series in lines.items():
             for row in series:
                 if row.visual_tokens == visual:
@@ -405,7 +443,7 @@ def _decode_figure(lines: dict[str, list[BenchRow]], colors: dict) -> Figure:
                               [batch.decode_tokens_per_s for batch in row.batched],
                               marker="o", label=label, color=colors[label])
         axes.set(xscale="log", yscale="log", xlabel="requests decoding together (batch size)",
-                 ylabel="decode tokens/s", title=f"Batched decoding, {visual} visual tokens")
+                 ylabel="decode tokens/s", title=f"Batched decoding, {sweep}")
         axes.legend(fontsize="small")
     return figure
 
@@ -422,6 +460,9 @@ def register(subparsers) -> None:
     parser.add_argument("--visual-tokens", type=comma_separated(), default=None,
                         help="comma-separated visual-token counts (default 729,2916,7290; with --train "
                              "1458,2916,7290)")
+    parser.add_argument("--video-frames", type=comma_separated(), default=BenchPlan.video_frames,
+                        help="instead of an image, one video of each many frames per prompt, e.g. 8,32,64, at the "
+                             "family's default frame resolution (its visual tokens: the family's video geometry)")
     parser.add_argument("--text-tokens", type=int, default=BenchPlan.text_tokens)
     parser.add_argument("--output", required=True, type=Path, help="folder for bench.json and the plots")
     parser.add_argument("--repeats", type=int, default=BenchPlan.repeats, help="timed prefill runs per row")
@@ -469,7 +510,8 @@ def _inference_options(args: argparse.Namespace) -> dict[str, bool]:
             "--dtype": args.dtype != BenchPlan.dtype, "--baselines": bool(args.baselines),
             "--cross-attention-heads": args.cross_attention_heads is not None, "--batch-sizes": bool(args.batch_sizes),
             "--batched-prefill": args.batched_prefill, "--end-to-end": args.end_to_end,
-            "--kv-budget": args.kv_budget is not None, "--engine": args.engine != "transformers"}
+            "--kv-budget": args.kv_budget is not None, "--engine": args.engine != "transformers",
+            "--video-frames": bool(args.video_frames)}
 
 
 def _command(args: argparse.Namespace) -> int:
@@ -479,7 +521,7 @@ def _command(args: argparse.Namespace) -> int:
         if given:
             raise ValueError(f"{flag} belongs to --train")
     plan = BenchPlan(
-        preset=args.preset, visual_tokens=args.visual_tokens or BenchPlan.visual_tokens, text_tokens=args.text_tokens,
+        preset=args.preset, visual_tokens=args.visual_tokens, video_frames=args.video_frames, text_tokens=args.text_tokens,
         repeats=args.repeats, decode_tokens=args.decode_tokens, configurations=args.configurations,
         device=args.device or default_device(), dtype=args.dtype, baselines=args.baselines,
         cross_attention_key_value_heads=args.cross_attention_heads, batch_sizes=args.batch_sizes,
@@ -518,28 +560,34 @@ def _train_command(args: argparse.Namespace) -> int:
 
 def _table(rows: list[BenchRow]) -> str:
     budget = rows[0].requests_in_budget is not None
-    lines = [f"{'method':<22}{'Nv':>6}{'GFLOPs':>10}{'ratio':>7}{'prefill s':>11}{'speed-up':>10}"
+    video = rows[0].video_frames is not None
+    head = f"{'method':<22}" + (f"{'frames':>7}" if video else "") + f"{'Nv':>6}"
+
+    def key(row: BenchRow) -> str:  # which row: its label, its video's frames, its visual tokens
+        return f"{_label(row):<22}" + (f"{row.video_frames:>7}" if video else "") + f"{row.visual_tokens:>6}"
+
+    lines = [f"{head}{'GFLOPs':>10}{'ratio':>7}{'prefill s':>11}{'speed-up':>10}"
              f"{'decode ms':>11}{'KV vis MB':>11}{'KV text MB':>12}" + (f"{'in budget':>11}" if budget else "")]
     for row in rows:
         lines.append(
-            f"{_label(row):<22}{row.visual_tokens:>6}{row.llm_prefill_flops / 1e9:>10.4g}{row.flops_ratio:>7.2f}"
+            f"{key(row)}{row.llm_prefill_flops / 1e9:>10.4g}{row.flops_ratio:>7.2f}"
             f"{row.prefill_s:>11.3g}{row.speedup:>10.2f}{row.decode_s_per_token * 1e3:>11.3g}"
             f"{row.kv_bytes_visual / 2**20:>11.3g}{row.kv_bytes_text / 2**20:>12.3g}"
             + (f"{row.requests_in_budget:>11}" if budget else "")
         )
     if rows[0].batched:
-        lines += ["", f"{'method':<22}{'Nv':>6}{'batch':>6}{'prefill s':>11}{'step ms':>10}{'tokens/s':>10}"
+        lines += ["", f"{head}{'batch':>6}{'prefill s':>11}{'step ms':>10}{'tokens/s':>10}"
                       f"{'speed-up':>10}{'bytes ratio':>13}{'KV MB':>10}{'peak MB':>9}"]
         for row in rows:
             for batch in row.batched:
                 prefill = "-" if batch.prefill_s is None else f"{batch.prefill_s:.3g}"
                 peak = "-" if batch.peak_memory_bytes is None else f"{batch.peak_memory_bytes / 2**20:.0f}"
                 lines.append(
-                    f"{_label(row):<22}{row.visual_tokens:>6}{batch.batch_size:>6}{prefill:>11}"
+                    f"{key(row)}{batch.batch_size:>6}{prefill:>11}"
                     f"{batch.decode_s_per_step * 1e3:>10.4g}{batch.decode_tokens_per_s:>10.4g}"
                     f"{batch.decode_speedup:>10.2f}{batch.bytes_read_ratio:>13.2f}{batch.kv_bytes / 2**20:>10.1f}{peak:>9}")
     if rows[0].vision_s is not None:
-        lines += ["", f"{'method':<22}{'Nv':>6}{'vision s':>10}{'LLM s':>9}{'TTFT s':>9}{'speed-up':>10}"
+        lines += ["", f"{head}{'vision s':>10}{'LLM s':>9}{'TTFT s':>9}{'speed-up':>10}"
                       f"{'vision share':>14}{'FLOPs ratio':>13}"]
         for row in rows:
             if row.vision_s is None:
@@ -547,7 +595,7 @@ def _table(rows: list[BenchRow]) -> str:
             full = next(other for other in rows if other.method == "full" and other.visual_tokens == row.visual_tokens)
             flops_ratio = (full.llm_prefill_flops + full.vision_flops) / (row.llm_prefill_flops + row.vision_flops)
             lines.append(
-                f"{_label(row):<22}{row.visual_tokens:>6}{row.vision_s:>10.3g}{row.prefill_s:>9.3g}"
+                f"{key(row)}{row.vision_s:>10.3g}{row.prefill_s:>9.3g}"
                 f"{row.time_to_first_token_s:>9.3g}{row.time_to_first_token_speedup:>10.2f}"
                 f"{row.vision_s / row.time_to_first_token_s:>14.0%}{flops_ratio:>13.2f}")
     return "\n".join(lines)

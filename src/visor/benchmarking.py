@@ -19,14 +19,19 @@ from visor.flops import kv_cache_bytes
 from visor.presets import preset_config
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+IMAGE_VISUAL_TOKENS = (729, 2916, 7290)  # an image plan's default sweep
 
 
 @dataclass(frozen=True)
 class BenchPlan:
-    """What to measure; validated on creation, before any model is built."""
+    """What to measure; validated on creation, before any model is built.
+
+    A prompt holds one image of `visual_tokens` tokens (default `IMAGE_VISUAL_TOKENS`) or, with `video_frames`, one
+    video of that many frames at the family's default frame resolution, whose tokens the adapter counts
+    (`Backbone.video_tokens`): `visual_tokens` then holds each video's, in the order of `video_frames`."""
 
     preset: str
-    visual_tokens: tuple[int, ...] = (729, 2916, 7290)
+    visual_tokens: tuple[int, ...] | None = None
     text_tokens: int = 64
     repeats: int = 3
     decode_tokens: int = 8
@@ -39,9 +44,14 @@ class BenchPlan:
     batched_prefill: bool = False  # time the prefill of B prompts too (else their cache is one prefill's, repeated)
     kv_budget_gib: float | None = None  # memory for KV caches: how many requests each row fits
     end_to_end: bool = False  # also time the vision tower: time to first token
+    video_frames: tuple[int, ...] = ()  # one video of each many frames per prompt instead of an image; () = images
 
     def __post_init__(self):
         config = self.config  # an unknown preset or a bad head count raises here
+        if self.video_frames:
+            object.__setattr__(self, "visual_tokens", self._video_visual_tokens())
+        elif self.visual_tokens is None:
+            object.__setattr__(self, "visual_tokens", IMAGE_VISUAL_TOKENS)
         if not self.visual_tokens or any(count <= 0 for count in self.visual_tokens):
             raise ValueError(f"visual tokens must be positive counts, got {list(self.visual_tokens)}")
         for name in ("text_tokens", "repeats", "decode_tokens"):
@@ -66,9 +76,24 @@ class BenchPlan:
             self._check_kv_budget()
         check_device(self.device)
         self._check_memory()
-        if self.end_to_end:
+        if self.end_to_end and not self.video_frames:
             for visual in self.visual_tokens:  # raises where the family has no image of that many tokens
                 backbone_for(self.config).nominal_pixel_inputs(visual)
+
+    def _video_visual_tokens(self) -> tuple[int, ...]:
+        """Each video's visual tokens, from the family's video geometry; a video plan's own bad input named."""
+        if self.visual_tokens is not None:
+            raise ValueError("a prompt holds one image of --visual-tokens or one video of --video-frames, not both")
+        if any(frames <= 0 for frames in self.video_frames):
+            raise ValueError(f"video frames must be positive counts, got {list(self.video_frames)}")
+        if self.baselines:
+            raise ValueError("the token-reduction baselines bench images only (--baselines without --video-frames)")
+        backbone = backbone_for(self.config)  # a family without video, or without its geometry, is named here
+        return tuple(backbone.video_tokens(frames).visual_tokens for frames in self.video_frames)
+
+    def frames_at(self, visual: int) -> int | None:
+        """The frames of the video whose prompt has `visual` visual tokens (None in an image plan)."""
+        return dict(zip(self.visual_tokens, self.video_frames)).get(visual)
 
     def _check_memory(self) -> None:
         """Refuse a plan whose largest prompt cannot fit in the device's free memory: found here, it is an error
@@ -88,10 +113,13 @@ class BenchPlan:
         needed, available = prompt + (1 + batch) * cache, available_memory_bytes(self.device)
         if needed > available:
             batches, smaller = (f" and batches of {batch}", " or smaller batches") if batch else ("", "")
+            frames = self.frames_at(visual)
+            sweep, fewer = (f"{frames} frames ({visual} visual tokens)", "frames") if frames else (
+                f"{visual} visual tokens", "visual tokens")
             raise ValueError(
-                f"at {visual} visual tokens{batches} the bench needs at least {needed / 2**30:,.1f} GiB (image "
+                f"at {sweep}{batches} the bench needs at least {needed / 2**30:,.1f} GiB (visual "
                 f"features, a layer's activations, KV caches; weights not counted) but {self.device} has "
-                f"{available / 2**30:,.1f} GiB free: ask for fewer visual tokens{smaller}")
+                f"{available / 2**30:,.1f} GiB free: ask for fewer {fewer}{smaller}")
 
     def _check_kv_budget(self) -> None:
         """The budget must hold at least one request of the cheapest VISOR configuration benched."""

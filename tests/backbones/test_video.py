@@ -192,6 +192,19 @@ def test_video_tokens_run_exactly_as_image_tokens(sparse, mixed, configuration):
                                atol=1e-6, rtol=0)
 
 
+def test_precomputed_video_features_replace_the_pixels(sparse, mixed):
+    """`video_features` (what `encode_videos` returns) instead of `pixel_values_videos` give the same logits in every
+    configuration: what `visor bench --video-frames` times the language model on."""
+    batch, _ = mixed
+    with torch.no_grad():
+        features = backbone_for(sparse.config).encode_videos(sparse, 0, pixel_values_videos=batch["pixel_values_videos"])
+    precomputed = dict(batch, pixel_values_videos=None, video_features=features)
+    valid = batch["attention_mask"].bool()
+    for configuration in range(len(sparse.config.configurations)):
+        torch.testing.assert_close(logits(sparse, precomputed, configuration=configuration)[valid],
+                                   logits(sparse, batch, configuration=configuration)[valid], atol=1e-6, rtol=0)
+
+
 def test_every_configuration_reads_the_video(sparse, stock):
     """Guard for the test above: another video changes the logits of every configuration, CA-only included."""
     batch, _ = video_batch(stock, VIDEO_ONLY)
@@ -264,13 +277,19 @@ def test_pruning_keeps_its_share_of_video_tokens(stock, mixed):
 def test_bad_video_inputs_are_named(sparse, stock):
     batch, _ = video_batch(stock, VIDEO_ONLY)
     pixels = batch["pixel_values_videos"]
+    features = [torch.zeros(int((row == VIDEO).sum()), stock.config.text_config.hidden_size) for row in batch["input_ids"]]
+    no_video_ids = batch["input_ids"].masked_fill(batch["input_ids"] == VIDEO, 7)
     cases = [
         (dict(batch, pixel_values_videos=None), "video tokens but pixel_values_videos are missing"),
         (dict(batch, pixel_values_videos=pixels[:, :, :, :32]), r"must be \(videos, frames, 3, 64, 64\)"),
         (dict(batch, pixel_values_videos=pixels[:2]), "video-token count does not match the videos"),
         (dict(batch, pixel_values_videos=pixels.clone().fill_(float("nan"))), "pixel_values_videos hold NaN"),
-        (dict(batch, input_ids=batch["input_ids"].masked_fill(batch["input_ids"] == VIDEO, 7)),
-         "pixel_values_videos given, but input_ids hold no video tokens"),
+        (dict(batch, input_ids=no_video_ids), "pixel_values_videos given, but input_ids hold no video tokens"),
+        (dict(batch, pixel_values_videos=None, video_features=features[:2]), "video-token count does not match"),
+        (dict(batch, pixel_values_videos=None, video_features=[torch.full_like(video, float("nan")) for video in features]),
+         "video_features hold NaN"),
+        (dict(batch, input_ids=no_video_ids, pixel_values_videos=None, video_features=features),
+         "video_features given, but input_ids hold no video tokens"),
     ]
     for inputs, message in cases:
         with pytest.raises(ValueError, match=message):

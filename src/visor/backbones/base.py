@@ -193,12 +193,25 @@ class Backbone:
 
     def video_tokens(self, frames: int) -> ImageTokens:
         """Frames through the vision tower and visual tokens of one video of `frames` frames, as the stock model
-        computes them (a family with `video_inputs`)."""
-        raise NotImplementedError
+        computes them (a family with `video_inputs`). Asked of a family without it, a ValueError names the family:
+        everything that counts or benches a video asks this first."""
+        reads = "reads video but its adapter" if self.video_inputs else "takes no video and"
+        raise ValueError(f"{type(self).__name__} {reads} has no video geometry (Backbone.video_tokens)")
 
     def video_vision_flops(self, frames: int) -> dict[str, int]:
         """FLOPs of the vision tower and the projector on one video of `frames` frames, by part (a family with
         `video_inputs`)."""
+        raise NotImplementedError
+
+    def nominal_video_inputs(self, frames: int) -> dict:
+        """The video arguments besides `pixel_values_videos` of a prompt whose one video of `frames` frames, at the
+        family's default frame resolution, comes as precomputed features (what positions need; a family with
+        `video_inputs`, the video `video_tokens` and `video_vision_flops` count)."""
+        raise NotImplementedError
+
+    def nominal_video_pixel_inputs(self, frames: int) -> dict:
+        """Random pixels of that same video, as `encode_videos` takes them: the vision work `video_vision_flops`
+        counts, to time it."""
         raise NotImplementedError
 
     def nominal_vision_flops(self, visual_tokens: int) -> dict[str, int]:

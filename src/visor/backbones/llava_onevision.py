@@ -229,6 +229,16 @@ class LlavaOnevision(Backbone):
         pixels = torch.randn(1, crops, 3, side, side, generator=torch.Generator().manual_seed(0))
         return {"pixel_values": pixels, "image_sizes": torch.tensor([sizes[0]])}
 
+    def nominal_video_inputs(self, frames):
+        return {}  # positions are 0 … S-1 whatever the video
+
+    def nominal_video_pixel_inputs(self, frames):
+        """`frames` frames of random pixels, each one crop of the vision tower's size (the stock video path)."""
+        self.video_tokens(frames)  # refuses no frame, or a patch grid the stock pooling cannot take
+        side = self.config.vision_config.image_size
+        pixels = torch.randn(1, frames, 3, side, side, generator=torch.Generator().manual_seed(0))
+        return {"pixel_values_videos": pixels}
+
     def nominal_visual_tokens(self, visual_tokens):
         """The packed tokens (unpadded, with newlines) of the pinpoint image `nominal_pixel_inputs` makes."""
         image_size = self.nominal_pixel_inputs(visual_tokens)["image_sizes"][0].tolist()

@@ -172,10 +172,12 @@ class VisorModel:
 
     # ---- inputs -> streams ----------------------------------------------------------------------------------
     def embed_multimodal(self, input_ids: torch.LongTensor, image_features: list[torch.Tensor] | None = None,
+                         video_features: list[torch.Tensor] | None = None,
                          **image_inputs) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        """Token embeddings with image features (after the CPE) in the `<image>` slots, the image mask, and the
-        DeepStack additions (see `embed_with_images`)."""
-        return embed_with_images(self, input_ids, image_features, self.position_encoding, **image_inputs)
+        """Token embeddings with image and video features (after the CPE) in the `<image>` and `<video>` slots, the
+        visual mask, and the DeepStack additions (see `embed_with_images`)."""
+        return embed_with_images(self, input_ids, image_features, self.position_encoding, video_features,
+                                 **image_inputs)
 
     # ---- the layer loop -------------------------------------------------------------------------------------
     def configuration_table(self, device=None) -> torch.Tensor:
@@ -230,6 +232,7 @@ class VisorModel:
         pixel_values_videos: torch.Tensor | None = None,
         video_grid_thw: torch.Tensor | None = None,
         second_per_grid_ts: torch.Tensor | None = None,
+        video_features: list[torch.Tensor] | None = None,
         **kwargs,
     ) -> VisorOutput:
         """Logits (and the loss on `labels`) with each sample's configuration of SA layers.
@@ -237,7 +240,8 @@ class VisorModel:
         `configuration`: an index into `config.configurations` for the whole batch, or one per sample; default
         the largest; `"auto"` lets the router choose per sample (threshold τ = `router_threshold`, default
         `config.router_threshold`). The output's `configuration` says which ran. `image_features`: precomputed
-        projected features per image, instead of the images. The image inputs (`pixel_values` and those the
+        projected features per image, instead of the images; `video_features` likewise per video, instead of
+        `pixel_values_videos` (the videos' other arguments, which positions read, still come). The image inputs (`pixel_values` and those the
         family's `Backbone.image_inputs` names; every family's are in this signature, because `generate` checks
         keyword arguments against it), the video inputs (`Backbone.video_inputs`: video tokens are visual tokens
         like any image's) and the other arguments are those of the stock model.
@@ -246,7 +250,7 @@ class VisorModel:
             raise ValueError(NEEDS_INPUT_IDS)
         hidden, configuration, cache = self.hidden_states(
             input_ids, pixel_values, attention_mask, position_ids, past_key_values, use_cache, configuration,
-            image_features, router_threshold, image_sizes=image_sizes, batch_num_images=batch_num_images,
+            image_features, router_threshold, video_features, image_sizes=image_sizes, batch_num_images=batch_num_images,
             image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids,
             pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
             second_per_grid_ts=second_per_grid_ts, **kwargs)
@@ -268,6 +272,7 @@ class VisorModel:
         configuration: int | list[int] | torch.Tensor | str | None = None,
         image_features: list[torch.Tensor] | None = None,
         router_threshold: float | None = None,
+        video_features: list[torch.Tensor] | None = None,
         **image_arguments,
     ) -> tuple[torch.Tensor, torch.Tensor, VisorCache | None]:
         """`forward` up to the final norm: the last layer's hidden states (a prompt: (B, S, d) in the original
@@ -289,7 +294,8 @@ class VisorModel:
         prefilled = cache is not None and cache.is_prefilled
         self._check_length(input_ids.shape[1] + (cache.get_seq_length() if prefilled else 0))
         for name, value in (("pixel_values", pixel_values), ("image_features", image_features),
-                            ("pixel_values_videos", image_inputs.get("pixel_values_videos"))):
+                            ("pixel_values_videos", image_inputs.get("pixel_values_videos")),
+                            ("video_features", video_features)):
             parts = [value] if isinstance(value, torch.Tensor) else value or []
             if not prefilled and not all(bool(part.isfinite().all()) for part in parts):
                 raise ValueError(f"{name} hold NaN or infinite values")
@@ -300,7 +306,8 @@ class VisorModel:
         else:
             choice = ConfigurationChoice.resolve(self.config, configuration, input_ids.shape[0], input_ids.device,
                                                  router_threshold, router_trained=self.router_trained)
-            hidden, visual_mask, additions = self.embed_multimodal(input_ids, image_features, **image_inputs)
+            hidden, visual_mask, additions = self.embed_multimodal(input_ids, image_features, video_features,
+                                                                   **image_inputs)
             layout = TokenLayout.build(visual_mask, attention_mask)
             streams = _Prefill(self, hidden, layout, position_ids, choice, cache, additions)
             self._run_layers(streams)
@@ -464,7 +471,7 @@ def _put(value: torch.Tensor, rows: torch.Tensor, update: torch.Tensor) -> torch
 
 
 def embed_with_images(model, input_ids: torch.Tensor, image_features: list[torch.Tensor] | None = None,
-                      position_encoding: nn.Module | None = None,
+                      position_encoding: nn.Module | None = None, video_features: list[torch.Tensor] | None = None,
                       **image_inputs) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """Token embeddings of `model` with the images' features in the `<image>` slots and the videos' in the
     `<video>` slots (each after `position_encoding`, if any), the visual mask (both kinds of slot), and DeepStack's
@@ -474,7 +481,8 @@ def embed_with_images(model, input_ids: torch.Tensor, image_features: list[torch
     `image_features` replaces the vision tower for the images (e.g. to reuse features across configurations or to
     time the language model alone): one projected (n_i, d) tensor per image, or (1 + K, n_i, d) for a family with
     DeepStack (the features, then what the stock model adds to the image's tokens after each of the first K layers),
-    as `Backbone.encode_images` returns. Videos always come as pixels (`Backbone.encode_videos`)."""
+    as `Backbone.encode_images` returns. `video_features` replaces it for the videos: one (n_v, d) tensor per video,
+    as `Backbone.encode_videos` returns."""
     _check_ids(input_ids, model.config.text_config.vocab_size)
     backbone = model.backbone
     video_inputs = {name: image_inputs.pop(name, None) for name in backbone.video_inputs}
@@ -498,10 +506,14 @@ def embed_with_images(model, input_ids: torch.Tensor, image_features: list[torch
                      for addition in additions]
     video_mask = visual_mask & ~image_mask
     if video_mask.any():
-        videos = backbone.encode_videos(model, int(video_mask.sum()), **video_inputs)
-        embeds = _fill_slots(embeds, video_mask, videos, position_encoding, "video")
-    elif video_inputs.get("pixel_values_videos") is not None:
-        raise ValueError("pixel_values_videos given, but input_ids hold no video tokens")
+        if video_features is None:
+            video_features = backbone.encode_videos(model, int(video_mask.sum()), **video_inputs)
+        embeds = _fill_slots(embeds, video_mask, list(video_features), position_encoding, "video")
+    else:
+        for name, value in (("pixel_values_videos", video_inputs.get("pixel_values_videos")),
+                            ("video_features", video_features)):
+            if value is not None:
+                raise ValueError(f"{name} given, but input_ids hold no video tokens")
     return embeds, visual_mask, additions
 
 

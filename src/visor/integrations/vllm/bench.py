@@ -123,7 +123,8 @@ def check_engine_plan(plan: BenchPlan) -> None:
     from visor.integrations.vllm import SERVED_MODEL_TYPES
 
     unsupported = [name for name, given in (("--baselines", plan.baselines), ("--batched-prefill", plan.batched_prefill),
-                                            ("--end-to-end", plan.end_to_end)) if given]
+                                            ("--end-to-end", plan.end_to_end),
+                                            ("--video-frames", plan.video_frames)) if given]
     if unsupported:
         raise ValueError(f"--engine vllm measures the stock model, the full model and VISOR configurations only: "
                          f"{', '.join(unsupported)} run with the default engine")
