@@ -79,3 +79,17 @@ def test_paired_comparison_counts_discordant_prompts():
     assert result == {"only_proposed": 10, "only_default": 0, "sign_test_p": pytest.approx(2 / 1024, abs=1e-4)}
     assert paired_comparison([True, False], [False, True])["sign_test_p"] == 1.0
     assert paired_comparison([True], [True])["sign_test_p"] == 1.0
+
+
+def test_analyze_reads_a_video_suite_as_visual_tokens(model_dir, tmp_path):
+    """On clips, the video tokens are the visual ("image") group whose attention share is measured."""
+    output = tmp_path / "analysis"
+    args = parser().parse_args(["analyze", "--model", str(model_dir), "--data", "synthetic@video:which_frame,"
+                                "dominant_color_video", "--output", str(output), "--per-task", "2",
+                                "--max-new-tokens", "2", "--no-progress"])
+    assert args.func(args) == 0
+    share = json.loads((output / "attention_share.json").read_text())["tasks"]
+    for task in ("which_frame", "dominant_color_video"):
+        # A clip's tokens are most of the prompt: counted as text, the "image" group would hold nothing.
+        assert share[task]["uniform"]["question"]["image"] > 0.5
+        assert all(value > 0 for value in share[task]["shares"]["question"]["image"])

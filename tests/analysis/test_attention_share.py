@@ -15,7 +15,7 @@ IMAGE = 3
 def test_token_groups_from_ids():
     input_ids = torch.tensor([[0, 1, 7, IMAGE, IMAGE, 8, 9, 20, 0]])
     attention_mask = torch.tensor([[0, 1, 1, 1, 1, 1, 1, 1, 0]])
-    groups = token_groups(input_ids, attention_mask, IMAGE, prompt_length=7)
+    groups = token_groups(input_ids == IMAGE, attention_mask, prompt_length=7)
     names = [GROUPS[g] if g != PADDING else "pad" for g in groups[0].tolist()]
     assert names == ["pad", "prefix", "prefix", "image", "image", "question", "question", "answer", "pad"]
 
@@ -29,7 +29,7 @@ def probed(stock_factory, batch_factory):
     answers = torch.tensor([[11, 12], [13, 0], [14, 15], [16, 0]])
     batch["input_ids"] = torch.cat([batch["input_ids"], answers], dim=1)
     batch["attention_mask"] = torch.cat([batch["attention_mask"], (answers != 0).long()], dim=1)
-    groups = token_groups(batch["input_ids"], batch["attention_mask"], IMAGE, prompt_length)
+    groups = token_groups(batch["input_ids"] == IMAGE, batch["attention_mask"], prompt_length)
     weights = {}
     with torch.no_grad():
         probe(stock, measure=[0, 2], on_weights=lambda layer, w: weights.__setitem__(layer, w))(**batch)

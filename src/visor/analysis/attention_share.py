@@ -30,15 +30,15 @@ ROLES = ("question", "answer")
 PADDING = -1
 
 
-def token_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int,
-                 prompt_length: int) -> torch.Tensor:
-    """(B, S) group index (into GROUPS) of every position, PADDING where the mask is 0.
+def token_groups(visual: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int) -> torch.Tensor:
+    """(B, S) group index (into GROUPS) of every position, PADDING where the mask is 0; `visual` (B, S) marks the
+    visual tokens (an image's or a video's: `Backbone.visual_token_mask`), the "image" group.
 
-    Positions from `prompt_length` on are the answer; prompt text is prefix or question by whether an image
+    Positions from `prompt_length` on are the answer; prompt text is prefix or question by whether a visual
     token came before it.
     """
     valid = attention_mask.bool()
-    image = input_ids == image_token_id
+    image = visual.bool()
     after_image = image.long().cumsum(dim=1) > 0
     groups = torch.where(after_image, GROUPS.index("question"), GROUPS.index("prefix"))
     groups = torch.where(image, GROUPS.index("image"), groups)

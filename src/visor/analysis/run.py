@@ -26,6 +26,7 @@ from visor.analysis import attention_share, cka, compare, placement, sensitivity
 from visor.analysis.probe import probe
 from visor.analysis.scoring import answer
 from visor import VisorConfig
+from visor.backbones import backbone_for
 from visor.files import write_json
 
 
@@ -56,6 +57,10 @@ def load_full_model(path: str | os.PathLike):
     return model.eval()
 
 
+# The prompt's image and video arguments that the probed forward takes along (its token ids grow by the answer).
+VISUAL_INPUTS = ("pixel_values", "image_sizes", "batch_num_images", "pixel_values_videos")
+
+
 def task_groups(data) -> dict[str, str]:
     """Task -> "easy"/"hard" when the data source has a suite of grouped tasks (else every task is "all")."""
     suite = getattr(data, "suite", None)
@@ -68,22 +73,22 @@ def measure(model, batches, max_new_tokens: int, groups: dict[str, str], progres
     followed by the model's own greedy answer."""
     num_layers = model.config.text_config.num_hidden_layers
     text_config = model.config.text_config
+    backbone = backbone_for(model.config)
     shares = attention_share.ShareAccumulator(num_layers)
     measured = probe(model, measure=range(num_layers), on_weights=shares)
     drift = cka.DriftAccumulator()
     for batch in tqdm(batches, desc="attention and CKA", disable=not progress, leave=False):
         answered = answer(model, batch.inputs, max_new_tokens)
         valid = ((answered != text_config.eos_token_id).cumprod(dim=1).bool()
-                 & (answered != text_config.pad_token_id) & (answered != model.config.image_token_id))
+                 & (answered != text_config.pad_token_id) & ~backbone.visual_token_mask(answered))
         prompt_ids, prompt_mask = batch.inputs["input_ids"], batch.inputs["attention_mask"]
         input_ids = torch.cat([prompt_ids, torch.where(valid, answered, text_config.pad_token_id)], dim=1)
         attention_mask = torch.cat([prompt_mask, valid.to(prompt_mask.dtype)], dim=1)
-        shares.start_batch(batch.tasks, attention_share.token_groups(
-            input_ids, attention_mask, model.config.image_token_id, prompt_ids.shape[1]))
+        visual = backbone.visual_token_mask(input_ids) & attention_mask.bool()
+        shares.start_batch(batch.tasks, attention_share.token_groups(visual, attention_mask, prompt_ids.shape[1]))
+        pixels = {name: value for name, value in batch.inputs.items() if name in VISUAL_INPUTS}
         with cka.VisualStates(measured.text_stack) as states:
-            measured(input_ids=input_ids, attention_mask=attention_mask, pixel_values=batch.inputs["pixel_values"],
-                     image_sizes=batch.inputs["image_sizes"], logits_to_keep=1)
-        visual = (input_ids == model.config.image_token_id) & attention_mask.bool()
+            measured(input_ids=input_ids, attention_mask=attention_mask, **pixels, logits_to_keep=1)
         drift.add(batch.tasks, states.take(), visual)
     return shares.result(groups), drift.result(groups)
 

@@ -26,7 +26,7 @@ import torch
 from visor.config import Schedule
 from visor.evaluation.scoring import evaluate
 from visor.files import atomic_folder, write_json
-from visor.flops import llm_prefill_flops
+from visor.flops import llm_prefill_flops, prompt_token_counts
 from visor.training.data import resolve_data
 from visor.training.recipes import is_visor, load_checkpoint
 
@@ -35,11 +35,10 @@ def _token_counts(model, data, settings) -> tuple[int, int]:
     """Mean visual and text tokens per validation prompt (rounded), from one batch of each task."""
     visual = text = rows = 0
     for batch in data.eval_batches("validation", 1, settings.eval_batch_size):
-        ids, mask = batch.inputs["input_ids"], batch.inputs["attention_mask"].bool()
-        is_visual = (ids == model.config.image_token_id) & mask
-        visual += int(is_visual.sum())
-        text += int((mask & ~is_visual).sum())
-        rows += ids.shape[0]
+        batch_visual, batch_text = prompt_token_counts(model.config, batch.inputs)
+        visual += int(batch_visual.sum())
+        text += int(batch_text.sum())
+        rows += len(batch_visual)
     return round(visual / rows), round(text / rows)
 
 
