@@ -7,24 +7,21 @@ from __future__ import annotations
 import pytest
 import torch
 from PIL import Image
-from torch.utils.flop_counter import FlopCounterMode
-from transformers import AutoConfig
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
+import family_checks as checks
 from visor import presets
 from visor.backbones import backbone_for, family
-from visor.backbones.internvl import InternVL, VisorInternVLForConditionalGeneration
-from visor.config import Schedule
-from visor.flops import llm_prefill_flops, nominal_vision_flops, vision_flops
+from visor.backbones.internvl import InternVL
+from visor.flops import nominal_vision_flops, vision_flops
 from visor.reduction import fastv, pyramiddrop, shortv, sparsevlm
-from visor.reduction.pruned import PruningPlan, pruned, pruned_class
-from visor.reduction.fastv import last_token_attention
+from visor.reduction.pruned import pruned_class
 
 IMAGE = presets.TINY_IMAGE_TOKEN_ID
 # `<img>` and `</img>` are text tokens around an image's tokens; any word ids do for the tiny model.
 START, END = presets.TINY_VISION_START_TOKEN_ID, presets.TINY_VISION_END_TOKEN_ID
 PAD, BOS, FIRST_WORD_ID = presets.TINY_PAD_TOKEN_ID, 1, 5
-ATOL = 1e-5
+ATOL = checks.ATOL
 PRESET = "tiny-internvl3"
 # Image (height, width) per sample: two images of different tile counts, one, none (text only), and three.
 IMAGES = [[(64, 96), (128, 64)], [(96, 96)], [], [(64, 64), (80, 112), (64, 64)]]
@@ -58,38 +55,11 @@ def build_batch(stock, images=IMAGES, padding: str = "left", seed: int = 1) -> d
         for size in sample:
             prompt += [START] + [IMAGE] * backbone.image_tokens(size).visual_tokens + [END] + words(2 + row)
         prompts.append(prompt + words(4))
-    length = max(map(len, prompts))
-    input_ids = torch.full((len(prompts), length), PAD)
-    attention_mask = torch.zeros(len(prompts), length, dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        place = slice(length - len(prompt), None) if padding == "left" else slice(0, len(prompt))
-        input_ids[row, place], attention_mask[row, place] = torch.tensor(prompt), 1
+    input_ids, attention_mask = checks.padded(prompts, padding, PAD)
     tiles = sum(map(sum, _tiles(backbone, images)))
     side = backbone.tile_side
     pixel_values = torch.randn(tiles, 3, side, side, generator=generator)
     return dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values)
-
-
-def dense_of(stock):
-    module = family(stock.config)
-    return module.VISOR_MODEL.from_stock(stock, module.VISOR_MODEL.config_class.dense(stock.config)).eval()
-
-
-def sparse_of(stock, seed: int = 5):
-    """The default schedule with open CA gates and a random CPE, so that the new modules change the output."""
-    model = family(stock.config).VISOR_MODEL.from_stock(stock).eval()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for block in model.cross_attention.values():
-            block.attention_gate.fill_(0.7)
-        weight = model.position_encoding.conv.weight
-        weight.copy_(torch.randn(weight.shape, generator=generator) * 0.1)
-    return model
-
-
-@torch.no_grad()
-def logits(model, batch, **kwargs) -> torch.Tensor:
-    return model(**batch, **kwargs).logits
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +74,7 @@ def batch(stock):
 
 @pytest.fixture(scope="module")
 def sparse(stock):
-    return sparse_of(stock)
+    return checks.sparse_of(stock)
 
 
 def _alone(stock, batch, row: int) -> dict:
@@ -123,27 +93,11 @@ def _alone(stock, batch, row: int) -> dict:
 @pytest.mark.parametrize("padding", ["left", "right"])
 def test_dense_logits_and_loss_equal_stock(attention, padding):
     stock = build_stock(attention)
-    batch = build_batch(stock, padding=padding)
-    valid = batch["attention_mask"].bool()
-    assert not valid.all() and len(set((batch["input_ids"] == IMAGE).sum(dim=1).tolist())) == len(IMAGES)
-    dense = dense_of(stock)
-    torch.testing.assert_close(logits(dense, batch)[valid], logits(stock, batch)[valid], atol=ATOL, rtol=0)
-    # A target whose prediction is made at a padding position (the first real token, left-padded) is no target.
-    first_real = batch["attention_mask"].cumsum(dim=1) == 1
-    labels = batch["input_ids"].masked_fill(~valid | first_real | (batch["input_ids"] == IMAGE), -100)
-    with torch.no_grad():
-        expected, actual = stock(**batch, labels=labels).loss, dense(**batch, labels=labels).loss
-    assert torch.isfinite(expected)
-    torch.testing.assert_close(actual, expected, atol=ATOL, rtol=0)
+    checks.dense_logits_and_loss_equal_stock(stock, build_batch(stock, padding=padding), IMAGE, len(IMAGES))
 
 
 def test_dense_greedy_generation_with_the_cache_equals_stock(stock, batch):
-    options = dict(max_new_tokens=6, do_sample=False, pad_token_id=PAD)
-    expected = stock.generate(**batch, **options)
-    actual = dense_of(stock).generate(**batch, **options)
-    new = actual[:, batch["input_ids"].shape[1]:]
-    assert new.shape[1] == 6 and len(new.unique()) > 2
-    assert torch.equal(actual, expected)
+    checks.dense_greedy_generation_equals_stock(stock, batch, PAD)
 
 
 def test_positions_are_one_per_token(stock, batch):
@@ -153,25 +107,15 @@ def test_positions_are_one_per_token(stock, batch):
 
 # ---- VISOR's kinds on tiled images ---------------------------------------------------------------------------------
 def test_default_schedule_of_the_six_layer_model(sparse):
-    assert sparse.config.cross_attention_layers == [0, 3]
-    assert sparse.config.configurations == [[], [1], [1, 4]]
+    checks.default_schedule_of_the_six_layer_model(sparse)
 
 
 def test_mixed_batch_equals_each_sample_alone(stock, sparse, batch):
-    mixed = [2, 0, 1, 2]
-    together = logits(sparse, batch, configuration=mixed)
-    valid = batch["attention_mask"].bool()
-    for row, configuration in enumerate(mixed):
-        expected = logits(sparse, _alone(stock, batch, row), configuration=configuration)[0]
-        torch.testing.assert_close(together[row][valid[row]], expected, atol=ATOL, rtol=0)
+    checks.mixed_batch_equals_each_sample_alone(sparse, batch, lambda row: _alone(stock, batch, row))
 
 
 def test_configurations_differ_and_the_image_reaches_the_text(sparse, batch):
-    outputs = [logits(sparse, batch, configuration=configuration) for configuration in range(3)]
-    other = logits(sparse, dict(batch, pixel_values=batch["pixel_values"] + 1.0), configuration=0)
-    valid = batch["attention_mask"].bool() & (batch["input_ids"] != IMAGE)
-    for first, second in ((outputs[0], outputs[1]), (outputs[1], outputs[2]), (outputs[0], other)):
-        assert (first - second)[valid].abs().max() > 1e-3
+    checks.configurations_differ_and_the_image_reaches_the_text(sparse, batch, IMAGE)
 
 
 def test_a_text_token_reads_only_the_images_before_it(sparse, batch):
@@ -183,11 +127,7 @@ def test_a_text_token_reads_only_the_images_before_it(sparse, batch):
     changed[first_tiles:first_tiles + second_tiles] += 1.0
     first_slot_of_second = int((batch["input_ids"][0] == IMAGE).nonzero()[backbone.image_tokens(
         IMAGES[0][0]).visual_tokens])
-    for configuration in range(3):
-        first = logits(sparse, batch, configuration=configuration)[0]
-        second = logits(sparse, dict(batch, pixel_values=changed), configuration=configuration)[0]
-        assert torch.equal(first[:first_slot_of_second], second[:first_slot_of_second])
-        assert (first[-1] - second[-1]).abs().max() > 1e-4
+    checks.a_text_token_reads_only_the_images_before_it(sparse, batch, changed, first_slot_of_second)
 
 
 def test_decoding_with_the_cache_equals_recomputation_and_generate(sparse, batch):
@@ -203,16 +143,13 @@ def test_decoding_with_the_cache_equals_recomputation_and_generate(sparse, batch
             output = sparse(input_ids=tokens[-1], attention_mask=mask, past_key_values=cache, use_cache=True)
             steps.append(output.logits[:, -1])
     assert torch.equal(torch.cat(tokens, dim=1), generated[:, batch["input_ids"].shape[1]:])
-    whole = logits(sparse, dict(batch, input_ids=torch.cat([batch["input_ids"], *tokens], dim=1), attention_mask=mask),
+    whole = checks.logits(sparse, dict(batch, input_ids=torch.cat([batch["input_ids"], *tokens], dim=1), attention_mask=mask),
                    configuration=mixed)
     torch.testing.assert_close(torch.stack(steps, dim=1), whole[:, -5:], atol=ATOL, rtol=0)
 
 
 def test_the_cache_holds_visual_entries_for_ca_and_the_sa_layers_used(sparse, batch):
-    for configuration, sa_layers in enumerate(sparse.config.configurations):
-        cache = sparse(**batch, configuration=configuration, use_cache=True).past_key_values
-        assert sorted(cache.cross_keys) == sparse.config.cross_attention_layers
-        assert sorted(cache.visual_keys) == sorted(sa_layers)
+    checks.the_cache_holds_visual_entries_for_ca_and_the_sa_layers_used(sparse, batch)
 
 
 def test_precomputed_features_replace_the_images(sparse, batch):
@@ -220,8 +157,8 @@ def test_precomputed_features_replace_the_images(sparse, batch):
     tokens = sparse.backbone.tokens_per_tile()
     assert [tuple(tile.shape) for tile in features] == [(tokens, 128)] * len(batch["pixel_values"])
     for configuration in range(3):
-        assert torch.equal(logits(sparse, dict(batch, pixel_values=None), configuration=configuration,
-                                  image_features=features), logits(sparse, batch, configuration=configuration))
+        assert torch.equal(checks.logits(sparse, dict(batch, pixel_values=None), configuration=configuration,
+                                  image_features=features), checks.logits(sparse, batch, configuration=configuration))
 
 
 # ---- the in-LLM baselines ---------------------------------------------------------------------------------------
@@ -233,32 +170,15 @@ IN_LLM = {"fastv": lambda model: fastv(model, 2, 0.4), "pyramiddrop": lambda mod
 def test_in_llm_baselines_reduce_each_sample_as_alone(stock, batch, method):
     model = IN_LLM[method](stock)
     assert isinstance(model, pruned_class(InternVL))
-    together = logits(model, batch, logits_to_keep=1)
-    for row in range(len(batch["input_ids"])):
-        torch.testing.assert_close(logits(model, _alone(stock, batch, row), logits_to_keep=1)[0], together[row],
-                                   atol=ATOL, rtol=0)
+    checks.in_llm_baseline_reduces_each_sample_as_alone(model, batch, lambda row: _alone(stock, batch, row))
 
 
 def test_in_llm_baselines_off_equal_stock_and_generate_with_the_cache(stock, batch):
-    valid = batch["attention_mask"].bool()
-    expected = logits(stock, batch)
-    for model in (fastv(stock, 2, 1.0), sparsevlm(stock, 1.0, [1, 3]), shortv(stock, 0.0)):
-        torch.testing.assert_close(logits(model, batch)[valid], expected[valid], atol=ATOL, rtol=0)
-    options = dict(max_new_tokens=4, do_sample=False, pad_token_id=PAD)
-    assert torch.equal(fastv(stock, 2, 1.0).generate(**batch, **options), stock.generate(**batch, **options))
+    checks.in_llm_baselines_off_equal_stock_and_generate_with_the_cache(stock, batch, PAD)
 
 
-@torch.no_grad()
 def test_fastv_scores_are_the_stock_attention_row_of_the_last_token(stock, batch):
-    recorded = []
-
-    def recording(*args):
-        recorded.append(last_token_attention(*args))
-        return recorded[-1]
-
-    pruned(stock, PruningPlan({2: 0.5}, recording))(**batch, logits_to_keep=1)
-    attentions = stock(**batch, output_attentions=True).attentions[1]
-    torch.testing.assert_close(recorded[0], attentions[:, :, -1].mean(dim=1), atol=1e-6, rtol=0)
+    checks.fastv_scores_are_the_stock_attention_row_of_the_last_token(stock, batch)
 
 
 @pytest.mark.parametrize("method", ["pool", "visionzip", "hired"])
@@ -273,16 +193,8 @@ def test_pre_llm_reductions_refuse_the_family_by_name(stock, method):
 
 # ---- checkpoints -----------------------------------------------------------------------------------------------------
 def test_save_load_round_trip_and_conversion_from_a_local_folder(stock, sparse, batch, tmp_path):
-    sparse.save_pretrained(tmp_path / "visor")
-    assert AutoConfig.from_pretrained(tmp_path / "visor").model_type == "visor_internvl"
-    loaded = VisorInternVLForConditionalGeneration.from_pretrained(tmp_path / "visor", attn_implementation="eager")
-    assert torch.equal(logits(loaded.eval(), batch, configuration=[0, 1, 2, 0]),
-                       logits(sparse, batch, configuration=[0, 1, 2, 0]))
-    stock.save_pretrained(tmp_path / "stock")
-    dense = VisorInternVLForConditionalGeneration.from_stock(
-        tmp_path / "stock", VisorInternVLForConditionalGeneration.config_class.dense(stock.config))
-    valid = batch["attention_mask"].bool()
-    torch.testing.assert_close(logits(dense.eval(), batch)[valid], logits(stock, batch)[valid], atol=ATOL, rtol=0)
+    checks.save_load_round_trip_and_conversion_from_a_local_folder(stock, sparse, batch, tmp_path)
+    assert sparse.config.model_type == "visor_internvl"
 
 
 # ---- the adapter ----------------------------------------------------------------------------------------------------
@@ -315,31 +227,17 @@ def test_family_classes_and_parts(stock, sparse):
 
 
 # ---- FLOPs -----------------------------------------------------------------------------------------------------------
-def _counted(run) -> int:
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        run()
-    return counter.get_total_flops()
-
-
 @pytest.mark.parametrize("sizes", [[(64, 96)], [(128, 64), (200, 330)], [(500, 370)]])
 def test_vision_flops_equal_the_flop_counter_on_the_stock_vision_tower(stock, sizes):
     """Exact with eager attention: patch conv, every InternViT layer over the patches and the CLS token, projector."""
     batch = build_batch(stock, images=[sizes])
-    measured = _counted(lambda: stock.model.get_image_features(batch["pixel_values"]))
+    measured = checks.counted(lambda: stock.model.get_image_features(batch["pixel_values"]))
     assert measured == sum(vision_flops(stock.config, size).total for size in sizes)
 
 
 def test_prefill_flops_of_every_configuration_equal_the_flop_counter(sparse):
-    """One prompt with two images: the vision side per image plus the LLM count of the prompt's tokens."""
-    batch = build_batch(sparse, images=[IMAGES[0]])
-    visual = int((batch["input_ids"] == IMAGE).sum())
-    text = batch["input_ids"].shape[1] - visual
-    vision = sum(vision_flops(sparse.config, size).total for size in IMAGES[0])
-    for configuration in range(len(sparse.config.configurations)):
-        measured = _counted(lambda: sparse(**batch, configuration=configuration, logits_to_keep=1))
-        schedule = Schedule.of(sparse.config, configuration)
-        assert measured == vision + llm_prefill_flops(sparse.config, visual, text, schedule).total
+    checks.prefill_flops_of_every_configuration_equal_the_flop_counter(
+        sparse, build_batch(sparse, images=[IMAGES[0]]), IMAGE, IMAGES[0])
 
 
 def test_the_internvl3_1b_preset_counts_its_vision_side_as_the_flop_counter_does():
@@ -354,7 +252,7 @@ def test_the_internvl3_1b_preset_counts_its_vision_side_as_the_flop_counter_does
     assert backbone.tokens_per_tile() == 256 and backbone.image_tokens((896, 896)) == (5, 5 * 256)
     with torch.device("meta"):
         model = family(config).BACKBONE.stock_model_class(config).eval()
-    measured = _counted(lambda: model.model.get_image_features(torch.empty(5, 3, 448, 448, device="meta")))
+    measured = checks.counted(lambda: model.model.get_image_features(torch.empty(5, 3, 448, 448, device="meta")))
     assert measured == vision_flops(config, (896, 896)).total
 
 
@@ -363,7 +261,7 @@ def test_a_nominal_image_in_pixels_is_the_vision_work_counted(stock, tokens):
     """What `visor bench --end-to-end` times: ceil(N / tokens per tile) tiles through the stock vision path."""
     backbone = backbone_for(stock.config)
     features = []
-    measured = _counted(lambda: features.extend(backbone.encode_images(stock, tokens,
+    measured = checks.counted(lambda: features.extend(backbone.encode_images(stock, tokens,
                                                                        **backbone.nominal_pixel_inputs(tokens))))
     assert measured == nominal_vision_flops(stock.config, tokens).total
     assert sum(tile.shape[0] for tile in features) == backbone.nominal_visual_tokens(tokens) == -(-tokens // 16) * 16

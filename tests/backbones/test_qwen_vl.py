@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoConfig
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+import family_checks as checks
 from visor import presets
 from visor.backbones import backbone_for, family
-from visor.config import Schedule
-from visor.flops import llm_prefill_flops, nominal_vision_flops, vision_flops
+from visor.flops import nominal_vision_flops, vision_flops
 from visor.modeling.layers import head_states
 from visor.reduction import fastv, pyramiddrop, shortv, sparsevlm
 from visor.reduction.fastv import last_token_attention
@@ -23,7 +22,7 @@ from visor.reduction.pruned import PruningPlan, pruned
 IMAGE = presets.TINY_IMAGE_TOKEN_ID
 START, END = presets.TINY_VISION_START_TOKEN_ID, presets.TINY_VISION_END_TOKEN_ID
 PAD, BOS, FIRST_WORD_ID = presets.TINY_PAD_TOKEN_ID, 1, 5
-ATOL = 1e-5
+ATOL = checks.ATOL
 FAMILIES = ["tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl"]
 # Image (height, width) per sample: two images of different sizes, one, none (text only), and three.
 IMAGES = [[(64, 96), (128, 64)], [(96, 96)], [], [(64, 64), (80, 112), (64, 64)]]
@@ -55,39 +54,12 @@ def build_batch(stock, images=IMAGES, padding: str = "left", seed: int = 1) -> d
             grids.append((1, height // vision.patch_size, width // vision.patch_size))
             prompt += [START] + [IMAGE] * backbone.image_tokens(size).visual_tokens + [END] + words(2 + row)
         prompts.append(prompt + words(4))
-    length = max(map(len, prompts))
-    input_ids = torch.full((len(prompts), length), PAD)
-    attention_mask = torch.zeros(len(prompts), length, dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        place = slice(length - len(prompt), None) if padding == "left" else slice(0, len(prompt))
-        input_ids[row, place], attention_mask[row, place] = torch.tensor(prompt), 1
+    input_ids, attention_mask = checks.padded(prompts, padding, PAD)
     grid = torch.tensor(grids)
     features = 3 * vision.temporal_patch_size * vision.patch_size**2
     pixel_values = torch.randn(int(grid.prod(dim=-1).sum()), features, generator=generator)
     return dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, image_grid_thw=grid,
                 mm_token_type_ids=(input_ids == IMAGE).int())
-
-
-def dense_of(stock):
-    module = family(stock.config)
-    return module.VISOR_MODEL.from_stock(stock, module.VISOR_MODEL.config_class.dense(stock.config)).eval()
-
-
-def sparse_of(stock, seed: int = 5):
-    """The default schedule with open CA gates and a random CPE, so that the new modules change the output."""
-    model = family(stock.config).VISOR_MODEL.from_stock(stock).eval()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for block in model.cross_attention.values():
-            block.attention_gate.fill_(0.7)
-        weight = model.position_encoding.conv.weight
-        weight.copy_(torch.randn(weight.shape, generator=generator) * 0.1)
-    return model
-
-
-@torch.no_grad()
-def logits(model, batch, **kwargs) -> torch.Tensor:
-    return model(**batch, **kwargs).logits
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -102,7 +74,7 @@ def batch(stock):
 
 @pytest.fixture(scope="module")
 def sparse(stock):
-    return sparse_of(stock)
+    return checks.sparse_of(stock)
 
 
 # ---- the oracle ------------------------------------------------------------------------------------------------
@@ -111,27 +83,11 @@ def sparse(stock):
 @pytest.mark.parametrize("preset", FAMILIES)
 def test_dense_logits_and_loss_equal_stock(preset, attention, padding):
     stock = build_stock(preset, attention)
-    batch = build_batch(stock, padding=padding)
-    valid = batch["attention_mask"].bool()
-    assert not valid.all() and len(set((batch["input_ids"] == IMAGE).sum(dim=1).tolist())) == len(IMAGES)
-    dense = dense_of(stock)
-    torch.testing.assert_close(logits(dense, batch)[valid], logits(stock, batch)[valid], atol=ATOL, rtol=0)
-    # A target whose prediction is made at a padding position (the first real token, left-padded) is no target.
-    first_real = batch["attention_mask"].cumsum(dim=1) == 1
-    labels = batch["input_ids"].masked_fill(~valid | first_real | (batch["input_ids"] == IMAGE), -100)
-    with torch.no_grad():
-        expected, actual = stock(**batch, labels=labels).loss, dense(**batch, labels=labels).loss
-    assert torch.isfinite(expected)
-    torch.testing.assert_close(actual, expected, atol=ATOL, rtol=0)
+    checks.dense_logits_and_loss_equal_stock(stock, build_batch(stock, padding=padding), IMAGE, len(IMAGES))
 
 
 def test_dense_greedy_generation_with_the_cache_equals_stock(stock, batch):
-    options = dict(max_new_tokens=6, do_sample=False, pad_token_id=PAD)
-    expected = stock.generate(**batch, **options)
-    actual = dense_of(stock).generate(**batch, **options)
-    new = actual[:, batch["input_ids"].shape[1]:]
-    assert new.shape[1] == 6 and len(new.unique()) > 2
-    assert torch.equal(actual, expected)
+    checks.dense_greedy_generation_equals_stock(stock, batch, PAD)
 
 
 def test_positions_are_the_stock_m_rope_positions(stock, batch):
@@ -149,40 +105,25 @@ def test_positions_are_the_stock_m_rope_positions(stock, batch):
 
 # ---- VISOR's kinds on M-RoPE ---------------------------------------------------------------------------------------
 def test_default_schedule_of_the_six_layer_model(sparse):
-    assert sparse.config.cross_attention_layers == [0, 3]
-    assert sparse.config.configurations == [[], [1], [1, 4]]
+    checks.default_schedule_of_the_six_layer_model(sparse)
 
 
 def test_mixed_batch_equals_each_sample_alone(sparse, batch):
-    mixed = [2, 0, 1, 2]
-    together = logits(sparse, batch, configuration=mixed)
-    valid = batch["attention_mask"].bool()
-    for row, configuration in enumerate(mixed):
-        expected = logits(sparse, _alone(batch, row), configuration=configuration)[0]
-        torch.testing.assert_close(together[row][valid[row]], expected, atol=ATOL, rtol=0)
+    checks.mixed_batch_equals_each_sample_alone(sparse, batch, lambda row: _alone(batch, row))
 
 
 def test_configurations_differ_and_the_image_reaches_the_text(sparse, batch):
-    outputs = [logits(sparse, batch, configuration=configuration) for configuration in range(3)]
-    other = logits(sparse, dict(batch, pixel_values=batch["pixel_values"] + 1.0), configuration=0)
-    valid = batch["attention_mask"].bool() & (batch["input_ids"] != IMAGE)
-    for first, second in ((outputs[0], outputs[1]), (outputs[1], outputs[2]), (outputs[0], other)):
-        assert (first - second)[valid].abs().max() > 1e-3
+    checks.configurations_differ_and_the_image_reaches_the_text(sparse, batch, IMAGE)
 
 
 def test_a_text_token_reads_only_the_images_before_it(sparse, batch):
     """Changing sample 0's second image leaves every token before that image unchanged, in every configuration."""
-    grid = batch["image_grid_thw"]
-    patches = grid.prod(dim=-1)
+    patches = batch["image_grid_thw"].prod(dim=-1)
     changed = batch["pixel_values"].clone()
     changed[int(patches[0]):int(patches[:2].sum())] += 1.0
     first_slot_of_second = int((batch["input_ids"][0] == IMAGE).nonzero()[backbone_for(sparse.config).image_tokens(
         IMAGES[0][0]).visual_tokens])
-    for configuration in range(3):
-        first = logits(sparse, batch, configuration=configuration)[0]
-        second = logits(sparse, dict(batch, pixel_values=changed), configuration=configuration)[0]
-        assert torch.equal(first[:first_slot_of_second], second[:first_slot_of_second])
-        assert (first[-1] - second[-1]).abs().max() > 1e-4
+    checks.a_text_token_reads_only_the_images_before_it(sparse, batch, changed, first_slot_of_second)
 
 
 def test_decoding_without_position_ids_equals_generate(sparse, batch):
@@ -201,10 +142,7 @@ def test_decoding_without_position_ids_equals_generate(sparse, batch):
 
 
 def test_the_cache_holds_visual_entries_for_ca_and_the_sa_layers_used(sparse, batch):
-    for configuration, sa_layers in enumerate(sparse.config.configurations):
-        cache = sparse(**batch, configuration=configuration, use_cache=True).past_key_values
-        assert sorted(cache.cross_keys) == sparse.config.cross_attention_layers
-        assert sorted(cache.visual_keys) == sorted(sa_layers)
+    checks.the_cache_holds_visual_entries_for_ca_and_the_sa_layers_used(sparse, batch)
 
 
 def test_auto_configuration_runs_what_the_router_chose(sparse, batch):
@@ -216,7 +154,7 @@ def test_auto_configuration_runs_what_the_router_chose(sparse, batch):
     chosen = output.configuration.tolist()
     assert all(0 <= choice < len(sparse.config.configurations) for choice in chosen)
     valid = batch["attention_mask"].bool()
-    torch.testing.assert_close(output.logits[valid], logits(sparse, batch, configuration=chosen)[valid],
+    torch.testing.assert_close(output.logits[valid], checks.logits(sparse, batch, configuration=chosen)[valid],
                                atol=ATOL, rtol=0)
 
 
@@ -266,15 +204,15 @@ def test_deepstack_reaches_the_cross_attention_blocks_when_no_layer_runs_as_sa()
     (the CA-only configuration), so the CA block at layer 3 reads them."""
     stock = build_stock("tiny-qwen3-vl")
     batch = build_batch(stock)
-    model = sparse_of(stock)
+    model = checks.sparse_of(stock)
     features = model.backbone.encode_images(model, 0, pixel_values=batch["pixel_values"],
                                             image_grid_thw=batch["image_grid_thw"])
     assert all(image.shape[0] == 3 for image in features)  # the features and two additions
     without = [torch.cat([image[:1], torch.zeros_like(image[1:])]) for image in features]
     valid = batch["attention_mask"].bool() & (batch["input_ids"] != IMAGE)
-    first = logits(model, batch, configuration=0)
-    assert torch.equal(logits(model, batch, configuration=0, image_features=features), first)
-    assert (logits(model, batch, configuration=0, image_features=without) - first)[valid].abs().max() > 1e-4
+    first = checks.logits(model, batch, configuration=0)
+    assert torch.equal(checks.logits(model, batch, configuration=0, image_features=features), first)
+    assert (checks.logits(model, batch, configuration=0, image_features=without) - first)[valid].abs().max() > 1e-4
 
 
 # ---- the in-LLM baselines ---------------------------------------------------------------------------------------
@@ -284,55 +222,29 @@ IN_LLM = {"fastv": lambda model: fastv(model, 2, 0.4), "pyramiddrop": lambda mod
 
 @pytest.mark.parametrize("method", sorted(IN_LLM))
 def test_in_llm_baselines_reduce_each_sample_as_alone(stock, batch, method):
-    model = IN_LLM[method](stock)
-    together = logits(model, batch, logits_to_keep=1)
-    for row in range(len(batch["input_ids"])):
-        torch.testing.assert_close(logits(model, _alone(batch, row), logits_to_keep=1)[0], together[row],
-                                   atol=ATOL, rtol=0)
+    checks.in_llm_baseline_reduces_each_sample_as_alone(IN_LLM[method](stock), batch, lambda row: _alone(batch, row))
 
 
 def test_in_llm_baselines_off_equal_stock_and_generate_with_the_cache(stock, batch):
-    valid = batch["attention_mask"].bool()
-    expected = logits(stock, batch)
-    for model in (fastv(stock, 2, 1.0), sparsevlm(stock, 1.0, [1, 3]), shortv(stock, 0.0)):
-        torch.testing.assert_close(logits(model, batch)[valid], expected[valid], atol=ATOL, rtol=0)
-    options = dict(max_new_tokens=4, do_sample=False, pad_token_id=PAD)
-    assert torch.equal(fastv(stock, 2, 1.0).generate(**batch, **options), stock.generate(**batch, **options))
-    reduced = fastv(stock, 2, 0.3).generate(**batch, **options)
+    checks.in_llm_baselines_off_equal_stock_and_generate_with_the_cache(stock, batch, PAD)
+    reduced = fastv(stock, 2, 0.3).generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=PAD)
     assert reduced.shape == (len(IMAGES), batch["input_ids"].shape[1] + 4)
 
 
 def test_freezing_the_last_layer_changes_no_text_logit(stock, batch):
     """The `read` kind: text reads the visual keys and values the full layer would (q/k norms included)."""
     text = batch["attention_mask"].bool() & (batch["input_ids"] != IMAGE)
-    torch.testing.assert_close(logits(shortv(stock, layers=[5]), batch)[text], logits(stock, batch)[text],
+    torch.testing.assert_close(checks.logits(shortv(stock, layers=[5]), batch)[text], checks.logits(stock, batch)[text],
                                atol=ATOL, rtol=0)
 
 
-@torch.no_grad()
 def test_fastv_scores_are_the_stock_attention_row_of_the_last_token(stock, batch):
-    recorded = []
-
-    def recording(*args):
-        recorded.append(last_token_attention(*args))
-        return recorded[-1]
-
-    pruned(stock, PruningPlan({2: 0.5}, recording))(**batch, logits_to_keep=1)
-    attentions = stock(**batch, output_attentions=True).attentions[1]
-    torch.testing.assert_close(recorded[0], attentions[:, :, -1].mean(dim=1), atol=1e-6, rtol=0)
+    checks.fastv_scores_are_the_stock_attention_row_of_the_last_token(stock, batch)
 
 
 # ---- checkpoints -----------------------------------------------------------------------------------------------------
 def test_save_load_round_trip_and_conversion_from_a_local_folder(stock, sparse, batch, tmp_path):
-    module = family(stock.config)
-    sparse.save_pretrained(tmp_path / "visor")
-    assert AutoConfig.from_pretrained(tmp_path / "visor").model_type == sparse.config.model_type
-    loaded = module.VISOR_MODEL.from_pretrained(tmp_path / "visor", attn_implementation="eager").eval()
-    assert torch.equal(logits(loaded, batch, configuration=[0, 1, 2, 0]), logits(sparse, batch, configuration=[0, 1, 2, 0]))
-    stock.save_pretrained(tmp_path / "stock")
-    dense = module.VISOR_MODEL.from_stock(tmp_path / "stock", module.VISOR_MODEL.config_class.dense(stock.config))
-    valid = batch["attention_mask"].bool()
-    torch.testing.assert_close(logits(dense.eval(), batch)[valid], logits(stock, batch)[valid], atol=ATOL, rtol=0)
+    checks.save_load_round_trip_and_conversion_from_a_local_folder(stock, sparse, batch, tmp_path)
 
 
 # ---- the adapter ----------------------------------------------------------------------------------------------------
@@ -446,32 +358,18 @@ def test_in_llm_baselines_match_a_flops_ratio_on_the_family(stock):
 
 
 # ---- FLOPs -----------------------------------------------------------------------------------------------------------
-def _counted(run) -> int:
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        run()
-    return counter.get_total_flops()
-
-
 @pytest.mark.parametrize("sizes", [[(64, 96)], [(128, 64), (200, 330)], [(500, 370)]])
 def test_vision_flops_equal_the_flop_counter_on_the_stock_vision_tower(stock, sizes):
     """Exact with eager attention: patch conv, blocks (windowed in Qwen2.5-VL but for its full-attention blocks),
     merger (and Qwen3-VL's DeepStack mergers)."""
     batch = build_batch(stock, images=[sizes])
-    measured = _counted(lambda: stock.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"]))
+    measured = checks.counted(lambda: stock.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"]))
     assert measured == sum(vision_flops(stock.config, size).total for size in sizes)
 
 
 def test_prefill_flops_of_every_configuration_equal_the_flop_counter(sparse):
-    """One prompt with two images: the vision side per image plus the LLM count of the prompt's tokens."""
-    batch = build_batch(sparse, images=[IMAGES[0]])
-    visual = int((batch["input_ids"] == IMAGE).sum())
-    text = batch["input_ids"].shape[1] - visual
-    vision = sum(vision_flops(sparse.config, size).total for size in IMAGES[0])
-    for configuration in range(len(sparse.config.configurations)):
-        measured = _counted(lambda: sparse(**batch, configuration=configuration, logits_to_keep=1))
-        schedule = Schedule.of(sparse.config, configuration)
-        assert measured == vision + llm_prefill_flops(sparse.config, visual, text, schedule).total
+    checks.prefill_flops_of_every_configuration_equal_the_flop_counter(
+        sparse, build_batch(sparse, images=[IMAGES[0]]), IMAGE, IMAGES[0])
 
 
 def test_a_nominal_image_has_exactly_its_tokens_in_a_near_square_grid(stock):
@@ -487,7 +385,7 @@ def test_a_nominal_image_in_pixels_is_the_vision_work_counted(stock, tokens):
     """What `visor bench --end-to-end` times: the stock vision path on the nominal image, N tokens, its FLOPs."""
     backbone = backbone_for(stock.config)
     features = []
-    measured = _counted(lambda: features.extend(backbone.encode_images(stock, tokens, **backbone.nominal_pixel_inputs(tokens))))
+    measured = checks.counted(lambda: features.extend(backbone.encode_images(stock, tokens, **backbone.nominal_pixel_inputs(tokens))))
     assert measured == nominal_vision_flops(stock.config, tokens).total
     assert [image.shape[-2] for image in features] == [tokens]  # Qwen3-VL: (1 + DeepStack layers, N, d)
     assert backbone.nominal_visual_tokens(tokens) == tokens
@@ -499,5 +397,5 @@ def test_precomputed_features_with_their_grids_replace_the_images(sparse, batch)
                                              image_grid_thw=batch["image_grid_thw"])
     without_pixels = dict(batch, pixel_values=None)
     for configuration in range(3):
-        assert torch.equal(logits(sparse, without_pixels, configuration=configuration, image_features=features),
-                           logits(sparse, batch, configuration=configuration))
+        assert torch.equal(checks.logits(sparse, without_pixels, configuration=configuration, image_features=features),
+                           checks.logits(sparse, batch, configuration=configuration))
