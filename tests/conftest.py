@@ -22,6 +22,7 @@ from visor import presets
 
 PAD = presets.TINY_PAD_TOKEN_ID
 IMAGE = presets.TINY_IMAGE_TOKEN_ID
+VIDEO = presets.TINY_VIDEO_TOKEN_ID
 BOS = 1
 SRC = Path(__file__).parents[1] / "src"
 # Text ids drawn for prompts stay clear of the special ids (0..4) of the tiny presets.
@@ -162,6 +163,44 @@ def pad_left(prompts: list[list[int]]) -> dict[str, torch.Tensor]:
     return dict(input_ids=input_ids, attention_mask=attention_mask)
 
 
+@torch.no_grad()
+def build_video_batch(stock, rows, padding: str = "left", seed: int = 1, frames: int = 3,
+                      image_size=(64, 128)) -> tuple[dict, list[list[str]]]:
+    """A padded batch of `rows` (each row's parts in prompt order: a number of random words, "image" or "video"),
+    every image of `image_size` and every video of `frames` frames, their token counts taken from the stock model's
+    own vision path; and each row's visual items in prompt order."""
+    generator = torch.Generator().manual_seed(seed)
+    kinds = [[part for part in row if isinstance(part, str)] for row in rows]
+    images, videos = sum(row.count("image") for row in kinds), sum(row.count("video") for row in kinds)
+    side = presets.TINY_CROP
+    inputs, count = {}, {}
+    if images:
+        inputs |= dict(pixel_values=torch.randn(images, _crops(stock, image_size), 3, side, side, generator=generator),
+                       image_sizes=torch.tensor([image_size] * images))
+        count["image"] = image_token_counts(stock, inputs["pixel_values"], inputs["image_sizes"])[0]
+    if videos:
+        inputs["pixel_values_videos"] = torch.randn(videos, frames, 3, side, side, generator=generator)
+        features = stock.model.get_video_features(inputs["pixel_values_videos"], return_dict=True).pooler_output
+        count["video"] = features.shape[1]
+    vocab = stock.config.text_config.vocab_size
+    prompts = []
+    for row in rows:
+        prompt = [BOS]
+        for part in row:
+            if isinstance(part, str):
+                prompt += [IMAGE if part == "image" else VIDEO] * count[part]
+            else:
+                prompt += torch.randint(FIRST_WORD_ID, vocab, (part,), generator=generator).tolist()
+        prompts.append(prompt)
+    length = max(map(len, prompts))
+    input_ids = torch.full((len(rows), length), PAD)
+    attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        place = slice(length - len(prompt), None) if padding == "left" else slice(0, len(prompt))
+        input_ids[row, place], attention_mask[row, place] = torch.tensor(prompt), 1
+    return dict(input_ids=input_ids, attention_mask=attention_mask, **inputs), kinds
+
+
 def _crops(stock, size) -> int:
     from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
@@ -177,6 +216,11 @@ def stock_factory():
 @pytest.fixture(scope="session")
 def batch_factory():
     return build_batch
+
+
+@pytest.fixture(scope="session")
+def video_batch_factory():
+    return build_video_batch
 
 
 @pytest.fixture(scope="session")

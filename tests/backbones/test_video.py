@@ -7,6 +7,8 @@ refuse video.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from transformers import LlavaOnevisionForConditionalGeneration
@@ -29,47 +31,6 @@ def build_stock(preset="tiny", attention="eager", num_layers=4, seed=0):
     config._attn_implementation = attention
     torch.manual_seed(seed)
     return LlavaOnevisionForConditionalGeneration(config).eval()
-
-
-@torch.no_grad()
-def video_batch(stock, rows, padding="left", seed=1) -> tuple[dict, list[list[str]]]:
-    """A padded batch of `rows` (see VIDEO_ONLY), the token counts of each image and video taken from the stock
-    model's own vision path, and each row's visual items in prompt order."""
-    generator = torch.Generator().manual_seed(seed)
-    kinds = [[part for part in row if isinstance(part, str)] for row in rows]
-    images, videos = sum(row.count("image") for row in kinds), sum(row.count("video") for row in kinds)
-    crops = backbone_for(stock.config).crops(IMAGE_SIZE)
-    side = presets.TINY_CROP
-    inputs = {}
-    if images:
-        inputs |= dict(pixel_values=torch.randn(images, crops, 3, side, side, generator=generator),
-                       image_sizes=torch.tensor([IMAGE_SIZE] * images))
-    if videos:
-        inputs["pixel_values_videos"] = torch.randn(videos, FRAMES, 3, side, side, generator=generator)
-        video_features = stock.model.get_video_features(inputs["pixel_values_videos"], return_dict=True)
-        video_count = video_features.pooler_output.shape[1]
-    if images:
-        image_count = stock.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"],
-                                                     return_dict=True).pooler_output[0].shape[0]
-    vocab = stock.config.text_config.vocab_size
-    prompts = []
-    for row in rows:
-        prompt = [BOS]
-        for part in row:
-            if part == "image":
-                prompt += [IMAGE] * image_count
-            elif part == "video":
-                prompt += [VIDEO] * video_count
-            else:
-                prompt += torch.randint(5, vocab, (part,), generator=generator).tolist()
-        prompts.append(prompt)
-    length = max(map(len, prompts))
-    input_ids = torch.full((len(rows), length), PAD)
-    attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        place = slice(length - len(prompt), None) if padding == "left" else slice(0, len(prompt))
-        input_ids[row, place], attention_mask[row, place] = torch.tensor(prompt), 1
-    return dict(input_ids=input_ids, attention_mask=attention_mask, **inputs), kinds
 
 
 @torch.no_grad()
@@ -99,7 +60,12 @@ def sparse(stock):
 
 
 @pytest.fixture(scope="module")
-def mixed(stock):
+def video_batch(video_batch_factory):
+    return functools.partial(video_batch_factory, frames=FRAMES, image_size=IMAGE_SIZE)
+
+
+@pytest.fixture(scope="module")
+def mixed(stock, video_batch):
     return video_batch(stock, MIXED)
 
 
@@ -139,7 +105,7 @@ def oracle(request):
 
 @pytest.mark.parametrize("rows", [VIDEO_ONLY, MIXED], ids=["video-only", "image-and-video"])
 @pytest.mark.parametrize("padding", ["left", "right"])
-def test_dense_logits_equal_stock_on_video_prompts(oracle, rows, padding):
+def test_dense_logits_equal_stock_on_video_prompts(oracle, video_batch, rows, padding):
     stock, dense = oracle
     batch, _ = video_batch(stock, rows, padding)
     valid = batch["attention_mask"].bool()
@@ -147,7 +113,7 @@ def test_dense_logits_equal_stock_on_video_prompts(oracle, rows, padding):
     torch.testing.assert_close(logits(dense, batch)[valid], logits(stock, batch)[valid], atol=ATOL, rtol=0)
 
 
-def test_dense_loss_equals_stock_on_a_mixed_batch(oracle):
+def test_dense_loss_equals_stock_on_a_mixed_batch(oracle, video_batch):
     stock, dense = oracle
     batch, _ = video_batch(stock, MIXED, "right")
     visual = (batch["input_ids"] == IMAGE) | (batch["input_ids"] == VIDEO)
@@ -205,7 +171,7 @@ def test_precomputed_video_features_replace_the_pixels(sparse, mixed):
                                    logits(sparse, batch, configuration=configuration)[valid], atol=1e-6, rtol=0)
 
 
-def test_every_configuration_reads_the_video(sparse, stock):
+def test_every_configuration_reads_the_video(sparse, stock, video_batch):
     """Guard for the test above: another video changes the logits of every configuration, CA-only included."""
     batch, _ = video_batch(stock, VIDEO_ONLY)
     other = dict(batch, pixel_values_videos=torch.randn_like(batch["pixel_values_videos"]))
@@ -274,7 +240,7 @@ def test_pruning_keeps_its_share_of_video_tokens(stock, mixed):
 
 
 # ---- bad input -----------------------------------------------------------------------------------------------------
-def test_bad_video_inputs_are_named(sparse, stock):
+def test_bad_video_inputs_are_named(sparse, stock, video_batch):
     batch, _ = video_batch(stock, VIDEO_ONLY)
     pixels = batch["pixel_values_videos"]
     features = [torch.zeros(int((row == VIDEO).sum()), stock.config.text_config.hidden_size) for row in batch["input_ids"]]

@@ -1,4 +1,5 @@
-"""Shared fixtures of the token-reduction tests: a tiny stock model, a hard batch, one plain prompt, FLOP checks."""
+"""Shared fixtures of the token-reduction tests: a tiny stock model, a hard batch, one plain prompt, FLOP checks,
+and a video batch (videos alone, beside images, two in one prompt, and a prompt with an image only)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from visor import presets
 from visor.flops import image_tokens, vision_flops
+
+VIDEO_FRAMES = 4
+# Each row's parts in prompt order (see `build_video_batch`).
+VIDEO_ROWS = [[2, "image", 2, "video", 3], [3, "video", 5], [2, "video", 1, "video", 2], [2, "image", 6]]
 
 _GENERATE = dict(max_new_tokens=3, do_sample=False, pad_token_id=presets.TINY_PAD_TOKEN_ID,
                 eos_token_id=2, return_dict_in_generate=True)
@@ -43,6 +48,47 @@ def flops_agree():
     def check(model, prompt: dict) -> None:
         measured, analytic = _counted_llm_flops(model, prompt), int(prefill_flops(model, prompt)[0])
         assert abs(measured - analytic) <= 0.01 * measured, (measured, analytic)  # the tolerance `visor.flops` promises
+
+    return check
+
+
+@pytest.fixture(scope="package")
+def videos(stock, video_batch_factory):
+    """(batch, kinds): `VIDEO_ROWS`, left-padded, videos of `VIDEO_FRAMES` frames."""
+    return video_batch_factory(stock, VIDEO_ROWS, frames=VIDEO_FRAMES)
+
+
+@pytest.fixture(scope="package")
+def alone():
+    """row(batch, kinds, r): sample r of a video batch as a batch of its own (its images and videos, no padding)."""
+
+    def row(batch: dict, kinds: list[list[str]], r: int) -> dict:
+        valid = batch["attention_mask"][r].bool()
+        single = dict(input_ids=batch["input_ids"][r][valid][None],
+                      attention_mask=batch["attention_mask"][r][valid][None])
+        for kind, names in (("image", ("pixel_values", "image_sizes")), ("video", ("pixel_values_videos",))):
+            first = sum(items.count(kind) for items in kinds[:r])
+            if kind in kinds[r]:
+                single |= {name: batch[name][first: first + kinds[r].count(kind)] for name in names}
+        return single
+
+    return row
+
+
+@pytest.fixture(scope="package")
+def video_flops_agree():
+    """check(model, prompt): FlopCounterMode's count of one prefill (eager) is the counter's exactly: LLM prefill
+    (`prefill_flops`), the images' vision side and the videos' as reduced (`vision_flops`)."""
+    from visor.reduction import prefill_flops
+
+    def check(model, prompt: dict) -> None:
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            model(**prompt, logits_to_keep=1)
+        sizes = prompt["image_sizes"].tolist() if "image_sizes" in prompt else []
+        images = sum(vision_flops(model.config, tuple(size)).total for size in sizes)
+        analytic = int(prefill_flops(model, prompt)[0]) + images + int(model.vision_flops(prompt)[0])
+        assert counter.get_total_flops() == analytic
 
     return check
 

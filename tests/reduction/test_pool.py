@@ -1,4 +1,5 @@
-"""Token pooling before the LLM, alone and under VISOR: off switch, counts, FLOPs, generation, errors."""
+"""Token pooling before the LLM, alone and under VISOR: off switch, counts, FLOPs, generation, errors; the same
+for video frames (VideoPooling)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import pytest
 import torch
 
 from visor import VisorForConditionalGeneration, presets
-from visor.reduction import pool
+from visor.reduction import pool, pool_video
 from visor.backbones.llava_onevision import PackedGrid
-from visor.reduction.pool import Pooling
+from visor.reduction.pool import Pooling, VideoPooling
 
 IMAGE = presets.TINY_IMAGE_TOKEN_ID
 
@@ -73,3 +74,28 @@ def test_bad_input(stock, batch):
     wrong = dict(batch, image_sizes=batch["image_sizes"].flip(0))
     with pytest.raises(ValueError, match="match its size"):
         pool(stock, 2)(**wrong)
+
+
+# ---- video frames ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+@pytest.mark.parametrize("stride", [1, 2, 3])
+def test_video_pooling_pools_every_frame_of_the_stock_features(stock, videos, stride):
+    """Each frame's 4x4 pooled grid (the stock 2x2 pooling of 8x8 patches) pooled again, the newline kept last."""
+    batch, _ = videos
+    pixels = batch["pixel_values_videos"]
+    reducer = VideoPooling(stride)
+    frames = pixels.shape[1]
+    stock_features = stock.model.get_video_features(pixels, return_dict=True).pooler_output
+    for video, full in zip(reducer.video_features(stock, pixels), stock_features, strict=True):
+        assert len(video) == reducer.kept_tokens(stock.config, frames) == frames * Pooling(stride).pooled(4) ** 2 + 1
+        grids = full[:-1].reshape(frames, 4, 4, -1)
+        expected = torch.cat([Pooling(stride)._pool_grid(grid).flatten(0, 1) for grid in grids] + [full[-1:]])
+        assert torch.equal(video, expected)
+
+
+@torch.no_grad()
+def test_video_pooling_entry_point(stock, videos):
+    batch, _ = videos
+    assert torch.equal(pool_video(stock, 1)(**batch).logits, stock(**batch).logits)
+    with pytest.raises(ValueError, match="stride must be >= 1"):
+        pool_video(stock, 0.5)

@@ -48,8 +48,10 @@ def check_backbone(config) -> None:
 class PreLLMReduced:
     """`base` (a stock model or VISOR at `configuration`) reading the images through `reducer`."""
 
+    check_family = staticmethod(check_backbone)  # refuses a family the reducer cannot read, before any work
+
     def __init__(self, base, reducer: VisualReducer, configuration: int | None = None):
-        check_backbone(base.config)
+        self.check_family(base.config)
         self.base, self.reducer = base, reducer
         self.is_visor = isinstance(base, VisorModel)
         if configuration is not None and not self.is_visor:
@@ -82,10 +84,13 @@ class PreLLMReduced:
 
     # ---- the reduced prompt --------------------------------------------------------------------------------
     def model_inputs(self, input_ids, attention_mask, pixel_values, image_sizes, labels=None,
-                     batch_num_images=None) -> dict:
+                     batch_num_images=None, pixel_values_videos=None) -> dict:
         """Arguments for the base model: the prompt with each image's placeholders cut to the kept count (and
         `labels`, when given, cut alike). Gradients reach the vision side only while the base model trains."""
         config = self.config
+        if pixel_values_videos is not None:
+            raise ValueError("pre-LLM image reductions read one image per sample, not videos (the video reductions "
+                             "are visor.reduction.prellm_video's)")
         if batch_num_images is not None and bool((batch_num_images != 1).any()):
             raise ValueError(f"pre-LLM reductions read one image per sample; got {batch_num_images.tolist()} images")
         image = input_ids == config.image_token_id
@@ -103,6 +108,12 @@ class PreLLMReduced:
         # Keep the first `counts[b]` placeholders of sample b (they are all the same id) and every real text token.
         rank = image.long().cumsum(dim=1)
         keep = attention_mask.bool() & (~image | (rank <= counts[:, None]))
+        return self.base_inputs(input_ids, attention_mask, keep, features, labels)
+
+    def base_inputs(self, input_ids, attention_mask, keep, features: list[torch.Tensor], labels=None) -> dict:
+        """The base model's arguments for the prompt's `keep` tokens (labels cut alike), left-padded again, whose
+        `<image>` slots (all the visual slots) take `features` in prompt order."""
+        config = self.config
         packed_labels = {} if labels is None else dict(labels=_left_pack(labels, keep, -100)[0])
         input_ids, attention_mask = _left_pack(input_ids, keep, config.text_config.pad_token_id)
         if self.is_visor:
@@ -114,16 +125,17 @@ class PreLLMReduced:
         return dict(inputs_embeds=embeds, attention_mask=attention_mask, **packed_labels)
 
     def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, batch_num_images=None,
-                 **options):
+                 pixel_values_videos=None, **options):
         """The base model's output on the reduced prompt (its logits are over the reduced positions)."""
         return self.base(**self.model_inputs(input_ids, attention_mask, pixel_values, image_sizes,
-                                             batch_num_images=batch_num_images), **options)
+                                             batch_num_images=batch_num_images,
+                                             pixel_values_videos=pixel_values_videos), **options)
 
     def generate(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, batch_num_images=None,
-                 **options):
+                 pixel_values_videos=None, **options):
         """The base model's `generate` on the reduced prompt; sequences start with the original `input_ids`."""
         inputs = self.model_inputs(input_ids, attention_mask, pixel_values, image_sizes,
-                                   batch_num_images=batch_num_images)
+                                   batch_num_images=batch_num_images, pixel_values_videos=pixel_values_videos)
         output = self.base.generate(**inputs, **options)
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
         returned_prompt = inputs["input_ids"].shape[1] if "input_ids" in inputs else 0
