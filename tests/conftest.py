@@ -150,16 +150,17 @@ def build_batch(
     for count, n_before, n_after in zip(counts, before, after):
         words = torch.randint(FIRST_WORD_ID, vocab, (n_before + n_after,), generator=generator).tolist()
         prompts.append([BOS] + words[:n_before] + [IMAGE] * count + words[n_before:])
-    return pad_left(prompts) | dict(pixel_values=pixel_values, image_sizes=sizes)
+    return pad_prompts(prompts) | dict(pixel_values=pixel_values, image_sizes=sizes)
 
 
-def pad_left(prompts: list[list[int]]) -> dict[str, torch.Tensor]:
+def pad_prompts(prompts: list[list[int]], padding: str = "left") -> dict[str, torch.Tensor]:
+    """`prompts` (token id lists) padded with PAD on `padding`'s side: input_ids and attention_mask."""
     length = max(map(len, prompts))
     input_ids = torch.full((len(prompts), length), PAD, dtype=torch.long)
     attention_mask = torch.zeros(len(prompts), length, dtype=torch.long)
     for row, prompt in enumerate(prompts):
-        input_ids[row, length - len(prompt):] = torch.tensor(prompt)
-        attention_mask[row, length - len(prompt):] = 1
+        place = slice(length - len(prompt), None) if padding == "left" else slice(0, len(prompt))
+        input_ids[row, place], attention_mask[row, place] = torch.tensor(prompt), 1
     return dict(input_ids=input_ids, attention_mask=attention_mask)
 
 
@@ -192,13 +193,7 @@ def build_video_batch(stock, rows, padding: str = "left", seed: int = 1, frames:
             else:
                 prompt += torch.randint(FIRST_WORD_ID, vocab, (part,), generator=generator).tolist()
         prompts.append(prompt)
-    length = max(map(len, prompts))
-    input_ids = torch.full((len(rows), length), PAD)
-    attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        place = slice(length - len(prompt), None) if padding == "left" else slice(0, len(prompt))
-        input_ids[row, place], attention_mask[row, place] = torch.tensor(prompt), 1
-    return dict(input_ids=input_ids, attention_mask=attention_mask, **inputs), kinds
+    return pad_prompts(prompts, padding) | inputs, kinds
 
 
 def _crops(stock, size) -> int:
@@ -247,7 +242,7 @@ def smollm2_llava_factory():
 
 @pytest.fixture(scope="session")
 def left_pad():
-    return pad_left
+    return pad_prompts
 
 
 # A process that takes a run folder's lock (visor.training.lock), says so, and holds it until it is killed.

@@ -57,6 +57,19 @@ def write_json(path: str | os.PathLike, value) -> Path:
     return write_text(path, json.dumps(value, indent=2) + "\n")
 
 
+def read_json(path: str | os.PathLike, kind: type = dict):
+    """The JSON value in `path`, which must be a `kind` (an object, or a list); a ValueError names the file
+    otherwise."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(value, kind):
+        what = "a JSON object" if kind is dict else f"a {kind.__name__} of records"
+        raise ValueError(f"{path} must hold {what}, got {type(value).__name__}")
+    return value
+
+
 def save_figure(figure, path: str | os.PathLike, dpi: int = 120) -> Path:
     """A matplotlib figure as an image file (the format follows the suffix)."""
     path = Path(path)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import LlavaOnevisionForConditionalGeneration
 
+import family_checks as checks
 from visor import VisorConfig, VisorForConditionalGeneration, presets
 from visor.backbones import backbone_for, family
 
@@ -315,12 +316,7 @@ def qwen_video_batch(stock, rows, padding="left", seed=1) -> dict:
             count = grid[0] * grid[1] * grid[2] // vision.spatial_merge_size**2
             prompt += [QWEN_START] + [IMAGE if kind == "image" else VIDEO] * count + [QWEN_END]
         prompts.append(prompt)
-    length = max(map(len, prompts))
-    input_ids = torch.full((len(rows), length), PAD)
-    attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        place = slice(length - len(prompt), None) if padding == "left" else slice(0, len(prompt))
-        input_ids[row, place], attention_mask[row, place] = torch.tensor(prompt), 1
+    input_ids, attention_mask = checks.padded(prompts, padding, PAD)
     batch = dict(input_ids=input_ids, attention_mask=attention_mask,
                  mm_token_type_ids=(input_ids == IMAGE).int() + 2 * (input_ids == VIDEO).int())
     for kind, pixels_name, grid_name in (("image", "pixel_values", "image_grid_thw"),

@@ -26,7 +26,6 @@ holds out the same records) gives 5% (at least one record) to validation, as man
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from visor.data.processor import IMAGE_PLACEHOLDER, load_image
+from visor.files import read_json
 
 SPLITS = ("train", "validation", "test")
 HELD_OUT_FRACTION = 0.05
@@ -164,12 +164,7 @@ def _checked(images: list, messages: list, task: Any, where: str) -> Conversatio
 
 
 def _llava_records(path: Path, image_root: Path, outside_root: bool) -> list:
-    try:
-        records = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from error
-    if not isinstance(records, list):
-        raise ValueError(f"{path} must hold a list of records, got {type(records).__name__}")
+    records = read_json(path, list)
     out = []
     for index, record in enumerate(records):
         where = f"{path} record {index}" + (f" (id {record['id']})" if isinstance(record, dict) and "id" in record

@@ -11,7 +11,6 @@ vision tower's crop size (the frames go through the same vision tower as the ima
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from transformers.image_utils import ChannelDimension, PILImageResampling
 from transformers.video_utils import VideoMetadata, default_sample_indices_fn
 
 from visor.data.images import MAX_IMAGE_PIXELS, ImageLike, load_image
+from visor.files import read_json
 
 VIDEO_PREPROCESSOR_CONFIG = "video_preprocessor_config.json"
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -135,12 +135,7 @@ def load_video_settings(folder: str | Path | None, backbone, image_processor) ->
                 folder, VIDEO_PREPROCESSOR_CONFIG, list(defaults["image_mean"]), list(defaults["image_std"]), side,
                 side, defaults["num_frames"])
         return VideoSettings(**defaults)
-    try:
-        settings = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from error
-    if not isinstance(settings, dict):
-        raise ValueError(f"{path} must hold a JSON object")
+    settings = read_json(path)
     kind = settings.get("video_processor_type")
     if kind is not None and kind != backbone.video_processor_name:
         raise ValueError(f"{path}: video_processor_type is {kind!r}, but this {type(backbone).__name__} model's "

@@ -53,6 +53,7 @@ from visor.data.frames import (
 )
 from visor.data.images import ImageLike, load_image
 from visor.data.render import IGNORE_INDEX
+from visor.files import read_json
 
 IMAGE_PLACEHOLDER = "<image>"
 VIDEO_PLACEHOLDER = "<video>"
@@ -251,12 +252,7 @@ def load_image_processor(folder: str | Path, backbone):
             "%s has no %s: images get %s's defaults (normalised with mean %s, std %s)", folder, PREPROCESSOR_CONFIG,
             type(backbone).__name__, list(default.image_mean), list(default.image_std))
         return default
-    try:
-        settings = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from error
-    if not isinstance(settings, dict):
-        raise ValueError(f"{path} must hold a JSON object")
+    settings = read_json(path)
     kind = settings.get("image_processor_type")
     family_kind = processor_class.__name__.removesuffix("Pil")
     if kind is not None and kind.removesuffix("Fast").removesuffix("Pil") != family_kind:
