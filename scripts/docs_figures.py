@@ -54,6 +54,7 @@ count (none elsewhere), so no new figure is typed by hand and the count falls as
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import sys
@@ -67,6 +68,11 @@ DOCUMENTS = ("README.md", "docs/*.md", "benchmarks/README.md")
 BLOCK = re.compile(r"(<!-- results: (?P<spec>[^>]*?) -->\n)(?P<body>.*?)(<!-- /results -->)", re.DOTALL)
 VALUE = re.compile(r"(<!-- value: (?P<spec>[^>]*?) -->)(?P<body>[^<]*)(<!-- /value -->)")
 OPERATORS = {"/": lambda a, b: a / b, "*": lambda a, b: a * b, "+": lambda a, b: a + b, "-": lambda a, b: a - b}
+
+
+def _load(root: Path, path: str):
+    """The JSON value of a committed result file."""
+    return json.loads((root / path).read_text())
 
 
 def _number(value: float) -> str:
@@ -84,7 +90,7 @@ def _configuration_label(row: dict) -> str:
 def _sweep_rows(root: Path, path: str, sweep: str) -> list[dict]:
     """`visor bench`'s rows in `path` at SWEEP: a visual-token count, or `frames=N` (a video of N frames)."""
     key, value = ("video_frames", sweep.removeprefix("frames=")) if sweep.startswith("frames=") else ("visual_tokens", sweep)
-    rows = [row for row in json.loads((root / path).read_text()) if row.get(key) == int(value)]
+    rows = [row for row in _load(root, path) if row.get(key) == int(value)]
     if not rows:
         raise ValueError(f"{path} has no row at {value} {'frames' if key == 'video_frames' else 'visual tokens'}")
     return rows
@@ -98,9 +104,10 @@ def _bench_rows(root: Path, path: str, visual: str) -> list[dict]:
 def render_prefill(root: Path, path: str, visual: str) -> str:
     """`visor bench` rows at VISUAL visual tokens: FLOPs ratio, measured prefill speed-up (and how much of the FLOPs
     ratio it is), visual KV cache against the full model's; the text-only floor last, where the file has it."""
-    rows = _bench_rows(root, path, visual)
+    swept = _sweep_rows(root, path, visual)
+    rows = [row for row in swept if row["method"] != "text-only"]
+    floor = [row for row in swept if row["method"] == "text-only"]
     full = next(row for row in rows if row["method"] == "full")
-    floor = [row for row in _sweep_rows(root, path, visual) if row["method"] == "text-only"]
     lines = ["| configuration | FLOPs ratio | measured prefill speed-up | speed-up / FLOPs ratio | visual KV cache |",
              "|---|---|---|---|---|"]
     for row in rows:
@@ -187,7 +194,7 @@ def render_decode_bound(root: Path, path: str, preset: str, dtype: str) -> str:
         weights = {dense: decode_weight_bytes(model_class._from_config(config, dtype=DTYPES[dtype])) for dense, config in
                    ((True, model_class.config_class.dense(stock, position_encoding=False)),
                     (False, model_class.config_class.from_stock_config(stock)))}
-    rows = json.loads((root / path).read_text())
+    rows = _load(root, path)
     native = next(row for row in rows if row["method"] == "native")
     counts = [item["requests"] for item in native["concurrent"]]
     at = " / ".join(map(str, counts))
@@ -210,7 +217,7 @@ def render_baselines(root: Path, path: str, batch: str) -> str:
     """`visor bench --baselines RATIO --batch-sizes ...` rows: each method's FLOPs ratio, measured prefill speed-up
     (and how much of its FLOPs ratio that is), decode tokens/s at BATCH requests against the full model, visual KV
     cache (the text-only floor left out)."""
-    rows = [row for row in json.loads((root / path).read_text()) if row["method"] != "text-only"]
+    rows = [row for row in _load(root, path) if row["method"] != "text-only"]
     lines = [f"| method | FLOPs ratio | measured prefill speed-up | of its FLOPs ratio | decode tokens/s at B = {batch} "
              "(speed-up) | visual KV cache |", "|---|---|---|---|---|---|"]
     for row in rows:
@@ -229,7 +236,7 @@ def render_train(root: Path, path: str, visual: str) -> str:
     """`visor bench --train` at VISUAL visual tokens: each recipe's trainable parameters, peak memory and step time
     without and with activation checkpointing (a peak predicted above the memory limit says so, with the largest
     image measured)."""
-    rows = json.loads((root / path).read_text())["rows"]
+    rows = _load(root, path)["rows"]
     at = {(row["recipe"], row["activation_checkpointing"], row["visual_tokens"]): row for row in rows}
 
     def cell(recipe: str, checkpointing: bool) -> str:
@@ -250,7 +257,7 @@ def render_train(root: Path, path: str, visual: str) -> str:
 
 def render_convert(root: Path, path: str) -> str:
     """scripts/convert_memory.py's rows: each conversion's peak memory against the checkpoint's size on disk."""
-    results = json.loads((root / path).read_text())
+    results = _load(root, path)
     lines = ["| conversion | peak memory | / size on disk | above the import baseline / size | time |",
              "|---|---|---|---|---|"]
     for row in results["rows"]:
@@ -261,7 +268,7 @@ def render_convert(root: Path, path: str) -> str:
 
 def render_ca_positions(root: Path, path: str) -> str:
     """scripts/qwen_ca_positions.sh's test accuracy: the full model, then every configuration of each variant."""
-    results = json.loads((root / path).read_text())
+    results = _load(root, path)
     tasks = [task for task in results["full"] if task != "mean"]
     lines = ["| model | configuration | " + " | ".join(tasks) + " | mean |", "|---|---|" + "---|" * (len(tasks) + 1)]
 
@@ -278,7 +285,7 @@ def render_ca_positions(root: Path, path: str) -> str:
 
 
 def render_engine(root: Path, path: str) -> str:
-    rows = json.loads((root / path).read_text())
+    rows = _load(root, path)
     counts = [item["requests"] for item in rows[0]["concurrent"]]
     at = " / ".join(str(count) for count in counts)
     lines = [f"| row | TTFT (speed-up) | KV per request (x less) | requests in the budget | decode tokens/s at {at} "
@@ -302,7 +309,7 @@ def render_demo(root: Path, path: str) -> str:
     """The demo's systems by task group: the full model, text-only, every VISOR row and the policy, and each
     baseline at its weakest setting and its strongest (with the savings it reaches: some cannot reach their
     target)."""
-    results = json.loads((root / path).read_text())
+    results = _load(root, path)
     groups = sorted({row["group"] for row in results["groups"]}, reverse=True)  # hard, then easy
     by_key: dict[tuple[str, str], dict[str, dict]] = {}
     for row in results["groups"]:
@@ -333,7 +340,7 @@ def render_demo(root: Path, path: str) -> str:
 def render_accuracy(root: Path, path: str, settings: str, methods: str) -> str:
     """A demo run's hard / easy accuracy of each of METHODS (comma-separated) at each of SETTINGS (its target
     ratios, comma-separated), with the savings reached where a method falls short of its target by more than 10%."""
-    rows = {(row["method"], row["setting"], row["group"]): row for row in json.loads((root / path).read_text())["groups"]}
+    rows = {(row["method"], row["setting"], row["group"]): row for row in _load(root, path)["groups"]}
     settings = settings.split(",")
     lines = ["| method | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
     for method in methods.split(","):
@@ -353,7 +360,7 @@ def render_router_curves(root: Path, path: str) -> str:
     report.md gives (`visor.demo.report.router_curve_verdicts`)."""
     from visor.demo.report import router_curve_verdicts
 
-    policy = json.loads((root / path).read_text())["stages"]["policy"]
+    policy = _load(root, path)["stages"]["policy"]
     lines = [line for split, title in (("test", "test split"), ("variants", "held-out task variants"))
              for line in router_curve_verdicts(policy[split], policy[f"{split}_curves"], title)]
     return "".join(f"- {line}\n" for line in lines)
@@ -364,12 +371,12 @@ def render_trained(root: Path, path: str) -> str:
     (`visor.demo.report.trained_table`)."""
     from visor.demo.report import trained_table
 
-    return "".join(f"{line}\n" for line in trained_table(json.loads((root / path).read_text())) if line.startswith("|"))
+    return "".join(f"{line}\n" for line in trained_table(_load(root, path)) if line.startswith("|"))
 
 
 def render_stages(root: Path, path: str) -> str:
     """How long a run's stages took, as its results file recorded them."""
-    stages = json.loads((root / path).read_text())["stages"]
+    stages = _load(root, path)["stages"]
     timed = [(name, stage["seconds"]) for name, stage in stages.items()
              if isinstance(stage, dict) and stage.get("seconds")]
     timed += [(f"added ({', '.join(stage['methods'])})", stage["seconds"]) for stage in stages.get("added", [])]
@@ -409,11 +416,12 @@ def _lookup(data, path: str, where: str):
     return data
 
 
-def render_value(root: Path, spec: str, where: str = "") -> str:
-    """One `<!-- value: FILE EXPRESSION | FORMAT -->`: an arithmetic expression of FILE's values, formatted."""
+def render_value(root: Path, spec: str, where: str = "", load: Callable[[Path, str], object] = _load) -> str:
+    """One `<!-- value: FILE EXPRESSION | FORMAT -->`: an arithmetic expression of FILE's values, formatted
+    (`load` reads FILE: `render` reads each file once for all of a document's values)."""
     expression, _, form = spec.partition(" | ")
     path, expression = expression.split(" ", 1)
-    data = json.loads((root / path).read_text())
+    data = load(root, path)
     tokens = [token.strip() for token in re.split(r"(?:^|\s)([-+*/()])(?=\s|$)", expression) if token.strip()]
 
     def atom() -> float:
@@ -474,8 +482,10 @@ def render(text: str, root: Path, where: str = "") -> str:
             raise ValueError(f"{where}: unknown renderer {name!r} (known: {', '.join(RENDERERS)})")
         return match.group(1) + RENDERERS[name](root, *arguments) + match.group(4)
 
+    load = functools.cache(_load)
+
     def value(match: re.Match) -> str:
-        return match.group(1) + render_value(root, match["spec"], where) + match.group(4)
+        return match.group(1) + render_value(root, match["spec"], where, load) + match.group(4)
 
     return VALUE.sub(value, BLOCK.sub(block, text))
 

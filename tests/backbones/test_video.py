@@ -14,8 +14,8 @@ import torch
 from transformers import LlavaOnevisionForConditionalGeneration
 
 import family_checks as checks
-from visor import VisorConfig, VisorForConditionalGeneration, presets
-from visor.backbones import backbone_for, family
+from visor import presets
+from visor.backbones import backbone_for
 
 IMAGE, VIDEO, PAD, BOS = presets.TINY_IMAGE_TOKEN_ID, presets.TINY_VIDEO_TOKEN_ID, presets.TINY_PAD_TOKEN_ID, 1
 FRAMES = 3
@@ -39,10 +39,6 @@ def logits(model, batch, **kwargs):
     return model(**batch, **kwargs).logits
 
 
-def dense_of(stock):
-    return VisorForConditionalGeneration.from_stock(stock, VisorConfig.dense(stock.config)).eval()
-
-
 @pytest.fixture(scope="module")
 def stock():
     return build_stock(num_layers=6)
@@ -51,13 +47,7 @@ def stock():
 @pytest.fixture(scope="module")
 def sparse(stock):
     """The default schedule of six layers (CA [0, 3], configurations [[], [1], [1, 4]]), gates open, a random CPE."""
-    torch.manual_seed(3)
-    model = VisorForConditionalGeneration.from_stock(stock).eval()
-    with torch.no_grad():
-        for block in model.cross_attention.values():
-            block.attention_gate.fill_(0.7)
-        model.position_encoding.conv.weight.normal_(0, 0.1)
-    return model
+    return checks.sparse_of(stock, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +91,7 @@ ORACLE_CASES = [(preset, attention) for preset in ("tiny", "tiny-llama") for att
 @pytest.fixture(scope="module", params=ORACLE_CASES, ids=lambda case: "-".join(case))
 def oracle(request):
     stock = build_stock(*request.param)
-    return stock, dense_of(stock)
+    return stock, checks.dense_of(stock)
 
 
 @pytest.mark.parametrize("rows", [VIDEO_ONLY, MIXED], ids=["video-only", "image-and-video"])
@@ -128,7 +118,7 @@ def test_dense_generation_equals_stock_on_video_prompts(stock, mixed):
     batch, _ = mixed
     options = dict(max_new_tokens=5, do_sample=False, pad_token_id=PAD)
     expected = stock.generate(**batch, **options)
-    dense = dense_of(stock)
+    dense = checks.dense_of(stock)
     assert torch.equal(dense.generate(**batch, **options), expected)
     assert torch.equal(dense.generate(**batch, use_cache=False, **options), expected)
 
@@ -330,11 +320,6 @@ def qwen_video_batch(stock, rows, padding="left", seed=1) -> dict:
     return batch
 
 
-def qwen_dense_of(stock):
-    module = family(stock.config)
-    return module.VISOR_MODEL.from_stock(stock, module.VISOR_MODEL.config_class.dense(stock.config)).eval()
-
-
 @pytest.fixture(scope="module")
 def qwen():
     return build_qwen(num_layers=6)
@@ -342,13 +327,7 @@ def qwen():
 
 @pytest.fixture(scope="module")
 def qwen_sparse(qwen):
-    torch.manual_seed(3)
-    model = family(qwen.config).VISOR_MODEL.from_stock(qwen).eval()
-    with torch.no_grad():
-        for block in model.cross_attention.values():
-            block.attention_gate.fill_(0.7)
-        model.position_encoding.conv.weight.normal_(0, 0.1)
-    return model
+    return checks.sparse_of(qwen, seed=3)
 
 
 def test_qwen_video_positions_are_the_stock_temporal_m_rope(qwen):
@@ -376,14 +355,14 @@ def test_qwen_dense_logits_equal_stock_on_video_prompts(attention, padding, rows
     batch = qwen_video_batch(stock, rows, padding)
     valid = batch["attention_mask"].bool()
     assert (~valid).any()
-    torch.testing.assert_close(logits(qwen_dense_of(stock), batch)[valid], logits(stock, batch)[valid], atol=ATOL,
+    torch.testing.assert_close(logits(checks.dense_of(stock), batch)[valid], logits(stock, batch)[valid], atol=ATOL,
                                rtol=0)
 
 
 def test_qwen_dense_generation_equals_stock_on_video_prompts(qwen):
     batch = qwen_video_batch(qwen, QWEN_MIXED)
     options = dict(max_new_tokens=5, do_sample=False, pad_token_id=PAD)
-    assert torch.equal(qwen_dense_of(qwen).generate(**batch, **options), qwen.generate(**batch, **options))
+    assert torch.equal(checks.dense_of(qwen).generate(**batch, **options), qwen.generate(**batch, **options))
 
 
 def test_qwen_video_reaches_every_configuration_and_decoding_continues_its_positions(qwen_sparse, qwen):

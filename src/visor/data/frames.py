@@ -76,15 +76,20 @@ def _animation_frames(path: Path, min_side: int) -> list[Image.Image]:
         raise ValueError(f"{path} is truncated or corrupt: {error}") from error
 
 
-def sample_frames(frames: list, num_frames: int) -> list:
-    """`num_frames` frames spread uniformly over the video (transformers' `default_sample_indices_fn`); a shorter
-    video keeps all its frames."""
+def sampled_frame_indices(total: int, num_frames: int) -> list[int]:
+    """The indices of `num_frames` frames spread uniformly over a video of `total` (transformers'
+    `default_sample_indices_fn`, as the stock processors sample); a shorter video keeps all its frames."""
     if num_frames <= 0:
         raise ValueError(f"num_frames must be positive, got {num_frames}")
-    if len(frames) <= num_frames:
-        return list(frames)
-    indices = default_sample_indices_fn(VideoMetadata(total_num_frames=len(frames)), num_frames=num_frames)
-    return [frames[index] for index in indices]
+    if total <= num_frames:
+        return list(range(total))
+    return [int(index) for index in default_sample_indices_fn(VideoMetadata(total_num_frames=total),
+                                                              num_frames=num_frames)]
+
+
+def sample_frames(frames: list, num_frames: int) -> list:
+    """`num_frames` frames spread uniformly over the video (`sampled_frame_indices`)."""
+    return [frames[index] for index in sampled_frame_indices(len(frames), num_frames)]
 
 
 @dataclass(frozen=True)

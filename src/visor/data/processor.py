@@ -53,7 +53,7 @@ from visor.data.frames import (
 )
 from visor.data.images import ImageLike, load_image
 from visor.data.render import IGNORE_INDEX
-from visor.files import read_json
+from visor.files import read_json, write_json, write_text
 
 IMAGE_PLACEHOLDER = "<image>"
 VIDEO_PLACEHOLDER = "<video>"
@@ -237,7 +237,7 @@ class VideoFrames:
                    "rescale_factor": settings.rescale_factor, "resample": settings.resample,
                    "do_resize": settings.do_resize, "do_rescale": settings.do_rescale,
                    "do_normalize": settings.do_normalize}
-        (Path(folder) / VIDEO_PREPROCESSOR_CONFIG).write_text(json.dumps(content, indent=2))
+        write_json(Path(folder) / VIDEO_PREPROCESSOR_CONFIG, content)
 
 
 def load_image_processor(folder: str | Path, backbone):
@@ -366,7 +366,7 @@ class VisorProcessor:
         self.images.image_processor.save_pretrained(folder)
         if self.videos is not None:
             self.videos.save_pretrained(folder)
-        (Path(folder) / CHAT_TEMPLATE_FILES[-1]).write_text(self.chat_template)
+        write_text(Path(folder) / CHAT_TEMPLATE_FILES[-1], self.chat_template)
 
     def __call__(self, images: ImageLike | Sequence[ImageLike] | None, questions: str | Sequence[str],
                  answers: str | Sequence[str] | None = None,

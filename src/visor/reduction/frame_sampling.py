@@ -1,7 +1,7 @@
 """Uniform frame subsampling: the usual fix for long videos, as a baseline on the same FLOP counter.
 
 A video of F frames keeps ceil(F / `stride`) of them, spread uniformly by transformers' `default_sample_indices_fn`
-(what `visor.data.frames.sample_frames` and the stock processors sample with): when the stride is an integer k
+(`visor.data.frames.sampled_frame_indices`, as the stock processors sample): when the stride is an integer k
 that divides F, exactly every k-th frame from the first. Only the kept frames go through the vision tower, so the
 vision side and the LLM prefill both shrink; the kept frames are then the stock video path's (each a pooled SigLIP
 crop, one `image_newline` after the last). Stride 1 keeps every frame: the model it wraps, exactly.
@@ -13,9 +13,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-from transformers.video_utils import VideoMetadata, default_sample_indices_fn
-
 from visor.backbones import backbone_for
+from visor.data.frames import sampled_frame_indices
 from visor.reduction.prellm_video import VideoReduced
 
 
@@ -29,9 +28,7 @@ class FrameSampling:
 
     def kept_frames(self, frames: int) -> list[int]:
         """The indices of the frames a video of `frames` frames keeps."""
-        kept = math.ceil(round(frames / self.stride, 9))
-        return [int(index) for index in default_sample_indices_fn(VideoMetadata(total_num_frames=frames),
-                                                                  num_frames=kept)]
+        return sampled_frame_indices(frames, math.ceil(round(frames / self.stride, 9)))
 
     def kept_tokens(self, config, frames: int) -> int:
         return backbone_for(config).video_tokens(len(self.kept_frames(frames))).visual_tokens
