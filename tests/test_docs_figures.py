@@ -4,6 +4,7 @@ committed demo report is what its results give."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 from docs_figures import (  # noqa: E402
-    BLOCK, UNTRACED, documents, render, render_value, result_files, stale_documents, untraced_figures,
+    BLOCK, documents, render, render_seeds, render_value, result_files, stale_documents, untraced_figures,
 )
 
 
@@ -59,10 +60,9 @@ def test_every_committed_demo_report_is_what_its_results_give(run):
 
 
 def test_no_document_gains_a_figure_no_result_file_wrote():
-    """Outside generated blocks and values, only the documents in `UNTRACED` carry figures typed by hand, exactly
-    as many as counted there (a figure rendered from its file lowers the count, and the ledger with it)."""
-    counts = {str(path.relative_to(ROOT)): len(untraced_figures(path.read_text())) for path in documents(ROOT)}
-    assert {name: count for name, count in counts.items() if count} == UNTRACED
+    """Outside generated blocks and values, no document carries a figure typed by hand."""
+    untraced = {str(path.relative_to(ROOT)): untraced_figures(path.read_text()) for path in documents(ROOT)}
+    assert {name: figures for name, figures in untraced.items() if figures} == {}
 
 
 def test_untraced_figures_finds_measured_numbers_and_leaves_the_rest():
@@ -85,3 +85,20 @@ def test_a_value_is_arithmetic_of_its_file(tmp_path):
         render_value(tmp_path, "r.json rows[method=pool].s")
     with pytest.raises(ValueError, match="no 'test'"):
         render_value(tmp_path, "r.json stages.test")
+
+
+def test_the_seeds_summary_counts_what_the_table_shows(tmp_path):
+    """The seeds renderer's sentences count the table's cells: a router pushed below the curve at one seed is one
+    case fewer at or above it, and beyond the noise only if its gap exceeds that noise."""
+    run = json.loads((ROOT / "docs/two-hop/results.json").read_text())
+    (tmp_path / "a.json").write_text(json.dumps(run))
+    router = next(row for row in run["stages"]["policy"]["test"]
+                  if row["method"] == "router" and row["subset"] == "group:hard")
+    router["curve_gap"], router["curve_gap_noise"] = -5.0, 8.0
+    (tmp_path / "b.json").write_text(json.dumps(run))
+    baseline = render_seeds(tmp_path, "a.json", "a.json")
+    changed = render_seeds(tmp_path, "a.json", "b.json")
+    assert "| -5.0 ± 8.0 |" in changed
+    at_or_above = int(re.search(r"at or above the fixed curve in (\d+) of 8", baseline)[1])
+    beyond = int(re.search(r"of 8 cases \(seed × split × τ\), beyond the noise in (\d+)", baseline)[1])
+    assert f"in {at_or_above - 1} of 8 cases (seed × split × τ), beyond the noise in {beyond - 1}." in changed
