@@ -47,3 +47,9 @@ def checkpoints(open_visor_factory, saver):
 def task_folder(tmp_path_factory):
     """The demo suite's synthetic lmms-eval tasks, two test samples per task."""
     return write_task(tmp_path_factory.mktemp("lmms_tasks"), suite="demo", per_task=2)
+
+
+@pytest.fixture(scope="session")
+def video_task_folder(tmp_path_factory):
+    """The video suite's synthetic lmms-eval task, two test clips per task."""
+    return write_task(tmp_path_factory.mktemp("lmms_video_tasks"), suite="video", per_task=2)

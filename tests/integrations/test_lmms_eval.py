@@ -19,7 +19,7 @@ if not os.environ.get("VISOR_REQUIRE_LMMS"):
 from lmms_eval.api.instance import Instance  # noqa: E402
 
 from visor.integrations.lmms_eval import VisorLmms  # noqa: E402
-from visor.integrations.lmms_tasks import DATA_FILE, utils  # noqa: E402
+from visor.integrations.lmms_tasks import DATA_FILE, VIDEO_DATA_FILE, utils  # noqa: E402
 from visor.integrations.runner import CheckpointRunner  # noqa: E402
 
 
@@ -50,6 +50,29 @@ def test_simple_evaluate_scores_what_the_runner_answers(checkpoints, task_folder
     assert [logged[index]["filtered_resps"][0] for index in range(len(docs))] == [got.text for got in expected]
     assert output["results"]["visor_synthetic"]["exact_match,none"] == pytest.approx(
         sum(utils.process_results(doc, [got.text])["exact_match"] for doc, got in zip(docs, expected)) / len(docs))
+
+
+@pytest.fixture(scope="module")
+def video_docs(video_task_folder):
+    return datasets.load_dataset("parquet", data_files=str(video_task_folder / VIDEO_DATA_FILE), split="train")
+
+
+def test_a_video_task_is_scored_as_the_runner_answers(checkpoints, video_task_folder, video_docs):
+    """lmms-eval hands the plugin each clip as a path, as its own video tasks do; `max_frames_num` samples it."""
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(video_task_folder), include_defaults=False)
+    output = simple_evaluate(model="visor", model_args=f"pretrained={checkpoints['visor']},configuration=0,"
+                                                       "max_frames_num=4",
+                             tasks=["visor_synthetic_video"], batch_size=3, device="cpu", task_manager=manager)
+    assert output["n-samples"]["visor_synthetic_video"]["effective"] == len(video_docs)
+    runner = CheckpointRunner(checkpoints["visor"], 0)
+    expected = runner.generate(None, [doc["question"] for doc in video_docs], max_new_tokens=8, until=["\n"],
+                               videos=[doc["video"] for doc in video_docs], num_frames=4)
+    logged = {sample["doc_id"]: sample for sample in output["samples"]["visor_synthetic_video"]}
+    assert [logged[index]["filtered_resps"][0] for index in range(len(video_docs))] == [got.text for got in expected]
+    assert all(answer.visual_tokens == expected[0].visual_tokens > 0 for answer in expected)
 
 
 @pytest.fixture(scope="module", params=["llava-onevision", "qwen2-vl", "qwen2.5-vl", "qwen3-vl"])
@@ -161,6 +184,31 @@ def test_sampling_requests_are_refused(lm, docs, options, message):
                                                    "synthetic", "test")])
     with pytest.raises(ValueError, match=message):
         lm.generate_until(requests)
+
+
+def test_image_and_video_documents_in_one_batch_come_back_in_order(checkpoints, docs, video_docs):
+    """A batch of a task whose documents mix images and videos runs as one image batch and one video batch."""
+    lm = VisorLmms(pretrained=str(checkpoints["visor"]), configuration=0, batch_size=4, max_frames_num="3")
+    mixed = [docs[0], video_docs[0], docs[1], video_docs[1]]
+    lm.task_dict = {"mixed": {"test": mixed}}
+    visuals = [utils.doc_to_visual, utils.doc_to_video] * 2
+    options = {"max_new_tokens": 2}
+    got = lm.generate_until(_requests(mixed, "generate_until", [
+        (doc["question"], options, visual, index, "mixed", "test") for index, (doc, visual) in enumerate(zip(mixed, visuals))]))
+    images = lm.runner.generate([docs[0]["image"], docs[1]["image"]], [docs[0]["question"], docs[1]["question"]],
+                                max_new_tokens=2)
+    videos = lm.runner.generate(None, [video_docs[0]["question"], video_docs[1]["question"]], max_new_tokens=2,
+                                videos=[video_docs[0]["video"], video_docs[1]["video"]], num_frames=3)
+    assert got == [images[0].text, videos[0].text, images[1].text, videos[1].text]
+    assert [answer.visual_tokens for answer in lm.answers[-4:]] == [
+        images[0].visual_tokens, videos[0].visual_tokens, images[1].visual_tokens, videos[1].visual_tokens]
+
+
+@pytest.mark.parametrize("arguments, message", [(dict(batch_size="two"), "batch_size must be a positive integer"),
+                                                (dict(max_frames_num="0"), "max_frames_num must be a positive integer")])
+def test_bad_model_arguments_are_clear_errors(checkpoints, arguments, message):
+    with pytest.raises(ValueError, match=message):
+        VisorLmms(pretrained=str(checkpoints["visor"]), **arguments)
 
 
 def test_documents_without_exactly_one_image_are_refused(lm, docs):

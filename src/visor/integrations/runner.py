@@ -131,9 +131,10 @@ class CheckpointRunner:
         return answers
 
     @torch.no_grad()
-    def loglikelihood(self, images: Sequence, questions: Sequence[str],
-                      continuations: Sequence[str]) -> list[Score]:
-        """log P(continuation | image, question) per request, with its token count and greedy check.
+    def loglikelihood(self, images: Sequence | None, questions: Sequence[str], continuations: Sequence[str],
+                      videos: Sequence | None = None, num_frames: int | None = None) -> list[Score]:
+        """log P(continuation | image or video, question) per request, with its token count and greedy check
+        (`videos` as `generate` takes them).
 
         The continuation is scored as the start of the assistant's turn (surrounding whitespace dropped, no
         end-of-sequence token). Under the policy the router decides from the prompt alone, as in generation,
@@ -141,9 +142,9 @@ class CheckpointRunner:
         """
         configuration = self.configuration
         if self.routed:
-            prompts = self._inputs(images, questions)
+            prompts = self._inputs(images, questions, videos=videos, num_frames=num_frames)
             configuration = self.model(**prompts, **self._options("auto"), logits_to_keep=1).configuration
-        inputs = self._inputs(images, questions, continuations)
+        inputs = self._inputs(images, questions, continuations, videos=videos, num_frames=num_frames)
         # The processor ends every answer with end-of-sequence; with left padding that is the last column.
         labels = inputs.pop("labels")[:, :-1]
         inputs["input_ids"], inputs["attention_mask"] = inputs["input_ids"][:, :-1], inputs["attention_mask"][:, :-1]

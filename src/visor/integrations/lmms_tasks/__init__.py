@@ -7,8 +7,10 @@
 `write_task` renders a suite's samples into `visor_synthetic.parquet` (our dataset columns plus each task's
 possible answers) and copies the two task YAMLs next to it: `visor_synthetic` (open answers, exact match) and
 `visor_synthetic_choice` (multiple choice by answer likelihood; lmms-eval 0.7.3's evaluator cannot run
-multiple-choice tasks, see its YAML). lmms-eval reads the parquet with `datasets`' local parquet builder: no hub,
-no download.
+multiple-choice tasks, see its YAML). A video suite (`--suite video`) becomes `visor_synthetic_video`: each clip a
+lossless animated WebP under `clips/` (what `visor.data.frames.load_frames` reads, frame for frame), its path in
+`visor_synthetic_video.parquet`, handed to the model as lmms-eval's video tasks hand theirs: one path per
+document. lmms-eval reads the parquet with `datasets`' local parquet builder: no hub, no download.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from pathlib import Path
 
 TASK_FILES = ("visor_synthetic.yaml", "visor_synthetic_choice.yaml")
 DATA_FILE = "visor_synthetic.parquet"
+VIDEO_TASK_FILE = "visor_synthetic_video.yaml"
+VIDEO_DATA_FILE = "visor_synthetic_video.parquet"
+CLIPS = "clips"
 
 
 def write_task(folder: str | Path, suite: str = "demo", split: str = "test", per_task: int = 50,
@@ -31,10 +36,10 @@ def write_task(folder: str | Path, suite: str = "demo", split: str = "test", per
     if per_task < 1:
         raise ValueError(f"per_task must be positive, got {per_task}")
     chosen = get_suite(suite)
-    if chosen.video:
-        raise ValueError(f"suite {suite!r} holds video tasks; the lmms-eval task reads images only")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    if chosen.video:
+        return _write_video_task(folder, chosen, split, per_task, seed)
     samples, choices = [], []
     for task in chosen.tasks:
         for index in range(per_task):
@@ -43,4 +48,28 @@ def write_task(folder: str | Path, suite: str = "demo", split: str = "test", per
     to_hf_dataset(samples).add_column("choices", choices).to_parquet(str(folder / DATA_FILE))
     for name in TASK_FILES:
         shutil.copyfile(Path(__file__).with_name(name), folder / name)
+    return folder
+
+
+def _write_video_task(folder: Path, suite, split: str, per_task: int, seed: int) -> Path:
+    """A video suite's clips (lossless animated WebP, one per sample), their parquet and the video task YAML."""
+    import datasets
+
+    from visor.data.video_tasks import make_video_sample
+
+    clips = folder / CLIPS
+    clips.mkdir(exist_ok=True)
+    rows = {name: [] for name in ("video", "question", "answer", "task", "group", "choices")}
+    for task in suite.tasks:
+        for index in range(per_task):
+            sample = make_video_sample(task, split, index, seed, suite.size)
+            path = clips / f"{task.name}-{index}.webp"
+            first, *rest = sample.frames
+            first.save(path, save_all=True, append_images=rest, lossless=True, quality=100, method=0)
+            for name, value in (("video", str(path.resolve())), ("question", sample.question),
+                                ("answer", sample.answer), ("task", sample.task), ("group", sample.group),
+                                ("choices", list(task.answers))):
+                rows[name].append(value)
+    datasets.Dataset.from_dict(rows).to_parquet(str(folder / VIDEO_DATA_FILE))
+    shutil.copyfile(Path(__file__).with_name(VIDEO_TASK_FILE), folder / VIDEO_TASK_FILE)
     return folder
