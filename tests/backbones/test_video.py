@@ -411,8 +411,8 @@ def test_qwen_dense_logits_equal_stock_on_video_prompts(preset, attention, paddi
 
 def test_qwen3_deepstack_reaches_the_video_tokens():
     """Guard for the oracle above: without the video's DeepStack additions (its features given as (n, d)), the
-    dense model no longer equals the stock one."""
-    stock = build_qwen("tiny-qwen3-vl")
+    dense model no longer equals the stock one, and every sparse configuration's text reads them too."""
+    stock = build_qwen("tiny-qwen3-vl", num_layers=6)
     batch = qwen_video_batch(stock, QWEN_VIDEO_ONLY)
     dense = checks.dense_of(stock)
     with torch.no_grad():
@@ -421,11 +421,15 @@ def test_qwen3_deepstack_reaches_the_video_tokens():
     assert [video.shape[0] for video in features] == [3] * 3  # the features, then two DeepStack layers
     valid = batch["attention_mask"].bool()
     expected = logits(stock, batch)[valid]
-    precomputed = dict(batch, pixel_values_videos=None)
-    torch.testing.assert_close(logits(dense, dict(precomputed, video_features=features))[valid], expected,
-                               atol=ATOL, rtol=0)
-    without = logits(dense, dict(precomputed, video_features=[video[0] for video in features]))[valid]
-    assert (without - expected).abs().max() > 1e-3
+    stacked = dict(batch, pixel_values_videos=None, video_features=features)
+    flat = dict(stacked, video_features=[video[0] for video in features])
+    torch.testing.assert_close(logits(dense, stacked)[valid], expected, atol=ATOL, rtol=0)
+    assert (logits(dense, flat)[valid] - expected).abs().max() > 1e-3
+    sparse = checks.sparse_of(stock, seed=3)
+    text = valid & (batch["input_ids"] != VIDEO)
+    for configuration in range(len(sparse.config.configurations)):
+        change = logits(sparse, stacked, configuration=configuration) - logits(sparse, flat, configuration=configuration)
+        assert change[text].abs().max() > 1e-3, configuration
 
 
 def test_qwen_dense_generation_equals_stock_on_video_prompts(qwen):
