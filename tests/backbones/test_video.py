@@ -461,6 +461,12 @@ def test_qwen_video_reaches_every_configuration_and_decoding_continues_its_posit
     assert torch.equal(torch.cat(tokens, dim=1), generated[:, batch["input_ids"].shape[1]:])
 
 
+def test_qwen_in_llm_baselines_off_equal_stock_on_video_prompts(qwen):
+    """FastV, SparseVLM and ShortV at no reduction are the stock model on mixed image + video prompts (positions,
+    DeepStack at the video tokens included), and FastV generates with its cache as the stock model does."""
+    checks.in_llm_baselines_off_equal_stock_and_generate_with_the_cache(qwen, qwen_video_batch(qwen, QWEN_MIXED), PAD)
+
+
 def test_qwen_bad_video_inputs_are_named(qwen_sparse, qwen):
     batch = qwen_video_batch(qwen, QWEN_VIDEO_ONLY)
     cases = [
@@ -489,3 +495,4 @@ def test_qwen_bad_video_inputs_are_named(qwen_sparse, qwen):
     for inputs, message in cases:
         with torch.no_grad(), pytest.raises(ValueError, match=message):
             qwen_sparse(**inputs)
+
