@@ -449,6 +449,7 @@ def test_qwen_video_reaches_every_configuration_and_decoding_continues_its_posit
         with torch.no_grad():
             cache = qwen_sparse(**batch, configuration=configuration, use_cache=True, logits_to_keep=1).past_key_values
         assert cache.visual_valid.sum(dim=1).tolist() == (batch["input_ids"] == VIDEO).sum(dim=1).tolist()
+    checks.the_cache_holds_visual_entries_for_ca_and_the_sa_layers_used(qwen_sparse, batch)
     mixed = [0, 2, 1]
     generated = qwen_sparse.generate(**batch, configuration=mixed, max_new_tokens=4, do_sample=False, pad_token_id=PAD)
     with torch.no_grad():
