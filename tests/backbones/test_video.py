@@ -1,8 +1,10 @@
-"""Video through VISOR (LLaVA-OneVision): the video token's slots are visual tokens like any image's.
+"""Video through VISOR (LLaVA-OneVision, Qwen2.5-VL, Qwen3-VL): the video token's slots are visual tokens like any
+image's.
 
-The dense oracle on video-only and mixed image + video batches (left and right padding, eager and SDPA, Qwen2 and
-Llama text), the sparse configurations on video prompts, cached decoding, generation, and the families that still
-refuse video.
+The dense oracle on video-only and mixed image + video batches (left and right padding, eager and SDPA; LLaVA-OV
+with Qwen2 and Llama text), the sparse configurations on video prompts, cached decoding, generation, and the
+families that still refuse video. The Qwen-VL prompts are written by hand as each family's processor lays them out
+(Qwen3-VL: a timestamp before each temporal patch, DeepStack at the video tokens).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from transformers import LlavaOnevisionForConditionalGeneration
 import family_checks as checks
 from visor import presets
 from visor.backbones import backbone_for
+from visor.backbones.qwen3_vl import Qwen3VL
 
 IMAGE, VIDEO, PAD, BOS = presets.TINY_IMAGE_TOKEN_ID, presets.TINY_VIDEO_TOKEN_ID, presets.TINY_PAD_TOKEN_ID, 1
 FRAMES = 3
@@ -257,7 +260,7 @@ def test_bad_video_inputs_are_named(sparse, stock, video_batch):
         sparse(input_ids=torch.full((3, 1), VIDEO), past_key_values=cache, use_cache=True)
 
 
-@pytest.mark.parametrize("preset", ["tiny-qwen2-vl", "tiny-qwen3-vl", "tiny-internvl3"])
+@pytest.mark.parametrize("preset", ["tiny-qwen2-vl", "tiny-internvl3"])
 def test_families_without_video_refuse_it_by_name(preset):
     backbone = backbone_for(presets.PRESETS[preset](2))
     assert backbone.video_inputs == ()
@@ -268,7 +271,8 @@ def test_families_without_video_refuse_it_by_name(preset):
     assert backbone.visual_token_mask(ids).tolist() == [[True, False, False]]
 
 
-# ---- Qwen2.5-VL: video patches, temporal M-RoPE -----------------------------------------------------------------
+# ---- Qwen2.5-VL and Qwen3-VL: video patches, M-RoPE over time ------------------------------------------------
+QWEN_FAMILIES = ["tiny-qwen2.5-vl", "tiny-qwen3-vl"]
 QWEN_START, QWEN_END = presets.TINY_VISION_START_TOKEN_ID, presets.TINY_VISION_END_TOKEN_ID
 # Each row's parts: words, an image of (height, width), or a video of (frames, height, width).
 QWEN_VIDEO_ONLY = [[3, ("video", (4, 64, 64)), 4], [2, ("video", (2, 32, 64)), 7], [5, ("video", (6, 32, 32)), 1]]
@@ -276,17 +280,36 @@ QWEN_MIXED = [[2, ("image", (64, 96)), 2, ("video", (4, 64, 64)), 3], [3, ("vide
               ("image", (32, 32)), 2], [4, ("video", (4, 32, 32)), 5], [2, ("image", (64, 64)), 6]]
 
 
-def build_qwen(attention="eager", num_layers=4, seed=0):
-    config = presets.tiny_qwen2_5_vl(num_layers)
+def build_qwen(preset="tiny-qwen2.5-vl", attention="eager", num_layers=4, seed=0):
+    config = presets.PRESETS[preset](num_layers)
     config._attn_implementation = attention
     torch.manual_seed(seed)
     return backbone_for(config).stock_model_class(config).eval()
 
 
+def timestamp_ids(seconds: float) -> list[int]:
+    """Ids standing for the text "<t seconds>" the Qwen3-VL processor writes before a temporal patch (one per
+    character, clear of the special ids)."""
+    return [5 + ord(character) % (presets.TINY_VOCAB_SIZE - 7) for character in f"<{seconds:.1f} seconds>"]
+
+
+def video_ids(stock, grid, seconds: float) -> list[int]:
+    """A video of `grid` (temporal patches, patch rows, patch columns) between its vision start and end tokens, as
+    the family's processor lays it out: Qwen2.5-VL one run of video tokens; Qwen3-VL one run per temporal patch,
+    each after its timestamp (mid-patch, `seconds` per patch) and between start and end tokens of its own."""
+    per_patch = grid[1] * grid[2] // stock.config.vision_config.spatial_merge_size**2
+    if not isinstance(backbone_for(stock.config), Qwen3VL):
+        return [QWEN_START] + [VIDEO] * grid[0] * per_patch + [QWEN_END]
+    frames = [timestamp_ids((patch + 0.5) * seconds) + [QWEN_START] + [VIDEO] * per_patch + [QWEN_END]
+              for patch in range(grid[0])]
+    return [QWEN_START] + sum(frames, []) + [QWEN_END]
+
+
 def qwen_video_batch(stock, rows, padding="left", seed=1) -> dict:
-    """Padded prompts of `rows` (see QWEN_MIXED): each image or video between the vision start and end tokens, as
-    many tokens as its grid (t = frames / temporal patch) merges to, random patches, `mm_token_type_ids` 1 at image
-    and 2 at video tokens, and each video's seconds per temporal patch."""
+    """Padded prompts of `rows` (see QWEN_MIXED): each image between the vision start and end tokens, as many
+    tokens as its grid merges to, each video as `video_ids` lays it out (t = frames / temporal patch, 0.5 + its
+    index seconds per temporal patch), random patches, `mm_token_type_ids` 1 at image and 2 at video tokens, and,
+    for a family that reads them (Qwen2.5-VL), each video's seconds per temporal patch."""
     vision = stock.config.vision_config
     generator = torch.Generator().manual_seed(seed)
     features = 3 * vision.temporal_patch_size * vision.patch_size**2
@@ -303,8 +326,10 @@ def qwen_video_batch(stock, rows, padding="left", seed=1) -> dict:
             frames, height, width = (vision.temporal_patch_size, *shape) if kind == "image" else shape
             grid = (frames // vision.temporal_patch_size, height // vision.patch_size, width // vision.patch_size)
             grids[kind].append(grid)
-            count = grid[0] * grid[1] * grid[2] // vision.spatial_merge_size**2
-            prompt += [QWEN_START] + [IMAGE if kind == "image" else VIDEO] * count + [QWEN_END]
+            if kind == "video":
+                prompt += video_ids(stock, grid, 0.5 + len(grids["video"]) - 1)
+                continue
+            prompt += [QWEN_START] + [IMAGE] * (grid[1] * grid[2] // vision.spatial_merge_size**2) + [QWEN_END]
         prompts.append(prompt)
     input_ids, attention_mask = checks.padded(prompts, padding, PAD)
     batch = dict(input_ids=input_ids, attention_mask=attention_mask,
@@ -315,14 +340,14 @@ def qwen_video_batch(stock, rows, padding="left", seed=1) -> dict:
             grid = torch.tensor(grids[kind])
             batch[grid_name] = grid
             batch[pixels_name] = torch.randn(int(grid.prod(dim=-1).sum()), features, generator=generator)
-    if grids["video"]:
+    if grids["video"] and "second_per_grid_ts" in backbone_for(stock.config).video_inputs:
         batch["second_per_grid_ts"] = torch.tensor([0.5 + index for index in range(len(grids["video"]))])
     return batch
 
 
-@pytest.fixture(scope="module")
-def qwen():
-    return build_qwen(num_layers=6)
+@pytest.fixture(scope="module", params=QWEN_FAMILIES)
+def qwen(request):
+    return build_qwen(request.param, num_layers=6)
 
 
 @pytest.fixture(scope="module")
@@ -330,33 +355,81 @@ def qwen_sparse(qwen):
     return checks.sparse_of(qwen, seed=3)
 
 
-def test_qwen_video_positions_are_the_stock_temporal_m_rope(qwen):
-    """Each temporal patch of a video moves the time row by tokens_per_second · seconds per patch (the stock
-    `get_rope_index`, given the grids and the seconds), not by one."""
-    batch = qwen_video_batch(qwen, QWEN_MIXED)
-    video_inputs = {name: batch[name] for name in ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")}
-    positions = backbone_for(qwen.config).prompt_positions(qwen, batch["input_ids"], batch["attention_mask"],
-                                                           image_grid_thw=batch["image_grid_thw"], **video_inputs)
-    expected, _ = qwen.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"],
-                                            image_grid_thw=batch["image_grid_thw"],
-                                            video_grid_thw=batch["video_grid_thw"],
-                                            second_per_grid_ts=batch["second_per_grid_ts"],
-                                            attention_mask=batch["attention_mask"])
+def stock_positions(stock, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """VISOR's positions of `batch` (given only its video arguments and image grids) and the stock
+    `get_rope_index`'s."""
+    video_inputs = {name: batch[name] for name in backbone_for(stock.config).video_inputs}
+    positions = backbone_for(stock.config).prompt_positions(stock, batch["input_ids"], batch["attention_mask"],
+                                                            image_grid_thw=batch["image_grid_thw"], **video_inputs)
+    video_inputs.pop("pixel_values_videos")
+    expected, _ = stock.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"],
+                                             image_grid_thw=batch["image_grid_thw"],
+                                             attention_mask=batch["attention_mask"], **video_inputs)
+    return positions, expected
+
+
+def test_qwen_video_positions_are_the_stock_temporal_m_rope():
+    """Qwen2.5-VL: each temporal patch of a video moves the time row by tokens_per_second · seconds per patch (the
+    stock `get_rope_index`, given the grids and the seconds), not by one."""
+    stock = build_qwen(num_layers=2)
+    batch = qwen_video_batch(stock, QWEN_MIXED)
+    positions, expected = stock_positions(stock, batch)
     assert torch.equal(positions, expected)
     times = positions[0, 0][batch["input_ids"][0] == VIDEO].unique()
     assert len(times) == 2 and int(times[1] - times[0]) > 1  # two temporal patches, spaced by the video's time
 
 
+def test_qwen3_video_patches_sit_as_one_frame_images_after_their_timestamps():
+    """Qwen3-VL: each temporal patch's run of video tokens sits as a one-frame image would (one time position, its
+    rows and columns from there, as the stock `get_rope_index` on the per-patch grids), and the next patch starts
+    after the run's longer side, the end token, the next timestamp and the start token."""
+    stock = build_qwen("tiny-qwen3-vl", num_layers=2)
+    batch = qwen_video_batch(stock, QWEN_MIXED)
+    positions, expected = stock_positions(stock, batch)
+    assert torch.equal(positions, expected)
+    side = 4  # sample 0's video: two temporal patches of 64x64 pixels, 8x8 patches, 4x4 merged
+    rows, columns = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    layout = torch.stack([torch.zeros(side**2, dtype=torch.long), rows.flatten(), columns.flatten()])
+    runs = positions[:, 0, batch["input_ids"][0] == VIDEO].reshape(3, 2, side**2)
+    for run in runs.unbind(dim=1):
+        assert torch.equal(run, run[0, 0] + layout)
+    assert int(runs[0, 1, 0] - runs[0, 0, 0]) == side + 1 + len(timestamp_ids(1.5 * 0.5)) + 1
+
+
 @pytest.mark.parametrize("rows", [QWEN_VIDEO_ONLY, QWEN_MIXED], ids=["video-only", "image-and-video"])
 @pytest.mark.parametrize("padding", ["left", "right"])
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
-def test_qwen_dense_logits_equal_stock_on_video_prompts(attention, padding, rows):
-    stock = build_qwen(attention)
+@pytest.mark.parametrize("preset", QWEN_FAMILIES)
+def test_qwen_dense_logits_equal_stock_on_video_prompts(preset, attention, padding, rows):
+    stock = build_qwen(preset, attention)
     batch = qwen_video_batch(stock, rows, padding)
     valid = batch["attention_mask"].bool()
     assert (~valid).any()
     torch.testing.assert_close(logits(checks.dense_of(stock), batch)[valid], logits(stock, batch)[valid], atol=ATOL,
                                rtol=0)
+
+
+def test_qwen3_deepstack_reaches_the_video_tokens():
+    """Guard for the oracle above: without the video's DeepStack additions (its features given as (n, d)), the
+    dense model no longer equals the stock one, and every sparse configuration's text reads them too."""
+    stock = build_qwen("tiny-qwen3-vl", num_layers=6)
+    batch = qwen_video_batch(stock, QWEN_VIDEO_ONLY)
+    dense = checks.dense_of(stock)
+    with torch.no_grad():
+        features = dense.backbone.encode_videos(dense, 0, pixel_values_videos=batch["pixel_values_videos"],
+                                                video_grid_thw=batch["video_grid_thw"])
+    assert [video.shape[0] for video in features] == [3] * 3  # the features, then two DeepStack layers
+    valid = batch["attention_mask"].bool()
+    expected = logits(stock, batch)[valid]
+    stacked = dict(batch, pixel_values_videos=None, video_features=features)
+    flat = dict(stacked, video_features=[video[0] for video in features])
+    torch.testing.assert_close(logits(dense, stacked)[valid], expected, atol=ATOL, rtol=0)
+    assert (logits(dense, flat)[valid] - expected).abs().max() > 1e-3
+    sparse = checks.sparse_of(stock, seed=3)
+    text = valid & (batch["input_ids"] != VIDEO)
+    for configuration in range(len(sparse.config.configurations)):
+        change = logits(sparse, stacked, configuration=configuration) - logits(sparse, flat, configuration=configuration)
+        assert change[text].abs().max() > 1e-3, configuration
 
 
 def test_qwen_dense_generation_equals_stock_on_video_prompts(qwen):
@@ -376,6 +449,7 @@ def test_qwen_video_reaches_every_configuration_and_decoding_continues_its_posit
         with torch.no_grad():
             cache = qwen_sparse(**batch, configuration=configuration, use_cache=True, logits_to_keep=1).past_key_values
         assert cache.visual_valid.sum(dim=1).tolist() == (batch["input_ids"] == VIDEO).sum(dim=1).tolist()
+    checks.the_cache_holds_visual_entries_for_ca_and_the_sa_layers_used(qwen_sparse, batch)
     mixed = [0, 2, 1]
     generated = qwen_sparse.generate(**batch, configuration=mixed, max_new_tokens=4, do_sample=False, pad_token_id=PAD)
     with torch.no_grad():
@@ -388,16 +462,38 @@ def test_qwen_video_reaches_every_configuration_and_decoding_continues_its_posit
     assert torch.equal(torch.cat(tokens, dim=1), generated[:, batch["input_ids"].shape[1]:])
 
 
+def test_qwen_in_llm_baselines_off_equal_stock_on_video_prompts(qwen):
+    """FastV, SparseVLM and ShortV at no reduction are the stock model on mixed image + video prompts (positions,
+    DeepStack at the video tokens included), and FastV generates with its cache as the stock model does."""
+    checks.in_llm_baselines_off_equal_stock_and_generate_with_the_cache(qwen, qwen_video_batch(qwen, QWEN_MIXED), PAD)
+
+
 def test_qwen_bad_video_inputs_are_named(qwen_sparse, qwen):
     batch = qwen_video_batch(qwen, QWEN_VIDEO_ONLY)
     cases = [
         (dict(batch, video_grid_thw=None), "video tokens but video_grid_thw is missing"),
         (dict(batch, pixel_values_videos=None), "video tokens but pixel_values_videos are missing"),
         (dict(batch, pixel_values_videos=batch["pixel_values_videos"][1:]), "pixel_values_videos must be"),
-        (dict(batch, second_per_grid_ts=batch["second_per_grid_ts"][:1]), "one value per video"),
         (dict(batch, video_grid_thw=batch["video_grid_thw"][:, 1:]), r"video_grid_thw must be \(num_videos, 3\)"),
         (dict(batch, video_grid_thw=batch["video_grid_thw"].flip(0)), "video-token count does not match"),
     ]
+    if "second_per_grid_ts" in batch:
+        cases.append((dict(batch, second_per_grid_ts=batch["second_per_grid_ts"][:1]), "one value per video"))
+    else:
+        seconds = torch.ones(len(batch["video_grid_thw"]))
+        cases.append((dict(batch, second_per_grid_ts=seconds), "models take no second_per_grid_ts"))
+        # Qwen3-VL: each temporal patch is a run of its own; a grid of as many tokens in other runs is named.
+        grids = batch["video_grid_thw"].clone()
+        grids[0] = torch.tensor([1, 8, 16])  # sample 0's video is two runs of 4x4 tokens, not one of 4x8
+        cases.append((dict(batch, video_grid_thw=grids), r"runs of \[16, 16, .*video_grid_thw gives \[32,"))
+        # Mixed with images that bring DeepStack layers, video features without them are refused.
+        mixed = qwen_video_batch(qwen, QWEN_MIXED)
+        with torch.no_grad():
+            features = qwen_sparse.backbone.encode_videos(qwen_sparse, 0, mixed["pixel_values_videos"],
+                                                          mixed["video_grid_thw"])
+        cases.append((dict(mixed, pixel_values_videos=None, video_features=[video[0] for video in features]),
+                      "the video features hold 0 DeepStack layers, the images' 2"))
     for inputs, message in cases:
         with torch.no_grad(), pytest.raises(ValueError, match=message):
             qwen_sparse(**inputs)
+

@@ -169,7 +169,8 @@ class Backbone:
 
     def encode_videos(self, model, num_video_tokens: int, **video_inputs) -> list[torch.Tensor]:
         """The stock video path (a family with `video_inputs`): one (n_v, d) tensor per video, in prompt order,
-        for the video token's slots; a ValueError names missing or malformed inputs."""
+        for the video token's slots (with DeepStack (1 + K, n_v, d), as `embed_with_images` reads it); a
+        ValueError names missing or malformed inputs."""
         raise NotImplementedError
 
     def default_image_processor(self):

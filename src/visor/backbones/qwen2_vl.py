@@ -57,7 +57,7 @@ class QwenVL(Backbone):
         videos = {}
         if (is_video & valid).any():
             self._check_video_grids(int((is_video & valid).sum()), video_grid_thw, second_per_grid_ts)
-            self._check_runs(is_video & valid, video_grid_thw, "video")
+            self._check_runs(is_video & valid, self.video_runs(video_grid_thw), "video")
             videos = dict(video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts)
         if mm_token_type_ids is None:
             mm_token_type_ids = is_image.int() + 2 * is_video.int()
@@ -80,7 +80,7 @@ class QwenVL(Backbone):
 
     def encode_images(self, model, num_image_tokens, pixel_values=None, image_grid_thw=None, mm_token_type_ids=None):
         self._check_images(num_image_tokens, pixel_values, image_grid_thw)
-        return model.model.get_image_features(pixel_values, image_grid_thw, return_dict=True).pooler_output
+        return self.features(model.model.get_image_features(pixel_values, image_grid_thw, return_dict=True))
 
     def encode_videos(self, model, num_video_tokens, pixel_values_videos=None, video_grid_thw=None,
                       second_per_grid_ts=None):
@@ -89,7 +89,15 @@ class QwenVL(Backbone):
             raise ValueError(f"input_ids contain {num_video_tokens} video tokens but pixel_values_videos are missing")
         self._check_video_grids(num_video_tokens, video_grid_thw, second_per_grid_ts)
         self._check_patches("pixel_values_videos", pixel_values_videos, video_grid_thw)
-        return list(model.model.get_video_features(pixel_values_videos, video_grid_thw, return_dict=True).pooler_output)
+        return self.features(model.model.get_video_features(pixel_values_videos, video_grid_thw, return_dict=True))
+
+    def features(self, output) -> list[torch.Tensor]:
+        """What the adapter hands on of the stock image or video features: one (n, d) tensor per image (video)."""
+        return list(output.pooler_output)
+
+    def video_runs(self, video_grid_thw: torch.Tensor) -> torch.Tensor:
+        """The grids of a prompt's unbroken runs of video tokens, in order: one run per video."""
+        return video_grid_thw
 
     def _check_images(self, num_image_tokens, pixel_values, image_grid_thw) -> None:
         if pixel_values is None:

@@ -2,11 +2,14 @@
 family's `VisorQwen3VLConfig` (model type `visor_qwen3_vl`) and `VisorQwen3VLForConditionalGeneration`.
 
 What differs from Qwen2.5-VL is inside stock modules VISOR calls as they are (the text model's q/k norms, the
-interleaved M-RoPE, the vision tower's learned positions), except DeepStack: the vision tower also hands out
-features of a few of its layers, which the stock model adds to the image tokens' hidden states after the first
-LLM layers. `encode_images` returns them stacked under each image's features, and the engine adds them to the
-visual tokens after those layers (`visor.modeling.visor.embed_with_images`). The MoE variant (`qwen3_vl_moe`) is
-not supported.
+interleaved M-RoPE, the vision tower's learned positions), except DeepStack and the video layout. DeepStack: the
+vision tower also hands out features of a few of its layers, which the stock model adds to the image and video
+tokens' hidden states after the first LLM layers. `encode_images` and `encode_videos` return them stacked under
+each image's (video's) features, and the engine adds them to the visual tokens after those layers
+(`visor.modeling.visor.embed_with_images`). Video: the processor writes each temporal patch of a video as its own
+run of video tokens, after its timestamp text ("<t seconds>") and between vision start and end tokens, and the
+stock `get_rope_index` places each run as a one-frame image (the time is in the text, not in the positions); there
+is no `second_per_grid_ts`. The MoE variant (`qwen3_vl_moe`) is not supported.
 """
 
 from __future__ import annotations
@@ -33,17 +36,22 @@ AutoConfig.register("visor_qwen3_vl", VisorQwen3VLConfig)
 class Qwen3VL(QwenVL):
     stock_model_class = Qwen3VLForConditionalGeneration
     image_mean = image_std = (0.5, 0.5, 0.5)  # as Qwen3-VL's released preprocessor configs normalise
+    video_inputs = ("pixel_values_videos", "video_grid_thw")
 
     def mergers(self) -> int:
         """The output merger and one per DeepStack layer."""
         return 1 + len(self.config.vision_config.deepstack_visual_indexes)
 
-    def encode_images(self, model, num_image_tokens, pixel_values=None, image_grid_thw=None, mm_token_type_ids=None):
-        """Per image (1 + K, n, d): its features, then DeepStack's additions after LLM layers 0 … K-1."""
-        self._check_images(num_image_tokens, pixel_values, image_grid_thw)
-        output = model.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
-        return [torch.stack([image, *additions])
-                for image, *additions in zip(output.pooler_output, *output.deepstack_features)]
+    def features(self, output) -> list[torch.Tensor]:
+        """Per image (video) (1 + K, n, d): its features, then DeepStack's additions after LLM layers 0 … K-1."""
+        return [torch.stack([item, *additions])
+                for item, *additions in zip(output.pooler_output, *output.deepstack_features)]
+
+    def video_runs(self, video_grid_thw: torch.Tensor) -> torch.Tensor:
+        """One run per temporal patch of each video (the timestamps stand between), as the stock `get_rope_index`
+        splits the grids: (1, h, w) each."""
+        runs = video_grid_thw.repeat_interleave(video_grid_thw[:, 0], dim=0)
+        return torch.cat([torch.ones_like(runs[:, :1]), runs[:, 1:]], dim=1)
 
 
 class VisorQwen3VLForConditionalGeneration(VisorModel, Qwen3VLForConditionalGeneration):

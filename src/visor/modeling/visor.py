@@ -475,46 +475,60 @@ def embed_with_images(model, input_ids: torch.Tensor, image_features: list[torch
                       **image_inputs) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """Token embeddings of `model` with the images' features in the `<image>` slots and the videos' in the
     `<video>` slots (each after `position_encoding`, if any), the visual mask (both kinds of slot), and DeepStack's
-    additions: (B, S, d) per early layer, zero but at the image slots.
+    additions: (B, S, d) per early layer, zero but at the image and video slots.
 
     `image_inputs` are the family's (`pixel_values`, `Backbone.image_inputs` and `Backbone.video_inputs`);
     `image_features` replaces the vision tower for the images (e.g. to reuse features across configurations or to
     time the language model alone): one projected (n_i, d) tensor per image, or (1 + K, n_i, d) for a family with
     DeepStack (the features, then what the stock model adds to the image's tokens after each of the first K layers),
-    as `Backbone.encode_images` returns. `video_features` replaces it for the videos: one (n_v, d) tensor per video,
-    as `Backbone.encode_videos` returns."""
+    as `Backbone.encode_images` returns. `video_features` replaces it for the videos: one (n_v, d) or (1 + K, n_v, d)
+    tensor per video, as `Backbone.encode_videos` returns."""
     _check_ids(input_ids, model.config.text_config.vocab_size)
     backbone = model.backbone
     video_inputs = {name: image_inputs.pop(name, None) for name in backbone.video_inputs}
     visual_mask = backbone.visual_token_mask(input_ids)
     embeds = model.get_input_embeddings()(input_ids)
     image_mask = input_ids == model.config.image_token_id
-    additions = []
+    additions = None
     if image_mask.any():
         if image_features is None:
             image_features = backbone.encode_images(model, int(image_mask.sum()), **image_inputs)
-        features = list(image_features)
-        if len({image.dim() for image in features}) > 1 or features[0].dim() not in (2, 3):
-            raise ValueError(f"image features must all be (n, d) or all (1 + K, n, d), got "
-                             f"{[tuple(image.shape) for image in features]}")
-        if features[0].dim() == 3:
-            additions = [torch.cat([image[layer] for image in features]) for layer in range(1, features[0].shape[0])]
-            features = [image[0] for image in features]
-        embeds = _fill_slots(embeds, image_mask, features, position_encoding, "image")
-        slots = image_mask[..., None]
-        additions = [torch.zeros_like(embeds).masked_scatter(slots, addition.to(embeds.dtype))
-                     for addition in additions]
+        embeds, additions = _fill_visual_slots(embeds, image_mask, image_features, position_encoding, "image",
+                                               additions)
     video_mask = visual_mask & ~image_mask
     if video_mask.any():
         if video_features is None:
             video_features = backbone.encode_videos(model, int(video_mask.sum()), **video_inputs)
-        embeds = _fill_slots(embeds, video_mask, list(video_features), position_encoding, "video")
+        embeds, additions = _fill_visual_slots(embeds, video_mask, video_features, position_encoding, "video",
+                                               additions)
     else:
         for name, value in (("pixel_values_videos", video_inputs.get("pixel_values_videos")),
                             ("video_features", video_features)):
             if value is not None:
                 raise ValueError(f"{name} given, but input_ids hold no video tokens")
-    return embeds, visual_mask, additions
+    return embeds, visual_mask, additions or []
+
+
+def _fill_visual_slots(embeds: torch.Tensor, slots: torch.Tensor, features, position_encoding: nn.Module | None,
+                       kind: str, additions: list[torch.Tensor] | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """`embeds` with each image's (or video's) features in its `slots`, and DeepStack's additions (per early layer)
+    with theirs added at those slots to `additions` (the images', or None before any): the stock model adds an
+    image's and a video's alike, so both must bring as many layers."""
+    features = list(features)
+    if features and (len({item.dim() for item in features}) > 1 or features[0].dim() not in (2, 3)):
+        raise ValueError(f"{kind} features must all be (n, d) or all (1 + K, n, d), got "
+                         f"{[tuple(item.shape) for item in features]}")
+    layers = []
+    if features and features[0].dim() == 3:
+        layers = [torch.cat([item[layer] for item in features]) for layer in range(1, features[0].shape[0])]
+        features = [item[0] for item in features]
+    embeds = _fill_slots(embeds, slots, features, position_encoding, kind)
+    if additions is not None and len(layers) != len(additions):
+        raise ValueError(f"the {kind} features hold {len(layers)} DeepStack layers, the images' {len(additions)}")
+    scattered = [torch.zeros_like(embeds).masked_scatter(slots[..., None], layer.to(embeds.dtype)) for layer in layers]
+    if additions is None:
+        return embeds, scattered
+    return embeds, [addition + layer for addition, layer in zip(additions, scattered)]
 
 
 def _fill_slots(embeds: torch.Tensor, slots: torch.Tensor, features: list[torch.Tensor],
