@@ -12,7 +12,7 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlavaOnevisionForConditionalGeneration
 
-from visor import bench, cli, presets
+from visor import bench, cli, presets, reduction
 from visor.config import Schedule
 from visor.reduction.pruned import PruningPlan
 from visor.flops import llm_prefill_flops, prompt_prefill_flops, video_vision_flops
@@ -119,7 +119,6 @@ def test_plots_are_valid_images(result):
         (dict(visual_tokens=(128, 24), end_to_end=True), "no image runs exactly 1 crops"),
         (dict(video_frames=(8, 0)), r"video frames must be positive counts, got \[8, 0\]"),
         (dict(video_frames=(2,), visual_tokens=(64,)), "one image of --visual-tokens or one video of --video-frames"),
-        (dict(video_frames=(2,), baselines=(2.0,)), "the token-reduction baselines bench images only"),
         (dict(video_frames=(10**7,)), r"at 10000000 frames \(160000001 visual tokens\).* ask for fewer frames"),
         (dict(preset="tiny-qwen2-vl", video_frames=(2,)), "Qwen2VL takes no video"),
         (dict(preset="tiny-internvl3", video_frames=(2,)), "InternVL takes no video"),
@@ -397,6 +396,38 @@ def test_the_bench_s_video_prompt_runs_the_flops_its_rows_count(dense):
         analytic = llm_prefill_flops(plan.config, visual, TEXT_TOKENS, schedule, logits_tokens=1).total
         assert counter.get_total_flops() == analytic
         assert prompt_prefill_flops(plan.config, dict(input_ids=input_ids), schedule).tolist() == [analytic]
+
+
+@pytest.fixture(scope="module")
+def video_baselines(tmp_path_factory):
+    output = tmp_path_factory.mktemp("bench-video-baselines")
+    assert run_cli("--preset", "tiny", "--video-frames", "4", "--text-tokens", str(TEXT_TOKENS), "--repeats", "1",
+                   "--decode-tokens", "1", "--configurations", "0", "--baselines", "2", "--end-to-end",
+                   "--output", str(output)) == 0
+    return json.loads((output / "bench.json").read_text())
+
+
+def test_video_baselines_are_the_video_reductions_at_the_ratio_on_their_own_vision_path(video_baselines):
+    """In a video plan the baselines are the video reductions (none of the image ones), each matched to the ratio on
+    this prompt; its LLM row counts the tokens its reducer keeps, its vision FLOPs are the reducer's (frame
+    subsampling: fewer frames through the tower), and its time to first token adds its own vision time."""
+    config = bench.BenchPlan("tiny").config
+    rows = {row["method"]: row for row in video_baselines if row["setting"] is not None}
+    assert set(rows) == set(reduction.VIDEO_METHODS)
+    full = next(row for row in video_baselines if row["method"] == "full")
+    for method, row in rows.items():
+        counted = dict(input_ids=torch.tensor([[presets.TINY_VIDEO_TOKEN_ID] * full["visual_tokens"] + [5] * TEXT_TOKENS]),
+                       pixel_values_videos=torch.empty(1, 4, 3, presets.TINY_CROP, presets.TINY_CROP, device="meta"))
+        reducer = reduction.reduction_for(config, method, 2.0, inputs=counted)
+        schedule = Schedule.of(config, config.largest_configuration) if method.startswith("visor+") else Schedule.full(config)
+        assert row["video_frames"] == 4 and row["visual_tokens"] == full["visual_tokens"]
+        assert row["llm_visual_tokens"] == reducer.kept_tokens(config, 4)
+        assert method.startswith("visor+") or row["llm_visual_tokens"] < full["visual_tokens"]
+        assert row["llm_prefill_flops"] == llm_prefill_flops(config, row["llm_visual_tokens"], TEXT_TOKENS, schedule,
+                                                             logits_tokens=1).total
+        assert row["vision_flops"] == reducer.vision_flops(config, 4)
+        assert row["time_to_first_token_s"] == pytest.approx(row["vision_s"] + row["prefill_s"])
+    assert rows["frames"]["vision_flops"] < full["vision_flops"] <= rows["evs"]["vision_flops"]
 
 
 def test_video_outputs_are_labelled_with_frames(video):

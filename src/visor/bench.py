@@ -38,7 +38,12 @@ What is measured, and how:
   one newline after the last frame), as random precomputed video features in the video token's slots; its visual
   tokens are what the adapter's video geometry gives (`Backbone.video_tokens`), its vision FLOPs
   `video_vision_flops`, and `--end-to-end` times the stock video path on N frames of random pixels
-  (`Backbone.nominal_video_pixel_inputs`). Its rows carry `video_frames`; the baselines bench images only.
+  (`Backbone.nominal_video_pixel_inputs`). Its rows carry `video_frames`. Its baselines are the video reductions
+  (`reduction.VIDEO_METHODS`: frame subsampling, EVS-style pruning, video pooling, alone and under VISOR; LLaVA-OV),
+  each matched on this prompt like the pre-LLM methods and timed the same way: the base model on the tokens it
+  keeps (`llm_visual_tokens`); their vision FLOPs and, with `--end-to-end`, vision time are the reducer's own
+  path (frame subsampling sends fewer frames through the tower; EVS and pooling all of them, their own similarity
+  and pooling work timed but, like the image methods' scoring, not in `vision_flops`).
 - `--kv-budget GIB`: how many requests' caches (the prompt's, after prefill) fit in that much memory, per row:
   what a serving engine's KV pool would hold after the weights.
 """
@@ -74,6 +79,7 @@ from visor.flops import (
 )
 from visor.presets import PRESETS
 from visor.reduction.budget import solve_strength
+from visor.reduction.prellm_video import is_video_reducer
 from visor.reduction.pruned import PruningPlan, kept_count, pruned
 
 
@@ -126,7 +132,7 @@ def run_bench(plan: BenchPlan) -> list[BenchRow]:
     dense = [("full", None, visual) for visual in plan.visual_tokens]
     dense += [("text-only", None, visual) for visual in plan.visual_tokens]
     sparse = [("visor", index, visual) for visual in plan.visual_tokens for index in plan.visor_configurations]
-    methods = reduction.methods_for(config)
+    methods = reduction.video_methods_for(config) if plan.video_frames else reduction.methods_for(config)
     baselines = [(method, ratio, visual) for visual in plan.visual_tokens for ratio in plan.baselines
                  for method in methods]
     on_visor = [spec for spec in baselines if spec[0].startswith("visor+")]
@@ -149,7 +155,8 @@ def run_bench(plan: BenchPlan) -> list[BenchRow]:
                 progress.update()
             del model
             gc.collect()
-    order = {"full": 0, "visor": 1, **{method: 2 + i for i, method in enumerate(reduction.METHODS)}, "text-only": 99}
+    order = {"full": 0, "visor": 1, **{method: 2 + i for i, method in enumerate(reduction.METHODS + reduction.VIDEO_METHODS)},
+             "text-only": 99}
     rows.sort(key=lambda row: (row.visual_tokens, order[row.method], row.configuration or 0,
                                float((row.setting or "0x")[:-1])))
     for row in rows:
@@ -162,7 +169,8 @@ def run_bench(plan: BenchPlan) -> list[BenchRow]:
         if plan.kv_budget_gib is not None:
             row.requests_in_budget = math.floor(plan.kv_budget_gib * 2**30 / (row.kv_bytes_visual + row.kv_bytes_text))
         if plan.end_to_end and row.method != "text-only":
-            row.vision_s = vision_seconds[row.visual_tokens]
+            if row.vision_s is None:  # a video reduction times its own vision path
+                row.vision_s = vision_seconds[row.visual_tokens]
             row.time_to_first_token_s = row.vision_s + row.prefill_s
             row.time_to_first_token_speedup = (vision_seconds[row.visual_tokens] + full.prefill_s) / row.time_to_first_token_s
     return rows
@@ -206,6 +214,10 @@ def _measure_baseline(model, plan: BenchPlan, method: str, ratio: float, visual:
     input_ids, text_ids, images = _prompt(model, plan, visual, seed=visual)
     counted = dict(input_ids=input_ids.cpu())
     setting = f"{ratio:g}x"
+    on_visor = method.startswith("visor+")
+    base, configuration = ("visor", config.largest_configuration) if on_visor else ("full", None)
+    if is_video_reducer(reduction.reduction_at(config, method, 1.0)):
+        return _measure_video_baseline(model, plan, method, ratio, visual, counted, base, configuration)
     if isinstance(reduction.reduction_at(config, method, 1.0), PruningPlan):  # in the LLM: its own layer loop
         pruning = reduction.reduction_for(config, method, ratio, inputs=counted)
         inputs = dict(input_ids=input_ids, **images, use_cache=True, logits_to_keep=1)
@@ -216,8 +228,6 @@ def _measure_baseline(model, plan: BenchPlan, method: str, ratio: float, visual:
                     self_attention_layers=[layer for layer in range(config.num_layers) if layer not in pruning.frozen],
                     decode_flops_per_token=layerwise_decode_flops_per_token(
                         config, [text + v + 1 for v in per_layer]).total)
-    on_visor = method.startswith("visor+")
-    base, configuration = ("visor", config.largest_configuration) if on_visor else ("full", None)
     schedule = Schedule.of(config, configuration) if on_visor else Schedule.full(config)
 
     def cost(kept: float, inputs: dict) -> torch.Tensor:
@@ -226,6 +236,24 @@ def _measure_baseline(model, plan: BenchPlan, method: str, ratio: float, visual:
     kept = kept_count(visual, solve_strength(config, cost, ratio, inputs=counted))
     return replace(_measure(model, plan, base, configuration, kept), method=method, visual_tokens=visual,
                    setting=setting, llm_visual_tokens=kept, **_vision_cost(plan, visual))
+
+
+def _measure_video_baseline(model, plan: BenchPlan, method: str, ratio: float, visual: int, counted: dict, base: str,
+                            configuration: int | None) -> BenchRow:
+    """A video reduction at `ratio` on the prompt of one video of `visual` tokens: the base model timed on the
+    tokens the reducer keeps (handed on as image tokens, as `VideoReduced` hands them), its vision side the
+    reducer's own (see the module notes)."""
+    config, frames = plan.config, plan.frames_at(visual)
+    side = config.vision_config.image_size
+    counted = dict(counted, pixel_values_videos=torch.empty(1, frames, 3, side, side, device="meta"))
+    reducer = reduction.reduction_for(config, method, ratio, inputs=counted)
+    kept = reducer.kept_tokens(config, frames)
+    row = replace(_measure(model, plan, base, configuration, kept), method=method, visual_tokens=visual,
+                  setting=f"{ratio:g}x", llm_visual_tokens=kept, vision_flops=reducer.vision_flops(config, frames),
+                  video_frames=frames)
+    if plan.end_to_end:
+        row.vision_s = _vision_seconds(model, plan, visual, reducer)
+    return row
 
 
 def _prompt(model, plan: BenchPlan, visual: int, seed: int):
@@ -323,16 +351,22 @@ def decode_weight_bytes(model) -> int:
 
 
 @torch.inference_mode()
-def _vision_seconds(model, plan: BenchPlan, visual: int) -> float:
+def _vision_seconds(model, plan: BenchPlan, visual: int, reducer=None) -> float:
     """Median seconds of the stock vision path (tower, projector, packing or pooling) on the image of `visual`
-    tokens that `nominal_vision_flops` prices, or in a video plan on the video `video_vision_flops` prices, after
-    one warm-up."""
+    tokens that `nominal_vision_flops` prices, or in a video plan on the video `video_vision_flops` prices (through
+    a video `reducer`'s own path when given), after one warm-up."""
     device, backbone, frames = torch.device(plan.device), backbone_for(model.config), plan.frames_at(visual)
     inputs, encode = ((backbone.nominal_pixel_inputs(visual), backbone.encode_images) if frames is None else
                       (backbone.nominal_video_pixel_inputs(frames), backbone.encode_videos))
     pixels = {name: value.to(device, model.dtype) if value.is_floating_point() else value.to(device)
               for name, value in inputs.items()}
-    times = [timed(device, lambda: encode(model, visual, **pixels))[0] for _ in range(plan.repeats + 1)]
+    if reducer is None:
+        def run():
+            return encode(model, visual, **pixels)
+    else:
+        def run():
+            return reducer.video_features(model, pixels["pixel_values_videos"])
+    times = [timed(device, run)[0] for _ in range(plan.repeats + 1)]
     return statistics.median(times[1:])
 
 

@@ -17,6 +17,7 @@ from visor.config import Schedule
 from visor.device import available_memory_bytes, check_device, default_device
 from visor.flops import kv_cache_bytes
 from visor.presets import preset_config
+from visor.reduction.prellm_video import check_video_backbone
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 IMAGE_VISUAL_TOKENS = (729, 2916, 7290)  # an image plan's default sweep
@@ -86,10 +87,11 @@ class BenchPlan:
             raise ValueError("a prompt holds one image of --visual-tokens or one video of --video-frames, not both")
         if any(frames <= 0 for frames in self.video_frames):
             raise ValueError(f"video frames must be positive counts, got {list(self.video_frames)}")
-        if self.baselines:
-            raise ValueError("the token-reduction baselines bench images only (--baselines without --video-frames)")
         backbone = backbone_for(self.config)  # a family without video, or without its geometry, is named here
-        return tuple(backbone.video_tokens(frames).visual_tokens for frames in self.video_frames)
+        tokens = tuple(backbone.video_tokens(frames).visual_tokens for frames in self.video_frames)
+        if self.baselines:  # the video reductions' own family check, named before any model is built
+            check_video_backbone(self.config)
+        return tokens
 
     def frames_at(self, visual: int) -> int | None:
         """The frames of the video whose prompt has `visual` visual tokens (None in an image plan)."""
