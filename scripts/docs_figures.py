@@ -376,6 +376,11 @@ SEED_CELLS = (("test", "hard"), ("test", "easy"), ("variants", "hard"), ("varian
               ("budget_test", "hard"), ("budget_variants", "hard"))
 
 
+def _signed(value: float) -> str:
+    """One decimal with its sign; a value that rounds to zero is +0.0, never -0.0."""
+    return f"{round(value, 1) + 0.0:+.1f}"
+
+
 def _router_row(rows: list[dict], group: str) -> dict:
     return next(row for row in rows if row["method"] == "router" and row["subset"] == f"group:{group}")
 
@@ -397,7 +402,7 @@ def render_seeds(root: Path, *paths: str) -> str:
         cells = []
         for split, group in SEED_CELLS:
             router = _router_row(policy[split], group)
-            cells.append(f"{router['curve_gap']:+.1f} ± {router['curve_gap_noise']:.1f}")
+            cells.append(f"{_signed(router['curve_gap'])} ± {router['curve_gap_noise']:.1f}")
             gaps[group].append((router["curve_gap"], router["curve_gap_noise"], router["samples"]))
         for split in ("test", "variants"):
             for group in extra:
@@ -418,8 +423,8 @@ def render_seeds(root: Path, *paths: str) -> str:
         f"- Hard tasks: the router at or above the fixed curve in {sum(gap >= -ROUNDING for gap, _, _ in hard)} of "
         f"{len(hard)} cases (seed × split × τ), beyond the noise in {beyond(hard)}.",
         f"- Easy tasks: the fixed configurations within {max(spreads):.1f} points of each other (the largest spread "
-        f"of any seed and split); the router's gap from {min(gap for gap, _, _ in easy):+.1f} to "
-        f"{max(gap for gap, _, _ in easy):+.1f} of {easy[0][2]} answers, beyond the noise in {beyond(easy)} of "
+        f"of any seed and split); the router's gap from {_signed(min(gap for gap, _, _ in easy))} to "
+        f"{_signed(max(gap for gap, _, _ in easy))} of {easy[0][2]} answers, beyond the noise in {beyond(easy)} of "
         f"{len(easy)}.",
         f"- FLOPs the router spends beyond the cheapest configuration (test and variants, every seed): easy "
         f"{min(extra['easy']) / 1e9:.4f}-{max(extra['easy']) / 1e9:.4f} GFLOPs, hard {min(extra['hard']) / 1e9:.3f}-"
