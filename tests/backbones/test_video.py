@@ -4,7 +4,8 @@ image's.
 The dense oracle on video-only and mixed image + video batches (left and right padding, eager and SDPA; LLaVA-OV
 with Qwen2 and Llama text), the sparse configurations on video prompts, cached decoding, generation, and the
 families that still refuse video. The Qwen-VL prompts are written by hand as each family's processor lays them out
-(Qwen3-VL: a timestamp before each temporal patch, DeepStack at the video tokens).
+(Qwen3-VL: a timestamp before each temporal patch, DeepStack at the video tokens). Qwen2.5-VL's nominal video: its
+tokens and FLOPs against the stock forward.
 """
 
 from __future__ import annotations
@@ -422,8 +423,11 @@ def test_qwen2_5_nominal_video_is_counted_as_the_stock_forward_runs_it(frames):
 def test_the_qwen2_5_vl_3b_preset_has_a_nominal_video_of_27x27_tokens_per_temporal_patch():
     """The released shapes (`visor bench --preset qwen2.5-vl-3b --video-frames`): 756-pixel frames (the stock
     bound of 768 · 28² pixels, in whole 28-pixel merged patches), two frames per temporal patch."""
+    from visor.bench import BenchPlan
+
     config = presets.PRESETS["qwen2.5-vl-3b"]()
     backbone = backbone_for(config)
+    assert BenchPlan("qwen2.5-vl-3b", video_frames=(8, 32)).visual_tokens == (4 * 27 * 27, 16 * 27 * 27)
     assert backbone.largest_frame_size() == (756, 756)
     assert video_tokens(config, 32) == (16, 16 * 27 * 27)
     assert backbone.nominal_video_inputs(32)["video_grid_thw"].tolist() == [[16, 54, 54]]
