@@ -13,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlavaOnevisionForConditionalGeneration
 
 from visor import bench, cli, presets, reduction
+from visor.backbones import backbone_for
 from visor.config import Schedule
 from visor.reduction.pruned import PruningPlan
 from visor.flops import llm_prefill_flops, prompt_prefill_flops, video_vision_flops
@@ -122,8 +123,9 @@ def test_plots_are_valid_images(result):
         (dict(video_frames=(10**7,)), r"at 10000000 frames \(160000001 visual tokens\).* ask for fewer frames"),
         (dict(preset="tiny-qwen2-vl", video_frames=(2,)), "Qwen2VL takes no video"),
         (dict(preset="tiny-internvl3", video_frames=(2,)), "InternVL takes no video"),
-        (dict(preset="tiny-qwen2.5-vl", video_frames=(2,)), "Qwen2_5_VL reads video but its adapter has no video geometry"),
         (dict(preset="tiny-qwen3-vl", video_frames=(2,)), "Qwen3VL reads video but its adapter has no video geometry"),
+        # Qwen2.5-VL puts two frames in each temporal patch: 3 and 4 frames are the same video's tokens.
+        (dict(preset="tiny-qwen2.5-vl", video_frames=(2, 3, 4)), r"videos of \[3, 4\] frames have the same 4608 "),
     ],
 )
 def test_bad_input_is_refused_before_any_model_is_built(options, message):
@@ -378,16 +380,40 @@ def test_video_rows_count_flops_and_cache_as_the_counter_does(video):
             assert row["vision_s"] > 0 and row["time_to_first_token_s"] == pytest.approx(row["vision_s"] + row["prefill_s"])
 
 
+def test_a_qwen2_5_vl_video_bench_holds_the_stock_video_path_s_tokens(tmp_path):
+    """Qwen2.5-VL's nominal videos (2 frames: one temporal patch; 4: two): each row's tokens are what the stock
+    video path makes of the video `--end-to-end` times, its vision FLOPs the counter's."""
+    assert run_cli("--preset", "tiny-qwen2.5-vl", "--video-frames", "2,4", "--text-tokens", str(TEXT_TOKENS),
+                   "--repeats", "1", "--decode-tokens", "1", "--configurations", "0", "--end-to-end",
+                   "--output", str(tmp_path)) == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())
+    config = bench.BenchPlan("tiny-qwen2.5-vl").config
+    backbone = backbone_for(config)
+    stock = backbone.stock_model_class(presets.tiny_qwen2_5_vl(2)).eval()
+    for frames in (2, 4):
+        with torch.no_grad():
+            (features,) = backbone.encode_videos(stock, 0, **backbone.nominal_video_pixel_inputs(frames))
+        sweep = [row for row in rows if row["video_frames"] == frames]
+        assert {(row["method"], row["configuration"]) for row in sweep} == {("full", None), ("text-only", None),
+                                                                            ("visor", 0)}
+        assert {row["visual_tokens"] for row in sweep} == {len(features)}
+        assert {row["vision_flops"] for row in sweep} == {video_vision_flops(config, frames).total}
+        assert all(row["vision_s"] > 0 for row in sweep if row["method"] != "text-only")
+
+
 @pytest.mark.parametrize("dense", [True, False], ids=["full", "visor"])
-def test_the_bench_s_video_prompt_runs_the_flops_its_rows_count(dense):
+@pytest.mark.parametrize(("preset", "frames"), [("tiny", 3), ("tiny-qwen2.5-vl", 2)])
+def test_the_bench_s_video_prompt_runs_the_flops_its_rows_count(dense, preset, frames):
     """FlopCounterMode (eager attention) on the model the bench times, with the bench's own video prompt: exactly
-    the counter's LLM prefill FLOPs for its video tokens, which `prompt_prefill_flops` reads off the prompt too."""
-    plan = bench.BenchPlan("tiny", video_frames=(3,), text_tokens=TEXT_TOKENS, dtype="float32")
+    the counter's LLM prefill FLOPs for its video tokens, which `prompt_prefill_flops` reads off the prompt too
+    (Qwen2.5-VL's video features come with the grid and seconds its temporal positions need)."""
+    plan = bench.BenchPlan(preset, video_frames=(frames,), text_tokens=TEXT_TOKENS, dtype="float32")
     model = bench.build_model(plan.dense_config if dense else plan.config, plan)
     model.set_attn_implementation("eager")
     (visual,) = plan.visual_tokens
     input_ids, _, videos = bench._prompt(model, plan, visual, seed=visual)
-    assert int((input_ids == presets.TINY_VIDEO_TOKEN_ID).sum()) == visual and set(videos) == {"video_features"}
+    expected = {"video_features", *backbone_for(plan.config).nominal_video_inputs(frames)}
+    assert int((input_ids == plan.config.video_token_id).sum()) == visual and set(videos) == expected
     for index in [None] if dense else range(len(plan.config.configurations)):
         schedule = Schedule.full(plan.config) if dense else Schedule.of(plan.config, index)
         counter = FlopCounterMode(display=False)

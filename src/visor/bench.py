@@ -35,7 +35,8 @@ What is measured, and how:
   method), so that time to first token = vision + LLM prefill; the text-only floor has no image and no such time.
 - Video (`--video-frames 8,32`): instead of the image, each prompt holds one video of N frames at the family's
   default frame resolution (LLaVA-OV: every frame one crop of the vision tower's size, its patch grid pooled 2x2,
-  one newline after the last frame), as random precomputed video features in the video token's slots; its visual
+  one newline after the last frame; Qwen2.5-VL: the stock video processor's largest square frame, two frames to a
+  temporal patch), as random precomputed video features in the video token's slots; its visual
   tokens are what the adapter's video geometry gives (`Backbone.video_tokens`), its vision FLOPs
   `video_vision_flops`, and `--end-to-end` times the stock video path on N frames of random pixels
   (`Backbone.nominal_video_pixel_inputs`). Its rows carry `video_frames`. Its baselines are the video reductions

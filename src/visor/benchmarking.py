@@ -91,6 +91,11 @@ class BenchPlan:
         tokens = tuple(backbone.video_tokens(frames).visual_tokens for frames in self.video_frames)
         if self.baselines:  # the video reductions' own family check, named before any model is built
             check_video_backbone(self.config)
+        for count in sorted(set(tokens)):  # a row is known by its tokens: one video per count
+            same = [frames for frames, other in zip(self.video_frames, tokens) if other == count]
+            if len(same) > 1:
+                raise ValueError(f"videos of {same} frames have the same {count} visual tokens (the family packs "
+                                 "frames into temporal patches): ask for one of them")
         return tokens
 
     def frames_at(self, visual: int) -> int | None:

@@ -4,7 +4,8 @@ image's.
 The dense oracle on video-only and mixed image + video batches (left and right padding, eager and SDPA; LLaVA-OV
 with Qwen2 and Llama text), the sparse configurations on video prompts, cached decoding, generation, and the
 families that still refuse video. The Qwen-VL prompts are written by hand as each family's processor lays them out
-(Qwen3-VL: a timestamp before each temporal patch, DeepStack at the video tokens).
+(Qwen3-VL: a timestamp before each temporal patch, DeepStack at the video tokens). Qwen2.5-VL's nominal video: its
+tokens and FLOPs against the stock forward.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import family_checks as checks
 from visor import presets
 from visor.backbones import backbone_for
 from visor.backbones.qwen3_vl import Qwen3VL
+from visor.config import Schedule
+from visor.flops import llm_prefill_flops, prompt_token_counts, video_tokens, video_vision_flops
 
 IMAGE, VIDEO, PAD, BOS = presets.TINY_IMAGE_TOKEN_ID, presets.TINY_VIDEO_TOKEN_ID, presets.TINY_PAD_TOKEN_ID, 1
 FRAMES = 3
@@ -394,6 +397,47 @@ def test_qwen3_video_patches_sit_as_one_frame_images_after_their_timestamps():
     for run in runs.unbind(dim=1):
         assert torch.equal(run, run[0, 0] + layout)
     assert int(runs[0, 1, 0] - runs[0, 0, 0]) == side + 1 + len(timestamp_ids(1.5 * 0.5)) + 1
+
+
+@pytest.mark.parametrize("frames", [2, 3])
+def test_qwen2_5_nominal_video_is_counted_as_the_stock_forward_runs_it(frames):
+    """A video of nominal frames (the stock video processor's largest square frame; 3 frames fill 2 temporal
+    patches): its tokens are what the stock video path returns and the stock forward accepts, and the prompt's
+    FLOPs (the windowed tower once per temporal patch, then the LLM) are what FlopCounterMode counts, exactly."""
+    stock = build_qwen(num_layers=2)
+    backbone = backbone_for(stock.config)
+    temporal, visual = video_tokens(stock.config, frames)
+    video = backbone.nominal_video_pixel_inputs(frames)
+    assert temporal == -(-frames // stock.config.vision_config.temporal_patch_size)
+    assert video["video_grid_thw"].tolist() == [list(backbone.video_grid(frames))]
+    with torch.no_grad():
+        features = backbone.encode_videos(stock, visual, **video)
+    assert [len(clip) for clip in features] == [visual]
+    text = [BOS, 7, 8, QWEN_START, QWEN_END, 9, 10]
+    prompt = dict(input_ids=torch.tensor([text[:4] + [VIDEO] * visual + text[4:]]), **video)
+    assert prompt_token_counts(stock.config, prompt) == (torch.tensor([visual]), torch.tensor([len(text)]))
+    full = llm_prefill_flops(stock.config, visual, len(text), Schedule.full(stock.config), visual + len(text))
+    assert checks.counted(lambda: stock(**prompt)) == video_vision_flops(stock.config, frames).total + full.total
+
+
+def test_the_qwen2_5_vl_3b_preset_has_a_nominal_video_of_27x27_tokens_per_temporal_patch():
+    """The released shapes (`visor bench --preset qwen2.5-vl-3b --video-frames`): 756-pixel frames (the stock
+    bound of 768 · 28² pixels, in whole 28-pixel merged patches), two frames per temporal patch."""
+    from visor.bench import BenchPlan
+
+    config = presets.PRESETS["qwen2.5-vl-3b"]()
+    backbone = backbone_for(config)
+    assert BenchPlan("qwen2.5-vl-3b", video_frames=(8, 32)).visual_tokens == (4 * 27 * 27, 16 * 27 * 27)
+    assert backbone.largest_frame_size() == (756, 756)
+    assert video_tokens(config, 32) == (16, 16 * 27 * 27)
+    assert backbone.nominal_video_inputs(32)["video_grid_thw"].tolist() == [[16, 54, 54]]
+    per_frame_grid = backbone.grid_flops(54, 54)
+    assert video_vision_flops(config, 31).parts == {part: 16 * flops for part, flops in per_frame_grid.items()}
+
+
+def test_qwen2_5_video_geometry_refuses_an_empty_video():
+    with pytest.raises(ValueError, match="at least one frame"):
+        video_tokens(presets.tiny_qwen2_5_vl(2), 0)
 
 
 @pytest.mark.parametrize("rows", [QWEN_VIDEO_ONLY, QWEN_MIXED], ids=["video-only", "image-and-video"])

@@ -179,12 +179,16 @@ class QwenVL(Backbone):
         return {"image_grid_thw": torch.tensor([[1, *self._nominal_patches(visual_tokens)]])}
 
     def nominal_pixel_inputs(self, visual_tokens):
-        """Random patches of the `nominal_grid` image (one temporal patch of the processor's flattened layout)."""
-        vision = self.config.vision_config
+        """Random patches of the `nominal_grid` image (one temporal patch)."""
         grid = self.nominal_image_inputs(visual_tokens)["image_grid_thw"]
+        return {"pixel_values": self.random_patches(grid), "image_grid_thw": grid}
+
+    def random_patches(self, grid_thw: torch.Tensor) -> torch.Tensor:
+        """Random pixels of one (t, h, w) grid in the processor's flattened layout: (t·h·w, channels × temporal
+        patch × patch²)."""
+        vision = self.config.vision_config
         features = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
-        pixels = torch.randn(int(grid.prod()), features, generator=torch.Generator().manual_seed(0))
-        return {"pixel_values": pixels, "image_grid_thw": grid}
+        return torch.randn(int(grid_thw.prod()), features, generator=torch.Generator().manual_seed(0))
 
     @staticmethod
     def nominal_grid(visual_tokens: int) -> tuple[int, int]:
