@@ -124,6 +124,8 @@ def test_plots_are_valid_images(result):
         (dict(preset="tiny-qwen2-vl", video_frames=(2,)), "Qwen2VL takes no video"),
         (dict(preset="tiny-internvl3", video_frames=(2,)), "InternVL takes no video"),
         (dict(preset="tiny-qwen3-vl", video_frames=(2,)), "Qwen3VL reads video but its adapter has no video geometry"),
+        (dict(preset="tiny-qwen2.5-vl", video_frames=(2,), baselines=(2.0,)),
+         "video reductions .* are not ported to Qwen2_5_VL models"),
         # Qwen2.5-VL puts two frames in each temporal patch: 3 and 4 frames are the same video's tokens.
         (dict(preset="tiny-qwen2.5-vl", video_frames=(2, 3, 4)), r"videos of \[3, 4\] frames have the same 4608 "),
     ],
