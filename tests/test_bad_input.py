@@ -573,8 +573,9 @@ CASES = [
          "--video-frames, not both", argv=lambda w: _bench(w, "--video-frames", "8", "--visual-tokens", "64")),
     Case(MALFORMED, "bench --video-frames 100000000", "at 100000000 frames (1600000001 visual tokens) the bench needs "
          "at least", argv=lambda w: _bench(w, "--video-frames", "100000000")),
-    Case(MALFORMED, "bench --video-frames --baselines 2", "the token-reduction baselines bench images only",
-         argv=lambda w: _bench(w, "--video-frames", "8", "--baselines", "2")),
+    Case(MALFORMED, "bench Qwen2.5-VL --video-frames --baselines 2", "are not ported to Qwen2_5_VL models",
+         argv=lambda w: ["bench", "--preset", "tiny-qwen2.5-vl", "--video-frames", "2", "--baselines", "2",
+                         "--output", str(w.out)]),
     Case(MALFORMED, "bench --preset tiny-qwen2-vl --video-frames 8", "Qwen2VL takes no video",
          argv=lambda w: ["bench", "--preset", "tiny-qwen2-vl", "--video-frames", "8", "--output", str(w.out)]),
     Case(MALFORMED, "bench --engine vllm --video-frames 8", "--video-frames run with the default engine",
