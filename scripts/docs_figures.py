@@ -21,8 +21,8 @@ this script runs, and tests/test_docs_figures.py fails until it has. Renderers (
   the full model, peak memory;
 - `first-token FILE VISUAL`: `visor bench --end-to-end` rows: the vision tower's time, the LLM prefill's, time to
   first token and its speed-up, the vision tower's share of it;
-- `baselines FILE BATCH`: `visor bench --baselines ...` rows: each method's prefill speed-up against its FLOPs
-  ratio, decode at BATCH requests, visual KV cache;
+- `baselines FILE [BATCH]`: `visor bench --baselines ...` rows: each method's prefill speed-up against its FLOPs
+  ratio, the visual tokens it hands the language model, decode at BATCH requests, visual KV cache;
 - `train FILE VISUAL`: `visor bench --train` rows at VISUAL visual tokens: peak memory and step time per recipe,
   with and without activation checkpointing;
 - `convert FILE`: scripts/convert_memory.py's peak memory of each conversion;
@@ -83,6 +83,15 @@ def _number(value: float) -> str:
 def _configuration_label(row: dict) -> str:
     layers = len(row["self_attention_layers"])
     return "CA only" if layers == 0 else f"{layers} SA layer{'s' if layers > 1 else ''}"
+
+
+def _method_label(row: dict) -> str:
+    """The full model, a VISOR configuration, or a baseline at its setting (`fastv 4x`)."""
+    if row["method"] == "full":
+        return "full model"
+    if row["method"] == "visor":
+        return f"VISOR {_configuration_label(row)}"
+    return f"{row['method']} {row['setting']}" if row.get("setting") else row["method"]
 
 
 def _sweep_rows(root: Path, path: str, sweep: str) -> list[dict]:
@@ -162,13 +171,13 @@ def render_decode(root: Path, path: str, visual: str) -> str:
 
 
 def render_first_token(root: Path, path: str, visual: str) -> str:
-    """`visor bench --end-to-end` rows at VISUAL: the vision tower's seconds (the same in every row), the LLM
+    """`visor bench --end-to-end` rows at VISUAL: the vision tower's seconds (the same in every row but a video
+    reduction's, timed on its own path), the LLM
     prefill's, time to first token with its speed-up over the full model, and the vision tower's share of it."""
     lines = ["| configuration | vision tower | LLM prefill | time to first token (speed-up) | vision tower's share |",
              "|---|---|---|---|---|"]
     for row in _bench_rows(root, path, visual):
-        label = "full model" if row["method"] == "full" else _configuration_label(row)
-        lines.append(f"| {label} | {_number(row['vision_s'])} s | {_number(row['prefill_s'])} s | "
+        lines.append(f"| {_method_label(row)} | {_number(row['vision_s'])} s | {_number(row['prefill_s'])} s | "
                      f"{_number(row['time_to_first_token_s'])} s ({row['time_to_first_token_speedup']:.2f}x) | "
                      f"{row['vision_s'] / row['time_to_first_token_s']:.0%} |")
     return "\n".join(lines) + "\n"
@@ -211,21 +220,23 @@ def render_decode_bound(root: Path, path: str, preset: str, dtype: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_baselines(root: Path, path: str, batch: str) -> str:
-    """`visor bench --baselines RATIO --batch-sizes ...` rows: each method's FLOPs ratio, measured prefill speed-up
-    (and how much of its FLOPs ratio that is), decode tokens/s at BATCH requests against the full model, visual KV
-    cache (the text-only floor left out)."""
+def render_baselines(root: Path, path: str, batch: str | None = None) -> str:
+    """`visor bench --baselines RATIOS` rows: each method's FLOPs ratio, measured prefill speed-up (and how much of
+    its FLOPs ratio that is), the visual tokens it hands the language model, with BATCH decode tokens/s at BATCH
+    requests against the full model, visual KV cache (the text-only floor left out)."""
     rows = [row for row in _load(root, path) if row["method"] != "text-only"]
-    lines = [f"| method | FLOPs ratio | measured prefill speed-up | of its FLOPs ratio | decode tokens/s at B = {batch} "
-             "(speed-up) | visual KV cache |", "|---|---|---|---|---|---|"]
+    decode_column = "" if batch is None else f" decode tokens/s at B = {batch} (speed-up) |"
+    lines = [f"| method | FLOPs ratio | measured prefill speed-up | of its FLOPs ratio | visual tokens entering the LLM |"
+             f"{decode_column} visual KV cache |", "|---|---|---|---|---|---|" + ("---|" if batch else "")]
     for row in rows:
-        label = "full model" if row["method"] == "full" else (
-            f"VISOR {_configuration_label(row)}" if row["method"] == "visor" else row["method"])
-        decode = next(item for item in row["batched"] if item["batch_size"] == int(batch))
-        speedup = (f"1 ({_number(row['prefill_s'])} s)" if row["method"] == "full"
+        speedup = (f"1 ({_number(row['prefill_s'])} s) |" if row["method"] == "full"
                    else f"{_number(row['speedup'])}x | {row['speedup'] / row['flops_ratio']:.0%}")
-        lines.append(f"| {label} | {_number(row['flops_ratio'])}x | {speedup}{' |' if row['method'] == 'full' else ''} | "
-                     f"{_number(decode['decode_tokens_per_s'])} ({decode['decode_speedup']:.2f}x) | "
+        decode = ""
+        if batch is not None:
+            batched = next(item for item in row["batched"] if item["batch_size"] == int(batch))
+            decode = f" {_number(batched['decode_tokens_per_s'])} ({batched['decode_speedup']:.2f}x) |"
+        lines.append(f"| {_method_label(row)} | {_number(row['flops_ratio'])}x | {speedup} | "
+                     f"{row['llm_visual_tokens'] or row['visual_tokens']:,} |{decode} "
                      f"{_number(row['kv_bytes_visual'] / 2**20)} MiB |")
     return "\n".join(lines) + "\n"
 
