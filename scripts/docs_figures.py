@@ -534,9 +534,11 @@ def untraced_figures(text: str) -> list[str]:
 
 def result_files(text: str) -> set[str]:
     """The result files a document's generated blocks and values read."""
-    return {argument for match in BLOCK.finditer(text) for argument in match["spec"].split()[1:]
-            if argument == match["spec"].split()[1] or argument.endswith(".json")} | {
-        match["spec"].split()[0] for match in VALUE.finditer(text)}
+    files = {match["spec"].split()[0] for match in VALUE.finditer(text)}
+    for match in BLOCK.finditer(text):
+        first, *arguments = match["spec"].split()[1:]  # FILE, then the renderer's arguments (more files for `seeds`)
+        files |= {first, *(argument for argument in arguments if argument.endswith(".json"))}
+    return files
 
 
 def documents(root: Path) -> list[Path]:

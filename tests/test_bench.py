@@ -15,6 +15,7 @@ from transformers import LlavaOnevisionForConditionalGeneration
 from visor import bench, cli, presets, reduction
 from visor.backbones import backbone_for
 from visor.config import Schedule
+from visor.reduction.budget import counted_video_pixels
 from visor.reduction.pruned import PruningPlan
 from visor.flops import llm_prefill_flops, prompt_prefill_flops, video_vision_flops
 
@@ -445,7 +446,7 @@ def test_video_baselines_are_the_video_reductions_at_the_ratio_on_their_own_visi
     full = next(row for row in video_baselines if row["method"] == "full")
     for method, row in rows.items():
         counted = dict(input_ids=torch.tensor([[presets.TINY_VIDEO_TOKEN_ID] * full["visual_tokens"] + [5] * TEXT_TOKENS]),
-                       pixel_values_videos=torch.empty(1, 4, 3, presets.TINY_CROP, presets.TINY_CROP, device="meta"))
+                       pixel_values_videos=counted_video_pixels(config, 4))
         reducer = reduction.reduction_for(config, method, 2.0, inputs=counted)
         schedule = Schedule.of(config, config.largest_configuration) if method.startswith("visor+") else Schedule.full(config)
         assert row["video_frames"] == 4 and row["visual_tokens"] == full["visual_tokens"]

@@ -79,7 +79,7 @@ from visor.flops import (
     video_vision_flops,
 )
 from visor.presets import PRESETS
-from visor.reduction.budget import solve_strength
+from visor.reduction.budget import counted_video_pixels, solve_strength
 from visor.reduction.prellm_video import is_video_reducer
 from visor.reduction.pruned import PruningPlan, kept_count, pruned
 
@@ -217,9 +217,10 @@ def _measure_baseline(model, plan: BenchPlan, method: str, ratio: float, visual:
     setting = f"{ratio:g}x"
     on_visor = method.startswith("visor+")
     base, configuration = ("visor", config.largest_configuration) if on_visor else ("full", None)
-    if is_video_reducer(reduction.reduction_at(config, method, 1.0)):
+    unmatched = reduction.reduction_at(config, method, 1.0)
+    if is_video_reducer(unmatched):
         return _measure_video_baseline(model, plan, method, ratio, visual, counted, base, configuration)
-    if isinstance(reduction.reduction_at(config, method, 1.0), PruningPlan):  # in the LLM: its own layer loop
+    if isinstance(unmatched, PruningPlan):  # in the LLM: its own layer loop
         pruning = reduction.reduction_for(config, method, ratio, inputs=counted)
         inputs = dict(input_ids=input_ids, **images, use_cache=True, logits_to_keep=1)
         timings = _timings(pruned(model, pruning), plan, inputs, text_ids)
@@ -245,8 +246,7 @@ def _measure_video_baseline(model, plan: BenchPlan, method: str, ratio: float, v
     tokens the reducer keeps (handed on as image tokens, as `VideoReduced` hands them), its vision side the
     reducer's own (see the module notes)."""
     config, frames = plan.config, plan.frames_at(visual)
-    side = config.vision_config.image_size
-    counted = dict(counted, pixel_values_videos=torch.empty(1, frames, 3, side, side, device="meta"))
+    counted = dict(counted, pixel_values_videos=counted_video_pixels(config, frames))
     reducer = reduction.reduction_for(config, method, ratio, inputs=counted)
     kept = reducer.kept_tokens(config, frames)
     row = replace(_measure(model, plan, base, configuration, kept), method=method, visual_tokens=visual,

@@ -73,14 +73,21 @@ def reference_video_inputs(config) -> dict:
     """One prompt: BOS-like text, a video of the family's default frame count, then the rest of the text (the
     video's pixels on the meta device: the count reads their shape only)."""
     backbone = backbone_for(config)
-    frames, side = backbone.default_video_frames, config.vision_config.image_size
+    frames = backbone.default_video_frames
     visual = backbone.video_tokens(frames).visual_tokens
     text_id = config.text_config.pad_token_id or 0
     before = REFERENCE_TEXT // 4
     ids = [text_id] * before + [config.video_token_id] * visual + [text_id] * (REFERENCE_TEXT - before)
     input_ids = torch.tensor([ids])
     return dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                pixel_values_videos=torch.empty(1, frames, 3, side, side, device="meta"))
+                pixel_values_videos=counted_video_pixels(config, frames))
+
+
+def counted_video_pixels(config, frames: int) -> torch.Tensor:
+    """One video's pixels as the FLOP count reads them: (1, frames, 3, side, side) on the meta device (only the shape
+    matters)."""
+    side = config.vision_config.image_size
+    return torch.empty(1, frames, 3, side, side, device="meta")
 
 
 def reference_inputs(config) -> dict:
