@@ -3,10 +3,12 @@
 transformers' video processors need torchvision (and a decoder such as PyAV for video files); here a video is
 what Pillow reads: a list of frames (PIL images, image files or uint8 arrays), a folder of frame images (in name
 order), or an animated GIF or WebP. `sample_frames` keeps a uniform subset with transformers' own
-`default_sample_indices_fn`, as the stock processors sample. `VideoSettings` prepares each frame as the family's
-stock video processor does (resize to its size, rescale, normalise), with transformers' PIL image functions: the
-checkpoint's `video_preprocessor_config.json` when the folder has one, else the family's image settings at the
-vision tower's crop size (the frames go through the same vision tower as the images).
+`default_sample_indices_fn`, as the stock processors sample. `VideoSettings` prepares each frame as LLaVA-OV's
+stock video processor does (resize to its size, rescale, normalise), with transformers' PIL image functions;
+`GridVideoSettings` holds what Qwen2.5-VL's stock video processor prepares frames with (pixel bounds,
+normalisation), for the family's stock PIL image processor to apply. Both come from the checkpoint's
+`video_preprocessor_config.json` when the folder has one, else from the family's image settings (the frames go
+through the same vision tower as the images; LLaVA-OV's at the vision tower's crop size).
 """
 
 from __future__ import annotations

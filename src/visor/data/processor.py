@@ -238,7 +238,8 @@ class Videos:
         settings = self.settings
         content = {"video_processor_type": self.backbone.video_processor_name,
                    "do_sample_frames": settings.num_frames is not None, "num_frames": settings.num_frames,
-                   **self.frame_fields(), "image_mean": list(settings.image_mean), "image_std": list(settings.image_std),
+                   **self.frame_fields(), "image_mean": list(settings.image_mean),
+                   "image_std": list(settings.image_std),
                    "rescale_factor": settings.rescale_factor, "resample": settings.resample,
                    "do_resize": settings.do_resize, "do_rescale": settings.do_rescale,
                    "do_normalize": settings.do_normalize}
