@@ -1,8 +1,8 @@
 """Qwen2.5-VL: Qwen2-VL's adapter (`visor.backbones.qwen2_vl.QwenVL`: positions, image tokens, the vision tower)
 on the Qwen2.5-VL classes (windowed attention and a SwiGLU MLP in the vision tower; the same M-RoPE, merger and
 token layout), with video (the stock video features and temporal positions; a nominal video's tokens and FLOPs,
-at the stock video processor's largest frame), and the family's
-`VisorQwen2_5_VLConfig` (model type `visor_qwen2_5_vl`) and `VisorQwen2_5_VLForConditionalGeneration`.
+at the stock video processor's largest frame; the processor side is `visor.data.processor.GridVideos`), and the
+family's `VisorQwen2_5_VLConfig` (model type `visor_qwen2_5_vl`) and `VisorQwen2_5_VLForConditionalGeneration`.
 """
 
 from __future__ import annotations
