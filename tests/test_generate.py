@@ -136,3 +136,30 @@ def test_video_options_are_clear_errors(saved, clip, tmp_path, capsys, argv, mes
     argv = [{"IMAGE": str(path), "CLIP": str(clip)}.get(item, item) for item in argv]
     assert cli.main(["generate", "--model", str(folders["visor"]), "--question", "what ?", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_qwen2_5_vl_video_is_answered_with_its_grid_s_tokens(saver, clip, capsys):
+    """A tiny stock Qwen2.5-VL and its VISOR conversion (open gates) answer a video: every frame unless --frames
+    says, the video's tokens its grid's merged patches (frames of whole merged patches keep their size)."""
+    from visor.backbones import backbone_for, family
+
+    config = presets.tiny_qwen2_5_vl(4)
+    torch.manual_seed(0)
+    stock = backbone_for(config).stock_model_class(config).eval()
+    visor = family(config).VISOR_MODEL.from_stock(stock).eval()
+    with torch.no_grad():
+        for block in visor.cross_attention.values():
+            block.attention_gate.fill_(0.8)
+    folders = saver(dict(qwen_stock=stock, qwen_visor=visor), build_tokenizer())
+    for frames in (None, 3):
+        tokens = -(-(frames or 6) // 2) * (64 // 16) ** 2  # whole temporal patches of 4 x 4 merged patches
+        full = answer(folders["qwen_stock"], None, "what color ?", max_new_tokens=2, video=clip, frames=frames)
+        assert full["configuration"] == "full" and full["visual_tokens"] == tokens
+        sparse = answer(folders["qwen_visor"], None, "what color ?", configuration=0, max_new_tokens=2, video=clip,
+                        frames=frames)
+        assert sparse["visual_tokens"] == tokens
+        assert sparse["llm_prefill_flops"] == llm_prefill_flops(visor.config, tokens, sparse["text_tokens"],
+                                                                Schedule.of(visor.config, 0)).total
+    assert cli.main(["generate", "--model", str(folders["qwen_visor"]), "--video", str(clip), "--question",
+                     "what color ?", "--configuration", "0", "--max-new-tokens", "2"]) == 0
+    assert "answer:" in capsys.readouterr().out

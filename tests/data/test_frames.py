@@ -12,7 +12,9 @@ from PIL import Image
 
 from visor import presets
 from visor.backbones import backbone_for
-from visor.data.frames import VideoSettings, load_frames, load_video_settings, sample_frames
+from visor.data.frames import (
+    GridVideoSettings, VideoSettings, load_frames, load_grid_video_settings, load_video_settings, sample_frames,
+)
 
 COLOURS = [(250, 10, 10), (10, 250, 10), (10, 10, 250), (250, 250, 10), (10, 250, 250)]
 
@@ -130,3 +132,44 @@ def test_a_video_config_is_read_and_checked(tmp_path, backbone, caplog):
     path.write_text("{not json")
     with pytest.raises(ValueError, match="is not valid JSON"):
         load_video_settings(tmp_path, backbone, image_processor)
+
+
+def test_a_qwen_video_config_is_read_over_the_stock_defaults_and_checked(tmp_path, caplog):
+    """Without a video config, the image processor's settings (as the stock processor then reads the image config),
+    every frame; with one, its fields over the stock video processor's defaults, frames kept unless it samples."""
+    backbone = backbone_for(presets.tiny_qwen2_5_vl(2))
+    image_processor = backbone.image_processor_class(min_pixels=1024, max_pixels=4096, image_mean=[0.5] * 3,
+                                                     image_std=[0.25] * 3)
+    with caplog.at_level(logging.WARNING):
+        defaults = load_grid_video_settings(tmp_path, backbone, image_processor)
+    assert "has no video_preprocessor_config.json" in caplog.text and "every frame kept" in caplog.text
+    assert defaults == GridVideoSettings(min_pixels=1024, max_pixels=4096, image_mean=(0.5,) * 3,
+                                         image_std=(0.25,) * 3)
+    path = tmp_path / "video_preprocessor_config.json"
+    path.write_text(json.dumps({"video_processor_type": "Qwen2VLVideoProcessor", "patch_size": 8}))
+    assert load_grid_video_settings(tmp_path, backbone, image_processor) == GridVideoSettings(
+        min_pixels=backbone.min_frame_pixels, max_pixels=backbone.max_frame_pixels,
+        image_mean=tuple(backbone.image_mean), image_std=tuple(backbone.image_std))
+    config = {"size": {"shortest_edge": 512, "longest_edge": 8192}, "do_sample_frames": True, "num_frames": 6,
+              "image_mean": [0.4, 0.45, 0.5], "resample": 2}
+    path.write_text(json.dumps(config))
+    settings = load_grid_video_settings(tmp_path, backbone, image_processor)
+    assert (settings.min_pixels, settings.max_pixels, settings.num_frames, settings.image_mean, settings.resample) == (
+        512, 8192, 6, (0.4, 0.45, 0.5), 2)
+    path.write_text(json.dumps({**config, "do_sample_frames": False, "min_pixels": 256, "max_pixels": 2048}))
+    settings = load_grid_video_settings(tmp_path, backbone, image_processor)
+    assert (settings.min_pixels, settings.max_pixels, settings.num_frames) == (256, 2048, None)
+    broken = [
+        ({"video_processor_type": "LlavaOnevisionVideoProcessor"}, "processed by Qwen2VLVideoProcessor"),
+        ({"patch_size": 14}, "patch_size is 14, but the model config expects 8"),
+        ({"temporal_patch_size": 1}, "temporal_patch_size is 1, but the model config expects 2"),
+        ({"size": {"height": 64, "width": 64}}, "size must be {'shortest_edge'"),
+        ({"image_std": [0.5]}, "image_std must be 3 numbers"),
+        ({"num_frames": 0}, "num_frames must be a positive integer"),
+        ({"fps": 2, "num_frames": None}, "sampling by fps needs frame times"),
+        ({"cap_pixels_per_frame": True}, "cap_pixels_per_frame .* is not supported"),
+    ]
+    for fields, message in broken:
+        path.write_text(json.dumps({**config, **fields}))
+        with pytest.raises(ValueError, match=message):
+            load_grid_video_settings(tmp_path, backbone, image_processor)

@@ -310,11 +310,155 @@ def test_families_and_tokenizers_without_video_refuse_videos(tokenizer, tmp_path
     gif = _gif(tmp_path / "clip.gif", 2)
     with pytest.raises(ValueError, match="Qwen2VL models take no video"):
         VisorProcessor(presets.tiny_qwen2_vl(), tokenizer)(None, "what ?", videos=gif)
-    with pytest.raises(ValueError, match="prepares no video for Qwen2_5_VL models yet"):
-        VisorProcessor(presets.tiny_qwen2_5_vl(), tokenizer)(None, "what ?", videos=gif)
+    with pytest.raises(ValueError, match="prepares no video for Qwen3VL models yet"):
+        VisorProcessor(presets.tiny_qwen3_vl(), tokenizer)(None, "what ?", videos=gif)
     config = presets.tiny()
     config.video_token_id = 9  # a word of the tokenizer, not its <video> token
     processor = VisorProcessor(config, tokenizer)
     assert processor(Image.new("RGB", (64, 64)), "what ?")["input_ids"].shape[0] == 1  # images still work
     with pytest.raises(ValueError, match="video_token_id names"):
         processor(None, "what ?", videos=gif)
+
+
+# ---- Qwen2.5-VL videos -------------------------------------------------------------------------------------------
+def _qwen_processor(tokenizer, **settings):
+    from visor.data.frames import GridVideoSettings
+
+    config = presets.tiny_qwen2_5_vl(num_layers=2)
+    video_settings = None if not settings else GridVideoSettings(**{
+        "min_pixels": 56 * 56, "max_pixels": 28 * 28 * 1280, "image_mean": (0.5,) * 3, "image_std": (0.5,) * 3,
+        **settings})
+    return VisorProcessor(config, tokenizer, padding_side="left", video_settings=video_settings)
+
+
+def _patches_by_frame(pixels, temporal=2, patch=8):
+    """(patches, 3·T·p²) -> (patches, T, 3, p²): each position of the temporal patch apart."""
+    return pixels.reshape(len(pixels), 3, temporal, patch**2).transpose(0, 2, 1, 3)
+
+
+def test_qwen2_5_vl_frames_are_the_stock_image_processor_s_pixels_in_temporal_patches(tokenizer):
+    """The image path repeats a still image over the temporal patch: a clip of that many copies of one frame is
+    exactly the stock PIL image processor's pixels of the frame at the same pixel bounds. Each frame of a moving
+    clip is its own temporal position (frame 2k first, 2k + 1 second), the last one repeated to fill the last."""
+    processor = _qwen_processor(tokenizer, min_pixels=4 * 256, max_pixels=64 * 256)
+    frame_processor = processor.videos.settings.frame_processor(processor.backbone)
+    assert frame_processor.size == {"shortest_edge": 4 * 256, "longest_edge": 64 * 256}
+    frames = _images([(50, 120)] * 5, seed=3)
+    stock = [frame_processor([frame], return_tensors="np") for frame in frames]
+    grid = stock[0]["image_grid_thw"][0].tolist()
+    still = processor(None, "what is it ?", videos=[[frames[0]] * 2])
+    np.testing.assert_array_equal(still["pixel_values_videos"].numpy(), stock[0]["pixel_values"])
+    assert still["video_grid_thw"].tolist() == [grid]
+    moving = processor(None, "what is it ?", videos=[frames])
+    per_patch = grid[1] * grid[2]
+    pixels = _patches_by_frame(moving["pixel_values_videos"].numpy()).reshape(3, per_patch, 2, 3, 64)
+    for index, frame in enumerate([*range(5), 4]):  # the fifth frame fills the third temporal patch
+        expected = _patches_by_frame(stock[frame]["pixel_values"])[:, 0]
+        np.testing.assert_array_equal(pixels[index // 2, :, index % 2], expected)
+    assert moving["video_grid_thw"].tolist() == [[3, *grid[1:]]]
+
+
+@pytest.mark.parametrize("frames", [1, 3, 4])
+def test_qwen2_5_vl_video_grids_tokens_and_token_types(tokenizer, frames):
+    """Odd frame counts round up to whole temporal patches; non-square frames keep their aspect in whole merged
+    patches; each video's tokens (its grid's merged patches) sit between the vision start and end tokens, token
+    type 2; seconds per temporal patch at the stock rate for untimed frames (24 a second)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    processor = _qwen_processor(tokenizer)
+    sizes = [(30, 40), (100, 37), (64, 64)]
+    videos = [_images([size] * frames, seed=index) for index, size in enumerate(sizes)]
+    batch = processor(None, ["what moves ?", "what is it ?", "how many ?"], videos=videos)
+    expected = [[-(-frames // 2), *(side // 8 for side in smart_resize(*size, 16, 56 * 56, 28 * 28 * 1280))]
+                for size in sizes]
+    assert batch["video_grid_thw"].tolist() == expected and len({tuple(grid) for grid in expected}) == 3
+    assert batch["pixel_values_videos"].shape == (sum(t * h * w for t, h, w in expected), 3 * 2 * 8 * 8)
+    torch.testing.assert_close(batch["second_per_grid_ts"], torch.full((3,), 2 / 24))
+    counts = (batch["input_ids"] == presets.TINY_VIDEO_TOKEN_ID).sum(1).tolist()
+    assert counts == [t * h * w // 4 for t, h, w in expected]
+    assert counts == [processor.videos.token_count(video) for video in videos]
+    for row, count in zip(batch["input_ids"], counts):
+        start = int((row == presets.TINY_VISION_START_TOKEN_ID).nonzero())
+        assert int((row == presets.TINY_VISION_END_TOKEN_ID).nonzero()) == start + count + 1
+    assert torch.equal(batch["mm_token_type_ids"], 2 * (batch["input_ids"] == presets.TINY_VIDEO_TOKEN_ID).int())
+
+
+def test_qwen2_5_vl_tokens_of_the_nominal_video_are_the_adapter_s(tokenizer):
+    """At the stock video processor's default bounds, a clip of the adapter's largest frame has the tokens the
+    adapter counts for a nominal video (`Backbone.video_tokens`, what FLOPs and benches use)."""
+    backbone = _qwen_processor(tokenizer).backbone
+    processor = _qwen_processor(tokenizer, min_pixels=backbone.min_frame_pixels,
+                                max_pixels=backbone.max_frame_pixels)
+    height, width = backbone.largest_frame_size()
+    for frames in (1, 2, 5):
+        clip = [Image.new("RGB", (width, height))] * frames
+        assert processor.videos.token_count(clip) == backbone.video_tokens(frames).visual_tokens
+        assert processor.videos.grid(clip) == backbone.video_grid(frames)
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_qwen2_5_vl_video_batches_give_dense_visor_the_stock_logits(tokenizer, padding_side):
+    """Videos of different lengths and sizes beside images, padded: the stock model (which raises when the video
+    tokens and features disagree) and dense VISOR read the processor's batch alike."""
+    from visor.backbones import backbone_for, family
+
+    config = presets.tiny_qwen2_5_vl(num_layers=2)
+    torch.manual_seed(0)
+    stock = backbone_for(config).stock_model_class(config).eval()
+    processor = VisorProcessor(config, tokenizer, padding_side=padding_side)
+    videos = [_images([(30, 40)] * 3, seed=1), _images([(64, 100)] * 4, seed=2), _images([(90, 50)] * 1, seed=3)]
+    batch = processor([Image.new("RGB", (50, 70), (200, 30, 30)), Image.new("RGB", (64, 64)), _images([(40, 90)])[0]],
+                      ["what moves ?", "what is it ?", "how many ?"], videos=videos)
+    module = family(config)
+    dense = module.VISOR_MODEL.from_stock(stock, module.VISOR_MODEL.config_class.dense(config)).eval()
+    with torch.no_grad():
+        expected, actual = stock(**batch).logits, dense(**batch).logits
+    valid = batch["attention_mask"].bool()
+    assert not valid.all()
+    torch.testing.assert_close(actual[valid], expected[valid], atol=1e-5, rtol=0)
+    with torch.no_grad():  # the frames reach the answer: other pixels, other logits
+        changed = stock(**{**batch, "pixel_values_videos": batch["pixel_values_videos"].flip(0)}).logits
+    assert not torch.allclose(changed[valid], expected[valid])
+
+
+def test_qwen2_5_vl_bad_videos_give_clear_errors(tokenizer, tmp_path):
+    from visor.data.frames import VideoSettings
+
+    processor = _qwen_processor(tokenizer)
+    with pytest.raises(ValueError, match="smaller than one 8x8 vision patch"):
+        processor(None, "what ?", videos=[[Image.new("RGB", (5, 40))] * 2])
+    with pytest.raises(ValueError, match="frames differ in size: 40x30, 50x30 px"):
+        processor(None, "what ?", videos=[[Image.new("RGB", (40, 30)), Image.new("RGB", (50, 30))]])
+    with pytest.raises(ValueError, match="absolute aspect ratio must be smaller than 200"):
+        processor(None, "what ?", videos=[[Image.new("RGB", (8, 2000))] * 2])
+    messages = [{"role": "user", "content": "<video>\nwhat ? <video>\nthen"}]
+    with pytest.raises(ValueError, match="has 2 video placeholders but 1 videos"):
+        processor.conversations([[]], [messages], prompt_only=True, videos=[[_gif(tmp_path / "clip.gif", 2)]])
+    with pytest.raises(ValueError, match="frames must be whole 16-pixel merged patches"):
+        _qwen_processor(tokenizer, do_resize=False)(None, "what ?", videos=[[Image.new("RGB", (40, 32))] * 2])
+    with pytest.raises(ValueError, match="Qwen2_5_VL videos take GridVideoSettings, got VideoSettings"):
+        VisorProcessor(presets.tiny_qwen2_5_vl(), tokenizer, video_settings=VideoSettings(
+            size=(64, 64), image_mean=(0.5,) * 3, image_std=(0.5,) * 3, num_frames=2))
+
+
+def test_qwen2_5_vl_video_settings_survive_save_and_load(tokenizer, tmp_path):
+    from visor.data.frames import load_grid_video_settings
+
+    processor = _qwen_processor(tokenizer, min_pixels=4 * 256, max_pixels=32 * 256, num_frames=4,
+                                image_mean=(0.4, 0.45, 0.5), resample=2)
+    gif = _gif(tmp_path / "clip.gif", 9)
+    batch = processor(None, "what ?", videos=gif)
+    assert batch["video_grid_thw"][0, 0] == 2  # 4 of the 9 frames
+    assert processor(None, "what ?", videos=gif, num_frames=7)["video_grid_thw"][0, 0] == 4
+    processor.save_pretrained(tmp_path / "saved")
+    saved = load_grid_video_settings(tmp_path / "saved", processor.backbone, processor.images.image_processor)
+    assert saved == processor.videos.settings
+    loaded = VisorProcessor.from_pretrained(tmp_path / "saved", config=processor.backbone.config, padding_side="left")
+    assert loaded.videos.settings == processor.videos.settings
+    again = loaded(None, "what ?", videos=gif)
+    assert sorted(again) == sorted(batch) and all(torch.equal(again[key], batch[key]) for key in batch)
+    every_frame = _qwen_processor(tokenizer)
+    every_frame.save_pretrained(tmp_path / "every")
+    reloaded = VisorProcessor.from_pretrained(tmp_path / "every", config=processor.backbone.config)
+    assert reloaded.videos.settings == every_frame.videos.settings and reloaded.videos.settings.num_frames is None
+    assert reloaded(None, "what ?", videos=gif)["video_grid_thw"][0, 0] == 5  # all 9 frames

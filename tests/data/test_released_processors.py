@@ -23,6 +23,8 @@ from transformers import (
     Qwen3VLProcessor,
 )
 
+from transformers.video_utils import make_batched_metadata
+
 from visor.backbones import backbone_for, checkpoint_config
 from visor.data.processor import VisorProcessor, load_chat_template
 
@@ -169,6 +171,48 @@ def test_video_prompts_equal_the_stock_processor(released, tmp_path):
                  expected)
     asked = ours([images["rgba"]], ["what moves ?"], videos=[clip])  # the question API asks the same
     assert torch.equal(asked["input_ids"][0], expected["input_ids"][1][expected["attention_mask"][1].bool()])
+
+
+class GridFramesAsPrepared:
+    """The Qwen2.5-VL stock processor's video half, which needs torchvision: the patches and grids `ours` prepares,
+    with the metadata the stock video processor makes for frames given without any (`make_batched_metadata`), so
+    that the stock processor's own seconds per temporal patch, video-token expansion, token types and padding are
+    what is compared."""
+
+    def __init__(self, ours):
+        self.videos = ours.videos
+        self.merge_size = ours.videos.frame_processor.merge_size
+        self.temporal_patch_size = ours.videos.frame_processor.temporal_patch_size
+
+    def __call__(self, videos, **kwargs):
+        prepared = self.videos([videos])
+        metadata = make_batched_metadata([np.stack([np.asarray(frame) for frame in video]) for video in videos], None)
+        return BatchFeature({"pixel_values_videos": prepared["pixel_values_videos"],
+                             "video_grid_thw": prepared["video_grid_thw"], "video_metadata": metadata})
+
+
+def test_qwen2_5_vl_video_prompts_equal_the_stock_processor(released, tmp_path):
+    """Qwen2.5-VL's `<|video_pad|>` expansion (the grid's merged patches), its token types and seconds per temporal
+    patch, with images, left-padded; the folder has no video config, so the frames get the image bounds."""
+    folder = released["qwen2.5-vl"]
+    stock, ours = both_processors(folder, "qwen2.5-vl")
+    stock.video_processor = GridFramesAsPrepared(ours)
+    images = sample_images()
+    clip = [images[kind].convert("RGB").resize((70, 50)) for kind in ("portrait", "panorama", "tiny")]
+    clip[0].save(tmp_path / "clip.gif", save_all=True, append_images=clip[1:], duration=100)
+    still = [images["portrait"].resize((120, 40))] * 2
+    rows, clips = [[], [images["rgba"]], []], [[tmp_path / "clip.gif"], [still], [still, tmp_path / "clip.gif"]]
+    conversations = [[{"role": "user", "content": [{"type": "image"}] * len(row) + [{"type": "video"}] * len(videos)
+                       + [{"type": "text", "text": "what moves ?"}]}] for row, videos in zip(rows, clips)]
+    texts = [stock.apply_chat_template(messages, add_generation_prompt=True) for messages in conversations]
+    frames = [ours.videos.load(video) for row in clips for video in row]
+    assert [len(video) for video in frames] == [3, 2, 2, 3]  # every frame: the folder's settings do not sample
+    expected = stock(images=[images["rgba"]], videos=frames, text=texts, return_tensors="pt", padding=True,
+                     padding_side="left")
+    assert "second_per_grid_ts" in expected and int((expected["mm_token_type_ids"] == 2).sum()) > 0
+    _assert_same(ours.conversations(rows, conversations, prompt_only=True, videos=clips), expected)
+    asked = ours(None, ["what moves ?"], videos=[tmp_path / "clip.gif"])  # the question API asks the same
+    assert torch.equal(asked["input_ids"][0], expected["input_ids"][0][expected["attention_mask"][0].bool()])
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -1,8 +1,8 @@
 """Qwen2.5-VL: Qwen2-VL's adapter (`visor.backbones.qwen2_vl.QwenVL`: positions, image tokens, the vision tower)
 on the Qwen2.5-VL classes (windowed attention and a SwiGLU MLP in the vision tower; the same M-RoPE, merger and
 token layout), with video (the stock video features and temporal positions; a nominal video's tokens and FLOPs,
-at the stock video processor's largest frame), and the family's
-`VisorQwen2_5_VLConfig` (model type `visor_qwen2_5_vl`) and `VisorQwen2_5_VLForConditionalGeneration`.
+at the stock video processor's largest frame; the processor side is `visor.data.processor.GridVideos`), and the
+family's `VisorQwen2_5_VLConfig` (model type `visor_qwen2_5_vl`) and `VisorQwen2_5_VLForConditionalGeneration`.
 """
 
 from __future__ import annotations
@@ -34,8 +34,10 @@ class Qwen2_5_VL(QwenVL):
     stock_model_class = Qwen2_5_VLForConditionalGeneration
     # Video through the stock `get_video_features`, its temporal M-RoPE positions through the stock `get_rope_index`.
     video_inputs = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
-    # The stock `Qwen2VLVideoProcessor`'s bound on a frame's pixels, size["longest_edge"] (its module needs
-    # torchvision, so the default is restated here).
+    # The stock video processor, whose settings `visor.data.processor` reads, and its bounds on a frame's pixels,
+    # size["shortest_edge"] and size["longest_edge"] (its module needs torchvision, so the defaults are restated).
+    video_processor_name = "Qwen2VLVideoProcessor"
+    min_frame_pixels = 128 * 28 * 28
     max_frame_pixels = 28 * 28 * 768
 
     # ---- video geometry -----------------------------------------------------------------------------------------
@@ -66,12 +68,16 @@ class Qwen2_5_VL(QwenVL):
         temporal, height, width = self.video_grid(frames)
         return {part: temporal * flops for part, flops in self.grid_flops(height, width).items()}
 
+    def seconds_per_temporal_patch(self, frames: int) -> float:
+        """What the stock processor writes as a video's `second_per_grid_ts` when its `frames` frames come without
+        timing (a list of frames, as Pillow reads them): temporal_patch_size / the sampled fps of metadata without
+        one, transformers' default rate of 24 frames a second."""
+        return self.config.vision_config.temporal_patch_size / VideoMetadata(total_num_frames=frames).sampled_fps
+
     def nominal_video_inputs(self, frames):
-        """The grid, and seconds per temporal patch as the stock processor computes them for frames that come
-        without timing: temporal_patch_size / the metadata's sampled fps (its default rate)."""
-        fps = VideoMetadata(total_num_frames=frames).sampled_fps
+        """The grid, and seconds per temporal patch as the stock processor computes them for untimed frames."""
         return {"video_grid_thw": torch.tensor([self.video_grid(frames)]),
-                "second_per_grid_ts": torch.tensor([self.config.vision_config.temporal_patch_size / fps])}
+                "second_per_grid_ts": torch.tensor([self.seconds_per_temporal_patch(frames)])}
 
     def nominal_video_pixel_inputs(self, frames):
         inputs = self.nominal_video_inputs(frames)

@@ -15,14 +15,21 @@ What the stock processor of a family would give, piece by piece (`VisorProcessor
   multimodal templates do) gets them; one that renders text only gets the text with the image token in place.
   Qwen-VL's image tokens always sit between the vision start and end tokens, InternVL's between the tokenizer's
   `<img>` and `</img>` (added when a template does not write them).
-- **videos** (LLaVA-OV; the other families refuse them): frames read with Pillow and sampled uniformly
-  (`visor.data.frames`), each prepared with the folder's `video_preprocessor_config.json` (else the image
-  normalisation at the crop size, with a warning) into `pixel_values_videos`; the video token expanded to as many
-  copies as the model computes for that many frames (`Backbone.video_tokens`).
+- **videos** (LLaVA-OV and Qwen2.5-VL; the other families refuse them): frames read with Pillow and sampled
+  uniformly (`visor.data.frames`; every frame where Qwen2.5-VL's settings do not sample), prepared with the
+  folder's `video_preprocessor_config.json`, else the image settings with a warning (LLaVA-OV: its normalisation at
+  the crop size; Qwen2.5-VL: its pixel bounds and normalisation, as the stock processor then reads the image
+  config). LLaVA-OV: (videos, frames, 3, crop, crop) `pixel_values_videos`, the video token expanded to as many
+  copies as the model computes for that many frames (`Backbone.video_tokens`). Qwen2.5-VL: each frame prepared by
+  the stock PIL image processor at the video's pixel bounds, every `temporal_patch_size` frames one temporal patch
+  (the last frame repeated to fill it), flattened into `pixel_values_videos` with `video_grid_thw` and
+  `second_per_grid_ts` (temporal_patch_size / 24, the stock processor's rate for untimed frames); `<|video_pad|>`
+  expanded to the grid's merged patches between the vision start and end tokens, `mm_token_type_ids` 2 there.
 
 The families' full processors cannot be built without torchvision (their video half), which is why the pieces are
 put together here; the tests check the result equals the stock processor's, byte for byte (for videos, the stock
-processor's expansion of frames prepared here: its video half needs torchvision).
+processor's expansion of frames prepared here: its video half needs torchvision; Qwen2.5-VL's frame pixels equal
+its stock image processor's for a still frame).
 
 VISOR adds only the training side: `labels` are -100 except on every assistant turn (its tokens and the
 end-of-sequence token after them). Pass per-pixel `class_maps` to also get `patch_targets` (batch, max_crops,
@@ -36,6 +43,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from collections.abc import Sequence
 from functools import cached_property
@@ -45,11 +53,13 @@ import numpy as np
 import torch
 from PIL import Image
 from transformers import BatchFeature, PreTrainedTokenizerBase
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from visor.backbones import backbone_for
 from visor.data.crops import CropLayout
 from visor.data.frames import (
-    VIDEO_PREPROCESSOR_CONFIG, VideoLike, VideoSettings, load_frames, load_video_settings, sample_frames,
+    VIDEO_PREPROCESSOR_CONFIG, GridVideoSettings, VideoLike, VideoSettings, load_frames, load_grid_video_settings,
+    load_video_settings, sample_frames,
 )
 from visor.data.images import ImageLike, load_image
 from visor.data.render import IGNORE_INDEX
@@ -84,8 +94,8 @@ class AnyresImages:
         released 384-pixel crops of 14-pixel patches have none, and need none)."""
         return CropLayout.from_config(self.backbone.config)
 
-    def placeholder(self, image_token_id: int, count: int, framed: bool) -> list[int]:
-        return [image_token_id] * count
+    def placeholder(self, token_id: int, count: int, framed: bool) -> list[int]:
+        return [token_id] * count
 
     def token_count(self, image_size: tuple[int, int], images_in_prompt: int) -> int:
         """Visual tokens of a (height, width) image in a prompt of `images_in_prompt` images."""
@@ -98,7 +108,7 @@ class AnyresImages:
         pixels = self.image_processor([row for row in rows if row], return_tensors="pt")
         return {name: pixels[name] for name in ("pixel_values", "image_sizes", "batch_num_images")}
 
-    def prompt_inputs(self, input_ids: torch.Tensor, image_token_id: int) -> dict:
+    def prompt_inputs(self, input_ids: torch.Tensor, image_token_id: int, video_token_id: int | None) -> dict:
         return {}
 
     def patch_targets(self, images: list[Image.Image], class_maps: list[np.ndarray], inputs: dict) -> torch.Tensor:
@@ -123,13 +133,13 @@ class FramedImages:
     start: int | None
     end: int | None
 
-    def placeholder(self, image_token_id: int, count: int, framed: bool) -> list[int]:
-        """The image's tokens, between the start and end tokens unless the chat template wrote them (`framed`) or
-        there are none."""
-        tokens = [image_token_id] * count
+    def placeholder(self, token_id: int, count: int, framed: bool) -> list[int]:
+        """An image's (a video's) tokens, between the start and end tokens unless the chat template wrote them
+        (`framed`) or there are none."""
+        tokens = [token_id] * count
         return tokens if framed or self.start is None else [self.start, *tokens, self.end]
 
-    def prompt_inputs(self, input_ids: torch.Tensor, image_token_id: int) -> dict:
+    def prompt_inputs(self, input_ids: torch.Tensor, image_token_id: int, video_token_id: int | None) -> dict:
         return {}
 
     def patch_targets(self, images, class_maps, inputs):
@@ -164,9 +174,13 @@ class GridImages(FramedImages):
         pixels = self.image_processor([image for row in rows for image in row], return_tensors="pt")
         return {"pixel_values": pixels["pixel_values"], "image_grid_thw": pixels["image_grid_thw"]}
 
-    def prompt_inputs(self, input_ids: torch.Tensor, image_token_id: int) -> dict:
-        """The token types (1 at image tokens) that the stock models compute their positions from."""
-        return {"mm_token_type_ids": (input_ids == image_token_id).int()}
+    def prompt_inputs(self, input_ids: torch.Tensor, image_token_id: int, video_token_id: int | None) -> dict:
+        """The token types that the stock models compute their positions from: 1 at image tokens, 2 at video
+        tokens (`video_token_id`: None where the processor prepares no video), as the stock processors write them."""
+        types = (input_ids == image_token_id).int()
+        if video_token_id is not None:
+            types = types + 2 * (input_ids == video_token_id).int()
+        return {"mm_token_type_ids": types}
 
 
 class TiledImages(FramedImages):
@@ -206,17 +220,38 @@ def image_side(backbone) -> type:
     return TiledImages if hasattr(type(backbone), "tile_side") else AnyresImages
 
 
-class VideoFrames:
-    """A family's video inputs (LLaVA-OneVision): each video's frames sampled to the checkpoint's count and
-    prepared with its video settings (`visor.data.frames`), all videos in one (videos, frames, 3, H, W) tensor;
-    a video's tokens are as many as the model side computes for its frames (`Backbone.video_tokens`)."""
+class Videos:
+    """What the families' video inputs share: a video's frames read with Pillow (`visor.data.frames.load_frames`)
+    and sampled uniformly to the call's `num_frames`, else the settings' (None: every frame); the settings written
+    back as the checkpoint's `video_preprocessor_config.json`. A subclass makes the pixels and counts the tokens."""
 
-    def __init__(self, backbone, settings: VideoSettings):
+    def __init__(self, backbone, settings: VideoSettings | GridVideoSettings):
         self.backbone, self.settings = backbone, settings
         self.min_side = backbone.config.vision_config.patch_size
 
     def load(self, video: VideoLike, num_frames: int | None = None) -> list[Image.Image]:
-        return sample_frames(load_frames(video, self.min_side), num_frames or self.settings.num_frames)
+        frames = load_frames(video, self.min_side)
+        count = num_frames or self.settings.num_frames
+        return frames if count is None else sample_frames(frames, count)
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        settings = self.settings
+        content = {"video_processor_type": self.backbone.video_processor_name,
+                   "do_sample_frames": settings.num_frames is not None, "num_frames": settings.num_frames,
+                   **self.frame_fields(), "image_mean": list(settings.image_mean),
+                   "image_std": list(settings.image_std),
+                   "rescale_factor": settings.rescale_factor, "resample": settings.resample,
+                   "do_resize": settings.do_resize, "do_rescale": settings.do_rescale,
+                   "do_normalize": settings.do_normalize}
+        write_json(Path(folder) / VIDEO_PREPROCESSOR_CONFIG, content)
+
+
+class VideoFrames(Videos):
+    """LLaVA-OneVision's video inputs: each video's frames sampled to the checkpoint's count and prepared with its
+    video settings (`visor.data.frames.VideoSettings`), all videos in one (videos, frames, 3, H, W) tensor; a
+    video's tokens are as many as the model side computes for its frames (`Backbone.video_tokens`)."""
+
+    settings_class, load_settings = VideoSettings, staticmethod(load_video_settings)
 
     def token_count(self, frames: list[Image.Image]) -> int:
         return self.backbone.video_tokens(len(frames)).visual_tokens
@@ -229,15 +264,69 @@ class VideoFrames:
                              "shorter than num_frames keeps all its frames): pass num_frames at most the shortest")
         return {"pixel_values_videos": torch.from_numpy(np.stack([self.settings.pixels(video) for video in videos]))}
 
-    def save_pretrained(self, folder: str | Path) -> None:
-        settings = self.settings
-        content = {"video_processor_type": self.backbone.video_processor_name, "do_sample_frames": True,
-                   "num_frames": settings.num_frames, "size": dict(zip(("height", "width"), settings.size)),
-                   "image_mean": list(settings.image_mean), "image_std": list(settings.image_std),
-                   "rescale_factor": settings.rescale_factor, "resample": settings.resample,
-                   "do_resize": settings.do_resize, "do_rescale": settings.do_rescale,
-                   "do_normalize": settings.do_normalize}
-        write_json(Path(folder) / VIDEO_PREPROCESSOR_CONFIG, content)
+    def frame_fields(self) -> dict:
+        return {"size": dict(zip(("height", "width"), self.settings.size))}
+
+
+class GridVideos(Videos):
+    """Qwen2.5-VL's video inputs, as its stock video processor makes them: each frame prepared as the family's
+    stock image processor prepares an image, at the video settings' pixel bounds (`visor.data.frames.
+    GridVideoSettings`); every `temporal_patch_size` frames one temporal patch (the last frame repeated to fill the
+    last one), its patches flattened in the image processor's order. All videos' patches go in one (patches,
+    features) tensor, with each video's (t, h, w) grid and its seconds per temporal patch (frames read with Pillow
+    have no times: the stock rate, `seconds_per_temporal_patch`); a video's tokens are its grid's merged patches,
+    between the vision start and end tokens. Videos of a batch may differ in frame count and size."""
+
+    settings_class, load_settings = GridVideoSettings, staticmethod(load_grid_video_settings)
+
+    def __init__(self, backbone, settings: GridVideoSettings):
+        super().__init__(backbone, settings)
+        self.frame_processor = settings.frame_processor(backbone)
+
+    def grid(self, frames: list[Image.Image]) -> tuple[int, int, int]:
+        """(t, h, w) patches of a video of these frames: whole temporal patches, each frame's patch grid."""
+        processor = self.frame_processor
+        patch, merged = processor.patch_size, processor.patch_size * processor.merge_size
+        height, width = frames[0].height, frames[0].width
+        if self.settings.do_resize:
+            height, width = smart_resize(height, width, merged, self.settings.min_pixels, self.settings.max_pixels)
+        elif height % merged or width % merged:
+            raise ValueError(f"frames must be whole {merged}-pixel merged patches without resizing (do_resize is "
+                             f"off), got {width}x{height} px")
+        return math.ceil(len(frames) / processor.temporal_patch_size), height // patch, width // patch
+
+    def token_count(self, frames: list[Image.Image]) -> int:
+        return math.prod(self.grid(frames)) // self.frame_processor.merge_size**2
+
+    def __call__(self, rows: list[list[list[Image.Image]]]) -> dict:
+        videos = [video for row in rows for video in row]
+        return {"pixel_values_videos": torch.from_numpy(np.concatenate([self.patches(video) for video in videos])),
+                "video_grid_thw": torch.tensor([self.grid(video) for video in videos]),
+                "second_per_grid_ts": torch.tensor([self.backbone.seconds_per_temporal_patch(len(video))
+                                                    for video in videos])}
+
+    def patches(self, frames: list[Image.Image]) -> np.ndarray:
+        """(t·h·w, channels × temporal patch × patch²) float32: the frames through the stock image processor (which
+        repeats a still image over the temporal patch: one copy is kept per frame), grouped into temporal patches."""
+        temporal, patch = self.frame_processor.temporal_patch_size, self.frame_processor.patch_size
+        prepared = self.frame_processor(frames, return_tensors="np")
+        per_frame = int(prepared["image_grid_thw"][0].prod())
+        pixels = prepared["pixel_values"].reshape(len(frames), per_frame, -1, temporal, patch**2)[:, :, :, 0]
+        pixels = np.concatenate([pixels, np.repeat(pixels[-1:], -len(frames) % temporal, axis=0)])
+        groups = len(pixels) // temporal
+        pixels = pixels.reshape(groups, temporal, per_frame, -1, patch**2).transpose(0, 2, 3, 1, 4)
+        return pixels.reshape(groups * per_frame, -1)
+
+    def frame_fields(self) -> dict:
+        processor = self.frame_processor
+        return {"size": {"shortest_edge": self.settings.min_pixels, "longest_edge": self.settings.max_pixels},
+                "patch_size": processor.patch_size, "merge_size": processor.merge_size,
+                "temporal_patch_size": processor.temporal_patch_size}
+
+
+def video_side(backbone) -> type:
+    """The class that makes `backbone`'s family's video inputs."""
+    return GridVideos if "video_grid_thw" in backbone.video_inputs else VideoFrames
 
 
 def load_image_processor(folder: str | Path, backbone):
@@ -299,11 +388,12 @@ class VisorProcessor:
     `VisorProcessor.from_pretrained(folder)` takes everything from a checkpoint folder; the constructor takes a
     config and a tokenizer (the chat template: `chat_template`, else the tokenizer's) and, optionally, a stock image
     processor (default: the family's defaults, `Backbone.default_image_processor`) and, for a family that reads
-    video, `VideoSettings` (default: `visor.data.frames.load_video_settings`'s defaults)."""
+    video, its video settings (LLaVA-OV: `VideoSettings`, Qwen2.5-VL: `GridVideoSettings`; default: the family's
+    loader's, `load_video_settings` or `load_grid_video_settings`, from the image processor)."""
 
     def __init__(self, config, tokenizer: PreTrainedTokenizerBase, padding_side: str = "right",
                  image_processor=None, chat_template: str | None = None, folder: str | Path | None = None,
-                 video_settings: VideoSettings | None = None):
+                 video_settings: VideoSettings | GridVideoSettings | None = None):
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' (generation) or 'right' (training), got {padding_side!r}")
         # Where the pieces came from, for error messages.
@@ -333,8 +423,12 @@ class VisorProcessor:
                 self.no_video = str(error)
             else:
                 self.video_token_id = config.video_token_id
-                self.videos = VideoFrames(self.backbone, video_settings or load_video_settings(
-                    folder, self.backbone, image_processor))
+                side = video_side(self.backbone)
+                if video_settings is not None and not isinstance(video_settings, side.settings_class):
+                    raise ValueError(f"{type(self.backbone).__name__} videos take {side.settings_class.__name__}, "
+                                     f"got {type(video_settings).__name__}")
+                self.videos = side(self.backbone, video_settings or side.load_settings(folder, self.backbone,
+                                                                                       image_processor))
         if video_settings is not None and self.videos is None:
             raise ValueError(f"video_settings given, but {self.no_video}")
         self.tokenizer = tokenizer
@@ -381,7 +475,8 @@ class VisorProcessor:
         `videos`: one video per row (a path to a folder of frames or an animated GIF / WebP, or a list of frames;
         see `visor.data.frames.load_frames`), after the row's image or instead of it (`images=None`), sampled to
         `num_frames` (default: the checkpoint's); the family's video inputs join the batch (LLaVA-OV:
-        pixel_values_videos (videos, frames, 3, crop, crop))."""
+        pixel_values_videos (videos, frames, 3, crop, crop); Qwen2.5-VL: pixel_values_videos (patches, features),
+        video_grid_thw and second_per_grid_ts)."""
         questions = _as_list(questions, str)
         images = None if images is None else _as_list(images, (Image.Image, str, Path, np.ndarray))
         videos = None if videos is None else _as_list(videos, (str, Path))
@@ -459,7 +554,8 @@ class VisorProcessor:
             **(self.images(loaded) if any(loaded) else {}),
             **(self.videos(clips) if any(clips) else {}),
         }
-        batch |= self.images.prompt_inputs(batch["input_ids"], self.image_token_id)
+        batch |= self.images.prompt_inputs(batch["input_ids"], self.image_token_id,
+                                           self.video_token_id if self.videos is not None else None)
         if not prompt_only:
             batch["labels"] = self._pad(label_rows, IGNORE_INDEX)
         if class_maps is not None:
@@ -582,14 +678,14 @@ class VisorProcessor:
         out_labels: list[int] = []
         start = 0
         for slot in slots:
+            framed = 0 < slot < len(ids) - 1 and (ids[slot - 1], ids[slot + 1]) == (
+                getattr(self.images, "start", None), getattr(self.images, "end", None))
             if ids[slot] == video_id:
-                placeholder = [video_id] * self.videos.token_count(next(videos))
+                count = self.videos.token_count(next(videos))
             else:
                 image = next(images)
-                framed = 0 < slot < len(ids) - 1 and (ids[slot - 1], ids[slot + 1]) == (
-                    getattr(self.images, "start", None), getattr(self.images, "end", None))
                 count = self.images.token_count((image.height, image.width), image_count)
-                placeholder = self.images.placeholder(self.image_token_id, count, framed)
+            placeholder = self.images.placeholder(ids[slot], count, framed)
             out_ids += ids[start:slot] + placeholder
             out_labels += labels[start:slot] + [IGNORE_INDEX] * len(placeholder)
             start = slot + 1
