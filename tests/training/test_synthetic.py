@@ -129,8 +129,8 @@ def test_a_video_suite_gives_each_prompt_its_whole_clip():
     assert batch["labels"].ne(-100).any(dim=1).all()
     prompts = next(source.eval_batches("validation", 2, 8))
     assert prompts.inputs["pixel_values_videos"].shape[:2] == (8, 8) and "labels" not in prompts.inputs
-    with pytest.raises(ValueError, match="prepares no video for Qwen3VL models yet"):
-        resolve_data("synthetic@video", presets.tiny_qwen3_vl(), seed=0)
+    with pytest.raises(ValueError, match="InternVL models take no video"):
+        resolve_data("synthetic@video", presets.tiny_internvl3(), seed=0)
 
 
 def test_a_qwen2_5_vl_video_suite_gives_each_prompt_its_whole_clip_in_temporal_patches(tmp_path):

@@ -12,6 +12,7 @@ import math
 import torch
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 from transformers.video_utils import VideoMetadata
 
 from visor.backbones.base import ImageTokens, linear_flops
@@ -41,6 +42,11 @@ class Qwen2_5_VL(QwenVL):
     max_frame_pixels = 28 * 28 * 768
 
     # ---- video geometry -----------------------------------------------------------------------------------------
+    def resized_frames(self, frames: int, height: int, width: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+        """The (height, width) the stock video processor resizes a video's frames to: each frame alone within the
+        pixel bounds, in whole merged patches (Qwen's `smart_resize`, as for an image), whatever `frames` is."""
+        return smart_resize(height, width, self.merged_patch, min_pixels, max_pixels)
+
     def largest_frame_size(self) -> tuple[int, int]:
         """The nominal video's frame (height, width): the largest square the stock video processor keeps whole,
         its frame pixel bound rounded down to the merged patch (as `largest_image_size` is for images)."""
