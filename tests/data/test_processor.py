@@ -384,14 +384,15 @@ def test_qwen2_5_vl_video_grids_tokens_and_token_types(tokenizer, frames):
     assert torch.equal(batch["mm_token_type_ids"], 2 * (batch["input_ids"] == presets.TINY_VIDEO_TOKEN_ID).int())
 
 
-def test_qwen2_5_vl_tokens_of_the_nominal_video_are_the_adapter_s(tokenizer):
-    """At the stock video processor's default bounds, a clip of the adapter's largest frame has the tokens the
-    adapter counts for a nominal video (`Backbone.video_tokens`, what FLOPs and benches use)."""
-    backbone = _qwen_processor(tokenizer).backbone
-    processor = _qwen_processor(tokenizer, min_pixels=backbone.min_frame_pixels,
-                                max_pixels=backbone.max_frame_pixels)
-    height, width = backbone.largest_frame_size()
-    for frames in (1, 2, 5):
+@pytest.mark.parametrize("family", ["qwen2.5-vl", "qwen3-vl"])
+def test_qwen_vl_tokens_of_the_nominal_video_are_the_adapter_s(tokenizer, family):
+    """At the stock video processor's default bounds, a clip of the adapter's largest frame for its frame count has
+    the tokens the adapter counts for a nominal video (`Backbone.video_tokens`, what FLOPs and benches use)."""
+    make = _qwen_processor if family == "qwen2.5-vl" else _qwen3_processor
+    backbone = make(tokenizer).backbone
+    processor = make(tokenizer, min_pixels=backbone.min_frame_pixels, max_pixels=backbone.max_frame_pixels)
+    for frames in (1, 2, 5) if family == "qwen2.5-vl" else (2, 3, 5, 8):
+        height, width = backbone.largest_frame_size(frames)
         clip = Clip.of([Image.new("RGB", (width, height))] * frames)
         assert processor.videos.token_count(clip) == backbone.video_tokens(frames).visual_tokens
         assert processor.videos.grid(clip) == backbone.video_grid(frames)

@@ -200,6 +200,12 @@ class Backbone:
         reads = "reads video but its adapter" if self.video_inputs else "takes no video and"
         raise ValueError(f"{type(self).__name__} {reads} has no video geometry (Backbone.video_tokens)")
 
+    def video_layout(self, frames: int) -> list[int]:
+        """The lengths of the unbroken runs of video tokens that one video of `frames` nominal frames makes in a
+        prompt, in order (text stands between them where the family's processor writes some): one run of all its
+        `video_tokens`."""
+        return [self.video_tokens(frames).visual_tokens]
+
     def video_vision_flops(self, frames: int) -> dict[str, int]:
         """FLOPs of the vision tower and the projector on one video of `frames` frames, by part (a family with
         `video_inputs`)."""

@@ -21,7 +21,7 @@ from transformers import AutoConfig, Qwen3VLConfig, Qwen3VLForConditionalGenerat
 from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize as video_smart_resize
 
-from visor.backbones.qwen2_vl import QwenVL
+from visor.backbones.qwen2_vl import QwenVideo
 from visor.config import VisorConfigMixin
 from visor.modeling.visor import VisorModel
 
@@ -36,7 +36,7 @@ class VisorQwen3VLConfig(VisorConfigMixin, Qwen3VLConfig):
 AutoConfig.register("visor_qwen3_vl", VisorQwen3VLConfig)
 
 
-class Qwen3VL(QwenVL):
+class Qwen3VL(QwenVideo):
     stock_model_class = Qwen3VLForConditionalGeneration
     image_mean = image_std = (0.5, 0.5, 0.5)  # as Qwen3-VL's released preprocessor configs normalise
     video_inputs = ("pixel_values_videos", "video_grid_thw")
@@ -57,14 +57,18 @@ class Qwen3VL(QwenVL):
 
     # ---- video geometry -----------------------------------------------------------------------------------------
     def resized_frames(self, frames: int, height: int, width: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
-        """The (height, width) the stock video processor resizes a video's frames to: whole merged patches, the
-        pixel bounds holding all the frames in whole temporal patches (its 3-D `smart_resize`), which needs a
-        temporal patch of frames."""
+        """Whole merged patches, the pixel bounds holding all the frames in whole temporal patches (the stock 3-D
+        `smart_resize`), which needs a temporal patch of frames. The nominal video's frames shrink as it grows."""
         temporal = self.config.vision_config.temporal_patch_size
         if frames < temporal:
             raise ValueError(f"a {type(self).__name__} video needs at least {temporal} frames (one temporal patch: "
                              f"the stock video processor resizes no shorter video), got {frames}")
         return video_smart_resize(frames, height, width, temporal, self.merged_patch, min_pixels, max_pixels)
+
+    def video_layout(self, frames: int) -> list[int]:
+        """One run per temporal patch, each (h / merge) × (w / merge) tokens: its timestamp stands between."""
+        temporal, height, width = self.video_grid(frames)
+        return [height * width // self.config.vision_config.spatial_merge_size**2] * temporal
 
     def video_runs(self, video_grid_thw: torch.Tensor) -> torch.Tensor:
         """One run per temporal patch of each video (the timestamps stand between), as the stock `get_rope_index`
