@@ -10,7 +10,9 @@ each image's (video's) features, and the engine adds them to the visual tokens a
 run of video tokens, after its timestamp text ("<t seconds>") and between vision start and end tokens, and the
 stock `get_rope_index` places each run as a one-frame image (the time is in the text, not in the positions); there
 is no `second_per_grid_ts`. The processor side is `visor.data.processor.TimedGridVideos` (frames sampled and
-resized as the stock video processor does, `resized_frames`). The MoE variant (`qwen3_vl_moe`) is not supported.
+resized as the stock video processor does, `resized_frames`); a nominal video's tokens and FLOPs, at the stock
+video processor's bounds, are `visor.backbones.qwen2_vl.QwenVideo`'s. The MoE variant (`qwen3_vl_moe`) is not
+supported.
 """
 
 from __future__ import annotations
