@@ -228,9 +228,9 @@ def image_side(backbone) -> type:
 class Videos:
     """What the families' video inputs share: a video's frames read with Pillow (`visor.data.frames.load_frames`)
     and sampled as the settings sample (`frame_indices`: to the call's `num_frames`, else as the checkpoint says),
-    kept as a `Clip` (the frames and their indices); a video's tokens, its token count of the video token; the
+    kept as a `Clip` (the frames and their indices); a video's tokens, as many video tokens as it counts; the
     settings written back as the checkpoint's `video_preprocessor_config.json`. A subclass makes the pixels and
-    counts the tokens."""
+    counts the tokens (`tokenizer`: for one whose prompts write text in a video, Qwen3-VL's timestamps)."""
 
     def __init__(self, backbone, settings: VideoSettings | GridVideoSettings, tokenizer=None):
         self.backbone, self.settings = backbone, settings
