@@ -124,7 +124,9 @@ def test_plots_are_valid_images(result):
         (dict(video_frames=(10**7,)), r"at 10000000 frames \(160000001 visual tokens\).* ask for fewer frames"),
         (dict(preset="tiny-qwen2-vl", video_frames=(2,)), "Qwen2VL takes no video"),
         (dict(preset="tiny-internvl3", video_frames=(2,)), "InternVL takes no video"),
-        (dict(preset="tiny-qwen3-vl", video_frames=(2,)), "Qwen3VL reads video but its adapter has no video geometry"),
+        (dict(preset="tiny-qwen3-vl", video_frames=(1,)), "a Qwen3VL video needs at least 2 frames"),
+        # Qwen3-VL writes a timestamp between two temporal patches: the prompt's text, one token each here.
+        (dict(preset="tiny-qwen3-vl", video_frames=(8,), text_tokens=3), "takes 3 of the prompt's text tokens"),
         (dict(preset="tiny-qwen2.5-vl", video_frames=(2,), baselines=(2.0,)),
          "video reductions .* are not ported to Qwen2_5_VL models"),
         # Qwen2.5-VL puts two frames in each temporal patch: 3 and 4 frames are the same video's tokens.
@@ -383,33 +385,35 @@ def test_video_rows_count_flops_and_cache_as_the_counter_does(video):
             assert row["vision_s"] > 0 and row["time_to_first_token_s"] == pytest.approx(row["vision_s"] + row["prefill_s"])
 
 
-def test_a_qwen2_5_vl_video_bench_holds_the_stock_video_path_s_tokens(tmp_path):
-    """Qwen2.5-VL's nominal videos (2 frames: one temporal patch; 4: two): each row's tokens are what the stock
-    video path makes of the video `--end-to-end` times, its vision FLOPs the counter's."""
-    assert run_cli("--preset", "tiny-qwen2.5-vl", "--video-frames", "2,4", "--text-tokens", str(TEXT_TOKENS),
+@pytest.mark.parametrize("preset", ["tiny-qwen2.5-vl", "tiny-qwen3-vl"])
+def test_a_qwen_vl_video_bench_holds_the_stock_video_path_s_tokens(tmp_path, preset):
+    """Qwen2.5-VL's and Qwen3-VL's nominal videos (2 frames: one temporal patch; 4: two): each row's tokens are
+    what the stock video path makes of the video `--end-to-end` times, its vision FLOPs the counter's."""
+    assert run_cli("--preset", preset, "--video-frames", "2,4", "--text-tokens", str(TEXT_TOKENS),
                    "--repeats", "1", "--decode-tokens", "1", "--configurations", "0", "--end-to-end",
                    "--output", str(tmp_path)) == 0
     rows = json.loads((tmp_path / "bench.json").read_text())
-    config = bench.BenchPlan("tiny-qwen2.5-vl").config
+    config = bench.BenchPlan(preset).config
     backbone = backbone_for(config)
-    stock = backbone.stock_model_class(presets.tiny_qwen2_5_vl(2)).eval()
+    stock = backbone.stock_model_class(presets.PRESETS[preset](2)).eval()
     for frames in (2, 4):
         with torch.no_grad():
             (features,) = backbone.encode_videos(stock, 0, **backbone.nominal_video_pixel_inputs(frames))
         sweep = [row for row in rows if row["video_frames"] == frames]
         assert {(row["method"], row["configuration"]) for row in sweep} == {("full", None), ("text-only", None),
                                                                             ("visor", 0)}
-        assert {row["visual_tokens"] for row in sweep} == {len(features)}
+        assert {row["visual_tokens"] for row in sweep} == {features.shape[-2]}
         assert {row["vision_flops"] for row in sweep} == {video_vision_flops(config, frames).total}
         assert all(row["vision_s"] > 0 for row in sweep if row["method"] != "text-only")
 
 
 @pytest.mark.parametrize("dense", [True, False], ids=["full", "visor"])
-@pytest.mark.parametrize(("preset", "frames"), [("tiny", 3), ("tiny-qwen2.5-vl", 2)])
+@pytest.mark.parametrize(("preset", "frames"), [("tiny", 3), ("tiny-qwen2.5-vl", 2), ("tiny-qwen3-vl", 4)])
 def test_the_bench_s_video_prompt_runs_the_flops_its_rows_count(dense, preset, frames):
     """FlopCounterMode (eager attention) on the model the bench times, with the bench's own video prompt: exactly
     the counter's LLM prefill FLOPs for its video tokens, which `prompt_prefill_flops` reads off the prompt too
-    (Qwen2.5-VL's video features come with the grid and seconds its temporal positions need)."""
+    (Qwen2.5-VL's video features come with the grid and seconds its temporal positions need; Qwen3-VL's temporal
+    patches are runs of their own, a text token between two)."""
     plan = bench.BenchPlan(preset, video_frames=(frames,), text_tokens=TEXT_TOKENS, dtype="float32")
     model = bench.build_model(plan.dense_config if dense else plan.config, plan)
     model.set_attn_implementation("eager")
@@ -417,6 +421,7 @@ def test_the_bench_s_video_prompt_runs_the_flops_its_rows_count(dense, preset, f
     input_ids, _, videos = bench._prompt(model, plan, visual, seed=visual)
     expected = {"video_features", *backbone_for(plan.config).nominal_video_inputs(frames)}
     assert int((input_ids == plan.config.video_token_id).sum()) == visual and set(videos) == expected
+    assert input_ids.shape[1] == visual + TEXT_TOKENS
     for index in [None] if dense else range(len(plan.config.configurations)):
         schedule = Schedule.full(plan.config) if dense else Schedule.of(plan.config, index)
         counter = FlopCounterMode(display=False)

@@ -138,12 +138,17 @@ def test_video_options_are_clear_errors(saved, clip, tmp_path, capsys, argv, mes
     assert message in capsys.readouterr().err
 
 
-def test_a_qwen2_5_vl_video_is_answered_with_its_grid_s_tokens(saver, clip, capsys):
-    """A tiny stock Qwen2.5-VL and its VISOR conversion (open gates) answer a video: every frame unless --frames
-    says, the video's tokens its grid's merged patches (frames of whole merged patches keep their size)."""
+@pytest.mark.parametrize("preset, tokens", [
+    ("tiny-qwen2.5-vl", {None: 3 * 16, 3: 2 * 16}),  # every frame, else 3 (2 temporal patches)
+    ("tiny-qwen3-vl", {None: 2 * 16, 6: 3 * 16}),  # 4 frames (2 a second of 24, at least 4), else all 6
+])
+def test_a_qwen_vl_video_is_answered_with_its_grid_s_tokens(saver, clip, capsys, preset, tokens):
+    """A tiny stock Qwen2.5-VL (Qwen3-VL) and its VISOR conversion (open gates) answer a video: the frames its
+    stock video processor keeps unless --frames says, the video's tokens its grid's merged patches (whole temporal
+    patches of 4 x 4 merged patches: frames of whole merged patches keep their size)."""
     from visor.backbones import backbone_for, family
 
-    config = presets.tiny_qwen2_5_vl(4)
+    config = presets.PRESETS[preset](4)
     torch.manual_seed(0)
     stock = backbone_for(config).stock_model_class(config).eval()
     visor = family(config).VISOR_MODEL.from_stock(stock).eval()
@@ -151,14 +156,13 @@ def test_a_qwen2_5_vl_video_is_answered_with_its_grid_s_tokens(saver, clip, caps
         for block in visor.cross_attention.values():
             block.attention_gate.fill_(0.8)
     folders = saver(dict(qwen_stock=stock, qwen_visor=visor), build_tokenizer())
-    for frames in (None, 3):
-        tokens = -(-(frames or 6) // 2) * (64 // 16) ** 2  # whole temporal patches of 4 x 4 merged patches
+    for frames, count in tokens.items():
         full = answer(folders["qwen_stock"], None, "what color ?", max_new_tokens=2, video=clip, frames=frames)
-        assert full["configuration"] == "full" and full["visual_tokens"] == tokens
+        assert full["configuration"] == "full" and full["visual_tokens"] == count
         sparse = answer(folders["qwen_visor"], None, "what color ?", configuration=0, max_new_tokens=2, video=clip,
                         frames=frames)
-        assert sparse["visual_tokens"] == tokens
-        assert sparse["llm_prefill_flops"] == llm_prefill_flops(visor.config, tokens, sparse["text_tokens"],
+        assert sparse["visual_tokens"] == count
+        assert sparse["llm_prefill_flops"] == llm_prefill_flops(visor.config, count, sparse["text_tokens"],
                                                                 Schedule.of(visor.config, 0)).total
     assert cli.main(["generate", "--model", str(folders["qwen_visor"]), "--video", str(clip), "--question",
                      "what color ?", "--configuration", "0", "--max-new-tokens", "2"]) == 0

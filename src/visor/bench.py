@@ -35,8 +35,10 @@ What is measured, and how:
   method), so that time to first token = vision + LLM prefill; the text-only floor has no image and no such time.
 - Video (`--video-frames 8,32`): instead of the image, each prompt holds one video of N frames at the family's
   default frame resolution (LLaVA-OV: every frame one crop of the vision tower's size, its patch grid pooled 2x2,
-  one newline after the last frame; Qwen2.5-VL: the stock video processor's largest square frame, two frames to a
-  temporal patch), as random precomputed video features in the video token's slots; its visual
+  one newline after the last frame; Qwen2.5-VL and Qwen3-VL: the largest square frame the stock video processor
+  keeps whole, two frames to a temporal patch; Qwen3-VL's bounds hold all the frames, so its frames shrink as the
+  video grows), as random precomputed video features in the video token's slots (Qwen3-VL: a run per temporal
+  patch, one of the prompt's text tokens between two where its timestamps stand, `Backbone.video_layout`); its visual
   tokens are what the adapter's video geometry gives (`Backbone.video_tokens`), its vision FLOPs
   `video_vision_flops`, and `--end-to-end` times the stock video path on N frames of random pixels
   (`Backbone.nominal_video_pixel_inputs`). Its rows carry `video_frames`. Its baselines are the video reductions
@@ -259,14 +261,22 @@ def _measure_video_baseline(model, plan: BenchPlan, method: str, ratio: float, v
 
 def _prompt(model, plan: BenchPlan, visual: int, seed: int):
     """(input_ids (1, N_v + N_t), text ids, the image's (or video's) arguments: random features (N_v, d) and what
-    positions need): the image (video), then the text."""
+    positions need): the image (video), then the text. A video whose family's processor writes text between its
+    runs of tokens (`Backbone.video_layout`) takes that text from the prompt's."""
     config, device, backbone = plan.config, torch.device(plan.device), backbone_for(plan.config)
     generator = torch.Generator().manual_seed(seed)
     text_ids = torch.randint(0, config.text_config.vocab_size, (plan.text_tokens,), generator=generator)
     text_ids[backbone.visual_token_mask(text_ids)] = 0
     frames = plan.frames_at(visual) if visual else None
-    token = config.image_token_id if frames is None else config.video_token_id
-    input_ids = torch.cat([torch.full((visual,), token), text_ids])[None].to(device)
+    if frames is None:
+        input_ids = torch.cat([torch.full((visual,), config.image_token_id), text_ids])
+    else:  # the video's runs of tokens with a text token between two (Qwen3-VL's timestamps), then the text
+        first, *runs = backbone.video_layout(frames)
+        ids, text = [config.video_token_id] * first, text_ids.tolist()
+        for run in runs:
+            ids += [text.pop(0)] + [config.video_token_id] * run
+        input_ids = torch.tensor(ids + text)
+    input_ids = input_ids[None].to(device)
     if not visual:
         return input_ids, text_ids, {}
     features = torch.randn(visual, config.text_config.hidden_size, generator=generator).to(device, model.dtype)

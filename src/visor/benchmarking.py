@@ -96,6 +96,12 @@ class BenchPlan:
             if len(same) > 1:
                 raise ValueError(f"videos of {same} frames have the same {count} visual tokens (the family packs "
                                  "frames into temporal patches): ask for one of them")
+        for frames in self.video_frames:  # the text between a video's runs of tokens is the prompt's (see _prompt)
+            between = len(backbone.video_layout(frames)) - 1
+            if between >= self.text_tokens:
+                raise ValueError(f"a video of {frames} frames takes {between} of the prompt's text tokens between its "
+                                 f"runs of video tokens (its timestamps): text_tokens must be more than {between}, "
+                                 f"got {self.text_tokens}")
         return tokens
 
     def frames_at(self, visual: int) -> int | None:

@@ -4,8 +4,8 @@ image's.
 The dense oracle on video-only and mixed image + video batches (left and right padding, eager and SDPA; LLaVA-OV
 with Qwen2 and Llama text), the sparse configurations on video prompts, cached decoding, generation, and the
 families that still refuse video. The Qwen-VL prompts are written by hand as each family's processor lays them out
-(Qwen3-VL: a timestamp before each temporal patch, DeepStack at the video tokens). Qwen2.5-VL's nominal video: its
-tokens and FLOPs against the stock forward.
+(Qwen3-VL: a timestamp before each temporal patch, DeepStack at the video tokens). Qwen2.5-VL's and Qwen3-VL's
+nominal videos: their tokens and FLOPs against the stock forward.
 """
 
 from __future__ import annotations
@@ -400,11 +400,13 @@ def test_qwen3_video_patches_sit_as_one_frame_images_after_their_timestamps():
 
 
 @pytest.mark.parametrize("frames", [2, 3])
-def test_qwen2_5_nominal_video_is_counted_as_the_stock_forward_runs_it(frames):
-    """A video of nominal frames (the stock video processor's largest square frame; 3 frames fill 2 temporal
-    patches): its tokens are what the stock video path returns and the stock forward accepts, and the prompt's
-    FLOPs (the windowed tower once per temporal patch, then the LLM) are what FlopCounterMode counts, exactly."""
-    stock = build_qwen(num_layers=2)
+@pytest.mark.parametrize("preset", QWEN_FAMILIES)
+def test_qwen_nominal_video_is_counted_as_the_stock_forward_runs_it(preset, frames):
+    """A video of nominal frames (the largest square frame the stock video processor keeps whole at that many
+    frames; 3 frames fill 2 temporal patches): its tokens are what the stock video path returns and the stock
+    forward accepts (Qwen3-VL: a run per temporal patch, a word between two, `Backbone.video_layout`), and the
+    prompt's FLOPs (the tower once per temporal patch, then the LLM) are what FlopCounterMode counts, exactly."""
+    stock = build_qwen(preset, num_layers=2)
     backbone = backbone_for(stock.config)
     temporal, visual = video_tokens(stock.config, frames)
     video = backbone.nominal_video_pixel_inputs(frames)
@@ -412,11 +414,18 @@ def test_qwen2_5_nominal_video_is_counted_as_the_stock_forward_runs_it(frames):
     assert video["video_grid_thw"].tolist() == [list(backbone.video_grid(frames))]
     with torch.no_grad():
         features = backbone.encode_videos(stock, visual, **video)
-    assert [len(clip) for clip in features] == [visual]
+    assert [clip.shape[-2] for clip in features] == [visual]
+    first, *runs = backbone.video_layout(frames)
+    assert len(runs) == (temporal - 1 if isinstance(backbone, Qwen3VL) else 0) and first + sum(runs) == visual
+    ids = [VIDEO] * first
+    for run in runs:
+        ids += [11] + [VIDEO] * run
     text = [BOS, 7, 8, QWEN_START, QWEN_END, 9, 10]
-    prompt = dict(input_ids=torch.tensor([text[:4] + [VIDEO] * visual + text[4:]]), **video)
-    assert prompt_token_counts(stock.config, prompt) == (torch.tensor([visual]), torch.tensor([len(text)]))
-    full = llm_prefill_flops(stock.config, visual, len(text), Schedule.full(stock.config), visual + len(text))
+    input_ids = torch.tensor([text[:4] + ids + text[4:]])
+    prompt = dict(input_ids=input_ids, mm_token_type_ids=2 * (input_ids == VIDEO).int(), **video)
+    words = len(text) + len(runs)
+    assert prompt_token_counts(stock.config, prompt) == (torch.tensor([visual]), torch.tensor([words]))
+    full = llm_prefill_flops(stock.config, visual, words, Schedule.full(stock.config), visual + words)
     assert checks.counted(lambda: stock(**prompt)) == video_vision_flops(stock.config, frames).total + full.total
 
 
@@ -428,16 +437,46 @@ def test_the_qwen2_5_vl_3b_preset_has_a_nominal_video_of_27x27_tokens_per_tempor
     config = presets.PRESETS["qwen2.5-vl-3b"]()
     backbone = backbone_for(config)
     assert BenchPlan("qwen2.5-vl-3b", video_frames=(8, 32)).visual_tokens == (4 * 27 * 27, 16 * 27 * 27)
-    assert backbone.largest_frame_size() == (756, 756)
+    assert backbone.largest_frame_size(32) == (756, 756)
     assert video_tokens(config, 32) == (16, 16 * 27 * 27)
     assert backbone.nominal_video_inputs(32)["video_grid_thw"].tolist() == [[16, 54, 54]]
     per_frame_grid = backbone.grid_flops(54, 54)
     assert video_vision_flops(config, 31).parts == {part: 16 * flops for part, flops in per_frame_grid.items()}
 
 
-def test_qwen2_5_video_geometry_refuses_an_empty_video():
+def test_the_qwen3_vl_2b_preset_s_nominal_video_frames_shrink_to_the_stock_bounds():
+    """The released shapes (`visor bench --preset qwen3-vl-2b --video-frames`): the stock video processor's pixel
+    bounds hold all a video's frames together (its 3-D `smart_resize`), so the nominal frame is the largest square of
+    32-pixel merged patches it keeps whole at that many frames (the next one up it shrinks), two frames per temporal
+    patch, the tower once per temporal patch."""
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor, smart_resize
+
+    from visor.bench import BenchPlan
+
+    config = presets.PRESETS["qwen3-vl-2b"]()
+    backbone = backbone_for(config)
+    bounds = dict(min_pixels=Qwen3VLVideoProcessor.size["shortest_edge"],
+                  max_pixels=Qwen3VLVideoProcessor.size["longest_edge"])
+    expected = []
+    for frames in (8, 32):
+        side, width = backbone.largest_frame_size(frames)
+        assert side == width and side % 32 == 0 and smart_resize(frames, side, side, 2, 32, **bounds) == (side, side)
+        assert smart_resize(frames, side + 32, side + 32, 2, 32, **bounds) != (side + 32, side + 32)
+        assert backbone.nominal_video_inputs(frames)["video_grid_thw"].tolist() == [[frames // 2, side // 16,
+                                                                                      side // 16]]
+        per_patch = backbone.grid_flops(side // 16, side // 16)
+        assert video_vision_flops(config, frames).parts == {part: frames // 2 * flops for part, flops in
+                                                            per_patch.items()}
+        expected.append(frames // 2 * (side // 32) ** 2)
+    assert backbone.largest_frame_size(32) < backbone.largest_frame_size(8)
+    assert BenchPlan("qwen3-vl-2b", video_frames=(8, 32)).visual_tokens == tuple(expected)
+
+
+def test_qwen_video_geometry_refuses_an_empty_video_and_qwen3_a_single_frame():
     with pytest.raises(ValueError, match="at least one frame"):
         video_tokens(presets.tiny_qwen2_5_vl(2), 0)
+    with pytest.raises(ValueError, match="a Qwen3VL video needs at least 2 frames"):
+        video_tokens(presets.tiny_qwen3_vl(2), 1)
 
 
 @pytest.mark.parametrize("rows", [QWEN_VIDEO_ONLY, QWEN_MIXED], ids=["video-only", "image-and-video"])

@@ -1,5 +1,5 @@
 """Video frames read with Pillow (GIF, WebP, a folder, a list), sampled uniformly, prepared as the stock processors
-prepare a crop; bad videos and broken settings are named."""
+prepare a crop; Qwen3-VL's timestamps and settings; bad videos and broken settings are named."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from PIL import Image
 from visor import presets
 from visor.backbones import backbone_for
 from visor.data.frames import (
-    GridVideoSettings, VideoSettings, load_frames, load_grid_video_settings, load_video_settings, sample_frames,
+    GridVideoSettings, TimedGridVideoSettings, VideoSettings, load_frames, load_grid_video_settings,
+    load_video_settings, sampled_frame_indices, temporal_patch_times,
 )
 
 COLOURS = [(250, 10, 10), (10, 250, 10), (10, 10, 250), (250, 250, 10), (10, 250, 250)]
@@ -79,11 +80,11 @@ def test_bad_videos_are_named(tmp_path):
 
 
 def test_sampling_spreads_the_frames_evenly():
-    frames = list(range(10))
-    assert sample_frames(frames, 4) == [0, 2, 5, 7]
-    assert sample_frames(frames, 10) == frames and sample_frames(frames[:3], 8) == [0, 1, 2]
+    assert sampled_frame_indices(10, 4) == [0, 2, 5, 7]
+    assert sampled_frame_indices(10, 10) == list(range(10)) and sampled_frame_indices(3, 8) == [0, 1, 2]
+    assert sampled_frame_indices(5, None) == list(range(5))  # no count: every frame
     with pytest.raises(ValueError, match="num_frames must be positive"):
-        sample_frames(frames, 0)
+        sampled_frame_indices(10, 0)
 
 
 @pytest.fixture(scope="module")
@@ -173,3 +174,60 @@ def test_a_qwen_video_config_is_read_over_the_stock_defaults_and_checked(tmp_pat
         path.write_text(json.dumps({**config, **fields}))
         with pytest.raises(ValueError, match=message):
             load_grid_video_settings(tmp_path, backbone, image_processor)
+
+
+def test_temporal_patch_times_are_the_stock_qwen3_vl_timestamps():
+    """The mean time of each temporal patch's first and last frame, the last frame repeated to fill the last patch:
+    the stock processor's own computation, float for float (its text rounds them to one decimal)."""
+    from transformers import Qwen3VLProcessor
+
+    rng = np.random.default_rng(0)
+    for count in (1, 2, 3, 8, 15):
+        indices = sorted(rng.integers(0, 500, size=count).tolist())
+        for fps in (24, 2.5):
+            expected = Qwen3VLProcessor._calculate_timestamps(None, list(indices), fps, 2)
+            assert temporal_patch_times(indices, 2, fps) == expected
+    assert temporal_patch_times([0, 12, 24], 2) == [0.25, 1.0]
+
+
+def test_a_qwen3_video_config_is_read_over_the_stock_defaults_and_checked(tmp_path, caplog):
+    """Without a video config, the image processor's pixel bounds and normalisation, sampled as the stock video
+    processor samples by default (2 a second, 4 to 768 frames); with one, its fields over the stock defaults."""
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    backbone = backbone_for(presets.tiny_qwen3_vl(2))
+    image_processor = backbone.image_processor_class(min_pixels=1024, max_pixels=4096, image_mean=[0.5] * 3,
+                                                     image_std=[0.25] * 3)
+    with caplog.at_level(logging.WARNING):
+        defaults = load_grid_video_settings(tmp_path, backbone, image_processor, TimedGridVideoSettings)
+    assert "has no video_preprocessor_config.json" in caplog.text and "2 frames a second" in caplog.text
+    assert defaults == TimedGridVideoSettings(min_pixels=1024, max_pixels=4096, image_mean=(0.5,) * 3,
+                                              image_std=(0.25,) * 3)
+    assert (defaults.fps, defaults.min_frames, defaults.max_frames, defaults.do_sample_frames) == (
+        Qwen3VLVideoProcessor.fps, Qwen3VLVideoProcessor.min_frames, Qwen3VLVideoProcessor.max_frames, True)
+    path = tmp_path / "video_preprocessor_config.json"
+    path.write_text(json.dumps({"video_processor_type": "Qwen3VLVideoProcessor", "patch_size": 8}))
+    assert load_grid_video_settings(tmp_path, backbone, image_processor, TimedGridVideoSettings) == (
+        TimedGridVideoSettings(min_pixels=Qwen3VLVideoProcessor.size["shortest_edge"],
+                               max_pixels=Qwen3VLVideoProcessor.size["longest_edge"], image_mean=(0.5,) * 3,
+                               image_std=(0.5,) * 3))
+    config = {"size": {"shortest_edge": 512, "longest_edge": 8192}, "fps": 1, "min_frames": 2, "max_frames": 16}
+    path.write_text(json.dumps(config))
+    settings = load_grid_video_settings(tmp_path, backbone, image_processor, TimedGridVideoSettings)
+    assert (settings.min_pixels, settings.max_pixels, settings.fps, settings.min_frames, settings.max_frames) == (
+        512, 8192, 1, 2, 16)
+    path.write_text(json.dumps({**config, "fps": None, "num_frames": 6}))
+    assert load_grid_video_settings(tmp_path, backbone, image_processor, TimedGridVideoSettings).num_frames == 6
+    broken = [
+        ({"video_processor_type": "Qwen2VLVideoProcessor"}, "processed by Qwen3VLVideoProcessor"),
+        ({"patch_size": 14}, "patch_size is 14, but the model config expects 8"),
+        ({"num_frames": 6}, "num_frames and fps are mutually exclusive"),
+        ({"fps": None, "num_frames": 0}, "num_frames must be a positive integer"),
+        ({"fps": -1}, "fps must be a positive number or null"),
+        ({"max_frames": 0}, "max_frames must be a positive integer"),
+        ({"cap_pixels_per_frame": True}, "cap_pixels_per_frame .* is not supported"),
+    ]
+    for fields, message in broken:
+        path.write_text(json.dumps({**config, **fields}))
+        with pytest.raises(ValueError, match=message):
+            load_grid_video_settings(tmp_path, backbone, image_processor, TimedGridVideoSettings)

@@ -11,6 +11,7 @@ from PIL import Image, ImageFile
 
 from visor import presets
 from visor.flops import image_tokens
+from visor.data.frames import Clip
 from visor.data.processor import VisorProcessor, load_image
 from visor.data.render import CLASS_ID, IGNORE_INDEX
 from visor.data.tasks import make_sample
@@ -310,8 +311,8 @@ def test_families_and_tokenizers_without_video_refuse_videos(tokenizer, tmp_path
     gif = _gif(tmp_path / "clip.gif", 2)
     with pytest.raises(ValueError, match="Qwen2VL models take no video"):
         VisorProcessor(presets.tiny_qwen2_vl(), tokenizer)(None, "what ?", videos=gif)
-    with pytest.raises(ValueError, match="prepares no video for Qwen3VL models yet"):
-        VisorProcessor(presets.tiny_qwen3_vl(), tokenizer)(None, "what ?", videos=gif)
+    with pytest.raises(ValueError, match="InternVL models take no video"):
+        VisorProcessor(presets.tiny_internvl3(), tokenizer)(None, "what ?", videos=gif)
     config = presets.tiny()
     config.video_token_id = 9  # a word of the tokenizer, not its <video> token
     processor = VisorProcessor(config, tokenizer)
@@ -376,22 +377,23 @@ def test_qwen2_5_vl_video_grids_tokens_and_token_types(tokenizer, frames):
     torch.testing.assert_close(batch["second_per_grid_ts"], torch.full((3,), 2 / 24))
     counts = (batch["input_ids"] == presets.TINY_VIDEO_TOKEN_ID).sum(1).tolist()
     assert counts == [t * h * w // 4 for t, h, w in expected]
-    assert counts == [processor.videos.token_count(video) for video in videos]
+    assert counts == [processor.videos.token_count(Clip.of(video)) for video in videos]
     for row, count in zip(batch["input_ids"], counts):
         start = int((row == presets.TINY_VISION_START_TOKEN_ID).nonzero())
         assert int((row == presets.TINY_VISION_END_TOKEN_ID).nonzero()) == start + count + 1
     assert torch.equal(batch["mm_token_type_ids"], 2 * (batch["input_ids"] == presets.TINY_VIDEO_TOKEN_ID).int())
 
 
-def test_qwen2_5_vl_tokens_of_the_nominal_video_are_the_adapter_s(tokenizer):
-    """At the stock video processor's default bounds, a clip of the adapter's largest frame has the tokens the
-    adapter counts for a nominal video (`Backbone.video_tokens`, what FLOPs and benches use)."""
-    backbone = _qwen_processor(tokenizer).backbone
-    processor = _qwen_processor(tokenizer, min_pixels=backbone.min_frame_pixels,
-                                max_pixels=backbone.max_frame_pixels)
-    height, width = backbone.largest_frame_size()
-    for frames in (1, 2, 5):
-        clip = [Image.new("RGB", (width, height))] * frames
+@pytest.mark.parametrize("family", ["qwen2.5-vl", "qwen3-vl"])
+def test_qwen_vl_tokens_of_the_nominal_video_are_the_adapter_s(tokenizer, family):
+    """At the stock video processor's default bounds, a clip of the adapter's largest frame for its frame count has
+    the tokens the adapter counts for a nominal video (`Backbone.video_tokens`, what FLOPs and benches use)."""
+    make = _qwen_processor if family == "qwen2.5-vl" else _qwen3_processor
+    backbone = make(tokenizer).backbone
+    processor = make(tokenizer, min_pixels=backbone.min_frame_pixels, max_pixels=backbone.max_frame_pixels)
+    for frames in (1, 2, 5) if family == "qwen2.5-vl" else (2, 3, 5, 8):
+        height, width = backbone.largest_frame_size(frames)
+        clip = Clip.of([Image.new("RGB", (width, height))] * frames)
         assert processor.videos.token_count(clip) == backbone.video_tokens(frames).visual_tokens
         assert processor.videos.grid(clip) == backbone.video_grid(frames)
 
@@ -462,3 +464,157 @@ def test_qwen2_5_vl_video_settings_survive_save_and_load(tokenizer, tmp_path):
     reloaded = VisorProcessor.from_pretrained(tmp_path / "every", config=processor.backbone.config)
     assert reloaded.videos.settings == every_frame.videos.settings and reloaded.videos.settings.num_frames is None
     assert reloaded(None, "what ?", videos=gif)["video_grid_thw"][0, 0] == 5  # all 9 frames
+
+
+# ---- Qwen3-VL videos ---------------------------------------------------------------------------------------------
+def _qwen3_processor(tokenizer, padding_side="left", **settings):
+    from visor.data.frames import TimedGridVideoSettings
+
+    config = presets.tiny_qwen3_vl(num_layers=2)
+    video_settings = None if not settings else TimedGridVideoSettings(**{
+        "min_pixels": 4 * 256, "max_pixels": 4 * 64 * 256, "image_mean": (0.5,) * 3, "image_std": (0.5,) * 3,
+        **settings})
+    return VisorProcessor(config, tokenizer, padding_side=padding_side, video_settings=video_settings)
+
+
+def _stock_qwen3_video_processor(settings):
+    """The stock Qwen3-VL video processor with these settings: its sampling and its 3-D resize rule run without
+    torchvision (its resizing and normalising do not)."""
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    return Qwen3VLVideoProcessor(
+        patch_size=8, merge_size=2, temporal_patch_size=2, fps=settings.fps, min_frames=settings.min_frames,
+        max_frames=settings.max_frames, size={"shortest_edge": settings.min_pixels,
+                                              "longest_edge": settings.max_pixels})
+
+
+@pytest.mark.parametrize("total", [1, 3, 7, 30, 47, 100])
+def test_qwen3_vl_samples_frames_as_the_stock_video_processor(tokenizer, total):
+    """By fps of frames taken as 24 a second (no timing), within min_frames … max_frames and the video's own count;
+    a count the call gives instead (the stock processor's num_frames with no fps), frames repeating where the video
+    is shorter; every frame where the settings do not sample."""
+    from transformers.video_utils import VideoMetadata
+
+    processor = _qwen3_processor(tokenizer, max_frames=6)
+    stock = _stock_qwen3_video_processor(processor.videos.settings)
+    frames = _images([(16, 16)] * total, seed=total)
+    for num_frames in (None, 5):
+        clip = processor.videos.load(frames, num_frames)
+        expected = stock.sample_frames(VideoMetadata(total_num_frames=total), num_frames=num_frames,
+                                       fps=None if num_frames else stock.fps).tolist()
+        assert list(clip.indices) == expected and clip.frames == [frames[index] for index in expected]
+    every = _qwen3_processor(tokenizer, do_sample_frames=False)
+    assert every.videos.load(frames).indices == tuple(range(total))
+
+
+def test_qwen3_vl_frames_are_the_stock_image_processor_s_pixels_in_temporal_patches(tokenizer):
+    """Where the 3-D resize of a still clip gives the frame the stock PIL image processor gives it (the bounds
+    scaled by the temporal patch), the clip's pixels are exactly the image processor's; a moving clip's frames
+    take their temporal positions, the last one repeated to fill the last patch; the grid is the stock video
+    processor's resize rule."""
+    import dataclasses
+
+    processor = _qwen3_processor(tokenizer, do_sample_frames=False)
+    settings = processor.videos.settings
+    frame_processor = dataclasses.replace(settings, min_pixels=settings.min_pixels // 2,
+                                          max_pixels=settings.max_pixels // 2).frame_processor(processor.backbone)
+    frames = _images([(50, 120)] * 5, seed=3)
+    stock = [frame_processor([frame], return_tensors="np") for frame in frames]
+    grid = stock[0]["image_grid_thw"][0].tolist()
+    still = processor(None, "what is it ?", videos=[[frames[0]] * 2])
+    np.testing.assert_array_equal(still["pixel_values_videos"].numpy(), stock[0]["pixel_values"])
+    assert still["video_grid_thw"].tolist() == [grid]
+    moving = processor(None, "what is it ?", videos=[frames[:4]])  # the bounds hold 4 frames unscaled, as 2
+    per_patch = grid[1] * grid[2]
+    pixels = _patches_by_frame(moving["pixel_values_videos"].numpy()).reshape(2, per_patch, 2, 3, 64)
+    for index in range(4):
+        expected = _patches_by_frame(stock[index]["pixel_values"])[:, 0]
+        np.testing.assert_array_equal(pixels[index // 2, :, index % 2], expected)
+    odd = processor(None, "what is it ?", videos=[frames])
+    reference = _stock_qwen3_video_processor(settings)
+    for batch, count in ((moving, 4), (odd, 5)):
+        assert int(batch["video_grid_thw"].prod()) == reference.get_num_of_video_patches(count, 50, 120)
+    last = _patches_by_frame(odd["pixel_values_videos"].numpy())
+    last = last.reshape(3, -1, 2, 3, 64)[2]
+    np.testing.assert_array_equal(last[:, 0], last[:, 1])  # the fifth frame fills the third temporal patch
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_qwen3_vl_video_prompts_give_dense_visor_the_stock_logits(tokenizer, padding_side):
+    """Each temporal patch's tokens after its timestamp and between start and end tokens; videos of different
+    lengths and sizes beside images, padded: the stock model (which raises when the video tokens and features
+    disagree) and dense VISOR read the processor's batch alike, and the frames reach the answer."""
+    from visor.backbones import backbone_for, family
+    from visor.data.frames import temporal_patch_times
+
+    processor = _qwen3_processor(tokenizer, padding_side)
+    config = processor.backbone.config
+    videos = [_images([(30, 40)] * 30, seed=1), _images([(64, 100)] * 4, seed=2), _images([(90, 50)] * 3, seed=3)]
+    batch = processor([Image.new("RGB", (50, 70), (200, 30, 30)), Image.new("RGB", (64, 64)), _images([(40, 90)])[0]],
+                      ["what moves ?", "what is it ?", "how many ?"], videos=videos)
+    assert set(batch) == {"input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos",
+                          "video_grid_thw", "mm_token_type_ids"}
+    assert batch["video_grid_thw"][:, 0].tolist() == [2, 2, 2]  # 4 of 30 frames; 4; 3 in 2 temporal patches
+    for row, video, grid in zip(batch["input_ids"].tolist(), videos, batch["video_grid_thw"].tolist()):
+        clip = processor.videos.load(video)
+        expected = []
+        for seconds in temporal_patch_times(clip.indices, 2):
+            expected += tokenizer(f"<{seconds:.1f} seconds>", add_special_tokens=False)["input_ids"]
+            expected += [presets.TINY_VISION_START_TOKEN_ID] + [config.video_token_id] * (grid[1] * grid[2] // 4)
+            expected += [presets.TINY_VISION_END_TOKEN_ID]
+        framed = [presets.TINY_VISION_START_TOKEN_ID, *expected, presets.TINY_VISION_END_TOKEN_ID]
+        assert any(row[index:index + len(framed)] == framed for index in range(len(row)))
+        assert row.count(config.video_token_id) == processor.videos.token_count(clip)
+    assert torch.equal(batch["mm_token_type_ids"], (batch["input_ids"] == config.image_token_id).int()
+                       + 2 * (batch["input_ids"] == config.video_token_id).int())
+    torch.manual_seed(0)
+    stock = backbone_for(config).stock_model_class(config).eval()
+    module = family(config)
+    dense = module.VISOR_MODEL.from_stock(stock, module.VISOR_MODEL.config_class.dense(config)).eval()
+    with torch.no_grad():
+        expected, actual = stock(**batch).logits, dense(**batch).logits
+    valid = batch["attention_mask"].bool()
+    assert not valid.all()
+    torch.testing.assert_close(actual[valid], expected[valid], atol=1e-5, rtol=0)
+    with torch.no_grad():  # the frames reach the answer: other pixels, other logits
+        changed = stock(**{**batch, "pixel_values_videos": batch["pixel_values_videos"].flip(0)}).logits
+    assert not torch.allclose(changed[valid], expected[valid])
+
+
+def test_qwen3_vl_bad_videos_give_clear_errors(tokenizer, tmp_path):
+    from visor.data.frames import GridVideoSettings
+
+    processor = _qwen3_processor(tokenizer)
+    with pytest.raises(ValueError, match="Qwen3VL video needs at least 2 frames"):
+        processor(None, "what ?", videos=[[Image.new("RGB", (40, 30))]])
+    with pytest.raises(ValueError, match="frames differ in size: 40x30, 50x30 px"):
+        processor(None, "what ?", videos=[[Image.new("RGB", (40, 30)), Image.new("RGB", (50, 30))]])
+    with pytest.raises(ValueError, match="absolute aspect ratio must be smaller than 200"):
+        processor(None, "what ?", videos=[[Image.new("RGB", (8, 2000))] * 2])
+    with pytest.raises(ValueError, match="num_frames must be positive"):
+        processor(None, "what ?", videos=[[Image.new("RGB", (40, 30))] * 2], num_frames=-1)
+    with pytest.raises(ValueError, match="frames must be whole 16-pixel merged patches"):
+        _qwen3_processor(tokenizer, do_resize=False)(None, "what ?", videos=[[Image.new("RGB", (40, 32))] * 2])
+    with pytest.raises(ValueError, match="Qwen3VL videos take TimedGridVideoSettings, got GridVideoSettings"):
+        VisorProcessor(presets.tiny_qwen3_vl(), tokenizer, video_settings=GridVideoSettings(
+            min_pixels=256, max_pixels=4096, image_mean=(0.5,) * 3, image_std=(0.5,) * 3))
+
+
+def test_qwen3_vl_video_settings_survive_save_and_load(tokenizer, tmp_path):
+    from visor.data.frames import load_grid_video_settings, TimedGridVideoSettings
+
+    gif = _gif(tmp_path / "clip.gif", 9)
+    for index, settings in enumerate([dict(fps=None, num_frames=4, image_mean=(0.4, 0.45, 0.5), resample=2),
+                                      dict(fps=48, min_frames=2, max_frames=6), dict(do_sample_frames=False)]):
+        processor = _qwen3_processor(tokenizer, **settings)
+        batch = processor(None, "what ?", videos=gif)
+        folder = tmp_path / f"saved{index}"
+        processor.save_pretrained(folder)
+        saved = load_grid_video_settings(folder, processor.backbone, processor.images.image_processor,
+                                         TimedGridVideoSettings)
+        assert saved == processor.videos.settings
+        loaded = VisorProcessor.from_pretrained(folder, config=processor.backbone.config, padding_side="left")
+        assert loaded.videos.settings == processor.videos.settings
+        again = loaded(None, "what ?", videos=gif)
+        assert sorted(again) == sorted(batch) and all(torch.equal(again[key], batch[key]) for key in batch)
+        assert batch["video_grid_thw"][0, 0] == [2, 3, 5][index]  # 4 frames; 6 (18 a second of 9); all 9

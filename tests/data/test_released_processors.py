@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from transformers import (
 from transformers.video_utils import make_batched_metadata
 
 from visor.backbones import backbone_for, checkpoint_config
+from visor.data.frames import Clip, load_frames
 from visor.data.processor import VisorProcessor, load_chat_template
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -163,7 +165,7 @@ def test_video_prompts_equal_the_stock_processor(released, tmp_path):
     conversations = [[{"role": "user", "content": [{"type": "image"}] * len(row) + [{"type": "video"}, {
         "type": "text", "text": "what moves ?"}]}] for row in rows]
     texts = [stock.apply_chat_template(messages, add_generation_prompt=True) for messages in conversations]
-    frames = ours.videos.load(tmp_path / "clip.gif")
+    frames = ours.videos.load(tmp_path / "clip.gif").frames
     assert len(frames) == len(clip)
     expected = stock(images=[images["rgba"]], videos=[frames] * 3, text=texts, return_tensors="pt", padding=True,
                      padding_side="left")
@@ -185,7 +187,7 @@ class GridFramesAsPrepared:
         self.temporal_patch_size = ours.videos.frame_processor.temporal_patch_size
 
     def __call__(self, videos, **kwargs):
-        prepared = self.videos([videos])
+        prepared = self.videos([[Clip.of(video) for video in videos]])
         metadata = make_batched_metadata([np.stack([np.asarray(frame) for frame in video]) for video in videos], None)
         return BatchFeature({"pixel_values_videos": prepared["pixel_values_videos"],
                              "video_grid_thw": prepared["video_grid_thw"], "video_metadata": metadata})
@@ -205,12 +207,66 @@ def test_qwen2_5_vl_video_prompts_equal_the_stock_processor(released, tmp_path):
     conversations = [[{"role": "user", "content": [{"type": "image"}] * len(row) + [{"type": "video"}] * len(videos)
                        + [{"type": "text", "text": "what moves ?"}]}] for row, videos in zip(rows, clips)]
     texts = [stock.apply_chat_template(messages, add_generation_prompt=True) for messages in conversations]
-    frames = [ours.videos.load(video) for row in clips for video in row]
+    frames = [ours.videos.load(video).frames for row in clips for video in row]
     assert [len(video) for video in frames] == [3, 2, 2, 3]  # every frame: the folder's settings do not sample
     expected = stock(images=[images["rgba"]], videos=frames, text=texts, return_tensors="pt", padding=True,
                      padding_side="left")
     assert "second_per_grid_ts" in expected and int((expected["mm_token_type_ids"] == 2).sum()) > 0
     _assert_same(ours.conversations(rows, conversations, prompt_only=True, videos=clips), expected)
+    asked = ours(None, ["what moves ?"], videos=[tmp_path / "clip.gif"])  # the question API asks the same
+    assert torch.equal(asked["input_ids"][0], expected["input_ids"][0][expected["attention_mask"][0].bool()])
+
+
+class TimedFramesAsPrepared:
+    """The Qwen3-VL stock processor's video half, which needs torchvision to resize and normalise: the folder's stock
+    `Qwen3VLVideoProcessor` samples the frames (its own `_decode_and_sample_videos`, with the metadata it makes for
+    frames given without any), and `ours` prepares the frames it keeps, so that the stock sampling, timestamps,
+    video-token expansion, token types and padding are what is compared."""
+
+    def __init__(self, ours, folder):
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+        self.videos = ours.videos
+        self.stock = Qwen3VLVideoProcessor.from_pretrained(folder)
+        self.merge_size, self.temporal_patch_size = self.stock.merge_size, self.stock.temporal_patch_size
+
+    def __call__(self, videos, **kwargs):
+        sample = partial(self.stock.sample_frames, num_frames=self.stock.num_frames, fps=self.stock.fps)
+        sampled, metadata = self.stock._decode_and_sample_videos(videos, video_metadata=None, do_sample_frames=True,
+                                                                 sample_indices_fn=sample)
+        clips = [Clip([Image.fromarray(frame) for frame in video], tuple(entry.frames_indices.tolist()))
+                 for video, entry in zip(sampled, metadata)]
+        prepared = self.videos([clips])
+        return BatchFeature({"pixel_values_videos": prepared["pixel_values_videos"],
+                             "video_grid_thw": prepared["video_grid_thw"], "video_metadata": metadata})
+
+
+def test_qwen3_vl_video_prompts_equal_the_stock_processor(released, tmp_path):
+    """Qwen3-VL's video prompts: the frames the stock video processor samples (2 a second of untimed frames, at
+    least 4, at most the video's), each temporal patch after its timestamp between its own start and end tokens,
+    token types, with images, left-padded; the grids are the stock video processor's 3-D resize of the frames."""
+    folder = released["qwen3-vl"]
+    stock, ours = both_processors(folder, "qwen3-vl")
+    stock.video_processor = TimedFramesAsPrepared(ours, folder)
+    images = sample_images()
+    clip = [images[kind].convert("RGB").resize((70, 50)) for kind in ("portrait", "panorama", "tiny")]
+    clip[0].save(tmp_path / "clip.gif", save_all=True, append_images=clip[1:], duration=100)
+    rng = np.random.default_rng(1)
+    long = [Image.fromarray(rng.integers(0, 256, size=(30, 90, 3), dtype=np.uint8)) for _ in range(50)]
+    rows, clips = [[], [images["rgba"]], []], [[tmp_path / "clip.gif"], [long], [long[:20], tmp_path / "clip.gif"]]
+    conversations = [[{"role": "user", "content": [{"type": "image"}] * len(row) + [{"type": "video"}] * len(videos)
+                       + [{"type": "text", "text": "what moves ?"}]}] for row, videos in zip(rows, clips)]
+    texts = [stock.apply_chat_template(messages, add_generation_prompt=True) for messages in conversations]
+    frames = [load_frames(video) for row in clips for video in row]
+    expected = stock(images=[images["rgba"]], videos=frames, text=texts, return_tensors="pt", padding=True,
+                     padding_side="left")
+    assert "seconds>" in stock.tokenizer.decode(expected["input_ids"][1])
+    assert [len(ours.videos.load(video)) for video in frames] == [3, 4, 4, 3]
+    _assert_same(ours.conversations(rows, conversations, prompt_only=True, videos=clips), expected)
+    for video, grid in zip(frames, expected["video_grid_thw"].tolist()):
+        kept = len(ours.videos.load(video))
+        assert stock.video_processor.stock.get_num_of_video_patches(kept, video[0].height, video[0].width) == (
+            grid[0] * grid[1] * grid[2])
     asked = ours(None, ["what moves ?"], videos=[tmp_path / "clip.gif"])  # the question API asks the same
     assert torch.equal(asked["input_ids"][0], expected["input_ids"][0][expected["attention_mask"][0].bool()])
 

@@ -129,16 +129,17 @@ def test_a_video_suite_gives_each_prompt_its_whole_clip():
     assert batch["labels"].ne(-100).any(dim=1).all()
     prompts = next(source.eval_batches("validation", 2, 8))
     assert prompts.inputs["pixel_values_videos"].shape[:2] == (8, 8) and "labels" not in prompts.inputs
-    with pytest.raises(ValueError, match="prepares no video for Qwen3VL models yet"):
-        resolve_data("synthetic@video", presets.tiny_qwen3_vl(), seed=0)
+    with pytest.raises(ValueError, match="InternVL models take no video"):
+        resolve_data("synthetic@video", presets.tiny_internvl3(), seed=0)
 
 
-def test_a_qwen2_5_vl_video_suite_gives_each_prompt_its_whole_clip_in_temporal_patches(tmp_path):
-    """Qwen2.5-VL reads the clips as its processor prepares them (8 frames: 4 temporal patches of the 64 x 64
-    frames' patch grid), and trains on them from scratch."""
+@pytest.mark.parametrize("preset", ["tiny-qwen2.5-vl", "tiny-qwen3-vl"])
+def test_a_qwen_vl_video_suite_gives_each_prompt_its_whole_clip_in_temporal_patches(tmp_path, preset):
+    """Qwen2.5-VL (Qwen3-VL) reads the clips as its processor prepares them (8 frames: 4 temporal patches of the
+    64 x 64 frames' patch grid; Qwen3-VL's each after its timestamp), and trains on them from scratch."""
     from visor.backbones import backbone_for
 
-    config = presets.tiny_qwen2_5_vl(2)
+    config = presets.PRESETS[preset](2)
     source = resolve_data("synthetic@video", config, seed=0)
     batch = source.train_batch([0, 1, 2, 3])
     assert batch["video_grid_thw"].tolist() == [[4, 8, 8]] * 4 and "pixel_values" not in batch
@@ -148,7 +149,7 @@ def test_a_qwen2_5_vl_video_suite_gives_each_prompt_its_whole_clip_in_temporal_p
     with torch.no_grad():  # the stock model raises when the video tokens and features disagree
         assert torch.isfinite(backbone_for(config).stock_model_class(config).eval()(**batch).loss)
     summary = train("full", "synthetic@video:which_frame", tmp_path / "full", fast_settings(max_steps=2),
-                    model_preset="tiny-qwen2.5-vl", progress=False)
+                    model_preset=preset, progress=False)
     assert set(next(iter(summary["validation"]["accuracy"].values()))) == {"which_frame", "mean"}
     records = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     assert [record["loss"] > 0 for record in records if "loss" in record] == [True, True]

@@ -61,9 +61,9 @@ class Backbone:
     stock_model_class: type  # the family's transformers class
     image_inputs: tuple[str, ...]  # the stock forward's image arguments besides `pixel_values`
     video_inputs: tuple[str, ...] = ()  # the stock forward's video arguments the adapter reads (none: video refused)
-    # The stock video processor whose settings `visor.data.processor` reads to prepare frames as it does (None:
-    # the processor prepares no video for the family), and the frames a video keeps when those settings do not say
-    # (a family whose stock video processor keeps every frame unless told to sample, as Qwen2.5-VL's, has none).
+    # The stock video processor whose settings `visor.data.processor` reads to prepare frames as it does (every
+    # family with `video_inputs` names one), and the frames a video keeps when those settings do not say (a family
+    # whose stock video processor samples otherwise, as Qwen2.5-VL's and Qwen3-VL's, has none).
     video_processor_name: str | None = None
     default_video_frames: int
     image_processor_class: type  # the family's stock PIL image processor (`visor.data.processor` loads its settings)
@@ -199,6 +199,12 @@ class Backbone:
         everything that counts or benches a video asks this first."""
         reads = "reads video but its adapter" if self.video_inputs else "takes no video and"
         raise ValueError(f"{type(self).__name__} {reads} has no video geometry (Backbone.video_tokens)")
+
+    def video_layout(self, frames: int) -> list[int]:
+        """The lengths of the unbroken runs of video tokens that one video of `frames` nominal frames makes in a
+        prompt, in order (text stands between them where the family's processor writes some): one run of all its
+        `video_tokens`."""
+        return [self.video_tokens(frames).visual_tokens]
 
     def video_vision_flops(self, frames: int) -> dict[str, int]:
         """FLOPs of the vision tower and the projector on one video of `frames` frames, by part (a family with

@@ -1,21 +1,21 @@
 """Qwen2.5-VL: Qwen2-VL's adapter (`visor.backbones.qwen2_vl.QwenVL`: positions, image tokens, the vision tower)
 on the Qwen2.5-VL classes (windowed attention and a SwiGLU MLP in the vision tower; the same M-RoPE, merger and
-token layout), with video (the stock video features and temporal positions; a nominal video's tokens and FLOPs,
-at the stock video processor's largest frame; the processor side is `visor.data.processor.GridVideos`), and the
-family's `VisorQwen2_5_VLConfig` (model type `visor_qwen2_5_vl`) and `VisorQwen2_5_VLForConditionalGeneration`.
+token layout), with video (the stock video features and temporal positions; a nominal video's tokens and FLOPs
+at the stock video processor's largest frame, `visor.backbones.qwen2_vl.QwenVideo`; the processor side is
+`visor.data.processor.GridVideos`), and the family's `VisorQwen2_5_VLConfig` (model type `visor_qwen2_5_vl`) and
+`VisorQwen2_5_VLForConditionalGeneration`.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 from transformers.video_utils import VideoMetadata
 
-from visor.backbones.base import ImageTokens, linear_flops
-from visor.backbones.qwen2_vl import QwenVL
+from visor.backbones.base import linear_flops
+from visor.backbones.qwen2_vl import QwenVideo
 from visor.config import VisorConfigMixin
 from visor.modeling.visor import VisorModel
 
@@ -30,7 +30,7 @@ class VisorQwen2_5_VLConfig(VisorConfigMixin, Qwen2_5_VLConfig):
 AutoConfig.register("visor_qwen2_5_vl", VisorQwen2_5_VLConfig)
 
 
-class Qwen2_5_VL(QwenVL):
+class Qwen2_5_VL(QwenVideo):
     stock_model_class = Qwen2_5_VLForConditionalGeneration
     # Video through the stock `get_video_features`, its temporal M-RoPE positions through the stock `get_rope_index`.
     video_inputs = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
@@ -41,32 +41,10 @@ class Qwen2_5_VL(QwenVL):
     max_frame_pixels = 28 * 28 * 768
 
     # ---- video geometry -----------------------------------------------------------------------------------------
-    def largest_frame_size(self) -> tuple[int, int]:
-        """The nominal video's frame (height, width): the largest square the stock video processor keeps whole,
-        its frame pixel bound rounded down to the merged patch (as `largest_image_size` is for images)."""
-        side = math.isqrt(self.max_frame_pixels) // self.merged_patch * self.merged_patch
-        return side, side
-
-    def video_grid(self, frames: int) -> tuple[int, int, int]:
-        """(t, h, w) patches of a video of `frames` nominal frames: the frames in whole temporal patches (the stock
-        processor repeats the last frame to fill the final one), each `largest_frame_size` in patches."""
-        if frames <= 0:
-            raise ValueError(f"a video needs at least one frame, got {frames}")
-        vision = self.config.vision_config
-        height, width = (side // vision.patch_size for side in self.largest_frame_size())
-        return math.ceil(frames / vision.temporal_patch_size), height, width
-
-    def video_tokens(self, frames):
-        """Temporal patches (each runs through the vision tower as one image grid) and merged tokens:
-        t × (h / merge) × (w / merge)."""
-        temporal, height, width = self.video_grid(frames)
-        return ImageTokens(temporal, temporal * height * width // self.config.vision_config.spatial_merge_size**2)
-
-    def video_vision_flops(self, frames):
-        """t times one frame grid's `grid_flops`: the stock tower attends within each temporal patch alone, in its
-        full-attention blocks (one sequence per temporal patch) as in its windows."""
-        temporal, height, width = self.video_grid(frames)
-        return {part: temporal * flops for part, flops in self.grid_flops(height, width).items()}
+    def resized_frames(self, frames: int, height: int, width: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+        """Each frame alone within the pixel bounds, in whole merged patches (Qwen's `smart_resize`, as for an
+        image), whatever `frames` is."""
+        return smart_resize(height, width, self.merged_patch, min_pixels, max_pixels)
 
     def seconds_per_temporal_patch(self, frames: int) -> float:
         """What the stock processor writes as a video's `second_per_grid_ts` when its `frames` frames come without
@@ -76,12 +54,8 @@ class Qwen2_5_VL(QwenVL):
 
     def nominal_video_inputs(self, frames):
         """The grid, and seconds per temporal patch as the stock processor computes them for untimed frames."""
-        return {"video_grid_thw": torch.tensor([self.video_grid(frames)]),
+        return {**super().nominal_video_inputs(frames),
                 "second_per_grid_ts": torch.tensor([self.seconds_per_temporal_patch(frames)])}
-
-    def nominal_video_pixel_inputs(self, frames):
-        inputs = self.nominal_video_inputs(frames)
-        return {"pixel_values_videos": self.random_patches(inputs["video_grid_thw"]), **inputs}
 
     def vision_mlp_flops(self, patches: int) -> int:
         vision = self.config.vision_config

@@ -6,7 +6,7 @@ come from the stock `get_rope_index` over the whole prompt (3 rows: time, height
 text position by its grid's longer side, not by its token count), token counts from the stock processor's
 `smart_resize`. An image is one grid of (h/merge) × (w/merge) tokens in row-major order, with no separator
 tokens inside it. Qwen2.5-VL (`visor.backbones.qwen2_5_vl`) shares all of it but the classes; Qwen3-VL
-(`visor.backbones.qwen3_vl`) adds DeepStack.
+(`visor.backbones.qwen3_vl`) adds DeepStack. The two read video, and share a nominal video's geometry (`QwenVideo`).
 """
 
 from __future__ import annotations
@@ -242,6 +242,57 @@ class QwenVL(Backbone):
 
     def vision_layers(self, model):
         return self.vision_tower(model).blocks
+
+
+class QwenVideo(QwenVL):
+    """What the Qwen-VL families that read video share (Qwen2.5-VL, Qwen3-VL): a nominal video's geometry and cost,
+    from the family's frame-resize rule (`resized_frames`) at its stock video processor's bounds on a frame's
+    pixels (`min_frame_pixels` … `max_frame_pixels`). A video runs through the tower one temporal patch at a time."""
+
+    min_frame_pixels: int
+    max_frame_pixels: int
+
+    def resized_frames(self, frames: int, height: int, width: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+        """The (height, width) the stock video processor resizes the frames of a `frames`-frame video to."""
+        raise NotImplementedError
+
+    def largest_frame_size(self, frames: int) -> tuple[int, int]:
+        """The nominal frame (height, width) of a video of `frames` frames: the largest square of whole merged
+        patches that the stock video processor keeps whole at its default bounds (as `largest_image_size` is for
+        images)."""
+        merged = self.merged_patch
+        side = math.isqrt(self.max_frame_pixels) // merged * merged
+        while side > merged and self.resized_frames(frames, side, side, self.min_frame_pixels,
+                                                    self.max_frame_pixels) != (side, side):
+            side -= merged
+        return side, side
+
+    def video_grid(self, frames: int) -> tuple[int, int, int]:
+        """(t, h, w) patches of a video of `frames` nominal frames: the frames in whole temporal patches (the stock
+        processor repeats the last frame to fill the final one), each `largest_frame_size` in patches."""
+        if frames <= 0:
+            raise ValueError(f"a video needs at least one frame, got {frames}")
+        vision = self.config.vision_config
+        height, width = (side // vision.patch_size for side in self.largest_frame_size(frames))
+        return math.ceil(frames / vision.temporal_patch_size), height, width
+
+    def video_tokens(self, frames):
+        """Temporal patches (each runs through the vision tower as one image grid) and merged tokens:
+        t × (h / merge) × (w / merge)."""
+        temporal, height, width = self.video_grid(frames)
+        return ImageTokens(temporal, temporal * height * width // self.config.vision_config.spatial_merge_size**2)
+
+    def video_vision_flops(self, frames):
+        """t times one frame grid's `grid_flops`: the stock tower attends within each temporal patch alone."""
+        temporal, height, width = self.video_grid(frames)
+        return {part: temporal * flops for part, flops in self.grid_flops(height, width).items()}
+
+    def nominal_video_inputs(self, frames):
+        return {"video_grid_thw": torch.tensor([self.video_grid(frames)])}
+
+    def nominal_video_pixel_inputs(self, frames):
+        inputs = self.nominal_video_inputs(frames)
+        return {"pixel_values_videos": self.random_patches(inputs["video_grid_thw"]), **inputs}
 
 
 @strict

@@ -2,13 +2,16 @@
 
 transformers' video processors need torchvision (and a decoder such as PyAV for video files); here a video is
 what Pillow reads: a list of frames (PIL images, image files or uint8 arrays), a folder of frame images (in name
-order), or an animated GIF or WebP. `sample_frames` keeps a uniform subset with transformers' own
-`default_sample_indices_fn`, as the stock processors sample. `VideoSettings` prepares each frame as LLaVA-OV's
-stock video processor does (resize to its size, rescale, normalise), with transformers' PIL image functions;
+order), or an animated GIF or WebP. A loaded video is a `Clip`: the frames kept and their indices in the video.
+`sampled_frame_indices` keeps a uniform subset with transformers' own `default_sample_indices_fn`, as the stock
+processors of LLaVA-OV and Qwen2.5-VL sample. `VideoSettings` prepares each frame as LLaVA-OV's stock video
+processor does (resize to its size, rescale, normalise), with transformers' PIL image functions;
 `GridVideoSettings` holds what Qwen2.5-VL's stock video processor prepares frames with (pixel bounds,
-normalisation), for the family's stock PIL image processor to apply. Both come from the checkpoint's
-`video_preprocessor_config.json` when the folder has one, else from the family's image settings (the frames go
-through the same vision tower as the images; LLaVA-OV's at the vision tower's crop size).
+normalisation), for the family's stock PIL image processor to apply; `TimedGridVideoSettings` adds what Qwen3-VL's
+samples by (frames a second, of frames taken as `UNTIMED_FPS` a second: frames read with Pillow have no times) and
+`temporal_patch_times` the times its prompts write. All come from the checkpoint's `video_preprocessor_config.json`
+when the folder has one, else from the family's image settings (the frames go through the same vision tower as the
+images; LLaVA-OV's at the vision tower's crop size).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageSequence, UnidentifiedImageError
 from transformers.image_transforms import normalize, rescale, resize
 from transformers.image_utils import ChannelDimension, PILImageResampling
+from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 from transformers.video_utils import VideoMetadata, default_sample_indices_fn
 
 from visor.data.images import MAX_IMAGE_PIXELS, ImageLike, load_image
@@ -31,7 +35,28 @@ VIDEO_PREPROCESSOR_CONFIG = "video_preprocessor_config.json"
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 ANIMATED_SUFFIXES = (".gif", ".webp")
 
+# The frame rate transformers' processors take for frames that come without metadata (a list of frames, as Pillow
+# reads them): `VideoMetadata.sampled_fps`'s default, and what Qwen3-VL's processor samples and times frames by.
+UNTIMED_FPS = 24
+
 VideoLike = str | Path | Sequence[ImageLike]
+
+
+@dataclass(frozen=True)
+class Clip:
+    """A video as loaded for a prompt: the frames kept (sampled, or all of them) and their indices in the video (a
+    frame may be kept twice where the stock sampling repeats it)."""
+
+    frames: list[Image.Image]
+    indices: tuple[int, ...]
+
+    @classmethod
+    def of(cls, frames: list[Image.Image]) -> Clip:
+        """Every frame of a video, in order."""
+        return cls(list(frames), tuple(range(len(frames))))
+
+    def __len__(self) -> int:
+        return len(self.frames)
 
 
 def load_frames(video: VideoLike, min_side: int = 1) -> list[Image.Image]:
@@ -78,24 +103,44 @@ def _animation_frames(path: Path, min_side: int) -> list[Image.Image]:
         raise ValueError(f"{path} is truncated or corrupt: {error}") from error
 
 
-def sampled_frame_indices(total: int, num_frames: int) -> list[int]:
+def sampled_frame_indices(total: int, num_frames: int | None) -> list[int]:
     """The indices of `num_frames` frames spread uniformly over a video of `total` (transformers'
-    `default_sample_indices_fn`, as the stock processors sample); a shorter video keeps all its frames."""
-    if num_frames <= 0:
+    `default_sample_indices_fn`, as the stock processors sample); a shorter video keeps all its frames, and so does
+    every video where `num_frames` is None."""
+    if num_frames is not None and num_frames <= 0:
         raise ValueError(f"num_frames must be positive, got {num_frames}")
-    if total <= num_frames:
+    if num_frames is None or total <= num_frames:
         return list(range(total))
     return [int(index) for index in default_sample_indices_fn(VideoMetadata(total_num_frames=total),
                                                               num_frames=num_frames)]
 
 
-def sample_frames(frames: list, num_frames: int) -> list:
-    """`num_frames` frames spread uniformly over the video (`sampled_frame_indices`)."""
-    return [frames[index] for index in sampled_frame_indices(len(frames), num_frames)]
+def temporal_patch_times(indices: Sequence[int], temporal_patch_size: int, fps: float = UNTIMED_FPS) -> list[float]:
+    """Seconds into the video of each temporal patch of these frames, as Qwen3-VL's stock processor writes them
+    before the patch: the mean of its first and last frame's time (the last frame repeated to fill the last patch),
+    each frame's time its index / `fps`."""
+    padded = [*indices, *[indices[-1]] * (-len(indices) % temporal_patch_size)]
+    times = [index / fps for index in padded]
+    return [(times[start] + times[start + temporal_patch_size - 1]) / 2
+            for start in range(0, len(times), temporal_patch_size)]
+
+
+class UniformSampling:
+    """How LLaVA-OV's and Qwen2.5-VL's settings keep frames: spread uniformly (`sampled_frame_indices`), as many as
+    the call asks, else `num_frames` (None: every frame)."""
+
+    num_frames: int | None
+
+    def frame_indices(self, total: int, num_frames: int | None = None) -> list[int]:
+        return sampled_frame_indices(total, num_frames or self.num_frames)
+
+    def sampling_fields(self) -> dict:
+        """The sampling fields as a video config writes them."""
+        return {"do_sample_frames": self.num_frames is not None, "num_frames": self.num_frames}
 
 
 @dataclass(frozen=True)
-class VideoSettings:
+class VideoSettings(UniformSampling):
     """How the family's stock video processor prepares a frame, and how many frames a video keeps."""
 
     size: tuple[int, int]  # (height, width) every frame is resized to
@@ -128,7 +173,7 @@ class VideoSettings:
 
 def read_video_config(folder: str | Path | None, backbone) -> tuple[Path, dict] | None:
     """`folder`'s `video_preprocessor_config.json` and its settings (None: there is none); a ValueError names a
-    config of another family, a broken mean or std, and sampling by fps (frames read with Pillow have no times)."""
+    config of another family or a broken mean or std."""
     path = None if folder is None else Path(folder) / VIDEO_PREPROCESSOR_CONFIG
     if path is None or not path.is_file():
         return None
@@ -142,11 +187,15 @@ def read_video_config(folder: str | Path | None, backbone) -> tuple[Path, dict] 
         if value is not None and (not isinstance(value, list) or len(value) != 3
                                   or not all(isinstance(v, (int, float)) for v in value)):
             raise ValueError(f"{path}: {field} must be 3 numbers (one per RGB channel), got {value!r}")
+    return path, settings
+
+
+def _refuse_sampling_by_fps(path: Path, settings: dict) -> None:
+    """Where the stock processor would sample by fps from the video's metadata, which frames read with Pillow lack."""
     if settings.get("fps") is not None and settings.get("num_frames") is None and settings.get(
             "do_sample_frames", True):
         raise ValueError(f"{path}: sampling by fps needs frame times, which frames read with Pillow lack; set "
                          "num_frames instead")
-    return path, settings
 
 
 def load_video_settings(folder: str | Path | None, backbone, image_processor) -> VideoSettings:
@@ -166,6 +215,7 @@ def load_video_settings(folder: str | Path | None, backbone, image_processor) ->
                 side, defaults["num_frames"])
         return VideoSettings(**defaults)
     path, settings = found
+    _refuse_sampling_by_fps(path, settings)
     chosen = dict(defaults)
     for field in ("image_mean", "image_std"):
         if settings.get(field) is not None:
@@ -185,7 +235,7 @@ def load_video_settings(folder: str | Path | None, backbone, image_processor) ->
 
 
 @dataclass(frozen=True)
-class GridVideoSettings:
+class GridVideoSettings(UniformSampling):
     """How the Qwen-VL families' stock video processor (`Qwen2VLVideoProcessor`) prepares a video: each frame
     resized to whole merged patches within `min_pixels` … `max_pixels` (Qwen's `smart_resize`), rescaled and
     normalised, as the family's image processor prepares an image; and how many frames a video keeps (None: every
@@ -202,6 +252,19 @@ class GridVideoSettings:
     do_rescale: bool = True
     do_normalize: bool = True
 
+    @classmethod
+    def sampling(cls, path: Path, settings: dict) -> dict:
+        """The sampling fields of a video config: `num_frames` where it samples, else every frame (None); sampling
+        by fps is refused (it needs frame times)."""
+        _refuse_sampling_by_fps(path, settings)
+        if settings.get("do_sample_frames") and settings.get("num_frames") is not None:
+            _check_num_frames(path, settings["num_frames"])
+            return {"num_frames": settings["num_frames"]}
+        return {}
+
+    def describe_sampling(self) -> str:
+        return "every frame kept" if self.num_frames is None else f"{self.num_frames} frames kept"
+
     def frame_processor(self, backbone):
         """The family's stock PIL image processor with these settings and the vision config's patch sizes: what
         prepares each frame."""
@@ -215,15 +278,78 @@ class GridVideoSettings:
             do_normalize=self.do_normalize)
 
 
-def load_grid_video_settings(folder: str | Path | None, backbone, image_processor) -> GridVideoSettings:
-    """The video settings of `folder`'s `video_preprocessor_config.json` over the stock video processor's defaults
-    (`backbone.min_frame_pixels` … `max_frame_pixels`, the family's normalisation); else (a warning says so) the
-    settings of `image_processor`, as the stock processor then reads `preprocessor_config.json` for its video half,
-    every frame kept. A ValueError names a config of another family, patch sizes the model does not read, or a
-    broken field."""
+@dataclass(frozen=True)
+class TimedGridVideoSettings(GridVideoSettings):
+    """How Qwen3-VL's stock video processor (`Qwen3VLVideoProcessor`) prepares a video: as `GridVideoSettings`, but
+    its pixel bounds hold all the video's frames together (its 3-D `smart_resize`), and it samples frames unless
+    `do_sample_frames` is off: `num_frames` of them where set, else `fps` a second of a video it takes as
+    `UNTIMED_FPS` frames a second (frames read with Pillow have no times), at least `min_frames` and at most
+    `max_frames` and the video's own count; with neither, every frame, repeated up to `min_frames`. Defaults: the
+    stock video processor's."""
+
+    fps: float | None = Qwen3VLVideoProcessor.fps
+    min_frames: int = Qwen3VLVideoProcessor.min_frames
+    max_frames: int = Qwen3VLVideoProcessor.max_frames
+    do_sample_frames: bool = Qwen3VLVideoProcessor.do_sample_frames
+
+    def frame_indices(self, total: int, num_frames: int | None = None) -> list[int]:
+        """The indices of the frames kept of a video of `total` frames (`num_frames`: the call's count, sampled as
+        the stock processor samples a count it is given, with no fps), rounded from an even spread as the stock
+        processor rounds them: frames may repeat."""
+        if num_frames is not None and num_frames <= 0:
+            raise ValueError(f"num_frames must be positive, got {num_frames}")
+        count = num_frames or (self.num_frames if self.do_sample_frames else None)
+        if count is None and not self.do_sample_frames:
+            return list(range(total))
+        if count is None and self.fps is not None:
+            count = min(max(int(total / UNTIMED_FPS * self.fps), self.min_frames), self.max_frames, total)
+        elif count is None:
+            count = min(max(total, self.min_frames), self.max_frames)
+        return np.linspace(0, total - 1, count).round().astype(int).tolist()
+
+    @classmethod
+    def sampling(cls, path: Path, settings: dict) -> dict:
+        """The sampling fields of a video config over the stock defaults; both `num_frames` and `fps` set (the stock
+        default fps counts) is refused, as the stock processor refuses it."""
+        chosen = {field: settings.get(field, getattr(cls, field))
+                  for field in ("num_frames", "fps", "min_frames", "max_frames", "do_sample_frames")}
+        if chosen["num_frames"] is not None:
+            _check_num_frames(path, chosen["num_frames"])
+            if chosen["do_sample_frames"] and chosen["fps"] is not None:
+                raise ValueError(f"{path}: num_frames and fps are mutually exclusive (fps defaults to "
+                                 f"{cls.fps}): set fps to null to sample num_frames")
+        if chosen["fps"] is not None and (isinstance(chosen["fps"], bool) or not isinstance(
+                chosen["fps"], (int, float)) or chosen["fps"] <= 0):
+            raise ValueError(f"{path}: fps must be a positive number or null, got {chosen['fps']!r}")
+        for field in ("min_frames", "max_frames"):
+            if isinstance(chosen[field], bool) or not isinstance(chosen[field], int) or chosen[field] <= 0:
+                raise ValueError(f"{path}: {field} must be a positive integer, got {chosen[field]!r}")
+        return chosen
+
+    def sampling_fields(self) -> dict:
+        return {"do_sample_frames": self.do_sample_frames, "num_frames": self.num_frames,
+                "fps": None if self.num_frames is not None else self.fps, "min_frames": self.min_frames,
+                "max_frames": self.max_frames}
+
+    def describe_sampling(self) -> str:
+        if not self.do_sample_frames:
+            return "every frame kept"
+        if self.num_frames is not None:
+            return f"{self.num_frames} frames kept"
+        return (f"{self.fps} frames a second kept of frames taken as {UNTIMED_FPS} a second "
+                f"({self.min_frames} to {self.max_frames})")
+
+
+def load_grid_video_settings(folder: str | Path | None, backbone, image_processor,
+                             settings_class: type[GridVideoSettings] = GridVideoSettings) -> GridVideoSettings:
+    """The video settings (`settings_class`) of `folder`'s `video_preprocessor_config.json` over the stock video
+    processor's defaults (`backbone.min_frame_pixels` … `max_frame_pixels`, the family's normalisation, the class's
+    sampling); else (a warning says so) the settings of `image_processor`, as the stock processor then reads
+    `preprocessor_config.json` for its video half, sampled as the stock video processor samples by default. A
+    ValueError names a config of another family, patch sizes the model does not read, or a broken field."""
     found = read_video_config(folder, backbone)
     if found is None:
-        settings = GridVideoSettings(
+        settings = settings_class(
             min_pixels=image_processor.size["shortest_edge"], max_pixels=image_processor.size["longest_edge"],
             image_mean=tuple(image_processor.image_mean), image_std=tuple(image_processor.image_std),
             rescale_factor=image_processor.rescale_factor, resample=int(image_processor.resample),
@@ -232,8 +358,8 @@ def load_grid_video_settings(folder: str | Path | None, backbone, image_processo
         if folder is not None:
             logging.getLogger(__name__).warning(
                 "%s has no %s: video frames get the image processor's settings (%d to %d pixels, mean %s, std %s), "
-                "every frame kept", folder, VIDEO_PREPROCESSOR_CONFIG, settings.min_pixels, settings.max_pixels,
-                list(settings.image_mean), list(settings.image_std))
+                "%s", folder, VIDEO_PREPROCESSOR_CONFIG, settings.min_pixels, settings.max_pixels,
+                list(settings.image_mean), list(settings.image_std), settings.describe_sampling())
         return settings
     path, settings = found
     vision = backbone.config.vision_config
@@ -258,10 +384,7 @@ def load_grid_video_settings(folder: str | Path | None, backbone, image_processo
     for field in ("rescale_factor", "resample", "do_resize", "do_rescale", "do_normalize"):
         if settings.get(field) is not None:
             chosen[field] = settings[field]
-    if settings.get("do_sample_frames") and settings.get("num_frames") is not None:
-        chosen["num_frames"] = settings["num_frames"]
-        _check_num_frames(path, chosen["num_frames"])
-    return GridVideoSettings(**chosen)
+    return settings_class(**chosen, **settings_class.sampling(path, settings))
 
 
 def _check_num_frames(path: Path, num_frames) -> None:

@@ -15,21 +15,26 @@ What the stock processor of a family would give, piece by piece (`VisorProcessor
   multimodal templates do) gets them; one that renders text only gets the text with the image token in place.
   Qwen-VL's image tokens always sit between the vision start and end tokens, InternVL's between the tokenizer's
   `<img>` and `</img>` (added when a template does not write them).
-- **videos** (LLaVA-OV and Qwen2.5-VL; the other families refuse them): frames read with Pillow and sampled
-  uniformly (`visor.data.frames`; every frame where Qwen2.5-VL's settings do not sample), prepared with the
-  folder's `video_preprocessor_config.json`, else the image settings with a warning (LLaVA-OV: its normalisation at
-  the crop size; Qwen2.5-VL: its pixel bounds and normalisation, as the stock processor then reads the image
-  config). LLaVA-OV: (videos, frames, 3, crop, crop) `pixel_values_videos`, the video token expanded to as many
-  copies as the model computes for that many frames (`Backbone.video_tokens`). Qwen2.5-VL: each frame prepared by
-  the stock PIL image processor at the video's pixel bounds, every `temporal_patch_size` frames one temporal patch
-  (the last frame repeated to fill it), flattened into `pixel_values_videos` with `video_grid_thw` and
-  `second_per_grid_ts` (temporal_patch_size / 24, the stock processor's rate for untimed frames); `<|video_pad|>`
-  expanded to the grid's merged patches between the vision start and end tokens, `mm_token_type_ids` 2 there.
+- **videos** (LLaVA-OV, Qwen2.5-VL and Qwen3-VL; Qwen2-VL and InternVL refuse them): frames read with Pillow
+  (`visor.data.frames`, no frame times) and sampled as the stock video processor samples them (LLaVA-OV and
+  Qwen2.5-VL uniformly, Qwen2.5-VL every frame unless its settings sample; Qwen3-VL by fps of frames taken as 24 a
+  second), prepared with the folder's `video_preprocessor_config.json`, else the image settings with a warning
+  (LLaVA-OV: its normalisation at the crop size; the Qwen-VL families: their pixel bounds and normalisation, as
+  the stock processor then reads the image config). LLaVA-OV: (videos, frames, 3, crop, crop)
+  `pixel_values_videos`, the video token expanded to as many copies as the model computes for that many frames
+  (`Backbone.video_tokens`). Qwen2.5-VL and Qwen3-VL: the frames resized as the stock video processor resizes them
+  (Qwen2.5-VL each within the pixel bounds, Qwen3-VL all together within them) and prepared by the stock PIL image
+  processor, every `temporal_patch_size` frames one temporal patch (the last frame repeated to fill it), flattened
+  into `pixel_values_videos` with `video_grid_thw`, `mm_token_type_ids` 2 at the video tokens. Qwen2.5-VL: with
+  `second_per_grid_ts` (temporal_patch_size / 24, the stock processor's rate for untimed frames), `<|video_pad|>`
+  expanded to the grid's merged patches between the vision start and end tokens; Qwen3-VL: each temporal patch's
+  merged patches after its timestamp ("<t seconds>" from the kept frames' indices at 24 a second) between vision
+  start and end tokens of their own.
 
 The families' full processors cannot be built without torchvision (their video half), which is why the pieces are
 put together here; the tests check the result equals the stock processor's, byte for byte (for videos, the stock
-processor's expansion of frames prepared here: its video half needs torchvision; Qwen2.5-VL's frame pixels equal
-its stock image processor's for a still frame).
+processor's expansion of frames prepared here: its video half needs torchvision; the Qwen-VL families' frame pixels
+equal their stock image processor's for a still frame).
 
 VISOR adds only the training side: `labels` are -100 except on every assistant turn (its tokens and the
 end-of-sequence token after them). Pass per-pixel `class_maps` to also get `patch_targets` (batch, max_crops,
@@ -53,13 +58,14 @@ import numpy as np
 import torch
 from PIL import Image
 from transformers import BatchFeature, PreTrainedTokenizerBase
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+from transformers.image_transforms import resize
+from transformers.image_utils import ChannelDimension
 
 from visor.backbones import backbone_for
 from visor.data.crops import CropLayout
 from visor.data.frames import (
-    VIDEO_PREPROCESSOR_CONFIG, GridVideoSettings, VideoLike, VideoSettings, load_frames, load_grid_video_settings,
-    load_video_settings, sample_frames,
+    VIDEO_PREPROCESSOR_CONFIG, Clip, GridVideoSettings, TimedGridVideoSettings, VideoLike, VideoSettings,
+    load_frames, load_grid_video_settings, load_video_settings, temporal_patch_times,
 )
 from visor.data.images import ImageLike, load_image
 from visor.data.render import IGNORE_INDEX
@@ -94,8 +100,8 @@ class AnyresImages:
         released 384-pixel crops of 14-pixel patches have none, and need none)."""
         return CropLayout.from_config(self.backbone.config)
 
-    def placeholder(self, token_id: int, count: int, framed: bool) -> list[int]:
-        return [token_id] * count
+    def frame(self, tokens: list[int], framed: bool) -> list[int]:
+        return tokens
 
     def token_count(self, image_size: tuple[int, int], images_in_prompt: int) -> int:
         """Visual tokens of a (height, width) image in a prompt of `images_in_prompt` images."""
@@ -133,10 +139,9 @@ class FramedImages:
     start: int | None
     end: int | None
 
-    def placeholder(self, token_id: int, count: int, framed: bool) -> list[int]:
+    def frame(self, tokens: list[int], framed: bool) -> list[int]:
         """An image's (a video's) tokens, between the start and end tokens unless the chat template wrote them
         (`framed`) or there are none."""
-        tokens = [token_id] * count
         return tokens if framed or self.start is None else [self.start, *tokens, self.end]
 
     def prompt_inputs(self, input_ids: torch.Tensor, image_token_id: int, video_token_id: int | None) -> dict:
@@ -222,22 +227,27 @@ def image_side(backbone) -> type:
 
 class Videos:
     """What the families' video inputs share: a video's frames read with Pillow (`visor.data.frames.load_frames`)
-    and sampled uniformly to the call's `num_frames`, else the settings' (None: every frame); the settings written
-    back as the checkpoint's `video_preprocessor_config.json`. A subclass makes the pixels and counts the tokens."""
+    and sampled as the settings sample (`frame_indices`: to the call's `num_frames`, else as the checkpoint says),
+    kept as a `Clip` (the frames and their indices); a video's tokens, as many video tokens as it counts; the
+    settings written back as the checkpoint's `video_preprocessor_config.json`. A subclass makes the pixels and
+    counts the tokens (`tokenizer`: for one whose prompts write text in a video, Qwen3-VL's timestamps)."""
 
-    def __init__(self, backbone, settings: VideoSettings | GridVideoSettings):
+    def __init__(self, backbone, settings: VideoSettings | GridVideoSettings, tokenizer=None):
         self.backbone, self.settings = backbone, settings
         self.min_side = backbone.config.vision_config.patch_size
 
-    def load(self, video: VideoLike, num_frames: int | None = None) -> list[Image.Image]:
+    def load(self, video: VideoLike, num_frames: int | None = None) -> Clip:
         frames = load_frames(video, self.min_side)
-        count = num_frames or self.settings.num_frames
-        return frames if count is None else sample_frames(frames, count)
+        indices = self.settings.frame_indices(len(frames), num_frames)
+        return Clip([frames[index] for index in indices], tuple(indices))
+
+    def tokens(self, clip: Clip) -> list[int]:
+        """A video's tokens in the prompt (before any start and end tokens around them)."""
+        return [self.backbone.config.video_token_id] * self.token_count(clip)
 
     def save_pretrained(self, folder: str | Path) -> None:
         settings = self.settings
-        content = {"video_processor_type": self.backbone.video_processor_name,
-                   "do_sample_frames": settings.num_frames is not None, "num_frames": settings.num_frames,
+        content = {"video_processor_type": self.backbone.video_processor_name, **settings.sampling_fields(),
                    **self.frame_fields(), "image_mean": list(settings.image_mean),
                    "image_std": list(settings.image_std),
                    "rescale_factor": settings.rescale_factor, "resample": settings.resample,
@@ -253,63 +263,85 @@ class VideoFrames(Videos):
 
     settings_class, load_settings = VideoSettings, staticmethod(load_video_settings)
 
-    def token_count(self, frames: list[Image.Image]) -> int:
-        return self.backbone.video_tokens(len(frames)).visual_tokens
+    def token_count(self, clip: Clip) -> int:
+        return self.backbone.video_tokens(len(clip)).visual_tokens
 
-    def __call__(self, rows: list[list[list[Image.Image]]]) -> dict:
+    def __call__(self, rows: list[list[Clip]]) -> dict:
         videos = [video for row in rows for video in row]
         counts = sorted({len(video) for video in videos})
         if len(counts) > 1:
             raise ValueError(f"the videos of a batch must keep the same number of frames, got {counts} (a video "
                              "shorter than num_frames keeps all its frames): pass num_frames at most the shortest")
-        return {"pixel_values_videos": torch.from_numpy(np.stack([self.settings.pixels(video) for video in videos]))}
+        return {"pixel_values_videos": torch.from_numpy(np.stack([self.settings.pixels(video.frames)
+                                                                  for video in videos]))}
 
     def frame_fields(self) -> dict:
         return {"size": dict(zip(("height", "width"), self.settings.size))}
 
 
 class GridVideos(Videos):
-    """Qwen2.5-VL's video inputs, as its stock video processor makes them: each frame prepared as the family's
-    stock image processor prepares an image, at the video settings' pixel bounds (`visor.data.frames.
-    GridVideoSettings`); every `temporal_patch_size` frames one temporal patch (the last frame repeated to fill the
-    last one), its patches flattened in the image processor's order. All videos' patches go in one (patches,
-    features) tensor, with each video's (t, h, w) grid and its seconds per temporal patch (frames read with Pillow
-    have no times: the stock rate, `seconds_per_temporal_patch`); a video's tokens are its grid's merged patches,
-    between the vision start and end tokens. Videos of a batch may differ in frame count and size."""
+    """Qwen2.5-VL's video inputs, as its stock video processor makes them: each frame resized to the family's frame
+    size within the video settings' pixel bounds (`Backbone.resized_frames`; `visor.data.frames.GridVideoSettings`)
+    and prepared as the family's stock image processor prepares an image; every `temporal_patch_size` frames one
+    temporal patch (the last frame repeated to fill the last one), its patches flattened in the image processor's
+    order. All videos' patches go in one (patches, features) tensor, with each video's (t, h, w) grid and its
+    seconds per temporal patch (frames read with Pillow have no times: the stock rate, `seconds_per_temporal_patch`);
+    a video's tokens are its grid's merged patches, between the vision start and end tokens. Videos of a batch may
+    differ in frame count and size."""
 
-    settings_class, load_settings = GridVideoSettings, staticmethod(load_grid_video_settings)
+    settings_class = GridVideoSettings
 
-    def __init__(self, backbone, settings: GridVideoSettings):
+    def __init__(self, backbone, settings: GridVideoSettings, tokenizer=None):
         super().__init__(backbone, settings)
         self.frame_processor = settings.frame_processor(backbone)
 
-    def grid(self, frames: list[Image.Image]) -> tuple[int, int, int]:
-        """(t, h, w) patches of a video of these frames: whole temporal patches, each frame's patch grid."""
-        processor = self.frame_processor
-        patch, merged = processor.patch_size, processor.patch_size * processor.merge_size
-        height, width = frames[0].height, frames[0].width
-        if self.settings.do_resize:
-            height, width = smart_resize(height, width, merged, self.settings.min_pixels, self.settings.max_pixels)
-        elif height % merged or width % merged:
+    @classmethod
+    def load_settings(cls, folder: str | Path | None, backbone, image_processor) -> GridVideoSettings:
+        return load_grid_video_settings(folder, backbone, image_processor, cls.settings_class)
+
+    def frame_size(self, clip: Clip) -> tuple[int, int]:
+        """The (height, width) of the clip's frames as prepared: resized by the family's rule within the pixel
+        bounds, or as they are (whole merged patches) where the settings do not resize."""
+        settings, processor = self.settings, self.frame_processor
+        merged = processor.patch_size * processor.merge_size
+        height, width = clip.frames[0].height, clip.frames[0].width
+        if settings.do_resize:
+            return self.backbone.resized_frames(len(clip), height, width, settings.min_pixels, settings.max_pixels)
+        if height % merged or width % merged:
             raise ValueError(f"frames must be whole {merged}-pixel merged patches without resizing (do_resize is "
                              f"off), got {width}x{height} px")
-        return math.ceil(len(frames) / processor.temporal_patch_size), height // patch, width // patch
+        return height, width
 
-    def token_count(self, frames: list[Image.Image]) -> int:
-        return math.prod(self.grid(frames)) // self.frame_processor.merge_size**2
+    def grid(self, clip: Clip) -> tuple[int, int, int]:
+        """(t, h, w) patches of a video of these frames: whole temporal patches, each frame's patch grid."""
+        patch = self.frame_processor.patch_size
+        height, width = self.frame_size(clip)
+        return math.ceil(len(clip) / self.frame_processor.temporal_patch_size), height // patch, width // patch
 
-    def __call__(self, rows: list[list[list[Image.Image]]]) -> dict:
+    def token_count(self, clip: Clip) -> int:
+        return math.prod(self.grid(clip)) // self.frame_processor.merge_size**2
+
+    def __call__(self, rows: list[list[Clip]]) -> dict:
         videos = [video for row in rows for video in row]
         return {"pixel_values_videos": torch.from_numpy(np.concatenate([self.patches(video) for video in videos])),
-                "video_grid_thw": torch.tensor([self.grid(video) for video in videos]),
-                "second_per_grid_ts": torch.tensor([self.backbone.seconds_per_temporal_patch(len(video))
+                "video_grid_thw": torch.tensor([self.grid(video) for video in videos]), **self.timing(videos)}
+
+    def timing(self, videos: list[Clip]) -> dict:
+        """Each video's seconds per temporal patch, at the stock rate for untimed frames."""
+        return {"second_per_grid_ts": torch.tensor([self.backbone.seconds_per_temporal_patch(len(video))
                                                     for video in videos])}
 
-    def patches(self, frames: list[Image.Image]) -> np.ndarray:
-        """(t·h·w, channels × temporal patch × patch²) float32: the frames through the stock image processor (which
-        repeats a still image over the temporal patch: one copy is kept per frame), grouped into temporal patches."""
+    def patches(self, clip: Clip) -> np.ndarray:
+        """(t·h·w, channels × temporal patch × patch²) float32: the frames resized to `frame_size` (transformers'
+        `resize`, as the stock PIL image processor resizes), then through the stock image processor (which repeats a
+        still image over the temporal patch: one copy is kept per frame), grouped into temporal patches."""
         temporal, patch = self.frame_processor.temporal_patch_size, self.frame_processor.patch_size
-        prepared = self.frame_processor(frames, return_tensors="np")
+        frames = clip.frames
+        if self.settings.do_resize:
+            size = self.frame_size(clip)
+            frames = [resize(frame, size, resample=self.settings.resample, return_numpy=False,
+                             input_data_format=ChannelDimension.LAST) for frame in frames]
+        prepared = self.frame_processor(frames, do_resize=False, return_tensors="np")
         per_frame = int(prepared["image_grid_thw"][0].prod())
         pixels = prepared["pixel_values"].reshape(len(frames), per_frame, -1, temporal, patch**2)[:, :, :, 0]
         pixels = np.concatenate([pixels, np.repeat(pixels[-1:], -len(frames) % temporal, axis=0)])
@@ -324,9 +356,38 @@ class GridVideos(Videos):
                 "temporal_patch_size": processor.temporal_patch_size}
 
 
+class TimedGridVideos(GridVideos):
+    """Qwen3-VL's video inputs, as its stock processor makes them: frames sampled by time (`visor.data.frames.
+    TimedGridVideoSettings`), resized together within the pixel bounds (its 3-D `smart_resize`) and prepared in
+    temporal patches as `GridVideos` prepares them, with no seconds per temporal patch: the time is in the text.
+    Each temporal patch's tokens follow its timestamp ("<t seconds>", one decimal, `temporal_patch_times` of the
+    kept frames' indices at `UNTIMED_FPS`), between vision start and end tokens of their own."""
+
+    settings_class = TimedGridVideoSettings
+
+    def __init__(self, backbone, settings: TimedGridVideoSettings, tokenizer=None):
+        super().__init__(backbone, settings)
+        self.tokenizer = tokenizer
+        self.start, self.end = backbone.config.vision_start_token_id, backbone.config.vision_end_token_id
+
+    def tokens(self, clip: Clip) -> list[int]:
+        temporal, height, width = self.grid(clip)
+        patch_tokens = [self.backbone.config.video_token_id] * (height * width // self.frame_processor.merge_size**2)
+        out: list[int] = []
+        for seconds in temporal_patch_times(clip.indices, self.frame_processor.temporal_patch_size):
+            out += self.tokenizer(f"<{seconds:.1f} seconds>", add_special_tokens=False)["input_ids"]
+            out += [self.start, *patch_tokens, self.end]
+        return out
+
+    def timing(self, videos: list[Clip]) -> dict:
+        return {}
+
+
 def video_side(backbone) -> type:
     """The class that makes `backbone`'s family's video inputs."""
-    return GridVideos if "video_grid_thw" in backbone.video_inputs else VideoFrames
+    if "video_grid_thw" not in backbone.video_inputs:
+        return VideoFrames
+    return GridVideos if "second_per_grid_ts" in backbone.video_inputs else TimedGridVideos
 
 
 def load_image_processor(folder: str | Path, backbone):
@@ -388,8 +449,9 @@ class VisorProcessor:
     `VisorProcessor.from_pretrained(folder)` takes everything from a checkpoint folder; the constructor takes a
     config and a tokenizer (the chat template: `chat_template`, else the tokenizer's) and, optionally, a stock image
     processor (default: the family's defaults, `Backbone.default_image_processor`) and, for a family that reads
-    video, its video settings (LLaVA-OV: `VideoSettings`, Qwen2.5-VL: `GridVideoSettings`; default: the family's
-    loader's, `load_video_settings` or `load_grid_video_settings`, from the image processor)."""
+    video, its video settings (LLaVA-OV: `VideoSettings`, Qwen2.5-VL: `GridVideoSettings`, Qwen3-VL:
+    `TimedGridVideoSettings`; default: the family's loader's, `load_video_settings` or `load_grid_video_settings`,
+    from the image processor)."""
 
     def __init__(self, config, tokenizer: PreTrainedTokenizerBase, padding_side: str = "right",
                  image_processor=None, chat_template: str | None = None, folder: str | Path | None = None,
@@ -413,10 +475,7 @@ class VisorProcessor:
         self.images = image_side(self.backbone)(self.backbone, image_processor, images_source, tokenizer)
         # `videos=` needs a family that reads video and a tokenizer that spells its video token; else it is refused.
         self.videos, self.no_video = None, f"{type(self.backbone).__name__} models take no video"
-        if self.backbone.video_inputs and self.backbone.video_processor_name is None:
-            self.no_video = (f"the processor prepares no video for {type(self.backbone).__name__} models yet (the "
-                             "model takes the stock video processor's inputs)")
-        elif self.backbone.video_inputs:
+        if self.backbone.video_inputs:
             try:
                 self.video_token = _image_token(tokenizer, config.video_token_id, tokenizer_source, "video")
             except ValueError as error:
@@ -424,11 +483,11 @@ class VisorProcessor:
             else:
                 self.video_token_id = config.video_token_id
                 side = video_side(self.backbone)
-                if video_settings is not None and not isinstance(video_settings, side.settings_class):
+                if video_settings is not None and type(video_settings) is not side.settings_class:
                     raise ValueError(f"{type(self.backbone).__name__} videos take {side.settings_class.__name__}, "
                                      f"got {type(video_settings).__name__}")
                 self.videos = side(self.backbone, video_settings or side.load_settings(folder, self.backbone,
-                                                                                       image_processor))
+                                                                                       image_processor), tokenizer)
         if video_settings is not None and self.videos is None:
             raise ValueError(f"video_settings given, but {self.no_video}")
         self.tokenizer = tokenizer
@@ -476,7 +535,7 @@ class VisorProcessor:
         see `visor.data.frames.load_frames`), after the row's image or instead of it (`images=None`), sampled to
         `num_frames` (default: the checkpoint's); the family's video inputs join the batch (LLaVA-OV:
         pixel_values_videos (videos, frames, 3, crop, crop); Qwen2.5-VL: pixel_values_videos (patches, features),
-        video_grid_thw and second_per_grid_ts)."""
+        video_grid_thw and second_per_grid_ts; Qwen3-VL: pixel_values_videos and video_grid_thw)."""
         questions = _as_list(questions, str)
         images = None if images is None else _as_list(images, (Image.Image, str, Path, np.ndarray))
         videos = None if videos is None else _as_list(videos, (str, Path))
@@ -663,10 +722,11 @@ class VisorProcessor:
         rest = text[len(before):]
         return self.tokenizer(rest, add_special_tokens=False)["input_ids"] if rest else []
 
-    def _expand_images(self, ids: list[int], labels: list[int], images: list[Image.Image],
-                       videos: list[list[Image.Image]], row: int) -> tuple[list[int], list[int], int]:
+    def _expand_images(self, ids: list[int], labels: list[int], images: list[Image.Image], videos: list[Clip],
+                       row: int) -> tuple[list[int], list[int], int]:
         """Each image-token id replaced by as many as the stock processor writes for that image, each video-token
-        id by as many as the model computes for that video's frames (in order); also where the last one ends."""
+        id by the tokens the stock processor writes for that video's frames (in order: `Videos.tokens`); also where
+        the last one ends."""
         video_id = self.video_token_id if self.videos is not None else None
         slots = [i for i, token in enumerate(ids) if token in (self.image_token_id, video_id)]
         for kind, token, items in (("image", self.image_token_id, images), ("video", video_id, videos)):
@@ -681,11 +741,11 @@ class VisorProcessor:
             framed = 0 < slot < len(ids) - 1 and (ids[slot - 1], ids[slot + 1]) == (
                 getattr(self.images, "start", None), getattr(self.images, "end", None))
             if ids[slot] == video_id:
-                count = self.videos.token_count(next(videos))
+                tokens = self.videos.tokens(next(videos))
             else:
                 image = next(images)
-                count = self.images.token_count((image.height, image.width), image_count)
-            placeholder = self.images.placeholder(ids[slot], count, framed)
+                tokens = [ids[slot]] * self.images.token_count((image.height, image.width), image_count)
+            placeholder = self.images.frame(tokens, framed)
             out_ids += ids[start:slot] + placeholder
             out_labels += labels[start:slot] + [IGNORE_INDEX] * len(placeholder)
             start = slot + 1
