@@ -19,7 +19,7 @@ import pytest
 
 from visor import cli
 from visor.data.suites import get_suite
-from visor.demo.pipeline import DONE, STAGES, DemoPlan
+from visor.demo.pipeline import CHECKPOINT, DONE, STAGES, DemoPlan
 
 REQUIRED = {"method", "setting", "task", "group", "accuracy", "llm_prefill_flops", "savings"}
 
@@ -213,6 +213,44 @@ def test_bad_data_or_suites_are_refused_before_anything_is_written(tmp_path, cap
     assert cli.main(["demo", "--quick", "--output", str(output), "--no-progress", option, value]) == 2
     assert value.split(",")[-1] in capsys.readouterr().err
     assert not output.exists()
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--variants", "demo-variants"], "holds video tasks but its variants 'demo-variants' hold image tasks"),
+    (["--trained-baselines"], "run it without --trained-baselines"),
+])
+def test_a_video_suite_refuses_image_variants_and_the_trained_baselines(tmp_path, capsys, arguments, message):
+    output = tmp_path / "bad"
+    assert cli.main(["demo", "--quick", "--suite", "video", "--checkpoint", str(CHECKPOINT), "--output", str(output),
+                     "--no-progress", *arguments]) == 2
+    assert message in capsys.readouterr().err
+    assert not output.exists()
+
+
+def test_the_quick_video_demo_sets_visor_beside_the_video_baselines(tmp_path):
+    """`--suite video` (from a full model given by --checkpoint: none is shipped for video yet) brings its conversion
+    mix and the video variants; every system is scored on clips (text-only drops the video's tokens), the baselines
+    are the video reductions, and the report says of each whether the policy beats it at the FLOPs nearest its own."""
+    import re
+
+    from visor.demo.pipeline import SUITE_DEFAULTS
+    from visor.reduction import VIDEO_METHODS
+
+    output = tmp_path / "video"
+    assert cli.main(["demo", "--quick", "--suite", "video", "--checkpoint", str(CHECKPOINT), "--output", str(output),
+                     "--no-progress"]) == 0
+    plan = json.loads((output / "plan.json").read_text())
+    assert plan["variants"] == "video-variants" and plan["training_data"] == SUITE_DEFAULTS["video"]["training_data"]
+    results = json.loads((output / "report" / "results.json").read_text())
+    assert {row["task"] for row in results["rows"]} == set(get_suite("video").task_names)
+    assert {row["method"] for row in results["rows"]} == {"full", "text-only", "visor", "visor-policy",
+                                                          *VIDEO_METHODS}
+    full = next(row for row in results["groups"] if row["method"] == "full" and row["group"] == "hard")
+    text_only = next(row for row in results["groups"] if row["method"] == "text-only" and row["group"] == "hard")
+    assert text_only["llm_prefill_flops"] < full["llm_prefill_flops"] / 5  # a clip's tokens are most of a prompt
+    report = (output / "report" / "report.md").read_text()
+    for method in VIDEO_METHODS:
+        assert re.search(rf"\b{re.escape(method)} at \S+ \([\d.]+x, nearest to the policy's", report), method
 
 
 def test_a_bad_router_mode_is_refused_before_anything_is_written(tmp_path):

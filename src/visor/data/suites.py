@@ -120,6 +120,11 @@ SUITES: dict[str, Suite] = {
                             "easy-VQA's yes/no forms, positive and negated, balanced"),
     "video": Suite("video", VIDEO_SIZE, tuple(VIDEO_TASKS.values()),
                    "the video tasks at their default knobs: 8 frames of 64x64 px"),
+    "video-curriculum": Suite(
+        "video-curriculum", VIDEO_SIZE,
+        (get_video_task("which_frame", shapes=3, object_size=0.3), get_video_task("count_frames", shapes=3, object_size=0.3),
+         get_video_task("what_changed"), get_video_task("dominant_color_video")),
+        "the video tasks with the named shape twice as large (19 px) among fewer shapes: the step before `video`"),
     "video-variants": Suite("video-variants", VIDEO_SIZE, VIDEO_VARIANT_TASKS,
                             "the video tasks at knobs `video` never uses: held-out variants"),
 }

@@ -33,14 +33,16 @@ def register(subparsers) -> None:
                              "model shipped for the suite)")
     parser.add_argument("--suite", default=DemoPlan.suite, metavar="NAME",
                         help="what every system is scored on (default %(default)s); two-hop adds key_digit, the digit "
-                             "in a key circle's colour, and brings its own shipped full model and the defaults below "
-                             "(other suites of `visor.data.suites` need --checkpoint)")
+                             "in a key circle's colour, and brings its own shipped full model and the defaults below; "
+                             "video scores clips against the video baselines (frame subsampling, EVS-style pruning, "
+                             "video pooling) and brings its defaults, but no full model is shipped for it yet (other "
+                             "suites of `visor.data.suites`, and video, need --checkpoint)")
     parser.add_argument("--training-data", default=None, metavar="SPEC",
                         help="what the conversion trains on, a `visor train --data` spec (default: the mix the "
                              f"suite's shipped model was trained on last; for demo: {DemoPlan.training_data})")
     parser.add_argument("--variants", default=None, metavar="NAME",
                         help="held-out task variants the policy is also reported on (default: the suite's, "
-                             "demo-variants or two-hop-variants)")
+                             "demo-variants, two-hop-variants or video-variants)")
     parser.add_argument("--freeze-vision-tower", default=None, action=argparse.BooleanOptionalAction,
                         help="keep the vision tower fixed in universal training, so that what a task needs beyond its "
                              "features is computed where VISOR's configurations differ (default: only for two-hop, "

@@ -51,12 +51,15 @@ DEMO_MIX = ("synthetic@demo-train:read_cell*3,bar_value,count_marks*2,dominant_c
             "easy_vqa_balanced*4,easy_vqa_yes_no*2,easy_vqa_color_yes_no*2")
 TWO_HOP_MIX = ("synthetic@two-hop-train:read_cell*3,bar_value,count_marks*2,dominant_color,"
                "easy_vqa_balanced*4,easy_vqa_yes_no*2,easy_vqa_color_yes_no*2,key_digit*3")
+VIDEO_MIX = "synthetic@video:which_frame*2,count_frames*2,what_changed*2,dominant_color_video"
 # What `--suite NAME` brings along unless told otherwise: the shipped full model trained for that suite (by the
-# script named in its TRAINING.md), the conversion's data, the held-out variants, and whether universal training
-# keeps the vision tower fixed (the two-hop model was taught key_digit with it fixed; see docs/two-hop).
+# script named in its TRAINING.md; none yet for video, so `--suite video` needs `--checkpoint`), the conversion's
+# data, the held-out variants, and whether universal training keeps the vision tower fixed (the two-hop model was
+# taught key_digit with it fixed; see docs/two-hop).
 SUITE_DEFAULTS = {
     "demo": dict(training_data=DEMO_MIX, variants="demo-variants", freeze_vision_tower=False),
     "two-hop": dict(training_data=TWO_HOP_MIX, variants="two-hop-variants", freeze_vision_tower=True),
+    "video": dict(training_data=VIDEO_MIX, variants="video-variants", freeze_vision_tower=False),
 }
 SHIPPED_CHECKPOINTS = {"demo": CHECKPOINT, "two-hop": Path(__file__).parent / "checkpoint-two-hop"}
 STAGES = ("full", "stage1", "universal", "policy", "evaluate", "report")
@@ -164,7 +167,14 @@ class Demo:
 
         hf_logging.disable_progress_bar()  # per-file loading/saving bars would bury the demo's own progress
         # Bad suites, a suite without a shipped model and bad data specs fail here, before the folder is touched.
-        get_suite(self.plan.suite), get_suite(self.plan.variants)
+        suite, variants = get_suite(self.plan.suite), get_suite(self.plan.variants)
+        if suite.video != variants.video:
+            kinds = {True: "video", False: "image"}
+            raise ValueError(f"suite {suite.name!r} holds {kinds[suite.video]} tasks but its variants "
+                             f"{variants.name!r} hold {kinds[variants.video]} tasks: pick variants of the same kind")
+        if self.trained_baselines and suite.video:
+            raise ValueError(f"--trained-baselines trains on pooled images (pool-fine-tuned, m3); suite {suite.name!r} "
+                             "holds videos: run it without --trained-baselines")
         self.training_data
         if self.plan.router_mode not in ROUTER_MODES:
             raise ValueError(f"router mode must be one of {ROUTER_MODES}, got {self.plan.router_mode!r}")
@@ -413,7 +423,8 @@ class Demo:
         """The rows that need only the shipped full model: itself, text-only, the baselines applied to it."""
         tokens = self.plan.max_new_tokens
         yield "full", "all tokens", lambda: _stock_system(self.full_model(), tokens)
-        yield "text-only", "no image", lambda: _text_only(self.full_model(), tokens)
+        floor = "no video" if self.data.suite.video else "no image"
+        yield "text-only", floor, lambda: _text_only(self.full_model(), tokens)
         yield from self._baselines(visor=False)
 
     def visor_systems(self):
@@ -426,10 +437,14 @@ class Demo:
         yield from self._baselines(visor=True)
 
     def _baselines(self, visor: bool):
+        """The token-reduction baselines of the suite's kind: a video suite's reduce the clip (frame subsampling,
+        EVS-style pruning, video pooling), an image suite's the image."""
         from visor import reduction
 
         ratios = self.baseline_ratios()
-        for method in reduction.methods_for(self.full_model().config):
+        config = self.full_model().config
+        methods = reduction.video_methods_for(config) if self.data.suite.video else reduction.methods_for(config)
+        for method in methods:
             if method.startswith("visor+") == visor:
                 for ratio in ratios:
                     yield method, f"{ratio:g}x", (lambda m=method, r=ratio: _reduced_system(self, m, r))
@@ -480,13 +495,13 @@ def _visor_auto(model, max_new_tokens: int) -> Generate:
 
 
 def _text_only(model, max_new_tokens: int) -> Generate:
-    """The floor: the full model asked the question without its image (what any method costs at least)."""
-    image_token = model.config.image_token_id
+    """The floor: the full model asked the question without its image or video (what any method costs at least)."""
+    visual_tokens = torch.tensor([model.config.image_token_id, getattr(model.config, "video_token_id", -1)])
     pad = model.config.text_config.pad_token_id
     run = _system(model, max_new_tokens, lambda inputs, _: (None, None))
 
     def generate(inputs):
-        keep = inputs["input_ids"] != image_token
+        keep = ~torch.isin(inputs["input_ids"], visual_tokens)
         rows = [inputs["input_ids"][i][keep[i]] for i in range(len(keep))]
         masks = [inputs["attention_mask"][i][keep[i]] for i in range(len(keep))]
         length = max(len(row) for row in rows)
