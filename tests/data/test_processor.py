@@ -402,15 +402,21 @@ def test_qwen_vl_tokens_of_the_nominal_video_are_the_adapter_s(tokenizer, family
 def test_qwen2_5_vl_video_batches_give_dense_visor_the_stock_logits(tokenizer, padding_side):
     """Videos of different lengths and sizes beside images, padded: the stock model (which raises when the video
     tokens and features disagree) and dense VISOR read the processor's batch alike."""
-    from visor.backbones import backbone_for, family
-
     config = presets.tiny_qwen2_5_vl(num_layers=2)
-    torch.manual_seed(0)
-    stock = backbone_for(config).stock_model_class(config).eval()
     processor = VisorProcessor(config, tokenizer, padding_side=padding_side)
     videos = [_images([(30, 40)] * 3, seed=1), _images([(64, 100)] * 4, seed=2), _images([(90, 50)] * 1, seed=3)]
     batch = processor([Image.new("RGB", (50, 70), (200, 30, 30)), Image.new("RGB", (64, 64)), _images([(40, 90)])[0]],
                       ["what moves ?", "what is it ?", "how many ?"], videos=videos)
+    _assert_dense_visor_reads_the_batch_as_stock(config, batch)
+
+
+def _assert_dense_visor_reads_the_batch_as_stock(config, batch) -> None:
+    """Dense VISOR's logits equal the stock model's on a padded batch, and the frames reach them (other pixels,
+    other logits)."""
+    from visor.backbones import backbone_for, family
+
+    torch.manual_seed(0)
+    stock = backbone_for(config).stock_model_class(config).eval()
     module = family(config)
     dense = module.VISOR_MODEL.from_stock(stock, module.VISOR_MODEL.config_class.dense(config)).eval()
     with torch.no_grad():
@@ -418,7 +424,7 @@ def test_qwen2_5_vl_video_batches_give_dense_visor_the_stock_logits(tokenizer, p
     valid = batch["attention_mask"].bool()
     assert not valid.all()
     torch.testing.assert_close(actual[valid], expected[valid], atol=1e-5, rtol=0)
-    with torch.no_grad():  # the frames reach the answer: other pixels, other logits
+    with torch.no_grad():
         changed = stock(**{**batch, "pixel_values_videos": batch["pixel_values_videos"].flip(0)}).logits
     assert not torch.allclose(changed[valid], expected[valid])
 
@@ -544,7 +550,6 @@ def test_qwen3_vl_video_prompts_give_dense_visor_the_stock_logits(tokenizer, pad
     """Each temporal patch's tokens after its timestamp and between start and end tokens; videos of different
     lengths and sizes beside images, padded: the stock model (which raises when the video tokens and features
     disagree) and dense VISOR read the processor's batch alike, and the frames reach the answer."""
-    from visor.backbones import backbone_for, family
     from visor.data.frames import temporal_patch_times
 
     processor = _qwen3_processor(tokenizer, padding_side)
@@ -567,18 +572,7 @@ def test_qwen3_vl_video_prompts_give_dense_visor_the_stock_logits(tokenizer, pad
         assert row.count(config.video_token_id) == processor.videos.token_count(clip)
     assert torch.equal(batch["mm_token_type_ids"], (batch["input_ids"] == config.image_token_id).int()
                        + 2 * (batch["input_ids"] == config.video_token_id).int())
-    torch.manual_seed(0)
-    stock = backbone_for(config).stock_model_class(config).eval()
-    module = family(config)
-    dense = module.VISOR_MODEL.from_stock(stock, module.VISOR_MODEL.config_class.dense(config)).eval()
-    with torch.no_grad():
-        expected, actual = stock(**batch).logits, dense(**batch).logits
-    valid = batch["attention_mask"].bool()
-    assert not valid.all()
-    torch.testing.assert_close(actual[valid], expected[valid], atol=1e-5, rtol=0)
-    with torch.no_grad():  # the frames reach the answer: other pixels, other logits
-        changed = stock(**{**batch, "pixel_values_videos": batch["pixel_values_videos"].flip(0)}).logits
-    assert not torch.allclose(changed[valid], expected[valid])
+    _assert_dense_visor_reads_the_batch_as_stock(config, batch)
 
 
 def test_qwen3_vl_bad_videos_give_clear_errors(tokenizer, tmp_path):
