@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -31,3 +32,15 @@ def test_a_family_the_plugin_does_not_serve_is_refused_by_name(tmp_path):
     folder, _ = write_open_visor_checkpoint("internvl3", tmp_path)
     with pytest.raises(ValueError, match="vLLM serves VISOR checkpoints .*; this checkpoint is 'visor_internvl'"):
         server_command(str(folder), 0)
+
+
+def test_a_video_server_takes_one_video_per_prompt(tmp_path):
+    """`--modality video` on LLaVA-OV: vLLM's limits allow one video and no image; a Qwen-VL folder is refused."""
+    folder, _ = write_open_visor_checkpoint("llava-onevision", tmp_path / "ov")
+    argv = server_command(str(folder), 0, modality="video")
+    assert json.loads(argv[argv.index("--limit-mm-per-prompt") + 1]) == {"image": 0, "video": 1}
+    argv = server_command(str(folder), 0)
+    assert json.loads(argv[argv.index("--limit-mm-per-prompt") + 1]) == {"image": 1, "video": 0}
+    qwen, _ = write_open_visor_checkpoint("qwen2.5-vl", tmp_path / "qwen")
+    with pytest.raises(ValueError, match="video on LLaVA-OneVision checkpoints"):
+        server_command(str(qwen), 0, modality="video")

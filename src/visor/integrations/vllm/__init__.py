@@ -42,14 +42,19 @@ def check_servable(config, configuration: int | str | None) -> int | str:
 
 
 def engine_arguments(model: str, configuration: int | str | None = None, dtype: str = "auto",
-                     **engine_options) -> dict:
+                     modality: str = "image", **engine_options) -> dict:
     """Keyword arguments of `vllm.LLM` / `EngineArgs` that serve the VISOR folder `model` with `configuration`
-    (an index into its configurations, default the largest; or "auto": the router picks per request), plus any
-    other engine options."""
+    (an index into its configurations, default the largest; or "auto": the router picks per request), its prompts
+    taking one `modality` item each ("image", or "video" for LLaVA-OV), plus any other engine options."""
     import json
     from pathlib import Path
 
     config = json.loads((Path(model) / "config.json").read_text())
+    if modality not in ("image", "video"):
+        raise ValueError(f"modality must be 'image' or 'video', got {modality!r}")
+    if modality == "video" and config.get("model_type") != "visor":
+        raise ValueError(f"vLLM serves VISOR video on LLaVA-OneVision checkpoints (model type 'visor'), not "
+                         f"{config.get('model_type')!r}")
     # vLLM asks an encoder-decoder model for a decoder start token even when it starts none (the decoder prompt is
     # the model's own prompt): any id will do, the end-of-sequence one is always there.
     hf_overrides = {"architectures": [ARCHITECTURE], "is_encoder_decoder": True,
@@ -58,11 +63,15 @@ def engine_arguments(model: str, configuration: int | str | None = None, dtype: 
         # LLaVA-OV's 1-D positions as three equal rows, so vLLM asks `VisorForVllm.get_mrope_input_positions`
         # (the Qwen-VL families' configs declare M-RoPE themselves).
         hf_overrides["rope_parameters"] = {"mrope_section": [1, 1, 1]}
-    # One image per prompt: vLLM 0.32 schedules an encoder-decoder model's encoder inputs only where they start
-    # within the decoder tokens of the step (`Scheduler._try_schedule_encoder_inputs`), so a second image, which
-    # starts after the first image's tokens in the encoder prompt, would never be encoded.
+    # One image (or video) per prompt: vLLM 0.32 schedules an encoder-decoder model's encoder inputs only where
+    # they start within the decoder tokens of the step (`Scheduler._try_schedule_encoder_inputs`), so a second item,
+    # which starts after the first one's tokens in the encoder prompt, would never be encoded. One modality per
+    # engine: its scheduler takes an encoder-decoder model with one active modality only (`Scheduler.__init__`).
+    limits = {"image": int(modality == "image")}
+    if config.get("model_type") == "visor":  # LLaVA-OV's video modality (the Qwen-VL families' is not served)
+        limits["video"] = int(modality == "video")
     arguments = dict(model=model, hf_overrides=hf_overrides, dtype=dtype, enforce_eager=True,
-                     limit_mm_per_prompt={"image": 1})
+                     limit_mm_per_prompt=limits)
     if configuration is not None:
         arguments["additional_config"] = {CONFIGURATION_KEY: configuration}
     return arguments | engine_options

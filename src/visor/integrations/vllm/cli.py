@@ -3,13 +3,14 @@
     visor serve --model DIR                         # the largest configuration, on port 8000
     visor serve --model DIR --configuration auto    # the router picks a configuration per request
     visor serve --model DIR --configuration 0 --port 8001 -- --max-num-seqs 64   # options after -- go to vLLM
+    visor serve --model DIR --modality video        # LLaVA-OV: prompts take one video instead of one image
 
 Runs in the serving environment (`make serve-setup` builds .venv-serve: vLLM pins its own transformers), where
 `.venv-serve/bin/visor serve` replaces itself with `python -m vllm.entrypoints.openai.api_server` and the engine
 arguments `visor.integrations.vllm.engine_arguments` gives. Ask it as any OpenAI-compatible server:
 `POST /v1/chat/completions` with a user message holding one `image_url` part (a base64 data URL, or a file://
-URL under vLLM's `--allowed-local-media-path`) and a text part. The checkpoint and the configuration are checked
-before vLLM starts.
+URL under vLLM's `--allowed-local-media-path`) and a text part (`--modality video`: one video part instead, which
+vLLM decodes into frames). The checkpoint, the configuration and the modality are checked before vLLM starts.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ def register(subparsers) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--dtype", default="auto", help="vLLM's --dtype (default auto: the checkpoint's)")
+    parser.add_argument("--modality", choices=("image", "video"), default="image",
+                        help="what each prompt takes: one image (default) or, on LLaVA-OV, one video (one modality "
+                             "per server: vLLM's encoder-decoder scheduler takes one)")
     parser.add_argument("vllm_options", nargs=argparse.REMAINDER, metavar="-- VLLM_OPTIONS",
                         help="further options of vLLM's server, after --")
     command(parser, _main)
@@ -54,11 +58,11 @@ def configuration_choice(text: str) -> int | str:
 
 
 def server_command(model: str, configuration: int | str | None = None, host: str = "127.0.0.1", port: int = 8000,
-                   dtype: str = "auto", vllm_options: list[str] = ()) -> list[str]:
+                   dtype: str = "auto", vllm_options: list[str] = (), modality: str = "image") -> list[str]:
     """The argv of vLLM's server for `model` (checked first: a ValueError names what cannot be served)."""
     configuration = check_servable(checkpoint_config(model), configuration)
     argv = [sys.executable, "-m", SERVER_MODULE, "--host", host, "--port", str(port)]
-    for key, value in engine_arguments(model, configuration, dtype).items():
+    for key, value in engine_arguments(model, configuration, dtype, modality).items():
         flag = "--" + key.replace("_", "-")
         if value is True:
             argv.append(flag)
@@ -74,7 +78,8 @@ def server_command(model: str, configuration: int | str | None = None, host: str
 
 
 def _main(args) -> int:
-    argv = server_command(args.model, args.configuration, args.host, args.port, args.dtype, args.vllm_options)
+    argv = server_command(args.model, args.configuration, args.host, args.port, args.dtype, args.vllm_options,
+                          args.modality)
     if importlib.util.find_spec("vllm") is None:
         raise ValueError("vLLM is not installed in this environment; `make serve-setup` builds one "
                          "(.venv-serve/bin/visor serve runs there)")

@@ -178,7 +178,9 @@ class VisorForVllm(nn.Module, SupportsMultiModal, SupportsMRoPE):
     def get_placeholder_str(cls, modality: str, i: int) -> str | None:
         if modality.startswith("image"):
             return "<image>"
-        raise ValueError(f"VISOR takes images, not {modality}")
+        if modality.startswith("video"):
+            return "<video>"
+        raise ValueError(f"VISOR takes images and videos, not {modality}")
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
@@ -268,10 +270,15 @@ class VisorForVllm(nn.Module, SupportsMultiModal, SupportsMRoPE):
 
     # ---- inputs -------------------------------------------------------------------------------------------------
     def embed_multimodal(self, image_offset=None, images_in_prompt=None, image_embeds=None, pixel_values=None,
-                         image_sizes=None, image_grid_thw=None, **_) -> list[torch.Tensor]:
+                         image_sizes=None, image_grid_thw=None, video_offset=None, pixel_values_videos=None,
+                         **_) -> list[torch.Tensor]:
         """The encoder: each image's projected features (n, d) before the CPE (the model applies it), from its
-        pixels or as given (`image_embeds`: precomputed features), tagged with where it sits (`step.tag`).
+        pixels or as given (`image_embeds`: precomputed features), tagged with where it sits (`step.tag`); each
+        LLaVA-OV video's likewise (its frames' pooled tokens and the newline: visual tokens like an image's).
         DeepStack's (1 + K, n, d) travels as (n, (1 + K) d): vLLM takes 2-D encoder outputs only."""
+        if video_offset is not None:  # vLLM encodes one modality per call
+            return [tag(self.backbone.encode_videos(self.visor, 0, pixel_values_videos=pixels[None])[0],
+                        ImageSlot(int(offset), {})) for pixels, offset in zip(pixel_values_videos, video_offset)]
         if image_offset is None:
             return []
         if image_embeds is not None:
@@ -299,7 +306,8 @@ class VisorForVllm(nn.Module, SupportsMultiModal, SupportsMRoPE):
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features) -> tuple[torch.Tensor, int]:
         """The text tokens' positions in the original prompt (3 rows), and the offset decoding adds to a new
         token's index."""
-        slots = [ImageSlot(int(feature.data["image_offset"].data), {} if "image_grid_thw" not in feature.data
+        slots = [ImageSlot(int(feature.data[f"{feature.modality}_offset"].data),
+                           {} if "image_grid_thw" not in feature.data
                            else {"image_grid_thw": feature.data["image_grid_thw"].data}) for feature in mm_features]
         lengths = [feature.mm_position.length for feature in mm_features]
         positions, text = self._prompt_positions(torch.tensor(input_tokens), slots, lengths)
