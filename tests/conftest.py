@@ -41,13 +41,14 @@ def build_stock(preset: str = "tiny", num_layers: int = 4, attention: str = "eag
 
 
 def open_visor(stock, gate: float = 0.8, trust_router: bool = False):
-    """`stock` converted to VISOR with its CA gates open (fresh gates start closed), so the image reaches the text.
+    """`stock` (a stock model of any family) converted to VISOR with its CA gates open (fresh gates start closed), so
+    the image reaches the text.
 
     `trust_router`: let `configuration="auto"` run the random router, for tests of routing's mechanics (they need
     choices that differ, not good ones); otherwise "auto" is refused, as for any router that was never trained."""
-    from visor import VisorForConditionalGeneration
+    from visor.backbones import family
 
-    visor = VisorForConditionalGeneration.from_stock(stock).eval()
+    visor = family(stock.config).VISOR_MODEL.from_stock(stock).eval()
     with torch.no_grad():
         for block in visor.cross_attention.values():
             block.attention_gate.fill_(gate)

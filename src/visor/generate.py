@@ -3,13 +3,13 @@
     visor generate --model runs/demo/policy/model --image cat.png --question "what color is the shape?"
     visor generate --model DIR --image FILE --question TEXT --configuration 0      # a fixed configuration
     visor generate --model DIR --image FILE --question TEXT --tau 0.8               # the policy, another budget
-    visor generate --model DIR --video clip.gif --question TEXT --frames 8          # a video (LLaVA-OV, Qwen2.5-VL)
+    visor generate --model DIR --video clip.gif --question TEXT --frames 8          # a video (LLaVA-OV, Qwen2.5-VL, Qwen3-VL)
 
 The model folder holds a stock or VISOR checkpoint of a supported family (LLaVA-OV, Qwen2-VL, Qwen2.5-VL,
 Qwen3-VL, InternVL3) plus its tokenizer (the demo and `visor train` save both). A video is a folder of frame
-images or an animated GIF / WebP, read with Pillow and sampled uniformly to `--frames` (default: the checkpoint's
-video settings; Qwen2.5-VL's keep every frame unless they sample); its tokens are visual tokens like an image's,
-so the same configurations and FLOPs apply.
+images or an animated GIF / WebP, read with Pillow and sampled uniformly to at most `--frames` (default: the
+checkpoint's video settings; Qwen2.5-VL's keep every frame unless they sample, Qwen3-VL's sample by fps); its
+tokens are visual tokens like an image's, so the same configurations and FLOPs apply.
 """
 
 from __future__ import annotations

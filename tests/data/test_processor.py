@@ -497,8 +497,8 @@ def _stock_qwen3_video_processor(settings):
 @pytest.mark.parametrize("total", [1, 3, 7, 30, 47, 100])
 def test_qwen3_vl_samples_frames_as_the_stock_video_processor(tokenizer, total):
     """By fps of frames taken as 24 a second (no timing), within min_frames … max_frames and the video's own count;
-    a count the call gives instead (the stock processor's num_frames with no fps), frames repeating where the video
-    is shorter; every frame where the settings do not sample."""
+    a count the call gives instead (the stock processor's num_frames with no fps), at most the video's own count
+    (the stock processor would repeat a shorter video's frames); every frame where the settings do not sample."""
     from transformers.video_utils import VideoMetadata
 
     processor = _qwen3_processor(tokenizer, max_frames=6)
@@ -506,7 +506,8 @@ def test_qwen3_vl_samples_frames_as_the_stock_video_processor(tokenizer, total):
     frames = _images([(16, 16)] * total, seed=total)
     for num_frames in (None, 5):
         clip = processor.videos.load(frames, num_frames)
-        expected = stock.sample_frames(VideoMetadata(total_num_frames=total), num_frames=num_frames,
+        expected = stock.sample_frames(VideoMetadata(total_num_frames=total),
+                                       num_frames=num_frames and min(num_frames, total),
                                        fps=None if num_frames else stock.fps).tolist()
         assert list(clip.indices) == expected and clip.frames == [frames[index] for index in expected]
     every = _qwen3_processor(tokenizer, do_sample_frames=False)

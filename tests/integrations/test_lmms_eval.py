@@ -18,6 +18,7 @@ if not os.environ.get("VISOR_REQUIRE_LMMS"):
 
 from lmms_eval.api.instance import Instance  # noqa: E402
 
+from visor.data.frames import load_frames  # noqa: E402
 from visor.integrations.lmms_eval import VisorLmms  # noqa: E402
 from visor.integrations.lmms_tasks import DATA_FILE, VIDEO_DATA_FILE, utils  # noqa: E402
 from visor.integrations.runner import CheckpointRunner  # noqa: E402
@@ -73,6 +74,57 @@ def test_a_video_task_is_scored_as_the_runner_answers(checkpoints, video_task_fo
     logged = {sample["doc_id"]: sample for sample in output["samples"]["visor_synthetic_video"]}
     assert [logged[index]["filtered_resps"][0] for index in range(len(video_docs))] == [got.text for got in expected]
     assert all(answer.visual_tokens == expected[0].visual_tokens > 0 for answer in expected)
+
+
+def test_a_qwen_vl_video_task_is_scored_as_the_runner_answers(qwen_video_checkpoints, video_task_folder,
+                                                             video_docs):
+    """Qwen2.5-VL and Qwen3-VL through lmms-eval's evaluator: `max_frames_num` beyond the clips' frames keeps each
+    clip's frames once (at most that many), on Qwen3-VL too, whose stock processor would repeat them."""
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    folder, frames = qwen_video_checkpoints["visor"], len(load_frames(video_docs[0]["video"]))
+    manager = TaskManager(include_path=str(video_task_folder), include_defaults=False)
+    output = simple_evaluate(model="visor", model_args=f"pretrained={folder},configuration=0,"
+                                                       f"max_frames_num={frames + 4}",
+                             tasks=["visor_synthetic_video"], batch_size=3, device="cpu", task_manager=manager)
+    runner = CheckpointRunner(folder, 0)
+    questions, videos = [doc["question"] for doc in video_docs], [doc["video"] for doc in video_docs]
+    expected = runner.generate(None, questions, max_new_tokens=8, until=["\n"], videos=videos,
+                               num_frames=frames + 4)
+    logged = {sample["doc_id"]: sample for sample in output["samples"]["visor_synthetic_video"]}
+    assert [logged[index]["filtered_resps"][0] for index in range(len(video_docs))] == [got.text for got in expected]
+    every_frame = runner.processor.videos.load(videos[0], frames)
+    assert every_frame.indices == tuple(range(frames))
+    assert all(answer.visual_tokens == runner.processor.videos.token_count(every_frame) for answer in expected)
+
+
+@pytest.mark.parametrize("max_frames_num", [None, 4])
+def test_qwen_vl_video_requests_are_answered_and_scored_as_the_runner(qwen_video_checkpoints, video_docs,
+                                                                      max_frames_num):
+    """generate_until and loglikelihood on video documents, sampled by `max_frames_num` (None: the checkpoint's
+    rule, Qwen2.5-VL every frame, Qwen3-VL by its fps), equal the runner's answers and scores."""
+    folder = str(qwen_video_checkpoints["visor"])
+    lm = VisorLmms(pretrained=folder, configuration=1, batch_size=3, max_frames_num=max_frames_num)
+    lm.task_dict = {"video": {"test": video_docs}}
+    indices = [3, 0, 6, 1]
+    questions = [video_docs[index]["question"] for index in indices]
+    videos = [video_docs[index]["video"] for index in indices]
+    answers = [video_docs[index]["answer"] for index in indices]
+    got = lm.generate_until(_requests(video_docs, "generate_until", [
+        (question, {"max_new_tokens": 3}, utils.doc_to_video, index, "video", "test")
+        for question, index in zip(questions, indices)]))
+    expected = lm.runner.generate(None, questions, max_new_tokens=3, videos=videos, num_frames=max_frames_num)
+    assert got == [answer.text for answer in expected]
+    assert [answer.visual_tokens for answer in lm.answers] == [answer.visual_tokens for answer in expected]
+    scored = lm.loglikelihood(_requests(video_docs, "loglikelihood", [
+        (question, answer, utils.doc_to_video, index, "video", "test")
+        for question, answer, index in zip(questions, answers, indices)]))
+    scores = lm.runner.loglikelihood(None, questions, answers, videos=videos, num_frames=max_frames_num)
+    for (loss, greedy), score in zip(scored, scores):
+        assert loss == pytest.approx(-score.log_probability / score.tokens, abs=1e-5) and greedy == score.greedy
+    if max_frames_num is not None:  # fewer frames than the clip's: exactly that many
+        assert len(lm.runner.processor.videos.load(videos[0], max_frames_num)) == max_frames_num
 
 
 @pytest.fixture(scope="module", params=["llava-onevision", "qwen2-vl", "qwen2.5-vl", "qwen3-vl"])

@@ -6,11 +6,10 @@ from __future__ import annotations
 import datasets
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from visor.data.processor import VisorProcessor
 from visor.generate import answer
-from visor.integrations.lmms_tasks import DATA_FILE
+from visor.integrations.lmms_tasks import DATA_FILE, VIDEO_DATA_FILE
 from visor.integrations.runner import CheckpointRunner, _cut
 from visor.training.recipes import load_checkpoint
 
@@ -39,13 +38,13 @@ def test_stock_model_runs_in_full(checkpoints, questions):
     assert all(got.configuration == "full" and got.llm_prefill_flops == got.full_flops for got in answers)
 
 
-def _direct_scores(folder, image, question, configuration, continuation_id):
+def _direct_scores(folder, image, question, configuration, continuation_id, video=None):
     """(log P(token | prompt), token is the argmax) from one unpadded forward over the prompt alone."""
     model = load_checkpoint(folder).eval()
-    processor = VisorProcessor(model.config, AutoTokenizer.from_pretrained(folder))
+    processor = VisorProcessor.from_pretrained(folder, model.config)
     options = {} if configuration == "full" else dict(configuration=configuration)
     with torch.no_grad():
-        logits = model(**processor(image, question), **options).logits[0, -1]
+        logits = model(**processor(image, question, videos=video), **options).logits[0, -1]
     return float(torch.log_softmax(logits, dim=-1)[continuation_id]), int(logits.argmax()) == continuation_id
 
 
@@ -66,6 +65,26 @@ def test_loglikelihood_matches_a_direct_forward(checkpoints, questions, name, op
             log_probability, is_argmax = _direct_scores(checkpoints[name], image, text, configuration, word_id)
             assert score.tokens == 1 and score.greedy == is_argmax == greedy
             assert score.log_probability == pytest.approx(log_probability, abs=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_a_qwen_vl_loglikelihood_matches_a_direct_forward(qwen_video_checkpoints, questions, video_task_folder, kind):
+    """On the Qwen-VL families (whose batches carry per-token `mm_token_type_ids`), for images and videos."""
+    images, texts = questions
+    videos = None
+    if kind == "video":
+        rows = datasets.load_dataset("parquet", data_files=str(video_task_folder / VIDEO_DATA_FILE), split="train")
+        images, videos, texts = None, [row["video"] for row in rows][::3], [row["question"] for row in rows][::3]
+    folder = qwen_video_checkpoints["visor"]
+    runner = CheckpointRunner(folder, configuration=1)
+    words = [got.text for got in runner.generate(images, texts, max_new_tokens=1, videos=videos)]
+    scores = runner.loglikelihood(images, texts, words, videos=videos)
+    for row, (text, word, score) in enumerate(zip(texts, words, scores)):
+        word_id = runner.processor.tokenizer.convert_tokens_to_ids(word)
+        log_probability, is_argmax = _direct_scores(folder, None if images is None else images[row], text, 1,
+                                                    word_id, None if videos is None else videos[row])
+        assert score.tokens == 1 and score.greedy == is_argmax
+        assert score.log_probability == pytest.approx(log_probability, abs=1e-4)
 
 
 def test_multi_token_continuations_sum_their_tokens(checkpoints, questions):

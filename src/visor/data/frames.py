@@ -295,10 +295,12 @@ class TimedGridVideoSettings(GridVideoSettings):
     def frame_indices(self, total: int, num_frames: int | None = None) -> list[int]:
         """The indices of the frames kept of a video of `total` frames (`num_frames`: the call's count, sampled as
         the stock processor samples a count it is given, with no fps), rounded from an even spread as the stock
-        processor rounds them: frames may repeat."""
+        processor rounds them: frames may repeat. The call's count is the most frames the video keeps, as on the
+        other families (a shorter video keeps each of its frames once, where the stock processor would repeat them;
+        lmms-eval's own Qwen3-VL model caps the count it hands the stock processor the same way)."""
         if num_frames is not None and num_frames <= 0:
             raise ValueError(f"num_frames must be positive, got {num_frames}")
-        count = num_frames or (self.num_frames if self.do_sample_frames else None)
+        count = min(num_frames, total) if num_frames else (self.num_frames if self.do_sample_frames else None)
         if count is None and not self.do_sample_frames:
             return list(range(total))
         if count is None and self.fps is not None:

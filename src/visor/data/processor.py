@@ -532,8 +532,8 @@ class VisorProcessor:
         given and patch_targets when `class_maps` are. A single image and question make a batch of one.
 
         `videos`: one video per row (a path to a folder of frames or an animated GIF / WebP, or a list of frames;
-        see `visor.data.frames.load_frames`), after the row's image or instead of it (`images=None`), sampled to
-        `num_frames` (default: the checkpoint's); the family's video inputs join the batch (LLaVA-OV:
+        see `visor.data.frames.load_frames`), after the row's image or instead of it (`images=None`), sampled to at
+        most `num_frames` frames (default: the checkpoint's rule); the family's video inputs join the batch (LLaVA-OV:
         pixel_values_videos (videos, frames, 3, crop, crop); Qwen2.5-VL: pixel_values_videos (patches, features),
         video_grid_thw and second_per_grid_ts; Qwen3-VL: pixel_values_videos and video_grid_thw)."""
         questions = _as_list(questions, str)

@@ -6,7 +6,9 @@
 lmms-eval finds the model through the `lmms_eval.models` entry point (`manifest` below); nothing is forked or
 copied. Model arguments: `pretrained` (a local checkpoint folder with its tokenizer), `configuration` ("auto":
 the policy, or an index into the model's configurations), `tau` (the policy's threshold; default the saved
-one) and `max_frames_num` (frames sampled from each video, lmms-eval's name for it; default the checkpoint's).
+one) and `max_frames_num` (lmms-eval's name for the most frames kept of each video, spread uniformly, a shorter
+video keeping each of its frames once, on every family that reads video: LLaVA-OV, Qwen2.5-VL and Qwen3-VL;
+default the checkpoint's rule, Qwen3-VL's sampling by fps among them).
 A document brings one image, or one video as lmms-eval's video tasks bring it: a path (here a folder of frames
 or an animated GIF / WebP, what `visor.data.frames.load_frames` reads; video files need their frames extracted
 first). Answers are greedy; after each `generate_until` call the log says which configurations ran and the LLM

@@ -27,6 +27,10 @@ from visor.policy.labels import prompt_tokens
 from visor.training.recipes import is_visor, load_checkpoint
 
 
+# The processor's fields with one value per token: the Qwen-VL families' token types beside the ids and labels.
+TOKEN_FIELDS = ("input_ids", "attention_mask", "labels", "mm_token_type_ids")
+
+
 @dataclass(frozen=True)
 class Answer:
     """One generated answer: its text, the configuration that ran ("full" for a stock model) and what it cost."""
@@ -145,9 +149,10 @@ class CheckpointRunner:
             prompts = self._inputs(images, questions, videos=videos, num_frames=num_frames)
             configuration = self.model(**prompts, **self._options("auto"), logits_to_keep=1).configuration
         inputs = self._inputs(images, questions, continuations, videos=videos, num_frames=num_frames)
-        # The processor ends every answer with end-of-sequence; with left padding that is the last column.
-        labels = inputs.pop("labels")[:, :-1]
-        inputs["input_ids"], inputs["attention_mask"] = inputs["input_ids"][:, :-1], inputs["attention_mask"][:, :-1]
+        # The processor ends every answer with end-of-sequence; with left padding that is the last column of
+        # every field with one value per token.
+        inputs = {key: value[:, :-1] if key in TOKEN_FIELDS else value for key, value in inputs.items()}
+        labels = inputs.pop("labels")
         scored_length = int((labels != -100).sum(dim=1).max())
         # Logits only where they predict a continuation token (the last prompt token onwards): memory stays
         # (batch, answer length, vocabulary) however long the visual prompt is.
