@@ -337,6 +337,19 @@ def _patches_by_frame(pixels, temporal=2, patch=8):
     return pixels.reshape(len(pixels), 3, temporal, patch**2).transpose(0, 2, 1, 3)
 
 
+def _still_clip_is_the_stock_frame(processor, frame_processor):
+    """Five moving frames, each through the stock image processor alone (`frame_processor`); checks that a still
+    clip of the first (two copies: one temporal patch) is exactly its stock pixels and grid. Returns the frames,
+    the stock outputs and the grid."""
+    frames = _images([(50, 120)] * 5, seed=3)
+    stock = [frame_processor([frame], return_tensors="np") for frame in frames]
+    grid = stock[0]["image_grid_thw"][0].tolist()
+    still = processor(None, "what is it ?", videos=[[frames[0]] * 2])
+    np.testing.assert_array_equal(still["pixel_values_videos"].numpy(), stock[0]["pixel_values"])
+    assert still["video_grid_thw"].tolist() == [grid]
+    return frames, stock, grid
+
+
 def test_qwen2_5_vl_frames_are_the_stock_image_processor_s_pixels_in_temporal_patches(tokenizer):
     """The image path repeats a still image over the temporal patch: a clip of that many copies of one frame is
     exactly the stock PIL image processor's pixels of the frame at the same pixel bounds. Each frame of a moving
@@ -344,12 +357,7 @@ def test_qwen2_5_vl_frames_are_the_stock_image_processor_s_pixels_in_temporal_pa
     processor = _qwen_processor(tokenizer, min_pixels=4 * 256, max_pixels=64 * 256)
     frame_processor = processor.videos.settings.frame_processor(processor.backbone)
     assert frame_processor.size == {"shortest_edge": 4 * 256, "longest_edge": 64 * 256}
-    frames = _images([(50, 120)] * 5, seed=3)
-    stock = [frame_processor([frame], return_tensors="np") for frame in frames]
-    grid = stock[0]["image_grid_thw"][0].tolist()
-    still = processor(None, "what is it ?", videos=[[frames[0]] * 2])
-    np.testing.assert_array_equal(still["pixel_values_videos"].numpy(), stock[0]["pixel_values"])
-    assert still["video_grid_thw"].tolist() == [grid]
+    frames, stock, grid = _still_clip_is_the_stock_frame(processor, frame_processor)
     moving = processor(None, "what is it ?", videos=[frames])
     per_patch = grid[1] * grid[2]
     pixels = _patches_by_frame(moving["pixel_values_videos"].numpy()).reshape(3, per_patch, 2, 3, 64)
@@ -525,12 +533,7 @@ def test_qwen3_vl_frames_are_the_stock_image_processor_s_pixels_in_temporal_patc
     settings = processor.videos.settings
     frame_processor = dataclasses.replace(settings, min_pixels=settings.min_pixels // 2,
                                           max_pixels=settings.max_pixels // 2).frame_processor(processor.backbone)
-    frames = _images([(50, 120)] * 5, seed=3)
-    stock = [frame_processor([frame], return_tensors="np") for frame in frames]
-    grid = stock[0]["image_grid_thw"][0].tolist()
-    still = processor(None, "what is it ?", videos=[[frames[0]] * 2])
-    np.testing.assert_array_equal(still["pixel_values_videos"].numpy(), stock[0]["pixel_values"])
-    assert still["video_grid_thw"].tolist() == [grid]
+    frames, stock, grid = _still_clip_is_the_stock_frame(processor, frame_processor)
     moving = processor(None, "what is it ?", videos=[frames[:4]])  # the bounds hold 4 frames unscaled, as 2
     per_patch = grid[1] * grid[2]
     pixels = _patches_by_frame(moving["pixel_values_videos"].numpy()).reshape(2, per_patch, 2, 3, 64)
