@@ -1,12 +1,14 @@
-"""A saved checkpoint answering batches of (image, question) requests: greedy answers and answer log-likelihoods.
+"""A saved checkpoint answering batches of (image or video, question) requests: greedy answers and answer
+log-likelihoods.
 
 This is what an evaluation harness needs from a model, without the harness: `visor.integrations.lmms_eval` only
 translates lmms-eval's requests into these calls, so everything here is tested without lmms-eval installed.
 
-The checkpoint is a VISOR one (a fixed configuration, or the policy with threshold τ) or a stock LLaVA-OV one
-(the full model, the row every VISOR number is compared with). Prompts go through the checkpoint's own processor
-(`VisorProcessor.from_pretrained`: its tokenizer, chat template and image settings), exactly as `visor generate` answers one question; each answer records the
-configuration that ran and its LLM prefill FLOPs by the one counter (`visor.flops`).
+The checkpoint is a VISOR one (a fixed configuration, or the policy with threshold τ) or a stock one of a supported
+family (the full model, the row every VISOR number is compared with). Prompts go through the checkpoint's own
+processor (`VisorProcessor.from_pretrained`: its tokenizer, chat template, image and video settings), exactly as
+`visor generate` answers one question; each answer records the configuration that ran and its LLM prefill FLOPs by
+the one counter (`visor.flops`).
 """
 
 from __future__ import annotations
