@@ -182,12 +182,17 @@ def read_video_config(folder: str | Path | None, backbone) -> tuple[Path, dict] 
     if kind is not None and kind != backbone.video_processor_name:
         raise ValueError(f"{path}: video_processor_type is {kind!r}, but this {type(backbone).__name__} model's "
                          f"videos are processed by {backbone.video_processor_name}")
+    check_normalisation(path, settings)
+    return path, settings
+
+
+def check_normalisation(path: Path, settings: dict) -> None:
+    """A ValueError naming a preprocessor config's `image_mean` or `image_std` that is not 3 numbers."""
     for field in ("image_mean", "image_std"):
         value = settings.get(field)
         if value is not None and (not isinstance(value, list) or len(value) != 3
                                   or not all(isinstance(v, (int, float)) for v in value)):
             raise ValueError(f"{path}: {field} must be 3 numbers (one per RGB channel), got {value!r}")
-    return path, settings
 
 
 def _refuse_sampling_by_fps(path: Path, settings: dict) -> None:

@@ -65,7 +65,7 @@ from visor.backbones import backbone_for
 from visor.data.crops import CropLayout
 from visor.data.frames import (
     VIDEO_PREPROCESSOR_CONFIG, Clip, GridVideoSettings, TimedGridVideoSettings, VideoLike, VideoSettings,
-    load_frames, load_grid_video_settings, load_video_settings, temporal_patch_times,
+    check_normalisation, load_frames, load_grid_video_settings, load_video_settings, temporal_patch_times,
 )
 from visor.data.images import ImageLike, load_image
 from visor.data.render import IGNORE_INDEX
@@ -408,11 +408,7 @@ def load_image_processor(folder: str | Path, backbone):
     if kind is not None and kind.removesuffix("Fast").removesuffix("Pil") != family_kind:
         raise ValueError(f"{path}: image_processor_type is {kind!r}, but this {type(backbone).__name__} model's "
                          f"images are processed by {family_kind}")
-    for field in ("image_mean", "image_std"):
-        value = settings.get(field)
-        if value is not None and (not isinstance(value, list) or len(value) != 3
-                                  or not all(isinstance(v, (int, float)) for v in value)):
-            raise ValueError(f"{path}: {field} must be 3 numbers (one per RGB channel), got {value!r}")
+    check_normalisation(path, settings)
     try:
         return processor_class.from_pretrained(str(folder), local_files_only=True)
     except (TypeError, ValueError, KeyError) as error:
